@@ -1,0 +1,591 @@
+//! The agent config contract: what the operator writes into each TimeService's ConfigMap (key
+//! [`AGENT_CONFIG_KEY`]) and every agent of that TimeService reads and hot-reloads.
+//!
+//! It is versioned ([`AGENT_CONFIG_VERSION`]) and strict: unknown fields are errors, so an
+//! agent never silently ignores a setting an operator newer than itself meant. Durations are
+//! plain seconds (`*Seconds`, JSON numbers) because both ends are programs. [`AgentConfig::validate`]
+//! returns every problem at once, each with its JSON path, so a rejected config is reported
+//! completely in one NodeClock condition.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// The only version of the contract this build reads and writes.
+pub const AGENT_CONFIG_VERSION: u32 = 1;
+/// ConfigMap key holding the JSON document.
+pub const AGENT_CONFIG_KEY: &str = "agent-config.json";
+
+/// Everything an agent needs to discipline its node and serve its tenants.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Contract version; must equal [`AGENT_CONFIG_VERSION`].
+    pub version: u32,
+    /// Opaque revision chosen by the operator; agents report the one they run.
+    pub revision: String,
+    /// Name of the TimeService this config belongs to.
+    pub time_service: String,
+    /// Which clock the agent drives.
+    pub clock: ClockConfig,
+    /// Upstream servers and pools (for egress agents only when `egress` is set).
+    pub upstreams: Vec<UpstreamConfig>,
+    /// The egress tier, when the TimeService has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressConfig>,
+    /// Source selection.
+    pub selection: SelectionConfig,
+    /// Clock discipline.
+    pub discipline: DisciplineConfig,
+    /// Leap second handling.
+    pub leap: LeapConfig,
+    /// Serving tenants.
+    pub serving: ServingConfig,
+    /// NodeClock reporting.
+    pub reporting: ReportingConfig,
+    /// Log verbosity.
+    #[serde(default)]
+    pub log_level: LogLevel,
+}
+
+/// Clock backend selection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClockConfig {
+    /// The backend.
+    pub backend: ClockBackend,
+}
+
+/// The clock an agent measures and, for `system`, steers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClockBackend {
+    /// The node's kernel clock via clock_adjtime: the only backend that changes a clock.
+    System,
+    /// Measures the kernel clock and reports, never adjusts it.
+    Readonly,
+    /// A software clock with injected errors, for tests, benchmarks and demos.
+    Simulated,
+}
+
+/// One configured upstream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Host name or IP address.
+    pub host: String,
+    /// One server or a pool of them.
+    pub kind: UpstreamKind,
+    /// UDP port.
+    pub port: u16,
+    /// Burst at start and after unreachability.
+    pub iburst: bool,
+    /// Minimum poll exponent (log2 seconds).
+    pub min_poll: i8,
+    /// Maximum poll exponent (log2 seconds).
+    pub max_poll: i8,
+    /// Most sources taken from a pool.
+    pub max_sources: u8,
+    /// Authenticate with NTS.
+    #[serde(default)]
+    pub nts: bool,
+}
+
+/// Server or pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamKind {
+    /// One server.
+    Server,
+    /// A name resolving to several servers.
+    Pool,
+}
+
+/// Egress tier: agents on `nodes` use `upstreams`; all others use `tierUpstreams`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EgressConfig {
+    /// Names of the nodes in the egress tier.
+    pub nodes: Vec<String>,
+    /// The egress agents, as upstreams for every other agent.
+    pub tier_upstreams: Vec<UpstreamConfig>,
+    /// Non-egress agents also poll `upstreams` when no egress agent is usable.
+    pub fallback_to_upstreams: bool,
+}
+
+/// Selection settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SelectionConfig {
+    /// Agreeing sources required before steering.
+    pub min_sources: u8,
+    /// Root distance above which a source is not selectable.
+    pub max_distance_seconds: f64,
+}
+
+/// Discipline settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DisciplineConfig {
+    /// Step threshold during the first `makeStepLimit` updates.
+    pub make_step_threshold_seconds: f64,
+    /// Number of initial updates during which stepping is allowed.
+    pub make_step_limit: u32,
+    /// Largest slew rate.
+    pub max_slew_ppm: f64,
+    /// Largest correction accepted during the first updates.
+    pub panic_startup_seconds: f64,
+    /// Largest correction accepted afterwards.
+    pub panic_runtime_seconds: f64,
+    /// Let the kernel keep the RTC in sync.
+    pub rtc_sync: bool,
+    /// Absolute path of the drift file.
+    pub drift_file: String,
+}
+
+/// Leap settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LeapConfig {
+    /// How a leap second is applied.
+    pub mode: LeapMode,
+    /// Length of the linear smear.
+    pub smear_window_seconds: f64,
+}
+
+/// How a leap second is applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeapMode {
+    /// Kernel insert/delete at the end of the UTC day.
+    Kernel,
+    /// Linear smear.
+    Smear,
+    /// Ignore announcements.
+    Ignore,
+}
+
+/// Serving settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServingConfig {
+    /// How long to keep answering as synchronized after losing every source.
+    pub holdover_seconds: f64,
+    /// Stratum announced after holdover; none answers "unsynchronized".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_stratum: Option<u8>,
+    /// Port on which egress agents answer the other agents of the fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_port: Option<u16>,
+    /// Addresses of the fleet's agents, allowed on `peerPort`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peer_allowed: Vec<IpNet>,
+    /// Tenants, each on its own port.
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// One tenant as an agent serves it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Stable identity, `namespace/name` of the TenantTimePolicy; used as metric label.
+    pub id: String,
+    /// UDP port of this tenant.
+    pub port: u16,
+    /// Client prefixes allowed (aggregated).
+    pub allowed: Vec<IpNet>,
+    /// Client prefixes never answered.
+    #[serde(default)]
+    pub denied: Vec<IpNet>,
+    /// Rate limits.
+    pub rate_limit: RateLimitConfig,
+    /// Answer "unsynchronized" above this root distance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_root_distance_seconds: Option<f64>,
+}
+
+/// Rate limits of one tenant.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Minimum average interval between one client's requests.
+    pub client_interval_seconds: f64,
+    /// Back-to-back requests a client may send.
+    pub client_burst: u32,
+    /// Sustained requests per second for the tenant on this agent; none is unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_requests_per_second: Option<u32>,
+    /// Tenant burst.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_burst: Option<u32>,
+    /// Reply with KoD RATE/DENY instead of dropping.
+    pub kiss_of_death: bool,
+}
+
+/// Reporting settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReportingConfig {
+    /// NodeClock heartbeat when nothing changed.
+    pub heartbeat_seconds: f64,
+}
+
+/// Log verbosity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Warnings and errors.
+    Warn,
+    /// Normal operation.
+    #[default]
+    Info,
+    /// Troubleshooting.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+/// One problem found in a config, with the JSON path of the offending field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// JSON path, e.g. `serving.tenants[1].port`.
+    pub path: String,
+    /// What is wrong, for a human.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Why a config document was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not valid JSON for this contract (syntax, type or unknown field).
+    #[error("agent config is not valid JSON for contract version {AGENT_CONFIG_VERSION}: {0}")]
+    Parse(#[source] serde_json::Error),
+    /// Well-formed but inconsistent.
+    #[error("agent config is invalid: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<ConfigProblem>),
+}
+
+impl AgentConfig {
+    /// Parses and validates a config document.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = serde_json::from_str(text).map_err(ConfigError::Parse)?;
+        config.validate().map_err(ConfigError::Invalid)?;
+        Ok(config)
+    }
+
+    /// The canonical JSON form, as written into the ConfigMap.
+    pub fn to_json(&self) -> String {
+        // Serializing plain structs of strings, numbers and IpNet cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Every problem in this config, or `Ok` when there is none.
+    pub fn validate(&self) -> Result<(), Vec<ConfigProblem>> {
+        let mut p = Problems::default();
+        if self.version != AGENT_CONFIG_VERSION {
+            p.add(
+                "version",
+                format!(
+                    "unsupported version {}; this agent reads version {AGENT_CONFIG_VERSION}",
+                    self.version
+                ),
+            );
+        }
+        if self.time_service.is_empty() {
+            p.add("timeService", "must not be empty");
+        }
+        if self.upstreams.is_empty() && self.egress.is_none() {
+            p.add("upstreams", "at least one upstream is required");
+        }
+        for (i, u) in self.upstreams.iter().enumerate() {
+            check_upstream(&mut p, &format!("upstreams[{i}]"), u);
+        }
+        if let Some(egress) = &self.egress {
+            if egress.nodes.is_empty() {
+                p.add("egress.nodes", "an egress tier needs at least one node");
+            }
+            if egress.fallback_to_upstreams && self.upstreams.is_empty() {
+                p.add("egress.fallbackToUpstreams", "fallback needs at least one upstream");
+            }
+            for (i, u) in egress.tier_upstreams.iter().enumerate() {
+                check_upstream(&mut p, &format!("egress.tierUpstreams[{i}]"), u);
+            }
+        }
+        if self.selection.min_sources == 0 {
+            p.add("selection.minSources", "must be at least 1");
+        }
+        p.positive("selection.maxDistanceSeconds", self.selection.max_distance_seconds);
+
+        let d = &self.discipline;
+        p.non_negative("discipline.makeStepThresholdSeconds", d.make_step_threshold_seconds);
+        if !(d.max_slew_ppm.is_finite() && d.max_slew_ppm > 0.0 && d.max_slew_ppm <= 100_000.0) {
+            p.add("discipline.maxSlewPpm", "must be in (0, 100000]");
+        }
+        p.positive("discipline.panicStartupSeconds", d.panic_startup_seconds);
+        p.positive("discipline.panicRuntimeSeconds", d.panic_runtime_seconds);
+        if d.panic_runtime_seconds.is_finite() && d.make_step_threshold_seconds > d.panic_runtime_seconds {
+            p.add("discipline.makeStepThresholdSeconds", "must not exceed panicRuntimeSeconds");
+        }
+        if !d.drift_file.starts_with('/') {
+            p.add("discipline.driftFile", "must be an absolute path");
+        }
+        if self.leap.mode == LeapMode::Smear
+            && !(self.leap.smear_window_seconds >= 3600.0 && self.leap.smear_window_seconds <= 172_800.0)
+        {
+            p.add("leap.smearWindowSeconds", "must be between 3600 and 172800 in smear mode");
+        }
+
+        let s = &self.serving;
+        p.non_negative("serving.holdoverSeconds", s.holdover_seconds);
+        if let Some(stratum) = s.local_stratum
+            && !(1..=15).contains(&stratum)
+        {
+            p.add("serving.localStratum", "must be between 1 and 15");
+        }
+        let mut ports = BTreeSet::new();
+        if let Some(port) = s.peer_port {
+            if port == 0 {
+                p.add("serving.peerPort", "must not be 0");
+            }
+            ports.insert(port);
+        }
+        let mut ids = BTreeSet::new();
+        for (i, t) in s.tenants.iter().enumerate() {
+            let at = |field: &str| format!("serving.tenants[{i}].{field}");
+            if t.id.is_empty() {
+                p.add(at("id"), "must not be empty");
+            } else if !ids.insert(t.id.as_str()) {
+                p.add(at("id"), format!("duplicate tenant id {:?}", t.id));
+            }
+            if t.port == 0 {
+                p.add(at("port"), "must not be 0");
+            } else if !ports.insert(t.port) {
+                p.add(
+                    at("port"),
+                    format!("port {} is already used by another tenant or the peer port", t.port),
+                );
+            }
+            p.positive(&at("rateLimit.clientIntervalSeconds"), t.rate_limit.client_interval_seconds);
+            if t.rate_limit.client_burst == 0 {
+                p.add(at("rateLimit.clientBurst"), "must be at least 1");
+            }
+            match (t.rate_limit.tenant_requests_per_second, t.rate_limit.tenant_burst) {
+                (Some(0), _) => p.add(at("rateLimit.tenantRequestsPerSecond"), "must be at least 1"),
+                (Some(rps), Some(burst)) if burst < rps => {
+                    p.add(at("rateLimit.tenantBurst"), "must be at least tenantRequestsPerSecond")
+                }
+                (None, Some(_)) => p.add(at("rateLimit.tenantBurst"), "needs tenantRequestsPerSecond"),
+                _ => {}
+            }
+            if let Some(max) = t.max_root_distance_seconds {
+                p.positive(&at("maxRootDistanceSeconds"), max);
+            }
+        }
+        p.positive("reporting.heartbeatSeconds", self.reporting.heartbeat_seconds);
+        p.finish()
+    }
+
+    /// The upstreams the agent on `node` polls: the tier's agents for nodes outside an egress
+    /// tier (plus the real upstreams when fallback is allowed), the real upstreams otherwise.
+    pub fn upstreams_for_node(&self, node: &str) -> Vec<UpstreamConfig> {
+        match &self.egress {
+            Some(egress) if !egress.nodes.iter().any(|n| n == node) => {
+                let mut list = egress.tier_upstreams.clone();
+                if egress.fallback_to_upstreams {
+                    list.extend(self.upstreams.iter().cloned());
+                }
+                list
+            }
+            _ => self.upstreams.clone(),
+        }
+    }
+}
+
+fn check_upstream(p: &mut Problems, at: &str, u: &UpstreamConfig) {
+    if u.host.is_empty() {
+        p.add(format!("{at}.host"), "must not be empty");
+    }
+    if u.port == 0 {
+        p.add(format!("{at}.port"), "must not be 0");
+    }
+    for (name, value) in [("minPoll", u.min_poll), ("maxPoll", u.max_poll)] {
+        if !(0..=17).contains(&value) {
+            p.add(format!("{at}.{name}"), "must be between 0 and 17");
+        }
+    }
+    if u.min_poll > u.max_poll {
+        p.add(format!("{at}.minPoll"), "must be less than or equal to maxPoll");
+    }
+    if u.max_sources == 0 {
+        p.add(format!("{at}.maxSources"), "must be at least 1");
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigProblem { path: path.into(), message: message.into() });
+    }
+    fn positive(&mut self, path: &str, value: f64) {
+        if !(value.is_finite() && value > 0.0) {
+            self.add(path, "must be a positive number of seconds");
+        }
+    }
+    fn non_negative(&mut self, path: &str, value: f64) {
+        if !(value.is_finite() && value >= 0.0) {
+            self.add(path, "must be a non-negative number of seconds");
+        }
+    }
+    fn finish(self) -> Result<(), Vec<ConfigProblem>> {
+        if self.0.is_empty() { Ok(()) } else { Err(self.0) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    pub(crate) fn sample() -> AgentConfig {
+        AgentConfig {
+            version: AGENT_CONFIG_VERSION,
+            revision: "r1".into(),
+            time_service: "cluster-time".into(),
+            clock: ClockConfig { backend: ClockBackend::Readonly },
+            upstreams: vec![UpstreamConfig {
+                host: "pool.example.org".into(),
+                kind: UpstreamKind::Pool,
+                port: 123,
+                iburst: true,
+                min_poll: 6,
+                max_poll: 10,
+                max_sources: 4,
+                nts: false,
+            }],
+            egress: None,
+            selection: SelectionConfig { min_sources: 3, max_distance_seconds: 1.5 },
+            discipline: DisciplineConfig {
+                make_step_threshold_seconds: 1.0,
+                make_step_limit: 3,
+                max_slew_ppm: 500.0,
+                panic_startup_seconds: 86_400.0,
+                panic_runtime_seconds: 1000.0,
+                rtc_sync: true,
+                drift_file: "/var/lib/stratum/drift".into(),
+            },
+            leap: LeapConfig { mode: LeapMode::Kernel, smear_window_seconds: 86_400.0 },
+            serving: ServingConfig {
+                holdover_seconds: 3600.0,
+                local_stratum: None,
+                peer_port: None,
+                peer_allowed: vec![],
+                tenants: vec![TenantConfig {
+                    id: "team-a/ntp".into(),
+                    port: 12300,
+                    allowed: vec!["10.244.1.0/24".parse().unwrap(), "fd00::/64".parse().unwrap()],
+                    denied: vec!["10.244.1.13/32".parse().unwrap()],
+                    rate_limit: RateLimitConfig {
+                        client_interval_seconds: 1.0,
+                        client_burst: 16,
+                        tenant_requests_per_second: Some(1000),
+                        tenant_burst: Some(2000),
+                        kiss_of_death: true,
+                    },
+                    max_root_distance_seconds: Some(0.1),
+                }],
+            },
+            reporting: ReportingConfig { heartbeat_seconds: 60.0 },
+            log_level: LogLevel::Info,
+        }
+    }
+
+    #[test]
+    fn config_round_trips_through_json_unchanged() {
+        let config = sample();
+        let text = config.to_json();
+        assert_eq!(AgentConfig::from_json(&text).unwrap(), config);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_at_any_depth() {
+        let mut value = serde_json::to_value(sample()).unwrap();
+        value["serving"]["tenants"][0]["colour"] = "blue".into();
+        let err = AgentConfig::from_json(&value.to_string()).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse(_)));
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn a_newer_contract_version_is_refused_with_the_supported_one_named() {
+        let mut config = sample();
+        config.version = 2;
+        let problems = config.validate().unwrap_err();
+        assert_eq!(problems[0].path, "version");
+        assert!(problems[0].message.contains("version 1"));
+    }
+
+    #[test]
+    fn validate_reports_every_problem_with_its_path() {
+        let mut config = sample();
+        config.upstreams[0].min_poll = 11;
+        config.selection.min_sources = 0;
+        config.discipline.drift_file = "relative".into();
+        let mut second = config.serving.tenants[0].clone();
+        second.rate_limit.client_burst = 0;
+        config.serving.tenants.push(second);
+        let paths: Vec<_> = config.validate().unwrap_err().into_iter().map(|p| p.path).collect();
+        assert_eq!(
+            paths,
+            [
+                "upstreams[0].minPoll",
+                "selection.minSources",
+                "discipline.driftFile",
+                "serving.tenants[1].id",
+                "serving.tenants[1].port",
+                "serving.tenants[1].rateLimit.clientBurst",
+            ]
+        );
+    }
+
+    #[test]
+    fn non_finite_and_negative_durations_are_rejected() {
+        let mut config = sample();
+        config.selection.max_distance_seconds = f64::NAN;
+        config.serving.holdover_seconds = -1.0;
+        let paths: Vec<_> = config.validate().unwrap_err().into_iter().map(|p| p.path).collect();
+        assert_eq!(paths, ["selection.maxDistanceSeconds", "serving.holdoverSeconds"]);
+    }
+
+    #[test]
+    fn agents_outside_the_egress_tier_poll_the_tier_and_fall_back_only_when_allowed() {
+        let mut config = sample();
+        let tier = UpstreamConfig {
+            host: "10.77.0.10".into(),
+            kind: UpstreamKind::Server,
+            ..config.upstreams[0].clone()
+        };
+        config.egress = Some(EgressConfig {
+            nodes: vec!["edge-0".into()],
+            tier_upstreams: vec![tier.clone()],
+            fallback_to_upstreams: false,
+        });
+        assert_eq!(config.upstreams_for_node("edge-0"), config.upstreams);
+        assert_eq!(config.upstreams_for_node("worker-1"), vec![tier.clone()]);
+        config.egress.as_mut().unwrap().fallback_to_upstreams = true;
+        assert_eq!(config.upstreams_for_node("worker-1"), vec![tier, config.upstreams[0].clone()]);
+        assert!(config.validate().is_ok());
+    }
+}

@@ -1,0 +1,523 @@
+//! `TimeService`: one agent fleet — where its time comes from, how it disciplines node
+//! clocks, where its agents run and how they serve tenants.
+
+// Several `printcolumn(...)` entries repeat `type_ = "..."`, which clippy mistakes for a
+// duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Condition, Duration};
+use crate::duration_rule;
+
+/// Specification of a TimeService. Cluster-scoped: a TimeService owns the clocks of the nodes
+/// it selects, and two TimeServices must never select the same node.
+#[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "stratum.io",
+    version = "v1alpha1",
+    kind = "TimeService",
+    plural = "timeservices",
+    shortname = "tsvc",
+    status = "TimeServiceStatus",
+    cel,
+    doc = "A fleet of Stratum agents that discipline node clocks from upstream NTP servers and serve tenants.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Desired", type_ = "integer", json_path = ".status.nodes.desired"),
+    printcolumn(name = "Synced", type_ = "integer", json_path = ".status.nodes.synchronized"),
+    printcolumn(name = "Worst-Offset", type_ = "string", json_path = ".status.worstOffset"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TimeServiceSpec {
+    /// NTP servers and pools the agents synchronize from (the egress tier's agents only, when
+    /// one is configured).
+    #[x_kube(validation = kube::core::Rule::new("self.size() >= 1").message("at least one upstream server or pool is required"))]
+    #[schemars(length(max = 32))]
+    pub upstreams: Vec<Upstream>,
+    /// How sources are combined into one time.
+    #[serde(default)]
+    pub selection: Selection,
+    /// How the node clock is steered.
+    #[serde(default)]
+    pub discipline: Discipline,
+    /// How leap seconds are applied.
+    #[serde(default)]
+    pub leap: Leap,
+    /// Which nodes run an agent.
+    #[serde(default)]
+    pub placement: Placement,
+    /// The agent container.
+    #[serde(default)]
+    pub agent: AgentSettings,
+    /// How agents serve tenants.
+    #[serde(default)]
+    pub serving: Serving,
+    /// How often agents report their NodeClock when nothing changed.
+    #[serde(default)]
+    pub reporting: Reporting,
+    /// Optional controlled exit point: only the agents on these nodes reach the upstreams; every
+    /// other agent synchronizes from them, one stratum lower.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_tier: Option<EgressTier>,
+}
+
+/// One upstream: a single server, or a pool name that resolves to several servers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    cel,
+    validation = kube::core::Rule::new("self.minPoll <= self.maxPoll").message("minPoll must be less than or equal to maxPoll")
+)]
+pub struct Upstream {
+    /// Host name or IP address of the server or pool.
+    #[x_kube(validation = kube::core::Rule::new("self.size() > 0 && self.size() <= 253 && (isIP(self) || self.matches('^[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\\\\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*\\\\.?$'))").message("host must be an IP address or a DNS name"))]
+    #[schemars(length(max = 253))]
+    pub host: String,
+    /// `Server` is one source; `Pool` resolves the name into up to `maxSources` sources and
+    /// replaces members that become unreachable or falsetickers.
+    #[serde(default)]
+    pub kind: UpstreamKind,
+    /// UDP port of the server.
+    #[serde(default = "default_ntp_port")]
+    #[x_kube(validation = kube::core::Rule::new("self >= 1 && self <= 65535").message("port must be between 1 and 65535"))]
+    pub port: i32,
+    /// Send a burst of requests at start and after unreachability, for a fast first sync.
+    #[serde(default = "default_true")]
+    pub iburst: bool,
+    /// Minimum poll interval as a power of two in seconds (4 = 16 s).
+    #[serde(default = "default_min_poll")]
+    #[x_kube(validation = kube::core::Rule::new("self >= 0 && self <= 17").message("minPoll must be between 0 (1 s) and 17 (36 h)"))]
+    pub min_poll: i32,
+    /// Maximum poll interval as a power of two in seconds (10 = 1024 s).
+    #[serde(default = "default_max_poll")]
+    #[x_kube(validation = kube::core::Rule::new("self >= 0 && self <= 17").message("maxPoll must be between 0 (1 s) and 17 (36 h)"))]
+    pub max_poll: i32,
+    /// Largest number of servers taken from a pool.
+    #[serde(default = "default_pool_sources")]
+    #[x_kube(validation = kube::core::Rule::new("self >= 1 && self <= 16").message("maxSources must be between 1 and 16"))]
+    pub max_sources: i32,
+    /// Authenticate this upstream with Network Time Security (RFC 8915).
+    #[serde(default)]
+    pub nts: bool,
+}
+
+/// Whether an upstream names one server or a pool of servers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum UpstreamKind {
+    /// A single server.
+    #[default]
+    Server,
+    /// A DNS name resolving to several servers.
+    Pool,
+}
+
+/// Source selection settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Selection {
+    /// Sources that must agree before the clock is steered.
+    #[serde(default = "default_min_sources")]
+    #[x_kube(validation = kube::core::Rule::new("self >= 1 && self <= 16").message("minSources must be between 1 and 16"))]
+    pub min_sources: i32,
+    /// Sources whose root distance exceeds this are not selectable.
+    #[serde(default = "default_max_distance")]
+    #[x_kube(validation = duration_rule!("maxDistance"))]
+    pub max_distance: Duration,
+}
+
+impl Default for Selection {
+    fn default() -> Self {
+        Self { min_sources: default_min_sources(), max_distance: default_max_distance() }
+    }
+}
+
+/// Clock discipline settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Discipline {
+    /// `Discipline` steers node clocks; `Monitor` only measures and reports.
+    #[serde(default)]
+    pub mode: DisciplineMode,
+    /// When the clock may be stepped instead of slewed.
+    #[serde(default)]
+    pub make_step: MakeStep,
+    /// Largest frequency correction applied while slewing, in parts per million.
+    #[serde(default = "default_max_slew_ppm")]
+    #[x_kube(validation = kube::core::Rule::new("self >= 1 && self <= 100000").message("maxSlewPpm must be between 1 and 100000"))]
+    pub max_slew_ppm: i32,
+    /// Offsets beyond which the agent refuses to correct and raises an alarm.
+    #[serde(default)]
+    pub panic_threshold: PanicThreshold,
+    /// Let the kernel copy system time to the RTC every 11 minutes while synchronized.
+    #[serde(default = "default_true")]
+    pub rtc_sync: bool,
+    /// Host directory where each agent keeps its drift file.
+    #[serde(default = "default_drift_dir")]
+    #[x_kube(validation = kube::core::Rule::new("self.startsWith('/')").message("driftDirectory must be an absolute path"))]
+    #[schemars(length(max = 4096))]
+    pub drift_directory: String,
+}
+
+impl Default for Discipline {
+    fn default() -> Self {
+        Self {
+            mode: DisciplineMode::default(),
+            make_step: MakeStep::default(),
+            max_slew_ppm: default_max_slew_ppm(),
+            panic_threshold: PanicThreshold::default(),
+            rtc_sync: true,
+            drift_directory: default_drift_dir(),
+        }
+    }
+}
+
+/// Whether agents adjust the clock or only observe it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum DisciplineMode {
+    /// Steer the node clock.
+    #[default]
+    Discipline,
+    /// Measure and report only; never adjust the clock.
+    Monitor,
+}
+
+/// Step instead of slewing only during the first `limit` clock updates, and only when the
+/// offset exceeds `threshold` (chrony's `makestep`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MakeStep {
+    /// Offset above which the clock is stepped during the first updates.
+    #[serde(default = "default_make_step_threshold")]
+    #[x_kube(validation = duration_rule!("makeStep.threshold"))]
+    pub threshold: Duration,
+    /// Number of initial clock updates during which a step is allowed.
+    #[serde(default = "default_make_step_limit")]
+    #[x_kube(validation = kube::core::Rule::new("self >= 0 && self <= 100").message("makeStep.limit must be between 0 and 100"))]
+    pub limit: i32,
+}
+
+impl Default for MakeStep {
+    fn default() -> Self {
+        Self { threshold: default_make_step_threshold(), limit: default_make_step_limit() }
+    }
+}
+
+/// Offsets beyond which a correction is refused (reported, never applied).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PanicThreshold {
+    /// Largest correction accepted during the first updates after start.
+    #[serde(default = "default_panic_startup")]
+    #[x_kube(validation = duration_rule!("panicThreshold.startup"))]
+    pub startup: Duration,
+    /// Largest correction accepted afterwards.
+    #[serde(default = "default_panic_runtime")]
+    #[x_kube(validation = duration_rule!("panicThreshold.runtime"))]
+    pub runtime: Duration,
+}
+
+impl Default for PanicThreshold {
+    fn default() -> Self {
+        Self { startup: default_panic_startup(), runtime: default_panic_runtime() }
+    }
+}
+
+/// Leap second handling.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Leap {
+    /// `Kernel` inserts or deletes the second at midnight UTC; `Smear` spreads it linearly over
+    /// `smearWindow` (never mix smearing and non-smearing servers); `Ignore` does nothing.
+    #[serde(default)]
+    pub mode: LeapMode,
+    /// Length of the linear smear, centred on the leap second.
+    #[serde(default = "default_smear_window")]
+    #[x_kube(validation = duration_rule!("smearWindow", " && duration(self) >= duration('1h') && duration(self) <= duration('48h')", " must be a duration between 1h and 48h"))]
+    pub smear_window: Duration,
+}
+
+impl Default for Leap {
+    fn default() -> Self {
+        Self { mode: LeapMode::default(), smear_window: default_smear_window() }
+    }
+}
+
+/// How a leap second reaches the node clock and tenants.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum LeapMode {
+    /// The kernel inserts or deletes the second at the end of the UTC day.
+    #[default]
+    Kernel,
+    /// The clock is slewed linearly over the smear window; replies carry no leap indicator.
+    Smear,
+    /// Leap announcements are ignored.
+    Ignore,
+}
+
+/// Where agents run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// Nodes must carry these labels to run an agent; empty selects every node.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations for the agent pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Priority class of the agent pods.
+    #[serde(default = "default_priority_class")]
+    pub priority_class_name: String,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Self {
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            priority_class_name: default_priority_class(),
+        }
+    }
+}
+
+/// The agent container.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSettings {
+    /// Agent image; defaults to the operator's own version of the agent image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Image pull policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
+    /// Resource requests and limits of the agent container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Log verbosity.
+    #[serde(default)]
+    pub log_level: LogLevel,
+}
+
+/// Container image pull policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum PullPolicy {
+    /// Always pull.
+    Always,
+    /// Pull when the image is not present.
+    IfNotPresent,
+    /// Never pull.
+    Never,
+}
+
+/// Log verbosity of agents.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Warnings and errors.
+    Warn,
+    /// Normal operation.
+    #[default]
+    Info,
+    /// Troubleshooting.
+    Debug,
+    /// Everything, including per-packet detail.
+    Trace,
+}
+
+/// How agents serve tenants.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Serving {
+    /// Ports assigned to tenants, one each.
+    #[serde(default)]
+    pub tenant_ports: PortRange,
+    /// How long an agent that lost all sources keeps answering as synchronized, while its root
+    /// dispersion grows.
+    #[serde(default = "default_holdover")]
+    #[x_kube(validation = duration_rule!("holdover"))]
+    pub holdover: Duration,
+    /// Stratum announced when no source is reachable after holdover; unset answers
+    /// "unsynchronized" (stratum 16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self >= 1 && self <= 15").message("localStratum must be between 1 and 15"))]
+    pub local_stratum: Option<i32>,
+}
+
+impl Default for Serving {
+    fn default() -> Self {
+        Self { tenant_ports: PortRange::default(), holdover: default_holdover(), local_stratum: None }
+    }
+}
+
+/// An inclusive UDP port range.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    cel,
+    validation = kube::core::Rule::new("self.start <= self.end").message("tenantPorts.start must be less than or equal to tenantPorts.end")
+)]
+pub struct PortRange {
+    /// First port.
+    #[serde(default = "default_port_start")]
+    #[x_kube(validation = kube::core::Rule::new("self >= 1 && self <= 65535").message("port must be between 1 and 65535"))]
+    pub start: i32,
+    /// Last port.
+    #[serde(default = "default_port_end")]
+    #[x_kube(validation = kube::core::Rule::new("self >= 1 && self <= 65535").message("port must be between 1 and 65535"))]
+    pub end: i32,
+}
+
+impl Default for PortRange {
+    fn default() -> Self {
+        Self { start: default_port_start(), end: default_port_end() }
+    }
+}
+
+/// Status reporting.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Reporting {
+    /// Heartbeat interval of NodeClock updates when nothing changed.
+    #[serde(default = "default_report_interval")]
+    #[x_kube(validation = duration_rule!("reporting.interval", " && duration(self) >= duration('5s')", " must be a duration of at least 5s"))]
+    pub interval: Duration,
+}
+
+impl Default for Reporting {
+    fn default() -> Self {
+        Self { interval: default_report_interval() }
+    }
+}
+
+/// The egress tier: the only nodes whose agents talk to the upstreams.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressTier {
+    /// Labels selecting the egress nodes.
+    #[x_kube(validation = kube::core::Rule::new("self.size() >= 1").message("egressTier.nodeSelector needs at least one label"))]
+    pub node_selector: BTreeMap<String, String>,
+    /// Let other agents fall back to the upstreams when no egress agent answers.
+    #[serde(default)]
+    pub fallback_to_upstreams: bool,
+}
+
+/// Observed state of a TimeService.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TimeServiceStatus {
+    /// Ready, Progressing, Degraded and Conflict.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Node counts.
+    #[serde(default)]
+    pub nodes: NodeCounts,
+    /// Largest absolute offset among synchronized nodes, for display ("+1.2ms").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worst_offset: Option<String>,
+    /// Largest absolute offset among synchronized nodes, in nanoseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worst_offset_nanos: Option<i64>,
+    /// Median offset among synchronized nodes, in nanoseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub median_offset_nanos: Option<i64>,
+    /// Lowest and highest stratum among synchronized nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stratum_range: Option<StratumRange>,
+}
+
+/// Agent node counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeCounts {
+    /// Nodes that should run an agent.
+    pub desired: i32,
+    /// Agents whose pod is ready.
+    pub ready: i32,
+    /// Agents reporting a synchronized clock.
+    pub synchronized: i32,
+}
+
+/// A closed stratum interval.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StratumRange {
+    /// Lowest stratum.
+    pub min: i32,
+    /// Highest stratum.
+    pub max: i32,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_ntp_port() -> i32 {
+    123
+}
+fn default_min_poll() -> i32 {
+    6
+}
+fn default_max_poll() -> i32 {
+    10
+}
+fn default_pool_sources() -> i32 {
+    4
+}
+fn default_min_sources() -> i32 {
+    3
+}
+fn default_max_slew_ppm() -> i32 {
+    500
+}
+fn default_make_step_limit() -> i32 {
+    3
+}
+fn default_port_start() -> i32 {
+    12300
+}
+fn default_port_end() -> i32 {
+    12799
+}
+fn default_drift_dir() -> String {
+    "/var/lib/stratum".into()
+}
+fn default_priority_class() -> String {
+    "system-node-critical".into()
+}
+fn secs(s: u64) -> Duration {
+    std::time::Duration::from_secs(s).into()
+}
+fn default_max_distance() -> Duration {
+    std::time::Duration::from_millis(1500).into()
+}
+fn default_make_step_threshold() -> Duration {
+    secs(1)
+}
+fn default_panic_startup() -> Duration {
+    secs(86_400)
+}
+fn default_panic_runtime() -> Duration {
+    secs(1000)
+}
+fn default_smear_window() -> Duration {
+    secs(86_400)
+}
+fn default_holdover() -> Duration {
+    secs(3600)
+}
+fn default_report_interval() -> Duration {
+    secs(60)
+}
