@@ -316,7 +316,10 @@ impl AgentConfig {
                 p.add("egress.nodes", "an egress tier needs at least one node");
             }
             if egress.fallback_to_upstreams && self.upstreams.is_empty() {
-                p.add("egress.fallbackToUpstreams", "fallback needs at least one upstream");
+                p.add(
+                    "egress.fallbackToUpstreams",
+                    "fallback needs at least one upstream",
+                );
             }
             for (i, u) in egress.tier_upstreams.iter().enumerate() {
                 check_upstream(&mut p, &format!("egress.tierUpstreams[{i}]"), u);
@@ -325,25 +328,40 @@ impl AgentConfig {
         if self.selection.min_sources == 0 {
             p.add("selection.minSources", "must be at least 1");
         }
-        p.positive("selection.maxDistanceSeconds", self.selection.max_distance_seconds);
+        p.positive(
+            "selection.maxDistanceSeconds",
+            self.selection.max_distance_seconds,
+        );
 
         let d = &self.discipline;
-        p.non_negative("discipline.makeStepThresholdSeconds", d.make_step_threshold_seconds);
+        p.non_negative(
+            "discipline.makeStepThresholdSeconds",
+            d.make_step_threshold_seconds,
+        );
         if !(d.max_slew_ppm.is_finite() && d.max_slew_ppm > 0.0 && d.max_slew_ppm <= 100_000.0) {
             p.add("discipline.maxSlewPpm", "must be in (0, 100000]");
         }
         p.positive("discipline.panicStartupSeconds", d.panic_startup_seconds);
         p.positive("discipline.panicRuntimeSeconds", d.panic_runtime_seconds);
-        if d.panic_runtime_seconds.is_finite() && d.make_step_threshold_seconds > d.panic_runtime_seconds {
-            p.add("discipline.makeStepThresholdSeconds", "must not exceed panicRuntimeSeconds");
+        if d.panic_runtime_seconds.is_finite()
+            && d.make_step_threshold_seconds > d.panic_runtime_seconds
+        {
+            p.add(
+                "discipline.makeStepThresholdSeconds",
+                "must not exceed panicRuntimeSeconds",
+            );
         }
         if !d.drift_file.starts_with('/') {
             p.add("discipline.driftFile", "must be an absolute path");
         }
         if self.leap.mode == LeapMode::Smear
-            && !(self.leap.smear_window_seconds >= 3600.0 && self.leap.smear_window_seconds <= 172_800.0)
+            && !(self.leap.smear_window_seconds >= 3600.0
+                && self.leap.smear_window_seconds <= 172_800.0)
         {
-            p.add("leap.smearWindowSeconds", "must be between 3600 and 172800 in smear mode");
+            p.add(
+                "leap.smearWindowSeconds",
+                "must be between 3600 and 172800 in smear mode",
+            );
         }
 
         let s = &self.serving;
@@ -373,26 +391,44 @@ impl AgentConfig {
             } else if !ports.insert(t.port) {
                 p.add(
                     at("port"),
-                    format!("port {} is already used by another tenant or the peer port", t.port),
+                    format!(
+                        "port {} is already used by another tenant or the peer port",
+                        t.port
+                    ),
                 );
             }
-            p.positive(&at("rateLimit.clientIntervalSeconds"), t.rate_limit.client_interval_seconds);
+            p.positive(
+                &at("rateLimit.clientIntervalSeconds"),
+                t.rate_limit.client_interval_seconds,
+            );
             if t.rate_limit.client_burst == 0 {
                 p.add(at("rateLimit.clientBurst"), "must be at least 1");
             }
-            match (t.rate_limit.tenant_requests_per_second, t.rate_limit.tenant_burst) {
-                (Some(0), _) => p.add(at("rateLimit.tenantRequestsPerSecond"), "must be at least 1"),
-                (Some(rps), Some(burst)) if burst < rps => {
-                    p.add(at("rateLimit.tenantBurst"), "must be at least tenantRequestsPerSecond")
+            match (
+                t.rate_limit.tenant_requests_per_second,
+                t.rate_limit.tenant_burst,
+            ) {
+                (Some(0), _) => p.add(
+                    at("rateLimit.tenantRequestsPerSecond"),
+                    "must be at least 1",
+                ),
+                (Some(rps), Some(burst)) if burst < rps => p.add(
+                    at("rateLimit.tenantBurst"),
+                    "must be at least tenantRequestsPerSecond",
+                ),
+                (None, Some(_)) => {
+                    p.add(at("rateLimit.tenantBurst"), "needs tenantRequestsPerSecond")
                 }
-                (None, Some(_)) => p.add(at("rateLimit.tenantBurst"), "needs tenantRequestsPerSecond"),
                 _ => {}
             }
             if let Some(max) = t.max_root_distance_seconds {
                 p.positive(&at("maxRootDistanceSeconds"), max);
             }
         }
-        p.positive("reporting.heartbeatSeconds", self.reporting.heartbeat_seconds);
+        p.positive(
+            "reporting.heartbeatSeconds",
+            self.reporting.heartbeat_seconds,
+        );
         p.finish()
     }
 
@@ -425,7 +461,10 @@ fn check_upstream(p: &mut Problems, at: &str, u: &UpstreamConfig) {
         }
     }
     if u.min_poll > u.max_poll {
-        p.add(format!("{at}.minPoll"), "must be less than or equal to maxPoll");
+        p.add(
+            format!("{at}.minPoll"),
+            "must be less than or equal to maxPoll",
+        );
     }
     if u.max_sources == 0 {
         p.add(format!("{at}.maxSources"), "must be at least 1");
@@ -437,7 +476,10 @@ struct Problems(Vec<ConfigProblem>);
 
 impl Problems {
     fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(ConfigProblem { path: path.into(), message: message.into() });
+        self.0.push(ConfigProblem {
+            path: path.into(),
+            message: message.into(),
+        });
     }
     fn positive(&mut self, path: &str, value: f64) {
         if !(value.is_finite() && value > 0.0) {
@@ -450,7 +492,11 @@ impl Problems {
         }
     }
     fn finish(self) -> Result<(), Vec<ConfigProblem>> {
-        if self.0.is_empty() { Ok(()) } else { Err(self.0) }
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(self.0)
+        }
     }
 }
 
@@ -464,7 +510,9 @@ mod tests {
             version: AGENT_CONFIG_VERSION,
             revision: "r1".into(),
             time_service: "cluster-time".into(),
-            clock: ClockConfig { backend: ClockBackend::Readonly },
+            clock: ClockConfig {
+                backend: ClockBackend::Readonly,
+            },
             upstreams: vec![UpstreamConfig {
                 host: "pool.example.org".into(),
                 kind: UpstreamKind::Pool,
@@ -476,7 +524,10 @@ mod tests {
                 nts: false,
             }],
             egress: None,
-            selection: SelectionConfig { min_sources: 3, max_distance_seconds: 1.5 },
+            selection: SelectionConfig {
+                min_sources: 3,
+                max_distance_seconds: 1.5,
+            },
             discipline: DisciplineConfig {
                 make_step_threshold_seconds: 1.0,
                 make_step_limit: 3,
@@ -486,7 +537,10 @@ mod tests {
                 rtc_sync: true,
                 drift_file: "/var/lib/stratum/drift".into(),
             },
-            leap: LeapConfig { mode: LeapMode::Kernel, smear_window_seconds: 86_400.0 },
+            leap: LeapConfig {
+                mode: LeapMode::Kernel,
+                smear_window_seconds: 86_400.0,
+            },
             serving: ServingConfig {
                 holdover_seconds: 3600.0,
                 local_stratum: None,
@@ -495,7 +549,10 @@ mod tests {
                 tenants: vec![TenantConfig {
                     id: "team-a/ntp".into(),
                     port: 12300,
-                    allowed: vec!["10.244.1.0/24".parse().unwrap(), "fd00::/64".parse().unwrap()],
+                    allowed: vec![
+                        "10.244.1.0/24".parse().unwrap(),
+                        "fd00::/64".parse().unwrap(),
+                    ],
                     denied: vec!["10.244.1.13/32".parse().unwrap()],
                     rate_limit: RateLimitConfig {
                         client_interval_seconds: 1.0,
@@ -507,7 +564,9 @@ mod tests {
                     max_root_distance_seconds: Some(0.1),
                 }],
             },
-            reporting: ReportingConfig { heartbeat_seconds: 60.0 },
+            reporting: ReportingConfig {
+                heartbeat_seconds: 60.0,
+            },
             log_level: LogLevel::Info,
         }
     }
@@ -546,7 +605,12 @@ mod tests {
         let mut second = config.serving.tenants[0].clone();
         second.rate_limit.client_burst = 0;
         config.serving.tenants.push(second);
-        let paths: Vec<_> = config.validate().unwrap_err().into_iter().map(|p| p.path).collect();
+        let paths: Vec<_> = config
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.path)
+            .collect();
         assert_eq!(
             paths,
             [
@@ -565,8 +629,16 @@ mod tests {
         let mut config = sample();
         config.selection.max_distance_seconds = f64::NAN;
         config.serving.holdover_seconds = -1.0;
-        let paths: Vec<_> = config.validate().unwrap_err().into_iter().map(|p| p.path).collect();
-        assert_eq!(paths, ["selection.maxDistanceSeconds", "serving.holdoverSeconds"]);
+        let paths: Vec<_> = config
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.path)
+            .collect();
+        assert_eq!(
+            paths,
+            ["selection.maxDistanceSeconds", "serving.holdoverSeconds"]
+        );
     }
 
     #[test]
@@ -585,7 +657,10 @@ mod tests {
         assert_eq!(config.upstreams_for_node("edge-0"), config.upstreams);
         assert_eq!(config.upstreams_for_node("worker-1"), vec![tier.clone()]);
         config.egress.as_mut().unwrap().fallback_to_upstreams = true;
-        assert_eq!(config.upstreams_for_node("worker-1"), vec![tier, config.upstreams[0].clone()]);
+        assert_eq!(
+            config.upstreams_for_node("worker-1"),
+            vec![tier, config.upstreams[0].clone()]
+        );
         assert!(config.validate().is_ok());
     }
 }

@@ -16,7 +16,11 @@ pub struct Duration(pub kube::core::Duration);
 impl Duration {
     /// The duration in seconds; negative values (refused by the schema) count as zero.
     pub fn as_secs_f64(&self) -> f64 {
-        if self.0.is_negative() { 0.0 } else { std::time::Duration::from(self.0).as_secs_f64() }
+        if self.0.is_negative() {
+            0.0
+        } else {
+            std::time::Duration::from(self.0).as_secs_f64()
+        }
     }
 }
 
@@ -46,7 +50,11 @@ impl schemars::JsonSchema for Duration {
 #[doc(hidden)]
 macro_rules! duration_rule {
     ($what:literal) => {
-        $crate::duration_rule!($what, "", " must be a non-negative duration such as \"500ms\", \"30s\" or \"24h\"")
+        $crate::duration_rule!(
+            $what,
+            "",
+            " must be a non-negative duration such as \"500ms\", \"30s\" or \"24h\""
+        )
     };
     ($what:literal, $bound:literal, $message:literal) => {
         kube::core::Rule::new(concat!(

@@ -24,9 +24,14 @@ pub const VERSION: &str = "v1alpha1";
 
 /// Every CRD this crate defines, in the order `crdgen` writes them.
 pub fn crds()
--> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+{
     use kube::CustomResourceExt;
-    vec![TimeService::crd(), TenantTimePolicy::crd(), NodeClock::crd()]
+    vec![
+        TimeService::crd(),
+        TenantTimePolicy::crd(),
+        NodeClock::crd(),
+    ]
 }
 
 /// The file name `crdgen` writes a CRD to: `<plural>.<group>.yaml`.

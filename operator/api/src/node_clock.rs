@@ -27,7 +27,11 @@ use crate::common::Condition;
     printcolumn(name = "Offset", type_ = "string", json_path = ".status.offset"),
     printcolumn(name = "Stratum", type_ = "integer", json_path = ".status.stratum"),
     printcolumn(name = "Source", type_ = "string", json_path = ".status.systemPeer"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct NodeClockSpec {

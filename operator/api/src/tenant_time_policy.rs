@@ -30,9 +30,21 @@ use crate::duration_rule;
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(name = "Port", type_ = "integer", json_path = ".status.port"),
-    printcolumn(name = "Endpoints", type_ = "integer", json_path = ".status.readyEndpoints"),
-    printcolumn(name = "Allowed-CIDRs", type_ = "integer", json_path = ".status.allowListSize"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Endpoints",
+        type_ = "integer",
+        json_path = ".status.readyEndpoints"
+    ),
+    printcolumn(
+        name = "Allowed-CIDRs",
+        type_ = "integer",
+        json_path = ".status.allowListSize"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TenantTimePolicySpec {
@@ -87,7 +99,11 @@ pub struct ServiceSettings {
 
 impl Default for ServiceSettings {
     fn default() -> Self {
-        Self { name: default_service_name(), type_: ServiceType::default(), routing: Routing::default() }
+        Self {
+            name: default_service_name(),
+            type_: ServiceType::default(),
+            routing: Routing::default(),
+        }
     }
 }
 
@@ -148,7 +164,10 @@ pub struct ClientRate {
 
 impl Default for ClientRate {
     fn default() -> Self {
-        Self { interval: default_client_interval(), burst: default_client_burst() }
+        Self {
+            interval: default_client_interval(),
+            burst: default_client_burst(),
+        }
     }
 }
 

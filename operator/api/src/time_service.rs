@@ -32,10 +32,26 @@ use crate::duration_rule;
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
-    printcolumn(name = "Desired", type_ = "integer", json_path = ".status.nodes.desired"),
-    printcolumn(name = "Synced", type_ = "integer", json_path = ".status.nodes.synchronized"),
-    printcolumn(name = "Worst-Offset", type_ = "string", json_path = ".status.worstOffset"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.nodes.desired"
+    ),
+    printcolumn(
+        name = "Synced",
+        type_ = "integer",
+        json_path = ".status.nodes.synchronized"
+    ),
+    printcolumn(
+        name = "Worst-Offset",
+        type_ = "string",
+        json_path = ".status.worstOffset"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TimeServiceSpec {
@@ -137,7 +153,10 @@ pub struct Selection {
 
 impl Default for Selection {
     fn default() -> Self {
-        Self { min_sources: default_min_sources(), max_distance: default_max_distance() }
+        Self {
+            min_sources: default_min_sources(),
+            max_distance: default_max_distance(),
+        }
     }
 }
 
@@ -208,7 +227,10 @@ pub struct MakeStep {
 
 impl Default for MakeStep {
     fn default() -> Self {
-        Self { threshold: default_make_step_threshold(), limit: default_make_step_limit() }
+        Self {
+            threshold: default_make_step_threshold(),
+            limit: default_make_step_limit(),
+        }
     }
 }
 
@@ -228,7 +250,10 @@ pub struct PanicThreshold {
 
 impl Default for PanicThreshold {
     fn default() -> Self {
-        Self { startup: default_panic_startup(), runtime: default_panic_runtime() }
+        Self {
+            startup: default_panic_startup(),
+            runtime: default_panic_runtime(),
+        }
     }
 }
 
@@ -248,7 +273,10 @@ pub struct Leap {
 
 impl Default for Leap {
     fn default() -> Self {
-        Self { mode: LeapMode::default(), smear_window: default_smear_window() }
+        Self {
+            mode: LeapMode::default(),
+            smear_window: default_smear_window(),
+        }
     }
 }
 
@@ -356,7 +384,11 @@ pub struct Serving {
 
 impl Default for Serving {
     fn default() -> Self {
-        Self { tenant_ports: PortRange::default(), holdover: default_holdover(), local_stratum: None }
+        Self {
+            tenant_ports: PortRange::default(),
+            holdover: default_holdover(),
+            local_stratum: None,
+        }
     }
 }
 
@@ -380,7 +412,10 @@ pub struct PortRange {
 
 impl Default for PortRange {
     fn default() -> Self {
-        Self { start: default_port_start(), end: default_port_end() }
+        Self {
+            start: default_port_start(),
+            end: default_port_end(),
+        }
     }
 }
 
@@ -396,7 +431,9 @@ pub struct Reporting {
 
 impl Default for Reporting {
     fn default() -> Self {
-        Self { interval: default_report_interval() }
+        Self {
+            interval: default_report_interval(),
+        }
     }
 }
 

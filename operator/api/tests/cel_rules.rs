@@ -12,7 +12,13 @@ use stratum_api::{TenantTimePolicy, TimeService};
 /// server does. Raw JSON rather than typed objects, so malformed values reach the rules.
 fn validate_against<K: CustomResourceExt>(object: Value) -> Result<(), ValidationErrors> {
     let crd = K::crd();
-    let schema = crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap();
+    let schema = crd.spec.versions[0]
+        .schema
+        .as_ref()
+        .unwrap()
+        .open_api_v3_schema
+        .as_ref()
+        .unwrap();
     let schema = serde_json::to_value(schema).unwrap();
     Validator::new().validate_with_defaults(&schema, &object, None)
 }
@@ -42,7 +48,9 @@ impl Checked {
 
 fn upstream(extra: Value) -> Value {
     let mut u = json!({"host": "ntp.example.org"});
-    u.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    u.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
     u
 }
 
@@ -72,10 +80,12 @@ fn at_least_one_upstream_is_required() {
 #[test]
 fn min_poll_must_not_exceed_max_poll() {
     accepted(
-        time_service(json!({"upstreams": [upstream(json!({"minPoll": 4, "maxPoll": 4}))]})).validate_cel(),
+        time_service(json!({"upstreams": [upstream(json!({"minPoll": 4, "maxPoll": 4}))]}))
+            .validate_cel(),
     );
     refused_with(
-        time_service(json!({"upstreams": [upstream(json!({"minPoll": 8, "maxPoll": 6}))]})).validate_cel(),
+        time_service(json!({"upstreams": [upstream(json!({"minPoll": 8, "maxPoll": 6}))]}))
+            .validate_cel(),
         "minPoll must be less than or equal to maxPoll",
     );
 }
@@ -83,7 +93,8 @@ fn min_poll_must_not_exceed_max_poll() {
 #[test]
 fn poll_exponents_stay_in_range() {
     accepted(
-        time_service(json!({"upstreams": [upstream(json!({"minPoll": 0, "maxPoll": 17}))]})).validate_cel(),
+        time_service(json!({"upstreams": [upstream(json!({"minPoll": 0, "maxPoll": 17}))]}))
+            .validate_cel(),
     );
     refused_with(
         time_service(json!({"upstreams": [upstream(json!({"minPoll": -1}))]})).validate_cel(),
@@ -97,10 +108,16 @@ fn poll_exponents_stay_in_range() {
 
 #[test]
 fn upstream_host_must_be_an_ip_or_dns_name() {
-    accepted(time_service(json!({"upstreams": [upstream(json!({"host": "192.0.2.1"}))]})).validate_cel());
-    accepted(time_service(json!({"upstreams": [upstream(json!({"host": "2001:db8::1"}))]})).validate_cel());
+    accepted(
+        time_service(json!({"upstreams": [upstream(json!({"host": "192.0.2.1"}))]})).validate_cel(),
+    );
+    accepted(
+        time_service(json!({"upstreams": [upstream(json!({"host": "2001:db8::1"}))]}))
+            .validate_cel(),
+    );
     refused_with(
-        time_service(json!({"upstreams": [upstream(json!({"host": "not a host!"}))]})).validate_cel(),
+        time_service(json!({"upstreams": [upstream(json!({"host": "not a host!"}))]}))
+            .validate_cel(),
         "host must be an IP address or a DNS name",
     );
 }
@@ -125,27 +142,36 @@ fn upstream_port_and_pool_size_stay_in_range() {
 fn min_sources_must_be_at_least_one() {
     let spec = |n: i32| json!({"upstreams": [upstream(json!({}))], "selection": {"minSources": n}});
     accepted(time_service(spec(1)).validate_cel());
-    refused_with(time_service(spec(0)).validate_cel(), "minSources must be between 1 and 16");
+    refused_with(
+        time_service(spec(0)).validate_cel(),
+        "minSources must be between 1 and 16",
+    );
 }
 
 #[test]
 fn durations_must_be_well_formed() {
-    let spec = |d: &str| json!({"upstreams": [upstream(json!({}))], "selection": {"maxDistance": d}});
+    let spec =
+        |d: &str| json!({"upstreams": [upstream(json!({}))], "selection": {"maxDistance": d}});
     accepted(time_service(spec("1.5s")).validate_cel());
     accepted(time_service(spec("250ms")).validate_cel());
     refused_with(
         time_service(spec("1.5 seconds")).validate_cel(),
         "maxDistance must be a non-negative duration",
     );
-    refused_with(time_service(spec("-1s")).validate_cel(), "maxDistance must be a non-negative duration");
+    refused_with(
+        time_service(spec("-1s")).validate_cel(),
+        "maxDistance must be a non-negative duration",
+    );
 }
 
 #[test]
 fn discipline_bounds_are_enforced() {
     let spec = |d: Value| json!({"upstreams": [upstream(json!({}))], "discipline": d});
     accepted(
-        time_service(spec(json!({"maxSlewPpm": 83333, "makeStep": {"threshold": "100ms", "limit": 0}})))
-            .validate_cel(),
+        time_service(spec(
+            json!({"maxSlewPpm": 83333, "makeStep": {"threshold": "100ms", "limit": 0}}),
+        ))
+        .validate_cel(),
     );
     refused_with(
         time_service(spec(json!({"maxSlewPpm": 0}))).validate_cel(),
@@ -175,8 +201,7 @@ fn discipline_bounds_are_enforced() {
 
 #[test]
 fn smear_window_stays_between_one_and_forty_eight_hours() {
-    let spec =
-        |w: &str| json!({"upstreams": [upstream(json!({}))], "leap": {"mode": "Smear", "smearWindow": w}});
+    let spec = |w: &str| json!({"upstreams": [upstream(json!({}))], "leap": {"mode": "Smear", "smearWindow": w}});
     accepted(time_service(spec("17h")).validate_cel());
     refused_with(
         time_service(spec("30m")).validate_cel(),
@@ -200,16 +225,25 @@ fn tenant_port_range_must_be_ordered_and_valid() {
         time_service(spec(20001, 20000)).validate_cel(),
         "tenantPorts.start must be less than or equal to tenantPorts.end",
     );
-    refused_with(time_service(spec(0, 20000)).validate_cel(), "port must be between 1 and 65535");
-    refused_with(time_service(spec(1000, 70000)).validate_cel(), "port must be between 1 and 65535");
+    refused_with(
+        time_service(spec(0, 20000)).validate_cel(),
+        "port must be between 1 and 65535",
+    );
+    refused_with(
+        time_service(spec(1000, 70000)).validate_cel(),
+        "port must be between 1 and 65535",
+    );
 }
 
 #[test]
 fn serving_holdover_local_stratum_and_reporting_are_bounded() {
     let spec = |s: Value, r: Value| json!({"upstreams": [upstream(json!({}))], "serving": s, "reporting": r});
     accepted(
-        time_service(spec(json!({"holdover": "2h", "localStratum": 10}), json!({"interval": "5s"})))
-            .validate_cel(),
+        time_service(spec(
+            json!({"holdover": "2h", "localStratum": 10}),
+            json!({"interval": "5s"}),
+        ))
+        .validate_cel(),
     );
     refused_with(
         time_service(spec(json!({"localStratum": 16}), json!({}))).validate_cel(),
@@ -247,7 +281,8 @@ fn a_peer_needs_a_selector_or_an_ip_block() {
 #[test]
 fn ip_block_cannot_be_mixed_with_selectors() {
     accepted(
-        tenant(json!({"allowedClients": [{"namespaceSelector": {}, "podSelector": {}}]})).validate_cel(),
+        tenant(json!({"allowedClients": [{"namespaceSelector": {}, "podSelector": {}}]}))
+            .validate_cel(),
     );
     refused_with(
         tenant(json!({"allowedClients": [{"podSelector": {}, "ipBlock": {"cidr": "10.0.0.0/8"}}]}))
@@ -258,7 +293,9 @@ fn ip_block_cannot_be_mixed_with_selectors() {
 
 #[test]
 fn ip_block_cidrs_must_be_well_formed() {
-    accepted(tenant(json!({"allowedClients": [{"ipBlock": {"cidr": "2001:db8::/32"}}]})).validate_cel());
+    accepted(
+        tenant(json!({"allowedClients": [{"ipBlock": {"cidr": "2001:db8::/32"}}]})).validate_cel(),
+    );
     refused_with(
         tenant(json!({"allowedClients": [{"ipBlock": {"cidr": "10.0.0.300/8"}}]})).validate_cel(),
         "cidr must be a CIDR such as 10.0.0.0/24",
@@ -315,11 +352,13 @@ fn rate_limits_are_bounded() {
         "rateLimit.perClient.interval must be a non-negative duration",
     );
     refused_with(
-        tenant(json!({"rateLimit": {"perTenant": {"requestsPerSecond": 100, "burst": 10}}})).validate_cel(),
+        tenant(json!({"rateLimit": {"perTenant": {"requestsPerSecond": 100, "burst": 10}}}))
+            .validate_cel(),
         "rateLimit.perTenant.burst must be at least requestsPerSecond",
     );
     refused_with(
-        tenant(json!({"rateLimit": {"perTenant": {"requestsPerSecond": 0, "burst": 10}}})).validate_cel(),
+        tenant(json!({"rateLimit": {"perTenant": {"requestsPerSecond": 0, "burst": 10}}}))
+            .validate_cel(),
         "rateLimit.perTenant.requestsPerSecond must be at least 1",
     );
 }
@@ -336,5 +375,8 @@ fn max_root_distance_must_be_a_duration() {
 #[test]
 fn timezone_must_not_be_empty_when_set() {
     accepted(tenant(json!({"timezone": "America/New_York"})).validate_cel());
-    refused_with(tenant(json!({"timezone": ""})).validate_cel(), "timezone must not be empty when set");
+    refused_with(
+        tenant(json!({"timezone": ""})).validate_cel(),
+        "timezone must not be empty when set",
+    );
 }

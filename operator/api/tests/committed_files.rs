@@ -26,11 +26,16 @@ fn committed_crds_equal_the_generated_ones() {
         );
         expected_files.push(name);
     }
-    let mut present: Vec<_> =
-        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut present: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     present.sort();
     expected_files.sort();
-    assert_eq!(present, expected_files, "crds/ holds files no type generates");
+    assert_eq!(
+        present, expected_files,
+        "crds/ holds files no type generates"
+    );
 }
 
 #[test]
@@ -38,13 +43,28 @@ fn crds_have_status_subresources_short_names_and_printer_columns() {
     for crd in stratum_api::crds() {
         let version = &crd.spec.versions[0];
         assert!(
-            version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(),
+            version
+                .subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some(),
             "{}",
             crd.spec.names.kind
         );
-        assert!(!crd.spec.names.short_names.clone().unwrap_or_default().is_empty());
-        let columns: Vec<_> =
-            version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
+        assert!(
+            !crd.spec
+                .names
+                .short_names
+                .clone()
+                .unwrap_or_default()
+                .is_empty()
+        );
+        let columns: Vec<_> = version
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.name.as_str())
+            .collect();
         assert!(columns.contains(&"Age"), "{columns:?}");
     }
     let node_clock = stratum_api::NodeClock::crd();
@@ -66,7 +86,13 @@ where
     let raw: serde_json::Value = serde_yaml::from_str(&text).unwrap();
     let typed: K = serde_json::from_value(raw.clone()).unwrap_or_else(|e| panic!("{file}: {e}"));
     let crd = K::crd();
-    let schema = crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap();
+    let schema = crd.spec.versions[0]
+        .schema
+        .as_ref()
+        .unwrap()
+        .open_api_v3_schema
+        .as_ref()
+        .unwrap();
     let schema = serde_json::to_value(schema).unwrap();
     if let Err(errors) = Validator::new().validate_with_defaults(&schema, &raw, None) {
         panic!("{file} breaks a CRD rule: {errors:?}");
@@ -77,15 +103,39 @@ where
 #[test]
 fn every_example_parses_and_passes_the_crd_rules() {
     let service: TimeService = check_example("timeservice.yaml");
-    assert!(service.spec.egress_tier.is_some(), "the example shows an egress tier");
-    assert!(service.spec.upstreams.iter().any(|u| u.kind == stratum_api::time_service::UpstreamKind::Pool));
+    assert!(
+        service.spec.egress_tier.is_some(),
+        "the example shows an egress tier"
+    );
+    assert!(
+        service
+            .spec
+            .upstreams
+            .iter()
+            .any(|u| u.kind == stratum_api::time_service::UpstreamKind::Pool)
+    );
 
     let own: TenantTimePolicy = check_example("tenant-own-namespace.yaml");
-    assert!(own.spec.allowed_clients.is_empty(), "empty allowedClients means this namespace");
+    assert!(
+        own.spec.allowed_clients.is_empty(),
+        "empty allowedClients means this namespace"
+    );
 
     let cross: TenantTimePolicy = check_example("tenant-cross-namespace.yaml");
-    assert!(cross.spec.allowed_clients.iter().any(|p| p.namespace_selector.is_some()));
-    assert!(cross.spec.allowed_clients.iter().any(|p| p.ip_block.is_some()));
+    assert!(
+        cross
+            .spec
+            .allowed_clients
+            .iter()
+            .any(|p| p.namespace_selector.is_some())
+    );
+    assert!(
+        cross
+            .spec
+            .allowed_clients
+            .iter()
+            .any(|p| p.ip_block.is_some())
+    );
 
     let mut files: Vec<_> = std::fs::read_dir(repo_root().join("examples"))
         .unwrap()
@@ -94,7 +144,11 @@ fn every_example_parses_and_passes_the_crd_rules() {
     files.sort();
     assert_eq!(
         files,
-        ["tenant-cross-namespace.yaml", "tenant-own-namespace.yaml", "timeservice.yaml"],
+        [
+            "tenant-cross-namespace.yaml",
+            "tenant-own-namespace.yaml",
+            "timeservice.yaml"
+        ],
         "an example has no test"
     );
 }

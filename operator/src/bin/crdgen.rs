@@ -11,9 +11,11 @@ fn main() -> anyhow::Result<()> {
         let yaml = stratum_api::crd_yaml(&crd).context("serializing CRD")?;
         match &out_dir {
             Some(dir) => {
-                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
                 let path = dir.join(stratum_api::crd_file_name(&crd));
-                std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, yaml)
+                    .with_context(|| format!("writing {}", path.display()))?;
                 eprintln!("wrote {}", path.display());
             }
             None => print!("---\n{yaml}"),
