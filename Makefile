@@ -5,6 +5,8 @@ CARGO ?= cargo
 # Every test, benchmark and demo runs without CAP_SYS_TIME, so nothing can change this
 # machine's clock even by mistake.
 NO_SYS_TIME := setpriv --bounding-set=-sys_time --inh-caps=-sys_time
+# A second fence: the agent refuses to open its `system` clock backend when this is set.
+export STRATUM_DENY_SYSTEM_CLOCK := 1
 
 .PHONY: help deps fmt fmt-check lint test unit crds
 

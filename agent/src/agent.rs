@@ -1,0 +1,628 @@
+//! The agent's run loop: owns the core [`System`] and the clock backend, drives polls and
+//! replies through [`crate::upstream`], applies clock actions, follows config changes without
+//! restarting, and publishes snapshots for metrics, the status endpoint and the reporter.
+//!
+//! Mapping the config contract onto the core ([`system_config`]) and naming sources is pure
+//! and tested; the loop itself is IO and timers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use stratum_api::agent_config::{
+    AgentConfig, LeapMode as ApiLeapMode, UpstreamConfig, UpstreamKind,
+};
+use stratum_ntp::clock::{ClockAction, Refusal, apply_action};
+use stratum_ntp::leap::LeapMode;
+use stratum_ntp::packet::LeapIndicator;
+use stratum_ntp::source::SourceConfig;
+use stratum_ntp::system::{SourceState, System, SystemConfig, SystemState};
+use stratum_ntp::time::ClockTime;
+use tokio::sync::{mpsc, watch};
+
+use crate::clock::Backend;
+use crate::config_source::ConfigUpdate;
+use crate::metrics::Metrics;
+use crate::report::AgentEvent;
+use crate::status::{AgentStatus, Identity, Tracking, agreeing_sources, source_views};
+use crate::upstream;
+
+/// How long to wait for a reply.
+const REPLY_TIMEOUT: Duration = Duration::from_millis(1500);
+/// The loop wakes at least this often to observe the clock and publish state.
+const MAX_SLEEP: Duration = Duration::from_millis(500);
+/// A pool is re-resolved at most this often when a member is unreachable or a falseticker.
+pub const POOL_RERESOLVE_INTERVAL: Duration = Duration::from_secs(1800);
+
+/// Addresses each configured upstream resolved to, keyed by `host:port`.
+pub type Resolved = BTreeMap<String, Vec<SocketAddr>>;
+
+/// The key of an upstream in [`Resolved`].
+pub fn upstream_key(u: &UpstreamConfig) -> String {
+    format!("{}:{}", u.host, u.port)
+}
+
+/// The core's config for the upstreams this node polls and the resolved addresses.
+/// Duplicate addresses (two names for one server) are polled once.
+pub fn system_config(
+    config: &AgentConfig,
+    upstreams: &[UpstreamConfig],
+    resolved: &Resolved,
+) -> SystemConfig {
+    let mut sources = Vec::new();
+    let mut seen = BTreeSet::new();
+    for u in upstreams {
+        let limit = match u.kind {
+            UpstreamKind::Server => 1,
+            UpstreamKind::Pool => usize::from(u.max_sources),
+        };
+        for address in resolved
+            .get(&upstream_key(u))
+            .into_iter()
+            .flatten()
+            .take(limit)
+        {
+            if !seen.insert(*address) {
+                continue;
+            }
+            let mut s = SourceConfig::new(u.host.clone(), *address);
+            s.iburst = u.iburst;
+            s.min_poll = u.min_poll;
+            s.max_poll = u.max_poll;
+            // Own LAN servers (the egress tier, or polls of 2^4 s and below) burst faster.
+            if u.min_poll <= 4 {
+                s.burst_interval = 0.5;
+            }
+            sources.push(s);
+        }
+    }
+    let d = &config.discipline;
+    let mut system = SystemConfig {
+        sources,
+        min_sources: usize::from(config.selection.min_sources),
+        max_distance: config.selection.max_distance_seconds,
+        leap_mode: match config.leap.mode {
+            ApiLeapMode::Kernel => LeapMode::Kernel,
+            ApiLeapMode::Smear => LeapMode::Smear,
+            ApiLeapMode::Ignore => LeapMode::Ignore,
+        },
+        smear_window: config.leap.smear_window_seconds,
+        ..SystemConfig::default()
+    };
+    system.discipline.make_step_threshold = d.make_step_threshold_seconds;
+    system.discipline.make_step_limit = d.make_step_limit;
+    system.discipline.max_slew_ppm = d.max_slew_ppm;
+    system.discipline.panic_runtime = Some(d.panic_runtime_seconds);
+    system.discipline.panic_startup_backward = Some(d.panic_startup_seconds);
+    system.discipline.panic_startup_forward = Some(d.panic_startup_seconds);
+    system
+}
+
+/// Resolves every upstream; a host that fails to resolve keeps its previous addresses.
+pub async fn resolve_all(
+    upstreams: &[UpstreamConfig],
+    previous: &Resolved,
+) -> (Resolved, Vec<String>) {
+    let mut out = Resolved::new();
+    let mut errors = Vec::new();
+    for u in upstreams {
+        let key = upstream_key(u);
+        let limit = match u.kind {
+            UpstreamKind::Server => 1,
+            UpstreamKind::Pool => usize::from(u.max_sources),
+        };
+        let lookup = tokio::time::timeout(
+            Duration::from_secs(5),
+            upstream::resolve(&u.host, u.port, limit),
+        )
+        .await;
+        match lookup {
+            Ok(Ok(addrs)) if !addrs.is_empty() => {
+                out.insert(key, addrs);
+            }
+            other => {
+                let why = match other {
+                    Ok(Ok(_)) => "no addresses".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "timed out".to_string(),
+                };
+                errors.push(format!("resolving {key}: {why}"));
+                if let Some(prev) = previous.get(&key) {
+                    out.insert(key, prev.clone());
+                }
+            }
+        }
+    }
+    (out, errors)
+}
+
+/// Options fixed for the life of the process.
+pub struct AgentOptions {
+    /// This node.
+    pub node: String,
+    /// Where drift is kept; `None` uses the config's driftFile.
+    pub state_dir: Option<PathBuf>,
+    /// Agent version string.
+    pub version: String,
+}
+
+/// State shared with the HTTP handlers.
+pub struct Shared {
+    /// The latest status.
+    pub status: ArcSwap<AgentStatus>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Loop liveness: host monotonic seconds of the last loop iteration.
+    pub heartbeat: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    /// Fresh shared state.
+    pub fn new(metrics: Metrics) -> Arc<Self> {
+        Arc::new(Self {
+            status: ArcSwap::from_pointee(AgentStatus::default()),
+            metrics,
+            heartbeat: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Ready: synchronized with at least minSources agreeing.
+    pub fn ready(&self) -> bool {
+        self.status.load().tracking.ready
+    }
+}
+
+/// Outputs of the loop besides [`Shared`].
+pub struct Outputs {
+    /// Status for the reporter.
+    pub snapshots: watch::Sender<AgentStatus>,
+    /// Events for the reporter.
+    pub events: mpsc::Sender<AgentEvent>,
+    /// Heartbeat interval from the config, for the reporter.
+    pub heartbeat: watch::Sender<Duration>,
+}
+
+struct Reply {
+    source: stratum_ntp::source::SourceId,
+    reply: upstream::Reply,
+}
+
+/// Runs until `shutdown` fires; persists drift on the way out.
+pub async fn run(
+    opts: AgentOptions,
+    mut backend: Backend,
+    shared: Arc<Shared>,
+    outputs: Outputs,
+    mut config_rx: mpsc::Receiver<ConfigUpdate>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    // Nothing can be polled before the first valid config.
+    let mut config = loop {
+        tokio::select! {
+            update = config_rx.recv() => match update {
+                Some(ConfigUpdate::Valid(c)) => break *c,
+                Some(ConfigUpdate::Rejected(why)) => {
+                    tracing::error!(reason = %why, "initial config rejected; waiting for a valid one");
+                    shared.metrics.config_reloads.with_label_values(&["rejected"]).inc();
+                    let _ = outputs.events.try_send(AgentEvent::ConfigRejected { reason: why.clone() });
+                    let mut status = (**shared.status.load()).clone();
+                    status.identity.config_error = Some(why);
+                    shared.status.store(Arc::new(status));
+                }
+                None => anyhow::bail!("config source closed before a valid config arrived"),
+            },
+            _ = shutdown.changed() => return Ok(()),
+        }
+    };
+    shared
+        .metrics
+        .config_reloads
+        .with_label_values(&["applied"])
+        .inc();
+    let mut config_error: Option<String> = None;
+    let upstreams = config.upstreams_for_node(&opts.node);
+    let (mut resolved, errors) = resolve_all(&upstreams, &Resolved::new()).await;
+    for e in &errors {
+        tracing::warn!("{e}");
+    }
+    let now = backend.clock().now();
+    let seed: [u8; 32] = rand::random();
+    let mut system = System::new(system_config(&config, &upstreams, &resolved), now, seed)
+        .map_err(|e| anyhow::anyhow!("the config cannot drive the core: {e}"))?;
+    let drift_path = |config: &AgentConfig| match &opts.state_dir {
+        Some(dir) => dir.join("drift.json"),
+        None => PathBuf::from(&config.discipline.drift_file),
+    };
+    match crate::drift::load(&drift_path(&config), now.unix_secs_floor()) {
+        Ok(drift) => match system.import_drift(drift, now) {
+            Ok(actions) => {
+                tracing::info!(ppm = drift.frequency_ppm, "drift restored");
+                apply_all(&mut backend, &actions, &shared, &outputs);
+            }
+            Err(e) => tracing::warn!(error = %e, "drift file ignored"),
+        },
+        Err(e) => tracing::info!("{e}"),
+    }
+    let _ = outputs.heartbeat.send(Duration::from_secs_f64(
+        config.reporting.heartbeat_seconds.max(5.0),
+    ));
+    shared
+        .metrics
+        .info
+        .with_label_values(&[
+            &opts.version,
+            &config.time_service,
+            &opts.node,
+            clock_name(&backend),
+        ])
+        .set(1);
+
+    let (reply_tx, mut reply_rx) = mpsc::channel::<Reply>(256);
+    let mut last_drift_write = tokio::time::Instant::now();
+    let mut last_pool_resolve = tokio::time::Instant::now();
+    let mut was_synchronized = false;
+    let mut known_falsetickers = BTreeSet::new();
+
+    loop {
+        let now = backend.clock().now();
+        while let Some(request) = system.poll_due(backend.clock().now()) {
+            // Sent here, synchronously, right after the core stamped it.
+            let in_flight = match upstream::send(request.address, &request.bytes) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::debug!(error = %e, "request not sent");
+                    continue;
+                }
+            };
+            let tx = reply_tx.clone();
+            tokio::spawn(async move {
+                match in_flight.reply(REPLY_TIMEOUT).await {
+                    Ok(reply) => {
+                        let _ = tx
+                            .send(Reply {
+                                source: request.source,
+                                reply,
+                            })
+                            .await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "no reply"),
+                }
+            });
+        }
+        let deadline = system.next_deadline(now);
+        let wait =
+            Duration::from_secs_f64(deadline.secs_since(now).clamp(0.0, MAX_SLEEP.as_secs_f64()));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {
+                let now = backend.clock().now();
+                let actions = system.on_timer(now);
+                apply_all(&mut backend, &actions, &shared, &outputs);
+            }
+            Some(Reply { source, reply }) = reply_rx.recv() => {
+                // The kernel stamped the reply on the host clock: carry it onto the clock the
+                // core steers by the host time elapsed since.
+                let now = backend.clock().now();
+                let elapsed = crate::clock::host_realtime().secs_since(reply.host_rx).max(0.0);
+                let received_at = now.add_secs(-elapsed);
+                let outcome = system.handle_response(source, &reply.bytes, received_at, now);
+                apply_all(&mut backend, &outcome.actions, &shared, &outputs);
+            }
+            update = config_rx.recv() => match update {
+                Some(ConfigUpdate::Valid(new)) => {
+                    let new = *new;
+                    let upstreams = new.upstreams_for_node(&opts.node);
+                    let (fresh, errors) = resolve_all(&upstreams, &resolved).await;
+                    for e in &errors { tracing::warn!("{e}"); }
+                    let now = backend.clock().now();
+                    match system.reconfigure(system_config(&new, &upstreams, &fresh), now) {
+                        Ok(()) => {
+                            tracing::info!(revision = %new.revision, "config applied");
+                            shared.metrics.config_reloads.with_label_values(&["applied"]).inc();
+                            resolved = fresh;
+                            config = new;
+                            config_error = None;
+                            let _ = outputs.heartbeat.send(Duration::from_secs_f64(config.reporting.heartbeat_seconds.max(5.0)));
+                        }
+                        Err(e) => {
+                            let why = format!("config revision {} cannot drive the core: {e}", new.revision);
+                            reject(&shared, &outputs, &mut config_error, why);
+                        }
+                    }
+                }
+                Some(ConfigUpdate::Rejected(why)) => reject(&shared, &outputs, &mut config_error, why),
+                None => anyhow::bail!("config source ended"),
+            },
+            _ = shutdown.changed() => break,
+        }
+
+        let now = backend.clock().now();
+        let clock = backend.clock();
+        if let Some(jump) = system.observe_clock(clock.now(), clock.monotonic()) {
+            tracing::warn!(
+                seconds = jump,
+                "someone else changed the clock; filters reset"
+            );
+            let _ = outputs.events.try_send(AgentEvent::OtherDiscipliner {
+                detail: format!("the clock jumped by {jump:+.3} s without the agent stepping it; filters were reset"),
+            });
+        }
+        let state = system.state(now);
+        if state.synchronized != was_synchronized {
+            let _ = outputs.events.try_send(if state.synchronized {
+                AgentEvent::SyncRegained
+            } else {
+                AgentEvent::SyncLost
+            });
+            was_synchronized = state.synchronized;
+        }
+        for s in &state.sources {
+            let is_false = s.state == SourceState::Falseticker;
+            if is_false && known_falsetickers.insert(s.address) {
+                shared.metrics.falseticker_detections.inc();
+                let _ = outputs.events.try_send(AgentEvent::FalsetickerRejected {
+                    source: s.address.to_string(),
+                });
+            } else if !is_false {
+                known_falsetickers.remove(&s.address);
+            }
+        }
+        publish(
+            &opts,
+            &config,
+            &config_error,
+            &backend,
+            &state,
+            &shared,
+            &outputs,
+        );
+
+        if last_drift_write.elapsed() >= crate::drift::WRITE_INTERVAL && state.synchronized {
+            save_drift(&drift_path(&config), &system, now);
+            last_drift_write = tokio::time::Instant::now();
+        }
+        if last_pool_resolve.elapsed() >= POOL_RERESOLVE_INTERVAL && needs_reresolve(&state) {
+            last_pool_resolve = tokio::time::Instant::now();
+            let upstreams = config.upstreams_for_node(&opts.node);
+            let (fresh, _) = resolve_all(&upstreams, &resolved).await;
+            if fresh != resolved {
+                let now = backend.clock().now();
+                if system
+                    .reconfigure(system_config(&config, &upstreams, &fresh), now)
+                    .is_ok()
+                {
+                    tracing::info!("pool re-resolved after unreachable or falseticker members");
+                    resolved = fresh;
+                }
+            }
+        }
+    }
+    let now = backend.clock().now();
+    save_drift(&drift_path(&config), &system, now);
+    tracing::info!("drift saved; agent stopped");
+    Ok(())
+}
+
+fn needs_reresolve(state: &SystemState) -> bool {
+    state
+        .sources
+        .iter()
+        .any(|s| matches!(s.state, SourceState::Unreachable | SourceState::Falseticker))
+}
+
+fn reject(shared: &Shared, outputs: &Outputs, config_error: &mut Option<String>, why: String) {
+    tracing::error!(reason = %why, "config rejected; the previous config stays in force");
+    shared
+        .metrics
+        .config_reloads
+        .with_label_values(&["rejected"])
+        .inc();
+    let _ = outputs.events.try_send(AgentEvent::ConfigRejected {
+        reason: why.clone(),
+    });
+    *config_error = Some(why);
+}
+
+fn save_drift(path: &std::path::Path, system: &System, now: ClockTime) {
+    if let Err(e) = crate::drift::save(path, system.export_drift(), now.unix_secs_floor()) {
+        tracing::warn!(error = %e, path = %path.display(), "saving drift failed");
+    }
+}
+
+fn clock_name(backend: &Backend) -> &'static str {
+    match backend.kind() {
+        stratum_api::agent_config::ClockBackend::System => "system",
+        stratum_api::agent_config::ClockBackend::Readonly => "readonly",
+        stratum_api::agent_config::ClockBackend::Simulated => "simulated",
+    }
+}
+
+fn apply_all(backend: &mut Backend, actions: &[ClockAction], shared: &Shared, outputs: &Outputs) {
+    for action in actions {
+        match action {
+            ClockAction::Step { offset } => {
+                shared.metrics.steps.inc();
+                tracing::info!(seconds = offset, "stepping the clock");
+                let _ = outputs
+                    .events
+                    .try_send(AgentEvent::Stepped { seconds: *offset });
+            }
+            ClockAction::Refuse(refusal) => {
+                let reason = refusal_text(refusal);
+                if matches!(refusal, Refusal::PanicThreshold { .. }) {
+                    shared.metrics.panic_refusals.inc();
+                }
+                tracing::warn!(%reason, "correction refused");
+                let _ = outputs
+                    .events
+                    .try_send(AgentEvent::CorrectionRefused { reason });
+            }
+            _ => {}
+        }
+        if let Err(e) = apply_action(backend.clock(), action) {
+            tracing::error!(error = %e, ?action, "clock backend refused an action");
+        }
+    }
+}
+
+/// A sentence for a refusal.
+pub fn refusal_text(refusal: &Refusal) -> String {
+    match refusal {
+        Refusal::PanicThreshold { offset, threshold } => format!(
+            "refused a correction of {offset:+.3} s beyond the panic threshold of {threshold} s; serving as unsynchronized"
+        ),
+        Refusal::ImplausibleOffset {
+            offset,
+            confirmations,
+            needed,
+        } => format!(
+            "ignoring an implausible offset of {offset:+.6} s until confirmed ({confirmations}/{needed})"
+        ),
+    }
+}
+
+fn leap_name(leap: LeapIndicator) -> &'static str {
+    match leap {
+        LeapIndicator::NoWarning => "none",
+        LeapIndicator::Insert => "insert",
+        LeapIndicator::Delete => "delete",
+        LeapIndicator::Unknown => "unsynchronized",
+    }
+}
+
+fn publish(
+    opts: &AgentOptions,
+    config: &AgentConfig,
+    config_error: &Option<String>,
+    backend: &Backend,
+    state: &SystemState,
+    shared: &Shared,
+    outputs: &Outputs,
+) {
+    let agreeing = agreeing_sources(state);
+    let min_sources = usize::from(config.selection.min_sources);
+    let node_offset = backend.node_offset(-state.offset);
+    let peer = state
+        .system_peer
+        .and_then(|id| state.sources.iter().find(|s| s.id == id));
+    let status = AgentStatus {
+        identity: Identity {
+            node: opts.node.clone(),
+            time_service: config.time_service.clone(),
+            version: opts.version.clone(),
+            clock: clock_name(backend).into(),
+            config_revision: config.revision.clone(),
+            config_error: config_error.clone(),
+        },
+        tracking: Tracking {
+            synchronized: state.synchronized,
+            ready: state.synchronized && agreeing >= min_sources,
+            reference_id: state.reference_id.display(),
+            system_peer: peer.map(|p| format!("{} ({})", p.name, p.address)),
+            stratum: state.stratum,
+            offset_seconds: node_offset,
+            frequency_ppm: state.frequency_ppm,
+            frequency_error_ppm: state.frequency_error_ppm,
+            jitter_seconds: state.jitter,
+            root_delay_seconds: state.root_delay,
+            root_dispersion_seconds: state.root_dispersion,
+            root_distance_seconds: state.root_distance,
+            leap: leap_name(state.leap).into(),
+            agreeing_sources: agreeing,
+            min_sources,
+            steps: state.steps,
+            last_step_seconds: state.last_step.map(|s| s.offset),
+            refusal: state.refusal.as_ref().map(refusal_text),
+            last_update_ago_seconds: state
+                .last_update
+                .map(|t| backend_now(backend).secs_since(t)),
+        },
+        sources: source_views(state),
+    };
+    shared
+        .metrics
+        .observe(state, node_offset, agreeing, min_sources);
+    shared.heartbeat.store(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    shared.status.store(Arc::new(status.clone()));
+    let _ = outputs.snapshots.send(status);
+}
+
+fn backend_now(backend: &Backend) -> ClockTime {
+    match backend {
+        Backend::System(c) => stratum_ntp::clock::Clock::now(c),
+        Backend::Readonly(c) | Backend::Simulated(c) => stratum_ntp::clock::Clock::now(c),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn config_json() -> String {
+        include_str!("../tests/data/agent-config.json").to_string()
+    }
+
+    #[test]
+    fn pools_contribute_up_to_max_sources_and_servers_one_address() {
+        let config = AgentConfig::from_json(&config_json()).unwrap();
+        let mut upstreams = config.upstreams.clone();
+        upstreams[0].kind = UpstreamKind::Pool;
+        upstreams[0].max_sources = 2;
+        let key = upstream_key(&upstreams[0]);
+        let mut resolved = Resolved::new();
+        resolved.insert(
+            key,
+            vec![
+                "127.0.0.1:123".parse().unwrap(),
+                "127.0.0.2:123".parse().unwrap(),
+                "127.0.0.3:123".parse().unwrap(),
+            ],
+        );
+        let sys = system_config(&config, &upstreams[..1], &resolved);
+        assert_eq!(sys.sources.len(), 2);
+        upstreams[0].kind = UpstreamKind::Server;
+        assert_eq!(
+            system_config(&config, &upstreams[..1], &resolved)
+                .sources
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn the_same_address_under_two_names_is_polled_once() {
+        let config = AgentConfig::from_json(&config_json()).unwrap();
+        let mut a = config.upstreams[0].clone();
+        a.host = "a.example".into();
+        let mut b = a.clone();
+        b.host = "b.example".into();
+        let mut resolved = Resolved::new();
+        resolved.insert(upstream_key(&a), vec!["192.0.2.1:123".parse().unwrap()]);
+        resolved.insert(upstream_key(&b), vec!["192.0.2.1:123".parse().unwrap()]);
+        assert_eq!(system_config(&config, &[a, b], &resolved).sources.len(), 1);
+    }
+
+    #[test]
+    fn discipline_settings_reach_the_core() {
+        let config = AgentConfig::from_json(&config_json()).unwrap();
+        let sys = system_config(&config, &config.upstreams, &Resolved::new());
+        assert_eq!(sys.min_sources, usize::from(config.selection.min_sources));
+        assert_eq!(
+            sys.discipline.make_step_threshold,
+            config.discipline.make_step_threshold_seconds
+        );
+        assert_eq!(
+            sys.discipline.panic_runtime,
+            Some(config.discipline.panic_runtime_seconds)
+        );
+        assert_eq!(sys.max_distance, config.selection.max_distance_seconds);
+    }
+}

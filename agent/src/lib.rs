@@ -1,0 +1,17 @@
+//! `stratum-agent`: the node daemon around the sans-IO core in `stratum-ntp`. It disciplines
+//! the node clock from upstream servers, reports its NodeClock and Events, and exposes
+//! metrics, probes and a local status endpoint for `stratumctl`.
+
+pub mod agent;
+pub mod clock;
+pub mod config_source;
+pub mod drift;
+pub mod metrics;
+pub mod ops;
+pub mod query;
+pub mod report;
+pub mod status;
+pub mod upstream;
+
+/// This build's version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,238 @@
+//! The agent's Prometheus metrics, named as in docs/contracts.md. Labels are bounded: `source`
+//! comes from the config's upstreams, `tenant` from its tenants, `state`/`outcome`/`code`/`result`
+//! from closed sets.
+
+use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use stratum_ntp::system::{SourceState, SystemState};
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Identity.
+    pub info: IntGaugeVec,
+    synchronized: IntGauge,
+    offset: prometheus::Gauge,
+    frequency: prometheus::Gauge,
+    jitter: prometheus::Gauge,
+    stratum: IntGauge,
+    root_delay: prometheus::Gauge,
+    root_dispersion: prometheus::Gauge,
+    leap: IntGauge,
+    agreeing: IntGauge,
+    min_sources: IntGauge,
+    /// Steps applied.
+    pub steps: IntCounter,
+    /// Corrections refused beyond a panic threshold.
+    pub panic_refusals: IntCounter,
+    /// Selections that marked a source falseticker.
+    pub falseticker_detections: IntCounter,
+    source_reach: IntGaugeVec,
+    source_offset: GaugeVec,
+    source_delay: GaugeVec,
+    source_jitter: GaugeVec,
+    source_state: IntGaugeVec,
+    /// Config changes by result.
+    pub config_reloads: IntCounterVec,
+    /// Tenant packets by outcome.
+    pub tenant_requests: IntCounterVec,
+    /// Kiss-o'-Death replies by code.
+    pub tenant_kod: IntCounterVec,
+}
+
+const SOURCE_STATES: [&str; 6] = [
+    "selected",
+    "combined",
+    "candidate",
+    "falseticker",
+    "unreachable",
+    "demobilized",
+];
+
+fn state_label(state: SourceState) -> &'static str {
+    match state {
+        SourceState::Selected => "selected",
+        SourceState::Combined => "combined",
+        SourceState::Candidate => "candidate",
+        SourceState::Falseticker => "falseticker",
+        SourceState::Demobilized => "demobilized",
+        // Not yet usable sources count as unreachable for alerting purposes.
+        SourceState::Unreachable | SourceState::Initializing | SourceState::Unusable => {
+            "unreachable"
+        }
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m;
+                registry.register(Box::new(m.clone()))?;
+                m
+            }};
+        }
+        let g = |name: &str, help: &str| prometheus::Gauge::new(name, help);
+        let gv =
+            |name: &str, help: &str, labels: &[&str]| GaugeVec::new(Opts::new(name, help), labels);
+        let igv = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels)
+        };
+        let icv = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels)
+        };
+        Ok(Self {
+            info: reg!(igv(
+                "stratum_agent_info",
+                "Agent identity (always 1).",
+                &["version", "time_service", "node", "clock"]
+            )?),
+            synchronized: reg!(IntGauge::new(
+                "stratum_agent_synchronized",
+                "1 when the clock is synchronized with enough agreeing sources."
+            )?),
+            offset: reg!(g(
+                "stratum_agent_offset_seconds",
+                "Estimated offset of the node clock from true time (positive: ahead)."
+            )?),
+            frequency: reg!(g(
+                "stratum_agent_frequency_ppm",
+                "Frequency correction in force, ppm."
+            )?),
+            jitter: reg!(g("stratum_agent_jitter_seconds", "System jitter.")?),
+            stratum: reg!(IntGauge::new(
+                "stratum_agent_stratum",
+                "Stratum served (16 = unsynchronized)."
+            )?),
+            root_delay: reg!(g("stratum_agent_root_delay_seconds", "Root delay.")?),
+            root_dispersion: reg!(g(
+                "stratum_agent_root_dispersion_seconds",
+                "Root dispersion."
+            )?),
+            leap: reg!(IntGauge::new(
+                "stratum_agent_leap_status",
+                "Leap indicator: 0 none, 1 insert, 2 delete, 3 unsynchronized."
+            )?),
+            agreeing: reg!(IntGauge::new(
+                "stratum_agent_agreeing_sources",
+                "Sources in the majority clique."
+            )?),
+            min_sources: reg!(IntGauge::new(
+                "stratum_agent_min_sources",
+                "Configured minimum of agreeing sources."
+            )?),
+            steps: reg!(IntCounter::new(
+                "stratum_agent_clock_steps_total",
+                "Clock steps applied."
+            )?),
+            panic_refusals: reg!(IntCounter::new(
+                "stratum_agent_panic_refusals_total",
+                "Corrections refused beyond a panic threshold."
+            )?),
+            falseticker_detections: reg!(IntCounter::new(
+                "stratum_agent_falseticker_detections_total",
+                "Selections that marked a source falseticker."
+            )?),
+            source_reach: reg!(igv(
+                "stratum_agent_source_reach",
+                "8-bit reachability register of a source.",
+                &["source"]
+            )?),
+            source_offset: reg!(gv(
+                "stratum_agent_source_offset_seconds",
+                "Offset of a source.",
+                &["source"]
+            )?),
+            source_delay: reg!(gv(
+                "stratum_agent_source_delay_seconds",
+                "Round-trip delay to a source.",
+                &["source"]
+            )?),
+            source_jitter: reg!(gv(
+                "stratum_agent_source_jitter_seconds",
+                "Jitter of a source.",
+                &["source"]
+            )?),
+            source_state: reg!(igv(
+                "stratum_agent_source_state",
+                "1 for the source's current selection role.",
+                &["source", "state"]
+            )?),
+            config_reloads: reg!(icv(
+                "stratum_agent_config_reloads_total",
+                "Config changes seen, by result.",
+                &["result"]
+            )?),
+            tenant_requests: reg!(icv(
+                "stratum_agent_tenant_requests_total",
+                "Packets received on a tenant port, by outcome.",
+                &["tenant", "outcome"]
+            )?),
+            tenant_kod: reg!(icv(
+                "stratum_agent_tenant_kod_sent_total",
+                "Kiss-o'-Death replies sent, by code.",
+                &["tenant", "code"]
+            )?),
+            registry,
+        })
+    }
+
+    /// Mirrors a system snapshot into the gauges. `node_offset` is the node clock's offset
+    /// (which differs from the core's estimate for the readonly backend).
+    pub fn observe(
+        &self,
+        state: &SystemState,
+        node_offset: f64,
+        agreeing: usize,
+        min_sources: usize,
+    ) {
+        self.synchronized.set(i64::from(state.synchronized));
+        self.offset.set(node_offset);
+        self.frequency.set(state.frequency_ppm);
+        self.jitter.set(state.jitter);
+        self.stratum.set(i64::from(state.stratum));
+        self.root_delay.set(state.root_delay);
+        self.root_dispersion.set(state.root_dispersion);
+        self.leap.set(state.leap as i64);
+        self.agreeing.set(agreeing as i64);
+        self.min_sources.set(min_sources as i64);
+        // Sources come and go with config and pool re-resolution: rebuild the per-source series
+        // so removed sources do not linger.
+        self.source_reach.reset();
+        self.source_offset.reset();
+        self.source_delay.reset();
+        self.source_jitter.reset();
+        self.source_state.reset();
+        for s in &state.sources {
+            let label = s.address.to_string();
+            let l = [label.as_str()];
+            self.source_reach
+                .with_label_values(&l)
+                .set(i64::from(s.reach));
+            if let Some(v) = s.offset {
+                self.source_offset.with_label_values(&l).set(v);
+            }
+            if let Some(v) = s.delay {
+                self.source_delay.with_label_values(&l).set(v);
+            }
+            if let Some(v) = s.jitter {
+                self.source_jitter.with_label_values(&l).set(v);
+            }
+            let current = state_label(s.state);
+            for candidate in SOURCE_STATES {
+                self.source_state
+                    .with_label_values(&[label.as_str(), candidate])
+                    .set(i64::from(candidate == current));
+            }
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let encoder = prometheus::TextEncoder::new();
+        encoder
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,76 @@
+//! The agent's HTTP surfaces: the metrics port (`/metrics`, `/healthz`, `/readyz`), reachable
+//! by Prometheus and the kubelet, and the status port (`/status`), bound to loopback for
+//! `stratumctl` because it lists sources (and, for the server, clients).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json};
+use axum::routing::get;
+
+use crate::agent::Shared;
+
+/// The loop is considered hung when it has not run for this long.
+const LIVENESS_STALE_SECS: u64 = 30;
+
+/// Routes of the metrics port.
+pub fn metrics_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(shared)
+}
+
+/// Routes of the status port.
+pub fn status_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/status", get(status))
+        .with_state(shared)
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        shared.metrics.render(),
+    )
+}
+
+/// Live while the run loop turns; independent of upstream reachability.
+async fn healthz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let last = shared.heartbeat.load(std::sync::atomic::Ordering::Relaxed);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    // Before the first config the loop has not published; that is not a hang.
+    if last == 0 || now.saturating_sub(last) < LIVENESS_STALE_SECS {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "run loop stalled\n")
+    }
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    if shared.ready() {
+        (StatusCode::OK, "synchronized\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not synchronized\n")
+    }
+}
+
+async fn status(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    Json((**shared.status.load()).clone())
+}
+
+/// Serves `router` on `addr` until the process ends.
+pub async fn serve(addr: SocketAddr, router: Router) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, router).await
+}

@@ -1,0 +1,134 @@
+//! One-shot NTP query of any server (`stratumctl query`): the way to test a tenant VIP by
+//! hand. Uses the host clock as the local clock; reports offset, delay, stratum, refid, leap.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Serialize;
+use stratum_ntp::packet::{LeapIndicator, Mode, Packet};
+use stratum_ntp::time::{NtpShort, NtpTimestamp};
+
+use crate::upstream;
+
+/// The answer of one server.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueryResult {
+    /// Server queried.
+    pub server: String,
+    /// Offset of the server from this host (server − host), seconds.
+    pub offset_seconds: f64,
+    /// Round-trip delay, seconds.
+    pub delay_seconds: f64,
+    /// Stratum.
+    pub stratum: u8,
+    /// Reference ID, printable.
+    pub reference_id: String,
+    /// Leap indicator.
+    pub leap: String,
+    /// Root delay, seconds.
+    pub root_delay_seconds: f64,
+    /// Root dispersion, seconds.
+    pub root_dispersion_seconds: f64,
+    /// Version of the reply.
+    pub version: u8,
+    /// Kiss code, when the server sent a Kiss-o'-Death.
+    pub kiss_code: Option<String>,
+}
+
+/// Why a query failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// No reply, or a network error.
+    #[error(transparent)]
+    Exchange(#[from] upstream::ExchangeError),
+    /// The reply is not a valid answer to our request.
+    #[error("invalid reply from {0}: {1}")]
+    Invalid(SocketAddr, String),
+}
+
+/// Queries `server` once.
+pub async fn query(server: SocketAddr, timeout: Duration) -> Result<QueryResult, QueryError> {
+    let transmit = NtpTimestamp::random(&mut rand::rng());
+    let request = Packet {
+        leap: LeapIndicator::Unknown,
+        version: 4,
+        mode: Mode::Client,
+        stratum: 0,
+        poll: 0,
+        precision: -20,
+        root_delay: NtpShort::ZERO,
+        root_dispersion: NtpShort::ZERO,
+        reference_id: Default::default(),
+        reference_timestamp: NtpTimestamp::default(),
+        origin_timestamp: NtpTimestamp::default(),
+        receive_timestamp: NtpTimestamp::default(),
+        transmit_timestamp: transmit,
+    };
+    let in_flight = upstream::send(server, &request.to_bytes())?;
+    let t1 = in_flight.host_tx;
+    let reply = in_flight.reply(timeout).await?;
+    let t4 = reply.host_rx;
+    let view =
+        Packet::parse(&reply.bytes).map_err(|e| QueryError::Invalid(server, e.to_string()))?;
+    let p = view.header;
+    if p.origin_timestamp != transmit {
+        return Err(QueryError::Invalid(
+            server,
+            "origin timestamp does not match our request".into(),
+        ));
+    }
+    if p.mode != Mode::Server {
+        return Err(QueryError::Invalid(
+            server,
+            format!("mode {:?} instead of server", p.mode),
+        ));
+    }
+    // Stratum 0 is a Kiss-o'-Death: the reference ID is the ASCII kiss code.
+    let kiss_code = (p.stratum == 0).then(|| p.reference_id.display());
+    let t2 = p.receive_timestamp.to_clock_time_near(t1);
+    let t3 = p.transmit_timestamp.to_clock_time_near(t1);
+    let offset = (t2.secs_since(t1) + t3.secs_since(t4)) / 2.0;
+    let delay = t4.secs_since(t1) - t3.secs_since(t2);
+    Ok(QueryResult {
+        server: server.to_string(),
+        offset_seconds: offset,
+        delay_seconds: delay.max(0.0),
+        stratum: p.stratum,
+        reference_id: p.reference_id.display(),
+        leap: match p.leap {
+            LeapIndicator::NoWarning => "none",
+            LeapIndicator::Insert => "insert",
+            LeapIndicator::Delete => "delete",
+            LeapIndicator::Unknown => "unsynchronized",
+        }
+        .into(),
+        root_delay_seconds: p.root_delay.to_secs_f64(),
+        root_dispersion_seconds: p.root_dispersion.to_secs_f64(),
+        version: p.version,
+        kiss_code,
+    })
+}
+
+/// Parses `HOST[:PORT]` (IPv6 as `[addr]:port` or bare) into addresses, default port 123.
+pub async fn resolve_target(target: &str) -> std::io::Result<SocketAddr> {
+    if let Ok(addr) = target.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if let Ok(ip) = target.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, 123));
+    }
+    let (host, port) = match target.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| std::io::Error::other(format!("bad port in {target:?}")))?,
+        ),
+        _ => (target, 123),
+    };
+    upstream::resolve(host, port, 1)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("{host} resolved to no address")))
+}
