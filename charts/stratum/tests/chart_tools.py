@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""Checks of the rendered chart and its monitoring sources, for scripts/chart-check.sh and e2e.
+
+  manifests FILE [KIND...]          every document of `helm template` output is a well-formed
+                                    object; fails if a listed kind is missing
+  rule-file MANIFESTS OUT           write the PrometheusRule's groups as a plain rule file
+  same-rules A B                    fail unless two rule files hold the same groups and rules
+  configmap-file MANIFESTS KEY SRC  fail unless a ConfigMap's data[KEY] equals file SRC
+  dashboard-queries DASHBOARD       print every PromQL query of the dashboard, one per line,
+                                    with the dashboard variables replaced (see QUERY_VARIABLES)
+  dashboard-rules DASHBOARD OUT     write the queries as recording rules, so `promtool check
+                                    rules OUT` parses every one of them
+  dashboard-check DASHBOARD URL     run every query against the Prometheus at URL; fails
+                                    unless each returns at least one sample
+
+Only the standard library and PyYAML (Debian: python3-yaml).
+"""
+import json
+import re
+import sys
+import urllib.parse
+import urllib.request
+
+import yaml
+
+# Dashboard variables as a query sees them with "All" selected, and a rate window that works
+# with scrape intervals up to 30s.
+QUERY_VARIABLES = {
+    "$__rate_interval": "2m",
+    "$time_service": ".*",
+    "$node": ".*",
+    "$tenant": ".*",
+}
+
+
+def fail(msg):
+    print(f"FAIL: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+class StrictLoader(yaml.SafeLoader):
+    """Refuses duplicate mapping keys, which PyYAML accepts silently but the API server's
+    strict decoding (and kubectl) reject."""
+
+
+def _mapping(loader, node, deep=False):
+    keys = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in keys:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        keys.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def load_docs(path):
+    with open(path, encoding="utf-8") as f:
+        try:
+            return [d for d in yaml.load_all(f, Loader=StrictLoader) if d is not None]
+        except yaml.YAMLError as e:
+            fail(f"{path} is not valid YAML: {e}")
+
+
+def cmd_manifests(path, *kinds):
+    docs = load_docs(path)
+    seen = {}
+    for i, d in enumerate(docs):
+        if not isinstance(d, dict):
+            fail(f"{path}: document {i} is not a mapping")
+        for key in ("apiVersion", "kind"):
+            if not d.get(key):
+                fail(f"{path}: document {i} has no {key}")
+        if not (d.get("metadata") or {}).get("name"):
+            fail(f"{path}: {d['kind']} (document {i}) has no metadata.name")
+        seen.setdefault(d["kind"], []).append(d["metadata"]["name"])
+    missing = [k for k in kinds if k not in seen]
+    if missing:
+        fail(f"{path}: expected kinds missing: {', '.join(missing)}")
+    summary = ", ".join(f"{k} x{len(v)}" for k, v in sorted(seen.items()))
+    print(f"  {len(docs)} objects: {summary}")
+
+
+def find(docs, kind):
+    found = [d for d in docs if d.get("kind") == kind]
+    if len(found) != 1:
+        fail(f"expected exactly one {kind}, found {len(found)}")
+    return found[0]
+
+
+def cmd_rule_file(manifests, out):
+    rule = find(load_docs(manifests), "PrometheusRule")
+    with open(out, "w", encoding="utf-8") as f:
+        yaml.safe_dump({"groups": rule["spec"]["groups"]}, f, sort_keys=False)
+
+
+def cmd_same_rules(a, b):
+    ga, gb = (load_docs(p)[0]["groups"] for p in (a, b))
+    if ga != gb:
+        for x, y in zip(ga, gb):
+            for rx, ry in zip(x.get("rules", []), y.get("rules", [])):
+                if rx != ry:
+                    print(f"  first difference in {rx.get('alert') or rx.get('record')}:", file=sys.stderr)
+                    for k in sorted(set(rx) | set(ry)):
+                        if rx.get(k) != ry.get(k):
+                            print(f"    {k}: {rx.get(k)!r}\n    != {ry.get(k)!r}", file=sys.stderr)
+                    break
+        fail(f"{a} and {b} differ")
+
+
+def cmd_configmap_file(manifests, key, src):
+    docs = [d for d in load_docs(manifests) if d.get("kind") == "ConfigMap" and key in (d.get("data") or {})]
+    if len(docs) != 1:
+        fail(f"expected one ConfigMap with data key {key}, found {len(docs)}")
+    with open(src, encoding="utf-8") as f:
+        want = f.read()
+    if docs[0]["data"][key].rstrip("\n") != want.rstrip("\n"):
+        fail(f"ConfigMap data {key} differs from {src}")
+
+
+def dashboard_queries(path):
+    """(where, query) for every panel target and every query variable of the dashboard."""
+    with open(path, encoding="utf-8") as f:
+        dash = json.load(f)
+    out = []
+
+    def walk(panels):
+        for p in panels:
+            for t in p.get("targets", []):
+                if t.get("expr"):
+                    out.append((f"panel '{p.get('title')}' {t.get('refId')}", t["expr"]))
+            walk(p.get("panels", []))
+
+    walk(dash.get("panels", []))
+    for v in dash.get("templating", {}).get("list", []):
+        if v.get("type") != "query":
+            continue
+        q = v["query"]["query"] if isinstance(v.get("query"), dict) else v.get("query", "")
+        # label_values(SELECTOR, LABEL) is Grafana's; as PromQL: does SELECTOR carry LABEL?
+        m = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", q.strip(), re.S)
+        if not m:
+            fail(f"variable {v['name']}: unsupported query {q!r}")
+        out.append((f"variable ${v['name']}", f"count by ({m.group(2)}) ({m.group(1)})"))
+
+    def substitute(q):
+        for k in sorted(QUERY_VARIABLES, key=len, reverse=True):
+            q = q.replace(k, QUERY_VARIABLES[k])
+        if "$" in q:
+            fail(f"unknown dashboard variable in {q!r}")
+        return q
+
+    return [(w, substitute(q)) for w, q in out]
+
+
+def cmd_dashboard_queries(path):
+    for _, q in dashboard_queries(path):
+        print(" ".join(q.split()))
+
+
+def cmd_dashboard_rules(path, out):
+    rules = [{"record": f"dashboard:query_{i}", "expr": q} for i, (_, q) in enumerate(dashboard_queries(path))]
+    with open(out, "w", encoding="utf-8") as f:
+        yaml.safe_dump({"groups": [{"name": "dashboard-queries", "rules": rules}]}, f, sort_keys=False)
+    print(f"  {len(rules)} dashboard queries")
+
+
+def cmd_dashboard_check(path, url):
+    failed = 0
+    queries = dashboard_queries(path)
+    for where, q in queries:
+        req = f"{url.rstrip('/')}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                body = json.load(r)
+        except Exception as e:  # noqa: BLE001 -- any failure of one query is reported, the rest still run
+            print(f"  FAIL {where}: {e}")
+            failed += 1
+            continue
+        result = body.get("data", {}).get("result", [])
+        if body.get("status") != "success" or not result:
+            print(f"  FAIL {where}: no data\n       {' '.join(q.split())}")
+            failed += 1
+        else:
+            print(f"  ok   {where}: {len(result)} series")
+    print(f"  {len(queries) - failed} of {len(queries)} dashboard queries returned data")
+    if failed:
+        sys.exit(1)
+
+
+COMMANDS = {
+    "manifests": cmd_manifests,
+    "rule-file": cmd_rule_file,
+    "same-rules": cmd_same_rules,
+    "configmap-file": cmd_configmap_file,
+    "dashboard-queries": cmd_dashboard_queries,
+    "dashboard-rules": cmd_dashboard_rules,
+    "dashboard-check": cmd_dashboard_check,
+}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    COMMANDS[sys.argv[1]](*sys.argv[2:])

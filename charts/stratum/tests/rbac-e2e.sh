@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# The chart's RBAC on a real API server, after `helm install`: the operator can do what its
+# reconcilers need and nothing the design forbids (NodeClock writes, secrets, binding roles
+# other than stratum-agent, children outside its namespace), and the agents' ClusterRole is
+# as narrow as documented. Uses impersonation (`--as`), so it needs an admin kubeconfig.
+#
+# Usage:
+#   KUBECONFIG=<admin kubeconfig> charts/stratum/tests/rbac-e2e.sh [--namespace NS] [--release NAME]
+#
+# Creates and removes: namespace rbac-e2e-tenant, ServiceAccount rbace2e-agent in NS, and
+# the ClusterRoleBinding stratum-agent-rbace2e and Role rbace2e-agent it makes as the operator.
+set -Eeuo pipefail
+
+NS=stratum-system
+RELEASE=stratum
+while (($#)); do
+  case $1 in
+  --namespace)
+    NS=$2
+    shift 2
+    ;;
+  --release)
+    RELEASE=$2
+    shift 2
+    ;;
+  *)
+    sed -n '2,12p' "$0"
+    exit 2
+    ;;
+  esac
+done
+TENANT_NS=rbac-e2e-tenant
+PASSED=0
+FAILED=0
+
+cleanup() {
+  kubectl delete clusterrolebinding stratum-agent-rbace2e stratum-agent-rbace2e-escalate --ignore-not-found >/dev/null 2>&1 || true
+  kubectl -n "$NS" delete role rbace2e-agent rbace2e-escalate --ignore-not-found >/dev/null 2>&1 || true
+  kubectl -n "$NS" delete serviceaccount rbace2e-agent --ignore-not-found >/dev/null 2>&1 || true
+  kubectl delete namespace "$TENANT_NS" --ignore-not-found --wait=false >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+# The operator's ServiceAccount: the one the chart's Deployment runs as.
+OP_SA=$(kubectl -n "$NS" get deploy "$RELEASE-operator" -o jsonpath='{.spec.template.spec.serviceAccountName}' 2>/dev/null ||
+  true)
+[[ -n $OP_SA ]] || {
+  echo "rbac-e2e: no Deployment $RELEASE-operator in $NS (install the chart first)" >&2
+  exit 1
+}
+OP=system:serviceaccount:$NS:$OP_SA
+AGENT=system:serviceaccount:$NS:rbace2e-agent
+echo "rbac-e2e: operator $OP, release namespace $NS"
+
+check() { # expected(yes|no) as verb resource [flags...]
+  local want=$1 who=$2 got
+  shift 2
+  got=$(kubectl auth can-i "$@" --as="$who" 2>/dev/null || true)
+  if [[ $got == "$want" ]]; then
+    PASSED=$((PASSED + 1))
+    printf '  PASS %-3s %s\n' "$want" "$*"
+  else
+    FAILED=$((FAILED + 1))
+    printf '  FAIL want %s, got %s: %s\n' "$want" "${got:-error}" "$*"
+  fi
+}
+outcome() { # expected(allowed|forbidden) description command...
+  local want=$1 desc=$2 out got=allowed
+  shift 2
+  out=$("$@" 2>&1) || got=forbidden
+  [[ $got == forbidden && $out != *orbidden* ]] && got="error ($out)"
+  if [[ $got == "$want" ]]; then
+    PASSED=$((PASSED + 1))
+    printf '  PASS %-9s %s\n' "$want" "$desc"
+  else
+    FAILED=$((FAILED + 1))
+    printf '  FAIL want %s, got %s: %s\n' "$want" "$got" "$desc"
+  fi
+}
+
+kubectl get namespace "$TENANT_NS" >/dev/null 2>&1 || kubectl create namespace "$TENANT_NS" >/dev/null
+kubectl -n "$NS" create serviceaccount rbace2e-agent >/dev/null
+
+echo "operator, custom resources:"
+check yes "$OP" list timeservices
+check yes "$OP" watch tenanttimepolicies -A
+check yes "$OP" watch nodeclocks
+check yes "$OP" patch timeservices --subresource=status
+check yes "$OP" patch tenanttimepolicies --subresource=status -n "$TENANT_NS"
+check no "$OP" patch timeservices
+check no "$OP" patch tenanttimepolicies -n "$TENANT_NS"
+check no "$OP" patch nodeclocks
+check no "$OP" patch nodeclocks --subresource=status
+check no "$OP" delete nodeclocks
+echo "operator, cluster-wide reads and tenant children:"
+check yes "$OP" watch pods -A
+check yes "$OP" watch namespaces
+check yes "$OP" watch nodes
+check yes "$OP" create services -n "$TENANT_NS"
+check yes "$OP" patch endpointslices.discovery.k8s.io -n "$TENANT_NS"
+check yes "$OP" patch configmaps -n "$TENANT_NS"
+check no "$OP" get secrets -n "$NS"
+check no "$OP" get secrets -n "$TENANT_NS"
+check no "$OP" patch nodes
+check no "$OP" delete pods -n "$TENANT_NS"
+echo "operator, agent children only in its namespace:"
+check yes "$OP" create daemonsets.apps -n "$NS"
+check yes "$OP" create networkpolicies.networking.k8s.io -n "$NS"
+check yes "$OP" create roles.rbac.authorization.k8s.io -n "$NS"
+check no "$OP" create daemonsets.apps -n "$TENANT_NS"
+check no "$OP" create networkpolicies.networking.k8s.io -n "$TENANT_NS"
+check no "$OP" create roles.rbac.authorization.k8s.io -n "$TENANT_NS"
+check no "$OP" create clusterroles
+check yes "$OP" bind clusterroles/stratum-agent
+check no "$OP" bind clusterroles/cluster-admin
+check no "$OP" escalate clusterroles
+echo "operator, leader election:"
+check yes "$OP" create leases.coordination.k8s.io -n "$NS"
+check yes "$OP" update leases.coordination.k8s.io/stratum-operator-leader -n "$NS"
+check no "$OP" update leases.coordination.k8s.io/kube-scheduler -n kube-system
+echo "operator, granting rights (the API server's escalation check):"
+outcome allowed "binds its agents to ClusterRole stratum-agent" \
+  kubectl --as="$OP" create clusterrolebinding stratum-agent-rbace2e --clusterrole=stratum-agent \
+  --serviceaccount="$NS:rbace2e-agent"
+outcome forbidden "binds its agents to cluster-admin" \
+  kubectl --as="$OP" create clusterrolebinding stratum-agent-rbace2e-escalate --clusterrole=cluster-admin \
+  --serviceaccount="$NS:rbace2e-agent"
+outcome allowed "creates the agents' Role to read their ConfigMap" \
+  kubectl --as="$OP" -n "$NS" create role rbace2e-agent --verb=get,list,watch --resource=configmaps \
+  --resource-name=rbace2e-agent-config
+outcome forbidden "creates a Role granting secrets" \
+  kubectl --as="$OP" -n "$NS" create role rbace2e-escalate --verb=get --resource=secrets
+
+echo "agent (ClusterRole stratum-agent, bound above):"
+check yes "$AGENT" create nodeclocks
+check yes "$AGENT" patch nodeclocks
+check yes "$AGENT" patch nodeclocks --subresource=status
+check no "$AGENT" list nodeclocks
+check no "$AGENT" delete nodeclocks
+check yes "$AGENT" create events.events.k8s.io -n default
+check no "$AGENT" list timeservices
+check no "$AGENT" get secrets -n "$NS"
+check no "$AGENT" get configmaps -n "$TENANT_NS"
+
+echo "rbac-e2e: $PASSED passed, $FAILED failed"
+((FAILED == 0))
