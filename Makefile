@@ -8,14 +8,13 @@ NO_SYS_TIME := setpriv --bounding-set=-sys_time --inh-caps=-sys_time
 # A second fence: the agent refuses to open its `system` clock backend when this is set.
 export STRATUM_DENY_SYSTEM_CLOCK := 1
 
-.PHONY: help deps fmt fmt-check lint test unit crds
+.PHONY: help deps fmt fmt-check lint test unit crds chart chart-check sim fuzz
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-deps: ## install what a fresh machine lacks (toolchain components)
-	@rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
-	@rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+deps: ## install what a fresh machine lacks (Rust components, Debian packages)
+	@scripts/install-deps.sh
 
 fmt: ## format the code
 	$(CARGO) fmt --all
@@ -29,7 +28,20 @@ lint: ## clippy on every target, warnings are errors
 unit: ## unit and integration tests (no cluster)
 	$(NO_SYS_TIME) $(CARGO) test --workspace
 
-test: deps fmt-check lint unit ## everything CI checks
+test: deps fmt-check lint unit chart-check ## everything CI checks
 
 crds: ## regenerate crds/ from the Rust types
 	$(CARGO) run --quiet -p stratum-operator --bin crdgen -- crds
+
+chart: ## copy crds/ into the chart, lint, template (default + full values), promtool and dashboard checks
+	scripts/chart-check.sh
+
+chart-check: ## as chart, but fail when the chart's CRD copy differs from crds/
+	scripts/chart-check.sh --check
+
+sim: ## the NTP core's must-show scenarios on simulated time, with figures
+	$(CARGO) run --quiet --release -p stratum-ntp --example sim
+
+FUZZ_SECONDS ?= 120
+fuzz: ## run every fuzz target for FUZZ_SECONDS each (nightly + cargo-fuzz, installed if missing)
+	agent/ntp/fuzz/run.sh $(FUZZ_SECONDS)
