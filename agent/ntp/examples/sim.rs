@@ -4,10 +4,16 @@
 //!
 //! Every figure here is also asserted (with margins) by the tests in `tests/`.
 
+use ipnet::IpNet;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Instant;
 use stratum_ntp::leap::LeapMode;
+use stratum_ntp::server::{ClientRateLimit, PrefixTrie, RateLimiter, ServerPolicy, TenantConfig};
 use stratum_ntp::sim::{Trace, scenarios};
-use stratum_ntp::system::SourceState;
+use stratum_ntp::time::ClockTime;
 
 fn us(seconds: f64) -> String {
     format!("{:.1} µs", seconds * 1e6)
@@ -197,10 +203,13 @@ fn main() {
     print_holdover(&holdover);
 
     println!(
-        "(all scenarios simulated in {:.2} s of wall time)",
+        "(scenarios 1-6 simulated in {:.2} s of wall time)",
         wall.elapsed().as_secs_f64()
     );
-    let _ = SourceState::Selected;
+
+    println!("7. server policy");
+    server_figures();
+    println!("8. codec fuzzing: see agent/ntp/fuzz/README.md (`make fuzz`)");
 }
 
 fn print_holdover(trace: &Trace) {
@@ -232,5 +241,89 @@ fn print_holdover(trace: &Trace) {
             .iter()
             .find(|p| p.t > 3600.0 && !p.synchronized)
             .map_or(f64::NAN, |p| p.error)),
+    );
+}
+
+fn server_figures() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let prefixes: Vec<IpNet> = (0..100_000)
+        .map(|_| {
+            if rng.random_bool(0.7) {
+                let addr = IpAddr::V4(Ipv4Addr::from(rng.random::<u32>()));
+                IpNet::new(addr, rng.random_range(8..=32)).map(|n| n.trunc())
+            } else {
+                let addr = IpAddr::V6(Ipv6Addr::from(rng.random::<u128>()));
+                IpNet::new(addr, rng.random_range(16..=128)).map(|n| n.trunc())
+            }
+        })
+        .filter_map(Result::ok)
+        .collect();
+    let built = Instant::now();
+    let mut trie = PrefixTrie::with_expected_len(prefixes.len());
+    for (i, net) in prefixes.iter().enumerate() {
+        trie.insert(*net, i as u32);
+    }
+    let build_ms = built.elapsed().as_secs_f64() * 1e3;
+    row(
+        "100k-prefix trie build time",
+        format!(
+            "{build_ms:.1} ms ({} nodes, {:.1} MiB)",
+            trie.node_count(),
+            trie.node_count() as f64 * 128.0 / 1048576.0
+        ),
+    );
+    let queries: Vec<IpAddr> = (0..1_000_000)
+        .map(|i| {
+            if i % 3 == 0 {
+                IpAddr::V6(Ipv6Addr::from(rng.random::<u128>()))
+            } else {
+                IpAddr::V4(Ipv4Addr::from(rng.random::<u32>()))
+            }
+        })
+        .collect();
+    let looked = Instant::now();
+    let mut hits = 0usize;
+    for q in &queries {
+        hits += usize::from(black_box(trie.lookup(*q)).is_some());
+    }
+    let per_lookup = looked.elapsed().as_secs_f64() / queries.len() as f64;
+    row(
+        "trie lookup (1M random v4/v6 addresses)",
+        format!("{:.0} ns each ({hits} hits)", per_lookup * 1e9),
+    );
+
+    let tenant = TenantConfig {
+        name: "open".into(),
+        allow: vec![
+            "0.0.0.0/0".parse().expect("prefix"),
+            "::/0".parse().expect("prefix"),
+        ],
+        allow_except: Vec::new(),
+        deny: Vec::new(),
+        kod_not_allowed: false,
+        client_rate_limit: Some(ClientRateLimit::default()),
+        budget: None,
+        max_root_distance: None,
+    };
+    let policy = ServerPolicy::new(&[tenant]);
+    let mut limiter = RateLimiter::new(4096, 1);
+    let start = ClockTime::from_unix_secs(1_700_000_000);
+    let decided = Instant::now();
+    for i in 0..1_000_000u32 {
+        let src = IpAddr::V4(Ipv4Addr::from(i.wrapping_mul(2_654_435_761)));
+        black_box(policy.decide(&mut limiter, 0, src, start.add_nanos(i64::from(i) * 1000)));
+    }
+    let per_decision = decided.elapsed().as_secs_f64() / 1e6;
+    row(
+        "client table after 10^6 distinct sources",
+        format!(
+            "{} of {} slots (fixed)",
+            limiter.occupied(),
+            limiter.capacity()
+        ),
+    );
+    row(
+        "policy decision (allow trie + rate table)",
+        format!("{:.0} ns each", per_decision * 1e9),
     );
 }
