@@ -566,7 +566,13 @@ impl System {
             return false;
         };
         let distance = vars.root_delay / 2.0 + self.root_dispersion_at(vars, now);
-        self.discipline.refusal().is_none() && distance < self.config.max_distance
+        // A panic refusal means the clock is known to be far off; an implausible offset
+        // waiting for confirmation does not (the clock is as good as before it).
+        let panicked = matches!(
+            self.discipline.refusal(),
+            Some(Refusal::PanicThreshold { .. })
+        );
+        !panicked && distance < self.config.max_distance
     }
 
     fn publish_status(&mut self, now: ClockTime) -> Option<ClockAction> {

@@ -31,6 +31,8 @@ fn upstream_jumps_after_the_step_window_are_slewed_or_refused_never_stepped() {
         .expect("follows the 200 ms jump");
     assert!(followed < 900.0, "took {followed} s");
     assert!(trace.max_abs_error(2.0 * 3600.0, 3.0 * 3600.0) < 0.2 + 1e-3);
+    // Waiting for confirmation of the jump is not a loss of synchronization.
+    assert!(slewing.iter().all(|p| p.synchronized));
 
     // The 1 h jump at 3 h: refused and reported, clock untouched, unsynchronized.
     let refusal = trace
