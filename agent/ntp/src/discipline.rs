@@ -40,6 +40,10 @@ use thiserror::Error;
 
 /// Largest base frequency correction, ppm (RFC 5905 MAXFREQ; the Linux ADJ_FREQUENCY limit).
 pub const MAX_FREQUENCY_PPM: f64 = 500.0;
+/// Offsets are slewed over this many update intervals.
+pub const CORRECTION_TIME_RATIO: f64 = 1.0;
+/// Upper bound of the correction time derived from the update interval, seconds.
+const MAX_CORRECTION_TIME: f64 = 1024.0;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
@@ -63,7 +67,10 @@ pub struct DisciplineConfig {
     pub offset_confirmations: u32,
     /// An unexplained jump of realtime − monotonic above this is external meddling, seconds.
     pub meddling_threshold: f64,
-    /// Time over which a measured offset is slewed away (longer if `max_slew_ppm` binds), s.
+    /// Shortest time over which a measured offset is slewed away, seconds. The actual time is
+    /// `CORRECTION_TIME_RATIO` × the expected interval between updates when that is longer
+    /// (chrony's `corrtimeratio` idea: smooth corrections, no slew spikes from noise), and
+    /// longer still when `max_slew_ppm` binds.
     pub correction_time: f64,
 }
 
@@ -79,7 +86,7 @@ impl Default for DisciplineConfig {
             offset_tolerance: 0.128,
             offset_confirmations: 3,
             meddling_threshold: 5.0,
-            correction_time: 8.0,
+            correction_time: 2.0,
         }
     }
 }
@@ -110,6 +117,8 @@ pub struct DisciplineInput {
     /// Frequency correction suggested by the survivors, ppm.
     pub frequency_ppm: f64,
     pub skew_ppm: f64,
+    /// Expected seconds until the next update (the system peer's poll interval).
+    pub update_interval: f64,
 }
 
 /// Σ steps + ∫ commanded control frequency, as a function of step-free local time.
@@ -415,8 +424,11 @@ impl Discipline {
         self.refusal = None;
         self.unconfirmed = 0;
         (self.base_ppm, self.skew_ppm) = self.blended_frequency(&input);
+        let smooth = (CORRECTION_TIME_RATIO * input.update_interval).min(MAX_CORRECTION_TIME);
         let max_rate = self.config.max_slew_ppm.max(1e-3) * 1e-6;
-        let duration = (offset.abs() / max_rate).max(self.config.correction_time.max(1e-3));
+        let duration = (offset.abs() / max_rate)
+            .max(self.config.correction_time.max(1e-3))
+            .max(smooth);
         self.slew_ppm = offset / duration * 1e6;
         let until = now.add_secs(duration);
         self.slew_until = Some(until);
@@ -434,6 +446,7 @@ mod tests {
             offset,
             frequency_ppm: 0.0,
             skew_ppm: 1.0,
+            update_interval: 1.0,
         }
     }
 
@@ -505,15 +518,22 @@ mod tests {
             make_step_limit: 0,
             ..DisciplineConfig::default()
         });
-        let (_, actions) = d.update(t(0.0), input(0.001));
-        assert_eq!(actions, vec![ClockAction::SetFrequency { ppm: 125.0 }]);
-        assert_eq!(d.next_deadline(), Some(t(8.0)));
+        let (_, actions) = d.update(t(0.0), input(0.0001));
+        assert_eq!(actions, vec![ClockAction::SetFrequency { ppm: 50.0 }]);
+        assert_eq!(d.next_deadline(), Some(t(2.0)));
         assert_eq!(
-            d.on_timer(t(8.0)),
+            d.on_timer(t(2.0)),
             Some(ClockAction::SetFrequency { ppm: 0.0 })
         );
-        // The ledger remembers the 1 ms applied.
-        assert!((d.ledger().value_at(t(100.0)) - 0.001).abs() < 1e-9);
+        // The ledger remembers the 100 µs applied.
+        assert!((d.ledger().value_at(t(100.0)) - 0.0001).abs() < 1e-9);
+        // With 64 s between updates the correction is spread over 64 s.
+        let slow = DisciplineInput {
+            update_interval: 64.0,
+            ..input(0.0001)
+        };
+        d.update(t(64.0), slow);
+        assert_eq!(d.next_deadline(), Some(t(64.0 + 64.0)));
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub const REGRESSION_POINTS: usize = 16;
 pub const SPIKE_GATE: f64 = 3.0;
 /// Dispersion of an empty stage (RFC 5905 MAXDISP), seconds.
 pub const MAX_DISPERSION: f64 = 16.0;
+/// The runs test never trims the regression below this many points.
+const MIN_POINTS_AFTER_TRIM: usize = 6;
 /// Noise floor so a perfectly quiet source does not get infinite weight.
 const OFFSET_NOISE_FLOOR: f64 = 1e-6;
 
@@ -58,7 +60,7 @@ pub struct SourceEstimate {
     pub offset_error: f64,
     /// Delay of the minimum-delay stage, seconds.
     pub delay: f64,
-    /// RFC 5905 peer dispersion at the query time, seconds.
+    /// Peer dispersion at the query time, seconds.
     pub dispersion: f64,
     /// RMS residual of the samples around the regression line, seconds.
     pub jitter: f64,
@@ -76,6 +78,9 @@ pub struct ClockFilter {
     points: Vec<FilterSample>,
     pending_spike: Option<FilterSample>,
     jitter: f64,
+    /// |prediction error| of the last sample in units of jitter (how well the model held
+    /// over the last poll interval).
+    last_residual_ratio: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -103,14 +108,24 @@ impl ClockFilter {
         self.points.len()
     }
 
+    /// How far the last sample fell from the prediction, in units of jitter.
+    pub fn last_residual_ratio(&self) -> Option<f64> {
+        self.last_residual_ratio
+    }
+
     /// Feeds one sample; returns whether it was used.
     pub fn add(&mut self, sample: FilterSample) -> FilterVerdict {
         self.stages.insert(0, sample);
         self.stages.truncate(FILTER_STAGES);
 
+        self.last_residual_ratio = None;
         if let Some(fit) = self.fit() {
             let predicted = fit.predict(sample.time, self.reference_time());
             let residual = sample.uncorrected_offset - predicted;
+            if self.points.len() >= 3 {
+                self.last_residual_ratio =
+                    Some(residual.abs() / fit.jitter.max(self.noise_floor()));
+            }
             let excess = (sample.delay - self.min_delay()).max(0.0);
             let gate = SPIKE_GATE * fit.jitter.max(self.noise_floor()) + excess / 2.0;
             if residual.abs() > gate && self.points.len() >= 3 {
@@ -160,9 +175,47 @@ impl ClockFilter {
             self.points.remove(0);
         }
         self.points.push(sample);
+        // Wander makes old points lie off today's line: when the residuals' signs come in
+        // too few runs to be noise (Wald–Wolfowitz runs test, as chrony does), the oldest
+        // points no longer fit and are dropped.
+        while self.points.len() > MIN_POINTS_AFTER_TRIM && self.residuals_trend() {
+            self.points.remove(0);
+        }
         if let Some(fit) = self.fit() {
             self.jitter = fit.jitter;
         }
+    }
+
+    /// Whether the residual signs form significantly fewer runs than random noise would.
+    fn residuals_trend(&self) -> bool {
+        let Some(fit) = self.fit() else {
+            return false;
+        };
+        let reference = self.reference_time();
+        let mut positive = 0usize;
+        let mut negative = 0usize;
+        let mut runs = 0usize;
+        let mut last_sign = None;
+        for p in &self.points {
+            let sign = p.uncorrected_offset >= fit.predict(p.time, reference);
+            if sign {
+                positive += 1;
+            } else {
+                negative += 1;
+            }
+            if last_sign != Some(sign) {
+                runs += 1;
+                last_sign = Some(sign);
+            }
+        }
+        if positive == 0 || negative == 0 {
+            return self.points.len() >= 8;
+        }
+        let n = (positive + negative) as f64;
+        let (np, nn) = (positive as f64, negative as f64);
+        let expected = 2.0 * np * nn / n + 1.0;
+        let variance = (expected - 1.0) * (expected - 2.0) / (n - 1.0);
+        (runs as f64) < expected - 2.0 * variance.max(0.0).sqrt()
     }
 
     fn min_delay(&self) -> f64 {
@@ -254,21 +307,28 @@ impl ClockFilter {
         })
     }
 
-    /// RFC 5905 peer dispersion: Σ ε_i / 2^(i+1) over stages sorted by delay, each grown
-    /// by PHI since it was taken; missing stages count as MAXDISP.
+    /// Peer dispersion: the RFC 5905 weighting Σ ε_i / 2^(i+1) over stages sorted by delay,
+    /// each grown by PHI since it was taken, normalised over the stages present. RFC 5905
+    /// counts missing stages as MAXDISP so that a young source is unusable; here a young
+    /// source's uncertainty is carried by the regression's prediction error instead
+    /// (`offset_error`), which lets three agreeing first samples outvote a liar at once.
     fn peer_dispersion(&self, now: ClockTime) -> f64 {
         let mut sorted: Vec<&FilterSample> = self.stages.iter().collect();
         sorted.sort_by(|a, b| a.delay.total_cmp(&b.delay));
         let mut dispersion = 0.0;
+        let mut total_weight = 0.0;
         let mut factor = 0.5;
-        for i in 0..FILTER_STAGES {
-            let epsilon = sorted.get(i).map_or(MAX_DISPERSION, |s| {
-                (s.dispersion + PHI * now.secs_since(s.time).max(0.0)).min(MAX_DISPERSION)
-            });
-            dispersion += epsilon * factor;
+        for stage in sorted {
+            let grown = stage.dispersion + PHI * now.secs_since(stage.time).max(0.0);
+            dispersion += grown.min(MAX_DISPERSION) * factor;
+            total_weight += factor;
             factor /= 2.0;
         }
-        dispersion
+        if total_weight > 0.0 {
+            dispersion / total_weight
+        } else {
+            MAX_DISPERSION
+        }
     }
 
     /// The estimate at `now` (step-free local axis), or `None` before the first sample.
@@ -285,6 +345,10 @@ impl ClockFilter {
         let mut offset_var = fit.residual_scale / fit.sum_w;
         if fit.sxx > 0.0 {
             offset_var += fit.residual_scale * (x_now - fit.mean_x).powi(2) / fit.sxx;
+        } else {
+            // One sample: the frequency is unknown, so the prediction may drift at up to the
+            // largest frequency error we correct.
+            offset_var += (crate::discipline::MAX_FREQUENCY_PPM * 1e-6 * x_now).powi(2);
         }
         let pick = self
             .stages
@@ -370,21 +434,17 @@ mod tests {
     }
 
     #[test]
-    fn peer_dispersion_is_large_with_few_stages_and_shrinks_as_they_fill() {
+    fn dispersion_grows_at_phi_while_no_samples_arrive() {
         let mut filter = ClockFilter::new();
-        filter.add(sample(0.0, 0.0, 1e-3));
-        let one = filter
-            .estimate(ClockTime::from_secs_f64(1000.0))
-            .unwrap()
-            .dispersion;
-        for i in 1..8 {
+        for i in 0..8 {
             filter.add(sample(f64::from(i), 0.0, 1e-3));
         }
-        let full = filter
-            .estimate(ClockTime::from_secs_f64(1007.0))
-            .unwrap()
-            .dispersion;
-        assert!(one > 7.0);
-        assert!(full < 1e-3);
+        let fresh = filter.estimate(ClockTime::from_secs_f64(1007.0)).unwrap();
+        let later = filter
+            .estimate(ClockTime::from_secs_f64(1007.0 + 1000.0))
+            .unwrap();
+        assert!(fresh.dispersion < 1e-4);
+        assert!((later.dispersion - fresh.dispersion - PHI * 1000.0).abs() < 1e-6);
+        assert!(later.offset_error > fresh.offset_error);
     }
 }

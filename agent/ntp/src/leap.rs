@@ -176,7 +176,8 @@ impl LeapState {
             LeapDirective::None => return None,
         };
         let start = leap.at.add_secs(-self.smear_half());
-        let progress = (now.secs_since(start) / self.smear_window).clamp(0.0, 1.0);
+        // Unclamped, so callers can tell "at the start" from "before the window".
+        let progress = now.secs_since(start) / self.smear_window;
         Some((sign, progress, leap))
     }
 
@@ -185,6 +186,7 @@ impl LeapState {
         let Some((sign, progress, leap)) = self.sign_and_progress(now) else {
             return 0.0;
         };
+        let progress = progress.clamp(0.0, 1.0);
         // UTC has taken the leap once local time plus the smear offset reaches midnight.
         let utc_estimate = now.add_secs(sign * progress);
         let taken = if utc_estimate >= leap.at { 1.0 } else { 0.0 };
@@ -194,7 +196,7 @@ impl LeapState {
     /// Feed-forward frequency of the smear at `now`, ppm.
     pub fn smear_rate_ppm(&self, now: ClockTime) -> f64 {
         match self.sign_and_progress(now) {
-            Some((sign, progress, _)) if progress > 0.0 && progress < 1.0 => {
+            Some((sign, progress, _)) if (0.0..1.0).contains(&progress) => {
                 -sign * 1e6 / self.smear_window
             }
             _ => 0.0,

@@ -14,6 +14,10 @@ pub const MAX_POLL_LIMIT: i8 = 17;
 pub const MIN_POLL_LIMIT: i8 = 1;
 /// Accepted samples at one poll interval before trying the next longer one.
 const POLL_INCREASE_AFTER: u32 = 4;
+/// A sample predicted within this many jitters counts towards a longer poll.
+const POLL_INCREASE_RATIO: f64 = 1.0;
+/// A sample missing its prediction by more than this many jitters shortens the poll.
+const POLL_DECREASE_RATIO: f64 = 2.5;
 
 /// Stable identity of a source inside one `System`, kept across reconfiguration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -201,6 +205,15 @@ impl Source {
 
     pub fn poll_exponent(&self) -> i8 {
         self.poll
+    }
+
+    /// Seconds between this source's polls at the moment (burst or regular).
+    pub fn current_interval(&self) -> f64 {
+        if self.burst_remaining > 0 {
+            self.config.burst_interval
+        } else {
+            poll_secs(self.poll)
+        }
     }
 
     pub fn unanswered(&self) -> u32 {
@@ -392,9 +405,18 @@ impl Source {
         if self.burst_remaining > 0 {
             return verdict;
         }
+        // Poll longer only while the model predicts the next sample within its jitter; when
+        // predictions miss by more (wander, path change), poll faster again.
+        let ratio = self.filter.last_residual_ratio().unwrap_or(0.0);
         match verdict {
+            FilterVerdict::Accepted if ratio > POLL_DECREASE_RATIO => {
+                self.good_streak = 0;
+                self.poll = (self.poll - 1).max(self.min_poll);
+            }
             FilterVerdict::Accepted => {
-                self.good_streak += 1;
+                if ratio <= POLL_INCREASE_RATIO {
+                    self.good_streak += 1;
+                }
                 if self.good_streak >= POLL_INCREASE_AFTER && self.poll < self.config.max_poll {
                     self.poll += 1;
                     self.good_streak = 0;

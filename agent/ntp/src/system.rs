@@ -13,14 +13,15 @@ use crate::clock::{ClockAction, ClockStatus, Refusal};
 use crate::discipline::{
     Discipline, DisciplineConfig, DisciplineInput, DriftError, DriftState, UpdateOutcome,
 };
-use crate::filter::FilterSample;
+use crate::filter::{FilterSample, SourceEstimate};
 use crate::leap::{LeapMode, LeapState, ScheduledLeap};
 use crate::packet::{LeapIndicator, ReferenceId};
 use crate::refid::reference_id_for;
 use crate::select::{Candidate, Combined, SelectError, SelectParams, SelectionRole, select};
 use crate::server::ServerClockState;
 use crate::source::{
-    MAX_POLL_LIMIT, MIN_POLL_LIMIT, PollRequest, Source, SourceConfig, SourceEvent, SourceId,
+    MAX_POLL_LIMIT, MIN_POLL_LIMIT, Measurement, PollRequest, Source, SourceConfig, SourceEvent,
+    SourceId,
 };
 use crate::time::{ClockTime, NtpTimestamp, PHI};
 use rand::SeedableRng;
@@ -231,6 +232,16 @@ struct SystemVars {
     jitter: f64,
 }
 
+/// λ, the half-width of a source's correctness interval: its root distance plus our
+/// uncertainty about its offset (jitter and the regression's prediction error).
+fn source_root_distance(estimate: &SourceEstimate, measurement: &Measurement) -> f64 {
+    (measurement.root_delay + estimate.delay) / 2.0
+        + measurement.root_dispersion
+        + estimate.dispersion
+        + estimate.jitter
+        + estimate.offset_error
+}
+
 #[derive(Debug, Clone)]
 pub struct System {
     config: SystemConfig,
@@ -437,10 +448,7 @@ impl System {
             .filter_map(|s| {
                 let estimate = s.estimate(axis)?;
                 let measurement = s.last_measurement()?;
-                let root_distance = (measurement.root_delay + estimate.delay) / 2.0
-                    + measurement.root_dispersion
-                    + estimate.dispersion
-                    + estimate.jitter;
+                let root_distance = source_root_distance(&estimate, measurement);
                 (root_distance < self.config.max_distance).then_some(Candidate {
                     id: s.id(),
                     offset: estimate.uncorrected_offset - correction + smear_target,
@@ -480,10 +488,14 @@ impl System {
                 .set_feed_forward(now, self.leap.smear_rate_ppm(now)),
         );
         let smear_target = self.leap.smear_target(now);
+        let update_interval = self
+            .source(combined.system_peer)
+            .map_or(1.0, Source::current_interval);
         let input = DisciplineInput {
             offset: combined.offset - smear_target,
             frequency_ppm: combined.frequency_ppm,
             skew_ppm: combined.skew_ppm,
+            update_interval,
         };
         let (outcome, discipline_actions) = self.discipline.update(now, input);
         actions.extend(discipline_actions);
@@ -554,7 +566,13 @@ impl System {
             return false;
         };
         let distance = vars.root_delay / 2.0 + self.root_dispersion_at(vars, now);
-        self.discipline.refusal().is_none() && distance < self.config.max_distance
+        // A panic refusal means the clock is known to be far off; an implausible offset
+        // waiting for confirmation does not (the clock is as good as before it).
+        let panicked = matches!(
+            self.discipline.refusal(),
+            Some(Refusal::PanicThreshold { .. })
+        );
+        !panicked && distance < self.config.max_distance
     }
 
     fn publish_status(&mut self, now: ClockTime) -> Option<ClockAction> {
@@ -627,9 +645,9 @@ impl System {
                 let role = self.roles.iter().find(|(id, _)| *id == s.id()).map(|r| r.1);
                 let estimate = s.estimate(axis);
                 let measurement = s.last_measurement();
-                let root_distance = estimate.zip(measurement).map(|(e, m)| {
-                    (m.root_delay + e.delay) / 2.0 + m.root_dispersion + e.dispersion + e.jitter
-                });
+                let root_distance = estimate
+                    .zip(measurement)
+                    .map(|(e, m)| source_root_distance(&e, m));
                 let state = if s.demobilized().is_some() {
                     SourceState::Demobilized
                 } else if !s.is_reachable() {

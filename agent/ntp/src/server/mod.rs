@@ -142,11 +142,12 @@ impl ServerPolicy {
         let tenants = tenants
             .iter()
             .map(|config| {
-                let mut deny = PrefixTrie::new();
+                let mut deny = PrefixTrie::with_expected_len(config.deny.len());
                 for (net, action) in &config.deny {
                     deny.insert(*net, *action);
                 }
-                let mut allow = PrefixTrie::new();
+                let mut allow =
+                    PrefixTrie::with_expected_len(config.allow.len() + config.allow_except.len());
                 for net in &config.allow {
                     allow.insert(*net, true);
                 }

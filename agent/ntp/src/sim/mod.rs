@@ -142,8 +142,9 @@ pub struct Trace {
     /// (seconds since start, offset) of every step the discipline made.
     pub steps: Vec<(f64, f64)>,
     pub refusals: Vec<(f64, Refusal)>,
-    /// Times local time went backwards other than by a kernel leap second.
-    pub backward_jumps: u32,
+    /// (seconds since start, size) each time local time went backwards other than by a
+    /// kernel leap second or an injected external step.
+    pub backward_jumps: Vec<(f64, f64)>,
     pub leaps_applied: u32,
     /// Sources that were ever Selected or Combined.
     pub ever_used: Vec<SourceId>,
@@ -445,7 +446,10 @@ impl Scenario {
 
             let local = clock.now();
             if local < last_local {
-                trace.backward_jumps += 1;
+                trace.backward_jumps.push((
+                    clock.true_time().secs_since(self.start),
+                    local.secs_since(last_local),
+                ));
             }
             last_local = local;
 

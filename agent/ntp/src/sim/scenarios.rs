@@ -31,7 +31,17 @@ pub fn startup() -> Scenario {
     s
 }
 
-/// Must-show 5: the same start with a drift file saying −100 ppm ± 0.1 ppm.
+/// Must-show 5 baseline: the startup of must-show 1 against public-pool-like sources polled
+/// at the default 2^6–2^10 s, where the frequency learnt during the burst matters most.
+pub fn startup_default_poll() -> Scenario {
+    let mut s = startup();
+    s.name = "startup-default-poll".into();
+    s.source_template.min_poll = 6;
+    s.source_template.max_poll = 10;
+    s
+}
+
+/// Must-show 5: the start of must-show 1 with a drift file saying −100 ppm ± 0.1 ppm.
 pub fn startup_with_drift() -> Scenario {
     let mut s = startup();
     s.name = "startup-drift".into();
