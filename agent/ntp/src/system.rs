@@ -228,6 +228,8 @@ struct SystemVars {
     /// Step-free axis time of the last update, so dispersion growth ignores steps.
     updated_axis: ClockTime,
     updated_at: ClockTime,
+    /// Ledger value when `offset` was measured, so the offset can be brought forward.
+    correction_at_update: f64,
     offset: f64,
     jitter: f64,
 }
@@ -505,11 +507,18 @@ impl System {
             UpdateOutcome::Slewing { offset, .. } => Some(offset.abs()),
         };
         if let Some(residual) = residual {
-            let after = match outcome {
-                UpdateOutcome::Stepped { offset } => now.add_secs(offset),
-                _ => now,
+            // After a step the clock already carries the correction: record what is left.
+            let (after, recorded) = match outcome {
+                UpdateOutcome::Stepped { offset } => (
+                    now.add_secs(offset),
+                    Combined {
+                        offset: combined.offset - offset,
+                        ..combined
+                    },
+                ),
+                _ => (now, combined),
             };
-            self.record_vars(after, &candidates, combined, residual);
+            self.record_vars(after, &candidates, recorded, residual);
         }
         actions.extend(self.publish_status(now));
         (Some(outcome), actions)
@@ -547,9 +556,25 @@ impl System {
                 + residual,
             updated_axis: axis,
             updated_at: now,
+            correction_at_update: self.discipline.ledger().value_at(axis),
             offset: combined.offset,
             jitter: combined.jitter,
         });
+    }
+
+    /// The offset measured at the last update, less the phase corrections applied since:
+    /// slews through the ledger (minus its base-frequency part, which only cancels the
+    /// oscillator's error), steps through the realtime/axis difference. This is what "the
+    /// clock is X off" means between updates.
+    fn current_offset(&self, vars: &SystemVars, now: ClockTime) -> f64 {
+        let axis = self.discipline.axis(now);
+        let base_ppm = self.discipline.drift().frequency_ppm;
+        let since = axis.secs_since(vars.updated_axis);
+        let slewed = self.discipline.ledger().value_at(axis)
+            - vars.correction_at_update
+            - base_ppm * 1e-6 * since;
+        let stepped = now.secs_since(axis) - vars.updated_at.secs_since(vars.updated_axis);
+        vars.offset - slewed - stepped
     }
 
     fn root_dispersion_at(&self, vars: &SystemVars, now: ClockTime) -> f64 {
@@ -696,7 +721,7 @@ impl System {
         let drift = self.discipline.drift();
         SystemState {
             synchronized,
-            offset: vars.map_or(0.0, |v| v.offset),
+            offset: vars.map_or(0.0, |v| self.current_offset(&v, now)),
             frequency_ppm: drift.frequency_ppm,
             frequency_error_ppm: drift.error_ppm,
             stratum: match vars {

@@ -148,3 +148,68 @@ fn status_snapshot_serializes_for_the_status_endpoint() {
     assert!(json.contains("\"synchronized\":true"));
     assert!(json.contains("Falseticker"));
 }
+
+/// The reported offset is the clock's offset *now*: after the initial step it no longer shows
+/// the stepped amount, and between updates it follows the slew instead of the base frequency.
+#[test]
+fn reported_offset_tracks_the_clock_after_a_step_and_between_updates() {
+    use stratum_ntp::clock::{Clock, SimulatedClock, SimulatedClockConfig, apply_action};
+    let start = ClockTime::from_unix_secs(1_750_000_000);
+    let mut clock = SimulatedClock::new(
+        start,
+        SimulatedClockConfig {
+            initial_offset: 0.3,
+            frequency_error_ppm: 50.0,
+            ..SimulatedClockConfig::default()
+        },
+    );
+    let config = SystemConfig {
+        sources: vec![source(1), source(2), source(3), source(4)],
+        ..SystemConfig::default()
+    };
+    let mut system = System::new(config, clock.now(), [7; 32]).unwrap();
+    let mut worst_after_sync: f64 = 0.0;
+    for step in 0..2_000u32 {
+        // 0.5 s of true time per turn, 1000 s in all.
+        let true_now = start.add_secs(f64::from(step) * 0.5);
+        clock.advance_to(true_now);
+        let local = clock.now();
+        for action in system.on_timer(local) {
+            apply_action(&mut clock, &action).unwrap();
+        }
+        while let Some(request) = system.poll_due(clock.now()) {
+            let view = Packet::parse(&request.bytes).unwrap();
+            let state = ServerClockState {
+                synchronized: true,
+                leap: LeapIndicator::NoWarning,
+                stratum: 1,
+                precision: -20,
+                root_delay: 0.0,
+                root_dispersion: 1e-5,
+                reference_id: ReferenceId(*b"GPS\0"),
+                reference_time: NtpTimestamp::from_clock_time(true_now),
+                updated_at: true_now,
+            };
+            let mut out = [0u8; 48];
+            // True time at the server, 0.5 ms each way; local clock barely moves meanwhile.
+            let at_server = true_now.add_secs(0.0005);
+            build_reply(&view, at_server, at_server, &state, None, &mut out).unwrap();
+            let rx = clock.now().add_secs(0.001);
+            let outcome = system.handle_response(request.source, &out, rx, rx);
+            for action in &outcome.actions {
+                apply_action(&mut clock, action).unwrap();
+            }
+        }
+        let now = clock.now();
+        let state = system.state(now);
+        if state.synchronized && step > 40 {
+            // θ is true − local; the clock's offset is local − true.
+            let error = (state.offset + clock.offset()).abs();
+            worst_after_sync = worst_after_sync.max(error);
+        }
+    }
+    assert!(
+        worst_after_sync < 200e-6,
+        "reported offset strayed {worst_after_sync} s from the clock's real offset"
+    );
+}
