@@ -26,6 +26,7 @@ declare -A packages=(
   [openssl]=openssl
   [curl]=curl
   [taskset]=util-linux
+  [faketime]=faketime
 )
 missing=()
 for binary in "${!packages[@]}"; do

@@ -1,0 +1,167 @@
+//! The reporter against a mock API server (tower-test): the NodeClock is server-side applied
+//! with the agent's field manager (object, then status subresource), and Events land on the
+//! Node. The real API server and its admission policy are covered by e2e.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use kube::client::Body;
+use stratum_agent::report::{self, AgentEvent};
+use stratum_agent::status::{AgentStatus, Identity, SourceView, Tracking};
+use tokio::sync::{mpsc, watch};
+
+fn status() -> AgentStatus {
+    AgentStatus {
+        identity: Identity {
+            node: "worker-1".into(),
+            time_service: "cluster-time".into(),
+            version: "0.1.0".into(),
+            clock: "simulated".into(),
+            config_revision: "rev-7".into(),
+            config_error: None,
+        },
+        tracking: Tracking {
+            synchronized: true,
+            ready: true,
+            reference_id: "10.0.0.1".into(),
+            stratum: 3,
+            offset_seconds: 12e-6,
+            leap: "none".into(),
+            ..Default::default()
+        },
+        sources: vec![SourceView {
+            name: "ntp-a".into(),
+            address: "10.0.0.1:123".into(),
+            state: "selected".into(),
+            reach: 255,
+            ..Default::default()
+        }],
+    }
+}
+
+async fn next_request(
+    handle: &mut tower_test::mock::Handle<Request<Body>, Response<Body>>,
+) -> (
+    http::Method,
+    String,
+    serde_json::Value,
+    tower_test::mock::SendResponse<Response<Body>>,
+) {
+    let (request, send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+        .await
+        .expect("the reporter made no request in time")
+        .expect("service closed");
+    let method = request.method().clone();
+    let uri = request.uri().to_string();
+    let body = request.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    (method, uri, json, send)
+}
+
+fn respond(send: tower_test::mock::SendResponse<Response<Body>>, body: serde_json::Value) {
+    send.send_response(
+        Response::builder()
+            .status(200)
+            .body(Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap(),
+    );
+}
+
+#[tokio::test]
+async fn node_clock_is_applied_with_the_agent_field_manager_then_its_status() {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let (_hb_tx, hb_rx) = watch::channel(Duration::from_secs(60));
+    let (snap_tx, snap_rx) = watch::channel(AgentStatus::default());
+    let (_ev_tx, ev_rx) = mpsc::channel(4);
+    let task = tokio::spawn(report::run(
+        client,
+        "worker-1".into(),
+        String::new(),
+        hb_rx,
+        snap_rx,
+        ev_rx,
+    ));
+    snap_tx.send(status()).unwrap();
+
+    let (method, uri, body, send) = next_request(&mut handle).await;
+    assert_eq!(method, http::Method::PATCH);
+    assert!(
+        uri.starts_with("/apis/stratum.io/v1alpha1/nodeclocks/worker-1?"),
+        "{uri}"
+    );
+    assert!(
+        uri.contains("fieldManager=stratum-agent") && uri.contains("force=true"),
+        "{uri}"
+    );
+    assert_eq!(body["kind"], "NodeClock");
+    assert_eq!(body["spec"]["timeService"], "cluster-time");
+    respond(send, body.clone());
+
+    let (method, uri, body, send) = next_request(&mut handle).await;
+    assert_eq!(method, http::Method::PATCH);
+    assert!(
+        uri.starts_with("/apis/stratum.io/v1alpha1/nodeclocks/worker-1/status?"),
+        "{uri}"
+    );
+    assert!(uri.contains("fieldManager=stratum-agent"), "{uri}");
+    assert_eq!(body["status"]["synchronized"], true);
+    assert_eq!(body["status"]["offsetNanos"], 12_000);
+    assert_eq!(body["status"]["configRevision"], "rev-7");
+    assert_eq!(body["status"]["sources"][0]["state"], "Selected");
+    // The API server answers with the whole object.
+    let mut object = body.clone();
+    object["metadata"] = serde_json::json!({"name": "worker-1"});
+    object["spec"] = serde_json::json!({"timeService": "cluster-time"});
+    respond(send, object);
+
+    // An unchanged status is not written again before the heartbeat.
+    snap_tx.send(status()).unwrap();
+    let quiet = tokio::time::timeout(Duration::from_millis(1500), handle.next_request()).await;
+    assert!(
+        quiet.is_err(),
+        "the reporter rewrote an unchanged NodeClock"
+    );
+    task.abort();
+}
+
+#[tokio::test]
+async fn events_are_published_on_the_node() {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let (_hb_tx, hb_rx) = watch::channel(Duration::from_secs(60));
+    let (_snap_tx, snap_rx) = watch::channel(AgentStatus::default());
+    let (ev_tx, ev_rx) = mpsc::channel(4);
+    let task = tokio::spawn(report::run(
+        client,
+        "worker-1".into(),
+        String::new(),
+        hb_rx,
+        snap_rx,
+        ev_rx,
+    ));
+    ev_tx
+        .send(AgentEvent::ConfigRejected {
+            reason: "serving.tenants[0].port: must not be 0".into(),
+        })
+        .await
+        .unwrap();
+
+    let (method, uri, body, send) = next_request(&mut handle).await;
+    assert_eq!(method, http::Method::POST);
+    assert!(
+        uri.starts_with("/apis/events.k8s.io/v1/namespaces/default/events"),
+        "{uri}"
+    );
+    assert_eq!(body["reason"], "ConfigRejected");
+    assert_eq!(body["type"], "Warning");
+    assert_eq!(body["regarding"]["kind"], "Node");
+    assert_eq!(body["regarding"]["name"], "worker-1");
+    assert_eq!(body["reportingController"], "stratum-agent");
+    assert_eq!(body["reportingInstance"], "worker-1");
+    assert!(body["note"].as_str().unwrap().contains("must not be 0"));
+    respond(send, body);
+    task.abort();
+}
