@@ -139,7 +139,7 @@ async fn start(client: &Client, args: &Args, pod: &Pod, index: usize) -> anyhow:
         .namespace
         .clone()
         .context("pod without namespace")?;
-    let sign = if index % 2 == 0 { 1.0 } else { -1.0 };
+    let sign = if index.is_multiple_of(2) { 1.0 } else { -1.0 };
     let command = agent_command(
         pod,
         &args.run_dir.join("nodes"),
@@ -199,9 +199,8 @@ async fn start(client: &Client, args: &Args, pod: &Pod, index: usize) -> anyhow:
     .stdout(log.try_clone()?)
     .stderr(log)
     .kill_on_drop(true);
-    Ok(cmd
-        .spawn()
-        .with_context(|| format!("spawning the agent in netns {netns}"))?)
+    cmd.spawn()
+        .with_context(|| format!("spawning the agent in netns {netns}"))
 }
 
 /// A token for the pod's service account, bound to the pod (so it carries the node claim).
