@@ -57,39 +57,49 @@ start_proc() {
   echo "$exe" >"$PIDS/$name.exe"
 }
 
-stop_proc() {
-  local name=$1 pid i
-  pid=$(pid_of "$name")
-  [[ -n $pid ]] || return 0
-  if running "$name"; then
-    kill -TERM "$pid"
-    for ((i = 0; i < 150; i++)); do # up to 15 s for a clean shutdown
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-      e2e_log "  $name (pid $pid) ignored SIGTERM for 15s; sending SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
+# stop_procs NAME... : SIGTERM to each (only if still our binary), wait for all, SIGKILL after 15 s.
+stop_procs() {
+  local name pid i alive
+  local -a pids=() names=()
+  for name in "$@"; do
+    pid=$(pid_of "$name")
+    [[ -n $pid ]] || continue
+    if running "$name"; then
+      kill -TERM "$pid"
+      pids+=("$pid")
+      names+=("$name")
+    elif kill -0 "$pid" 2>/dev/null; then
+      e2e_log "  $name: pid $pid is alive but is not $(cat "$PIDS/$name.exe" 2>/dev/null); PID reused, leaving it alone"
     fi
-    e2e_log "  stopped $name (pid $pid)"
-  elif kill -0 "$pid" 2>/dev/null; then
-    e2e_log "  $name: pid $pid is alive but is not $(cat "$PIDS/$name.exe" 2>/dev/null); PID reused, leaving it alone"
-  fi
-  rm -f "$PIDS/$name.pid" "$PIDS/$name.exe"
+    rm -f "$PIDS/$name.pid" "$PIDS/$name.exe"
+  done
+  for ((i = 0; i < 150; i++)); do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.1
+  done
+  for i in "${!pids[@]}"; do
+    if kill -0 "${pids[$i]}" 2>/dev/null; then
+      e2e_log "  ${names[$i]} (pid ${pids[$i]}) ignored SIGTERM for 15s; sending SIGKILL"
+      kill -KILL "${pids[$i]}" 2>/dev/null || true
+    fi
+    e2e_log "  stopped ${names[$i]} (pid ${pids[$i]})"
+  done
 }
 
-# wait_ready NAME TIMEOUT CMD... : poll CMD, failing fast (with the log tail) if NAME dies.
+# wait_ready NAME WHAT TIMEOUT CMD... : poll CMD, failing fast (with the log tail) if NAME dies.
 wait_ready() {
-  local name=$1 timeout=$2
-  shift 2
-  E2E_WAIT_PIDFILE=$PIDS/$name.pid E2E_WAIT_LOG=$LOGS/$name.log e2e_wait_for "$name" "$timeout" "$@"
+  local name=$1 what=$2 timeout=$3
+  shift 3
+  E2E_WAIT_PIDFILE=$PIDS/$name.pid E2E_WAIT_LOG=$LOGS/$name.log e2e_wait_for "$what" "$timeout" "$@"
 }
 
 # ---------------------------------------------------------------------------------------------------
 # PKI: one CA (ECDSA P-256, 30 days) signs the apiserver's serving cert and every client cert
 # (client certs map to users: CN = user, O = groups). A separate key pair signs service-account tokens.
 pki_cert() { # name subject eku [san]
-  local name=$1 subj=$2 eku=$3 san=${4:-}
+  local name=$1 subj=$2 eku=$3 san=${4:-} ca=${PKI_CA:-ca}
   openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
     -keyout "$PKI/$name.key" -out "$PKI/$name.csr" -subj "$subj" 2>/dev/null
   {
@@ -98,22 +108,35 @@ pki_cert() { # name subject eku [san]
     echo "extendedKeyUsage=$eku"
     [[ -z $san ]] || echo "subjectAltName=$san"
   } >"$PKI/$name.ext"
-  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
+  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/$ca.crt" -CAkey "$PKI/$ca.key" -CAcreateserial \
     -days 30 -sha256 -extfile "$PKI/$name.ext" -out "$PKI/$name.crt" 2>/dev/null
   rm -f "$PKI/$name.csr" "$PKI/$name.ext"
-  openssl verify -CAfile "$PKI/ca.crt" "$PKI/$name.crt" >/dev/null
+  openssl verify -CAfile "$PKI/$ca.crt" "$PKI/$name.crt" >/dev/null
 }
 
 write_kubeconfig() { # file user cert
-  local file=$1 user=$2
-  rm -f "$file"
-  "$BIN/kubectl" --kubeconfig="$file" config set-cluster stratum-e2e --server="$API" \
-    --certificate-authority="$PKI/ca.crt" --embed-certs=true >/dev/null
-  "$BIN/kubectl" --kubeconfig="$file" config set-credentials "$user" \
-    --client-certificate="$PKI/$3.crt" --client-key="$PKI/$3.key" --embed-certs=true >/dev/null
-  "$BIN/kubectl" --kubeconfig="$file" config set-context stratum-e2e --cluster=stratum-e2e --user="$user" >/dev/null
-  "$BIN/kubectl" --kubeconfig="$file" config use-context stratum-e2e >/dev/null
-  chmod 600 "$file"
+  local file=$1 user=$2 cert=$3
+  (
+    umask 077
+    cat >"$file" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: stratum-e2e
+  cluster:
+    server: $API
+    certificate-authority-data: $(base64 -w0 <"$PKI/ca.crt")
+users:
+- name: "$user"
+  user:
+    client-certificate-data: $(base64 -w0 <"$PKI/$cert.crt")
+    client-key-data: $(base64 -w0 <"$PKI/$cert.key")
+contexts:
+- name: stratum-e2e
+  context: {cluster: stratum-e2e, user: "$user"}
+current-context: stratum-e2e
+EOF
+  )
 }
 
 make_pki() {
@@ -136,6 +159,13 @@ make_pki() {
   pki_cert scheduler "/CN=system:kube-scheduler" clientAuth
   # kwok writes node/pod status, leases and events for every fake node: full access keeps it simple.
   pki_cert kwok "/O=system:masters/CN=kwok-controller" clientAuth
+  # Front proxy (request-header authn, as kubeadm sets up): a CA of its own and the apiserver's client
+  # cert. Without it KCM/scheduler log "missing content for CA bundle ... requestheader-client-ca-file"
+  # over and over, and aggregated APIs could not work.
+  openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -sha256 -days 30 \
+    -keyout "$PKI/front-proxy-ca.key" -out "$PKI/front-proxy-ca.crt" -subj "/CN=stratum-e2e-front-proxy-ca" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+  PKI_CA=front-proxy-ca pki_cert front-proxy-client "/CN=front-proxy-client" clientAuth
   openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$PKI/sa.key" 2>/dev/null
   openssl pkey -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
   chmod 600 "$PKI"/*.key
@@ -197,7 +227,7 @@ cmd_up() {
     --listen-peer-urls="http://127.0.0.1:$E2E_ETCD_PEER_PORT" --initial-advertise-peer-urls="http://127.0.0.1:$E2E_ETCD_PEER_PORT" \
     --initial-cluster="stratum-e2e=http://127.0.0.1:$E2E_ETCD_PEER_PORT" \
     --quota-backend-bytes=$((2 * 1024 * 1024 * 1024))
-  wait_ready etcd 30 sh -c "curl -fsS --max-time 2 http://127.0.0.1:$E2E_ETCD_PORT/health | grep -q '\"health\":\"true\"'"
+  wait_ready etcd "etcd /health" 30 sh -c "curl -fsS --max-time 2 http://127.0.0.1:$E2E_ETCD_PORT/health | grep -q '\"health\":\"true\"'"
 
   # --advertise-address: the apiserver wants a non-loopback address for the `kubernetes` Service's
   # endpoints; the host's own bridge address in the (blackholed) node range keeps that inside the
@@ -208,11 +238,15 @@ cmd_up() {
     --cert-dir="$PKI/generated" \
     --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
     --client-ca-file="$PKI/ca.crt" \
+    --requestheader-client-ca-file="$PKI/front-proxy-ca.crt" --requestheader-allowed-names=front-proxy-client \
+    --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
+    --requestheader-extra-headers-prefix=X-Remote-Extra- \
+    --proxy-client-cert-file="$PKI/front-proxy-client.crt" --proxy-client-key-file="$PKI/front-proxy-client.key" \
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
     --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
     --service-cluster-ip-range="$E2E_SVC_RANGE" \
     --authorization-mode=Node,RBAC --allow-privileged=true --profiling=false
-  wait_ready kube-apiserver 90 kc get --raw=/readyz
+  wait_ready kube-apiserver "kube-apiserver /readyz" 90 kc get --raw=/readyz
 
   local common=(--bind-address=127.0.0.1 --leader-elect=false --profiling=false)
   start_proc kube-controller-manager "$BIN/kube-controller-manager" "${common[@]}" \
@@ -223,28 +257,30 @@ cmd_up() {
     --service-account-private-key-file="$PKI/sa.key" --root-ca-file="$PKI/ca.crt" \
     --cluster-signing-cert-file="$PKI/ca.crt" --cluster-signing-key-file="$PKI/ca.key" \
     --service-cluster-ip-range="$E2E_SVC_RANGE" \
-    --allocate-node-cidrs=true --cluster-cidr="$E2E_POD_RANGE" --node-cidr-mask-size=24
+    --flex-volume-plugin-dir="$RUN/flexvolume"
   start_proc kube-scheduler "$BIN/kube-scheduler" "${common[@]}" \
     --kubeconfig="$RUN/scheduler.kubeconfig" --authentication-kubeconfig="$RUN/scheduler.kubeconfig" \
     --authorization-kubeconfig="$RUN/scheduler.kubeconfig" \
     --secure-port="$E2E_SCHEDULER_PORT" --tls-cert-file="$PKI/scheduler-serving.crt" --tls-private-key-file="$PKI/scheduler-serving.key"
-  wait_ready kube-controller-manager 60 curl_ok --cacert "$PKI/ca.crt" "https://127.0.0.1:$E2E_KCM_PORT/healthz"
-  wait_ready kube-scheduler 60 curl_ok --cacert "$PKI/ca.crt" "https://127.0.0.1:$E2E_SCHEDULER_PORT/healthz"
+  wait_ready kube-controller-manager "kube-controller-manager /healthz" 60 curl_ok --cacert "$PKI/ca.crt" "https://127.0.0.1:$E2E_KCM_PORT/healthz"
+  wait_ready kube-scheduler "kube-scheduler /healthz" 60 curl_ok --cacert "$PKI/ca.crt" "https://127.0.0.1:$E2E_SCHEDULER_PORT/healthz"
 
   # kwok: manages only nodes annotated kwok.x-k8s.io/node=fake (nodes.sh creates those).
   # No --node-ip: nodes.sh gives every node its own InternalIP and kwok keeps it; a node created
   # without addresses simply gets none, instead of some shared address. Pod IPs come from each
-  # node's spec.podCIDR (10.78.<i>.0/24), --cidr only for a node without one.
+  # node's spec.podCIDR (nodes.sh: 10.78.<i>.0/24, i < 240). --cidr is the pool for nodes created
+  # without a podCIDR: the last /24 of the pod range, so it never overlaps a nodes.sh node.
+  # (KCM's node IPAM stays off, the upstream default: its allocations would collide with those.)
   start_proc kwok "$BIN/kwok" --kubeconfig="$RUN/kwok.kubeconfig" --config="$RUN/kwok-stages.yaml" \
     --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
-    --cidr="$E2E_POD_RANGE" --node-lease-duration-seconds=40 \
+    --cidr="$(e2e_int2ip $(($(e2e_ip2int "${E2E_POD_RANGE%/*}") + (255 << 8))))/24" --node-lease-duration-seconds=40 \
     --server-address="127.0.0.1:$E2E_KWOK_PORT"
-  wait_ready kwok 30 curl_ok "http://127.0.0.1:$E2E_KWOK_PORT/healthz"
+  wait_ready kwok "kwok /healthz" 30 curl_ok "http://127.0.0.1:$E2E_KWOK_PORT/healthz"
 
   # Objects the controllers create asynchronously, which pods and tests depend on.
-  wait_ready kube-controller-manager 60 kc -n default get serviceaccount default
-  wait_ready kube-controller-manager 60 kc -n default get configmap kube-root-ca.crt
-  wait_ready kube-apiserver 30 sh -c "'$BIN/kubectl' --kubeconfig='$KUBECONFIG_ADMIN' -n default get service kubernetes -o jsonpath='{.spec.clusterIP}' | grep -qx '$svc_ip'"
+  wait_ready kube-controller-manager "serviceaccount default/default" 60 kc -n default get serviceaccount default
+  wait_ready kube-controller-manager "configmap default/kube-root-ca.crt" 60 kc -n default get configmap kube-root-ca.crt
+  wait_ready kube-apiserver "service default/kubernetes at $svc_ip" 30 sh -c "'$BIN/kubectl' --kubeconfig='$KUBECONFIG_ADMIN' -n default get service kubernetes -o jsonpath='{.spec.clusterIP}' | grep -qx '$svc_ip'"
 
   write_env
   e2e_log "cluster up in $((($(date +%s%N) - t0) / 1000000)) ms; server $(kc version -o json | sed -n 's/.*"gitVersion": "\(.*\)".*/\1/p' | tail -n1)"
@@ -261,11 +297,13 @@ EOF
 }
 
 cmd_down() {
-  local purge=${1:-} c rev=""
-  for c in $COMPONENTS; do rev="$c $rev"; done
+  local purge=${1:-}
   e2e_log "cluster down: $RUN"
   if [[ -d $PIDS ]]; then
-    for c in $rev; do stop_proc "$c"; done
+    # Clients first (together), then the apiserver, then its storage.
+    stop_procs kwok kube-scheduler kube-controller-manager
+    stop_procs kube-apiserver
+    stop_procs etcd
   fi
   # Namespaces made for this run (their agents get ended), then bridge and blackholes.
   if [[ $(id -u) == 0 ]]; then

@@ -6,7 +6,8 @@
 # to any of them either reaches a network namespace our scripts created or is dropped right here):
 #   10.77.0.0/16  fake node InternalIPs (node i -> 10.77.0.(10+i)); 10.77.255.254 is the host's own
 #                 address on the test bridge, also the apiserver's advertise address
-#   10.78.0.0/16  pod IPs (node i gets spec.podCIDR 10.78.i.0/24; kwok hands out IPs from it)
+#   10.78.0.0/16  pod IPs (node i gets spec.podCIDR 10.78.i.0/24; kwok hands out IPs from it;
+#                 10.78.255.0/24 serves nodes created without a podCIDR)
 #   10.79.0.0/16  service ClusterIPs (--service-cluster-ip-range; 10.79.0.1 = kubernetes.default)
 E2E_SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=versions.env
