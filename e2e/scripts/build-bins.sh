@@ -8,6 +8,8 @@
 #                                              last line on stdout is BIN=<bin dir>
 #   e2e/scripts/build-bins.sh --print-bin-dir  print the bin dir for the pinned versions; no build
 #   e2e/scripts/build-bins.sh --check          exit 0 if the cache is complete, 1 if not; no build
+#   e2e/scripts/build-bins.sh --check-updates  newer patches of the pinned lines that the proxy AND
+#                                              the checksum database serve (a few look-ups); no build
 #
 # Versions come from versions.env (override with E2E_K8S_VERSION etc.). The cache lives outside the
 # clone: ${E2E_BIN_CACHE:-$HOME/.cache/stratum-e2e}/<k8s>-<etcd>-<kwok>-<helm>/{bin,src,logs,kwok-stages}.
@@ -32,7 +34,8 @@ case "${1:-}" in
   "") ;;
   --print-bin-dir) MODE=print ;;
   --check) MODE=check ;;
-  -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  --check-updates) MODE=updates ;;
+  -h | --help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "build-bins.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
 esac
 
@@ -42,6 +45,38 @@ TIMES=$E2E_CACHE_DIR/build-times.txt
 
 if [[ $MODE == print ]]; then
   echo "$BIN"
+  exit 0
+fi
+
+# --check-updates: newer patches of the pinned lines that can really be used. `go list -m -versions`
+# is not enough: here it omitted v1.36.2, v1.36.4 and v1.36.5, and v1.36.5 had an .info on the proxy
+# but no checksum database entry (so `go mod download` refuses it). A patch counts only if
+# `go mod download` (which verifies against the checksum database) succeeds.
+if [[ $MODE == updates ]]; then
+  export GOTOOLCHAIN=local
+  probe_line() { # module pinned-version
+    local mod=$1 pinned=$2 prefix n v misses=0 newest=$2 out
+    prefix=${pinned%.*}
+    n=${pinned##*.}
+    while ((misses < 3)); do
+      n=$((n + 1))
+      v=$prefix.$n
+      out=$(cd / && { go mod download -json "$mod@$v" 2>&1 || true; })
+      if grep -q '"Error"\|^go: ' <<<"$out"; then
+        misses=$((misses + 1))
+        printf '  %-28s %-9s not usable: %s\n' "$mod" "$v" "$(grep -o '[0-9]\{3\} [A-Za-z ]*\|not available\|verifying[^:]*' <<<"$out" | head -1)"
+      else
+        misses=0
+        newest=$v
+        printf '  %-28s %-9s available and verified\n' "$mod" "$v"
+      fi
+    done
+    printf '%-28s pinned %-9s newest usable %s\n' "$mod" "$pinned" "$newest"
+  }
+  probe_line k8s.io/kubernetes "$K8S"
+  probe_line go.etcd.io/etcd/server/v3 "$ETCD"
+  probe_line sigs.k8s.io/kwok "$KWOK"
+  probe_line helm.sh/helm/v3 "$HELM"
   exit 0
 fi
 
@@ -177,7 +212,7 @@ if [[ ! -x $BIN/etcd ]]; then
   gocmd get "go.etcd.io/etcd/server/v3@$ETCD"
   step_done
   step etcd-build "compile etcd"
-  gocmd build -trimpath -ldflags "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=$ETCD" \
+  gocmd build -buildvcs=false -trimpath -ldflags "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=$ETCD" \
     -o "$BIN/.etcd.tmp" go.etcd.io/etcd/server/v3
   install_bin "$BIN/.etcd.tmp" etcd
   step_done
@@ -223,7 +258,7 @@ if ((need_k8s)); then
     [[ -x $BIN/$b ]] && continue
     step "build-$b" "compile $b $K8S"
     cd "$SRC/k8s"
-    gocmd build -trimpath -tags selinux,notest,grpcnotrace -ldflags "$LDF" \
+    gocmd build -buildvcs=false -trimpath -tags selinux,notest,grpcnotrace -ldflags "$LDF" \
       -o "$BIN/.$b.tmp" "k8s.io/kubernetes/cmd/$b"
     install_bin "$BIN/.$b.tmp" "$b"
     step_done
@@ -248,7 +283,7 @@ if [[ ! -x $BIN/kwok || ! -f $E2E_KWOK_STAGES_DIR/.complete ]]; then
   step_done
   if [[ ! -x $BIN/kwok ]]; then
     step kwok-build "compile kwok"
-    gocmd build -trimpath -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK" \
+    gocmd build -buildvcs=false -trimpath -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK" \
       -o "$BIN/.kwok.tmp" sigs.k8s.io/kwok/cmd/kwok
     install_bin "$BIN/.kwok.tmp" kwok
     step_done
@@ -268,7 +303,7 @@ if [[ ! -x $BIN/helm ]]; then
   step_done
   step helm-build "compile helm"
   HV=helm.sh/helm/v3/internal/version
-  gocmd build -trimpath -ldflags "-s -w -X $HV.version=$HELM -X $HV.gitTreeState=clean \
+  gocmd build -buildvcs=false -trimpath -ldflags "-s -w -X $HV.version=$HELM -X $HV.gitTreeState=clean \
     -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$CG_MINOR \
     -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$CG_MINOR" \
     -o "$BIN/.helm.tmp" helm.sh/helm/v3/cmd/helm
