@@ -213,6 +213,9 @@ cmd_up() {
   done
 
   e2e_log "cluster up: $E2E_CACHE_KEY, run dir $RUN"
+  # From here on, a failure stops whatever this `up` started (the logs stay in $LOGS).
+  UP_DONE=0
+  trap 'if ((UP_DONE == 0)); then e2e_log "cluster up FAILED; stopping what it started (logs: $LOGS)"; cmd_down; fi' EXIT
   mkdir -p "$RUN" "$LOGS" "$PIDS"
   touch "$RUN/.stratum-e2e-run"
   rm -rf "$RUN/etcd" "$LOGS"/*.log
@@ -283,6 +286,8 @@ cmd_up() {
   wait_ready kube-apiserver "service default/kubernetes at $svc_ip" 30 sh -c "'$BIN/kubectl' --kubeconfig='$KUBECONFIG_ADMIN' -n default get service kubernetes -o jsonpath='{.spec.clusterIP}' | grep -qx '$svc_ip'"
 
   write_env
+  # shellcheck disable=SC2034 # read by the EXIT trap above
+  UP_DONE=1
   e2e_log "cluster up in $((($(date +%s%N) - t0) / 1000000)) ms; server $(kc version -o json | sed -n 's/.*"gitVersion": "\(.*\)".*/\1/p' | tail -n1)"
   e2e_log "use it: eval \"\$($0 env)\"   (KUBECONFIG=$KUBECONFIG_ADMIN)"
 }

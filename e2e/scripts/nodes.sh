@@ -5,7 +5,8 @@
 #   e2e/scripts/nodes.sh create N [--netns]   nodes kwok-node-0..N-1 (N <= 240), wait until Ready;
 #                                             --netns also gives each node a network namespace
 #                                             e2e-kwok-node-<i> that owns its InternalIP (netns.sh)
-#   e2e/scripts/nodes.sh delete               delete all nodes labelled type=kwok (and their namespaces)
+#   e2e/scripts/nodes.sh delete [NAME...]     delete the named nodes, default all labelled type=kwok
+#                                             (and their namespaces)
 #   e2e/scripts/nodes.sh ip I                 print node I's InternalIP
 #   e2e/scripts/nodes.sh list                 name, InternalIP, podCIDR, Ready of each fake node
 #
@@ -39,9 +40,13 @@ cmd_create() {
     name=$E2E_NODE_PREFIX-$i
     ip=$(node_ip "$i")
     cidr=$(node_pod_cidr "$i")
-    # The kubelet registers a node with its status in the create request, and the apiserver keeps
-    # it; we do the same so the addresses exist before kwok first sees the node.
-    kc create -f - >/dev/null <<EOF
+    # Idempotent: an existing node (e.g. from an earlier `create`) is kept as it is.
+    if kc get node "$name" >/dev/null 2>&1; then
+      e2e_log "node $name exists; keeping it"
+    else
+      # The kubelet registers a node with its status in the create request, and the apiserver
+      # keeps it; we do the same so the addresses exist before kwok first sees the node.
+      kc create -f - >/dev/null <<EOF
 apiVersion: v1
 kind: Node
 metadata:
@@ -63,7 +68,8 @@ status:
   - {type: InternalIP, address: $ip}
   - {type: Hostname, address: $name}
 EOF
-    if [[ $with_netns == --netns ]]; then
+    fi
+    if [[ $with_netns == --netns && ! -f $E2E_NETNS_STATE/e2e-$name ]]; then
       netns_add "e2e-$name" "$ip"
     fi
   done
@@ -77,10 +83,12 @@ EOF
   cmd_list
 }
 
-cmd_delete() {
-  local name
-  for name in $(kc get nodes -l type=kwok -o name 2>/dev/null); do
-    name=${name#node/}
+cmd_delete() { # [NAME...]; default: every node labelled type=kwok
+  local name names=("$@")
+  if ((${#names[@]} == 0)); then
+    mapfile -t names < <(kc get nodes -l type=kwok -o name 2>/dev/null | sed 's|^node/||')
+  fi
+  for name in "${names[@]}"; do
     kc delete node "$name" --wait=false >/dev/null
     if [[ -f $E2E_NETNS_STATE/e2e-$name ]]; then netns_del "e2e-$name"; fi
   done
@@ -92,11 +100,11 @@ cmd_list() {
 
 case "${1:-}" in
   create) cmd_create "${2:?usage: nodes.sh create N [--netns]}" "${3:-}" ;;
-  delete) cmd_delete ;;
+  delete) shift; cmd_delete "$@" ;;
   ip) node_ip "${2:?usage: nodes.sh ip I}" ;;
   list) cmd_list ;;
   *)
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
     [[ ${1:-} == -h || ${1:-} == --help ]] || exit 2
     ;;
 esac

@@ -39,9 +39,15 @@ if ! "$S/cluster.sh" status >/dev/null 2>&1; then
   "$S/cluster.sh" up
   owned=1
 fi
+# Nodes that exist already (a developer's) are reused and left alone; only new ones are deleted.
+mapfile -t nodes_before < <(kc get nodes -l type=kwok -o name 2>/dev/null | sed 's|^node/||')
 cleanup() {
+  local n new=()
   kc delete namespace "$NS" --ignore-not-found --wait=false >/dev/null 2>&1 || true
-  "$S/nodes.sh" delete >/dev/null 2>&1 || true
+  for ((n = 0; n < NODES; n++)); do
+    [[ " ${nodes_before[*]} " == *" kwok-node-$n "* ]] || new+=("kwok-node-$n")
+  done
+  ((${#new[@]} == 0)) || "$S/nodes.sh" delete "${new[@]}" >/dev/null 2>&1 || true
   if ((owned)); then "$S/cluster.sh" down; fi
 }
 trap cleanup EXIT
@@ -65,6 +71,9 @@ for ((i = 0; i < NODES; i++)); do
   check "node kwok-node-$i InternalIP" eq "$(kc get node "kwok-node-$i" -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')" "$("$S/nodes.sh" ip "$i")"
 done
 
+# DaemonSets cover every node, including any that existed before.
+ALL=$(kc get nodes -o name | grep -c .)
+
 # --- DaemonSets (image never pulled: kwok fakes the containers)
 kc create namespace "$NS" >/dev/null
 e2e_wait_for "default ServiceAccount in $NS" 30 kc -n "$NS" get serviceaccount default
@@ -87,16 +96,18 @@ EOF
 done
 for mode in pod host; do
   check "DaemonSet agent-$mode rolled out" kc -n "$NS" rollout status ds/"agent-$mode" --timeout=60s
-  check "DaemonSet agent-$mode numberReady=$NODES" eq "$(kc -n "$NS" get ds "agent-$mode" -o jsonpath='{.status.numberReady}')" "$NODES"
+  check "DaemonSet agent-$mode numberReady=$ALL" eq "$(kc -n "$NS" get ds "agent-$mode" -o jsonpath='{.status.numberReady}')" "$ALL"
 done
 while read -r name phase node ip; do
-  idx=${node##*-}
-  if [[ $name == agent-host-* ]]; then want=$("$S/nodes.sh" ip "$idx"); else want=""; fi
+  if [[ $name == agent-host-* ]]; then
+    want=$(kc get node "$node" -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')
+  else want=""; fi
   check "pod $name Running on $node" eq "$phase" Running
   if [[ -n $want ]]; then
     check "hostNetwork pod $name has node IP $want" eq "$ip" "$want"
   else
-    check "pod $name IP $ip in node podCIDR 10.78.$idx.0/24" e2e_in_cidr "$ip" "$(kc get node "$node" -o jsonpath='{.spec.podCIDR}')"
+    cidr=$(kc get node "$node" -o jsonpath='{.spec.podCIDR}')
+    check "pod $name IP $ip in node podCIDR $cidr" e2e_in_cidr "$ip" "$cidr"
   fi
 done < <(kc -n "$NS" get pods -o jsonpath='{range .items[*]}{.metadata.name} {.status.phase} {.spec.nodeName} {.status.podIP}{"\n"}{end}')
 
@@ -114,8 +125,8 @@ count_ready() {
     -o jsonpath='{range .items[*].endpoints[?(@.conditions.ready==true)]}{.addresses[0]}{"\n"}{end}' | grep -c . || true
 }
 ready_count_is() { [[ $(count_ready "$1") == "$2" ]]; }
-check "EndpointSlice of agents-auto filled by the controller with $NODES ready endpoints" \
-  e2e_wait_for "EndpointSlice agents-auto has $NODES ready endpoints" 30 ready_count_is agents-auto "$NODES"
+check "EndpointSlice of agents-auto filled by the controller with $ALL ready endpoints" \
+  e2e_wait_for "EndpointSlice agents-auto has $ALL ready endpoints" 30 ready_count_is agents-auto "$ALL"
 svcip=$(kc -n "$NS" get service agents-auto -o jsonpath='{.spec.clusterIP}')
 check "ClusterIP $svcip in $E2E_SVC_RANGE" e2e_in_cidr "$svcip" "$E2E_SVC_RANGE"
 
