@@ -318,9 +318,15 @@ impl Default for Placement {
 }
 
 /// The agent container.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentSettings {
+    /// Run agents in the node's network namespace (the default): tenants' clients then reach
+    /// the agent at the node's addresses, and the agent's own allow list is the enforcement
+    /// (NetworkPolicy does not bind host-network pods). `false` runs agents on the pod network,
+    /// where the operator's NetworkPolicy applies as well.
+    #[serde(default = "default_true")]
+    pub host_network: bool,
     /// Agent image; defaults to the operator's own version of the agent image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
@@ -333,6 +339,18 @@ pub struct AgentSettings {
     /// Log verbosity.
     #[serde(default)]
     pub log_level: LogLevel,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        Self {
+            host_network: true,
+            image: None,
+            image_pull_policy: None,
+            resources: None,
+            log_level: LogLevel::default(),
+        }
+    }
 }
 
 /// Container image pull policy.

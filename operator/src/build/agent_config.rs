@@ -1,0 +1,335 @@
+//! The agent config of one TimeService (the `stratum_api::agent_config` contract) and the
+//! ConfigMap carrying it. The revision is a hash of the content, so unchanged inputs produce a
+//! byte-identical ConfigMap and agents can report which content they run.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::ConfigMap;
+use stratum_api::agent_config::{
+    AGENT_CONFIG_KEY, AGENT_CONFIG_VERSION, ClockBackend, ClockConfig, DisciplineConfig, EgressConfig,
+    LeapConfig, LeapMode, LogLevel, RateLimitConfig, ReportingConfig, SelectionConfig, ServingConfig,
+    TenantConfig, UpstreamConfig, UpstreamKind,
+};
+use stratum_api::tenant_time_policy::TenantTimePolicySpec;
+use stratum_api::time_service::{self as ts_api, DisciplineMode};
+use stratum_api::{AgentConfig, TimeService, TimeServiceSpec};
+
+use super::{OperatorSettings, agent_meta};
+use crate::error::Result;
+use crate::names;
+
+/// One tenant as the agents serve it.
+#[derive(Clone, Debug)]
+pub struct TenantInput<'a> {
+    /// `namespace/name`.
+    pub id: String,
+    /// Allocated port.
+    pub port: u16,
+    /// Resolved, aggregated allow list.
+    pub allowed: &'a [IpNet],
+    /// Resolved, aggregated deny list.
+    pub denied: &'a [IpNet],
+    /// The tenant's spec (rate limits and requirements).
+    pub spec: &'a TenantTimePolicySpec,
+}
+
+/// The fleet's own addresses, for the egress tier.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FleetInput {
+    /// Nodes in the egress tier.
+    pub egress_nodes: Vec<String>,
+    /// Addresses of the agents on those nodes.
+    pub egress_addresses: Vec<IpAddr>,
+    /// Addresses of every agent of the fleet.
+    pub agent_addresses: Vec<IpAddr>,
+}
+
+/// Poll range agents use towards the egress tier: close by and cheap to ask.
+const TIER_MIN_POLL: i8 = 4;
+const TIER_MAX_POLL: i8 = 6;
+
+/// The agent config for TimeService `name`. `peer_port` is set when the spec has an egress tier.
+pub fn build_agent_config(
+    name: &str,
+    spec: &TimeServiceSpec,
+    peer_port: Option<u16>,
+    tenants: &[TenantInput<'_>],
+    fleet: &FleetInput,
+) -> AgentConfig {
+    let mut tenant_configs: Vec<TenantConfig> = tenants.iter().map(tenant_config).collect();
+    tenant_configs.sort_by(|a, b| a.id.cmp(&b.id));
+    let egress = spec.egress_tier.as_ref().map(|tier| {
+        let mut nodes = fleet.egress_nodes.clone();
+        nodes.sort();
+        let mut addresses = fleet.egress_addresses.clone();
+        addresses.sort();
+        addresses.dedup();
+        EgressConfig {
+            nodes,
+            tier_upstreams: addresses
+                .iter()
+                .map(|ip| UpstreamConfig {
+                    host: ip.to_string(),
+                    kind: UpstreamKind::Server,
+                    port: peer_port.unwrap_or(names::NTP_SERVICE_PORT as u16),
+                    iburst: true,
+                    min_poll: TIER_MIN_POLL,
+                    max_poll: TIER_MAX_POLL,
+                    max_sources: 1,
+                    nts: false,
+                })
+                .collect(),
+            fallback_to_upstreams: tier.fallback_to_upstreams,
+        }
+    });
+    let peer_allowed = match peer_port {
+        Some(_) => IpNet::aggregate(&fleet.agent_addresses.iter().map(|ip| IpNet::from(*ip)).collect()),
+        None => Vec::new(),
+    };
+    let mut config = AgentConfig {
+        version: AGENT_CONFIG_VERSION,
+        revision: String::new(),
+        time_service: name.to_owned(),
+        clock: ClockConfig {
+            backend: match spec.discipline.mode {
+                DisciplineMode::Discipline => ClockBackend::System,
+                DisciplineMode::Monitor => ClockBackend::Readonly,
+            },
+        },
+        upstreams: spec.upstreams.iter().map(upstream_config).collect(),
+        egress,
+        selection: SelectionConfig {
+            min_sources: clamp_u8(spec.selection.min_sources),
+            max_distance_seconds: spec.selection.max_distance.as_secs_f64(),
+        },
+        discipline: DisciplineConfig {
+            make_step_threshold_seconds: spec.discipline.make_step.threshold.as_secs_f64(),
+            make_step_limit: u32::try_from(spec.discipline.make_step.limit).unwrap_or(0),
+            max_slew_ppm: f64::from(spec.discipline.max_slew_ppm),
+            panic_startup_seconds: spec.discipline.panic_threshold.startup.as_secs_f64(),
+            panic_runtime_seconds: spec.discipline.panic_threshold.runtime.as_secs_f64(),
+            rtc_sync: spec.discipline.rtc_sync,
+            // The drift directory is the host path; agents see it mounted at the state dir.
+            drift_file: format!("{}/drift", names::AGENT_STATE_DIR),
+        },
+        leap: LeapConfig {
+            mode: match spec.leap.mode {
+                ts_api::LeapMode::Kernel => LeapMode::Kernel,
+                ts_api::LeapMode::Smear => LeapMode::Smear,
+                ts_api::LeapMode::Ignore => LeapMode::Ignore,
+            },
+            smear_window_seconds: spec.leap.smear_window.as_secs_f64(),
+        },
+        serving: ServingConfig {
+            holdover_seconds: spec.serving.holdover.as_secs_f64(),
+            local_stratum: spec.serving.local_stratum.map(clamp_u8),
+            peer_port,
+            peer_allowed,
+            tenants: tenant_configs,
+        },
+        reporting: ReportingConfig { heartbeat_seconds: spec.reporting.interval.as_secs_f64() },
+        log_level: match spec.agent.log_level {
+            ts_api::LogLevel::Error => LogLevel::Error,
+            ts_api::LogLevel::Warn => LogLevel::Warn,
+            ts_api::LogLevel::Info => LogLevel::Info,
+            ts_api::LogLevel::Debug => LogLevel::Debug,
+            ts_api::LogLevel::Trace => LogLevel::Trace,
+        },
+    };
+    config.revision = revision_of(&config);
+    config
+}
+
+fn clamp_u8(v: i32) -> u8 {
+    u8::try_from(v.clamp(0, 255)).unwrap_or(u8::MAX)
+}
+
+fn clamp_i8(v: i32) -> i8 {
+    i8::try_from(v.clamp(0, 127)).unwrap_or(i8::MAX)
+}
+
+fn upstream_config(u: &ts_api::Upstream) -> UpstreamConfig {
+    UpstreamConfig {
+        host: u.host.clone(),
+        kind: match u.kind {
+            ts_api::UpstreamKind::Server => UpstreamKind::Server,
+            ts_api::UpstreamKind::Pool => UpstreamKind::Pool,
+        },
+        port: u16::try_from(u.port).unwrap_or(0),
+        iburst: u.iburst,
+        min_poll: clamp_i8(u.min_poll),
+        max_poll: clamp_i8(u.max_poll),
+        max_sources: match u.kind {
+            ts_api::UpstreamKind::Server => 1,
+            ts_api::UpstreamKind::Pool => clamp_u8(u.max_sources),
+        },
+        nts: u.nts,
+    }
+}
+
+fn tenant_config(t: &TenantInput<'_>) -> TenantConfig {
+    let rate = &t.spec.rate_limit;
+    TenantConfig {
+        id: t.id.clone(),
+        port: t.port,
+        allowed: t.allowed.to_vec(),
+        denied: t.denied.to_vec(),
+        rate_limit: RateLimitConfig {
+            client_interval_seconds: rate.per_client.interval.as_secs_f64(),
+            client_burst: u32::try_from(rate.per_client.burst).unwrap_or(1),
+            tenant_requests_per_second: rate
+                .per_tenant
+                .as_ref()
+                .map(|r| u32::try_from(r.requests_per_second).unwrap_or(1)),
+            tenant_burst: rate.per_tenant.as_ref().map(|r| u32::try_from(r.burst).unwrap_or(1)),
+            kiss_of_death: rate.kiss_of_death,
+        },
+        max_root_distance_seconds: t.spec.requirements.max_root_distance.map(|d| d.as_secs_f64()),
+    }
+}
+
+/// A stable hash of everything but the revision itself (FNV-1a over the canonical JSON):
+/// equal content, equal revision, across operator restarts and versions.
+pub fn revision_of(config: &AgentConfig) -> String {
+    let mut unrevised = config.clone();
+    unrevised.revision = String::new();
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in unrevised.to_json().bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// The ConfigMap holding `config`, in the operator's namespace.
+pub fn build_agent_config_map(
+    ts: &TimeService,
+    settings: &OperatorSettings,
+    config: &AgentConfig,
+) -> Result<ConfigMap> {
+    let name = names::agent_config_map_name(&config.time_service);
+    Ok(ConfigMap {
+        metadata: agent_meta(ts, name, Some(&settings.namespace))?,
+        data: Some(BTreeMap::from([(AGENT_CONFIG_KEY.to_owned(), config.to_json())])),
+        ..ConfigMap::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::build::fixtures;
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn agent_config_lists_every_tenant_sorted_with_its_port_lists_and_limits() {
+        let ts = fixtures::time_service("cluster");
+        let b = fixtures::tenant(
+            "b",
+            "ntp",
+            serde_json::json!({
+                "rateLimit": { "perClient": { "interval": "2s", "burst": 4 },
+                               "perTenant": { "requestsPerSecond": 100, "burst": 200 }, "kissOfDeath": true },
+                "requirements": { "maxRootDistance": "100ms" }
+            }),
+        );
+        let a = fixtures::tenant("a", "ntp", serde_json::json!({}));
+        let (allowed, denied) = (nets(&["10.0.0.0/24", "fd00::/64"]), nets(&["10.0.0.7/32"]));
+        let inputs = [
+            TenantInput { id: "b/ntp".into(), port: 12301, allowed: &allowed, denied: &[], spec: &b.spec },
+            TenantInput {
+                id: "a/ntp".into(),
+                port: 12300,
+                allowed: &allowed,
+                denied: &denied,
+                spec: &a.spec,
+            },
+        ];
+        let config = build_agent_config("cluster", &ts.spec, None, &inputs, &FleetInput::default());
+        assert!(config.validate().is_ok(), "{:?}", config.validate());
+        let ids: Vec<_> = config.serving.tenants.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(ids, ["a/ntp", "b/ntp"]);
+        let tb = &config.serving.tenants[1];
+        assert_eq!(tb.port, 12301);
+        assert_eq!(tb.rate_limit.client_interval_seconds, 2.0);
+        assert_eq!(tb.rate_limit.client_burst, 4);
+        assert_eq!(tb.rate_limit.tenant_requests_per_second, Some(100));
+        assert!(tb.rate_limit.kiss_of_death);
+        assert_eq!(tb.max_root_distance_seconds, Some(0.1));
+        assert_eq!(config.serving.tenants[0].denied, denied);
+        assert_eq!(config.clock.backend, ClockBackend::System);
+        assert_eq!(config.upstreams[0].kind, UpstreamKind::Pool);
+        assert_eq!(config.discipline.drift_file, "/var/lib/stratum/drift");
+    }
+
+    #[test]
+    fn monitor_mode_uses_the_readonly_clock() {
+        let mut ts = fixtures::time_service("cluster");
+        ts.spec.discipline.mode = DisciplineMode::Monitor;
+        let config = build_agent_config("cluster", &ts.spec, None, &[], &FleetInput::default());
+        assert_eq!(config.clock.backend, ClockBackend::Readonly);
+    }
+
+    #[test]
+    fn the_revision_depends_only_on_content() {
+        let ts = fixtures::time_service("cluster");
+        let one = build_agent_config("cluster", &ts.spec, None, &[], &FleetInput::default());
+        let two = build_agent_config("cluster", &ts.spec, None, &[], &FleetInput::default());
+        assert_eq!(one.revision, two.revision);
+        assert_eq!(one.revision, revision_of(&one));
+        let mut changed = ts.spec.clone();
+        changed.discipline.max_slew_ppm = 100;
+        let three = build_agent_config("cluster", &changed, None, &[], &FleetInput::default());
+        assert_ne!(one.revision, three.revision);
+    }
+
+    #[test]
+    fn agents_outside_the_egress_tier_get_the_egress_agents_as_upstreams() {
+        let mut ts = fixtures::time_service("cluster");
+        ts.spec.egress_tier = Some(
+            serde_json::from_value(
+                serde_json::json!({ "nodeSelector": { "edge": "true" }, "fallbackToUpstreams": true }),
+            )
+            .unwrap(),
+        );
+        let fleet = FleetInput {
+            egress_nodes: vec!["edge-1".into(), "edge-0".into()],
+            egress_addresses: vec!["10.0.0.2".parse().unwrap(), "10.0.0.1".parse().unwrap()],
+            agent_addresses: vec![
+                "10.0.0.1".parse().unwrap(),
+                "10.0.0.2".parse().unwrap(),
+                "10.0.0.3".parse().unwrap(),
+            ],
+        };
+        let config = build_agent_config("cluster", &ts.spec, Some(12799), &[], &fleet);
+        assert!(config.validate().is_ok(), "{:?}", config.validate());
+        let egress = config.egress.as_ref().unwrap();
+        assert_eq!(egress.nodes, ["edge-0", "edge-1"]);
+        let hosts: Vec<_> = egress.tier_upstreams.iter().map(|u| (u.host.as_str(), u.port)).collect();
+        assert_eq!(hosts, [("10.0.0.1", 12799), ("10.0.0.2", 12799)]);
+        assert_eq!(config.serving.peer_port, Some(12799));
+        assert_eq!(config.serving.peer_allowed, nets(&["10.0.0.1/32", "10.0.0.2/31"]));
+        let worker = config.upstreams_for_node("worker-0");
+        assert_eq!(worker.len(), 3, "two tier agents, then the pool as fallback");
+        assert_eq!(config.upstreams_for_node("edge-0"), config.upstreams);
+    }
+
+    #[test]
+    fn config_map_carries_the_json_under_the_contract_key_with_owner_and_labels() {
+        let ts = fixtures::time_service("cluster");
+        let config = build_agent_config("cluster", &ts.spec, None, &[], &FleetInput::default());
+        let cm = build_agent_config_map(&ts, &fixtures::settings(), &config).unwrap();
+        assert_eq!(cm.metadata.name.as_deref(), Some("cluster-agent-config"));
+        assert_eq!(cm.metadata.namespace.as_deref(), Some("stratum-system"));
+        assert_eq!(cm.metadata.labels.as_ref().unwrap()["stratum.io/time-service"], "cluster");
+        assert_eq!(cm.metadata.owner_references.as_ref().unwrap()[0].uid, "uid-cluster");
+        let text = &cm.data.as_ref().unwrap()["agent-config.json"];
+        assert_eq!(AgentConfig::from_json(text).unwrap(), config);
+    }
+}

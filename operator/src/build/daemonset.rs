@@ -1,0 +1,245 @@
+//! The agent DaemonSet: one agent per selected node, with only the capabilities it needs.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource,
+    ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Volume,
+    VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use stratum_api::TimeService;
+use stratum_api::time_service::{DisciplineMode, PullPolicy};
+
+use super::{OperatorSettings, agent_meta};
+use crate::error::{Error, Result};
+use crate::names;
+
+/// Whether agents must bind a port below 1024 (so need NET_BIND_SERVICE).
+pub fn needs_net_bind(ports: impl IntoIterator<Item = u16>) -> bool {
+    ports.into_iter().any(|p| p < 1024)
+}
+
+/// The agent DaemonSet of `ts`. `config_revision` goes into a pod annotation only for humans:
+/// agents hot-reload their ConfigMap, so a config change never restarts them.
+pub fn build_daemonset(ts: &TimeService, settings: &OperatorSettings, net_bind: bool) -> Result<DaemonSet> {
+    let name = ts.metadata.name.as_deref().ok_or(Error::MissingMetadata("TimeService name"))?;
+    let labels = names::agent_labels(name);
+    let spec = &ts.spec;
+    let mut capabilities = Vec::new();
+    if spec.discipline.mode == DisciplineMode::Discipline {
+        capabilities.push("SYS_TIME".to_owned());
+    }
+    if net_bind {
+        capabilities.push("NET_BIND_SERVICE".to_owned());
+    }
+    let env_from_field = |env: &str, path: &str| EnvVar {
+        name: env.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    };
+    let probe = |path: &str, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("metrics".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    };
+    let container = Container {
+        name: "agent".into(),
+        image: Some(spec.agent.image.clone().unwrap_or_else(|| settings.agent_image.clone())),
+        image_pull_policy: spec.agent.image_pull_policy.map(|p| {
+            match p {
+                PullPolicy::Always => "Always",
+                PullPolicy::IfNotPresent => "IfNotPresent",
+                PullPolicy::Never => "Never",
+            }
+            .to_owned()
+        }),
+        args: Some(
+            [
+                "run".to_owned(),
+                "--config-map".to_owned(),
+                format!("{}/{}", settings.namespace, names::agent_config_map_name(name)),
+                "--metrics-addr".to_owned(),
+                format!("0.0.0.0:{}", names::AGENT_METRICS_PORT),
+                "--status-addr".to_owned(),
+                format!("127.0.0.1:{}", names::AGENT_STATUS_PORT),
+                "--state-dir".to_owned(),
+                names::AGENT_STATE_DIR.to_owned(),
+                "--log-format".to_owned(),
+                "json".to_owned(),
+            ]
+            .into(),
+        ),
+        env: Some(vec![
+            env_from_field("NODE_NAME", "spec.nodeName"),
+            env_from_field("POD_NAME", "metadata.name"),
+            env_from_field("POD_NAMESPACE", "metadata.namespace"),
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("metrics".into()),
+            container_port: names::AGENT_METRICS_PORT,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        readiness_probe: Some(probe("/readyz", 10, 1)),
+        liveness_probe: Some(probe("/healthz", 20, 3)),
+        resources: spec.agent.resources.clone(),
+        security_context: Some(SecurityContext {
+            // SYS_TIME is not usable by a non-root user on most runtimes (no ambient
+            // capabilities), so the agent runs as root with every other capability dropped.
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: (!capabilities.is_empty()).then_some(capabilities),
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "state".into(),
+            mount_path: names::AGENT_STATE_DIR.into(),
+            ..VolumeMount::default()
+        }]),
+        ..Container::default()
+    };
+    let host_network = spec.agent.host_network;
+    Ok(DaemonSet {
+        metadata: agent_meta(ts, names::agent_name(name), Some(&settings.namespace))?,
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector { match_labels: Some(labels.clone()), ..LabelSelector::default() },
+            update_strategy: Some(DaemonSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDaemonSet {
+                    max_unavailable: Some(IntOrString::Int(1)),
+                    ..RollingUpdateDaemonSet::default()
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(names::agent_name(name)),
+                    host_network: Some(host_network),
+                    dns_policy: Some(
+                        if host_network { "ClusterFirstWithHostNet" } else { "ClusterFirst" }.into(),
+                    ),
+                    priority_class_name: Some(spec.placement.priority_class_name.clone())
+                        .filter(|p| !p.is_empty()),
+                    node_selector: (!spec.placement.node_selector.is_empty()).then(|| {
+                        spec.placement.node_selector.clone().into_iter().collect::<BTreeMap<_, _>>()
+                    }),
+                    tolerations: (!spec.placement.tolerations.is_empty())
+                        .then(|| spec.placement.tolerations.clone()),
+                    containers: vec![container],
+                    volumes: Some(vec![Volume {
+                        name: "state".into(),
+                        host_path: Some(HostPathVolumeSource {
+                            path: spec.discipline.drift_directory.clone(),
+                            type_: Some("DirectoryOrCreate".into()),
+                        }),
+                        ..Volume::default()
+                    }]),
+                    termination_grace_period_seconds: Some(10),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DaemonSetSpec::default()
+        }),
+        status: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::build::fixtures;
+
+    fn pod_spec(ds: &DaemonSet) -> &PodSpec {
+        ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+    }
+
+    #[test]
+    fn agents_get_sys_time_only_never_privileged_and_a_read_only_root() {
+        let ts = fixtures::time_service("cluster");
+        let ds = build_daemonset(&ts, &fixtures::settings(), false).unwrap();
+        let sc = pod_spec(&ds).containers[0].security_context.as_ref().unwrap();
+        assert_eq!(sc.privileged, Some(false));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        let caps = sc.capabilities.as_ref().unwrap();
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+        assert_eq!(caps.add.as_deref(), Some(&["SYS_TIME".to_string()][..]));
+        assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+    }
+
+    #[test]
+    fn net_bind_service_is_added_only_for_ports_below_1024_and_monitor_drops_sys_time() {
+        let mut ts = fixtures::time_service("cluster");
+        assert!(needs_net_bind([12300, 123]) && !needs_net_bind([12300]));
+        ts.spec.discipline.mode = DisciplineMode::Monitor;
+        let ds = build_daemonset(&ts, &fixtures::settings(), true).unwrap();
+        let caps = pod_spec(&ds).containers[0].security_context.clone().unwrap().capabilities.unwrap();
+        assert_eq!(caps.add.unwrap(), ["NET_BIND_SERVICE"]);
+    }
+
+    #[test]
+    fn daemonset_follows_the_contract_names_args_env_and_placement() {
+        let mut ts = fixtures::time_service("cluster");
+        ts.spec.placement.node_selector.insert("time".into(), "yes".into());
+        ts.spec.placement.tolerations.push(k8s_openapi::api::core::v1::Toleration {
+            operator: Some("Exists".into()),
+            ..Default::default()
+        });
+        let ds = build_daemonset(&ts, &fixtures::settings(), false).unwrap();
+        assert_eq!(ds.metadata.name.as_deref(), Some("cluster-agent"));
+        assert_eq!(ds.metadata.namespace.as_deref(), Some("stratum-system"));
+        let spec = ds.spec.as_ref().unwrap();
+        assert_eq!(spec.selector.match_labels.as_ref(), Some(&names::agent_labels("cluster")));
+        assert_eq!(spec.update_strategy.as_ref().unwrap().type_.as_deref(), Some("RollingUpdate"));
+        let pod = pod_spec(&ds);
+        assert_eq!(pod.host_network, Some(true));
+        assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+        assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"));
+        assert_eq!(pod.service_account_name.as_deref(), Some("cluster-agent"));
+        assert_eq!(pod.node_selector.as_ref().unwrap()["time"], "yes");
+        assert_eq!(pod.tolerations.as_ref().unwrap().len(), 1);
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("stratum/agent:test"));
+        let args = c.args.as_ref().unwrap();
+        assert_eq!(args[0], "run");
+        assert!(args.windows(2).any(|w| w == ["--config-map", "stratum-system/cluster-agent-config"]));
+        assert!(args.windows(2).any(|w| w == ["--state-dir", "/var/lib/stratum"]));
+        let node_name = c.env.as_ref().unwrap().iter().find(|e| e.name == "NODE_NAME").unwrap();
+        assert_eq!(
+            node_name.value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path,
+            "spec.nodeName"
+        );
+        let ready = c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(ready.path.as_deref(), Some("/readyz"));
+        assert_eq!(
+            c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(),
+            Some("/healthz")
+        );
+        let volume = &pod.volumes.as_ref().unwrap()[0];
+        assert_eq!(volume.host_path.as_ref().unwrap().path, "/var/lib/stratum");
+        assert_eq!(volume.host_path.as_ref().unwrap().type_.as_deref(), Some("DirectoryOrCreate"));
+    }
+}

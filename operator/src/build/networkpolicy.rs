@@ -1,0 +1,188 @@
+//! The NetworkPolicy around a TimeService's agents: each tenant's peers may reach that tenant's
+//! port; agents may reach their upstreams, DNS and the API server.
+//!
+//! NetworkPolicy binds only pods on the pod network. With host-network agents (the default) it
+//! selects nothing enforceable, and the agent's own per-tenant allow list (the same peers,
+//! resolved to CIDRs in the agent config) is the enforcement that always holds. With
+//! `spec.agent.hostNetwork: false` both apply.
+
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
+    NetworkPolicyPort, NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use stratum_api::TimeService;
+use stratum_api::common::PolicyPeer;
+
+use super::{OperatorSettings, agent_meta};
+use crate::error::{Error, Result};
+use crate::names;
+
+/// One tenant's admission rule.
+#[derive(Clone, Debug)]
+pub struct TenantRule<'a> {
+    /// The tenant's namespace (peers without a namespaceSelector live there).
+    pub namespace: &'a str,
+    /// The tenant's allowedClients.
+    pub peers: &'a [PolicyPeer],
+    /// The tenant's port.
+    pub port: u16,
+}
+
+/// NTS key exchange (RFC 8915).
+const NTS_KE_PORT: i32 = 4460;
+
+fn port(protocol: &str, port: i32) -> NetworkPolicyPort {
+    NetworkPolicyPort {
+        protocol: Some(protocol.to_owned()),
+        port: Some(IntOrString::Int(port)),
+        ..NetworkPolicyPort::default()
+    }
+}
+
+fn namespace_is(ns: &str) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some([("kubernetes.io/metadata.name".to_owned(), ns.to_owned())].into()),
+        ..LabelSelector::default()
+    }
+}
+
+/// A tenant peer as a NetworkPolicy peer of a policy living in the operator's namespace: a bare
+/// podSelector is pinned to the tenant's namespace, because in this policy it would otherwise
+/// mean the operator's.
+pub fn to_network_peer(tenant_ns: &str, peer: &PolicyPeer) -> NetworkPolicyPeer {
+    if let Some(block) = &peer.ip_block {
+        return NetworkPolicyPeer {
+            ip_block: Some(IPBlock {
+                cidr: block.cidr.clone(),
+                except: (!block.except.is_empty()).then(|| block.except.clone()),
+            }),
+            ..NetworkPolicyPeer::default()
+        };
+    }
+    NetworkPolicyPeer {
+        namespace_selector: Some(peer.namespace_selector.clone().unwrap_or_else(|| namespace_is(tenant_ns))),
+        pod_selector: Some(peer.pod_selector.clone().unwrap_or_default()),
+        ..NetworkPolicyPeer::default()
+    }
+}
+
+/// The NetworkPolicy of `ts`.
+pub fn build_network_policy(
+    ts: &TimeService,
+    settings: &OperatorSettings,
+    tenants: &[TenantRule<'_>],
+    peer_port: Option<u16>,
+) -> Result<NetworkPolicy> {
+    let name = ts.metadata.name.as_deref().ok_or(Error::MissingMetadata("TimeService name"))?;
+    let agents = LabelSelector { match_labels: Some(names::agent_labels(name)), ..LabelSelector::default() };
+    let mut ingress = vec![NetworkPolicyIngressRule {
+        // Metrics and probes: scraped by Prometheus, probed by the kubelet.
+        from: None,
+        ports: Some(vec![port("TCP", names::AGENT_METRICS_PORT)]),
+    }];
+    for t in tenants {
+        let peers: Vec<NetworkPolicyPeer> = if t.peers.is_empty() {
+            vec![to_network_peer(
+                t.namespace,
+                &PolicyPeer { pod_selector: Some(LabelSelector::default()), ..PolicyPeer::default() },
+            )]
+        } else {
+            t.peers.iter().map(|p| to_network_peer(t.namespace, p)).collect()
+        };
+        ingress.push(NetworkPolicyIngressRule {
+            from: Some(peers),
+            ports: Some(vec![port("UDP", i32::from(t.port))]),
+        });
+    }
+    let own_agents = NetworkPolicyPeer {
+        pod_selector: Some(agents.clone()),
+        namespace_selector: Some(namespace_is(&settings.namespace)),
+        ..NetworkPolicyPeer::default()
+    };
+    if let Some(peer) = peer_port {
+        ingress.push(NetworkPolicyIngressRule {
+            from: Some(vec![own_agents.clone()]),
+            ports: Some(vec![port("UDP", i32::from(peer))]),
+        });
+    }
+    // Upstreams may be DNS names, which a NetworkPolicy cannot express, so egress is limited by
+    // port: NTP (and NTS-KE) to the configured upstream ports, DNS, and the API server.
+    let mut upstream_ports: Vec<NetworkPolicyPort> = Vec::new();
+    for u in &ts.spec.upstreams {
+        let p = port("UDP", u.port);
+        if !upstream_ports.contains(&p) {
+            upstream_ports.push(p);
+        }
+        if u.nts {
+            let ke = port("TCP", NTS_KE_PORT);
+            if !upstream_ports.contains(&ke) {
+                upstream_ports.push(ke);
+            }
+        }
+    }
+    let mut egress = vec![
+        NetworkPolicyEgressRule { to: None, ports: Some(upstream_ports) },
+        NetworkPolicyEgressRule { to: None, ports: Some(vec![port("UDP", 53), port("TCP", 53)]) },
+        NetworkPolicyEgressRule { to: None, ports: Some(vec![port("TCP", 443), port("TCP", 6443)]) },
+    ];
+    if let Some(peer) = peer_port {
+        egress.push(NetworkPolicyEgressRule {
+            to: Some(vec![own_agents]),
+            ports: Some(vec![port("UDP", i32::from(peer))]),
+        });
+    }
+    Ok(NetworkPolicy {
+        metadata: agent_meta(ts, names::agent_name(name), Some(&settings.namespace))?,
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(agents),
+            policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+            ingress: Some(ingress),
+            egress: Some(egress),
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::build::fixtures;
+
+    #[test]
+    fn each_tenant_port_admits_exactly_that_tenants_peers() {
+        let ts = fixtures::time_service("cluster");
+        let vm_peers: Vec<PolicyPeer> = serde_json::from_value(serde_json::json!([
+            { "podSelector": { "matchLabels": { "app": "vm" } } },
+            { "namespaceSelector": { "matchLabels": { "team": "a" } }, "podSelector": { "matchLabels": { "x": "y" } } },
+            { "ipBlock": { "cidr": "192.0.2.0/24", "except": ["192.0.2.1/32"] } }
+        ]))
+        .unwrap();
+        let tenants = [
+            TenantRule { namespace: "vms", peers: &vm_peers, port: 12300 },
+            TenantRule { namespace: "plain", peers: &[], port: 12301 },
+        ];
+        let np = build_network_policy(&ts, &fixtures::settings(), &tenants, None).unwrap();
+        let spec = np.spec.unwrap();
+        let ingress = spec.ingress.unwrap();
+        assert_eq!(ingress.len(), 3, "metrics plus one rule per tenant");
+        let vms = &ingress[1];
+        assert_eq!(vms.ports.as_ref().unwrap()[0].port, Some(IntOrString::Int(12300)));
+        let from = vms.from.as_ref().unwrap();
+        // A bare podSelector is pinned to the tenant's namespace.
+        assert_eq!(from[0].namespace_selector, Some(namespace_is("vms")));
+        assert_eq!(from[1].namespace_selector.as_ref().unwrap().match_labels.as_ref().unwrap()["team"], "a");
+        assert_eq!(
+            from[2].ip_block.as_ref().unwrap().except.as_deref(),
+            Some(&["192.0.2.1/32".to_string()][..])
+        );
+        // No peers: every pod of the tenant's own namespace.
+        let plain = &ingress[2].from.as_ref().unwrap()[0];
+        assert_eq!(plain.namespace_selector, Some(namespace_is("plain")));
+        assert_eq!(plain.pod_selector, Some(LabelSelector::default()));
+        let egress = spec.egress.unwrap();
+        assert_eq!(egress[0].ports.as_ref().unwrap()[0], port("UDP", 123));
+        assert_eq!(spec.pod_selector.unwrap().match_labels.unwrap(), names::agent_labels("cluster"));
+    }
+}

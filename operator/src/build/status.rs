@@ -1,0 +1,323 @@
+//! Status as a value: TimeService and TenantTimePolicy status computed from what was built and
+//! observed. A condition keeps its lastTransitionTime while its status stays the same, so an
+//! unchanged world yields an identical status and no write.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use stratum_api::node_clock::format_offset;
+use stratum_api::tenant_time_policy::TenantTimePolicyStatus;
+use stratum_api::time_service::{NodeCounts, StratumRange, TimeServiceStatus};
+
+use crate::index::ClockInfo;
+
+/// A condition to set: type, status, reason, message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cond {
+    /// Condition type.
+    pub type_: &'static str,
+    /// True or False.
+    pub status: bool,
+    /// CamelCase reason.
+    pub reason: &'static str,
+    /// Human message.
+    pub message: String,
+}
+
+impl Cond {
+    /// A condition.
+    pub fn new(type_: &'static str, status: bool, reason: &'static str, message: impl Into<String>) -> Self {
+        Self { type_, status, reason, message: message.into() }
+    }
+}
+
+/// Conditions `wanted`, keeping each one's lastTransitionTime from `current` while its status
+/// is unchanged.
+pub fn conditions(
+    current: &[Condition],
+    wanted: Vec<Cond>,
+    generation: Option<i64>,
+    now: &Time,
+) -> Vec<Condition> {
+    wanted
+        .into_iter()
+        .map(|c| {
+            let status = if c.status { "True" } else { "False" }.to_owned();
+            let since = current
+                .iter()
+                .find(|old| old.type_ == c.type_ && old.status == status)
+                .map(|old| old.last_transition_time.clone())
+                .unwrap_or_else(|| now.clone());
+            Condition {
+                type_: c.type_.to_owned(),
+                status,
+                reason: c.reason.to_owned(),
+                message: c.message,
+                observed_generation: generation,
+                last_transition_time: since,
+            }
+        })
+        .collect()
+}
+
+/// What the DaemonSet reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DaemonSetCounts {
+    /// desiredNumberScheduled.
+    pub desired: i32,
+    /// numberReady.
+    pub ready: i32,
+    /// updatedNumberScheduled.
+    pub updated: i32,
+}
+
+/// Why a TimeService runs no agents.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Blocked {
+    /// Its nodes overlap those of an older TimeService.
+    Conflict {
+        /// The older TimeService.
+        with: String,
+    },
+    /// The spec cannot be served (e.g. an egress tier without nodes).
+    Invalid(String),
+}
+
+/// TimeService status from the DaemonSet's counts and the clocks of its nodes.
+pub fn time_service_status(
+    current: Option<&TimeServiceStatus>,
+    generation: Option<i64>,
+    blocked: Option<&Blocked>,
+    daemonset: Option<DaemonSetCounts>,
+    clocks: &[&ClockInfo],
+    now: &Time,
+) -> TimeServiceStatus {
+    let ds = daemonset.unwrap_or_default();
+    let synced: Vec<&ClockInfo> = clocks.iter().copied().filter(|c| c.synchronized).collect();
+    let synchronized = i32::try_from(synced.len()).unwrap_or(i32::MAX);
+    let mut offsets: Vec<i64> = synced.iter().map(|c| c.offset_nanos).collect();
+    offsets.sort_unstable();
+    let worst = offsets.iter().copied().max_by_key(|o| o.unsigned_abs());
+    let median = (!offsets.is_empty()).then(|| {
+        let mid = offsets.len() / 2;
+        if offsets.len() % 2 == 1 { offsets[mid] } else { offsets[mid - 1] / 2 + offsets[mid] / 2 }
+    });
+    let stratum_range = synced.iter().map(|c| c.stratum).fold(None, |acc: Option<StratumRange>, s| {
+        Some(match acc {
+            None => StratumRange { min: s, max: s },
+            Some(r) => StratumRange { min: r.min.min(s), max: r.max.max(s) },
+        })
+    });
+
+    let mut wanted = Vec::new();
+    match blocked {
+        Some(Blocked::Conflict { with }) => {
+            let msg = format!("its nodes overlap those of the older TimeService {with:?}; no agents are run");
+            wanted.push(Cond::new("Ready", false, "Conflict", msg.clone()));
+            wanted.push(Cond::new("Progressing", false, "Conflict", msg.clone()));
+            wanted.push(Cond::new("Degraded", true, "Conflict", msg.clone()));
+            wanted.push(Cond::new("Conflict", true, "NodesOverlap", msg));
+        }
+        Some(Blocked::Invalid(why)) => {
+            wanted.push(Cond::new("Ready", false, "InvalidSpec", why.clone()));
+            wanted.push(Cond::new("Progressing", false, "InvalidSpec", why.clone()));
+            wanted.push(Cond::new("Degraded", true, "InvalidSpec", why.clone()));
+            wanted.push(Cond::new(
+                "Conflict",
+                false,
+                "NoOverlap",
+                "no other TimeService selects these nodes",
+            ));
+        }
+        None => {
+            let counts = format!(
+                "{synchronized}/{} agents synchronized, {}/{} ready",
+                ds.desired, ds.ready, ds.desired
+            );
+            let all_synced = ds.desired > 0 && synchronized >= ds.desired;
+            wanted.push(if ds.desired == 0 {
+                Cond::new("Ready", false, "NoNodes", "no node matches the placement")
+            } else if all_synced {
+                Cond::new("Ready", true, "AllSynchronized", counts.clone())
+            } else {
+                Cond::new("Ready", false, "NotAllSynchronized", counts.clone())
+            });
+            let rolling = ds.updated < ds.desired || ds.ready < ds.desired;
+            wanted.push(if rolling {
+                Cond::new("Progressing", true, "RollingOut", counts.clone())
+            } else {
+                Cond::new("Progressing", false, "RolledOut", counts.clone())
+            });
+            wanted.push(if ds.desired > 0 && !all_synced && !rolling {
+                Cond::new("Degraded", true, "Unsynchronized", counts)
+            } else {
+                Cond::new("Degraded", false, "AsExpected", counts)
+            });
+            wanted.push(Cond::new(
+                "Conflict",
+                false,
+                "NoOverlap",
+                "no other TimeService selects these nodes",
+            ));
+        }
+    }
+    let existing = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    TimeServiceStatus {
+        conditions: conditions(existing, wanted, generation, now),
+        observed_generation: generation,
+        nodes: NodeCounts { desired: ds.desired, ready: ds.ready, synchronized },
+        worst_offset: worst.map(format_offset),
+        worst_offset_nanos: worst,
+        median_offset_nanos: median,
+        stratum_range,
+    }
+}
+
+/// What a tenant reconcile observed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TenantObservation {
+    /// The serving TimeService.
+    pub time_service: Option<String>,
+    /// Allocated port.
+    pub port: Option<u16>,
+    /// ClusterIPs of the Service.
+    pub service_ips: Vec<String>,
+    /// Ready endpoints.
+    pub ready_endpoints: i32,
+    /// CIDRs in the resolved allow list.
+    pub allow_list_size: i32,
+}
+
+/// TenantTimePolicy status; `refused` carries the Accepted=False reason and message.
+pub fn tenant_status(
+    current: Option<&TenantTimePolicyStatus>,
+    generation: Option<i64>,
+    refused: Option<(&'static str, String)>,
+    seen: TenantObservation,
+    now: &Time,
+) -> TenantTimePolicyStatus {
+    let wanted = match &refused {
+        Some((reason, message)) => vec![
+            Cond::new("Accepted", false, reason, message.clone()),
+            Cond::new("Ready", false, "NotAccepted", message.clone()),
+        ],
+        None => vec![
+            Cond::new(
+                "Accepted",
+                true,
+                "Accepted",
+                format!("served on port {}", seen.port.unwrap_or_default()),
+            ),
+            if seen.ready_endpoints > 0 {
+                Cond::new(
+                    "Ready",
+                    true,
+                    "EndpointsReady",
+                    format!("{} agents serve this tenant", seen.ready_endpoints),
+                )
+            } else {
+                Cond::new(
+                    "Ready",
+                    false,
+                    "NoReadyEndpoints",
+                    "no agent is synchronized within this tenant's requirements",
+                )
+            },
+        ],
+    };
+    let existing = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    TenantTimePolicyStatus {
+        conditions: conditions(existing, wanted, generation, now),
+        observed_generation: generation,
+        time_service: seen.time_service,
+        port: seen.port.map(i32::from),
+        service_ips: seen.service_ips,
+        ready_endpoints: seen.ready_endpoints,
+        allow_list_size: seen.allow_list_size,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn at(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).unwrap())
+    }
+
+    fn clock(synced: bool, offset: i64, stratum: i32) -> ClockInfo {
+        ClockInfo {
+            time_service: "ts".into(),
+            synchronized: synced,
+            offset_nanos: offset,
+            stratum,
+            root_distance_nanos: 0,
+            config_revision: None,
+        }
+    }
+
+    fn cond<'a>(s: &'a TimeServiceStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn fleet_status_aggregates_counts_worst_and_median_offset_and_stratum_range() {
+        let clocks = [
+            clock(true, -3_000, 2),
+            clock(true, 1_000, 3),
+            clock(true, 2_000, 4),
+            clock(false, 9_999_999, 16),
+        ];
+        let refs: Vec<&ClockInfo> = clocks.iter().collect();
+        let ds = DaemonSetCounts { desired: 4, ready: 4, updated: 4 };
+        let s = time_service_status(None, Some(2), None, Some(ds), &refs, &at(10));
+        assert_eq!(s.nodes, NodeCounts { desired: 4, ready: 4, synchronized: 3 });
+        assert_eq!(
+            s.worst_offset_nanos,
+            Some(-3_000),
+            "the largest magnitude, unsynchronized nodes excluded"
+        );
+        assert_eq!(s.worst_offset.as_deref(), Some("-3.0µs"));
+        assert_eq!(s.median_offset_nanos, Some(1_000));
+        assert_eq!(s.stratum_range, Some(StratumRange { min: 2, max: 4 }));
+        assert_eq!(cond(&s, "Ready").status, "False");
+        assert_eq!(cond(&s, "Degraded").status, "True");
+        assert_eq!(cond(&s, "Ready").observed_generation, Some(2));
+    }
+
+    #[test]
+    fn an_unchanged_world_yields_an_identical_status_later() {
+        let clocks = [clock(true, 1, 2)];
+        let refs: Vec<&ClockInfo> = clocks.iter().collect();
+        let ds = Some(DaemonSetCounts { desired: 1, ready: 1, updated: 1 });
+        let first = time_service_status(None, Some(1), None, ds, &refs, &at(10));
+        let second = time_service_status(Some(&first), Some(1), None, ds, &refs, &at(99));
+        assert_eq!(first, second);
+        assert_eq!(cond(&first, "Ready").status, "True");
+        // A real transition moves lastTransitionTime.
+        let third = time_service_status(Some(&second), Some(1), None, ds, &[], &at(200));
+        assert_eq!(cond(&third, "Ready").last_transition_time, at(200));
+        assert_eq!(cond(&third, "Conflict").last_transition_time, at(10));
+    }
+
+    #[test]
+    fn a_conflicting_time_service_says_which_older_one_it_yields_to() {
+        let blocked = Blocked::Conflict { with: "first".into() };
+        let s = time_service_status(None, Some(1), Some(&blocked), None, &[], &at(1));
+        assert_eq!(cond(&s, "Conflict").status, "True");
+        assert!(cond(&s, "Conflict").message.contains("\"first\""));
+        assert_eq!(cond(&s, "Ready").status, "False");
+    }
+
+    #[test]
+    fn tenant_ready_needs_acceptance_and_a_ready_endpoint() {
+        let seen = TenantObservation { port: Some(12300), ready_endpoints: 2, ..Default::default() };
+        let ok = tenant_status(None, Some(1), None, seen.clone(), &at(1));
+        assert_eq!(ok.conditions[0].status, "True");
+        assert_eq!(ok.conditions[1].status, "True");
+        assert_eq!(ok.port, Some(12300));
+        let refused = tenant_status(Some(&ok), Some(2), Some(("InvalidTimezone", "no".into())), seen, &at(5));
+        assert_eq!(refused.conditions[0].reason, "InvalidTimezone");
+        assert_eq!(refused.conditions[1].status, "False");
+    }
+}

@@ -1,0 +1,191 @@
+//! The controllers: thin reconcilers (read the index, plan, apply with server-side apply, write
+//! status only when it changed) and the wiring of watches into the index and controllers.
+
+pub mod tenant;
+pub mod time_service;
+pub mod wiring;
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures::channel::mpsc::UnboundedSender;
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{Patch, PatchParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Client, Resource};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use stratum_api::{AgentConfig, TenantTimePolicy, TimeService};
+
+use crate::build::OperatorSettings;
+use crate::coalesce::Coalescer;
+use crate::error::{Error, Result};
+use crate::index::{Index, Triggers};
+use crate::metrics::Metrics;
+use crate::names;
+
+/// How often a reconciled object is revisited with no trigger: repairs drift of children and
+/// refreshes offsets in status.
+pub const RESYNC: Duration = Duration::from_secs(300);
+
+/// Where index triggers go.
+#[derive(Clone, Debug)]
+pub struct TriggerSenders {
+    /// TimeService controller.
+    pub time_services: UnboundedSender<ObjectRef<DeserializeGuard<TimeService>>>,
+    /// Tenant controller.
+    pub tenants: UnboundedSender<ObjectRef<DeserializeGuard<TenantTimePolicy>>>,
+}
+
+impl TriggerSenders {
+    /// Sends every trigger; a closed channel means shutdown and is ignored.
+    pub fn send(&self, triggers: Triggers) {
+        for ts in triggers.time_services {
+            let _ = self.time_services.unbounded_send(ObjectRef::new(&ts));
+        }
+        for (ns, name) in triggers.tenants {
+            let _ = self.tenants.unbounded_send(ObjectRef::new(&name).within(&ns));
+        }
+    }
+}
+
+/// State shared by the reconcilers.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Operator deployment settings.
+    pub settings: OperatorSettings,
+    /// The index every reconcile reads. A std mutex: never held across an await.
+    pub index: Arc<Mutex<Index>>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Event recorder (`None` disables events, e.g. in API tests).
+    pub recorder: Option<Recorder>,
+    /// Agent config write coalescing.
+    pub coalescer: Mutex<Coalescer>,
+    /// Last agent config written per TimeService: the baseline of the audit trail.
+    pub last_config: Mutex<HashMap<String, AgentConfig>>,
+    /// Revision written per TimeService and when, until every agent reports it.
+    pub propagation: Mutex<HashMap<String, (String, Instant)>>,
+    /// Consecutive transient failures per object, for exponential backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context with the default coalescing interval (1 s).
+    pub fn new(
+        client: Client,
+        settings: OperatorSettings,
+        index: Arc<Mutex<Index>>,
+        metrics: Arc<Metrics>,
+        recorder: Option<Recorder>,
+    ) -> Self {
+        Self {
+            client,
+            settings,
+            index,
+            metrics,
+            recorder,
+            coalescer: Mutex::new(Coalescer::new(Duration::from_secs(1))),
+            last_config: Mutex::new(HashMap::new()),
+            propagation: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// What to do after `error` on object `key`: user errors wait for a change; transient
+    /// ones retry after 1 s, doubling per consecutive failure up to 5 minutes.
+    pub fn error_action(&self, key: &str, error: &Error) -> Action {
+        if error.is_user_error() {
+            return Action::await_change();
+        }
+        let mut failures = lock(&self.failures);
+        let n = failures.entry(key.to_owned()).or_insert(0);
+        *n = n.saturating_add(1);
+        Action::requeue(backoff(*n))
+    }
+
+    /// Forgets the failures of `key` after a success.
+    pub fn succeeded(&self, key: &str) {
+        lock(&self.failures).remove(key);
+    }
+
+    /// Publishes an event; failures are logged, never fail a reconcile.
+    pub async fn event(
+        &self,
+        reference: &k8s_openapi::api::core::v1::ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let Some(recorder) = &self.recorder else { return };
+        let event = Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, reference).await {
+            tracing::warn!(error = %e, reason, "publishing event failed");
+        }
+    }
+}
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it (the index is rebuilt
+/// from watches anyway).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Server-side apply parameters: our field manager, taking ownership of conflicting fields.
+pub fn apply_params() -> PatchParams {
+    PatchParams::apply(names::FIELD_MANAGER).force()
+}
+
+/// Applies a namespaced child.
+pub async fn apply_namespaced<K>(client: &Client, obj: &K) -> Result<K>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    let ns = obj.meta().namespace.as_deref().ok_or(Error::MissingMetadata("child namespace"))?;
+    let name = obj.meta().name.as_deref().ok_or(Error::MissingMetadata("child name"))?;
+    Ok(Api::<K>::namespaced(client.clone(), ns).patch(name, &apply_params(), &Patch::Apply(obj)).await?)
+}
+
+/// Applies a cluster-scoped child.
+pub async fn apply_cluster<K>(client: &Client, obj: &K) -> Result<K>
+where
+    K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
+{
+    let name = obj.meta().name.as_deref().ok_or(Error::MissingMetadata("child name"))?;
+    Ok(Api::<K>::all(client.clone()).patch(name, &apply_params(), &Patch::Apply(obj)).await?)
+}
+
+/// Delay before retry number `n` (1-based): 1 s doubling, at most 5 minutes.
+pub fn backoff(n: u32) -> Duration {
+    Duration::from_secs(1u64 << n.saturating_sub(1).min(9)).min(MAX_RETRY)
+}
+
+/// Longest retry delay.
+pub const MAX_RETRY: Duration = Duration::from_secs(300);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_retries_back_off_exponentially_to_five_minutes() {
+        let delays: Vec<u64> = (1..=11).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+    }
+}

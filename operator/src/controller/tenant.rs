@@ -1,0 +1,99 @@
+//! TenantTimePolicy reconcile: plan from the index, apply the Service, EndpointSlices and
+//! `time-config` in the tenant's namespace, write status when it changed.
+
+use std::sync::Arc;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::Patch;
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, Resource, ResourceExt};
+use stratum_api::TenantTimePolicy;
+
+use super::{Context, RESYNC, apply_namespaced, apply_params, lock};
+use crate::build::status::{TenantObservation, tenant_status};
+use crate::error::{Error, Result};
+use crate::plan::plan_tenant;
+
+/// Controller name in metrics.
+pub const CONTROLLER: &str = "tenant";
+
+/// Reconciles one TenantTimePolicy.
+pub async fn reconcile(obj: Arc<DeserializeGuard<TenantTimePolicy>>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.measure(CONTROLLER);
+    let tenant = match &obj.0 {
+        Ok(t) => t,
+        Err(invalid) => return Err(Error::Undecodable(invalid.error.clone())),
+    };
+    let ns = tenant.namespace().ok_or(Error::MissingMetadata("TenantTimePolicy namespace"))?;
+    let name = tenant.name_any();
+    let plan = {
+        let mut index = lock(&ctx.index);
+        index.apply_tenant(tenant);
+        plan_tenant(&mut index, tenant)?
+    };
+    let mut seen = TenantObservation {
+        time_service: plan.time_service.clone(),
+        port: plan.port,
+        ready_endpoints: plan.ready_endpoints,
+        allow_list_size: plan.allow_list_size,
+        service_ips: Vec::new(),
+    };
+    if plan.refused.is_none() {
+        if let Some(service) = &plan.service {
+            let applied = apply_namespaced(&ctx.client, service).await?;
+            seen.service_ips = applied.spec.and_then(|s| s.cluster_ips).unwrap_or_default();
+        }
+        for slice in &plan.slices {
+            apply_namespaced(&ctx.client, slice).await?;
+        }
+        if let Some(time_config) = &plan.time_config {
+            apply_namespaced(&ctx.client, time_config).await?;
+        }
+    }
+    let now = Time(Timestamp::now());
+    let status =
+        tenant_status(tenant.status.as_ref(), tenant.metadata.generation, plan.refused.clone(), seen, &now);
+    if tenant.status.as_ref() != Some(&status) {
+        let was_refused = tenant
+            .status
+            .as_ref()
+            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Accepted" && c.status == "False"));
+        if let Some((reason, message)) = &plan.refused
+            && !was_refused
+        {
+            ctx.event(&tenant.object_ref(&()), EventType::Warning, reason, message.clone()).await;
+        }
+        let body = serde_json::json!({
+            "apiVersion": TenantTimePolicy::api_version(&()),
+            "kind": TenantTimePolicy::kind(&()),
+            "status": status,
+        });
+        Api::<TenantTimePolicy>::namespaced(ctx.client.clone(), &ns)
+            .patch_status(&name, &apply_params(), &Patch::Apply(&body))
+            .await?;
+    }
+    ctx.succeeded(&format!("{ns}/{name}"));
+    Ok(if plan.refused.is_some() { Action::await_change() } else { Action::requeue(RESYNC) })
+}
+
+/// Error policy: user errors wait for a change; transient ones back off.
+pub fn error_policy(
+    obj: Arc<DeserializeGuard<TenantTimePolicy>>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    ctx.metrics.failed(CONTROLLER, error);
+    let key = match &obj.0 {
+        Ok(t) => format!("{}/{}", t.namespace().unwrap_or_default(), t.name_any()),
+        Err(invalid) => format!(
+            "{}/{}",
+            invalid.metadata.namespace.clone().unwrap_or_default(),
+            invalid.metadata.name.clone().unwrap_or_default()
+        ),
+    };
+    tracing::warn!(tenant = %key, error = %error, "reconcile failed");
+    ctx.error_action(&key, error)
+}

@@ -1,0 +1,236 @@
+//! TimeService reconcile: validate and build from the index (`plan`), apply agent children
+//! with server-side apply, write the agent config (coalesced, audited), write status when it
+//! changed.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch};
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, Resource, ResourceExt};
+use stratum_api::agent_config::AGENT_CONFIG_KEY;
+use stratum_api::{AgentConfig, TimeService};
+
+use super::{Context, RESYNC, apply_cluster, apply_namespaced, apply_params, lock};
+use crate::build::audit::{self, Change};
+use crate::build::status::{Blocked, DaemonSetCounts, time_service_status};
+use crate::coalesce::Decision;
+use crate::error::{Error, Result};
+use crate::names;
+use crate::plan::plan_time_service;
+
+/// Controller name in metrics.
+pub const CONTROLLER: &str = "timeservice";
+
+/// Reconciles one TimeService.
+pub async fn reconcile(obj: Arc<DeserializeGuard<TimeService>>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.measure(CONTROLLER);
+    let ts = match &obj.0 {
+        Ok(ts) => ts,
+        Err(invalid) => return Err(Error::Undecodable(invalid.error.clone())),
+    };
+    let name = ts.name_any();
+    let plan = {
+        let mut index = lock(&ctx.index);
+        // The object handed to us may be newer than the index's copy.
+        index.apply_time_service(ts);
+        let plan = plan_time_service(&mut index, ts, &ctx.settings)?;
+        ctx.metrics.tenants.set(i64::try_from(index.tenants.len()).unwrap_or(i64::MAX));
+        plan
+    };
+    for size in &plan.allow_list_sizes {
+        ctx.metrics.allow_list_size.observe(*size as f64);
+    }
+    let client = &ctx.client;
+    apply_namespaced(client, &plan.rbac.service_account).await?;
+    apply_namespaced(client, &plan.rbac.role).await?;
+    apply_namespaced(client, &plan.rbac.role_binding).await?;
+    apply_cluster(client, &plan.rbac.cluster_role).await?;
+    apply_cluster(client, &plan.rbac.cluster_role_binding).await?;
+
+    let mut requeue = RESYNC;
+    if let (Some(config), Some(config_map)) = (&plan.config, &plan.config_map)
+        && let Some(wait) = write_config(&ctx, ts, config, config_map, &plan.tenants).await?
+    {
+        requeue = requeue.min(wait);
+    }
+    apply_namespaced(client, &plan.network_policy).await?;
+
+    let daemonset = match &plan.daemonset {
+        Some(ds) => {
+            let applied = apply_namespaced(client, ds).await?;
+            Some(counts(&applied))
+        }
+        None => {
+            delete_daemonset(&ctx, &name).await?;
+            None
+        }
+    };
+
+    let now = Time(Timestamp::now());
+    let clocks: Vec<_> = plan.clocks.iter().collect();
+    let status = time_service_status(
+        ts.status.as_ref(),
+        ts.metadata.generation,
+        plan.blocked.as_ref(),
+        daemonset,
+        &clocks,
+        &now,
+    );
+    observe_propagation(&ctx, &name, &plan.clocks, status.nodes.desired);
+    if ts.status.as_ref() != Some(&status) {
+        announce_transitions(&ctx, ts, ts.status.as_ref(), &plan.blocked).await;
+        let body = serde_json::json!({
+            "apiVersion": TimeService::api_version(&()),
+            "kind": TimeService::kind(&()),
+            "status": status,
+        });
+        Api::<TimeService>::all(client.clone())
+            .patch_status(&name, &apply_params(), &Patch::Apply(&body))
+            .await?;
+    }
+    ctx.succeeded(&name);
+    Ok(Action::requeue(requeue))
+}
+
+fn counts(ds: &DaemonSet) -> DaemonSetCounts {
+    let s = ds.status.clone().unwrap_or_default();
+    DaemonSetCounts {
+        desired: s.desired_number_scheduled,
+        ready: s.number_ready,
+        updated: s.updated_number_scheduled.unwrap_or_default(),
+    }
+}
+
+async fn delete_daemonset(ctx: &Context, name: &str) -> Result<()> {
+    let api = Api::<DaemonSet>::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    match api.delete(&names::agent_name(name), &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes the agent config when its revision changed, at most once per coalescing interval,
+/// and records an Event per audited change. Returns how long to wait when the write is held.
+async fn write_config(
+    ctx: &Context,
+    ts: &TimeService,
+    config: &AgentConfig,
+    config_map: &ConfigMap,
+    tenants: &std::collections::BTreeMap<String, (String, String, Option<String>)>,
+) -> Result<Option<std::time::Duration>> {
+    let name = ts.name_any();
+    let known = lock(&ctx.last_config).get(&name).cloned();
+    let previous = match known {
+        Some(previous) => Some(previous),
+        // First pass since start: the ConfigMap in the cluster is the audit baseline.
+        None => read_current_config(ctx, &name).await?,
+    };
+    if previous.as_ref().is_some_and(|p| p.revision == config.revision) {
+        lock(&ctx.last_config).insert(name, config.clone());
+        return Ok(None);
+    }
+    let now = Instant::now();
+    let decision = lock(&ctx.coalescer).decide(&name, now);
+    if let Decision::WriteAt(at) = decision {
+        ctx.metrics.config_writes.with_label_values(&["held"]).inc();
+        if let Some(previous) = previous {
+            lock(&ctx.last_config).insert(name, previous);
+        }
+        return Ok(Some(at.saturating_duration_since(now)));
+    }
+    apply_namespaced(&ctx.client, config_map).await?;
+    ctx.metrics.config_writes.with_label_values(&["written"]).inc();
+    lock(&ctx.propagation).insert(name.clone(), (config.revision.clone(), now));
+    lock(&ctx.last_config).insert(name.clone(), config.clone());
+    let ts_ref = ts.object_ref(&());
+    for change in audit::changes(previous.as_ref(), config) {
+        let reference = match &change {
+            Change::TenantClients { id, .. }
+            | Change::TenantAdded { id, .. }
+            | Change::TenantRemoved { id } => match tenants.get(id) {
+                Some((ns, tenant, uid)) => tenant_reference(ns, tenant, uid.as_deref()),
+                None => ts_ref.clone(),
+            },
+            _ => ts_ref.clone(),
+        };
+        tracing::info!(time_service = %name, reason = change.reason(), note = %change.note(), "agent config changed");
+        ctx.event(&reference, EventType::Normal, change.reason(), change.note()).await;
+    }
+    Ok(None)
+}
+
+fn tenant_reference(ns: &str, name: &str, uid: Option<&str>) -> k8s_openapi::api::core::v1::ObjectReference {
+    k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some(stratum_api::TenantTimePolicy::api_version(&()).into_owned()),
+        kind: Some(stratum_api::TenantTimePolicy::kind(&()).into_owned()),
+        namespace: Some(ns.to_owned()),
+        name: Some(name.to_owned()),
+        uid: uid.map(str::to_owned),
+        ..Default::default()
+    }
+}
+
+async fn read_current_config(ctx: &Context, name: &str) -> Result<Option<AgentConfig>> {
+    let api = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    let current = api.get_opt(&names::agent_config_map_name(name)).await?;
+    Ok(current
+        .and_then(|cm| cm.data)
+        .and_then(|d| d.get(AGENT_CONFIG_KEY).cloned())
+        .and_then(|text| serde_json::from_str(&text).ok()))
+}
+
+/// Records the propagation latency once every desired agent reports the written revision.
+fn observe_propagation(ctx: &Context, name: &str, clocks: &[crate::index::ClockInfo], desired: i32) {
+    let mut pending = lock(&ctx.propagation);
+    let Some((revision, written)) = pending.get(name) else { return };
+    let reporting = clocks.iter().filter(|c| c.config_revision.as_deref() == Some(revision.as_str())).count();
+    if desired > 0 && reporting >= usize::try_from(desired).unwrap_or(usize::MAX) {
+        ctx.metrics.config_propagation.observe(written.elapsed().as_secs_f64());
+        pending.remove(name);
+    }
+}
+
+/// Events for a new conflict or refusal (only on the transition, not on every pass).
+async fn announce_transitions(
+    ctx: &Context,
+    ts: &TimeService,
+    current: Option<&stratum_api::TimeServiceStatus>,
+    blocked: &Option<Blocked>,
+) {
+    let was = |type_: &str, reason: Option<&str>| {
+        current.is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == type_ && c.status == "True" && reason.is_none_or(|r| c.reason == r))
+        })
+    };
+    match blocked {
+        Some(Blocked::Conflict { with }) if !was("Conflict", None) => {
+            let note = format!("nodes overlap those of the older TimeService {with:?}; its agents keep them");
+            ctx.event(&ts.object_ref(&()), EventType::Warning, "Conflict", note).await;
+        }
+        Some(Blocked::Invalid(why)) if !was("Degraded", Some("InvalidSpec")) => {
+            ctx.event(&ts.object_ref(&()), EventType::Warning, "Refused", why.clone()).await;
+        }
+        _ => {}
+    }
+}
+
+/// Error policy: user errors wait for a change; transient ones back off.
+pub fn error_policy(obj: Arc<DeserializeGuard<TimeService>>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failed(CONTROLLER, error);
+    let name = match &obj.0 {
+        Ok(ts) => ts.name_any(),
+        Err(invalid) => invalid.metadata.name.clone().unwrap_or_default(),
+    };
+    tracing::warn!(time_service = %name, error = %error, "reconcile failed");
+    ctx.error_action(&name, error)
+}

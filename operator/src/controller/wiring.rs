@@ -1,0 +1,222 @@
+//! Wiring: watches feed the index (each one a trimmed reflector: pods become [`PodInfo`]s,
+//! nodes and namespaces are watched as metadata only), index changes trigger exactly the
+//! affected objects, and the two controllers run once every index has its initial list.
+//!
+//! The CRDs are read through `DeserializeGuard`, so an object this version cannot decode is
+//! reported on its own and never stalls a watch.
+//!
+//! [`PodInfo`]: crate::index::PodInfo
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use futures::{Stream, StreamExt, channel::mpsc};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use kube::core::DeserializeGuard;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{self, Controller};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use stratum_api::{NodeClock, TenantTimePolicy, TimeService};
+use tokio::sync::oneshot;
+
+use super::{Context, TriggerSenders, lock, tenant, time_service};
+use crate::index::{Index, Triggers};
+
+type Key = (Option<String>, String);
+
+/// Applies watch events of one kind to the index and forwards the triggers. Relists (Init …
+/// InitDone) delete whatever the new list no longer holds. `synced` fires after the first list.
+#[allow(clippy::too_many_arguments)]
+pub async fn feed<K>(
+    kind: &'static str,
+    events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    index: Arc<Mutex<Index>>,
+    senders: TriggerSenders,
+    key: fn(&K) -> Key,
+    apply: fn(&mut Index, &K) -> Triggers,
+    delete: fn(&mut Index, Option<&str>, &str) -> Triggers,
+    synced: oneshot::Sender<()>,
+) {
+    let mut known: HashSet<Key> = HashSet::new();
+    let mut relist: Option<HashSet<Key>> = None;
+    let mut synced = Some(synced);
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        let mut triggers = Triggers::default();
+        match event {
+            Ok(watcher::Event::Apply(obj)) => {
+                known.insert(key(&obj));
+                triggers = apply(&mut lock(&index), &obj);
+            }
+            Ok(watcher::Event::Delete(obj)) => {
+                let k = key(&obj);
+                known.remove(&k);
+                triggers = delete(&mut lock(&index), k.0.as_deref(), &k.1);
+            }
+            Ok(watcher::Event::Init) => relist = Some(HashSet::new()),
+            Ok(watcher::Event::InitApply(obj)) => {
+                let k = key(&obj);
+                relist.get_or_insert_with(HashSet::new).insert(k.clone());
+                known.insert(k);
+                triggers = apply(&mut lock(&index), &obj);
+            }
+            Ok(watcher::Event::InitDone) => {
+                let seen = relist.take().unwrap_or_default();
+                let mut idx = lock(&index);
+                for gone in known.difference(&seen) {
+                    triggers.extend(delete(&mut idx, gone.0.as_deref(), &gone.1));
+                }
+                drop(idx);
+                known = seen;
+                if let Some(tx) = synced.take() {
+                    tracing::info!(kind, objects = known.len(), "index synced");
+                    let _ = tx.send(());
+                }
+            }
+            Err(e) => tracing::warn!(kind, error = %e, "watch failed; retrying with backoff"),
+        }
+        if !triggers.is_empty() {
+            senders.send(triggers);
+        }
+    }
+}
+
+fn key_of<K: ResourceExt>(obj: &K) -> Key {
+    (obj.namespace(), obj.name_any())
+}
+
+fn guard_key<K: kube::Resource>(obj: &DeserializeGuard<K>) -> Key {
+    match &obj.0 {
+        Ok(o) => (o.meta().namespace.clone(), o.meta().name.clone().unwrap_or_default()),
+        Err(invalid) => {
+            (invalid.metadata.namespace.clone(), invalid.metadata.name.clone().unwrap_or_default())
+        }
+    }
+}
+
+/// Runs the feeders and, once every index is synced, both controllers, until `shutdown`.
+pub async fn run(
+    client: Client,
+    ctx: Arc<Context>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (ts_tx, ts_rx) = mpsc::unbounded();
+    let (tenant_tx, tenant_rx) = mpsc::unbounded();
+    let senders = TriggerSenders { time_services: ts_tx, tenants: tenant_tx };
+    let index = ctx.index.clone();
+    let mut synced = Vec::new();
+    let cfg = watcher::Config::default;
+
+    macro_rules! spawn_feed {
+        ($kind:literal, $stream:expr, $key:expr, $apply:expr, $delete:expr) => {{
+            let (tx, rx) = oneshot::channel();
+            synced.push(rx);
+            tokio::spawn(feed(
+                $kind,
+                $stream.default_backoff(),
+                index.clone(),
+                senders.clone(),
+                $key,
+                $apply,
+                $delete,
+                tx,
+            ));
+        }};
+    }
+    spawn_feed!(
+        "Pod",
+        watcher(Api::<Pod>::all(client.clone()), cfg()),
+        key_of::<Pod>,
+        |i, p| i.apply_pod(p),
+        |i, ns, name| i.delete_pod(ns.unwrap_or_default(), name)
+    );
+    spawn_feed!(
+        "Namespace",
+        watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), cfg()),
+        key_of,
+        |i, n| i.apply_namespace(&n.name_any(), n.labels()),
+        |i, _, name| i.delete_namespace(name)
+    );
+    spawn_feed!(
+        "Node",
+        watcher(Api::<PartialObjectMeta<Node>>::all(client.clone()), cfg()),
+        key_of,
+        |i, n| i.apply_node(&n.name_any(), n.labels()),
+        |i, _, name| i.delete_node(name)
+    );
+    spawn_feed!(
+        "NodeClock",
+        watcher(Api::<DeserializeGuard<NodeClock>>::all(client.clone()), cfg()),
+        guard_key::<NodeClock>,
+        |i, c| match &c.0 {
+            Ok(clock) => i.apply_clock(clock),
+            Err(invalid) => {
+                tracing::warn!(node = ?invalid.metadata.name, error = %invalid.error, "undecodable NodeClock ignored");
+                i.delete_clock(invalid.metadata.name.as_deref().unwrap_or_default())
+            }
+        },
+        |i, _, name| i.delete_clock(name)
+    );
+    spawn_feed!(
+        "TenantTimePolicy",
+        watcher(Api::<DeserializeGuard<TenantTimePolicy>>::all(client.clone()), cfg()),
+        guard_key::<TenantTimePolicy>,
+        |i, t| match &t.0 {
+            Ok(tenant) => i.apply_tenant(tenant),
+            Err(invalid) => i.delete_tenant(
+                invalid.metadata.namespace.as_deref().unwrap_or_default(),
+                invalid.metadata.name.as_deref().unwrap_or_default(),
+            ),
+        },
+        |i, ns, name| i.delete_tenant(ns.unwrap_or_default(), name)
+    );
+    spawn_feed!(
+        "TimeService",
+        watcher(Api::<DeserializeGuard<TimeService>>::all(client.clone()), cfg()),
+        guard_key::<TimeService>,
+        |i, t| match &t.0 {
+            Ok(ts) => i.apply_time_service(ts),
+            Err(invalid) => i.delete_time_service(invalid.metadata.name.as_deref().unwrap_or_default()),
+        },
+        |i, _, name| i.delete_time_service(name)
+    );
+    // Never plan from a partial picture: an allow list computed before the pods are listed
+    // would briefly lock clients out.
+    for rx in synced {
+        let _ = rx.await;
+    }
+    tracing::info!("indexes synced; starting controllers");
+
+    let managed = || cfg().labels("app.kubernetes.io/managed-by=stratum-operator");
+    let config = controller::Config::default().concurrency(4);
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let ts_controller = Controller::new(Api::<DeserializeGuard<TimeService>>::all(client.clone()), cfg())
+        .owns(Api::<DaemonSet>::namespaced(client.clone(), &ctx.settings.namespace), managed())
+        .reconcile_on(ts_rx)
+        .with_config(config.clone())
+        .graceful_shutdown_on(shutdown.clone())
+        .run(time_service::reconcile, time_service::error_policy, ctx.clone())
+        .for_each(|r| {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "timeservice controller event");
+            }
+            futures::future::ready(())
+        });
+    let tenant_controller =
+        Controller::new(Api::<DeserializeGuard<TenantTimePolicy>>::all(client.clone()), cfg())
+            .owns(Api::<Service>::all(client.clone()), managed())
+            .reconcile_on(tenant_rx)
+            .with_config(config)
+            .graceful_shutdown_on(shutdown)
+            .run(tenant::reconcile, tenant::error_policy, ctx.clone())
+            .for_each(|r| {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "tenant controller event");
+                }
+                futures::future::ready(())
+            });
+    futures::join!(ts_controller, tenant_controller);
+}

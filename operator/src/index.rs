@@ -1,0 +1,711 @@
+//! The operator's view of the cluster: pure, synchronous indexes fed by watch events (trimmed to
+//! what the operator reads: labels, pod IPs, node names, clock summaries) and read by every
+//! reconcile. Each `apply_*`/`delete_*` returns the [`Triggers`] it causes: the TimeServices and
+//! tenants whose output may have changed, so a pod event reconciles only what it affects.
+//!
+//! Allow lists are cached per tenant and re-resolved only when an event touches a pod or
+//! namespace that one of the tenant's peers selects, which keeps a pod add to a few
+//! milliseconds with thousands of tenants (see `examples/scale.rs`).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use stratum_api::{NodeClock, TenantTimePolicy, TenantTimePolicySpec, TimeService, TimeServiceSpec};
+
+use crate::names;
+use crate::ports::{self, PortClaim, TenantKey};
+use crate::resolve::{CompiledPolicy, ResolveError};
+use crate::selector::{Labels, Selector};
+
+/// A pod as the operator sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    /// Pod name.
+    pub name: String,
+    /// Pod labels.
+    pub labels: Labels,
+    /// Every address of `status.podIPs` (falling back to `status.podIP`).
+    pub ips: Vec<IpAddr>,
+    /// The node the pod runs on.
+    pub node_name: Option<String>,
+    /// The Ready condition is True.
+    pub ready: bool,
+    /// Phase Succeeded or Failed: its addresses may belong to someone else by now.
+    pub terminated: bool,
+}
+
+impl PodInfo {
+    /// Trims a Pod to what the operator needs; `None` without a namespace.
+    pub fn from_pod(pod: &Pod) -> Option<(String, PodInfo)> {
+        let namespace = pod.metadata.namespace.clone()?;
+        let status = pod.status.as_ref();
+        let mut ips: Vec<IpAddr> = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip.ip.parse().ok())
+            .collect();
+        if ips.is_empty()
+            && let Some(ip) = status.and_then(|s| s.pod_ip.as_ref()).and_then(|ip| ip.parse().ok())
+        {
+            ips.push(ip);
+        }
+        let phase = status.and_then(|s| s.phase.as_deref());
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        Some((
+            namespace,
+            PodInfo {
+                name: pod.name_any(),
+                labels: pod.labels().clone(),
+                ips,
+                node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+                ready,
+                terminated: matches!(phase, Some("Succeeded" | "Failed")),
+            },
+        ))
+    }
+}
+
+/// A NodeClock as the operator sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClockInfo {
+    /// The TimeService whose agent wrote it.
+    pub time_service: String,
+    /// The agent reports a synchronized clock.
+    pub synchronized: bool,
+    /// Offset from true time.
+    pub offset_nanos: i64,
+    /// Stratum served.
+    pub stratum: i32,
+    /// Root delay / 2 + root dispersion: the bound on the node clock's error.
+    pub root_distance_nanos: i64,
+    /// The agent config revision in force.
+    pub config_revision: Option<String>,
+}
+
+impl ClockInfo {
+    /// Trims a NodeClock.
+    pub fn from_node_clock(clock: &NodeClock) -> ClockInfo {
+        let status = clock.status.clone().unwrap_or_default();
+        ClockInfo {
+            time_service: clock.spec.time_service.clone(),
+            synchronized: status.synchronized,
+            offset_nanos: status.offset_nanos,
+            stratum: status.stratum,
+            root_distance_nanos: status.root_delay_nanos.saturating_abs() / 2
+                + status.root_dispersion_nanos.saturating_abs(),
+            config_revision: status.config_revision,
+        }
+    }
+
+    /// Whether this node may serve a tenant requiring at most `max_root_distance_nanos`.
+    pub fn serves(&self, max_root_distance_nanos: Option<i64>) -> bool {
+        self.synchronized && max_root_distance_nanos.is_none_or(|max| self.root_distance_nanos <= max)
+    }
+
+    /// The part of a clock report that TimeService status and endpoint readiness track; other
+    /// changes (offset drift, heartbeats) are picked up at the next periodic reconcile.
+    fn summary(&self) -> (&str, bool, i32, Option<&str>) {
+        (&self.time_service, self.synchronized, self.stratum, self.config_revision.as_deref())
+    }
+}
+
+/// Namespaces and their pods.
+#[derive(Clone, Debug, Default)]
+pub struct Cluster {
+    namespaces: BTreeMap<String, Labels>,
+    pods: HashMap<String, BTreeMap<String, PodInfo>>,
+}
+
+impl Cluster {
+    /// Every known namespace with its labels.
+    pub fn namespaces(&self) -> impl Iterator<Item = (&str, &Labels)> {
+        self.namespaces.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Labels of one namespace.
+    pub fn namespace_labels(&self, ns: &str) -> Option<&Labels> {
+        self.namespaces.get(ns)
+    }
+
+    /// Pods of one namespace.
+    pub fn pods_in(&self, ns: &str) -> impl Iterator<Item = &PodInfo> {
+        self.pods.get(ns).into_iter().flat_map(|m| m.values())
+    }
+
+    /// Number of pods indexed.
+    pub fn pod_count(&self) -> usize {
+        self.pods.values().map(BTreeMap::len).sum()
+    }
+
+    /// Inserts or replaces a pod; returns the previous version when something changed.
+    pub fn upsert_pod(&mut self, ns: &str, pod: PodInfo) -> Option<Option<PodInfo>> {
+        let pods = self.pods.entry(ns.to_owned()).or_default();
+        match pods.get(&pod.name) {
+            Some(old) if *old == pod => None,
+            _ => Some(pods.insert(pod.name.clone(), pod)),
+        }
+    }
+
+    /// Removes a pod, returning it.
+    pub fn remove_pod(&mut self, ns: &str, name: &str) -> Option<PodInfo> {
+        let pods = self.pods.get_mut(ns)?;
+        let old = pods.remove(name);
+        if pods.is_empty() {
+            self.pods.remove(ns);
+        }
+        old
+    }
+
+    /// Inserts or replaces a namespace; returns the previous labels when they changed.
+    pub fn upsert_namespace(&mut self, ns: &str, labels: Labels) -> Option<Option<Labels>> {
+        match self.namespaces.get(ns) {
+            Some(old) if *old == labels => None,
+            _ => Some(self.namespaces.insert(ns.to_owned(), labels)),
+        }
+    }
+
+    /// Removes a namespace, returning its labels.
+    pub fn remove_namespace(&mut self, ns: &str) -> Option<Labels> {
+        self.namespaces.remove(ns)
+    }
+}
+
+/// A TenantTimePolicy as indexed.
+#[derive(Clone, Debug)]
+pub struct TenantEntry {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// uid, for events.
+    pub uid: Option<String>,
+    /// creationTimestamp.
+    pub created: Option<Timestamp>,
+    /// The spec.
+    pub spec: TenantTimePolicySpec,
+    /// `status.port` as last written.
+    pub status_port: Option<i32>,
+    /// Compiled peers, or why they do not compile.
+    pub policy: Result<CompiledPolicy, ResolveError>,
+}
+
+impl TenantEntry {
+    /// Indexes a TenantTimePolicy.
+    pub fn new(tenant: &TenantTimePolicy) -> Option<Self> {
+        let namespace = tenant.metadata.namespace.clone()?;
+        let name = tenant.metadata.name.clone()?;
+        let policy =
+            CompiledPolicy::compile(&namespace, &tenant.spec.allowed_clients, &tenant.spec.denied_clients);
+        Some(Self {
+            uid: tenant.metadata.uid.clone(),
+            created: tenant.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            status_port: tenant.status.as_ref().and_then(|s| s.port),
+            spec: tenant.spec.clone(),
+            policy,
+            namespace,
+            name,
+        })
+    }
+
+    /// `(namespace, name)`.
+    pub fn key(&self) -> TenantKey {
+        (self.namespace.clone(), self.name.clone())
+    }
+
+    /// The tenant's maximum root distance in nanoseconds.
+    pub fn max_root_distance_nanos(&self) -> Option<i64> {
+        self.spec.requirements.max_root_distance.map(|d| {
+            i64::try_from(std::time::Duration::from_secs_f64(d.as_secs_f64()).as_nanos()).unwrap_or(i64::MAX)
+        })
+    }
+}
+
+/// A TimeService as indexed.
+#[derive(Clone, Debug)]
+pub struct TimeServiceEntry {
+    /// Name.
+    pub name: String,
+    /// creationTimestamp.
+    pub created: Option<Timestamp>,
+    /// The spec.
+    pub spec: TimeServiceSpec,
+}
+
+/// Why a tenant is not served by any TimeService.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unserved {
+    /// `timeServiceRef` names a TimeService that does not exist.
+    NotFound(String),
+    /// No reference and no TimeService exists.
+    NoTimeService,
+    /// No reference and several TimeServices exist.
+    Ambiguous,
+}
+
+impl Unserved {
+    /// Condition reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Unserved::NotFound(_) => "TimeServiceNotFound",
+            Unserved::NoTimeService => "NoTimeService",
+            Unserved::Ambiguous => "AmbiguousTimeService",
+        }
+    }
+
+    /// Condition message.
+    pub fn message(&self) -> String {
+        match self {
+            Unserved::NotFound(name) => format!("TimeService {name:?} does not exist"),
+            Unserved::NoTimeService => "no TimeService exists; create one or set spec.timeServiceRef".into(),
+            Unserved::Ambiguous => "several TimeServices exist; set spec.timeServiceRef to choose one".into(),
+        }
+    }
+}
+
+/// What an index change requires reconciling.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Triggers {
+    /// TimeServices (agent children, config, status).
+    pub time_services: BTreeSet<String>,
+    /// Tenants (Service, EndpointSlices, time-config, status).
+    pub tenants: BTreeSet<TenantKey>,
+}
+
+impl Triggers {
+    /// Adds another set of triggers.
+    pub fn extend(&mut self, other: Triggers) {
+        self.time_services.extend(other.time_services);
+        self.tenants.extend(other.tenants);
+    }
+
+    /// Nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.time_services.is_empty() && self.tenants.is_empty()
+    }
+}
+
+/// Everything the reconcilers read.
+#[derive(Debug, Default)]
+pub struct Index {
+    /// Where agent children and agent pods live.
+    pub operator_namespace: String,
+    /// Namespaces and pods.
+    pub cluster: Cluster,
+    /// Node labels.
+    pub nodes: BTreeMap<String, Labels>,
+    /// NodeClocks by node.
+    pub clocks: BTreeMap<String, ClockInfo>,
+    /// TimeServices by name.
+    pub time_services: BTreeMap<String, TimeServiceEntry>,
+    /// Tenants by `(namespace, name)`.
+    pub tenants: BTreeMap<TenantKey, TenantEntry>,
+    allow_cache: HashMap<TenantKey, Arc<Vec<IpNet>>>,
+}
+
+impl Index {
+    /// An empty index for an operator running in `operator_namespace`.
+    pub fn new(operator_namespace: impl Into<String>) -> Self {
+        Self { operator_namespace: operator_namespace.into(), ..Self::default() }
+    }
+
+    // ---- reads ----
+
+    /// The TimeService serving a tenant.
+    pub fn time_service_of(&self, tenant: &TenantEntry) -> Result<&TimeServiceEntry, Unserved> {
+        match &tenant.spec.time_service_ref {
+            Some(name) => self.time_services.get(name).ok_or_else(|| Unserved::NotFound(name.clone())),
+            None => {
+                let mut all = self.time_services.values();
+                match (all.next(), all.next()) {
+                    (Some(only), None) => Ok(only),
+                    (None, _) => Err(Unserved::NoTimeService),
+                    _ => Err(Unserved::Ambiguous),
+                }
+            }
+        }
+    }
+
+    /// Tenants served by `time_service`, in key order.
+    pub fn tenants_of(&self, time_service: &str) -> Vec<&TenantEntry> {
+        self.tenants
+            .values()
+            .filter(|t| self.time_service_of(t).is_ok_and(|ts| ts.name == time_service))
+            .collect()
+    }
+
+    /// The port reserved for agent-to-agent (egress tier) traffic, if the TimeService has a tier:
+    /// the last port of its tenant range.
+    pub fn peer_port(spec: &TimeServiceSpec) -> Option<u16> {
+        spec.egress_tier.as_ref().and_then(|_| u16::try_from(spec.serving.tenant_ports.end).ok())
+    }
+
+    /// Port of every tenant of `time_service` (`None`: the range is exhausted).
+    pub fn ports_of(&self, time_service: &str) -> BTreeMap<TenantKey, Option<u16>> {
+        let Some(ts) = self.time_services.get(time_service) else { return BTreeMap::new() };
+        let claims: Vec<PortClaim> = self
+            .tenants_of(time_service)
+            .into_iter()
+            .map(|t| PortClaim { key: t.key(), created: t.created, current: t.status_port })
+            .collect();
+        let range = &ts.spec.serving.tenant_ports;
+        ports::allocate(range.start, range.end, Self::peer_port(&ts.spec), &claims)
+    }
+
+    /// The allowed CIDRs of a tenant (cached); empty when its policy does not compile.
+    pub fn allowed(&mut self, key: &TenantKey) -> Arc<Vec<IpNet>> {
+        if let Some(hit) = self.allow_cache.get(key) {
+            return hit.clone();
+        }
+        let resolved = Arc::new(match self.tenants.get(key).map(|t| &t.policy) {
+            Some(Ok(policy)) => policy.resolve_allowed(&self.cluster),
+            _ => Vec::new(),
+        });
+        self.allow_cache.insert(key.clone(), resolved.clone());
+        resolved
+    }
+
+    /// Nodes selected by a label map (empty selects every node).
+    pub fn nodes_matching(&self, selector: &BTreeMap<String, String>) -> BTreeSet<String> {
+        let selector = Selector::from_labels(selector);
+        self.nodes.iter().filter(|(_, l)| selector.matches(l)).map(|(n, _)| n.clone()).collect()
+    }
+
+    /// TimeServices that may run agents, oldest first claiming their nodes: a TimeService whose
+    /// nodes overlap an older active one's is in conflict with it. Returns name → the older
+    /// TimeService it conflicts with.
+    pub fn conflicts(&self) -> BTreeMap<String, String> {
+        let mut order: Vec<&TimeServiceEntry> = self.time_services.values().collect();
+        order.sort_by(|a, b| {
+            (a.created.is_none(), a.created, &a.name).cmp(&(b.created.is_none(), b.created, &b.name))
+        });
+        let mut claimed: BTreeMap<String, String> = BTreeMap::new();
+        let mut conflicts = BTreeMap::new();
+        for ts in order {
+            let nodes = self.nodes_matching(&ts.spec.placement.node_selector);
+            if let Some(owner) = nodes.iter().find_map(|n| claimed.get(n)) {
+                conflicts.insert(ts.name.clone(), owner.clone());
+                continue;
+            }
+            for node in nodes {
+                claimed.insert(node, ts.name.clone());
+            }
+        }
+        conflicts
+    }
+
+    /// Agent pods of a TimeService (in the operator's namespace, by the contract's labels).
+    pub fn agent_pods(&self, time_service: &str) -> Vec<&PodInfo> {
+        self.cluster
+            .pods_in(&self.operator_namespace)
+            .filter(|p| is_agent_of(&p.labels, time_service))
+            .collect()
+    }
+
+    // ---- writes ----
+
+    /// A pod was added or changed.
+    pub fn apply_pod(&mut self, pod: &Pod) -> Triggers {
+        let Some((ns, info)) = PodInfo::from_pod(pod) else { return Triggers::default() };
+        let new = info.clone();
+        match self.cluster.upsert_pod(&ns, info) {
+            None => Triggers::default(),
+            Some(old) => self.pod_changed(&ns, old.as_ref(), Some(&new)),
+        }
+    }
+
+    /// A pod was deleted.
+    pub fn delete_pod(&mut self, ns: &str, name: &str) -> Triggers {
+        match self.cluster.remove_pod(ns, name) {
+            None => Triggers::default(),
+            Some(old) => self.pod_changed(ns, Some(&old), None),
+        }
+    }
+
+    fn pod_changed(&mut self, ns: &str, old: Option<&PodInfo>, new: Option<&PodInfo>) -> Triggers {
+        let mut triggers = Triggers::default();
+        if ns == self.operator_namespace {
+            for pod in [old, new].into_iter().flatten() {
+                if let Some(ts) = pod.labels.get(names::TIME_SERVICE_LABEL)
+                    && is_agent_of(&pod.labels, ts)
+                {
+                    triggers.time_services.insert(ts.clone());
+                    triggers.tenants.extend(self.tenants_of(ts).into_iter().map(TenantEntry::key));
+                }
+            }
+        }
+        let empty = Labels::new();
+        let ns_labels = self.cluster.namespace_labels(ns).unwrap_or(&empty);
+        let affected: Vec<TenantKey> = self
+            .tenants
+            .values()
+            .filter(|t| {
+                t.policy.as_ref().is_ok_and(|p| {
+                    [old, new].into_iter().flatten().any(|pod| selects_pod(p, ns, ns_labels, &pod.labels))
+                })
+            })
+            .map(TenantEntry::key)
+            .collect();
+        for key in affected {
+            triggers.extend(self.refresh_allowed(&key));
+        }
+        triggers
+    }
+
+    /// Re-resolves one tenant's allow list; triggers it and its TimeService if it changed.
+    fn refresh_allowed(&mut self, key: &TenantKey) -> Triggers {
+        let old = self.allow_cache.remove(key);
+        let new = self.allowed(key);
+        let mut triggers = Triggers::default();
+        if old.as_deref() != Some(&*new) {
+            triggers.extend(self.tenant_and_service(key));
+        }
+        triggers
+    }
+
+    fn tenant_and_service(&self, key: &TenantKey) -> Triggers {
+        let mut triggers = Triggers::default();
+        if let Some(tenant) = self.tenants.get(key) {
+            triggers.tenants.insert(key.clone());
+            if let Ok(ts) = self.time_service_of(tenant) {
+                triggers.time_services.insert(ts.name.clone());
+            }
+        }
+        triggers
+    }
+
+    /// A namespace was added or its labels changed.
+    pub fn apply_namespace(&mut self, name: &str, labels: &Labels) -> Triggers {
+        match self.cluster.upsert_namespace(name, labels.clone()) {
+            None => Triggers::default(),
+            Some(old) => self.namespace_changed(name, old, Some(labels.clone())),
+        }
+    }
+
+    /// A namespace was deleted.
+    pub fn delete_namespace(&mut self, name: &str) -> Triggers {
+        let old = self.cluster.remove_namespace(name);
+        self.namespace_changed(name, old, None)
+    }
+
+    fn namespace_changed(&mut self, ns: &str, old: Option<Labels>, new: Option<Labels>) -> Triggers {
+        let affected: Vec<TenantKey> = self
+            .tenants
+            .values()
+            .filter(|t| {
+                t.policy.as_ref().is_ok_and(|p| {
+                    p.selects_namespaces()
+                        && [&old, &new].into_iter().flatten().any(|labels| p.depends_on_namespace(ns, labels))
+                })
+            })
+            .map(TenantEntry::key)
+            .collect();
+        let mut triggers = Triggers::default();
+        for key in affected {
+            triggers.extend(self.refresh_allowed(&key));
+        }
+        triggers
+    }
+
+    /// A node was added or its labels changed: placement, conflicts and egress tiers may change.
+    pub fn apply_node(&mut self, name: &str, labels: &Labels) -> Triggers {
+        if self.nodes.get(name) == Some(labels) {
+            return Triggers::default();
+        }
+        self.nodes.insert(name.to_owned(), labels.clone());
+        self.all_time_services()
+    }
+
+    /// A node was deleted.
+    pub fn delete_node(&mut self, name: &str) -> Triggers {
+        if self.nodes.remove(name).is_none() {
+            return Triggers::default();
+        }
+        self.all_time_services()
+    }
+
+    fn all_time_services(&self) -> Triggers {
+        Triggers { time_services: self.time_services.keys().cloned().collect(), tenants: BTreeSet::new() }
+    }
+
+    /// A NodeClock was added or changed.
+    pub fn apply_clock(&mut self, clock: &NodeClock) -> Triggers {
+        let info = ClockInfo::from_node_clock(clock);
+        let old = self.clocks.insert(clock.name_any(), info.clone());
+        if old.as_ref() == Some(&info) {
+            return Triggers::default();
+        }
+        self.clock_changed(old.as_ref(), Some(&info))
+    }
+
+    /// A NodeClock was deleted.
+    pub fn delete_clock(&mut self, node: &str) -> Triggers {
+        let old = self.clocks.remove(node);
+        self.clock_changed(old.as_ref(), None)
+    }
+
+    fn clock_changed(&self, old: Option<&ClockInfo>, new: Option<&ClockInfo>) -> Triggers {
+        let mut triggers = Triggers::default();
+        if old.map(ClockInfo::summary) != new.map(ClockInfo::summary) {
+            for c in [old, new].into_iter().flatten() {
+                triggers.time_services.insert(c.time_service.clone());
+            }
+        }
+        // Endpoint readiness of a tenant flips only when the clock crosses its requirement.
+        for c in [old, new].into_iter().flatten() {
+            for tenant in self.tenants_of(&c.time_service) {
+                let max = tenant.max_root_distance_nanos();
+                if old.is_some_and(|o| o.serves(max)) != new.is_some_and(|n| n.serves(max))
+                    || old.map(|o| &o.time_service) != new.map(|n| &n.time_service)
+                {
+                    triggers.tenants.insert(tenant.key());
+                }
+            }
+        }
+        triggers
+    }
+
+    /// A TenantTimePolicy was added or changed.
+    pub fn apply_tenant(&mut self, tenant: &TenantTimePolicy) -> Triggers {
+        let Some(entry) = TenantEntry::new(tenant) else { return Triggers::default() };
+        let key = entry.key();
+        if let Some(old) = self.tenants.get(&key)
+            && old.spec == entry.spec
+            && old.status_port == entry.status_port
+            && old.created == entry.created
+        {
+            return Triggers::default();
+        }
+        let before = self.assignment_snapshot();
+        let old = self.tenants.insert(key.clone(), entry);
+        let mut triggers = Triggers::default();
+        if old.as_ref().is_none_or(|o| o.spec != tenant.spec) {
+            if old.as_ref().is_none_or(|o| o.spec.allowed_clients != tenant.spec.allowed_clients) {
+                self.allow_cache.remove(&key);
+            }
+            triggers.extend(self.tenant_and_service(&key));
+            if let Some(old) = old
+                && let Ok(ts) = self.time_service_of(&old)
+            {
+                triggers.time_services.insert(ts.name.clone());
+            }
+        }
+        triggers.extend(self.assignment_changes(before));
+        triggers
+    }
+
+    /// A TenantTimePolicy was deleted.
+    pub fn delete_tenant(&mut self, ns: &str, name: &str) -> Triggers {
+        let key = (ns.to_owned(), name.to_owned());
+        if !self.tenants.contains_key(&key) {
+            return Triggers::default();
+        }
+        let before = self.assignment_snapshot();
+        let mut triggers = self.tenant_and_service(&key);
+        self.tenants.remove(&key);
+        self.allow_cache.remove(&key);
+        triggers.tenants.remove(&key);
+        triggers.extend(self.assignment_changes(before));
+        triggers
+    }
+
+    /// A TimeService was added or changed.
+    pub fn apply_time_service(&mut self, ts: &TimeService) -> Triggers {
+        let name = ts.name_any();
+        let entry = TimeServiceEntry {
+            name: name.clone(),
+            created: ts.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            spec: ts.spec.clone(),
+        };
+        if self
+            .time_services
+            .get(&name)
+            .is_some_and(|old| old.created == entry.created && old.spec == entry.spec)
+        {
+            return Triggers::default();
+        }
+        let before = self.assignment_snapshot();
+        self.time_services.insert(name.clone(), entry);
+        let mut triggers = self.all_time_services();
+        triggers.tenants.extend(self.tenants_of(&name).into_iter().map(TenantEntry::key));
+        triggers.extend(self.assignment_changes(before));
+        triggers
+    }
+
+    /// A TimeService was deleted.
+    pub fn delete_time_service(&mut self, name: &str) -> Triggers {
+        if !self.time_services.contains_key(name) {
+            return Triggers::default();
+        }
+        let before = self.assignment_snapshot();
+        let name = name.to_owned();
+        let mut triggers = Triggers::default();
+        triggers.tenants.extend(self.tenants_of(&name).into_iter().map(TenantEntry::key));
+        self.time_services.remove(&name);
+        triggers.extend(self.all_time_services());
+        triggers.extend(self.assignment_changes(before));
+        triggers
+    }
+
+    /// Which TimeService and port each tenant has.
+    fn assignment_snapshot(&self) -> BTreeMap<TenantKey, (Option<String>, Option<u16>)> {
+        let mut out = BTreeMap::new();
+        for ts in self.time_services.keys() {
+            for (key, port) in self.ports_of(ts) {
+                out.insert(key, (Some(ts.clone()), port));
+            }
+        }
+        for key in self.tenants.keys() {
+            out.entry(key.clone()).or_insert((None, None));
+        }
+        out
+    }
+
+    /// Tenants whose TimeService or port changed since `before`, and those TimeServices.
+    fn assignment_changes(&self, before: BTreeMap<TenantKey, (Option<String>, Option<u16>)>) -> Triggers {
+        let after = self.assignment_snapshot();
+        let mut triggers = Triggers::default();
+        for key in before.keys().chain(after.keys()) {
+            let (b, a) = (before.get(key), after.get(key));
+            if b != a {
+                if after.contains_key(key) {
+                    triggers.tenants.insert(key.clone());
+                }
+                for ts in [b, a].into_iter().flatten().filter_map(|(ts, _)| ts.clone()) {
+                    triggers.time_services.insert(ts);
+                }
+            }
+        }
+        triggers
+    }
+}
+
+/// Whether `labels` are those of an agent pod of `time_service`.
+pub fn is_agent_of(labels: &Labels, time_service: &str) -> bool {
+    labels.get("app.kubernetes.io/name").map(String::as_str) == Some(names::AGENT_APP_NAME)
+        && labels.get(names::TIME_SERVICE_LABEL).map(String::as_str) == Some(time_service)
+}
+
+/// Whether a policy's peers select a pod with `pod_labels` in namespace `ns`.
+fn selects_pod(policy: &CompiledPolicy, ns: &str, ns_labels: &Labels, pod_labels: &Labels) -> bool {
+    use crate::resolve::{CompiledPeer, NamespaceScope};
+    policy.allowed.iter().any(|peer| match peer {
+        CompiledPeer::Block(_) => false,
+        CompiledPeer::Pods { namespaces, pods } => {
+            let in_scope = match namespaces {
+                NamespaceScope::Own => ns == policy.namespace,
+                NamespaceScope::Selected(s) => s.matches(ns_labels),
+            };
+            in_scope && pods.matches(pod_labels)
+        }
+    })
+}

@@ -1,0 +1,309 @@
+//! Validate and build, per reconciled object, from the index alone: everything a reconcile
+//! applies and reports, computed without IO. The controllers only apply what a plan holds.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::ResourceExt;
+use stratum_api::{AgentConfig, TenantTimePolicy, TimeService};
+
+use crate::build::OperatorSettings;
+use crate::build::agent_config::{FleetInput, TenantInput, build_agent_config, build_agent_config_map};
+use crate::build::daemonset::{build_daemonset, needs_net_bind};
+use crate::build::endpointslice::{ZONE_LABEL, agent_endpoints, build_endpoint_slices, ready_endpoints};
+use crate::build::networkpolicy::{TenantRule, build_network_policy};
+use crate::build::rbac::{AgentRbac, build_rbac};
+use crate::build::service::build_service;
+use crate::build::status::Blocked;
+use crate::build::time_config::{build_time_config, is_iana_timezone};
+use crate::error::Result;
+use crate::index::{ClockInfo, Index, TenantEntry};
+use crate::names;
+use crate::ports::TenantKey;
+
+/// Largest agent config written: a ConfigMap holds at most 1 MiB including metadata.
+pub const MAX_CONFIG_BYTES: usize = 1_000_000;
+
+/// Why a tenant is not accepted: condition reason and message.
+pub type Refusal = (&'static str, String);
+
+/// Everything a TimeService reconcile applies and reports.
+#[derive(Debug)]
+pub struct TimeServicePlan {
+    /// Why agents are not (fully) run as specified.
+    pub blocked: Option<Blocked>,
+    /// The DaemonSet; `None` under Conflict (and any existing one must go).
+    pub daemonset: Option<DaemonSet>,
+    /// Agent identity and permissions.
+    pub rbac: AgentRbac,
+    /// Admission of tenants' peers and agents' egress.
+    pub network_policy: NetworkPolicy,
+    /// The agent config; `None` when it would be invalid (the last good one stays).
+    pub config: Option<AgentConfig>,
+    /// The ConfigMap carrying `config`.
+    pub config_map: Option<ConfigMap>,
+    /// Clocks of this TimeService's nodes.
+    pub clocks: Vec<ClockInfo>,
+    /// Served tenants: id → (namespace, name, uid), for audit events.
+    pub tenants: BTreeMap<String, (String, String, Option<String>)>,
+    /// Allow-list size of each served tenant.
+    pub allow_list_sizes: Vec<usize>,
+}
+
+/// Age order of tenants: creationTimestamp (absent counts as newest), then name.
+fn age(t: &TenantEntry) -> (bool, Option<k8s_openapi::jiff::Timestamp>, &str) {
+    (t.created.is_none(), t.created, &t.name)
+}
+
+/// The oldest tenant of each `(namespace, service name)`: the one allowed to own that Service.
+pub type ServiceOwners = HashMap<(String, String), TenantKey>;
+
+/// Who owns each tenant Service name (the oldest claimant), in one pass over the tenants.
+pub fn service_owners(index: &Index) -> ServiceOwners {
+    let mut owners: HashMap<(String, String), &TenantEntry> = HashMap::new();
+    for t in index.tenants.values() {
+        let slot = owners.entry((t.namespace.clone(), t.spec.service.name.clone())).or_insert(t);
+        if age(t) < age(slot) {
+            *slot = t;
+        }
+    }
+    owners.into_iter().map(|(k, t)| (k, t.key())).collect()
+}
+
+/// Why `tenant` cannot be served, if it cannot.
+pub fn tenant_refusal(
+    index: &Index,
+    owners: &ServiceOwners,
+    tenant: &TenantEntry,
+    port: Option<u16>,
+) -> Option<Refusal> {
+    if let Err(e) = &tenant.policy {
+        return Some(("InvalidClients", e.to_string()));
+    }
+    if let Err(unserved) = index.time_service_of(tenant) {
+        return Some((unserved.reason(), unserved.message()));
+    }
+    if let Some(tz) = &tenant.spec.timezone
+        && !is_iana_timezone(tz)
+    {
+        return Some(("InvalidTimezone", format!("{tz:?} is not a time zone of the IANA database")));
+    }
+    if let Some(auth) = &tenant.spec.authentication
+        && (auth.nts || auth.symmetric_keys_secret.is_some())
+    {
+        return Some((
+            "AuthenticationUnsupported",
+            "client authentication (NTS, symmetric keys) is not supported by this version's agents".into(),
+        ));
+    }
+    if let Some(owner) = owners.get(&(tenant.namespace.clone(), tenant.spec.service.name.clone()))
+        && *owner != tenant.key()
+    {
+        return Some((
+            "ServiceNameTaken",
+            format!("TenantTimePolicy {:?} already uses Service {:?}", owner.1, tenant.spec.service.name),
+        ));
+    }
+    if port.is_none() {
+        return Some(("PortRangeExhausted", "the TimeService's tenant port range has no free port".into()));
+    }
+    None
+}
+
+/// Whether `tenant` writes its namespace's `time-config` (one per namespace: the oldest).
+fn owns_time_config(index: &Index, tenant: &TenantEntry) -> bool {
+    !index.tenants.values().any(|o| o.namespace == tenant.namespace && age(o) < age(tenant))
+}
+
+/// Plans a TimeService.
+pub fn plan_time_service(
+    index: &mut Index,
+    ts: &TimeService,
+    settings: &OperatorSettings,
+) -> Result<TimeServicePlan> {
+    let name = ts.name_any();
+    let mut blocked = index.conflicts().get(&name).map(|with| Blocked::Conflict { with: with.clone() });
+    let nodes = index.nodes_matching(&ts.spec.placement.node_selector);
+    let ports = index.ports_of(&name);
+    let peer_port = Index::peer_port(&ts.spec);
+
+    struct Served {
+        key: TenantKey,
+        id: String,
+        uid: Option<String>,
+        port: u16,
+        allowed: Arc<Vec<IpNet>>,
+        denied: Vec<IpNet>,
+        spec: stratum_api::TenantTimePolicySpec,
+    }
+    let mut served = Vec::new();
+    let owners = service_owners(index);
+    let tenants: Vec<TenantEntry> = index.tenants_of(&name).into_iter().cloned().collect();
+    for t in &tenants {
+        let port = ports.get(&t.key()).copied().flatten();
+        if tenant_refusal(index, &owners, t, port).is_some() {
+            continue;
+        }
+        let (Some(port), Ok(policy)) = (port, &t.policy) else { continue };
+        served.push(Served {
+            key: t.key(),
+            id: names::tenant_id(&t.namespace, &t.name),
+            uid: t.uid.clone(),
+            port,
+            allowed: Arc::new(Vec::new()),
+            denied: policy.denied.clone(),
+            spec: t.spec.clone(),
+        });
+    }
+    for s in &mut served {
+        s.allowed = index.allowed(&s.key);
+    }
+
+    let agents = index.agent_pods(&name);
+    let agent_addresses: Vec<IpAddr> = agents.iter().flat_map(|p| p.ips.iter().copied()).collect();
+    let mut fleet = FleetInput { agent_addresses, ..FleetInput::default() };
+    if let Some(tier) = &ts.spec.egress_tier {
+        let egress_nodes: BTreeSet<String> =
+            index.nodes_matching(&tier.node_selector).intersection(&nodes).cloned().collect();
+        fleet.egress_addresses = agents
+            .iter()
+            .filter(|p| p.node_name.as_ref().is_some_and(|n| egress_nodes.contains(n)))
+            .flat_map(|p| p.ips.iter().copied())
+            .collect();
+        fleet.egress_nodes = egress_nodes.into_iter().collect();
+    }
+    let inputs: Vec<TenantInput<'_>> = served
+        .iter()
+        .map(|s| TenantInput {
+            id: s.id.clone(),
+            port: s.port,
+            allowed: &s.allowed,
+            denied: &s.denied,
+            spec: &s.spec,
+        })
+        .collect();
+    let config = build_agent_config(&name, &ts.spec, peer_port, &inputs, &fleet);
+    let config = match config.validate() {
+        Ok(()) => Some(config),
+        Err(problems) => {
+            let why = problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+            blocked.get_or_insert(Blocked::Invalid(format!("the agent config would be invalid: {why}")));
+            None
+        }
+    };
+    let config_map = config.as_ref().map(|c| build_agent_config_map(ts, settings, c)).transpose()?;
+    let size = config_map
+        .as_ref()
+        .and_then(|cm| cm.data.as_ref())
+        .map(|d| d.values().map(String::len).sum::<usize>())
+        .unwrap_or(0);
+    let (config, config_map) = if size > MAX_CONFIG_BYTES {
+        blocked.get_or_insert(Blocked::Invalid(format!(
+            "the agent config is {size} bytes, over the ConfigMap limit of {MAX_CONFIG_BYTES}; \
+             narrow tenants' allowedClients (ipBlocks aggregate better than many pods)"
+        )));
+        (None, None)
+    } else {
+        (config, config_map)
+    };
+    let net_bind = needs_net_bind(served.iter().map(|s| s.port).chain(peer_port));
+    let daemonset = match blocked {
+        Some(Blocked::Conflict { .. }) => None,
+        _ => Some(build_daemonset(ts, settings, net_bind)?),
+    };
+    let rules: Vec<TenantRule<'_>> = served
+        .iter()
+        .map(|s| TenantRule { namespace: &s.key.0, peers: &s.spec.allowed_clients, port: s.port })
+        .collect();
+    let network_policy = build_network_policy(ts, settings, &rules, peer_port)?;
+    let clocks = index
+        .clocks
+        .iter()
+        .filter(|(node, c)| c.time_service == name && nodes.contains(*node))
+        .map(|(_, c)| c.clone())
+        .collect();
+    Ok(TimeServicePlan {
+        blocked,
+        daemonset,
+        rbac: build_rbac(ts, settings)?,
+        network_policy,
+        config,
+        config_map,
+        clocks,
+        allow_list_sizes: served.iter().map(|s| s.allowed.len()).collect(),
+        tenants: served.into_iter().map(|s| (s.id, (s.key.0, s.key.1, s.uid))).collect(),
+    })
+}
+
+/// Everything a tenant reconcile applies and reports.
+#[derive(Debug)]
+pub struct TenantPlan {
+    /// Why the tenant is not served.
+    pub refused: Option<Refusal>,
+    /// The serving TimeService.
+    pub time_service: Option<String>,
+    /// Allocated port.
+    pub port: Option<u16>,
+    /// The Service.
+    pub service: Option<Service>,
+    /// The EndpointSlices.
+    pub slices: Vec<EndpointSlice>,
+    /// `time-config`, when this tenant owns it in its namespace.
+    pub time_config: Option<ConfigMap>,
+    /// Ready endpoints in `slices`.
+    pub ready_endpoints: i32,
+    /// CIDRs in the allow list.
+    pub allow_list_size: i32,
+}
+
+/// Plans a tenant.
+pub fn plan_tenant(index: &mut Index, tenant: &TenantTimePolicy) -> Result<TenantPlan> {
+    let mut plan = TenantPlan {
+        refused: None,
+        time_service: None,
+        port: None,
+        service: None,
+        slices: Vec::new(),
+        time_config: None,
+        ready_endpoints: 0,
+        allow_list_size: 0,
+    };
+    // Plan from the object being reconciled, which may be newer than the index.
+    let Some(entry) = TenantEntry::new(tenant) else {
+        return Err(crate::error::Error::MissingMetadata("TenantTimePolicy namespace or name"));
+    };
+    let key = entry.key();
+    let ts = match index.time_service_of(&entry) {
+        Ok(ts) => ts.name.clone(),
+        Err(unserved) => {
+            plan.refused = Some((unserved.reason(), unserved.message()));
+            return Ok(plan);
+        }
+    };
+    let port = index.ports_of(&ts).get(&key).copied().flatten();
+    plan.time_service = Some(ts.clone());
+    plan.port = port;
+    if let Some(refusal) = tenant_refusal(index, &service_owners(index), &entry, port) {
+        plan.refused = Some(refusal);
+        return Ok(plan);
+    }
+    let Some(port) = port else { return Ok(plan) };
+    plan.allow_list_size = i32::try_from(index.allowed(&key).len()).unwrap_or(i32::MAX);
+    let zones: BTreeMap<String, Option<String>> =
+        index.nodes.iter().map(|(n, l)| (n.clone(), l.get(ZONE_LABEL).cloned())).collect();
+    let agents = index.agent_pods(&ts);
+    let endpoints = agent_endpoints(&agents, &index.clocks, &zones, &ts, entry.max_root_distance_nanos());
+    plan.slices = build_endpoint_slices(tenant, &ts, port, &endpoints)?;
+    plan.ready_endpoints = ready_endpoints(&plan.slices);
+    plan.service = Some(build_service(tenant, &ts, port)?);
+    if owns_time_config(index, &entry) {
+        plan.time_config = Some(build_time_config(tenant, &ts)?);
+    }
+    Ok(plan)
+}
