@@ -16,8 +16,8 @@ pub const TIME_SERVICE_LABEL: &str = "stratum.io/time-service";
 /// Label naming the TenantTimePolicy a tenant child belongs to.
 pub const TENANT_LABEL: &str = "stratum.io/tenant";
 /// `endpointslice.kubernetes.io/managed-by` of our EndpointSlices, so the EndpointSlice
-/// controller leaves them alone.
-pub const ENDPOINT_SLICE_MANAGER: &str = "stratum.io/operator";
+/// controller leaves them alone. A label value: no '/' (the API server refuses it).
+pub const ENDPOINT_SLICE_MANAGER: &str = "stratum-operator.stratum.io";
 /// ConfigMap in the tenant's namespace telling workloads where NTP is and which TZ to use.
 pub const TIME_CONFIG_NAME: &str = "time-config";
 /// Port name of the NTP Service and EndpointSlices.

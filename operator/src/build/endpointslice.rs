@@ -221,7 +221,7 @@ mod tests {
         assert_eq!(v4.metadata.name.as_deref(), Some("ntp-stratum-ipv4"));
         let labels = v4.metadata.labels.as_ref().unwrap();
         assert_eq!(labels["kubernetes.io/service-name"], "ntp");
-        assert_eq!(labels["endpointslice.kubernetes.io/managed-by"], "stratum.io/operator");
+        assert_eq!(labels["endpointslice.kubernetes.io/managed-by"], "stratum-operator.stratum.io");
         let (v4e, v6e) = (v4.endpoints.as_ref().unwrap(), v6.endpoints.as_ref().unwrap());
         assert_eq!(v4e.len(), 2);
         assert_eq!(v4e[0].node_name.as_deref(), Some("n1"));

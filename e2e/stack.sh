@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# The whole Stratum stack on a real control plane, for `make e2e` and `make demo`:
+#
+#   e2e/stack.sh up      build what is missing, start the control plane, 3 kwok nodes with network
+#                        namespaces, upstream NTP servers (3 chronyd -x + 1 falseticker shifted by
+#                        libfaketime) in namespaces of their own, the CRDs, the operator (a local
+#                        process, as it would run in a pod) and the kubelet stand-in that runs a
+#                        real agent for every agent pod
+#   e2e/stack.sh down    stop everything `up` started (by PID), then the control plane
+#   e2e/stack.sh env     the variables tests and demos use (eval it)
+#
+# Nothing here can change this machine's clock: every process runs without CAP_SYS_TIME,
+# agents use the simulated clock, chronyd runs with -x. All traffic stays on loopback and in
+# namespaces on a bridge with no uplink; the test ranges are blackholed.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SCRIPTS=$ROOT/e2e/scripts
+# shellcheck source=scripts/common.sh
+source "$SCRIPTS/common.sh"
+# shellcheck source=scripts/netns.sh
+source "$SCRIPTS/netns.sh"
+
+STACK=$E2E_RUN_DIR/stack
+NODES=${STRATUM_E2E_NODES:-3}
+UPSTREAMS=(10.77.1.1 10.77.1.2 10.77.1.3)
+FALSETICKER=10.77.1.9
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}/debug
+NO_SYS_TIME=(setpriv --bounding-set=-sys_time --inh-caps=-sys_time)
+
+log() { e2e_log "stack: $*"; }
+
+start_bg() { # start_bg NAME CMD... — runs in the background, PID recorded for `down`
+  local name=$1
+  shift
+  "$@" >"$STACK/$name.log" 2>&1 &
+  echo $! >"$STACK/$name.pid"
+}
+
+stop_pid() { # stop_pid NAME
+  local f=$STACK/$1.pid pid
+  [[ -f $f ]] || return 0
+  pid=$(cat "$f")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$f"
+}
+
+chronyd_in_netns() { # chronyd_in_netns NAME ADDR [FAKETIME_OFFSET]
+  local name=$1 addr=$2 fake=${3:-} conf
+  conf=$STACK/$name.conf
+  cat >"$conf" <<CONF
+port 123
+bindaddress $addr
+cmdport 0
+local stratum 1
+allow 10.77.0.0/16
+allow 10.78.0.0/16
+pidfile $STACK/$name.chronyd.pid
+driftfile $STACK/$name.drift
+CONF
+  netns_add "$name" "$addr"
+  if [[ -n $fake ]]; then
+    start_bg "$name" ip netns exec "$name" "${NO_SYS_TIME[@]}" faketime -f "$fake" chronyd -x -d -f "$conf"
+  else
+    start_bg "$name" ip netns exec "$name" "${NO_SYS_TIME[@]}" chronyd -x -d -f "$conf"
+  fi
+}
+
+cmd_up() {
+  mkdir -p "$STACK"
+  log "building the control plane binaries if missing (cold: ~40 min, progress below)"
+  "$SCRIPTS/deps.sh"
+  BIN=$("$SCRIPTS/build-bins.sh" | sed -n 's/^BIN=//p' | tail -1)
+  [[ -x $BIN/kube-apiserver ]] || e2e_die "build-bins.sh did not produce kube-apiserver"
+  echo "$BIN" >"$STACK/bin"
+  log "building stratum-agent, stratum-operator, stratumctl and the kubelet stand-in"
+  (cd "$ROOT" && cargo build -q -p stratum-agent -p stratum-operator -p stratum-e2e --bins)
+
+  "$SCRIPTS/cluster.sh" up
+  "$SCRIPTS/nodes.sh" create "$NODES" --netns
+  local kubectl=("$BIN/kubectl" --kubeconfig "$E2E_RUN_DIR/kubeconfig")
+  for i in $(seq 0 $((NODES - 1))); do
+    "${kubectl[@]}" label node "kwok-node-$i" kubernetes.io/os=linux --overwrite >/dev/null
+  done
+
+  log "upstreams: chronyd -x at ${UPSTREAMS[*]}, falseticker (+30 s) at $FALSETICKER"
+  local i=1
+  for addr in "${UPSTREAMS[@]}"; do
+    chronyd_in_netns "e2e-upstream-$i" "$addr"
+    i=$((i + 1))
+  done
+  chronyd_in_netns e2e-falseticker "$FALSETICKER" "+30s"
+
+  log "CRDs and the operator namespace"
+  "${kubectl[@]}" apply --server-side -f "$ROOT/crds/" >/dev/null
+  "${kubectl[@]}" wait --for=condition=Established crd --all --timeout=60s >/dev/null
+  "${kubectl[@]}" create namespace stratum-system --dry-run=client -o yaml | "${kubectl[@]}" apply -f - >/dev/null
+  # The chart's static ClusterRole for agents (the operator binds it per TimeService).
+  "$BIN/helm" template stratum "$ROOT/charts/stratum" -n stratum-system --kube-version 1.36.0 \
+    --show-only templates/agent-rbac.yaml | "${kubectl[@]}" apply --server-side -f - >/dev/null
+
+  log "operator (local process against the kubeconfig, as it runs in a pod)"
+  start_bg operator env KUBECONFIG="$E2E_RUN_DIR/kubeconfig" RUST_LOG=info,kube=warn \
+    "${NO_SYS_TIME[@]}" "$TARGET/stratum-operator" --namespace stratum-system \
+    --metrics-addr 127.0.0.1:18080 --leader-election=true --identity e2e-operator-0
+  log "kubelet stand-in: a real agent per agent pod, in its node's namespace"
+  start_bg kubelet env KUBECONFIG="$E2E_RUN_DIR/kubeconfig" "$TARGET/stratum-e2e-kubelet" \
+    --agent-bin "$TARGET/stratum-agent" --run-dir "$STACK" --ca-file "$E2E_RUN_DIR/pki/ca.crt" \
+    --apiserver "127.0.0.1:$E2E_APISERVER_PORT" --apiserver-proxy "$E2E_HOST_IP:$E2E_APISERVER_PORT"
+  e2e_wait_for "operator /readyz" 60 curl -sf http://127.0.0.1:18080/readyz
+  log "stack up; logs in $STACK"
+}
+
+cmd_down() {
+  stop_pid kubelet
+  stop_pid operator
+  for name in e2e-falseticker e2e-upstream-1 e2e-upstream-2 e2e-upstream-3; do
+    stop_pid "$name"
+    [[ -f $E2E_NETNS_STATE/$name ]] && netns_del "$name"
+  done
+  "$SCRIPTS/cluster.sh" down
+}
+
+cmd_env() {
+  local bin
+  bin=$(cat "$STACK/bin" 2>/dev/null || "$SCRIPTS/build-bins.sh" --print-bin-dir)
+  cat <<ENV
+export KUBECONFIG=$E2E_RUN_DIR/kubeconfig
+export PATH=$bin:\$PATH
+export STRATUM_E2E_RUN_DIR=$E2E_RUN_DIR
+export STRATUM_E2E_STACK=$STACK
+export STRATUM_E2E_BIN=$bin
+export STRATUM_E2E_UPSTREAMS="${UPSTREAMS[*]}"
+export STRATUM_E2E_FALSETICKER=$FALSETICKER
+export STRATUM_E2E_TARGET=$TARGET
+ENV
+}
+
+case ${1:-} in
+  up) cmd_up ;;
+  down) cmd_down ;;
+  env) cmd_env ;;
+  *) echo "usage: e2e/stack.sh up|down|env" >&2; exit 2 ;;
+esac
