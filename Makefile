@@ -8,7 +8,7 @@ NO_SYS_TIME := setpriv --bounding-set=-sys_time --inh-caps=-sys_time
 # A second fence: the agent refuses to open its `system` clock backend when this is set.
 export STRATUM_DENY_SYSTEM_CLOCK := 1
 
-.PHONY: help deps fmt fmt-check lint test unit crds chart chart-check sim fuzz
+.PHONY: help deps fmt fmt-check lint test unit crds chart chart-check sim fuzz e2e demo
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -28,7 +28,7 @@ lint: ## clippy on every target, warnings are errors
 unit: ## unit and integration tests (no cluster)
 	$(NO_SYS_TIME) $(CARGO) test --workspace
 
-test: deps fmt-check lint unit chart-check ## everything CI checks
+test: deps fmt-check lint unit chart-check e2e ## everything CI checks
 
 crds: ## regenerate crds/ from the Rust types
 	$(CARGO) run --quiet -p stratum-operator --bin crdgen -- crds
@@ -45,3 +45,9 @@ sim: ## the NTP core's must-show scenarios on simulated time, with figures
 FUZZ_SECONDS ?= 120
 fuzz: ## run every fuzz target for FUZZ_SECONDS each (nightly + cargo-fuzz, installed if missing)
 	agent/ntp/fuzz/run.sh $(FUZZ_SECONDS)
+
+e2e: ## end-to-end tests on a real control plane (built from the Go proxy and cached on first use)
+	e2e/run.sh
+
+demo: ## the whole system on a local control plane with a short tour; Ctrl-C cleans up
+	e2e/demo.sh

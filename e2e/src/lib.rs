@@ -5,3 +5,4 @@
 //! Only the clock backend differs (`simulated`), so nothing touches this machine's clock.
 
 pub mod kubelet;
+pub mod harness;

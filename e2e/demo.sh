@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# `make demo`: the whole system on a local control plane — the operator, three fake nodes
+# with real agents, upstream NTP servers (one lying), a TimeService and two tenants — then a
+# short tour, and it keeps running until Ctrl-C, when it cleans up everything it started.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+run() { printf '$ %s\n' "$*"; "$@"; }
+
+cleanup() {
+  say "cleaning up"
+  e2e/stack.sh down || true
+}
+trap cleanup EXIT
+trap 'exit 0' INT TERM
+
+e2e/stack.sh down >/dev/null 2>&1 || true
+say "starting the control plane, nodes, upstreams, operator and agents (first run builds them: be patient)"
+e2e/stack.sh up
+eval "$(e2e/stack.sh env)"
+
+say "creating a TimeService and two tenants"
+kubectl apply -f - <<'YAML'
+apiVersion: stratum.io/v1alpha1
+kind: TimeService
+metadata:
+  name: cluster-time
+spec:
+  upstreams:
+    - {host: 10.77.1.1, minPoll: 4, maxPoll: 6}
+    - {host: 10.77.1.2, minPoll: 4, maxPoll: 6}
+    - {host: 10.77.1.3, minPoll: 4, maxPoll: 6}
+    - {host: 10.77.1.9, minPoll: 4, maxPoll: 6}   # runs 30 s fast: a falseticker
+  selection: {minSources: 2}
+  discipline:
+    makeStep: {threshold: 128ms, limit: 3}
+  placement:
+    nodeSelector: {kubernetes.io/os: linux}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: team-a, labels: {tenant: team-a}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: team-b, labels: {tenant: team-b}}
+---
+apiVersion: stratum.io/v1alpha1
+kind: TenantTimePolicy
+metadata: {name: ntp, namespace: team-a}
+spec:
+  timezone: Europe/Berlin
+  rateLimit: {kissOfDeath: true}
+---
+apiVersion: stratum.io/v1alpha1
+kind: TenantTimePolicy
+metadata: {name: ntp, namespace: team-b}
+spec:
+  rateLimit: {kissOfDeath: true}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: workload, namespace: team-a}
+spec:
+  nodeName: kwok-node-0
+  containers: [{name: app, image: registry.example.invalid/app}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: workload, namespace: team-b}
+spec:
+  nodeName: kwok-node-1
+  containers: [{name: app, image: registry.example.invalid/app}]
+YAML
+
+say "waiting for every node to synchronize and both tenants to be ready"
+kubectl wait tsvc/cluster-time --for=condition=Ready --timeout=120s
+kubectl -n team-a wait ttp/ntp --for=condition=Ready --timeout=120s
+kubectl -n team-b wait ttp/ntp --for=condition=Ready --timeout=120s
+
+say "the tour"
+run kubectl get timeservices,nodeclocks
+run kubectl get tenanttimepolicies -A
+run kubectl -n team-a get service,endpointslices,configmap/time-config
+
+# Each tenant pod's address becomes a network namespace, so a query really comes from it.
+# shellcheck source=scripts/common.sh
+source e2e/scripts/common.sh
+# shellcheck source=scripts/netns.sh
+source e2e/scripts/netns.sh
+ip_a=$(kubectl -n team-a get pod workload -o jsonpath='{.status.podIP}')
+ip_b=$(kubectl -n team-b get pod workload -o jsonpath='{.status.podIP}')
+netns_add e2e-demo-team-a "$ip_a"
+netns_add e2e-demo-team-b "$ip_b"
+port_a=$(kubectl -n team-a get ttp ntp -o jsonpath='{.status.port}')
+node_ip=$(kubectl get node kwok-node-0 -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')
+
+say "team-a's workload ($ip_a) asks the agent on its node ($node_ip:$port_a): served"
+run ip netns exec e2e-demo-team-a "$STRATUM_E2E_TARGET/stratumctl" query "$node_ip:$port_a" || true
+say "team-b's workload ($ip_b) asks team-a's port: refused (Kiss-o'-Death DENY, or no answer)"
+run ip netns exec e2e-demo-team-b "$STRATUM_E2E_TARGET/stratumctl" query --timeout 1 "$node_ip:$port_a" || true
+say "the agent on kwok-node-0, as stratumctl sees it"
+run ip netns exec e2e-kwok-node-0 "$STRATUM_E2E_TARGET/stratumctl" sources || true
+
+say "running; Ctrl-C stops and cleans up everything (logs: $STRATUM_E2E_STACK)"
+while true; do sleep 3600; done

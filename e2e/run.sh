@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# `make e2e`: bring the stack up (e2e/stack.sh), run the e2e tests against it, tear it down,
+# whatever the outcome. STRATUM_E2E_KEEP=1 leaves the stack running for inspection.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+down() {
+  if [[ ${STRATUM_E2E_KEEP:-} == 1 ]]; then
+    echo "e2e: stack left running (STRATUM_E2E_KEEP=1); stop it with: e2e/stack.sh down" >&2
+  else
+    e2e/stack.sh down || true
+  fi
+}
+trap down EXIT
+
+e2e/stack.sh down >/dev/null 2>&1 || true # a stack left over by an interrupted run
+e2e/stack.sh up
+eval "$(e2e/stack.sh env)"
+cargo test -p stratum-e2e --test e2e -- --ignored --test-threads=1 "$@"

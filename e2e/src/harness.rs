@@ -1,0 +1,137 @@
+//! Helpers for the e2e tests: the cluster's client, condition waits with deadlines, and the
+//! TimeService every test shares (only one TimeService may select the fake nodes).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use stratum_api::{TenantTimePolicy, TimeService};
+
+/// Field manager of objects the tests create.
+pub const TEST_MANAGER: &str = "stratum-e2e";
+/// Name of the shared TimeService.
+pub const SHARED_TIME_SERVICE: &str = "e2e";
+/// Namespace of the agents.
+pub const AGENT_NAMESPACE: &str = "stratum-system";
+
+/// A client for the e2e cluster (`KUBECONFIG`, set by `e2e/stack.sh env`).
+pub async fn client() -> Client {
+    Client::try_default().await.unwrap_or_else(|e| panic!("no e2e cluster ({e}); run `make e2e`"))
+}
+
+/// The upstream addresses `e2e/stack.sh` started.
+pub fn upstreams() -> Vec<String> {
+    std::env::var("STRATUM_E2E_UPSTREAMS")
+        .unwrap_or_else(|_| "10.77.1.1 10.77.1.2 10.77.1.3".into())
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
+/// The falseticker's address.
+pub fn falseticker() -> String {
+    std::env::var("STRATUM_E2E_FALSETICKER").unwrap_or_else(|_| "10.77.1.9".into())
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, or panics naming `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> (T, Duration)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return (v, start.elapsed());
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Server-side applies `object` with the test field manager.
+pub async fn apply<K>(api: &Api<K>, object: serde_json::Value) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let name = object["metadata"]["name"].as_str().expect("object name").to_string();
+    api.patch(&name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(object))
+        .await
+        .unwrap_or_else(|e| panic!("applying {name}: {e}"))
+}
+
+/// The shared TimeService spec: the stack's honest upstreams plus the falseticker.
+pub fn shared_time_service(extra_upstreams: &[&str]) -> serde_json::Value {
+    let mut hosts: Vec<String> = upstreams();
+    hosts.push(falseticker());
+    hosts.extend(extra_upstreams.iter().map(|s| s.to_string()));
+    serde_json::json!({
+        "apiVersion": "stratum.io/v1alpha1", "kind": "TimeService",
+        "metadata": {"name": SHARED_TIME_SERVICE},
+        "spec": {
+            "upstreams": hosts.iter().map(|h| serde_json::json!({"host": h, "minPoll": 4, "maxPoll": 6})).collect::<Vec<_>>(),
+            "selection": {"minSources": 2},
+            "discipline": {"makeStep": {"threshold": "128ms", "limit": 3}},
+            "placement": {"nodeSelector": {"kubernetes.io/os": "linux"}},
+            "serving": {"holdover": "20s"},
+            "reporting": {"interval": "10s"}
+        }
+    })
+}
+
+/// Ensures the shared TimeService exists and is Ready on every node.
+pub async fn ensure_shared_time_service(client: &Client) -> TimeService {
+    let api: Api<TimeService> = Api::all(client.clone());
+    apply(&api, shared_time_service(&[])).await;
+    wait_for(Duration::from_secs(120), "shared TimeService Ready with every node synchronized", || async {
+        let ts = api.get(SHARED_TIME_SERVICE).await.ok()?;
+        let status = ts.status.clone()?;
+        let ready = status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+        (ready && status.nodes.desired > 0 && status.nodes.synchronized == status.nodes.desired).then_some(ts)
+    })
+    .await
+    .0
+}
+
+/// Creates (or replaces) a tenant policy.
+pub async fn apply_tenant(client: &Client, namespace: &str, spec: serde_json::Value) -> TenantTimePolicy {
+    let api: Api<TenantTimePolicy> = Api::namespaced(client.clone(), namespace);
+    apply(
+        &api,
+        serde_json::json!({
+            "apiVersion": "stratum.io/v1alpha1", "kind": "TenantTimePolicy",
+            "metadata": {"name": "ntp", "namespace": namespace},
+            "spec": spec
+        }),
+    )
+    .await
+}
+
+/// Deletes an object if it exists.
+pub async fn delete<K>(api: &Api<K>, name: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let _ = api.delete(name, &DeleteParams::foreground()).await;
+}
+
+/// Name of an object, for messages.
+pub fn name_of<K: ResourceExt>(k: &K) -> String {
+    k.name_any()
+}
+
+/// Sends one NTP client request from inside network namespace `netns` (via the stratumctl
+/// binary) and returns its JSON answer, or `None` when nothing came back.
+pub fn query_from_netns(netns: &str, server: SocketAddr) -> Option<serde_json::Value> {
+    let stratumctl = std::env::var("STRATUM_E2E_TARGET").map(|t| format!("{t}/stratumctl")).unwrap_or_else(|_| "stratumctl".into());
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, &stratumctl, "--json", "query", "--timeout", "1", &server.to_string()])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
