@@ -27,6 +27,7 @@ use crate::clock::Backend;
 use crate::config_source::ConfigUpdate;
 use crate::metrics::Metrics;
 use crate::report::AgentEvent;
+use crate::server::{Server, ServerOptions};
 use crate::status::{AgentStatus, Identity, Tracking, agreeing_sources, source_views};
 use crate::upstream;
 
@@ -157,15 +158,23 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Loop liveness: host monotonic seconds of the last loop iteration.
     pub heartbeat: std::sync::atomic::AtomicU64,
+    /// The tenant NTP server (ports open on the first valid config).
+    pub server: Server,
 }
 
 impl Shared {
-    /// Fresh shared state.
+    /// Fresh shared state with a server of default options.
     pub fn new(metrics: Metrics) -> Arc<Self> {
+        Self::with_server(metrics, ServerOptions::default())
+    }
+
+    /// Fresh shared state with a server of `options`.
+    pub fn with_server(metrics: Metrics, options: ServerOptions) -> Arc<Self> {
         Arc::new(Self {
             status: ArcSwap::from_pointee(AgentStatus::default()),
             metrics,
             heartbeat: std::sync::atomic::AtomicU64::new(0),
+            server: Server::new(options),
         })
     }
 
@@ -223,6 +232,9 @@ pub async fn run(
         .with_label_values(&["applied"])
         .inc();
     let mut config_error: Option<String> = None;
+    // Tenants are served from the first valid config on, as unsynchronized until the clock
+    // is (LI=3, stratum 16: clients reject the answers rather than trust them).
+    shared.server.apply(&config.serving);
     let upstreams = config.upstreams_for_node(&opts.node);
     let (mut resolved, errors) = resolve_all(&upstreams, &Resolved::new()).await;
     for e in &errors {
@@ -320,6 +332,7 @@ pub async fn run(
                     match system.reconfigure(system_config(&new, &upstreams, &fresh), now) {
                         Ok(()) => {
                             tracing::info!(revision = %new.revision, "config applied");
+                            shared.server.apply(&new.serving);
                             shared.metrics.config_reloads.with_label_values(&["applied"]).inc();
                             resolved = fresh;
                             config = new;
@@ -350,6 +363,10 @@ pub async fn run(
             });
         }
         let state = system.state(now);
+        // What tenants are answered with from now until the next turn.
+        shared
+            .server
+            .publish_clock(system.server_state(now), backend.timescale());
         if state.synchronized != was_synchronized {
             let _ = outputs.events.try_send(if state.synchronized {
                 AgentEvent::SyncRegained
@@ -399,6 +416,7 @@ pub async fn run(
             }
         }
     }
+    shared.server.stop_all();
     let now = backend.clock().now();
     save_drift(&drift_path(&config), &system, now);
     tracing::info!("drift saved; agent stopped");

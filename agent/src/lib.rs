@@ -1,15 +1,18 @@
 //! `stratum-agent`: the node daemon around the sans-IO core in `stratum-ntp`. It disciplines
 //! the node clock from upstream servers, reports its NodeClock and Events, and exposes
-//! metrics, probes and a local status endpoint for `stratumctl`.
+//! metrics, probes and a local status endpoint for `stratumctl`; it serves NTP to tenants
+//! ([`server`]); [`loadgen`] is the load generator behind `stratumctl bench`.
 
 pub mod agent;
 pub mod clock;
 pub mod config_source;
 pub mod drift;
+pub mod loadgen;
 pub mod metrics;
 pub mod ops;
 pub mod query;
 pub mod report;
+pub mod server;
 pub mod status;
 pub mod upstream;
 

@@ -11,6 +11,7 @@ use stratum_agent::agent::{self, AgentOptions, Outputs, Shared};
 use stratum_agent::clock::{Backend, SimulationParams, SystemClockPolicy};
 use stratum_agent::config_source::{self, ConfigSource};
 use stratum_agent::metrics::Metrics;
+use stratum_agent::server::{ServerOptions, default_workers};
 use stratum_agent::{VERSION, ops, report};
 use stratum_api::agent_config::ClockBackend;
 use tokio::sync::{mpsc, watch};
@@ -75,6 +76,17 @@ struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// NTP server worker threads (one SO_REUSEPORT socket each) per tenant port; 0 = one per
+    /// core this process may use.
+    #[arg(long, default_value_t = 0)]
+    server_workers: usize,
+    /// Clients tracked per tenant port for rate limiting and `stratumctl clients`.
+    #[arg(long, default_value_t = 4096)]
+    server_client_table: usize,
+    /// Address tenant ports bind to: `::` serves IPv4 and IPv6 on every address; a specific
+    /// address serves only it.
+    #[arg(long, default_value = "::")]
+    server_bind: std::net::IpAddr,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -192,7 +204,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     });
 
-    let shared = Shared::new(Metrics::new()?);
+    let shared = Shared::with_server(
+        Metrics::new()?,
+        ServerOptions {
+            workers: match args.server_workers {
+                0 => default_workers(),
+                n => n,
+            },
+            client_capacity: args.server_client_table.max(4),
+            bind: args.server_bind,
+            ..ServerOptions::default()
+        },
+    );
     let (snap_tx, snap_rx) = watch::channel(Default::default());
     let (event_tx, event_rx) = mpsc::channel(64);
     let (hb_tx, hb_rx) = watch::channel(Duration::from_secs(60));

@@ -1,13 +1,13 @@
 //! The agent's HTTP surfaces: the metrics port (`/metrics`, `/healthz`, `/readyz`), reachable
 //! by Prometheus and the kubelet, and the status port (`/status`), bound to loopback for
-//! `stratumctl` because it lists sources (and, for the server, clients).
+//! `stratumctl` because it lists sources and clients (`/status`, `/serverstats`, `/clients`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
@@ -30,10 +30,13 @@ pub fn metrics_router(shared: Arc<Shared>) -> Router {
 pub fn status_router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/status", get(status))
+        .route("/serverstats", get(serverstats))
+        .route("/clients", get(clients))
         .with_state(shared)
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    shared.server.export_metrics(&shared.metrics);
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -67,6 +70,32 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 
 async fn status(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     Json((**shared.status.load()).clone())
+}
+
+async fn serverstats(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    Json(shared.server.stats())
+}
+
+/// Query of `/clients`.
+#[derive(Debug, serde::Deserialize)]
+pub struct ClientsQuery {
+    /// Only this tenant.
+    pub tenant: Option<String>,
+    /// Rows per tenant.
+    pub limit: Option<usize>,
+}
+
+/// Default rows per tenant of `/clients`.
+const DEFAULT_CLIENTS: usize = 20;
+
+async fn clients(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<ClientsQuery>,
+) -> impl IntoResponse {
+    Json(shared.server.clients(
+        query.tenant.as_deref(),
+        query.limit.unwrap_or(DEFAULT_CLIENTS).min(10_000),
+    ))
 }
 
 /// Serves `router` on `addr` until the process ends.

@@ -1,11 +1,18 @@
-//! `stratumctl`: look at the local agent (`tracking`, `sources`) or query any NTP server
-//! (`query HOST[:PORT]`). Every view takes `--json`.
+//! `stratumctl`: look at the local agent (`tracking`, `sources`, `clients`, `serverstats`),
+//! query any NTP server (`query HOST[:PORT]`), or load one (`bench`, with `echo-server` as the
+//! baseline). Every view takes `--json`.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use ipnet::IpNet;
+use stratum_agent::loadgen::{self, LoadReport, LoadSpec};
 use stratum_agent::query::{query, resolve_target};
+use stratum_agent::server::{ServerStats, TenantClients};
 use stratum_agent::status::{AgentStatus, fmt_seconds};
 
 #[derive(Parser)]
@@ -36,6 +43,59 @@ enum Command {
     Tracking,
     /// Every source with its role, reachability, offset, delay and jitter.
     Sources,
+    /// The most active clients of each tenant: requests, drops, KoDs, last seen.
+    Clients {
+        /// Only this tenant (`namespace/name`).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Rows per tenant.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Per-tenant server counters: received, served, denied, rate limited, KoD, malformed.
+    Serverstats,
+    /// Load an NTP server: valid client requests at a fixed rate from many source addresses;
+    /// prints answers, loss and latency. Bounded by --duration and --max-requests.
+    Bench {
+        /// The server, ADDR:PORT.
+        #[arg(long)]
+        target: SocketAddr,
+        /// Requests per second.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Seconds of sending.
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        /// Stop after this many requests.
+        #[arg(long, default_value_t = 1_000_000)]
+        max_requests: u64,
+        /// Source addresses are taken from here (any local range; on Linux all of
+        /// 127.0.0.0/8 is local). Must match the target's family.
+        #[arg(long, default_value = "127.0.0.0/16")]
+        sources: IpNet,
+        /// How many distinct sources to use.
+        #[arg(long, default_value_t = 1024)]
+        source_count: usize,
+        /// Seconds to wait for late answers after the last request.
+        #[arg(long, default_value_t = 1.0)]
+        wait: f64,
+        /// No progress lines.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// A raw UDP echo with the server's socket options and batching: the practical ceiling
+    /// for `bench`. Stops after --duration.
+    EchoServer {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:12399")]
+        listen: SocketAddr,
+        /// Worker threads.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 60.0)]
+        duration: f64,
+    },
     /// Query an NTP server once: offset, delay, stratum, reference, leap.
     Query {
         /// HOST[:PORT], port 123 by default.
@@ -50,6 +110,148 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Clients { tenant, limit } => {
+            let mut path = format!("/clients?limit={limit}");
+            if let Some(t) = &tenant {
+                path.push_str(&format!("&tenant={}", percent_encode(t)));
+            }
+            let tenants: Vec<TenantClients> = fetch_json(&cli.agent, &path).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&tenants)?);
+            } else {
+                let now = stratum_agent::clock::host_realtime();
+                for t in &tenants {
+                    println!("Tenant {} (port {})", t.tenant, t.port);
+                    println!(
+                        "  {:<40} {:>10} {:>10} {:>8} {:>10}",
+                        "Client", "Requests", "Dropped", "KoD", "Last"
+                    );
+                    for c in &t.clients {
+                        let ago =
+                            now.unix_nanos().saturating_sub(c.last_seen_unix_nanos) as f64 * 1e-9;
+                        println!(
+                            "  {:<40} {:>10} {:>10} {:>8} {:>9.0}s",
+                            c.address.to_string(),
+                            c.requests,
+                            c.dropped,
+                            c.kod,
+                            ago.max(0.0)
+                        );
+                    }
+                }
+            }
+        }
+        Command::Serverstats => {
+            let stats: ServerStats = fetch_json(&cli.agent, "/serverstats").await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else {
+                println!(
+                    "Serving {} (stratum {}), {} worker(s) per port",
+                    if stats.synchronized {
+                        "synchronized"
+                    } else {
+                        "UNSYNCHRONIZED (LI=3)"
+                    },
+                    stats.stratum,
+                    stats.workers
+                );
+                println!(
+                    "{:<32} {:>6} {:>11} {:>11} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8}",
+                    "Tenant",
+                    "Port",
+                    "Received",
+                    "Served",
+                    "Unsync",
+                    "Denied",
+                    "RateLim",
+                    "KoD-R",
+                    "KoD-D",
+                    "Malformed",
+                    "Ignored"
+                );
+                for t in &stats.tenants {
+                    let n = &t.totals;
+                    println!(
+                        "{:<32} {:>6} {:>11} {:>11} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8}",
+                        t.tenant,
+                        t.port,
+                        n.received,
+                        n.served,
+                        n.served_unsynchronized,
+                        n.denied,
+                        n.rate_limited,
+                        n.kod_rate,
+                        n.kod_deny,
+                        n.malformed,
+                        n.ignored
+                    );
+                }
+            }
+        }
+        Command::Bench {
+            target,
+            rate,
+            duration,
+            max_requests,
+            sources,
+            source_count,
+            wait,
+            quiet,
+        } => {
+            let spec = LoadSpec {
+                target,
+                rate,
+                duration: Duration::try_from_secs_f64(duration)
+                    .context("--duration must be a non-negative number of seconds")?,
+                max_requests,
+                sources: loadgen::source_addresses(sources, source_count),
+                wait: Duration::try_from_secs_f64(wait)
+                    .context("--wait must be a non-negative number of seconds")?,
+            };
+            // Blocking threads and sleeps: keep them off the async runtime.
+            let report = tokio::task::spawn_blocking(move || {
+                loadgen::run(&spec, |p| {
+                    if !quiet {
+                        eprintln!(
+                            "{:>5.1}s  sent {:>10}  replies {:>10}",
+                            p.elapsed.as_secs_f64(),
+                            p.sent,
+                            p.replies
+                        );
+                    }
+                })
+            })
+            .await??;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_load_report(&report);
+            }
+        }
+        Command::EchoServer {
+            listen,
+            workers,
+            duration,
+        } => {
+            let stop = Arc::new(AtomicBool::new(false));
+            let timer = {
+                let stop = stop.clone();
+                let run_for = Duration::try_from_secs_f64(duration)
+                    .context("--duration must be a non-negative number of seconds")?
+                    .min(loadgen::MAX_DURATION);
+                std::thread::spawn(move || {
+                    std::thread::sleep(run_for);
+                    stop.store(true, Ordering::Relaxed);
+                })
+            };
+            eprintln!("echoing on {listen} with {workers} worker(s) for {duration} s");
+            let echoed =
+                tokio::task::spawn_blocking(move || loadgen::echo_server(listen, workers, &stop))
+                    .await??;
+            let _ = timer.join();
+            eprintln!("echoed {echoed} datagrams");
+        }
         Command::Query { target, timeout } => {
             let addr = resolve_target(&target)
                 .await
@@ -172,8 +374,65 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn print_load_report(r: &LoadReport) {
+    println!(
+        "Target          : {} from {} source address(es)",
+        r.target, r.sources
+    );
+    println!(
+        "Sent            : {} in {:.2} s ({:.0}/s of {:.0}/s asked{})",
+        r.sent,
+        r.send_seconds,
+        r.sent_rate,
+        r.target_rate,
+        if r.generator_limited {
+            ", GENERATOR-LIMITED"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "Answered        : {} ({} unsynchronized)",
+        r.answered, r.unsynchronized
+    );
+    println!(
+        "Kiss-o'-Death   : RATE {}, DENY {}, other {}",
+        r.kod_rate, r.kod_deny, r.kod_other
+    );
+    println!(
+        "Lost            : {} ({:.4}%)",
+        r.lost,
+        r.loss_ratio * 100.0
+    );
+    let us = |ns: u64| ns as f64 / 1000.0;
+    println!(
+        "Latency         : p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us",
+        us(r.latency.p50_ns),
+        us(r.latency.p90_ns),
+        us(r.latency.p99_ns),
+        us(r.latency.p999_ns),
+        us(r.latency.max_ns)
+    );
+}
+
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// GETs the agent's status over plain HTTP/1.1 on loopback.
 async fn fetch(agent: &str) -> anyhow::Result<AgentStatus> {
+    fetch_json(agent, "/status").await
+}
+
+/// GETs `path` from the agent's status endpoint and decodes the JSON body.
+async fn fetch_json<T: serde::de::DeserializeOwned>(agent: &str, path: &str) -> anyhow::Result<T> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(agent)
         .await
@@ -182,8 +441,7 @@ async fn fetch(agent: &str) -> anyhow::Result<AgentStatus> {
         })?;
     stream
         .write_all(
-            format!("GET /status HTTP/1.1\r\nHost: {agent}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
+            format!("GET {path} HTTP/1.1\r\nHost: {agent}\r\nConnection: close\r\n\r\n").as_bytes(),
         )
         .await?;
     let mut response = Vec::new();
@@ -197,5 +455,5 @@ async fn fetch(agent: &str) -> anyhow::Result<AgentStatus> {
         "agent answered: {}",
         head.lines().next().unwrap_or("")
     );
-    serde_json::from_str(body).context("decoding the agent's status")
+    serde_json::from_str(body).with_context(|| format!("decoding the agent's {path}"))
 }

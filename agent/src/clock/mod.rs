@@ -122,6 +122,17 @@ impl Backend {
         }
     }
 
+    /// How to read the steered clock from a host-realtime instant right now: identity for the
+    /// kernel clock, the software layer's offset and rate for `readonly` and `simulated`. The
+    /// server applies it to kernel receive timestamps and late transmit readings, so replies
+    /// carry the disciplined clock without taking this backend's lock per packet.
+    pub fn timescale(&self) -> Timescale {
+        match self {
+            Backend::System(_) => Timescale::IDENTITY,
+            Backend::Readonly(c) | Backend::Simulated(c) => c.timescale(),
+        }
+    }
+
     /// Offset of the *node's* clock from true time, given the core's estimate of the offset of
     /// the clock it steers. For `readonly` the steered clock is a software layer, so the
     /// kernel clock's offset is the estimate minus that layer's correction.
@@ -160,6 +171,19 @@ impl HostDriven {
         f(&mut clock)
     }
 
+    /// The layer as a linear map from host realtime, valid until the next step or frequency
+    /// change (the run loop republishes it every turn).
+    pub fn timescale(&self) -> Timescale {
+        let mut clock = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let host = host_realtime();
+        clock.advance_to(host);
+        Timescale {
+            host_ref: host,
+            clock_ref: clock.now(),
+            rate: clock.effective_rate_ppm() * 1e-6,
+        }
+    }
+
     /// The software layer's offset from the host clock, seconds.
     pub fn layer_offset(&self) -> f64 {
         self.with(|c| c.offset())
@@ -189,6 +213,35 @@ impl Clock for HostDriven {
     }
     fn set_status(&mut self, status: ClockStatus) -> Result<(), ClockError> {
         self.with(|c| c.set_status(status))
+    }
+}
+
+/// A linear map from this host's realtime clock onto a steered clock: `clock_ref` at
+/// `host_ref`, advancing `1 + rate` seconds per host second.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Timescale {
+    /// Host realtime at the reference point.
+    pub host_ref: ClockTime,
+    /// The steered clock's reading at the reference point.
+    pub clock_ref: ClockTime,
+    /// Fractional rate of the steered clock relative to the host clock (1e-6 = 1 ppm fast).
+    pub rate: f64,
+}
+
+impl Timescale {
+    /// The steered clock is the host clock.
+    pub const IDENTITY: Self = Self {
+        host_ref: ClockTime::EPOCH,
+        clock_ref: ClockTime::EPOCH,
+        rate: 0.0,
+    };
+
+    /// The steered clock's reading at host instant `host`.
+    pub fn to_clock(&self, host: ClockTime) -> ClockTime {
+        let elapsed = host.nanos_since(self.host_ref);
+        // Integer nanoseconds for the bulk, f64 only for the (small) rate term.
+        let drift = (elapsed as f64 * self.rate).round() as i64;
+        self.clock_ref.add_nanos(elapsed.saturating_add(drift))
     }
 }
 
@@ -266,6 +319,35 @@ mod tests {
         };
         let offset = clock.now().secs_since(host_realtime());
         assert!((offset - 0.3).abs() < 0.01, "offset {offset}");
+    }
+
+    #[test]
+    fn timescale_maps_host_instants_onto_the_simulated_clock() {
+        let mut backend = Backend::open(
+            ClockBackend::Simulated,
+            true,
+            SimulationParams {
+                initial_offset: 0.3,
+                frequency_error_ppm: 100.0,
+                wander_ppm_per_sqrt_s: 0.0,
+                seed: 1,
+            },
+            SystemClockPolicy::Denied,
+        )
+        .unwrap();
+        let scale = backend.timescale();
+        let host = host_realtime();
+        let mapped = scale.to_clock(host);
+        let direct = backend.clock().now();
+        assert!(direct.secs_since(mapped).abs() < 0.01);
+        // 100 ppm fast: 10 host seconds later the clock is 1 ms further ahead.
+        let later = scale.to_clock(host.add_secs(10.0));
+        assert!((later.secs_since(mapped) - 10.001).abs() < 1e-6);
+        assert_eq!(
+            Timescale::IDENTITY.to_clock(host),
+            host,
+            "the kernel clock maps to itself"
+        );
     }
 
     #[test]

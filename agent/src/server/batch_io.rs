@@ -1,0 +1,603 @@
+//! Batched UDP IO for the server workers, the raw echo baseline and the load generator:
+//! `recvmmsg(2)` with kernel receive timestamps (SO_TIMESTAMPNS) and `sendmmsg(2)`, over
+//! buffers allocated once per thread.
+//!
+//! The only module of the server with `unsafe`: the two syscalls, which take arrays of
+//! `mmsghdr` pointing into this module's own boxed buffers, and the reading of the addresses
+//! and control messages the kernel wrote there. Every pointer handed to the kernel is derived
+//! from a `&mut` borrow of a buffer owned by the batch, re-derived right before each call, and
+//! not used after the call returns; so the kernel never writes through a stale pointer and no
+//! other reference aliases the buffers while it writes.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use stratum_ntp::time::ClockTime;
+
+/// Datagrams per syscall. 32 amortises the syscall well; more only adds latency under load.
+pub const BATCH: usize = 32;
+/// Largest datagram read whole. NTP requests with extension fields (NTS) stay well below;
+/// longer ones arrive truncated and are counted malformed.
+pub const MAX_DATAGRAM: usize = 1024;
+/// Largest datagram sent: NTP replies are one 48-byte header (never larger than requests).
+pub const MAX_SEND: usize = 48;
+/// Control-message space per datagram, in 8-byte words (one SCM_TIMESTAMPNS needs 32 bytes,
+/// one IP_PKTINFO 28; keep room for both).
+const CONTROL_WORDS: usize = 12;
+
+/// Options of the UDP sockets this module opens.
+#[derive(Clone, Copy, Debug)]
+pub struct SocketOptions {
+    /// Share the port with the other workers (SO_REUSEPORT).
+    pub reuse_port: bool,
+    /// For `[::]`, accept IPv4 too (IPV6_V6ONLY off).
+    pub dual_stack: bool,
+    /// Requested SO_RCVBUF (the kernel caps it at net.core.rmem_max unless forced).
+    pub receive_buffer: usize,
+    /// SO_RCVTIMEO: how long a blocking receive waits before the thread looks at its stop flag.
+    pub receive_timeout: Duration,
+}
+
+/// Opens a UDP socket bound to `addr` with kernel receive timestamps on.
+pub fn bind_udp(addr: SocketAddr, options: SocketOptions) -> io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(!options.dual_stack)?;
+    }
+    if options.reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    if options.receive_buffer > 0 {
+        // Forcing past rmem_max needs CAP_NET_ADMIN; without it take what the kernel allows.
+        if socket.set_recv_buffer_size(options.receive_buffer).is_err() {
+            tracing::debug!("SO_RCVBUF refused; keeping the kernel default");
+        }
+        force_receive_buffer(&socket, options.receive_buffer);
+    }
+    socket.set_read_timeout(Some(options.receive_timeout))?;
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::ReceiveTimestampns,
+        &true,
+    )
+    .map_err(io::Error::from)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// SO_RCVBUFFORCE (best effort: only with CAP_NET_ADMIN).
+fn force_receive_buffer(socket: &Socket, bytes: usize) {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `value` is a live c_int and the length passed is its size; the kernel only reads.
+    let _ = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
+/// Wakes every thread blocked receiving on `socket` (and makes later receives return at
+/// once, with one zero-length datagram): `shutdown(SHUT_RD)` on a UDP socket reports
+/// ENOTCONN but still marks the socket shut down and wakes its waiters, which is all a
+/// stopping worker needs. Callers set their stop flag first and check it after each receive.
+pub fn wake_receivers(socket: BorrowedFd<'_>) {
+    // SAFETY: a plain syscall on a file descriptor we borrow for its duration.
+    let _ = unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RD) };
+}
+
+/// One received datagram.
+#[derive(Clone, Copy, Debug)]
+pub struct Datagram<'a> {
+    /// The bytes (a prefix when `truncated`).
+    pub bytes: &'a [u8],
+    /// Who sent it (IPv4 clients of a dual-stack socket appear IPv4-mapped).
+    pub source: Option<SocketAddr>,
+    /// Kernel receive timestamp on the host's realtime clock.
+    pub host_rx: Option<ClockTime>,
+    /// The datagram was longer than [`MAX_DATAGRAM`].
+    pub truncated: bool,
+}
+
+/// Buffers for one `recvmmsg` call, reused for every call.
+pub struct RecvBatch {
+    buffers: Box<[[u8; MAX_DATAGRAM]]>,
+    names: Box<[libc::sockaddr_storage]>,
+    controls: Box<[[u64; CONTROL_WORDS]]>,
+    iovecs: Box<[libc::iovec]>,
+    headers: Box<[libc::mmsghdr]>,
+    received: usize,
+}
+
+impl Default for RecvBatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RecvBatch {
+    /// Allocates the buffers (the only allocation; receiving reuses them).
+    pub fn new() -> Self {
+        Self {
+            buffers: vec![[0u8; MAX_DATAGRAM]; BATCH].into_boxed_slice(),
+            // SAFETY: all-zero is a valid sockaddr_storage, iovec and mmsghdr (null pointers
+            // and zero lengths); they are re-pointed before every call.
+            names: vec![unsafe { zeroed::<libc::sockaddr_storage>() }; BATCH].into_boxed_slice(),
+            controls: vec![[0u64; CONTROL_WORDS]; BATCH].into_boxed_slice(),
+            iovecs: vec![unsafe { zeroed::<libc::iovec>() }; BATCH].into_boxed_slice(),
+            headers: vec![unsafe { zeroed::<libc::mmsghdr>() }; BATCH].into_boxed_slice(),
+            received: 0,
+        }
+    }
+
+    /// Blocks until at least one datagram arrives (or SO_RCVTIMEO passes: `WouldBlock`), then
+    /// takes up to [`BATCH`] without waiting for more. Returns how many arrived.
+    pub fn receive(&mut self, socket: BorrowedFd<'_>) -> io::Result<usize> {
+        self.received = 0;
+        for i in 0..BATCH {
+            self.iovecs[i] = libc::iovec {
+                iov_base: self.buffers[i].as_mut_ptr().cast(),
+                iov_len: MAX_DATAGRAM,
+            };
+            let header = &mut self.headers[i];
+            header.msg_len = 0;
+            header.msg_hdr.msg_name = (&raw mut self.names[i]).cast();
+            header.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            header.msg_hdr.msg_iov = &raw mut self.iovecs[i];
+            header.msg_hdr.msg_iovlen = 1;
+            header.msg_hdr.msg_control = self.controls[i].as_mut_ptr().cast();
+            header.msg_hdr.msg_controllen = CONTROL_WORDS * 8;
+            header.msg_hdr.msg_flags = 0;
+        }
+        // SAFETY: `headers` holds BATCH entries whose pointers were just derived from buffers
+        // this batch owns (sizes as declared above); `&mut self` excludes any other access
+        // while the kernel writes; a null timeout means none (SO_RCVTIMEO applies).
+        let count = unsafe {
+            libc::recvmmsg(
+                socket.as_raw_fd(),
+                self.headers.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if count < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.received = count as usize;
+        Ok(self.received)
+    }
+
+    /// Datagrams of the last call.
+    pub fn len(&self) -> usize {
+        self.received
+    }
+
+    /// Whether the last call returned nothing.
+    pub fn is_empty(&self) -> bool {
+        self.received == 0
+    }
+
+    /// The `index`th datagram of the last call.
+    pub fn get(&self, index: usize) -> Option<Datagram<'_>> {
+        if index >= self.received {
+            return None;
+        }
+        let header = &self.headers[index].msg_hdr;
+        let len = (self.headers[index].msg_len as usize).min(MAX_DATAGRAM);
+        Some(Datagram {
+            bytes: &self.buffers[index][..len],
+            source: socket_addr(&self.names[index], header.msg_namelen),
+            host_rx: receive_timestamp(&self.controls[index], header.msg_controllen),
+            truncated: header.msg_flags & libc::MSG_TRUNC != 0,
+        })
+    }
+
+    /// The raw source address of the `index`th datagram, to answer it without conversion.
+    fn raw_source(&self, index: usize) -> (libc::sockaddr_storage, libc::socklen_t) {
+        (self.names[index], self.headers[index].msg_hdr.msg_namelen)
+    }
+}
+
+/// Reads a socket address the kernel wrote (`len` bytes of `storage`).
+fn socket_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    let len = len as usize;
+    match libc::c_int::from(storage.ss_family) {
+        libc::AF_INET if len >= size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says the storage holds a sockaddr_in, which is smaller than
+            // and no more aligned than sockaddr_storage.
+            let sin = unsafe { &*(&raw const *storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 if len >= size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe { &*(&raw const *storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Finds SCM_TIMESTAMPNS among the control messages the kernel wrote (`len` bytes).
+fn receive_timestamp(control: &[u64; CONTROL_WORDS], len: usize) -> Option<ClockTime> {
+    let bytes: &[u8] = bytemuck_words(control);
+    let bytes = bytes.get(..len)?;
+    let header_len = size_of::<libc::cmsghdr>();
+    let align = size_of::<usize>();
+    let mut at = 0usize;
+    while at + header_len <= bytes.len() {
+        // SAFETY: reading a cmsghdr by value (read_unaligned) from within the buffer bounds
+        // just checked; any bit pattern is a valid cmsghdr.
+        let cmsg: libc::cmsghdr =
+            unsafe { std::ptr::read_unaligned(bytes[at..].as_ptr().cast::<libc::cmsghdr>()) };
+        let cmsg_len = cmsg.cmsg_len as usize;
+        if cmsg_len < header_len || at + cmsg_len > bytes.len() {
+            return None;
+        }
+        if cmsg.cmsg_level == libc::SOL_SOCKET && cmsg.cmsg_type == libc::SCM_TIMESTAMPNS {
+            let data = &bytes[at + header_len..at + cmsg_len];
+            if data.len() >= size_of::<libc::timespec>() {
+                // SAFETY: as above, for a timespec inside the bounds just checked.
+                let ts: libc::timespec =
+                    unsafe { std::ptr::read_unaligned(data.as_ptr().cast::<libc::timespec>()) };
+                return Some(ClockTime::from_unix_nanos(
+                    ts.tv_sec.saturating_mul(1_000_000_000) + ts.tv_nsec,
+                ));
+            }
+        }
+        at += cmsg_len.div_ceil(align) * align;
+    }
+    None
+}
+
+fn bytemuck_words(words: &[u64; CONTROL_WORDS]) -> &[u8] {
+    // SAFETY: u64 has no padding and every byte of it is initialised; u8 needs no alignment;
+    // the length is the array's size in bytes.
+    unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), CONTROL_WORDS * 8) }
+}
+
+/// Buffers for one `sendmmsg` call: fill with [`SendBatch::push_reply`] or
+/// [`SendBatch::push_to`], then [`SendBatch::send`].
+pub struct SendBatch {
+    payloads: Box<[[u8; MAX_SEND]]>,
+    lens: [usize; BATCH],
+    names: Box<[libc::sockaddr_storage]>,
+    name_lens: [libc::socklen_t; BATCH],
+    controls: Box<[[u64; CONTROL_WORDS]]>,
+    control_lens: [usize; BATCH],
+    iovecs: Box<[libc::iovec]>,
+    headers: Box<[libc::mmsghdr]>,
+    queued: usize,
+}
+
+/// What one [`SendBatch::send`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SendOutcome {
+    /// Datagrams the kernel accepted.
+    pub sent: usize,
+    /// Datagrams refused (e.g. no route, buffer full); skipped, never retried.
+    pub failed: usize,
+}
+
+impl Default for SendBatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SendBatch {
+    /// Allocates the buffers.
+    pub fn new() -> Self {
+        Self {
+            payloads: vec![[0u8; MAX_SEND]; BATCH].into_boxed_slice(),
+            lens: [0; BATCH],
+            // SAFETY: all-zero is valid for these C structs (see RecvBatch::new).
+            names: vec![unsafe { zeroed::<libc::sockaddr_storage>() }; BATCH].into_boxed_slice(),
+            name_lens: [0; BATCH],
+            controls: vec![[0u64; CONTROL_WORDS]; BATCH].into_boxed_slice(),
+            control_lens: [0; BATCH],
+            iovecs: vec![unsafe { zeroed::<libc::iovec>() }; BATCH].into_boxed_slice(),
+            headers: vec![unsafe { zeroed::<libc::mmsghdr>() }; BATCH].into_boxed_slice(),
+            queued: 0,
+        }
+    }
+
+    /// Queued datagrams.
+    pub fn len(&self) -> usize {
+        self.queued
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.queued == 0
+    }
+
+    /// Whether another datagram fits.
+    pub fn is_full(&self) -> bool {
+        self.queued == BATCH
+    }
+
+    /// The buffer the next pushed datagram will use, to build a reply in place before
+    /// deciding whether to send it.
+    pub fn next_buffer(&mut self) -> Option<&mut [u8; MAX_SEND]> {
+        self.payloads.get_mut(self.queued)
+    }
+
+    /// Queues the first `len` bytes of [`Self::next_buffer`] as the answer to datagram
+    /// `index` of `received`, addressed exactly as it came (no address conversion).
+    pub fn push_reply(&mut self, received: &RecvBatch, index: usize, len: usize) -> bool {
+        if self.queued == BATCH || index >= received.len() {
+            return false;
+        }
+        let (name, name_len) = received.raw_source(index);
+        let slot = self.queued;
+        self.names[slot] = name;
+        self.name_lens[slot] = name_len;
+        self.lens[slot] = len.min(MAX_SEND);
+        self.control_lens[slot] = 0;
+        self.queued += 1;
+        true
+    }
+
+    /// Queues `payload` to `destination`, from `source` when given (IP_PKTINFO / IPV6_PKTINFO:
+    /// any local address, e.g. any of 127.0.0.0/8, on a socket bound to the wildcard).
+    pub fn push_to(
+        &mut self,
+        payload: &[u8],
+        destination: SocketAddr,
+        source: Option<IpAddr>,
+    ) -> bool {
+        if self.queued == BATCH {
+            return false;
+        }
+        let slot = self.queued;
+        let len = payload.len().min(MAX_SEND);
+        self.payloads[slot][..len].copy_from_slice(&payload[..len]);
+        self.lens[slot] = len;
+        let (name, name_len) = raw_socket_addr(destination);
+        self.names[slot] = name;
+        self.name_lens[slot] = name_len;
+        self.control_lens[slot] = match source {
+            Some(ip) => write_pktinfo(&mut self.controls[slot], ip),
+            None => 0,
+        };
+        self.queued += 1;
+        true
+    }
+
+    /// The payload of queued datagram `index`, to patch it (the transmit timestamp) last.
+    pub fn payload_mut(&mut self, index: usize) -> Option<&mut [u8]> {
+        if index >= self.queued {
+            return None;
+        }
+        let len = self.lens[index];
+        self.payloads.get_mut(index).map(|p| &mut p[..len])
+    }
+
+    /// Sends everything queued and empties the batch. A datagram the kernel refuses is
+    /// skipped so one bad destination cannot hold back the rest.
+    pub fn send(&mut self, socket: BorrowedFd<'_>) -> SendOutcome {
+        let mut outcome = SendOutcome::default();
+        for i in 0..self.queued {
+            self.iovecs[i] = libc::iovec {
+                iov_base: self.payloads[i].as_mut_ptr().cast(),
+                iov_len: self.lens[i],
+            };
+            let header = &mut self.headers[i];
+            header.msg_len = 0;
+            header.msg_hdr.msg_name = (&raw mut self.names[i]).cast();
+            header.msg_hdr.msg_namelen = self.name_lens[i];
+            header.msg_hdr.msg_iov = &raw mut self.iovecs[i];
+            header.msg_hdr.msg_iovlen = 1;
+            header.msg_hdr.msg_control = if self.control_lens[i] > 0 {
+                self.controls[i].as_mut_ptr().cast()
+            } else {
+                std::ptr::null_mut()
+            };
+            header.msg_hdr.msg_controllen = self.control_lens[i];
+            header.msg_hdr.msg_flags = 0;
+        }
+        let mut start = 0;
+        while start < self.queued {
+            // SAFETY: entries start..queued were just pointed at buffers this batch owns,
+            // with the lengths recorded when they were queued; the kernel only reads them.
+            let sent = unsafe {
+                libc::sendmmsg(
+                    socket.as_raw_fd(),
+                    self.headers[start..].as_mut_ptr(),
+                    (self.queued - start) as libc::c_uint,
+                    0,
+                )
+            };
+            if sent <= 0 {
+                let error = io::Error::last_os_error();
+                if error.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // The first remaining datagram failed: drop it and go on with the rest.
+                outcome.failed += 1;
+                start += 1;
+            } else {
+                outcome.sent += sent as usize;
+                start += sent as usize;
+            }
+        }
+        self.queued = 0;
+        outcome
+    }
+}
+
+/// A socket address as the kernel reads it.
+fn raw_socket_addr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    let sock = socket2::SockAddr::from(addr);
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
+    let len = (sock.len() as usize).min(size_of::<libc::sockaddr_storage>());
+    // SAFETY: copies `len` initialised bytes of socket2's storage into ours; both are
+    // sockaddr_storage-sized and the ranges do not overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            sock.as_ptr().cast::<u8>(),
+            (&raw mut storage).cast::<u8>(),
+            len,
+        );
+    }
+    (storage, len as libc::socklen_t)
+}
+
+/// Writes an IP_PKTINFO (or IPV6_PKTINFO) control message choosing the source address;
+/// returns its length.
+fn write_pktinfo(control: &mut [u64; CONTROL_WORDS], source: IpAddr) -> usize {
+    let header_len = size_of::<libc::cmsghdr>();
+    let (level, kind, data_len) = match source {
+        IpAddr::V4(_) => (
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            size_of::<libc::in_pktinfo>(),
+        ),
+        IpAddr::V6(_) => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_PKTINFO,
+            size_of::<libc::in6_pktinfo>(),
+        ),
+    };
+    let align = size_of::<usize>();
+    let cmsg_len = header_len + data_len;
+    let space = cmsg_len.div_ceil(align) * align;
+    if space > CONTROL_WORDS * 8 {
+        return 0;
+    }
+    // SAFETY: all-zero is a valid cmsghdr.
+    let mut header: libc::cmsghdr = unsafe { zeroed() };
+    header.cmsg_len = cmsg_len as _;
+    header.cmsg_level = level;
+    header.cmsg_type = kind;
+    let base = control.as_mut_ptr().cast::<u8>();
+    // SAFETY: `space` ≤ the buffer's size was checked above; the header goes at offset 0 and
+    // the data right after it (the header length is a multiple of the alignment).
+    unsafe {
+        std::ptr::write_bytes(base, 0, space);
+        std::ptr::write_unaligned(base.cast::<libc::cmsghdr>(), header);
+        let data = base.add(header_len);
+        match source {
+            IpAddr::V4(v4) => {
+                let mut info: libc::in_pktinfo = zeroed();
+                info.ipi_spec_dst.s_addr = u32::from(v4).to_be();
+                std::ptr::write_unaligned(data.cast::<libc::in_pktinfo>(), info);
+            }
+            IpAddr::V6(v6) => {
+                let mut info: libc::in6_pktinfo = zeroed();
+                info.ipi6_addr.s6_addr = v6.octets();
+                std::ptr::write_unaligned(data.cast::<libc::in6_pktinfo>(), info);
+            }
+        }
+    }
+    space
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn options() -> SocketOptions {
+        SocketOptions {
+            reuse_port: false,
+            dual_stack: true,
+            receive_buffer: 0,
+            receive_timeout: Duration::from_millis(500),
+        }
+    }
+
+    #[test]
+    fn a_batch_round_trip_carries_addresses_timestamps_and_chosen_sources() {
+        let server = bind_udp("[::]:0".parse().unwrap(), options()).unwrap();
+        let port = server.local_addr().unwrap().port();
+        let client = bind_udp("0.0.0.0:0".parse().unwrap(), options()).unwrap();
+        let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut out = SendBatch::new();
+        for i in 0..3u8 {
+            let source = IpAddr::V4(Ipv4Addr::new(127, 0, 3, 1 + i));
+            assert!(out.push_to(&[i; 48], target, Some(source)));
+        }
+        assert_eq!(out.send(client.as_fd()).sent, 3);
+        let mut batch = RecvBatch::new();
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            let n = batch.receive(server.as_fd()).unwrap();
+            for i in 0..n {
+                let d = batch.get(i).unwrap();
+                assert_eq!(d.bytes.len(), 48);
+                assert!(d.host_rx.is_some(), "kernel timestamp missing");
+                assert!(!d.truncated);
+                seen.push((d.bytes[0], d.source.unwrap().ip()));
+            }
+        }
+        seen.sort();
+        for (i, (first, ip)) in seen.iter().enumerate() {
+            assert_eq!(*first, i as u8);
+            let expected: IpAddr = format!("::ffff:127.0.3.{}", 1 + i).parse().unwrap();
+            assert_eq!(
+                *ip, expected,
+                "IPv4 client seen IPv4-mapped on a dual-stack socket"
+            );
+        }
+    }
+
+    #[test]
+    fn replies_go_back_to_the_exact_source() {
+        let server = bind_udp("[::]:0".parse().unwrap(), options()).unwrap();
+        let port = server.local_addr().unwrap().port();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"ping", ("127.0.0.1", port)).unwrap();
+        let mut batch = RecvBatch::new();
+        assert_eq!(batch.receive(server.as_fd()).unwrap(), 1);
+        let mut out = SendBatch::new();
+        out.next_buffer().unwrap()[..4].copy_from_slice(b"pong");
+        assert!(out.push_reply(&batch, 0, 4));
+        assert_eq!(out.send(server.as_fd()).sent, 1);
+        let mut buf = [0u8; 8];
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let (n, from) = client.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"pong");
+        assert_eq!(from.port(), port);
+    }
+
+    #[test]
+    fn wake_receivers_unblocks_a_waiting_receive() {
+        let mut opts = options();
+        opts.receive_timeout = Duration::from_secs(30);
+        let server = bind_udp("127.0.0.1:0".parse().unwrap(), opts).unwrap();
+        let waker = server.try_clone().unwrap();
+        let started = std::time::Instant::now();
+        let receiver = std::thread::spawn(move || {
+            let mut batch = RecvBatch::new();
+            batch.receive(server.as_fd())
+        });
+        // Whether the receive is already blocked or not yet started, the shutdown is sticky:
+        // the receive returns at once either way (with a zero-length datagram), long before
+        // the 30 s receive timeout.
+        wake_receivers(waker.as_fd());
+        let _ = receiver.join().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+}

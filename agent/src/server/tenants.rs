@@ -1,0 +1,209 @@
+//! From the agent config's `serving` section to the ports the server must run, and the
+//! smallest change from what runs now to that (pure, so it is tested without sockets).
+//!
+//! A port is keyed by its number and owned by one tenant id. Rules that change under the same
+//! id become a new policy generation on the running sockets (no socket churn, no lost
+//! packets); a port whose owner id changes is closed and reopened, since its counters, client
+//! log and rate table belong to another tenant.
+
+use std::collections::BTreeMap;
+
+use stratum_api::agent_config::{ServingConfig, TenantConfig as ApiTenant};
+use stratum_ntp::server::{ClientRateLimit, DenyAction, TenantBudget, TenantConfig};
+
+/// Tenant id under which `serving.peerPort` (the fleet's other agents) is counted. Tenant ids
+/// are `namespace/name`, so this one cannot collide.
+pub const PEER_TENANT_ID: &str = "fleet-peers";
+
+/// Over-limit requests still answered: 1 in 2^2, chrony's default `leak`, so a spoofer
+/// cannot silence a victim whose address it forges.
+const RATE_LIMIT_LEAK_LOG2: u8 = 2;
+
+/// The server-side rules of one configured tenant.
+pub fn core_tenant(tenant: &ApiTenant) -> TenantConfig {
+    let kod = tenant.rate_limit.kiss_of_death;
+    let deny_action = if kod {
+        DenyAction::Kod
+    } else {
+        DenyAction::Ignore
+    };
+    TenantConfig {
+        name: tenant.id.clone(),
+        allow: tenant.allowed.clone(),
+        allow_except: Vec::new(),
+        deny: tenant
+            .denied
+            .iter()
+            .map(|net| (*net, deny_action))
+            .collect(),
+        kod_not_allowed: kod,
+        client_rate_limit: Some(ClientRateLimit {
+            interval: tenant.rate_limit.client_interval_seconds,
+            burst: u16::try_from(tenant.rate_limit.client_burst).unwrap_or(u16::MAX),
+            leak_log2: RATE_LIMIT_LEAK_LOG2,
+            kod,
+        }),
+        budget: tenant
+            .rate_limit
+            .tenant_requests_per_second
+            .map(|rps| TenantBudget {
+                packets_per_second: f64::from(rps),
+                burst: f64::from(tenant.rate_limit.tenant_burst.unwrap_or(rps)),
+            }),
+        max_root_distance: tenant.max_root_distance_seconds,
+    }
+}
+
+/// Every port the config asks for, with its rules.
+pub fn desired_ports(serving: &ServingConfig) -> BTreeMap<u16, TenantConfig> {
+    let mut ports: BTreeMap<u16, TenantConfig> = serving
+        .tenants
+        .iter()
+        .map(|t| (t.port, core_tenant(t)))
+        .collect();
+    if let Some(port) = serving.peer_port {
+        // Other agents poll at their own configured rate: no limit, no KoD, no requirement.
+        ports.insert(
+            port,
+            TenantConfig {
+                name: PEER_TENANT_ID.into(),
+                allow: serving.peer_allowed.clone(),
+                allow_except: Vec::new(),
+                deny: Vec::new(),
+                kod_not_allowed: false,
+                client_rate_limit: None,
+                budget: None,
+                max_root_distance: None,
+            },
+        );
+    }
+    ports
+}
+
+/// One step from the running ports to the desired ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortChange {
+    /// Open the port's sockets and workers.
+    Open(u16),
+    /// Stop the workers and close the sockets.
+    Close(u16),
+    /// Another tenant now owns the port: close, then open.
+    Reopen(u16),
+    /// Same tenant, new rules: swap the policy generation.
+    Update(u16),
+}
+
+/// The changes that turn `running` (port → rules in force) into `desired`; ports whose rules
+/// are unchanged do not appear.
+pub fn plan<'a>(
+    running: impl IntoIterator<Item = (u16, &'a TenantConfig)>,
+    desired: &BTreeMap<u16, TenantConfig>,
+) -> Vec<PortChange> {
+    let running: BTreeMap<u16, &TenantConfig> = running.into_iter().collect();
+    let mut changes = Vec::new();
+    for (port, current) in &running {
+        match desired.get(port) {
+            None => changes.push(PortChange::Close(*port)),
+            Some(wanted) if wanted.name != current.name => {
+                changes.push(PortChange::Reopen(*port));
+            }
+            Some(wanted) if wanted != *current => changes.push(PortChange::Update(*port)),
+            Some(_) => {}
+        }
+    }
+    for port in desired.keys() {
+        if !running.contains_key(port) {
+            changes.push(PortChange::Open(*port));
+        }
+    }
+    changes
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use stratum_api::agent_config::RateLimitConfig;
+
+    fn api_tenant(id: &str, port: u16) -> ApiTenant {
+        ApiTenant {
+            id: id.into(),
+            port,
+            allowed: vec!["10.0.0.0/8".parse().unwrap()],
+            denied: vec!["10.0.0.13/32".parse().unwrap()],
+            rate_limit: RateLimitConfig {
+                client_interval_seconds: 2.0,
+                client_burst: 100_000,
+                tenant_requests_per_second: Some(500),
+                tenant_burst: None,
+                kiss_of_death: true,
+            },
+            max_root_distance_seconds: Some(0.1),
+        }
+    }
+
+    fn serving(tenants: Vec<ApiTenant>) -> ServingConfig {
+        ServingConfig {
+            holdover_seconds: 0.0,
+            local_stratum: None,
+            peer_port: None,
+            peer_allowed: vec![],
+            tenants,
+        }
+    }
+
+    #[test]
+    fn tenant_limits_and_kod_map_onto_the_core_policy() {
+        let core = core_tenant(&api_tenant("ns/a", 12300));
+        let limit = core.client_rate_limit.unwrap();
+        assert_eq!(
+            (limit.interval, limit.burst, limit.kod),
+            (2.0, u16::MAX, true)
+        );
+        assert_eq!(core.deny[0].1, DenyAction::Kod);
+        assert!(core.kod_not_allowed);
+        let budget = core.budget.unwrap();
+        assert_eq!((budget.packets_per_second, budget.burst), (500.0, 500.0));
+        assert_eq!(core.max_root_distance, Some(0.1));
+    }
+
+    #[test]
+    fn the_peer_port_is_served_to_peer_allowed_without_limits() {
+        let mut s = serving(vec![api_tenant("ns/a", 12300)]);
+        s.peer_port = Some(12399);
+        s.peer_allowed = vec!["10.77.0.0/16".parse().unwrap()];
+        let ports = desired_ports(&s);
+        let peers = &ports[&12399];
+        assert_eq!(peers.name, PEER_TENANT_ID);
+        assert_eq!(peers.allow, s.peer_allowed);
+        assert!(peers.client_rate_limit.is_none());
+    }
+
+    #[test]
+    fn plan_touches_only_what_changed() {
+        let running = desired_ports(&serving(vec![
+            api_tenant("ns/a", 1),
+            api_tenant("ns/b", 2),
+            api_tenant("ns/c", 3),
+            api_tenant("ns/d", 4),
+        ]));
+        let mut b = api_tenant("ns/b", 2);
+        b.allowed.push("192.0.2.0/24".parse().unwrap());
+        let desired = desired_ports(&serving(vec![
+            api_tenant("ns/a", 1),
+            b,
+            api_tenant("ns/other", 3),
+            api_tenant("ns/e", 5),
+        ]));
+        let changes = plan(running.iter().map(|(p, c)| (*p, c)), &desired);
+        assert_eq!(
+            changes,
+            [
+                PortChange::Update(2),
+                PortChange::Reopen(3),
+                PortChange::Close(4),
+                PortChange::Open(5)
+            ]
+        );
+    }
+}
