@@ -461,15 +461,12 @@ impl Index {
         triggers
     }
 
-    /// Re-resolves one tenant's allow list; triggers it and its TimeService if it changed.
+    /// Drops one tenant's cached allow list and triggers it and its TimeService. Resolution is
+    /// lazy: a burst of pod events (an initial list, a rollout) costs one resolution per tenant
+    /// at the next reconcile, not one per event.
     fn refresh_allowed(&mut self, key: &TenantKey) -> Triggers {
-        let old = self.allow_cache.remove(key);
-        let new = self.allowed(key);
-        let mut triggers = Triggers::default();
-        if old.as_deref() != Some(&*new) {
-            triggers.extend(self.tenant_and_service(key));
-        }
-        triggers
+        self.allow_cache.remove(key);
+        self.tenant_and_service(key)
     }
 
     fn tenant_and_service(&self, key: &TenantKey) -> Triggers {

@@ -46,7 +46,8 @@ pub struct TimeServicePlan {
     pub network_policy: NetworkPolicy,
     /// The agent config; `None` when it would be invalid (the last good one stays).
     pub config: Option<AgentConfig>,
-    /// The ConfigMap carrying `config`.
+    /// The ConfigMap carrying `config`; `None` when there is none or it exceeds a ConfigMap's
+    /// size limit (then `blocked` says so and the last good one stays).
     pub config_map: Option<ConfigMap>,
     /// Clocks of this TimeService's nodes.
     pub clocks: Vec<ClockInfo>,
@@ -203,14 +204,15 @@ pub fn plan_time_service(
         .and_then(|cm| cm.data.as_ref())
         .map(|d| d.values().map(String::len).sum::<usize>())
         .unwrap_or(0);
-    let (config, config_map) = if size > MAX_CONFIG_BYTES {
+    // Too large for one ConfigMap: keep the config for inspection, write nothing.
+    let config_map = if size > MAX_CONFIG_BYTES {
         blocked.get_or_insert(Blocked::Invalid(format!(
             "the agent config is {size} bytes, over the ConfigMap limit of {MAX_CONFIG_BYTES}; \
              narrow tenants' allowedClients (ipBlocks aggregate better than many pods)"
         )));
-        (None, None)
+        None
     } else {
-        (config, config_map)
+        config_map
     };
     let net_bind = needs_net_bind(served.iter().map(|s| s.port).chain(peer_port));
     let daemonset = match blocked {

@@ -138,8 +138,18 @@ pub fn build_agent_config(
             ts_api::LogLevel::Trace => LogLevel::Trace,
         },
     };
-    config.revision = revision_of(&config);
+    // The revision is still empty here, so hashing the config as is hashes everything else.
+    config.revision = content_hash(&config.to_json());
     config
+}
+
+fn content_hash(text: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
 }
 
 fn clamp_u8(v: i32) -> u8 {
@@ -195,12 +205,7 @@ fn tenant_config(t: &TenantInput<'_>) -> TenantConfig {
 pub fn revision_of(config: &AgentConfig) -> String {
     let mut unrevised = config.clone();
     unrevised.revision = String::new();
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in unrevised.to_json().bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{hash:016x}")
+    content_hash(&unrevised.to_json())
 }
 
 /// The ConfigMap holding `config`, in the operator's namespace.
