@@ -18,7 +18,9 @@ pub const AGENT_NAMESPACE: &str = "stratum-system";
 
 /// A client for the e2e cluster (`KUBECONFIG`, set by `e2e/stack.sh env`).
 pub async fn client() -> Client {
-    Client::try_default().await.unwrap_or_else(|e| panic!("no e2e cluster ({e}); run `make e2e`"))
+    Client::try_default()
+        .await
+        .unwrap_or_else(|e| panic!("no e2e cluster ({e}); run `make e2e`"))
 }
 
 /// The upstream addresses `e2e/stack.sh` started.
@@ -46,7 +48,10 @@ where
         if let Some(v) = check().await {
             return (v, start.elapsed());
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -56,10 +61,17 @@ pub async fn apply<K>(api: &Api<K>, object: serde_json::Value) -> K
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let name = object["metadata"]["name"].as_str().expect("object name").to_string();
-    api.patch(&name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(object))
-        .await
-        .unwrap_or_else(|e| panic!("applying {name}: {e}"))
+    let name = object["metadata"]["name"]
+        .as_str()
+        .expect("object name")
+        .to_string();
+    api.patch(
+        &name,
+        &PatchParams::apply(TEST_MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("applying {name}: {e}"))
 }
 
 /// The shared TimeService spec: the stack's honest upstreams plus the falseticker.
@@ -85,18 +97,30 @@ pub fn shared_time_service(extra_upstreams: &[&str]) -> serde_json::Value {
 pub async fn ensure_shared_time_service(client: &Client) -> TimeService {
     let api: Api<TimeService> = Api::all(client.clone());
     apply(&api, shared_time_service(&[])).await;
-    wait_for(Duration::from_secs(120), "shared TimeService Ready with every node synchronized", || async {
-        let ts = api.get(SHARED_TIME_SERVICE).await.ok()?;
-        let status = ts.status.clone()?;
-        let ready = status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
-        (ready && status.nodes.desired > 0 && status.nodes.synchronized == status.nodes.desired).then_some(ts)
-    })
+    wait_for(
+        Duration::from_secs(120),
+        "shared TimeService Ready with every node synchronized",
+        || async {
+            let ts = api.get(SHARED_TIME_SERVICE).await.ok()?;
+            let status = ts.status.clone()?;
+            let ready = status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            (ready && status.nodes.desired > 0 && status.nodes.synchronized == status.nodes.desired)
+                .then_some(ts)
+        },
+    )
     .await
     .0
 }
 
 /// Creates (or replaces) a tenant policy.
-pub async fn apply_tenant(client: &Client, namespace: &str, spec: serde_json::Value) -> TenantTimePolicy {
+pub async fn apply_tenant(
+    client: &Client,
+    namespace: &str,
+    spec: serde_json::Value,
+) -> TenantTimePolicy {
     let api: Api<TenantTimePolicy> = Api::namespaced(client.clone(), namespace);
     apply(
         &api,
@@ -125,9 +149,21 @@ pub fn name_of<K: ResourceExt>(k: &K) -> String {
 /// Sends one NTP client request from inside network namespace `netns` (via the stratumctl
 /// binary) and returns its JSON answer, or `None` when nothing came back.
 pub fn query_from_netns(netns: &str, server: SocketAddr) -> Option<serde_json::Value> {
-    let stratumctl = std::env::var("STRATUM_E2E_TARGET").map(|t| format!("{t}/stratumctl")).unwrap_or_else(|_| "stratumctl".into());
+    let stratumctl = std::env::var("STRATUM_E2E_TARGET")
+        .map(|t| format!("{t}/stratumctl"))
+        .unwrap_or_else(|_| "stratumctl".into());
     let out = std::process::Command::new("ip")
-        .args(["netns", "exec", netns, &stratumctl, "--json", "query", "--timeout", "1", &server.to_string()])
+        .args([
+            "netns",
+            "exec",
+            netns,
+            &stratumctl,
+            "--json",
+            "query",
+            "--timeout",
+            "1",
+            &server.to_string(),
+        ])
         .output()
         .ok()?;
     if !out.status.success() {

@@ -4,5 +4,5 @@
 //! node's network namespace, with the pod's args, env and a pod-bound service-account token.
 //! Only the clock backend differs (`simulated`), so nothing touches this machine's clock.
 
-pub mod kubelet;
 pub mod harness;
+pub mod kubelet;

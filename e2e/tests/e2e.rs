@@ -32,8 +32,14 @@ async fn invalid_objects_are_rejected_by_the_api_server_with_the_cel_messages() 
         .await
         .expect_err("the API server accepted an invalid TimeService");
     let text = err.to_string();
-    assert!(text.contains("minPoll must be less than or equal to maxPoll"), "{text}");
-    assert!(text.contains("tenantPorts.start must be less than or equal to tenantPorts.end"), "{text}");
+    assert!(
+        text.contains("minPoll must be less than or equal to maxPoll"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tenantPorts.start must be less than or equal to tenantPorts.end"),
+        "{text}"
+    );
 
     let ttp: Api<TenantTimePolicy> = Api::namespaced(client.clone(), "default");
     let bad = serde_json::json!({
@@ -46,8 +52,14 @@ async fn invalid_objects_are_rejected_by_the_api_server_with_the_cel_messages() 
         .await
         .expect_err("the API server accepted an invalid TenantTimePolicy");
     let text = err.to_string();
-    assert!(text.contains("every except entry must be a CIDR strictly inside cidr"), "{text}");
-    assert!(text.contains("timezone must not be empty when set"), "{text}");
+    assert!(
+        text.contains("every except entry must be a CIDR strictly inside cidr"),
+        "{text}"
+    );
+    assert!(
+        text.contains("timezone must not be empty when set"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -62,14 +74,33 @@ async fn a_time_service_yields_agents_on_every_node_that_report_and_become_ready
     assert_eq!(nodes.synchronized, 3);
 
     let ds: Api<DaemonSet> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
-    let ds = ds.get(&format!("{SHARED_TIME_SERVICE}-agent")).await.unwrap();
+    let ds = ds
+        .get(&format!("{SHARED_TIME_SERVICE}-agent"))
+        .await
+        .unwrap();
     let pod = ds.spec.unwrap().template.spec.unwrap();
     assert_eq!(pod.host_network, Some(true));
     let c = &pod.containers[0];
-    let caps = c.security_context.as_ref().unwrap().capabilities.as_ref().unwrap();
+    let caps = c
+        .security_context
+        .as_ref()
+        .unwrap()
+        .capabilities
+        .as_ref()
+        .unwrap();
     assert_eq!(caps.add.as_deref(), Some(&["SYS_TIME".to_string()][..]));
-    assert_ne!(c.security_context.as_ref().unwrap().privileged, Some(true), "agents are never privileged");
-    assert_eq!(c.security_context.as_ref().unwrap().read_only_root_filesystem, Some(true));
+    assert_ne!(
+        c.security_context.as_ref().unwrap().privileged,
+        Some(true),
+        "agents are never privileged"
+    );
+    assert_eq!(
+        c.security_context
+            .as_ref()
+            .unwrap()
+            .read_only_root_filesystem,
+        Some(true)
+    );
 
     let clocks: Api<NodeClock> = Api::all(client.clone());
     let list = clocks.list(&ListParams::default()).await.unwrap();
@@ -77,29 +108,46 @@ async fn a_time_service_yields_agents_on_every_node_that_report_and_become_ready
     for nc in &list.items {
         let s = nc.status.as_ref().unwrap();
         assert!(s.synchronized, "{} not synchronized", name_of(nc));
-        assert!(s.offset_nanos.abs() < 5_000_000, "{} is {} off", name_of(nc), s.offset.clone().unwrap_or_default());
-        let liar = s.sources.iter().find(|src| src.address.starts_with(&falseticker())).unwrap();
         assert!(
-            !matches!(liar.state, stratum_api::node_clock::SourceState::Selected | stratum_api::node_clock::SourceState::Combined),
+            s.offset_nanos.abs() < 5_000_000,
+            "{} is {} off",
+            name_of(nc),
+            s.offset.clone().unwrap_or_default()
+        );
+        let liar = s
+            .sources
+            .iter()
+            .find(|src| src.address.starts_with(&falseticker()))
+            .unwrap();
+        assert!(
+            !matches!(
+                liar.state,
+                stratum_api::node_clock::SourceState::Selected
+                    | stratum_api::node_clock::SourceState::Combined
+            ),
             "{} uses the falseticker",
             name_of(nc)
         );
     }
     // Once it has answered a few times, every agent marks the +30 s server a falseticker.
-    wait_for(Duration::from_secs(90), "every agent to mark the falseticker", || async {
-        let list = clocks.list(&ListParams::default()).await.ok()?;
-        list.items
-            .iter()
-            .all(|nc| {
-                nc.status.as_ref().is_some_and(|s| {
-                    s.sources.iter().any(|src| {
-                        src.address.starts_with(&falseticker())
-                            && src.state == stratum_api::node_clock::SourceState::Falseticker
+    wait_for(
+        Duration::from_secs(90),
+        "every agent to mark the falseticker",
+        || async {
+            let list = clocks.list(&ListParams::default()).await.ok()?;
+            list.items
+                .iter()
+                .all(|nc| {
+                    nc.status.as_ref().is_some_and(|s| {
+                        s.sources.iter().any(|src| {
+                            src.address.starts_with(&falseticker())
+                                && src.state == stratum_api::node_clock::SourceState::Falseticker
+                        })
                     })
                 })
-            })
-            .then_some(())
-    })
+                .then_some(())
+        },
+    )
     .await;
 }
 
@@ -108,22 +156,48 @@ async fn a_time_service_yields_agents_on_every_node_that_report_and_become_ready
 async fn tenants_get_services_endpoint_slices_and_time_config_in_their_namespace() {
     let client = client().await;
     ensure_shared_time_service(&client).await;
-    namespace(&client, "e2e-team-a", serde_json::json!({"tenant": "e2e-team-a"})).await;
-    namespace(&client, "e2e-team-b", serde_json::json!({"tenant": "e2e-team-b"})).await;
-    apply_tenant(&client, "e2e-team-a", serde_json::json!({"timezone": "Europe/Berlin"})).await;
-    apply_tenant(&client, "e2e-team-b", serde_json::json!({
-        "allowedClients": [{"namespaceSelector": {"matchLabels": {"tenant": "e2e-team-b"}}}],
-        "rateLimit": {"kissOfDeath": true}
-    }))
+    namespace(
+        &client,
+        "e2e-team-a",
+        serde_json::json!({"tenant": "e2e-team-a"}),
+    )
+    .await;
+    namespace(
+        &client,
+        "e2e-team-b",
+        serde_json::json!({"tenant": "e2e-team-b"}),
+    )
+    .await;
+    apply_tenant(
+        &client,
+        "e2e-team-a",
+        serde_json::json!({"timezone": "Europe/Berlin"}),
+    )
+    .await;
+    apply_tenant(
+        &client,
+        "e2e-team-b",
+        serde_json::json!({
+            "allowedClients": [{"namespaceSelector": {"matchLabels": {"tenant": "e2e-team-b"}}}],
+            "rateLimit": {"kissOfDeath": true}
+        }),
+    )
     .await;
     for ns in ["e2e-team-a", "e2e-team-b"] {
         let ttp: Api<TenantTimePolicy> = Api::namespaced(client.clone(), ns);
-        let (port, _) = wait_for(Duration::from_secs(60), &format!("{ns} tenant Ready with 3 endpoints"), || async {
-            let t = ttp.get("ntp").await.ok()?;
-            let s = t.status?;
-            let ready = s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
-            (ready && s.ready_endpoints == 3).then_some(s.port?)
-        })
+        let (port, _) = wait_for(
+            Duration::from_secs(60),
+            &format!("{ns} tenant Ready with 3 endpoints"),
+            || async {
+                let t = ttp.get("ntp").await.ok()?;
+                let s = t.status?;
+                let ready = s
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                (ready && s.ready_endpoints == 3).then_some(s.port?)
+            },
+        )
         .await;
         let svc: Api<Service> = Api::namespaced(client.clone(), ns);
         let svc = svc.get("ntp").await.unwrap();
@@ -131,12 +205,22 @@ async fn tenants_get_services_endpoint_slices_and_time_config_in_their_namespace
         assert!(spec.selector.is_none(), "selector-less Service");
         assert_eq!(spec.ports.unwrap()[0].port, 123);
         let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
-        let slices = slices.list(&ListParams::default().labels("kubernetes.io/service-name=ntp")).await.unwrap();
-        let v4 = slices.items.iter().find(|s| s.address_type == "IPv4").expect("an IPv4 slice");
+        let slices = slices
+            .list(&ListParams::default().labels("kubernetes.io/service-name=ntp"))
+            .await
+            .unwrap();
+        let v4 = slices
+            .items
+            .iter()
+            .find(|s| s.address_type == "IPv4")
+            .expect("an IPv4 slice");
         assert_eq!(v4.ports.as_ref().unwrap()[0].port, Some(port));
         let endpoints = v4.endpoints.clone().unwrap_or_default();
         assert_eq!(endpoints.len(), 3);
-        assert!(endpoints.iter().all(|e| e.node_name.is_some() && e.conditions.as_ref().and_then(|c| c.ready) == Some(true)));
+        assert!(
+            endpoints.iter().all(|e| e.node_name.is_some()
+                && e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        );
     }
     let cm: Api<ConfigMap> = Api::namespaced(client.clone(), "e2e-team-a");
     let data = cm.get("time-config").await.unwrap().data.unwrap();
@@ -159,23 +243,43 @@ async fn adding_an_upstream_reaches_every_agent_without_restart() {
         spec
     })
     .await;
-    let (revision, _) = wait_for(Duration::from_secs(30), "the agent config to carry the new upstream", || async {
-        let c = cm.get(&format!("{SHARED_TIME_SERVICE}-agent-config")).await.ok()?;
-        let text = c.data?.get("agent-config.json")?.clone();
-        let cfg: serde_json::Value = serde_json::from_str(&text).ok()?;
-        (cfg["upstreams"].as_array()?.len() == 5).then(|| cfg["revision"].as_str().unwrap_or_default().to_string())
-    })
+    let (revision, _) = wait_for(
+        Duration::from_secs(30),
+        "the agent config to carry the new upstream",
+        || async {
+            let c = cm
+                .get(&format!("{SHARED_TIME_SERVICE}-agent-config"))
+                .await
+                .ok()?;
+            let text = c.data?.get("agent-config.json")?.clone();
+            let cfg: serde_json::Value = serde_json::from_str(&text).ok()?;
+            (cfg["upstreams"].as_array()?.len() == 5)
+                .then(|| cfg["revision"].as_str().unwrap_or_default().to_string())
+        },
+    )
     .await;
     let clocks: Api<NodeClock> = Api::all(client.clone());
-    let (_, took) = wait_for(Duration::from_secs(60), "every agent to run the new revision", || async {
-        let list = clocks.list(&ListParams::default()).await.ok()?;
-        list.items
-            .iter()
-            .all(|nc| nc.status.as_ref().and_then(|s| s.config_revision.as_deref()) == Some(revision.as_str()))
-            .then_some(())
-    })
+    let (_, took) = wait_for(
+        Duration::from_secs(60),
+        "every agent to run the new revision",
+        || async {
+            let list = clocks.list(&ListParams::default()).await.ok()?;
+            list.items
+                .iter()
+                .all(|nc| {
+                    nc.status
+                        .as_ref()
+                        .and_then(|s| s.config_revision.as_deref())
+                        == Some(revision.as_str())
+                })
+                .then_some(())
+        },
+    )
     .await;
-    eprintln!("new upstream reached every agent {:.1} s after the config changed", took.as_secs_f64());
+    eprintln!(
+        "new upstream reached every agent {:.1} s after the config changed",
+        took.as_secs_f64()
+    );
     // Restore the shared spec.
     apply(&ts, shared_time_service(&[])).await;
 }
@@ -189,15 +293,33 @@ async fn an_overlapping_second_time_service_gets_conflict_and_no_daemon_set() {
     let mut second = shared_time_service(&[]);
     second["metadata"]["name"] = "e2e-second".into();
     apply(&ts, second).await;
-    wait_for(Duration::from_secs(30), "Conflict=True on the younger TimeService", || async {
-        let t = ts.get("e2e-second").await.ok()?;
-        t.status?.conditions.iter().any(|c| c.type_ == "Conflict" && c.status == "True").then_some(())
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "Conflict=True on the younger TimeService",
+        || async {
+            let t = ts.get("e2e-second").await.ok()?;
+            t.status?
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Conflict" && c.status == "True")
+                .then_some(())
+        },
+    )
     .await;
     let ds: Api<DaemonSet> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
-    assert!(ds.get_opt("e2e-second-agent").await.unwrap().is_none(), "a conflicting TimeService got a DaemonSet");
+    assert!(
+        ds.get_opt("e2e-second-agent").await.unwrap().is_none(),
+        "a conflicting TimeService got a DaemonSet"
+    );
     let first = ts.get(SHARED_TIME_SERVICE).await.unwrap();
-    assert!(first.status.unwrap().conditions.iter().any(|c| c.type_ == "Conflict" && c.status == "False"));
+    assert!(
+        first
+            .status
+            .unwrap()
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Conflict" && c.status == "False")
+    );
     delete(&ts, "e2e-second").await;
 }
 
@@ -218,12 +340,27 @@ async fn deleting_a_tenant_removes_its_service_slices_and_config_entry() {
     delete(&ttp, "ntp").await;
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "e2e-team-gone");
     let cm: Api<ConfigMap> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
-    wait_for(Duration::from_secs(60), "Service, EndpointSlices and config entry gone", || async {
-        let no_svc = svc.get_opt("ntp").await.ok()?.is_none();
-        let no_slices = slices.list(&ListParams::default()).await.ok()?.items.is_empty();
-        let text = cm.get(&format!("{SHARED_TIME_SERVICE}-agent-config")).await.ok()?.data?.get("agent-config.json")?.clone();
-        let gone = !text.contains("e2e-team-gone/ntp");
-        (no_svc && no_slices && gone).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(60),
+        "Service, EndpointSlices and config entry gone",
+        || async {
+            let no_svc = svc.get_opt("ntp").await.ok()?.is_none();
+            let no_slices = slices
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .is_empty();
+            let text = cm
+                .get(&format!("{SHARED_TIME_SERVICE}-agent-config"))
+                .await
+                .ok()?
+                .data?
+                .get("agent-config.json")?
+                .clone();
+            let gone = !text.contains("e2e-team-gone/ntp");
+            (no_svc && no_slices && gone).then_some(())
+        },
+    )
     .await;
 }

@@ -41,7 +41,10 @@ fn pod(ns: usize, i: usize) -> Pod {
             ),
             ..Default::default()
         },
-        spec: Some(PodSpec { node_name: Some(format!("node-{}", n % 100)), ..Default::default() }),
+        spec: Some(PodSpec {
+            node_name: Some(format!("node-{}", n % 100)),
+            ..Default::default()
+        }),
         status: Some(PodStatus {
             pod_ips: Some(vec![PodIP { ip: v4 }, PodIP { ip: v6 }]),
             phase: Some("Running".into()),
@@ -56,7 +59,9 @@ fn tenant(ns: usize, j: usize) -> TenantTimePolicy {
     let peers = match (ns * TENANTS_PER_NAMESPACE + j) % 5 {
         0 => json!([]),
         1 => json!([{ "podSelector": { "matchLabels": { "vm": "true" } } }]),
-        2 => json!([{ "namespaceSelector": { "matchLabels": { "team": format!("t{}", ns % TEAMS) } } }]),
+        2 => {
+            json!([{ "namespaceSelector": { "matchLabels": { "team": format!("t{}", ns % TEAMS) } } }])
+        }
         3 => {
             json!([{ "namespaceSelector": { "matchExpressions": [{ "key": "team", "operator": "In", "values": [format!("t{}", ns % TEAMS)] }] },
                       "podSelector": { "matchLabels": { "app": "app-1" } } }])
@@ -102,8 +107,10 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn main() {
-    let settings =
-        OperatorSettings { namespace: "stratum-system".into(), agent_image: "stratum-agent:bench".into() };
+    let settings = OperatorSettings {
+        namespace: "stratum-system".into(),
+        agent_image: "stratum-agent:bench".into(),
+    };
     let mut ts = TimeService::new(
         "cluster",
         serde_json::from_value(json!({
@@ -118,8 +125,10 @@ fn main() {
     let mut index = Index::new("stratum-system");
     index.apply_time_service(&ts);
     for ns in 0..NAMESPACES {
-        index
-            .apply_namespace(&format!("ns-{ns}"), &[("team".to_string(), format!("t{}", ns % TEAMS))].into());
+        index.apply_namespace(
+            &format!("ns-{ns}"),
+            &[("team".to_string(), format!("t{}", ns % TEAMS))].into(),
+        );
     }
     for ns in 0..NAMESPACES {
         for j in 0..TENANTS_PER_NAMESPACE {
@@ -157,7 +166,10 @@ fn main() {
     let Some(config) = plan.config else {
         panic!("no agent config: {:?}", plan.blocked);
     };
-    let refused = plan.config_map.is_none().then(|| format!("{:?}", plan.blocked));
+    let refused = plan
+        .config_map
+        .is_none()
+        .then(|| format!("{:?}", plan.blocked));
     let json_bytes = config.to_json().len();
     let compact_bytes = serde_json::to_string(&config).unwrap().len();
     index = cold;
@@ -170,11 +182,15 @@ fn main() {
         let ns = (k * 7) % NAMESPACES;
         let mut p = pod(ns, 0);
         p.metadata.name = Some(format!("new-{k}"));
-        p.status.as_mut().unwrap().pod_ips =
-            Some(vec![PodIP { ip: format!("10.200.{}.{}", k / 250, k % 250 + 1) }]);
+        p.status.as_mut().unwrap().pod_ips = Some(vec![PodIP {
+            ip: format!("10.200.{}.{}", k / 250, k % 250 + 1),
+        }]);
         let t = Instant::now();
         let triggers = index.apply_pod(&p);
-        assert!(triggers.time_services.contains("cluster"), "a selected pod must trigger its TimeService");
+        assert!(
+            triggers.time_services.contains("cluster"),
+            "a selected pod must trigger its TimeService"
+        );
         for key in &triggers.tenants {
             index.allowed(key);
         }
@@ -193,17 +209,35 @@ fn main() {
     println!();
     println!("| measurement                                   | value        |");
     println!("|-----------------------------------------------|--------------|");
-    println!("| full resolution, 1000 allow lists (cold)      | {:>9.1} ms |", ms(full_resolve));
-    println!("| full agent config build (plan, cached lists)  | {:>9.1} ms |", ms(full_plan));
-    println!("| resolved CIDRs (all tenants)                  | {:>12} |", cidrs);
-    println!("| agent config JSON (pretty, as written)        | {:>9.0} KiB |", json_bytes as f64 / 1024.0);
+    println!(
+        "| full resolution, 1000 allow lists (cold)      | {:>9.1} ms |",
+        ms(full_resolve)
+    );
+    println!(
+        "| full agent config build (plan, cached lists)  | {:>9.1} ms |",
+        ms(full_plan)
+    );
+    println!(
+        "| resolved CIDRs (all tenants)                  | {:>12} |",
+        cidrs
+    );
+    println!(
+        "| agent config JSON (pretty, as written)        | {:>9.0} KiB |",
+        json_bytes as f64 / 1024.0
+    );
     println!(
         "| agent config JSON (compact)                   | {:>9.0} KiB |",
         compact_bytes as f64 / 1024.0
     );
     let pct = |v: &[Duration], q: usize| ms(v[v.len() * q / 100]);
-    println!("| one pod add -> affected allow lists, median   | {:>9.2} ms |", pct(&resolve_samples, 50));
-    println!("| one pod add -> affected allow lists, p99      | {:>9.2} ms |", pct(&resolve_samples, 99));
+    println!(
+        "| one pod add -> affected allow lists, median   | {:>9.2} ms |",
+        pct(&resolve_samples, 50)
+    );
+    println!(
+        "| one pod add -> affected allow lists, p99      | {:>9.2} ms |",
+        pct(&resolve_samples, 99)
+    );
     println!(
         "| one pod add -> new agent config, median       | {:>9.2} ms |",
         ms(samples[samples.len() / 2])
@@ -212,7 +246,11 @@ fn main() {
         "| one pod add -> new agent config, p99          | {:>9.2} ms |",
         ms(samples[samples.len() * 99 / 100])
     );
-    println!("| RSS now / peak (VmRSS / VmHWM)                | {:>4} / {:>4} MiB |", rss / 1024, hwm / 1024);
+    println!(
+        "| RSS now / peak (VmRSS / VmHWM)                | {:>4} / {:>4} MiB |",
+        rss / 1024,
+        hwm / 1024
+    );
     if let Some(why) = refused {
         println!("NOTE: the operator would refuse to write this config: {why}");
     }
@@ -220,7 +258,11 @@ fn main() {
     let p99 = samples[samples.len() * 99 / 100];
     println!(
         "goals: incremental < 10 ms: {}; RSS < 200 MiB: {}",
-        if p99 < Duration::from_millis(10) { "met" } else { "MISSED" },
+        if p99 < Duration::from_millis(10) {
+            "met"
+        } else {
+            "MISSED"
+        },
         if hwm < 200 * 1024 { "met" } else { "MISSED" }
     );
 }

@@ -24,7 +24,10 @@ pub struct Coalescer {
 impl Coalescer {
     /// At most one write per `interval` per TimeService.
     pub fn new(interval: Duration) -> Self {
-        Self { interval, last_write: HashMap::new() }
+        Self {
+            interval,
+            last_write: HashMap::new(),
+        }
     }
 
     /// Decides for a changed config of `key` at `now`, recording the write when allowed.
@@ -82,6 +85,9 @@ mod tests {
         let mut c = Coalescer::new(Duration::from_secs(1));
         assert_eq!(c.decide("a", t0), Decision::WriteNow);
         assert_eq!(c.decide("b", t0), Decision::WriteNow);
-        assert!(matches!(c.decide("a", t0 + Duration::from_millis(10)), Decision::WriteAt(_)));
+        assert!(matches!(
+            c.decide("a", t0 + Duration::from_millis(10)),
+            Decision::WriteAt(_)
+        ));
     }
 }

@@ -36,16 +36,30 @@ impl Health {
 /// Answers one request.
 pub fn respond(path: &str, metrics: &Metrics, health: &Health) -> Response<Full<Bytes>> {
     let (status, body, content_type) = match path {
-        "/metrics" => (StatusCode::OK, metrics.render(), "text/plain; version=0.0.4"),
+        "/metrics" => (
+            StatusCode::OK,
+            metrics.render(),
+            "text/plain; version=0.0.4",
+        ),
         "/healthz" => (StatusCode::OK, "ok\n".to_owned(), "text/plain"),
         "/readyz" if health.is_ready() => (StatusCode::OK, "ready\n".to_owned(), "text/plain"),
-        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned(), "text/plain"),
-        _ => (StatusCode::NOT_FOUND, "not found\n".to_owned(), "text/plain"),
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready\n".to_owned(),
+            "text/plain",
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "not found\n".to_owned(),
+            "text/plain",
+        ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     if let Ok(value) = http::HeaderValue::from_str(content_type) {
-        response.headers_mut().insert(http::header::CONTENT_TYPE, value);
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, value);
     }
     response
 }
@@ -80,7 +94,10 @@ mod tests {
     #[test]
     fn readyz_fails_until_ready_and_healthz_always_answers() {
         let (m, h) = (Metrics::new().unwrap(), Health::default());
-        assert_eq!(respond("/readyz", &m, &h).status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            respond("/readyz", &m, &h).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         assert_eq!(respond("/healthz", &m, &h).status(), StatusCode::OK);
         h.set_ready(true);
         assert_eq!(respond("/readyz", &m, &h).status(), StatusCode::OK);

@@ -15,7 +15,9 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use stratum_api::{NodeClock, TenantTimePolicy, TenantTimePolicySpec, TimeService, TimeServiceSpec};
+use stratum_api::{
+    NodeClock, TenantTimePolicy, TenantTimePolicySpec, TimeService, TimeServiceSpec,
+};
 
 use crate::names;
 use crate::ports::{self, PortClaim, TenantKey};
@@ -51,7 +53,9 @@ impl PodInfo {
             .filter_map(|ip| ip.ip.parse().ok())
             .collect();
         if ips.is_empty()
-            && let Some(ip) = status.and_then(|s| s.pod_ip.as_ref()).and_then(|ip| ip.parse().ok())
+            && let Some(ip) = status
+                .and_then(|s| s.pod_ip.as_ref())
+                .and_then(|ip| ip.parse().ok())
         {
             ips.push(ip);
         }
@@ -109,13 +113,19 @@ impl ClockInfo {
 
     /// Whether this node may serve a tenant requiring at most `max_root_distance_nanos`.
     pub fn serves(&self, max_root_distance_nanos: Option<i64>) -> bool {
-        self.synchronized && max_root_distance_nanos.is_none_or(|max| self.root_distance_nanos <= max)
+        self.synchronized
+            && max_root_distance_nanos.is_none_or(|max| self.root_distance_nanos <= max)
     }
 
     /// The part of a clock report that TimeService status and endpoint readiness track; other
     /// changes (offset drift, heartbeats) are picked up at the next periodic reconcile.
     fn summary(&self) -> (&str, bool, i32, Option<&str>) {
-        (&self.time_service, self.synchronized, self.stratum, self.config_revision.as_deref())
+        (
+            &self.time_service,
+            self.synchronized,
+            self.stratum,
+            self.config_revision.as_deref(),
+        )
     }
 }
 
@@ -204,8 +214,11 @@ impl TenantEntry {
     pub fn new(tenant: &TenantTimePolicy) -> Option<Self> {
         let namespace = tenant.metadata.namespace.clone()?;
         let name = tenant.metadata.name.clone()?;
-        let policy =
-            CompiledPolicy::compile(&namespace, &tenant.spec.allowed_clients, &tenant.spec.denied_clients);
+        let policy = CompiledPolicy::compile(
+            &namespace,
+            &tenant.spec.allowed_clients,
+            &tenant.spec.denied_clients,
+        );
         Some(Self {
             uid: tenant.metadata.uid.clone(),
             created: tenant.metadata.creation_timestamp.as_ref().map(|t| t.0),
@@ -225,7 +238,8 @@ impl TenantEntry {
     /// The tenant's maximum root distance in nanoseconds.
     pub fn max_root_distance_nanos(&self) -> Option<i64> {
         self.spec.requirements.max_root_distance.map(|d| {
-            i64::try_from(std::time::Duration::from_secs_f64(d.as_secs_f64()).as_nanos()).unwrap_or(i64::MAX)
+            i64::try_from(std::time::Duration::from_secs_f64(d.as_secs_f64()).as_nanos())
+                .unwrap_or(i64::MAX)
         })
     }
 }
@@ -266,8 +280,12 @@ impl Unserved {
     pub fn message(&self) -> String {
         match self {
             Unserved::NotFound(name) => format!("TimeService {name:?} does not exist"),
-            Unserved::NoTimeService => "no TimeService exists; create one or set spec.timeServiceRef".into(),
-            Unserved::Ambiguous => "several TimeServices exist; set spec.timeServiceRef to choose one".into(),
+            Unserved::NoTimeService => {
+                "no TimeService exists; create one or set spec.timeServiceRef".into()
+            }
+            Unserved::Ambiguous => {
+                "several TimeServices exist; set spec.timeServiceRef to choose one".into()
+            }
         }
     }
 }
@@ -315,7 +333,10 @@ pub struct Index {
 impl Index {
     /// An empty index for an operator running in `operator_namespace`.
     pub fn new(operator_namespace: impl Into<String>) -> Self {
-        Self { operator_namespace: operator_namespace.into(), ..Self::default() }
+        Self {
+            operator_namespace: operator_namespace.into(),
+            ..Self::default()
+        }
     }
 
     // ---- reads ----
@@ -323,7 +344,10 @@ impl Index {
     /// The TimeService serving a tenant.
     pub fn time_service_of(&self, tenant: &TenantEntry) -> Result<&TimeServiceEntry, Unserved> {
         match &tenant.spec.time_service_ref {
-            Some(name) => self.time_services.get(name).ok_or_else(|| Unserved::NotFound(name.clone())),
+            Some(name) => self
+                .time_services
+                .get(name)
+                .ok_or_else(|| Unserved::NotFound(name.clone())),
             None => {
                 let mut all = self.time_services.values();
                 match (all.next(), all.next()) {
@@ -339,23 +363,34 @@ impl Index {
     pub fn tenants_of(&self, time_service: &str) -> Vec<&TenantEntry> {
         self.tenants
             .values()
-            .filter(|t| self.time_service_of(t).is_ok_and(|ts| ts.name == time_service))
+            .filter(|t| {
+                self.time_service_of(t)
+                    .is_ok_and(|ts| ts.name == time_service)
+            })
             .collect()
     }
 
     /// The port reserved for agent-to-agent (egress tier) traffic, if the TimeService has a tier:
     /// the last port of its tenant range.
     pub fn peer_port(spec: &TimeServiceSpec) -> Option<u16> {
-        spec.egress_tier.as_ref().and_then(|_| u16::try_from(spec.serving.tenant_ports.end).ok())
+        spec.egress_tier
+            .as_ref()
+            .and_then(|_| u16::try_from(spec.serving.tenant_ports.end).ok())
     }
 
     /// Port of every tenant of `time_service` (`None`: the range is exhausted).
     pub fn ports_of(&self, time_service: &str) -> BTreeMap<TenantKey, Option<u16>> {
-        let Some(ts) = self.time_services.get(time_service) else { return BTreeMap::new() };
+        let Some(ts) = self.time_services.get(time_service) else {
+            return BTreeMap::new();
+        };
         let claims: Vec<PortClaim> = self
             .tenants_of(time_service)
             .into_iter()
-            .map(|t| PortClaim { key: t.key(), created: t.created, current: t.status_port })
+            .map(|t| PortClaim {
+                key: t.key(),
+                created: t.created,
+                current: t.status_port,
+            })
             .collect();
         let range = &ts.spec.serving.tenant_ports;
         ports::allocate(range.start, range.end, Self::peer_port(&ts.spec), &claims)
@@ -377,7 +412,11 @@ impl Index {
     /// Nodes selected by a label map (empty selects every node).
     pub fn nodes_matching(&self, selector: &BTreeMap<String, String>) -> BTreeSet<String> {
         let selector = Selector::from_labels(selector);
-        self.nodes.iter().filter(|(_, l)| selector.matches(l)).map(|(n, _)| n.clone()).collect()
+        self.nodes
+            .iter()
+            .filter(|(_, l)| selector.matches(l))
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// TimeServices that may run agents, oldest first claiming their nodes: a TimeService whose
@@ -386,7 +425,11 @@ impl Index {
     pub fn conflicts(&self) -> BTreeMap<String, String> {
         let mut order: Vec<&TimeServiceEntry> = self.time_services.values().collect();
         order.sort_by(|a, b| {
-            (a.created.is_none(), a.created, &a.name).cmp(&(b.created.is_none(), b.created, &b.name))
+            (a.created.is_none(), a.created, &a.name).cmp(&(
+                b.created.is_none(),
+                b.created,
+                &b.name,
+            ))
         });
         let mut claimed: BTreeMap<String, String> = BTreeMap::new();
         let mut conflicts = BTreeMap::new();
@@ -415,7 +458,9 @@ impl Index {
 
     /// A pod was added or changed.
     pub fn apply_pod(&mut self, pod: &Pod) -> Triggers {
-        let Some((ns, info)) = PodInfo::from_pod(pod) else { return Triggers::default() };
+        let Some((ns, info)) = PodInfo::from_pod(pod) else {
+            return Triggers::default();
+        };
         let new = info.clone();
         match self.cluster.upsert_pod(&ns, info) {
             None => Triggers::default(),
@@ -439,7 +484,9 @@ impl Index {
                     && is_agent_of(&pod.labels, ts)
                 {
                     triggers.time_services.insert(ts.clone());
-                    triggers.tenants.extend(self.tenants_of(ts).into_iter().map(TenantEntry::key));
+                    triggers
+                        .tenants
+                        .extend(self.tenants_of(ts).into_iter().map(TenantEntry::key));
                 }
             }
         }
@@ -450,7 +497,10 @@ impl Index {
             .values()
             .filter(|t| {
                 t.policy.as_ref().is_ok_and(|p| {
-                    [old, new].into_iter().flatten().any(|pod| selects_pod(p, ns, ns_labels, &pod.labels))
+                    [old, new]
+                        .into_iter()
+                        .flatten()
+                        .any(|pod| selects_pod(p, ns, ns_labels, &pod.labels))
                 })
             })
             .map(TenantEntry::key)
@@ -494,14 +544,22 @@ impl Index {
         self.namespace_changed(name, old, None)
     }
 
-    fn namespace_changed(&mut self, ns: &str, old: Option<Labels>, new: Option<Labels>) -> Triggers {
+    fn namespace_changed(
+        &mut self,
+        ns: &str,
+        old: Option<Labels>,
+        new: Option<Labels>,
+    ) -> Triggers {
         let affected: Vec<TenantKey> = self
             .tenants
             .values()
             .filter(|t| {
                 t.policy.as_ref().is_ok_and(|p| {
                     p.selects_namespaces()
-                        && [&old, &new].into_iter().flatten().any(|labels| p.depends_on_namespace(ns, labels))
+                        && [&old, &new]
+                            .into_iter()
+                            .flatten()
+                            .any(|labels| p.depends_on_namespace(ns, labels))
                 })
             })
             .map(TenantEntry::key)
@@ -531,7 +589,10 @@ impl Index {
     }
 
     fn all_time_services(&self) -> Triggers {
-        Triggers { time_services: self.time_services.keys().cloned().collect(), tenants: BTreeSet::new() }
+        Triggers {
+            time_services: self.time_services.keys().cloned().collect(),
+            tenants: BTreeSet::new(),
+        }
     }
 
     /// A NodeClock was added or changed.
@@ -573,7 +634,9 @@ impl Index {
 
     /// A TenantTimePolicy was added or changed.
     pub fn apply_tenant(&mut self, tenant: &TenantTimePolicy) -> Triggers {
-        let Some(entry) = TenantEntry::new(tenant) else { return Triggers::default() };
+        let Some(entry) = TenantEntry::new(tenant) else {
+            return Triggers::default();
+        };
         let key = entry.key();
         if let Some(old) = self.tenants.get(&key)
             && old.spec == entry.spec
@@ -586,7 +649,10 @@ impl Index {
         let old = self.tenants.insert(key.clone(), entry);
         let mut triggers = Triggers::default();
         if old.as_ref().is_none_or(|o| o.spec != tenant.spec) {
-            if old.as_ref().is_none_or(|o| o.spec.allowed_clients != tenant.spec.allowed_clients) {
+            if old
+                .as_ref()
+                .is_none_or(|o| o.spec.allowed_clients != tenant.spec.allowed_clients)
+            {
                 self.allow_cache.remove(&key);
             }
             triggers.extend(self.tenant_and_service(&key));
@@ -633,7 +699,9 @@ impl Index {
         let before = self.assignment_snapshot();
         self.time_services.insert(name.clone(), entry);
         let mut triggers = self.all_time_services();
-        triggers.tenants.extend(self.tenants_of(&name).into_iter().map(TenantEntry::key));
+        triggers
+            .tenants
+            .extend(self.tenants_of(&name).into_iter().map(TenantEntry::key));
         triggers.extend(self.assignment_changes(before));
         triggers
     }
@@ -646,7 +714,9 @@ impl Index {
         let before = self.assignment_snapshot();
         let name = name.to_owned();
         let mut triggers = Triggers::default();
-        triggers.tenants.extend(self.tenants_of(&name).into_iter().map(TenantEntry::key));
+        triggers
+            .tenants
+            .extend(self.tenants_of(&name).into_iter().map(TenantEntry::key));
         self.time_services.remove(&name);
         triggers.extend(self.all_time_services());
         triggers.extend(self.assignment_changes(before));
@@ -668,7 +738,10 @@ impl Index {
     }
 
     /// Tenants whose TimeService or port changed since `before`, and those TimeServices.
-    fn assignment_changes(&self, before: BTreeMap<TenantKey, (Option<String>, Option<u16>)>) -> Triggers {
+    fn assignment_changes(
+        &self,
+        before: BTreeMap<TenantKey, (Option<String>, Option<u16>)>,
+    ) -> Triggers {
         let after = self.assignment_snapshot();
         let mut triggers = Triggers::default();
         for key in before.keys().chain(after.keys()) {
@@ -677,7 +750,11 @@ impl Index {
                 if after.contains_key(key) {
                     triggers.tenants.insert(key.clone());
                 }
-                for ts in [b, a].into_iter().flatten().filter_map(|(ts, _)| ts.clone()) {
+                for ts in [b, a]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(ts, _)| ts.clone())
+                {
                     triggers.time_services.insert(ts);
                 }
             }

@@ -25,8 +25,15 @@ pub enum Step {
 }
 
 /// Decides from the Lease spec at `now`.
-pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp, default_duration: Duration) -> Step {
-    let Some(spec) = spec else { return Step::Acquire };
+pub fn decide(
+    spec: Option<&LeaseSpec>,
+    me: &str,
+    now: Timestamp,
+    default_duration: Duration,
+) -> Step {
+    let Some(spec) = spec else {
+        return Step::Acquire;
+    };
     let holder = spec.holder_identity.as_deref().unwrap_or_default();
     if holder == me {
         return Step::Renew;
@@ -34,11 +41,17 @@ pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp, default_durati
     if holder.is_empty() {
         return Step::Acquire;
     }
-    let duration =
-        spec.lease_duration_seconds.map(|s| SignedDuration::from_secs(i64::from(s))).unwrap_or_else(|| {
+    let duration = spec
+        .lease_duration_seconds
+        .map(|s| SignedDuration::from_secs(i64::from(s)))
+        .unwrap_or_else(|| {
             SignedDuration::try_from(default_duration).unwrap_or(SignedDuration::from_secs(15))
         });
-    let renewed = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()).map(|t| t.0);
+    let renewed = spec
+        .renew_time
+        .as_ref()
+        .or(spec.acquire_time.as_ref())
+        .map(|t| t.0);
     match renewed {
         Some(at) if at + duration > now => Step::Wait(at + duration),
         _ => Step::Acquire,
@@ -57,7 +70,8 @@ pub fn next_spec(
     let mut spec = current.cloned().unwrap_or_default();
     if *step == Step::Acquire {
         spec.acquire_time = Some(MicroTime(now));
-        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + i32::from(current.is_some()));
+        spec.lease_transitions =
+            Some(spec.lease_transitions.unwrap_or(0) + i32::from(current.is_some()));
     }
     spec.holder_identity = Some(me.to_owned());
     spec.lease_duration_seconds = Some(secs);
@@ -83,7 +97,12 @@ impl Elector {
     pub async fn try_once(&self) -> Result<bool, kube::Error> {
         let now = Timestamp::now();
         let current = self.api.get_opt(&self.name).await?;
-        let step = decide(current.as_ref().and_then(|l| l.spec.as_ref()), &self.identity, now, self.duration);
+        let step = decide(
+            current.as_ref().and_then(|l| l.spec.as_ref()),
+            &self.identity,
+            now,
+            self.duration,
+        );
         if let Step::Wait(_) = step {
             return Ok(false);
         }
@@ -98,11 +117,16 @@ impl Elector {
             Some(mut lease) => {
                 // Replace carries the resourceVersion we read: a concurrent writer makes it fail.
                 lease.spec = Some(spec);
-                self.api.replace(&self.name, &PostParams::default(), &lease).await
+                self.api
+                    .replace(&self.name, &PostParams::default(), &lease)
+                    .await
             }
             None => {
                 let lease = Lease {
-                    metadata: ObjectMeta { name: Some(self.name.clone()), ..ObjectMeta::default() },
+                    metadata: ObjectMeta {
+                        name: Some(self.name.clone()),
+                        ..ObjectMeta::default()
+                    },
                     spec: Some(spec),
                 };
                 self.api.create(&PostParams::default(), &lease).await
@@ -144,7 +168,12 @@ impl Elector {
                 leading.send_replace(false);
                 return;
             }
-            tokio::time::sleep(if last_renewal.is_some() { self.duration / 3 } else { retry }).await;
+            tokio::time::sleep(if last_renewal.is_some() {
+                self.duration / 3
+            } else {
+                retry
+            })
+            .await;
         }
     }
 }
@@ -184,7 +213,10 @@ mod tests {
     #[test]
     fn a_missing_or_released_lease_is_acquired() {
         assert_eq!(decide(None, "a", at(1), D), Step::Acquire);
-        let released = LeaseSpec { holder_identity: Some(String::new()), ..LeaseSpec::default() };
+        let released = LeaseSpec {
+            holder_identity: Some(String::new()),
+            ..LeaseSpec::default()
+        };
         assert_eq!(decide(Some(&released), "a", at(1), D), Step::Acquire);
     }
 }

@@ -65,9 +65,15 @@ async fn main() -> anyhow::Result<()> {
 
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     let health = Health::default();
-    let server = tokio::spawn(http::serve(args.metrics_addr, metrics.clone(), health.clone()));
+    let server = tokio::spawn(http::serve(
+        args.metrics_addr,
+        metrics.clone(),
+        health.clone(),
+    ));
 
-    let client = Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
     let identity = args
         .identity
         .clone()
@@ -90,13 +96,21 @@ async fn main() -> anyhow::Result<()> {
         // A standby replica is healthy and ready; it just does not write.
         health.set_ready(true);
         tracing::info!(%identity, "waiting for the leader lease");
-        leading.wait_for(|l| *l).await.context("leader election ended")?;
+        leading
+            .wait_for(|l| *l)
+            .await
+            .context("leader election ended")?;
     }
     metrics.leader.set(1);
 
-    let settings =
-        OperatorSettings { namespace: args.namespace.clone(), agent_image: args.agent_image.clone() };
-    let reporter = Reporter { controller: names::FIELD_MANAGER.into(), instance: Some(identity) };
+    let settings = OperatorSettings {
+        namespace: args.namespace.clone(),
+        agent_image: args.agent_image.clone(),
+    };
+    let reporter = Reporter {
+        controller: names::FIELD_MANAGER.into(),
+        instance: Some(identity),
+    };
     let ctx = Arc::new(Context::new(
         client.clone(),
         settings,

@@ -30,21 +30,34 @@ impl Metrics {
     /// Registers every metric in a fresh registry.
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new_custom(Some("stratum_operator".into()), None)?;
-        let reconciles =
-            IntCounterVec::new(Opts::new("reconciles_total", "Reconciliations run"), &["controller"])?;
+        let reconciles = IntCounterVec::new(
+            Opts::new("reconciles_total", "Reconciliations run"),
+            &["controller"],
+        )?;
         let failures = IntCounterVec::new(
-            Opts::new("reconcile_errors_total", "Reconciliations that failed, by error category"),
+            Opts::new(
+                "reconcile_errors_total",
+                "Reconciliations that failed, by error category",
+            ),
             &["controller", "error"],
         )?;
         let duration = HistogramVec::new(
-            HistogramOpts::new("reconcile_duration_seconds", "Duration of one reconciliation")
-                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            HistogramOpts::new(
+                "reconcile_duration_seconds",
+                "Duration of one reconciliation",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
             &["controller"],
         )?;
         let tenants = IntGauge::new("tenants", "TenantTimePolicies indexed")?;
         let allow_list_size = Histogram::with_opts(
-            HistogramOpts::new("allow_list_cidrs", "CIDRs in a tenant's resolved allow list")
-                .buckets(prometheus::exponential_buckets(1.0, 4.0, 8)?),
+            HistogramOpts::new(
+                "allow_list_cidrs",
+                "CIDRs in a tenant's resolved allow list",
+            )
+            .buckets(prometheus::exponential_buckets(1.0, 4.0, 8)?),
         )?;
         let config_writes = IntCounterVec::new(
             Opts::new(
@@ -85,18 +98,25 @@ impl Metrics {
     /// Counts a reconcile of `controller` and times it until the guard drops.
     pub fn measure(&self, controller: &'static str) -> ReconcileTimer {
         self.reconciles.with_label_values(&[controller]).inc();
-        ReconcileTimer { start: Instant::now(), histogram: self.duration.with_label_values(&[controller]) }
+        ReconcileTimer {
+            start: Instant::now(),
+            histogram: self.duration.with_label_values(&[controller]),
+        }
     }
 
     /// Counts a failed reconcile.
     pub fn failed(&self, controller: &'static str, error: &crate::Error) {
-        self.failures.with_label_values(&[controller, error.metric_label()]).inc();
+        self.failures
+            .with_label_values(&[controller, error.metric_label()])
+            .inc();
     }
 
     /// Renders the registry in the text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out) {
+        if let Err(e) =
+            prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out)
+        {
             tracing::warn!(error = %e, "rendering metrics failed");
         }
         out
@@ -124,7 +144,10 @@ mod tests {
     fn errors_are_counted_by_bounded_category() {
         let m = Metrics::new().unwrap();
         drop(m.measure("tenant"));
-        m.failed("tenant", &crate::Error::InvalidSpec("whatever the user wrote".into()));
+        m.failed(
+            "tenant",
+            &crate::Error::InvalidSpec("whatever the user wrote".into()),
+        );
         let text = m.render();
         assert!(
             text.contains(
@@ -133,6 +156,8 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("whatever"));
-        assert!(text.contains("stratum_operator_reconcile_duration_seconds_count{controller=\"tenant\"} 1"));
+        assert!(text.contains(
+            "stratum_operator_reconcile_duration_seconds_count{controller=\"tenant\"} 1"
+        ));
     }
 }

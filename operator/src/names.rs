@@ -51,8 +51,14 @@ pub fn agent_cluster_name(time_service: &str) -> String {
 /// Labels every agent child carries; also the DaemonSet's pod selector.
 pub fn agent_labels(time_service: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app.kubernetes.io/name".to_owned(), AGENT_APP_NAME.to_owned()),
-        ("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
+        (
+            "app.kubernetes.io/name".to_owned(),
+            AGENT_APP_NAME.to_owned(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            MANAGED_BY.to_owned(),
+        ),
         (TIME_SERVICE_LABEL.to_owned(), time_service.to_owned()),
     ])
 }
@@ -60,7 +66,10 @@ pub fn agent_labels(time_service: &str) -> BTreeMap<String, String> {
 /// Labels every child of a tenant carries.
 pub fn tenant_labels(time_service: &str, tenant: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            MANAGED_BY.to_owned(),
+        ),
         (TIME_SERVICE_LABEL.to_owned(), time_service.to_owned()),
         (TENANT_LABEL.to_owned(), tenant.to_owned()),
     ])

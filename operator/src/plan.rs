@@ -14,9 +14,13 @@ use kube::ResourceExt;
 use stratum_api::{AgentConfig, TenantTimePolicy, TimeService};
 
 use crate::build::OperatorSettings;
-use crate::build::agent_config::{FleetInput, TenantInput, build_agent_config, build_agent_config_map};
+use crate::build::agent_config::{
+    FleetInput, TenantInput, build_agent_config, build_agent_config_map,
+};
 use crate::build::daemonset::{build_daemonset, needs_net_bind};
-use crate::build::endpointslice::{ZONE_LABEL, agent_endpoints, build_endpoint_slices, ready_endpoints};
+use crate::build::endpointslice::{
+    ZONE_LABEL, agent_endpoints, build_endpoint_slices, ready_endpoints,
+};
 use crate::build::networkpolicy::{TenantRule, build_network_policy};
 use crate::build::rbac::{AgentRbac, build_rbac};
 use crate::build::service::build_service;
@@ -69,7 +73,9 @@ pub type ServiceOwners = HashMap<(String, String), TenantKey>;
 pub fn service_owners(index: &Index) -> ServiceOwners {
     let mut owners: HashMap<(String, String), &TenantEntry> = HashMap::new();
     for t in index.tenants.values() {
-        let slot = owners.entry((t.namespace.clone(), t.spec.service.name.clone())).or_insert(t);
+        let slot = owners
+            .entry((t.namespace.clone(), t.spec.service.name.clone()))
+            .or_insert(t);
         if age(t) < age(slot) {
             *slot = t;
         }
@@ -93,14 +99,18 @@ pub fn tenant_refusal(
     if let Some(tz) = &tenant.spec.timezone
         && !is_iana_timezone(tz)
     {
-        return Some(("InvalidTimezone", format!("{tz:?} is not a time zone of the IANA database")));
+        return Some((
+            "InvalidTimezone",
+            format!("{tz:?} is not a time zone of the IANA database"),
+        ));
     }
     if let Some(auth) = &tenant.spec.authentication
         && (auth.nts || auth.symmetric_keys_secret.is_some())
     {
         return Some((
             "AuthenticationUnsupported",
-            "client authentication (NTS, symmetric keys) is not supported by this version's agents".into(),
+            "client authentication (NTS, symmetric keys) is not supported by this version's agents"
+                .into(),
         ));
     }
     if let Some(owner) = owners.get(&(tenant.namespace.clone(), tenant.spec.service.name.clone()))
@@ -108,18 +118,27 @@ pub fn tenant_refusal(
     {
         return Some((
             "ServiceNameTaken",
-            format!("TenantTimePolicy {:?} already uses Service {:?}", owner.1, tenant.spec.service.name),
+            format!(
+                "TenantTimePolicy {:?} already uses Service {:?}",
+                owner.1, tenant.spec.service.name
+            ),
         ));
     }
     if port.is_none() {
-        return Some(("PortRangeExhausted", "the TimeService's tenant port range has no free port".into()));
+        return Some((
+            "PortRangeExhausted",
+            "the TimeService's tenant port range has no free port".into(),
+        ));
     }
     None
 }
 
 /// Whether `tenant` writes its namespace's `time-config` (one per namespace: the oldest).
 fn owns_time_config(index: &Index, tenant: &TenantEntry) -> bool {
-    !index.tenants.values().any(|o| o.namespace == tenant.namespace && age(o) < age(tenant))
+    !index
+        .tenants
+        .values()
+        .any(|o| o.namespace == tenant.namespace && age(o) < age(tenant))
 }
 
 /// Plans a TimeService.
@@ -129,7 +148,10 @@ pub fn plan_time_service(
     settings: &OperatorSettings,
 ) -> Result<TimeServicePlan> {
     let name = ts.name_any();
-    let mut blocked = index.conflicts().get(&name).map(|with| Blocked::Conflict { with: with.clone() });
+    let mut blocked = index
+        .conflicts()
+        .get(&name)
+        .map(|with| Blocked::Conflict { with: with.clone() });
     let nodes = index.nodes_matching(&ts.spec.placement.node_selector);
     let ports = index.ports_of(&name);
     let peer_port = Index::peer_port(&ts.spec);
@@ -151,7 +173,9 @@ pub fn plan_time_service(
         if tenant_refusal(index, &owners, t, port).is_some() {
             continue;
         }
-        let (Some(port), Ok(policy)) = (port, &t.policy) else { continue };
+        let (Some(port), Ok(policy)) = (port, &t.policy) else {
+            continue;
+        };
         served.push(Served {
             key: t.key(),
             id: names::tenant_id(&t.namespace, &t.name),
@@ -168,13 +192,23 @@ pub fn plan_time_service(
 
     let agents = index.agent_pods(&name);
     let agent_addresses: Vec<IpAddr> = agents.iter().flat_map(|p| p.ips.iter().copied()).collect();
-    let mut fleet = FleetInput { agent_addresses, ..FleetInput::default() };
+    let mut fleet = FleetInput {
+        agent_addresses,
+        ..FleetInput::default()
+    };
     if let Some(tier) = &ts.spec.egress_tier {
-        let egress_nodes: BTreeSet<String> =
-            index.nodes_matching(&tier.node_selector).intersection(&nodes).cloned().collect();
+        let egress_nodes: BTreeSet<String> = index
+            .nodes_matching(&tier.node_selector)
+            .intersection(&nodes)
+            .cloned()
+            .collect();
         fleet.egress_addresses = agents
             .iter()
-            .filter(|p| p.node_name.as_ref().is_some_and(|n| egress_nodes.contains(n)))
+            .filter(|p| {
+                p.node_name
+                    .as_ref()
+                    .is_some_and(|n| egress_nodes.contains(n))
+            })
             .flat_map(|p| p.ips.iter().copied())
             .collect();
         fleet.egress_nodes = egress_nodes.into_iter().collect();
@@ -193,12 +227,21 @@ pub fn plan_time_service(
     let config = match config.validate() {
         Ok(()) => Some(config),
         Err(problems) => {
-            let why = problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-            blocked.get_or_insert(Blocked::Invalid(format!("the agent config would be invalid: {why}")));
+            let why = problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            blocked.get_or_insert(Blocked::Invalid(format!(
+                "the agent config would be invalid: {why}"
+            )));
             None
         }
     };
-    let config_map = config.as_ref().map(|c| build_agent_config_map(ts, settings, c)).transpose()?;
+    let config_map = config
+        .as_ref()
+        .map(|c| build_agent_config_map(ts, settings, c))
+        .transpose()?;
     let size = config_map
         .as_ref()
         .and_then(|cm| cm.data.as_ref())
@@ -221,7 +264,11 @@ pub fn plan_time_service(
     };
     let rules: Vec<TenantRule<'_>> = served
         .iter()
-        .map(|s| TenantRule { namespace: &s.key.0, peers: &s.spec.allowed_clients, port: s.port })
+        .map(|s| TenantRule {
+            namespace: &s.key.0,
+            peers: &s.spec.allowed_clients,
+            port: s.port,
+        })
         .collect();
     let network_policy = build_network_policy(ts, settings, &rules, peer_port)?;
     let clocks = index
@@ -239,7 +286,10 @@ pub fn plan_time_service(
         config_map,
         clocks,
         allow_list_sizes: served.iter().map(|s| s.allowed.len()).collect(),
-        tenants: served.into_iter().map(|s| (s.id, (s.key.0, s.key.1, s.uid))).collect(),
+        tenants: served
+            .into_iter()
+            .map(|s| (s.id, (s.key.0, s.key.1, s.uid)))
+            .collect(),
     })
 }
 
@@ -278,7 +328,9 @@ pub fn plan_tenant(index: &mut Index, tenant: &TenantTimePolicy) -> Result<Tenan
     };
     // Plan from the object being reconciled, which may be newer than the index.
     let Some(entry) = TenantEntry::new(tenant) else {
-        return Err(crate::error::Error::MissingMetadata("TenantTimePolicy namespace or name"));
+        return Err(crate::error::Error::MissingMetadata(
+            "TenantTimePolicy namespace or name",
+        ));
     };
     let key = entry.key();
     let ts = match index.time_service_of(&entry) {
@@ -297,10 +349,19 @@ pub fn plan_tenant(index: &mut Index, tenant: &TenantTimePolicy) -> Result<Tenan
     }
     let Some(port) = port else { return Ok(plan) };
     plan.allow_list_size = i32::try_from(index.allowed(&key).len()).unwrap_or(i32::MAX);
-    let zones: BTreeMap<String, Option<String>> =
-        index.nodes.iter().map(|(n, l)| (n.clone(), l.get(ZONE_LABEL).cloned())).collect();
+    let zones: BTreeMap<String, Option<String>> = index
+        .nodes
+        .iter()
+        .map(|(n, l)| (n.clone(), l.get(ZONE_LABEL).cloned()))
+        .collect();
     let agents = index.agent_pods(&ts);
-    let endpoints = agent_endpoints(&agents, &index.clocks, &zones, &ts, entry.max_root_distance_nanos());
+    let endpoints = agent_endpoints(
+        &agents,
+        &index.clocks,
+        &zones,
+        &ts,
+        entry.max_root_distance_nanos(),
+    );
     plan.slices = build_endpoint_slices(tenant, &ts, port, &endpoints)?;
     plan.ready_endpoints = ready_endpoints(&plan.slices);
     plan.service = Some(build_service(tenant, &ts, port)?);

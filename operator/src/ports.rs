@@ -42,7 +42,10 @@ pub fn allocate(
     let mut taken = BTreeSet::new();
     let mut result: BTreeMap<TenantKey, Option<u16>> = BTreeMap::new();
     for claim in &order {
-        let kept = claim.current.and_then(in_range).filter(|p| taken.insert(*p));
+        let kept = claim
+            .current
+            .and_then(in_range)
+            .filter(|p| taken.insert(*p));
         result.insert(claim.key.clone(), kept);
     }
     let mut next = start.max(1);
@@ -80,13 +83,23 @@ mod tests {
     }
 
     fn port(map: &BTreeMap<TenantKey, Option<u16>>, name: &str) -> Option<u16> {
-        map.get(&("ns".to_string(), name.to_string())).copied().flatten()
+        map.get(&("ns".to_string(), name.to_string()))
+            .copied()
+            .flatten()
     }
 
     #[test]
     fn new_tenants_get_the_lowest_free_ports_in_age_order() {
-        let got =
-            allocate(100, 110, None, &[claim("b", 2, None), claim("a", 1, None), claim("c", 3, Some(100))]);
+        let got = allocate(
+            100,
+            110,
+            None,
+            &[
+                claim("b", 2, None),
+                claim("a", 1, None),
+                claim("c", 3, Some(100)),
+            ],
+        );
         assert_eq!(port(&got, "c"), Some(100), "a recorded port is kept");
         assert_eq!(port(&got, "a"), Some(101));
         assert_eq!(port(&got, "b"), Some(102));
@@ -94,8 +107,16 @@ mod tests {
 
     #[test]
     fn a_restart_recomputes_the_same_ports_from_recorded_status() {
-        let first =
-            allocate(100, 110, None, &[claim("a", 1, None), claim("b", 2, None), claim("c", 3, None)]);
+        let first = allocate(
+            100,
+            110,
+            None,
+            &[
+                claim("a", 1, None),
+                claim("b", 2, None),
+                claim("c", 3, None),
+            ],
+        );
         // The operator restarts after writing status; "a" was deleted meanwhile and "d" added.
         let restarted = allocate(
             100,
@@ -115,29 +136,52 @@ mod tests {
             100,
             110,
             None,
-            &[claim("d", 4, None), claim("c", 3, Some(102)), claim("b", 2, Some(101))],
+            &[
+                claim("d", 4, None),
+                claim("c", 3, Some(102)),
+                claim("b", 2, Some(101)),
+            ],
         );
         assert_eq!(again, restarted);
     }
 
     #[test]
     fn on_a_collision_the_oldest_keeps_the_port_and_the_other_moves() {
-        let got = allocate(100, 110, None, &[claim("young", 5, Some(105)), claim("old", 1, Some(105))]);
+        let got = allocate(
+            100,
+            110,
+            None,
+            &[claim("young", 5, Some(105)), claim("old", 1, Some(105))],
+        );
         assert_eq!(port(&got, "old"), Some(105));
         assert_eq!(port(&got, "young"), Some(100));
     }
 
     #[test]
     fn equal_timestamps_are_ordered_by_name() {
-        let got = allocate(100, 110, None, &[claim("b", 1, Some(104)), claim("a", 1, Some(104))]);
+        let got = allocate(
+            100,
+            110,
+            None,
+            &[claim("b", 1, Some(104)), claim("a", 1, Some(104))],
+        );
         assert_eq!(port(&got, "a"), Some(104));
         assert_eq!(port(&got, "b"), Some(100));
     }
 
     #[test]
     fn ports_outside_a_shrunk_range_or_reserved_are_reassigned() {
-        let got = allocate(100, 101, Some(101), &[claim("a", 1, Some(150)), claim("b", 2, Some(101))]);
+        let got = allocate(
+            100,
+            101,
+            Some(101),
+            &[claim("a", 1, Some(150)), claim("b", 2, Some(101))],
+        );
         assert_eq!(port(&got, "a"), Some(100));
-        assert_eq!(port(&got, "b"), None, "the range is exhausted once the peer port is reserved");
+        assert_eq!(
+            port(&got, "b"),
+            None,
+            "the range is exhausted once the peer port is reserved"
+        );
     }
 }

@@ -85,30 +85,49 @@ impl CompiledPolicy {
             peers.push(compile_peer(&format!("spec.allowedClients[{i}]"), peer)?);
         }
         if peers.is_empty() {
-            peers.push(CompiledPeer::Pods { namespaces: NamespaceScope::Own, pods: Selector::default() });
+            peers.push(CompiledPeer::Pods {
+                namespaces: NamespaceScope::Own,
+                pods: Selector::default(),
+            });
         }
         let mut denied_nets = Vec::new();
         for (i, block) in denied.iter().enumerate() {
             denied_nets.extend(block_cidrs(&format!("spec.deniedClients[{i}]"), block)?);
         }
-        Ok(Self { namespace: namespace.to_owned(), allowed: peers, denied: IpNet::aggregate(&denied_nets) })
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            allowed: peers,
+            denied: IpNet::aggregate(&denied_nets),
+        })
     }
 
     /// Whether pods of namespace `ns` (with labels `ns_labels`) can be selected at all: the
     /// allow list depends on that namespace's pods.
     pub fn depends_on_namespace(&self, ns: &str, ns_labels: &crate::selector::Labels) -> bool {
         self.allowed.iter().any(|p| match p {
-            CompiledPeer::Pods { namespaces: NamespaceScope::Own, .. } => ns == self.namespace,
-            CompiledPeer::Pods { namespaces: NamespaceScope::Selected(s), .. } => s.matches(ns_labels),
+            CompiledPeer::Pods {
+                namespaces: NamespaceScope::Own,
+                ..
+            } => ns == self.namespace,
+            CompiledPeer::Pods {
+                namespaces: NamespaceScope::Selected(s),
+                ..
+            } => s.matches(ns_labels),
             CompiledPeer::Block(_) => false,
         })
     }
 
     /// Whether the allow list depends on namespace labels (some peer has a namespaceSelector).
     pub fn selects_namespaces(&self) -> bool {
-        self.allowed
-            .iter()
-            .any(|p| matches!(p, CompiledPeer::Pods { namespaces: NamespaceScope::Selected(_), .. }))
+        self.allowed.iter().any(|p| {
+            matches!(
+                p,
+                CompiledPeer::Pods {
+                    namespaces: NamespaceScope::Selected(_),
+                    ..
+                }
+            )
+        })
     }
 
     /// The aggregated CIDRs allowed by this policy in `cluster`.
@@ -117,10 +136,16 @@ impl CompiledPolicy {
         for peer in &self.allowed {
             match peer {
                 CompiledPeer::Block(blocks) => nets.extend(blocks.iter().copied()),
-                CompiledPeer::Pods { namespaces: NamespaceScope::Own, pods } => {
+                CompiledPeer::Pods {
+                    namespaces: NamespaceScope::Own,
+                    pods,
+                } => {
                     push_pod_ips(&mut nets, cluster, &self.namespace, pods);
                 }
-                CompiledPeer::Pods { namespaces: NamespaceScope::Selected(ns_selector), pods } => {
+                CompiledPeer::Pods {
+                    namespaces: NamespaceScope::Selected(ns_selector),
+                    pods,
+                } => {
                     for (ns, labels) in cluster.namespaces() {
                         if ns_selector.matches(labels) {
                             push_pod_ips(&mut nets, cluster, ns, pods);
@@ -148,11 +173,16 @@ pub fn host_net(ip: IpAddr) -> IpNet {
 
 fn compile_peer(field: &str, peer: &PolicyPeer) -> Result<CompiledPeer, ResolveError> {
     if let Some(block) = &peer.ip_block {
-        return Ok(CompiledPeer::Block(block_cidrs(&format!("{field}.ipBlock"), block)?));
+        return Ok(CompiledPeer::Block(block_cidrs(
+            &format!("{field}.ipBlock"),
+            block,
+        )?));
     }
     let selector = |what: &str, s| {
-        Selector::compile(s)
-            .map_err(|source| ResolveError::Selector { field: format!("{field}.{what}"), source })
+        Selector::compile(s).map_err(|source| ResolveError::Selector {
+            field: format!("{field}.{what}"),
+            source,
+        })
     };
     let pods = match &peer.pod_selector {
         Some(s) => selector("podSelector", s)?,
@@ -168,7 +198,10 @@ fn compile_peer(field: &str, peer: &PolicyPeer) -> Result<CompiledPeer, ResolveE
 fn parse_cidr(field: &str, text: &str) -> Result<IpNet, ResolveError> {
     text.parse::<IpNet>()
         .map(|n| n.trunc())
-        .map_err(|_| ResolveError::Cidr { field: field.to_owned(), value: text.to_owned() })
+        .map_err(|_| ResolveError::Cidr {
+            field: field.to_owned(),
+            value: text.to_owned(),
+        })
 }
 
 /// An IpBlock as disjoint prefixes: `cidr` minus every exception.
@@ -208,7 +241,10 @@ mod tests {
 
     #[test]
     fn except_blocks_are_carved_out_as_the_fewest_prefixes() {
-        let got = subtract("10.0.0.0/24".parse().unwrap(), &nets(&["10.0.0.0/26", "10.0.0.200/32"]));
+        let got = subtract(
+            "10.0.0.0/24".parse().unwrap(),
+            &nets(&["10.0.0.0/26", "10.0.0.200/32"]),
+        );
         assert_eq!(
             got,
             nets(&[
@@ -222,7 +258,11 @@ mod tests {
                 "10.0.0.224/27"
             ])
         );
-        assert_eq!(IpNet::aggregate(&got), got, "already minimal: nothing left to merge");
+        assert_eq!(
+            IpNet::aggregate(&got),
+            got,
+            "already minimal: nothing left to merge"
+        );
     }
 
     #[test]
@@ -232,7 +272,10 @@ mod tests {
 
     #[test]
     fn cidrs_with_host_bits_are_truncated_like_the_api_server_accepts_them() {
-        let block = IpBlock { cidr: "10.1.2.3/16".into(), except: vec![] };
+        let block = IpBlock {
+            cidr: "10.1.2.3/16".into(),
+            except: vec![],
+        };
         assert_eq!(block_cidrs("x", &block).unwrap(), nets(&["10.1.0.0/16"]));
     }
 
@@ -241,9 +284,15 @@ mod tests {
         let err = CompiledPolicy::compile(
             "a",
             &[],
-            &[IpBlock { cidr: "10.0.0.0/8".into(), except: vec!["nope".into()] }],
+            &[IpBlock {
+                cidr: "10.0.0.0/8".into(),
+                except: vec!["nope".into()],
+            }],
         )
         .unwrap_err();
-        assert_eq!(err.to_string(), "spec.deniedClients[0].except[0]: \"nope\" is not a CIDR");
+        assert_eq!(
+            err.to_string(),
+            "spec.deniedClients[0].except[0]: \"nope\" is not a CIDR"
+        );
     }
 }

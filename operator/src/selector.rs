@@ -43,7 +43,10 @@ impl Selector {
         }
         for expr in selector.match_expressions.iter().flatten() {
             let values = expr.values.clone().unwrap_or_default();
-            let err = |problem: &str| SelectorError { key: expr.key.clone(), problem: problem.to_owned() };
+            let err = |problem: &str| SelectorError {
+                key: expr.key.clone(),
+                problem: problem.to_owned(),
+            };
             let requirement = match expr.operator.as_str() {
                 "In" | "NotIn" if values.is_empty() => {
                     return Err(err("operators In and NotIn need at least one value"));
@@ -64,7 +67,12 @@ impl Selector {
 
     /// A selector matching exactly these labels (a DaemonSet-style equality selector).
     pub fn from_labels(labels: &Labels) -> Self {
-        Self { requirements: labels.iter().map(|(k, v)| Requirement::Equals(k.clone(), v.clone())).collect() }
+        Self {
+            requirements: labels
+                .iter()
+                .map(|(k, v)| Requirement::Equals(k.clone(), v.clone()))
+                .collect(),
+        }
     }
 
     /// Whether the selector selects everything.
@@ -91,7 +99,10 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn expr(key: &str, op: &str, values: &[&str]) -> LabelSelectorRequirement {
@@ -129,7 +140,10 @@ mod tests {
     fn match_labels_and_expressions_must_all_hold() {
         let s = Selector::compile(&LabelSelector {
             match_labels: Some([("app".to_string(), "vm".to_string())].into()),
-            match_expressions: Some(vec![expr("zone", "In", &["a", "b"]), expr("gpu", "Exists", &[])]),
+            match_expressions: Some(vec![
+                expr("zone", "In", &["a", "b"]),
+                expr("gpu", "Exists", &[]),
+            ]),
         })
         .unwrap();
         assert!(s.matches(&labels(&[("app", "vm"), ("zone", "b"), ("gpu", "1")])));
@@ -139,8 +153,15 @@ mod tests {
 
     #[test]
     fn contradictory_or_unknown_operators_are_refused() {
-        for e in [expr("k", "In", &[]), expr("k", "Exists", &["v"]), expr("k", "Like", &["v"])] {
-            let selector = LabelSelector { match_expressions: Some(vec![e]), ..Default::default() };
+        for e in [
+            expr("k", "In", &[]),
+            expr("k", "Exists", &["v"]),
+            expr("k", "Like", &["v"]),
+        ] {
+            let selector = LabelSelector {
+                match_expressions: Some(vec![e]),
+                ..Default::default()
+            };
             assert!(Selector::compile(&selector).is_err(), "{selector:?}");
         }
     }

@@ -27,7 +27,10 @@ const NS: &str = "stratum-system";
 fn context(client: Client, index: Index) -> Arc<Context> {
     Arc::new(Context::new(
         client,
-        OperatorSettings { namespace: NS.into(), agent_image: "stratum/agent:test".into() },
+        OperatorSettings {
+            namespace: NS.into(),
+            agent_image: "stratum/agent:test".into(),
+        },
         Arc::new(Mutex::new(index)),
         Arc::new(Metrics::new().unwrap()),
         None,
@@ -63,7 +66,10 @@ fn tenant_policy(ns: &str, name: &str, spec: Value) -> TenantTimePolicy {
 }
 
 fn node(index: &mut Index, name: &str) {
-    index.apply_node(name, &[("kubernetes.io/os".to_string(), "linux".to_string())].into());
+    index.apply_node(
+        name,
+        &[("kubernetes.io/os".to_string(), "linux".to_string())].into(),
+    );
 }
 
 /// One expected request: checks it and answers.
@@ -72,7 +78,12 @@ struct Verifier {
 }
 
 impl Verifier {
-    async fn next(&mut self) -> (Request<Body>, tower_test::mock::SendResponse<Response<Body>>) {
+    async fn next(
+        &mut self,
+    ) -> (
+        Request<Body>,
+        tower_test::mock::SendResponse<Response<Body>>,
+    ) {
         tokio::time::timeout(Duration::from_secs(5), self.handle.next_request())
             .await
             .expect("reconcile stopped issuing requests")
@@ -86,7 +97,10 @@ impl Verifier {
         assert_eq!(request.method(), Method::PATCH, "{}", request.uri());
         assert_eq!(request.uri().path(), path);
         let query = request.uri().query().unwrap_or_default().to_owned();
-        assert!(query.contains("fieldManager=stratum-operator"), "{path}: {query}");
+        assert!(
+            query.contains("fieldManager=stratum-operator"),
+            "{path}: {query}"
+        );
         assert!(query.contains("force=true"), "{path}: {query}");
         assert_eq!(
             request.headers().get(http::header::CONTENT_TYPE).unwrap(),
@@ -104,7 +118,9 @@ impl Verifier {
             a
         };
         send.send_response(
-            Response::builder().body(Body::from(serde_json::to_vec(&answer).unwrap())).unwrap(),
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                .unwrap(),
         );
         if let Some(obj) = body.as_object_mut() {
             obj.remove("apiVersion");
@@ -161,11 +177,31 @@ fn mock() -> (Client, Verifier) {
 const RBAC: &str = "/apis/rbac.authorization.k8s.io/v1";
 
 async fn expect_agent_rbac(v: &mut Verifier, ts: &str) {
-    v.expect_apply(&format!("/api/v1/namespaces/{NS}/serviceaccounts/{ts}-agent"), json!({})).await;
-    v.expect_apply(&format!("{RBAC}/namespaces/{NS}/roles/{ts}-agent"), json!({})).await;
-    v.expect_apply(&format!("{RBAC}/namespaces/{NS}/rolebindings/{ts}-agent"), json!({})).await;
-    v.expect_apply(&format!("{RBAC}/clusterroles/stratum-agent-{ts}"), json!({})).await;
-    v.expect_apply(&format!("{RBAC}/clusterrolebindings/stratum-agent-{ts}"), json!({})).await;
+    v.expect_apply(
+        &format!("/api/v1/namespaces/{NS}/serviceaccounts/{ts}-agent"),
+        json!({}),
+    )
+    .await;
+    v.expect_apply(
+        &format!("{RBAC}/namespaces/{NS}/roles/{ts}-agent"),
+        json!({}),
+    )
+    .await;
+    v.expect_apply(
+        &format!("{RBAC}/namespaces/{NS}/rolebindings/{ts}-agent"),
+        json!({}),
+    )
+    .await;
+    v.expect_apply(
+        &format!("{RBAC}/clusterroles/stratum-agent-{ts}"),
+        json!({}),
+    )
+    .await;
+    v.expect_apply(
+        &format!("{RBAC}/clusterrolebindings/stratum-agent-{ts}"),
+        json!({}),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -179,9 +215,15 @@ async fn time_service_children_are_applied_then_status_once_and_not_again_when_u
 
     let verifier = tokio::spawn(async move {
         expect_agent_rbac(&mut v, "cluster").await;
-        v.expect_get_not_found(&format!("/api/v1/namespaces/{NS}/configmaps/cluster-agent-config")).await;
+        v.expect_get_not_found(&format!(
+            "/api/v1/namespaces/{NS}/configmaps/cluster-agent-config"
+        ))
+        .await;
         let cm = v
-            .expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/cluster-agent-config"), json!({}))
+            .expect_apply(
+                &format!("/api/v1/namespaces/{NS}/configmaps/cluster-agent-config"),
+                json!({}),
+            )
             .await;
         let config: stratum_api::AgentConfig =
             serde_json::from_str(cm["data"]["agent-config.json"].as_str().unwrap()).unwrap();
@@ -200,10 +242,17 @@ async fn time_service_children_are_applied_then_status_once_and_not_again_when_u
             )
             .await;
         assert_eq!(ds["kind"], "DaemonSet");
-        let status = v.expect_apply("/apis/stratum.io/v1alpha1/timeservices/cluster/status", ts_json).await;
+        let status = v
+            .expect_apply(
+                "/apis/stratum.io/v1alpha1/timeservices/cluster/status",
+                ts_json,
+            )
+            .await;
         (v, status)
     });
-    time_service::reconcile(Arc::new(DeserializeGuard(Ok(ts.clone()))), ctx.clone()).await.unwrap();
+    time_service::reconcile(Arc::new(DeserializeGuard(Ok(ts.clone()))), ctx.clone())
+        .await
+        .unwrap();
     let (mut v, status) = verifier.await.unwrap();
     assert_eq!(status["kind"], "TimeService");
     assert_eq!(status["status"]["nodes"]["desired"], 1);
@@ -245,25 +294,49 @@ async fn a_younger_overlapping_time_service_gets_conflict_and_no_daemonset() {
     let older = time_service("first", 1_600_000_000, json!({}));
     index.apply_time_service(&older);
     let ctx = context(client, index);
-    let younger = time_service("second", 1_700_000_000, json!({ "kubernetes.io/os": "linux" }));
+    let younger = time_service(
+        "second",
+        1_700_000_000,
+        json!({ "kubernetes.io/os": "linux" }),
+    );
     let younger_json = whole(&younger);
 
     let verifier = tokio::spawn(async move {
         expect_agent_rbac(&mut v, "second").await;
-        v.expect_get_not_found(&format!("/api/v1/namespaces/{NS}/configmaps/second-agent-config")).await;
-        v.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/second-agent-config"), json!({})).await;
+        v.expect_get_not_found(&format!(
+            "/api/v1/namespaces/{NS}/configmaps/second-agent-config"
+        ))
+        .await;
+        v.expect_apply(
+            &format!("/api/v1/namespaces/{NS}/configmaps/second-agent-config"),
+            json!({}),
+        )
+        .await;
         v.expect_apply(
             &format!("/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/second-agent"),
             json!({}),
         )
         .await;
-        v.expect_delete_not_found(&format!("/apis/apps/v1/namespaces/{NS}/daemonsets/second-agent")).await;
-        v.expect_apply("/apis/stratum.io/v1alpha1/timeservices/second/status", younger_json).await
+        v.expect_delete_not_found(&format!(
+            "/apis/apps/v1/namespaces/{NS}/daemonsets/second-agent"
+        ))
+        .await;
+        v.expect_apply(
+            "/apis/stratum.io/v1alpha1/timeservices/second/status",
+            younger_json,
+        )
+        .await
     });
-    time_service::reconcile(Arc::new(DeserializeGuard(Ok(younger))), ctx).await.unwrap();
+    time_service::reconcile(Arc::new(DeserializeGuard(Ok(younger))), ctx)
+        .await
+        .unwrap();
     let status = verifier.await.unwrap();
-    let conflict =
-        status["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Conflict").unwrap();
+    let conflict = status["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Conflict")
+        .unwrap();
     assert_eq!(conflict["status"], "True");
     assert!(conflict["message"].as_str().unwrap().contains("\"first\""));
 }
@@ -284,7 +357,10 @@ async fn tenant_service_slices_and_time_config_are_applied_in_its_namespace_with
                 json!({ "spec": { "clusterIPs": ["10.96.0.10"] } }),
             )
             .await;
-        assert!(svc["spec"].get("selector").is_none(), "the Service must be selector-less");
+        assert!(
+            svc["spec"].get("selector").is_none(),
+            "the Service must be selector-less"
+        );
         let v4 = v
             .expect_apply(
                 "/apis/discovery.k8s.io/v1/namespaces/team-a/endpointslices/ntp-stratum-ipv4",
@@ -298,7 +374,12 @@ async fn tenant_service_slices_and_time_config_are_applied_in_its_namespace_with
             json!({}),
         )
         .await;
-        let cm = v.expect_apply("/api/v1/namespaces/team-a/configmaps/time-config", json!({})).await;
+        let cm = v
+            .expect_apply(
+                "/api/v1/namespaces/team-a/configmaps/time-config",
+                json!({}),
+            )
+            .await;
         assert_eq!(cm["data"]["TZ"], "Europe/Berlin");
         v.expect_apply(
             "/apis/stratum.io/v1alpha1/namespaces/team-a/tenanttimepolicies/policy/status",
@@ -306,7 +387,9 @@ async fn tenant_service_slices_and_time_config_are_applied_in_its_namespace_with
         )
         .await
     });
-    tenant::reconcile(Arc::new(DeserializeGuard(Ok(tenant))), ctx).await.unwrap();
+    tenant::reconcile(Arc::new(DeserializeGuard(Ok(tenant))), ctx)
+        .await
+        .unwrap();
     let status = verifier.await.unwrap();
     assert_eq!(status["kind"], "TenantTimePolicy");
     assert_eq!(status["status"]["port"], 12300);
@@ -321,7 +404,11 @@ async fn a_refused_tenant_only_gets_a_status_saying_why() {
     let mut index = Index::new(NS);
     index.apply_time_service(&time_service("cluster", 1_600_000_000, json!({})));
     let ctx = context(client, index);
-    let tenant = tenant_policy("team-a", "policy", json!({ "timezone": "Mars/Olympus_Mons" }));
+    let tenant = tenant_policy(
+        "team-a",
+        "policy",
+        json!({ "timezone": "Mars/Olympus_Mons" }),
+    );
     let tenant_json = whole(&tenant);
     let verifier = tokio::spawn(async move {
         v.expect_apply(
@@ -330,12 +417,18 @@ async fn a_refused_tenant_only_gets_a_status_saying_why() {
         )
         .await
     });
-    let action = tenant::reconcile(Arc::new(DeserializeGuard(Ok(tenant))), ctx).await.unwrap();
+    let action = tenant::reconcile(Arc::new(DeserializeGuard(Ok(tenant))), ctx)
+        .await
+        .unwrap();
     let status = verifier.await.unwrap();
     let accepted = &status["status"]["conditions"][0];
     assert_eq!(accepted["type"], "Accepted");
     assert_eq!(accepted["status"], "False");
     assert_eq!(accepted["reason"], "InvalidTimezone");
-    assert_eq!(action, kube::runtime::controller::Action::await_change(), "a user error waits for a change");
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::await_change(),
+        "a user error waits for a change"
+    );
     let _ = TenantTimePolicy::kind(&());
 }

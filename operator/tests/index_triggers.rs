@@ -47,13 +47,24 @@ fn pod(ns: &str, name: &str, labels: Value, ip: &str) -> Pod {
             labels: Some(serde_json::from_value(labels).unwrap()),
             ..Default::default()
         },
-        spec: Some(PodSpec { node_name: Some("n1".into()), ..Default::default() }),
-        status: Some(PodStatus { pod_ips: Some(vec![PodIP { ip: ip.into() }]), ..Default::default() }),
+        spec: Some(PodSpec {
+            node_name: Some("n1".into()),
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            pod_ips: Some(vec![PodIP { ip: ip.into() }]),
+            ..Default::default()
+        }),
     }
 }
 
 fn clock(node: &str, synced: bool, dispersion_ms: i64, offset: i64) -> NodeClock {
-    let mut c = NodeClock::new(node, NodeClockSpec { time_service: "cluster".into() });
+    let mut c = NodeClock::new(
+        node,
+        NodeClockSpec {
+            time_service: "cluster".into(),
+        },
+    );
     c.status = Some(NodeClockStatus {
         synchronized: synced,
         root_dispersion_nanos: dispersion_ms * 1_000_000,
@@ -76,15 +87,27 @@ fn setup() -> Index {
         "t",
         json!({ "allowedClients": [{ "podSelector": { "matchLabels": { "app": "vm" } } }] }),
     ));
-    index.apply_tenant(&tenant("other", "t", json!({ "requirements": { "maxRootDistance": "50ms" } })));
+    index.apply_tenant(&tenant(
+        "other",
+        "t",
+        json!({ "requirements": { "maxRootDistance": "50ms" } }),
+    ));
     index
 }
 
 #[test]
 fn a_pod_no_tenant_selects_triggers_nothing() {
     let mut index = setup();
-    assert!(index.apply_pod(&pod("vms", "web", json!({ "app": "web" }), "10.0.0.9")).is_empty());
-    assert!(index.apply_pod(&pod("elsewhere", "vm", json!({ "app": "vm" }), "10.0.0.8")).is_empty());
+    assert!(
+        index
+            .apply_pod(&pod("vms", "web", json!({ "app": "web" }), "10.0.0.9"))
+            .is_empty()
+    );
+    assert!(
+        index
+            .apply_pod(&pod("elsewhere", "vm", json!({ "app": "vm" }), "10.0.0.8"))
+            .is_empty()
+    );
 }
 
 #[test]
@@ -95,7 +118,11 @@ fn a_selected_pod_triggers_its_tenant_and_time_service_once() {
     assert_eq!(t.time_services, BTreeSet::from(["cluster".to_string()]));
     assert_eq!(index.allowed(&key("vms", "t")).len(), 1);
     // The same pod again (say, a status-only update) changes nothing.
-    assert!(index.apply_pod(&pod("vms", "vm-1", json!({ "app": "vm" }), "10.0.0.1")).is_empty());
+    assert!(
+        index
+            .apply_pod(&pod("vms", "vm-1", json!({ "app": "vm" }), "10.0.0.1"))
+            .is_empty()
+    );
     let t = index.delete_pod("vms", "vm-1");
     assert_eq!(t.tenants, BTreeSet::from([key("vms", "t")]));
     assert!(index.allowed(&key("vms", "t")).is_empty());
@@ -123,7 +150,10 @@ fn the_operators_own_status_port_write_does_not_retrigger_the_tenant() {
         "t",
         json!({ "allowedClients": [{ "podSelector": { "matchLabels": { "app": "vm" } } }] }),
     );
-    written.status = Some(TenantTimePolicyStatus { port: Some(i32::from(port)), ..Default::default() });
+    written.status = Some(TenantTimePolicyStatus {
+        port: Some(i32::from(port)),
+        ..Default::default()
+    });
     assert!(index.apply_tenant(&written).is_empty());
 }
 
@@ -133,25 +163,40 @@ fn a_tenant_without_a_reference_needs_exactly_one_time_service() {
     let entry = index.tenants[&key("vms", "t")].clone();
     assert_eq!(index.time_service_of(&entry).unwrap().name, "cluster");
     let t = index.apply_time_service(&ts("second", 2, json!({ "pool": "b" })));
-    assert!(t.tenants.contains(&key("vms", "t")), "the tenant lost its TimeService and must say so");
-    assert_eq!(index.time_service_of(&entry).unwrap_err(), Unserved::Ambiguous);
+    assert!(
+        t.tenants.contains(&key("vms", "t")),
+        "the tenant lost its TimeService and must say so"
+    );
+    assert_eq!(
+        index.time_service_of(&entry).unwrap_err(),
+        Unserved::Ambiguous
+    );
 }
 
 #[test]
 fn conflicts_go_to_the_younger_overlapping_time_service_and_chains_resolve_by_age() {
     let mut index = Index::new("stratum-system");
-    for (name, labels) in
-        [("n1", json!({ "a": "1" })), ("n2", json!({ "a": "1", "b": "1" })), ("n3", json!({ "b": "1" }))]
-    {
+    for (name, labels) in [
+        ("n1", json!({ "a": "1" })),
+        ("n2", json!({ "a": "1", "b": "1" })),
+        ("n3", json!({ "b": "1" })),
+    ] {
         index.apply_node(name, &serde_json::from_value(labels).unwrap());
     }
     index.apply_time_service(&ts("oldest", 1, json!({ "a": "1" })));
     index.apply_time_service(&ts("middle", 2, json!({ "b": "1" })));
     index.apply_time_service(&ts("youngest", 3, json!({ "c": "1" })));
     let conflicts = index.conflicts();
-    assert_eq!(conflicts.get("middle").map(String::as_str), Some("oldest"), "n2 is shared");
+    assert_eq!(
+        conflicts.get("middle").map(String::as_str),
+        Some("oldest"),
+        "n2 is shared"
+    );
     assert!(!conflicts.contains_key("oldest"));
-    assert!(!conflicts.contains_key("youngest"), "selecting no node overlaps nothing");
+    assert!(
+        !conflicts.contains_key("youngest"),
+        "selecting no node overlaps nothing"
+    );
     // Removing the overlap (n2 loses label a) lifts the conflict.
     index.apply_node("n2", &serde_json::from_value(json!({ "b": "1" })).unwrap());
     assert!(index.conflicts().is_empty());

@@ -10,7 +10,9 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Pod, PodIP, PodSpec, PodStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta,
+};
 use stratum_api::TenantTimePolicy;
 use stratum_api::common::{IpBlock, PolicyPeer};
 use stratum_operator::index::{Cluster, Index, PodInfo};
@@ -107,19 +109,33 @@ fn random_selector(rng: &mut Rng, keys: &[(&str, &[&str])]) -> LabelSelector {
         let (k, values) = rng.pick(keys);
         let op = *rng.pick(&["In", "NotIn", "Exists", "DoesNotExist"]);
         let vals = match op {
-            "In" | "NotIn" => Some(vec![(*rng.pick(values)).to_string(), (*rng.pick(values)).to_string()]),
+            "In" | "NotIn" => Some(vec![
+                (*rng.pick(values)).to_string(),
+                (*rng.pick(values)).to_string(),
+            ]),
             _ => None,
         };
-        selector.match_expressions =
-            Some(vec![LabelSelectorRequirement { key: (*k).into(), operator: op.into(), values: vals }]);
+        selector.match_expressions = Some(vec![LabelSelectorRequirement {
+            key: (*k).into(),
+            operator: op.into(),
+            values: vals,
+        }]);
     }
     selector
 }
 
 fn random_block(rng: &mut Rng) -> IpBlock {
     let v6_block = rng.chance(40);
-    let prefix = if v6_block { 122 + rng.below(5) as u8 } else { 26 + rng.below(5) as u8 };
-    let base = if v6_block { v6(rng.below(64)) } else { v4(rng.below(64)) };
+    let prefix = if v6_block {
+        122 + rng.below(5) as u8
+    } else {
+        26 + rng.below(5) as u8
+    };
+    let base = if v6_block {
+        v6(rng.below(64))
+    } else {
+        v4(rng.below(64))
+    };
     let net = IpNet::new(base, prefix).unwrap().trunc();
     let mut except = Vec::new();
     for _ in 0..rng.below(3) {
@@ -127,7 +143,9 @@ fn random_block(rng: &mut Rng) -> IpBlock {
         let inside = match net {
             IpNet::V4(n) => {
                 let span = 1u64 << (32 - n.prefix_len());
-                IpAddr::from(std::net::Ipv4Addr::from(u32::from(n.network()) + rng.below(span) as u32))
+                IpAddr::from(std::net::Ipv4Addr::from(
+                    u32::from(n.network()) + rng.below(span) as u32,
+                ))
             }
             IpNet::V6(n) => {
                 let span = 1u128 << (128 - n.prefix_len());
@@ -140,7 +158,10 @@ fn random_block(rng: &mut Rng) -> IpBlock {
             except.push(IpNet::new(inside, longer).unwrap().trunc().to_string());
         }
     }
-    IpBlock { cidr: net.to_string(), except }
+    IpBlock {
+        cidr: net.to_string(),
+        except,
+    }
 }
 
 fn random_peers(rng: &mut Rng) -> Vec<PolicyPeer> {
@@ -148,14 +169,23 @@ fn random_peers(rng: &mut Rng) -> Vec<PolicyPeer> {
     let pod_keys: &[(&str, &[&str])] = &[("app", &["web", "db", "vm"]), ("tier", &["1", "2"])];
     (0..rng.below(4))
         .map(|_| match rng.below(4) {
-            0 => PolicyPeer { pod_selector: Some(random_selector(rng, pod_keys)), ..Default::default() },
-            1 => PolicyPeer { namespace_selector: Some(random_selector(rng, ns_keys)), ..Default::default() },
+            0 => PolicyPeer {
+                pod_selector: Some(random_selector(rng, pod_keys)),
+                ..Default::default()
+            },
+            1 => PolicyPeer {
+                namespace_selector: Some(random_selector(rng, ns_keys)),
+                ..Default::default()
+            },
             2 => PolicyPeer {
                 pod_selector: Some(random_selector(rng, pod_keys)),
                 namespace_selector: Some(random_selector(rng, ns_keys)),
                 ..Default::default()
             },
-            _ => PolicyPeer { ip_block: Some(random_block(rng)), ..Default::default() },
+            _ => PolicyPeer {
+                ip_block: Some(random_block(rng)),
+                ..Default::default()
+            },
         })
         .collect()
 }
@@ -171,8 +201,14 @@ fn naive_selects(selector: &LabelSelector, labels: &Labels) -> bool {
     for e in selector.match_expressions.iter().flatten() {
         let values = e.values.clone().unwrap_or_default();
         let ok = match e.operator.as_str() {
-            "In" => labels.get(&e.key).map(|v| values.contains(v)).unwrap_or(false),
-            "NotIn" => !labels.get(&e.key).map(|v| values.contains(v)).unwrap_or(false),
+            "In" => labels
+                .get(&e.key)
+                .map(|v| values.contains(v))
+                .unwrap_or(false),
+            "NotIn" => !labels
+                .get(&e.key)
+                .map(|v| values.contains(v))
+                .unwrap_or(false),
             "Exists" => labels.contains_key(&e.key),
             "DoesNotExist" => !labels.contains_key(&e.key),
             _ => unreachable!(),
@@ -205,21 +241,31 @@ fn naive_in_cidr(ip: IpAddr, cidr: &str) -> bool {
 
 fn oracle_allows(world: &World, tenant_ns: &str, peers: &[PolicyPeer], ip: IpAddr) -> bool {
     let pod_with_ip = |pred: &dyn Fn(&str, &PodInfo) -> bool| {
-        world.pods.iter().any(|(ns, p)| !p.terminated && p.ips.contains(&ip) && pred(ns, p))
+        world
+            .pods
+            .iter()
+            .any(|(ns, p)| !p.terminated && p.ips.contains(&ip) && pred(ns, p))
     };
     if peers.is_empty() {
         return pod_with_ip(&|ns, _| ns == tenant_ns);
     }
     peers.iter().any(|peer| {
         if let Some(block) = &peer.ip_block {
-            return naive_in_cidr(ip, &block.cidr) && !block.except.iter().any(|e| naive_in_cidr(ip, e));
+            return naive_in_cidr(ip, &block.cidr)
+                && !block.except.iter().any(|e| naive_in_cidr(ip, e));
         }
         pod_with_ip(&|ns, p| {
             let ns_ok = match &peer.namespace_selector {
                 None => ns == tenant_ns,
-                Some(sel) => world.namespaces.get(ns).is_some_and(|labels| naive_selects(sel, labels)),
+                Some(sel) => world
+                    .namespaces
+                    .get(ns)
+                    .is_some_and(|labels| naive_selects(sel, labels)),
             };
-            let pod_ok = peer.pod_selector.as_ref().is_none_or(|sel| naive_selects(sel, &p.labels));
+            let pod_ok = peer
+                .pod_selector
+                .as_ref()
+                .is_none_or(|sel| naive_selects(sel, &p.labels));
             ns_ok && pod_ok
         })
     })
@@ -227,7 +273,9 @@ fn oracle_allows(world: &World, tenant_ns: &str, peers: &[PolicyPeer], ip: IpAdd
 
 fn candidates() -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = (0..64).map(v4).chain((0..64).map(v6)).collect();
-    out.extend(["10.0.1.1", "192.168.0.1", "fd00::1:0", "fe80::1"].map(|s| s.parse::<IpAddr>().unwrap()));
+    out.extend(
+        ["10.0.1.1", "192.168.0.1", "fd00::1:0", "fe80::1"].map(|s| s.parse::<IpAddr>().unwrap()),
+    );
     out
 }
 
@@ -243,7 +291,11 @@ fn cluster_of(world: &World) -> Cluster {
 }
 
 fn assert_aggregated(nets: &[IpNet]) {
-    assert_eq!(IpNet::aggregate(&nets.to_vec()), nets, "resolved CIDRs are not minimal");
+    assert_eq!(
+        IpNet::aggregate(&nets.to_vec()),
+        nets,
+        "resolved CIDRs are not minimal"
+    );
 }
 
 #[test]
@@ -272,14 +324,20 @@ fn resolved_cidrs_allow_exactly_what_the_brute_force_oracle_allows() {
 fn denied_blocks_resolve_to_their_cidrs_minus_exceptions() {
     let mut rng = Rng(0xdead_beef_0000_0042);
     for _ in 0..300 {
-        let blocks: Vec<IpBlock> = (0..1 + rng.below(3)).map(|_| random_block(&mut rng)).collect();
+        let blocks: Vec<IpBlock> = (0..1 + rng.below(3))
+            .map(|_| random_block(&mut rng))
+            .collect();
         let policy = CompiledPolicy::compile("ns0", &[], &blocks).unwrap();
         assert_aggregated(&policy.denied);
         for ip in candidates() {
-            let want = blocks
-                .iter()
-                .any(|b| naive_in_cidr(ip, &b.cidr) && !b.except.iter().any(|e| naive_in_cidr(ip, e)));
-            assert_eq!(policy.denied.iter().any(|n| n.contains(&ip)), want, "{ip} {blocks:?}");
+            let want = blocks.iter().any(|b| {
+                naive_in_cidr(ip, &b.cidr) && !b.except.iter().any(|e| naive_in_cidr(ip, e))
+            });
+            assert_eq!(
+                policy.denied.iter().any(|n| n.contains(&ip)),
+                want,
+                "{ip} {blocks:?}"
+            );
         }
     }
 }
@@ -292,9 +350,17 @@ fn pod_object(ns: &str, p: &PodInfo) -> Pod {
             labels: Some(p.labels.clone()),
             ..Default::default()
         },
-        spec: Some(PodSpec { node_name: p.node_name.clone(), ..Default::default() }),
+        spec: Some(PodSpec {
+            node_name: p.node_name.clone(),
+            ..Default::default()
+        }),
         status: Some(PodStatus {
-            pod_ips: Some(p.ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect()),
+            pod_ips: Some(
+                p.ips
+                    .iter()
+                    .map(|ip| PodIP { ip: ip.to_string() })
+                    .collect(),
+            ),
             phase: Some(if p.terminated { "Failed" } else { "Running" }.into()),
             ..Default::default()
         }),
@@ -338,14 +404,21 @@ fn the_incremental_index_always_equals_resolution_from_scratch() {
             }
             _ => {
                 let ns = *rng.pick(&NAMESPACES);
-                let labels = random_labels(&mut rng, &[("team", &["a", "b"]), ("env", &["prod", "dev"])]);
+                let labels = random_labels(
+                    &mut rng,
+                    &[("team", &["a", "b"]), ("env", &["prod", "dev"])],
+                );
                 index.apply_namespace(ns, &labels);
             }
         }
         for key in &tenants {
             let cached = index.allowed(key);
             let policy = index.tenants[key].policy.clone().unwrap();
-            assert_eq!(*cached, policy.resolve_allowed(&index.cluster), "step {step}, tenant {key:?}");
+            assert_eq!(
+                *cached,
+                policy.resolve_allowed(&index.cluster),
+                "step {step}, tenant {key:?}"
+            );
         }
     }
 }

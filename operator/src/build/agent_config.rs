@@ -8,9 +8,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::ConfigMap;
 use stratum_api::agent_config::{
-    AGENT_CONFIG_KEY, AGENT_CONFIG_VERSION, ClockBackend, ClockConfig, DisciplineConfig, EgressConfig,
-    LeapConfig, LeapMode, LogLevel, RateLimitConfig, ReportingConfig, SelectionConfig, ServingConfig,
-    TenantConfig, UpstreamConfig, UpstreamKind,
+    AGENT_CONFIG_KEY, AGENT_CONFIG_VERSION, ClockBackend, ClockConfig, DisciplineConfig,
+    EgressConfig, LeapConfig, LeapMode, LogLevel, RateLimitConfig, ReportingConfig,
+    SelectionConfig, ServingConfig, TenantConfig, UpstreamConfig, UpstreamKind,
 };
 use stratum_api::tenant_time_policy::TenantTimePolicySpec;
 use stratum_api::time_service::{self as ts_api, DisciplineMode};
@@ -85,7 +85,13 @@ pub fn build_agent_config(
         }
     });
     let peer_allowed = match peer_port {
-        Some(_) => IpNet::aggregate(&fleet.agent_addresses.iter().map(|ip| IpNet::from(*ip)).collect()),
+        Some(_) => IpNet::aggregate(
+            &fleet
+                .agent_addresses
+                .iter()
+                .map(|ip| IpNet::from(*ip))
+                .collect(),
+        ),
         None => Vec::new(),
     };
     let mut config = AgentConfig {
@@ -129,7 +135,9 @@ pub fn build_agent_config(
             peer_allowed,
             tenants: tenant_configs,
         },
-        reporting: ReportingConfig { heartbeat_seconds: spec.reporting.interval.as_secs_f64() },
+        reporting: ReportingConfig {
+            heartbeat_seconds: spec.reporting.interval.as_secs_f64(),
+        },
         log_level: match spec.agent.log_level {
             ts_api::LogLevel::Error => LogLevel::Error,
             ts_api::LogLevel::Warn => LogLevel::Warn,
@@ -193,10 +201,17 @@ fn tenant_config(t: &TenantInput<'_>) -> TenantConfig {
                 .per_tenant
                 .as_ref()
                 .map(|r| u32::try_from(r.requests_per_second).unwrap_or(1)),
-            tenant_burst: rate.per_tenant.as_ref().map(|r| u32::try_from(r.burst).unwrap_or(1)),
+            tenant_burst: rate
+                .per_tenant
+                .as_ref()
+                .map(|r| u32::try_from(r.burst).unwrap_or(1)),
             kiss_of_death: rate.kiss_of_death,
         },
-        max_root_distance_seconds: t.spec.requirements.max_root_distance.map(|d| d.as_secs_f64()),
+        max_root_distance_seconds: t
+            .spec
+            .requirements
+            .max_root_distance
+            .map(|d| d.as_secs_f64()),
     }
 }
 
@@ -217,7 +232,10 @@ pub fn build_agent_config_map(
     let name = names::agent_config_map_name(&config.time_service);
     Ok(ConfigMap {
         metadata: agent_meta(ts, name, Some(&settings.namespace))?,
-        data: Some(BTreeMap::from([(AGENT_CONFIG_KEY.to_owned(), config.to_json())])),
+        data: Some(BTreeMap::from([(
+            AGENT_CONFIG_KEY.to_owned(),
+            config.to_json(),
+        )])),
         ..ConfigMap::default()
     })
 }
@@ -247,7 +265,13 @@ mod tests {
         let a = fixtures::tenant("a", "ntp", serde_json::json!({}));
         let (allowed, denied) = (nets(&["10.0.0.0/24", "fd00::/64"]), nets(&["10.0.0.7/32"]));
         let inputs = [
-            TenantInput { id: "b/ntp".into(), port: 12301, allowed: &allowed, denied: &[], spec: &b.spec },
+            TenantInput {
+                id: "b/ntp".into(),
+                port: 12301,
+                allowed: &allowed,
+                denied: &[],
+                spec: &b.spec,
+            },
             TenantInput {
                 id: "a/ntp".into(),
                 port: 12300,
@@ -258,7 +282,12 @@ mod tests {
         ];
         let config = build_agent_config("cluster", &ts.spec, None, &inputs, &FleetInput::default());
         assert!(config.validate().is_ok(), "{:?}", config.validate());
-        let ids: Vec<_> = config.serving.tenants.iter().map(|t| t.id.as_str()).collect();
+        let ids: Vec<_> = config
+            .serving
+            .tenants
+            .iter()
+            .map(|t| t.id.as_str())
+            .collect();
         assert_eq!(ids, ["a/ntp", "b/ntp"]);
         let tb = &config.serving.tenants[1];
         assert_eq!(tb.port, 12301);
@@ -316,12 +345,23 @@ mod tests {
         assert!(config.validate().is_ok(), "{:?}", config.validate());
         let egress = config.egress.as_ref().unwrap();
         assert_eq!(egress.nodes, ["edge-0", "edge-1"]);
-        let hosts: Vec<_> = egress.tier_upstreams.iter().map(|u| (u.host.as_str(), u.port)).collect();
+        let hosts: Vec<_> = egress
+            .tier_upstreams
+            .iter()
+            .map(|u| (u.host.as_str(), u.port))
+            .collect();
         assert_eq!(hosts, [("10.0.0.1", 12799), ("10.0.0.2", 12799)]);
         assert_eq!(config.serving.peer_port, Some(12799));
-        assert_eq!(config.serving.peer_allowed, nets(&["10.0.0.1/32", "10.0.0.2/31"]));
+        assert_eq!(
+            config.serving.peer_allowed,
+            nets(&["10.0.0.1/32", "10.0.0.2/31"])
+        );
         let worker = config.upstreams_for_node("worker-0");
-        assert_eq!(worker.len(), 3, "two tier agents, then the pool as fallback");
+        assert_eq!(
+            worker.len(),
+            3,
+            "two tier agents, then the pool as fallback"
+        );
         assert_eq!(config.upstreams_for_node("edge-0"), config.upstreams);
     }
 
@@ -332,8 +372,14 @@ mod tests {
         let cm = build_agent_config_map(&ts, &fixtures::settings(), &config).unwrap();
         assert_eq!(cm.metadata.name.as_deref(), Some("cluster-agent-config"));
         assert_eq!(cm.metadata.namespace.as_deref(), Some("stratum-system"));
-        assert_eq!(cm.metadata.labels.as_ref().unwrap()["stratum.io/time-service"], "cluster");
-        assert_eq!(cm.metadata.owner_references.as_ref().unwrap()[0].uid, "uid-cluster");
+        assert_eq!(
+            cm.metadata.labels.as_ref().unwrap()["stratum.io/time-service"],
+            "cluster"
+        );
+        assert_eq!(
+            cm.metadata.owner_references.as_ref().unwrap()[0].uid,
+            "uid-cluster"
+        );
         let text = &cm.data.as_ref().unwrap()["agent-config.json"];
         assert_eq!(AgentConfig::from_json(text).unwrap(), config);
     }

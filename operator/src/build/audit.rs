@@ -67,21 +67,39 @@ impl Change {
         let list = |nets: &[IpNet]| {
             let shown: Vec<String> = nets.iter().take(8).map(ToString::to_string).collect();
             let more = nets.len().saturating_sub(shown.len());
-            if more > 0 { format!("{} and {more} more", shown.join(", ")) } else { shown.join(", ") }
+            if more > 0 {
+                format!("{} and {more} more", shown.join(", "))
+            } else {
+                shown.join(", ")
+            }
         };
         let text = match self {
-            Change::TenantClients { id, allowed_added, allowed_removed, denied_changed, allowed_size } => {
+            Change::TenantClients {
+                id,
+                allowed_added,
+                allowed_removed,
+                denied_changed,
+                allowed_size,
+            } => {
                 format!(
                     "tenant {id}: allow list now {allowed_size} CIDRs; added [{}]; removed [{}]{}",
                     list(allowed_added),
                     list(allowed_removed),
-                    if *denied_changed { "; deny list changed" } else { "" }
+                    if *denied_changed {
+                        "; deny list changed"
+                    } else {
+                        ""
+                    }
                 )
             }
             Change::TenantAdded { id, port } => format!("tenant {id} is served on port {port}"),
             Change::TenantRemoved { id } => format!("tenant {id} is no longer served"),
             Change::Upstreams { before, after } => {
-                format!("upstreams changed from [{}] to [{}]", before.join(", "), after.join(", "))
+                format!(
+                    "upstreams changed from [{}] to [{}]",
+                    before.join(", "),
+                    after.join(", ")
+                )
             }
             Change::Discipline { sections } => format!("changed settings: {}", sections.join(", ")),
         };
@@ -90,9 +108,18 @@ impl Change {
 }
 
 fn hosts(config: &AgentConfig) -> Vec<String> {
-    let mut out: Vec<String> = config.upstreams.iter().map(|u| format!("{}:{}", u.host, u.port)).collect();
+    let mut out: Vec<String> = config
+        .upstreams
+        .iter()
+        .map(|u| format!("{}:{}", u.host, u.port))
+        .collect();
     if let Some(egress) = &config.egress {
-        out.extend(egress.tier_upstreams.iter().map(|u| format!("tier {}:{}", u.host, u.port)));
+        out.extend(
+            egress
+                .tier_upstreams
+                .iter()
+                .map(|u| format!("tier {}:{}", u.host, u.port)),
+        );
     }
     out
 }
@@ -100,13 +127,24 @@ fn hosts(config: &AgentConfig) -> Vec<String> {
 /// Every audited difference from `old` (none: the first config, everything is new) to `new`.
 pub fn changes(old: Option<&AgentConfig>, new: &AgentConfig) -> Vec<Change> {
     let empty = Vec::new();
-    let old_tenants: BTreeMap<&str, &TenantConfig> =
-        old.map(|o| &o.serving.tenants).unwrap_or(&empty).iter().map(|t| (t.id.as_str(), t)).collect();
-    let new_tenants: BTreeMap<&str, &TenantConfig> =
-        new.serving.tenants.iter().map(|t| (t.id.as_str(), t)).collect();
+    let old_tenants: BTreeMap<&str, &TenantConfig> = old
+        .map(|o| &o.serving.tenants)
+        .unwrap_or(&empty)
+        .iter()
+        .map(|t| (t.id.as_str(), t))
+        .collect();
+    let new_tenants: BTreeMap<&str, &TenantConfig> = new
+        .serving
+        .tenants
+        .iter()
+        .map(|t| (t.id.as_str(), t))
+        .collect();
     let mut out = Vec::new();
     if old.is_none_or(|o| hosts(o) != hosts(new)) {
-        out.push(Change::Upstreams { before: old.map(hosts).unwrap_or_default(), after: hosts(new) });
+        out.push(Change::Upstreams {
+            before: old.map(hosts).unwrap_or_default(),
+            after: hosts(new),
+        });
     }
     if let Some(o) = old {
         let mut sections = Vec::new();
@@ -129,9 +167,14 @@ pub fn changes(old: Option<&AgentConfig>, new: &AgentConfig) -> Vec<Change> {
     for (id, t) in &new_tenants {
         let before = old_tenants.get(id);
         if before.is_none() {
-            out.push(Change::TenantAdded { id: (*id).to_owned(), port: t.port });
+            out.push(Change::TenantAdded {
+                id: (*id).to_owned(),
+                port: t.port,
+            });
         }
-        let old_allowed: BTreeSet<&IpNet> = before.map(|b| b.allowed.iter().collect()).unwrap_or_default();
+        let old_allowed: BTreeSet<&IpNet> = before
+            .map(|b| b.allowed.iter().collect())
+            .unwrap_or_default();
         let new_allowed: BTreeSet<&IpNet> = t.allowed.iter().collect();
         let denied_changed = before.map_or(!t.denied.is_empty(), |b| b.denied != t.denied);
         if old_allowed != new_allowed || denied_changed {
@@ -146,7 +189,9 @@ pub fn changes(old: Option<&AgentConfig>, new: &AgentConfig) -> Vec<Change> {
     }
     for id in old_tenants.keys() {
         if !new_tenants.contains_key(id) {
-            out.push(Change::TenantRemoved { id: (*id).to_owned() });
+            out.push(Change::TenantRemoved {
+                id: (*id).to_owned(),
+            });
         }
     }
     out
@@ -166,23 +211,43 @@ mod tests {
         let one: Vec<IpNet> = vec!["10.0.0.1/32".parse().unwrap()];
         let two: Vec<IpNet> = vec!["10.0.0.2/32".parse().unwrap()];
         let cfg = |spec: &stratum_api::TimeServiceSpec, allowed: &[IpNet]| {
-            let input =
-                TenantInput { id: "a/p".into(), port: 12300, allowed, denied: &[], spec: &tenant.spec };
+            let input = TenantInput {
+                id: "a/p".into(),
+                port: 12300,
+                allowed,
+                denied: &[],
+                spec: &tenant.spec,
+            };
             build_agent_config("c", spec, None, &[input], &FleetInput::default())
         };
         let before = cfg(&ts.spec, &one);
-        assert!(changes(Some(&before), &before).is_empty(), "no change, no event");
+        assert!(
+            changes(Some(&before), &before).is_empty(),
+            "no change, no event"
+        );
         let mut spec = ts.spec.clone();
         spec.upstreams.push(fixtures::upstream("time.example.org"));
         spec.discipline.max_slew_ppm = 100;
         let after = cfg(&spec, &two);
         let got = changes(Some(&before), &after);
         let reasons: Vec<_> = got.iter().map(Change::reason).collect();
-        assert_eq!(reasons, ["UpstreamsChanged", "DisciplineChanged", "AllowListChanged"]);
-        assert!(got[2].note().contains("added [10.0.0.2/32]; removed [10.0.0.1/32]"), "{}", got[2].note());
+        assert_eq!(
+            reasons,
+            ["UpstreamsChanged", "DisciplineChanged", "AllowListChanged"]
+        );
+        assert!(
+            got[2]
+                .note()
+                .contains("added [10.0.0.2/32]; removed [10.0.0.1/32]"),
+            "{}",
+            got[2].note()
+        );
         let gone = cfg(&spec, &two);
         let mut gone = gone.clone();
         gone.serving.tenants.clear();
-        assert_eq!(changes(Some(&after), &gone), [Change::TenantRemoved { id: "a/p".into() }]);
+        assert_eq!(
+            changes(Some(&after), &gone),
+            [Change::TenantRemoved { id: "a/p".into() }]
+        );
     }
 }

@@ -2,11 +2,13 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet};
+use k8s_openapi::api::apps::v1::{
+    DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet,
+};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource,
-    ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Volume,
-    VolumeMount,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    HostPathVolumeSource, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -24,8 +26,16 @@ pub fn needs_net_bind(ports: impl IntoIterator<Item = u16>) -> bool {
 
 /// The agent DaemonSet of `ts`. `config_revision` goes into a pod annotation only for humans:
 /// agents hot-reload their ConfigMap, so a config change never restarts them.
-pub fn build_daemonset(ts: &TimeService, settings: &OperatorSettings, net_bind: bool) -> Result<DaemonSet> {
-    let name = ts.metadata.name.as_deref().ok_or(Error::MissingMetadata("TimeService name"))?;
+pub fn build_daemonset(
+    ts: &TimeService,
+    settings: &OperatorSettings,
+    net_bind: bool,
+) -> Result<DaemonSet> {
+    let name = ts
+        .metadata
+        .name
+        .as_deref()
+        .ok_or(Error::MissingMetadata("TimeService name"))?;
     let labels = names::agent_labels(name);
     let spec = &ts.spec;
     let mut capabilities = Vec::new();
@@ -58,7 +68,12 @@ pub fn build_daemonset(ts: &TimeService, settings: &OperatorSettings, net_bind: 
     };
     let container = Container {
         name: "agent".into(),
-        image: Some(spec.agent.image.clone().unwrap_or_else(|| settings.agent_image.clone())),
+        image: Some(
+            spec.agent
+                .image
+                .clone()
+                .unwrap_or_else(|| settings.agent_image.clone()),
+        ),
         image_pull_policy: spec.agent.image_pull_policy.map(|p| {
             match p {
                 PullPolicy::Always => "Always",
@@ -71,7 +86,11 @@ pub fn build_daemonset(ts: &TimeService, settings: &OperatorSettings, net_bind: 
             [
                 "run".to_owned(),
                 "--config-map".to_owned(),
-                format!("{}/{}", settings.namespace, names::agent_config_map_name(name)),
+                format!(
+                    "{}/{}",
+                    settings.namespace,
+                    names::agent_config_map_name(name)
+                ),
                 "--metrics-addr".to_owned(),
                 format!("0.0.0.0:{}", names::AGENT_METRICS_PORT),
                 "--status-addr".to_owned(),
@@ -124,7 +143,10 @@ pub fn build_daemonset(ts: &TimeService, settings: &OperatorSettings, net_bind: 
     Ok(DaemonSet {
         metadata: agent_meta(ts, names::agent_name(name), Some(&settings.namespace))?,
         spec: Some(DaemonSetSpec {
-            selector: LabelSelector { match_labels: Some(labels.clone()), ..LabelSelector::default() },
+            selector: LabelSelector {
+                match_labels: Some(labels.clone()),
+                ..LabelSelector::default()
+            },
             update_strategy: Some(DaemonSetUpdateStrategy {
                 type_: Some("RollingUpdate".into()),
                 rolling_update: Some(RollingUpdateDaemonSet {
@@ -133,17 +155,29 @@ pub fn build_daemonset(ts: &TimeService, settings: &OperatorSettings, net_bind: 
                 }),
             }),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
                 spec: Some(PodSpec {
                     service_account_name: Some(names::agent_name(name)),
                     host_network: Some(host_network),
                     dns_policy: Some(
-                        if host_network { "ClusterFirstWithHostNet" } else { "ClusterFirst" }.into(),
+                        if host_network {
+                            "ClusterFirstWithHostNet"
+                        } else {
+                            "ClusterFirst"
+                        }
+                        .into(),
                     ),
                     priority_class_name: Some(spec.placement.priority_class_name.clone())
                         .filter(|p| !p.is_empty()),
                     node_selector: (!spec.placement.node_selector.is_empty()).then(|| {
-                        spec.placement.node_selector.clone().into_iter().collect::<BTreeMap<_, _>>()
+                        spec.placement
+                            .node_selector
+                            .clone()
+                            .into_iter()
+                            .collect::<BTreeMap<_, _>>()
                     }),
                     tolerations: (!spec.placement.tolerations.is_empty())
                         .then(|| spec.placement.tolerations.clone()),
@@ -180,7 +214,10 @@ mod tests {
     fn agents_get_sys_time_only_never_privileged_and_a_read_only_root() {
         let ts = fixtures::time_service("cluster");
         let ds = build_daemonset(&ts, &fixtures::settings(), false).unwrap();
-        let sc = pod_spec(&ds).containers[0].security_context.as_ref().unwrap();
+        let sc = pod_spec(&ds).containers[0]
+            .security_context
+            .as_ref()
+            .unwrap();
         assert_eq!(sc.privileged, Some(false));
         assert_eq!(sc.allow_privilege_escalation, Some(false));
         assert_eq!(sc.read_only_root_filesystem, Some(true));
@@ -196,28 +233,48 @@ mod tests {
         assert!(needs_net_bind([12300, 123]) && !needs_net_bind([12300]));
         ts.spec.discipline.mode = DisciplineMode::Monitor;
         let ds = build_daemonset(&ts, &fixtures::settings(), true).unwrap();
-        let caps = pod_spec(&ds).containers[0].security_context.clone().unwrap().capabilities.unwrap();
+        let caps = pod_spec(&ds).containers[0]
+            .security_context
+            .clone()
+            .unwrap()
+            .capabilities
+            .unwrap();
         assert_eq!(caps.add.unwrap(), ["NET_BIND_SERVICE"]);
     }
 
     #[test]
     fn daemonset_follows_the_contract_names_args_env_and_placement() {
         let mut ts = fixtures::time_service("cluster");
-        ts.spec.placement.node_selector.insert("time".into(), "yes".into());
-        ts.spec.placement.tolerations.push(k8s_openapi::api::core::v1::Toleration {
-            operator: Some("Exists".into()),
-            ..Default::default()
-        });
+        ts.spec
+            .placement
+            .node_selector
+            .insert("time".into(), "yes".into());
+        ts.spec
+            .placement
+            .tolerations
+            .push(k8s_openapi::api::core::v1::Toleration {
+                operator: Some("Exists".into()),
+                ..Default::default()
+            });
         let ds = build_daemonset(&ts, &fixtures::settings(), false).unwrap();
         assert_eq!(ds.metadata.name.as_deref(), Some("cluster-agent"));
         assert_eq!(ds.metadata.namespace.as_deref(), Some("stratum-system"));
         let spec = ds.spec.as_ref().unwrap();
-        assert_eq!(spec.selector.match_labels.as_ref(), Some(&names::agent_labels("cluster")));
-        assert_eq!(spec.update_strategy.as_ref().unwrap().type_.as_deref(), Some("RollingUpdate"));
+        assert_eq!(
+            spec.selector.match_labels.as_ref(),
+            Some(&names::agent_labels("cluster"))
+        );
+        assert_eq!(
+            spec.update_strategy.as_ref().unwrap().type_.as_deref(),
+            Some("RollingUpdate")
+        );
         let pod = pod_spec(&ds);
         assert_eq!(pod.host_network, Some(true));
         assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
-        assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"));
+        assert_eq!(
+            pod.priority_class_name.as_deref(),
+            Some("system-node-critical")
+        );
         assert_eq!(pod.service_account_name.as_deref(), Some("cluster-agent"));
         assert_eq!(pod.node_selector.as_ref().unwrap()["time"], "yes");
         assert_eq!(pod.tolerations.as_ref().unwrap().len(), 1);
@@ -225,21 +282,56 @@ mod tests {
         assert_eq!(c.image.as_deref(), Some("stratum/agent:test"));
         let args = c.args.as_ref().unwrap();
         assert_eq!(args[0], "run");
-        assert!(args.windows(2).any(|w| w == ["--config-map", "stratum-system/cluster-agent-config"]));
-        assert!(args.windows(2).any(|w| w == ["--state-dir", "/var/lib/stratum"]));
-        let node_name = c.env.as_ref().unwrap().iter().find(|e| e.name == "NODE_NAME").unwrap();
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--config-map", "stratum-system/cluster-agent-config"])
+        );
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--state-dir", "/var/lib/stratum"])
+        );
+        let node_name = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == "NODE_NAME")
+            .unwrap();
         assert_eq!(
-            node_name.value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path,
+            node_name
+                .value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path,
             "spec.nodeName"
         );
-        let ready = c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        let ready = c
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
         assert_eq!(ready.path.as_deref(), Some("/readyz"));
         assert_eq!(
-            c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(),
+            c.liveness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
             Some("/healthz")
         );
         let volume = &pod.volumes.as_ref().unwrap()[0];
         assert_eq!(volume.host_path.as_ref().unwrap().path, "/var/lib/stratum");
-        assert_eq!(volume.host_path.as_ref().unwrap().type_.as_deref(), Some("DirectoryOrCreate"));
+        assert_eq!(
+            volume.host_path.as_ref().unwrap().type_.as_deref(),
+            Some("DirectoryOrCreate")
+        );
     }
 }

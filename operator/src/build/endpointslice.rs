@@ -44,9 +44,9 @@ pub fn agent_endpoints(
         .filter(|p| !p.terminated && !p.ips.is_empty())
         .filter_map(|p| {
             let node = p.node_name.clone()?;
-            let ready = clocks
-                .get(&node)
-                .is_some_and(|c| c.time_service == time_service && c.serves(max_root_distance_nanos));
+            let ready = clocks.get(&node).is_some_and(|c| {
+                c.time_service == time_service && c.serves(max_root_distance_nanos)
+            });
             Some(AgentEndpoint {
                 addresses: p.ips.clone(),
                 zone: node_zones.get(&node).cloned().flatten(),
@@ -87,7 +87,10 @@ impl AddressFamily {
         }
     }
     fn holds(self, ip: &IpAddr) -> bool {
-        matches!((self, ip), (AddressFamily::V4, IpAddr::V4(_)) | (AddressFamily::V6, IpAddr::V6(_)))
+        matches!(
+            (self, ip),
+            (AddressFamily::V4, IpAddr::V4(_)) | (AddressFamily::V6, IpAddr::V6(_))
+        )
     }
 }
 
@@ -107,7 +110,10 @@ pub fn build_endpoint_slices(
         let mut meta = tenant_meta(tenant, time_service, slice_name(service, family))?;
         let labels = meta.labels.get_or_insert_with(BTreeMap::new);
         labels.insert("kubernetes.io/service-name".into(), service.clone());
-        labels.insert("endpointslice.kubernetes.io/managed-by".into(), names::ENDPOINT_SLICE_MANAGER.into());
+        labels.insert(
+            "endpointslice.kubernetes.io/managed-by".into(),
+            names::ENDPOINT_SLICE_MANAGER.into(),
+        );
         let list: Vec<Endpoint> = endpoints
             .iter()
             .filter_map(|e| {
@@ -122,7 +128,9 @@ pub fn build_endpoint_slices(
                         terminating: Some(false),
                     }),
                     hints: Some(EndpointHints {
-                        for_nodes: Some(vec![ForNode { name: e.node.clone() }]),
+                        for_nodes: Some(vec![ForNode {
+                            name: e.node.clone(),
+                        }]),
                         for_zones: e.zone.clone().map(|z| vec![ForZone { name: z }]),
                     }),
                     ..Endpoint::default()
@@ -197,19 +205,38 @@ mod tests {
             ("n2".to_string(), clock("cluster", true, 500)),
             ("n3".to_string(), clock("cluster", false, 1)),
         ]);
-        let eps = agent_endpoints(&refs, &clocks, &BTreeMap::new(), "cluster", Some(100_000_000));
+        let eps = agent_endpoints(
+            &refs,
+            &clocks,
+            &BTreeMap::new(),
+            "cluster",
+            Some(100_000_000),
+        );
         let ready: Vec<_> = eps.iter().map(|e| (e.node.as_str(), e.ready)).collect();
-        assert_eq!(ready, [("n1", true), ("n2", false), ("n3", false)], "n4 has no address yet");
+        assert_eq!(
+            ready,
+            [("n1", true), ("n2", false), ("n3", false)],
+            "n4 has no address yet"
+        );
         let lenient = agent_endpoints(&refs, &clocks, &BTreeMap::new(), "cluster", None);
-        assert!(lenient[1].ready, "without a requirement, synchronized is enough");
+        assert!(
+            lenient[1].ready,
+            "without a requirement, synchronized is enough"
+        );
         let other = agent_endpoints(&refs, &clocks, &BTreeMap::new(), "other", None);
-        assert!(other.iter().all(|e| !e.ready), "a clock of another TimeService never counts");
+        assert!(
+            other.iter().all(|e| !e.ready),
+            "a clock of another TimeService never counts"
+        );
     }
 
     #[test]
     fn slices_split_families_carry_the_service_name_manager_and_tenant_port() {
         let tenant = fixtures::tenant("team-a", "p", serde_json::json!({}));
-        let agents = [agent("n1", &["10.0.0.1", "fd00::1"]), agent("n2", &["10.0.0.2"])];
+        let agents = [
+            agent("n1", &["10.0.0.1", "fd00::1"]),
+            agent("n2", &["10.0.0.2"]),
+        ];
         let refs: Vec<&PodInfo> = agents.iter().collect();
         let clocks = BTreeMap::from([("n1".to_string(), clock("cluster", true, 1))]);
         let zones = BTreeMap::from([("n1".to_string(), Some("z1".to_string()))]);
@@ -221,8 +248,14 @@ mod tests {
         assert_eq!(v4.metadata.name.as_deref(), Some("ntp-stratum-ipv4"));
         let labels = v4.metadata.labels.as_ref().unwrap();
         assert_eq!(labels["kubernetes.io/service-name"], "ntp");
-        assert_eq!(labels["endpointslice.kubernetes.io/managed-by"], "stratum-operator.stratum.io");
-        let (v4e, v6e) = (v4.endpoints.as_ref().unwrap(), v6.endpoints.as_ref().unwrap());
+        assert_eq!(
+            labels["endpointslice.kubernetes.io/managed-by"],
+            "stratum-operator.stratum.io"
+        );
+        let (v4e, v6e) = (
+            v4.endpoints.as_ref().unwrap(),
+            v6.endpoints.as_ref().unwrap(),
+        );
         assert_eq!(v4e.len(), 2);
         assert_eq!(v4e[0].node_name.as_deref(), Some("n1"));
         assert_eq!(v4e[0].zone.as_deref(), Some("z1"));

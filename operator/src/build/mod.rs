@@ -29,17 +29,24 @@ pub struct OperatorSettings {
 
 /// Owner reference making `ts` the controller of a child, so deleting it deletes the child.
 pub fn time_service_owner(ts: &TimeService) -> Result<OwnerReference> {
-    ts.controller_owner_ref(&()).ok_or(Error::MissingMetadata("TimeService name or uid"))
+    ts.controller_owner_ref(&())
+        .ok_or(Error::MissingMetadata("TimeService name or uid"))
 }
 
 /// Owner reference making `tenant` the controller of a child in its namespace.
 pub fn tenant_owner(tenant: &TenantTimePolicy) -> Result<OwnerReference> {
-    tenant.controller_owner_ref(&()).ok_or(Error::MissingMetadata("TenantTimePolicy name or uid"))
+    tenant
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingMetadata("TenantTimePolicy name or uid"))
 }
 
 /// Metadata of an agent child in the operator's namespace.
 pub fn agent_meta(ts: &TimeService, name: String, namespace: Option<&str>) -> Result<ObjectMeta> {
-    let ts_name = ts.metadata.name.as_deref().ok_or(Error::MissingMetadata("TimeService name"))?;
+    let ts_name = ts
+        .metadata
+        .name
+        .as_deref()
+        .ok_or(Error::MissingMetadata("TimeService name"))?;
     Ok(ObjectMeta {
         name: Some(name),
         namespace: namespace.map(str::to_owned),
@@ -50,9 +57,16 @@ pub fn agent_meta(ts: &TimeService, name: String, namespace: Option<&str>) -> Re
 }
 
 /// Metadata of a tenant child in the tenant's namespace.
-pub fn tenant_meta(tenant: &TenantTimePolicy, time_service: &str, name: String) -> Result<ObjectMeta> {
-    let tenant_name =
-        tenant.metadata.name.as_deref().ok_or(Error::MissingMetadata("TenantTimePolicy name"))?;
+pub fn tenant_meta(
+    tenant: &TenantTimePolicy,
+    time_service: &str,
+    name: String,
+) -> Result<ObjectMeta> {
+    let tenant_name = tenant
+        .metadata
+        .name
+        .as_deref()
+        .ok_or(Error::MissingMetadata("TenantTimePolicy name"))?;
     Ok(ObjectMeta {
         name: Some(name),
         namespace: tenant.metadata.namespace.clone(),
@@ -75,7 +89,10 @@ pub(crate) mod fixtures {
     use super::OperatorSettings;
 
     pub fn settings() -> OperatorSettings {
-        OperatorSettings { namespace: "stratum-system".into(), agent_image: "stratum/agent:test".into() }
+        OperatorSettings {
+            namespace: "stratum-system".into(),
+            agent_image: "stratum/agent:test".into(),
+        }
     }
 
     pub fn upstream(host: &str) -> Upstream {

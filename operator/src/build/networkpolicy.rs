@@ -62,7 +62,11 @@ pub fn to_network_peer(tenant_ns: &str, peer: &PolicyPeer) -> NetworkPolicyPeer 
         };
     }
     NetworkPolicyPeer {
-        namespace_selector: Some(peer.namespace_selector.clone().unwrap_or_else(|| namespace_is(tenant_ns))),
+        namespace_selector: Some(
+            peer.namespace_selector
+                .clone()
+                .unwrap_or_else(|| namespace_is(tenant_ns)),
+        ),
         pod_selector: Some(peer.pod_selector.clone().unwrap_or_default()),
         ..NetworkPolicyPeer::default()
     }
@@ -75,8 +79,15 @@ pub fn build_network_policy(
     tenants: &[TenantRule<'_>],
     peer_port: Option<u16>,
 ) -> Result<NetworkPolicy> {
-    let name = ts.metadata.name.as_deref().ok_or(Error::MissingMetadata("TimeService name"))?;
-    let agents = LabelSelector { match_labels: Some(names::agent_labels(name)), ..LabelSelector::default() };
+    let name = ts
+        .metadata
+        .name
+        .as_deref()
+        .ok_or(Error::MissingMetadata("TimeService name"))?;
+    let agents = LabelSelector {
+        match_labels: Some(names::agent_labels(name)),
+        ..LabelSelector::default()
+    };
     let mut ingress = vec![NetworkPolicyIngressRule {
         // Metrics and probes: scraped by Prometheus, probed by the kubelet.
         from: None,
@@ -86,10 +97,16 @@ pub fn build_network_policy(
         let peers: Vec<NetworkPolicyPeer> = if t.peers.is_empty() {
             vec![to_network_peer(
                 t.namespace,
-                &PolicyPeer { pod_selector: Some(LabelSelector::default()), ..PolicyPeer::default() },
+                &PolicyPeer {
+                    pod_selector: Some(LabelSelector::default()),
+                    ..PolicyPeer::default()
+                },
             )]
         } else {
-            t.peers.iter().map(|p| to_network_peer(t.namespace, p)).collect()
+            t.peers
+                .iter()
+                .map(|p| to_network_peer(t.namespace, p))
+                .collect()
         };
         ingress.push(NetworkPolicyIngressRule {
             from: Some(peers),
@@ -123,9 +140,18 @@ pub fn build_network_policy(
         }
     }
     let mut egress = vec![
-        NetworkPolicyEgressRule { to: None, ports: Some(upstream_ports) },
-        NetworkPolicyEgressRule { to: None, ports: Some(vec![port("UDP", 53), port("TCP", 53)]) },
-        NetworkPolicyEgressRule { to: None, ports: Some(vec![port("TCP", 443), port("TCP", 6443)]) },
+        NetworkPolicyEgressRule {
+            to: None,
+            ports: Some(upstream_ports),
+        },
+        NetworkPolicyEgressRule {
+            to: None,
+            ports: Some(vec![port("UDP", 53), port("TCP", 53)]),
+        },
+        NetworkPolicyEgressRule {
+            to: None,
+            ports: Some(vec![port("TCP", 443), port("TCP", 6443)]),
+        },
     ];
     if let Some(peer) = peer_port {
         egress.push(NetworkPolicyEgressRule {
@@ -160,19 +186,39 @@ mod tests {
         ]))
         .unwrap();
         let tenants = [
-            TenantRule { namespace: "vms", peers: &vm_peers, port: 12300 },
-            TenantRule { namespace: "plain", peers: &[], port: 12301 },
+            TenantRule {
+                namespace: "vms",
+                peers: &vm_peers,
+                port: 12300,
+            },
+            TenantRule {
+                namespace: "plain",
+                peers: &[],
+                port: 12301,
+            },
         ];
         let np = build_network_policy(&ts, &fixtures::settings(), &tenants, None).unwrap();
         let spec = np.spec.unwrap();
         let ingress = spec.ingress.unwrap();
         assert_eq!(ingress.len(), 3, "metrics plus one rule per tenant");
         let vms = &ingress[1];
-        assert_eq!(vms.ports.as_ref().unwrap()[0].port, Some(IntOrString::Int(12300)));
+        assert_eq!(
+            vms.ports.as_ref().unwrap()[0].port,
+            Some(IntOrString::Int(12300))
+        );
         let from = vms.from.as_ref().unwrap();
         // A bare podSelector is pinned to the tenant's namespace.
         assert_eq!(from[0].namespace_selector, Some(namespace_is("vms")));
-        assert_eq!(from[1].namespace_selector.as_ref().unwrap().match_labels.as_ref().unwrap()["team"], "a");
+        assert_eq!(
+            from[1]
+                .namespace_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .as_ref()
+                .unwrap()["team"],
+            "a"
+        );
         assert_eq!(
             from[2].ip_block.as_ref().unwrap().except.as_deref(),
             Some(&["192.0.2.1/32".to_string()][..])
@@ -183,6 +229,9 @@ mod tests {
         assert_eq!(plain.pod_selector, Some(LabelSelector::default()));
         let egress = spec.egress.unwrap();
         assert_eq!(egress[0].ports.as_ref().unwrap()[0], port("UDP", 123));
-        assert_eq!(spec.pod_selector.unwrap().match_labels.unwrap(), names::agent_labels("cluster"));
+        assert_eq!(
+            spec.pod_selector.unwrap().match_labels.unwrap(),
+            names::agent_labels("cluster")
+        );
     }
 }

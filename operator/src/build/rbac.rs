@@ -40,7 +40,11 @@ fn rule(group: &str, resources: &[&str], verbs: &[&str], names: Option<Vec<Strin
 
 /// Builds the agent identity and permissions of `ts`.
 pub fn build_rbac(ts: &TimeService, settings: &OperatorSettings) -> Result<AgentRbac> {
-    let name = ts.metadata.name.as_deref().ok_or(Error::MissingMetadata("TimeService name"))?;
+    let name = ts
+        .metadata
+        .name
+        .as_deref()
+        .ok_or(Error::MissingMetadata("TimeService name"))?;
     let ns = Some(settings.namespace.as_str());
     let agent = names::agent_name(name);
     let cluster_name = names::agent_cluster_name(name);
@@ -80,8 +84,18 @@ pub fn build_rbac(ts: &TimeService, settings: &OperatorSettings) -> Result<Agent
         cluster_role: ClusterRole {
             metadata: agent_meta(ts, cluster_name.clone(), None)?,
             rules: Some(vec![
-                rule(stratum_api::GROUP, &["nodeclocks"], &["get", "create", "patch"], None),
-                rule(stratum_api::GROUP, &["nodeclocks/status"], &["get", "patch"], None),
+                rule(
+                    stratum_api::GROUP,
+                    &["nodeclocks"],
+                    &["get", "create", "patch"],
+                    None,
+                ),
+                rule(
+                    stratum_api::GROUP,
+                    &["nodeclocks/status"],
+                    &["get", "patch"],
+                    None,
+                ),
                 rule("events.k8s.io", &["events"], &["create", "patch"], None),
                 rule("", &["events"], &["create", "patch"], None),
             ]),
@@ -111,16 +125,35 @@ mod tests {
         let rbac = build_rbac(&ts, &fixtures::settings()).unwrap();
         let role_rules = rbac.role.rules.as_ref().unwrap();
         assert_eq!(role_rules.len(), 1);
-        assert_eq!(role_rules[0].resource_names.as_deref(), Some(&["cluster-agent-config".to_string()][..]));
-        assert!(role_rules[0].verbs.iter().all(|v| ["get", "list", "watch"].contains(&v.as_str())));
+        assert_eq!(
+            role_rules[0].resource_names.as_deref(),
+            Some(&["cluster-agent-config".to_string()][..])
+        );
+        assert!(
+            role_rules[0]
+                .verbs
+                .iter()
+                .all(|v| ["get", "list", "watch"].contains(&v.as_str()))
+        );
         let cluster_rules = rbac.cluster_role.rules.as_ref().unwrap();
         for r in cluster_rules {
-            assert!(r.verbs.iter().all(|v| ["get", "create", "patch"].contains(&v.as_str())), "{r:?}");
+            assert!(
+                r.verbs
+                    .iter()
+                    .all(|v| ["get", "create", "patch"].contains(&v.as_str())),
+                "{r:?}"
+            );
             assert!(!r.verbs.iter().any(|v| v == "delete" || v == "*"));
         }
-        assert_eq!(rbac.cluster_role.metadata.name.as_deref(), Some("stratum-agent-cluster"));
+        assert_eq!(
+            rbac.cluster_role.metadata.name.as_deref(),
+            Some("stratum-agent-cluster")
+        );
         assert_eq!(rbac.cluster_role.metadata.namespace, None);
-        assert_eq!(rbac.cluster_role_binding.subjects.as_ref().unwrap()[0].name, "cluster-agent");
+        assert_eq!(
+            rbac.cluster_role_binding.subjects.as_ref().unwrap()[0].name,
+            "cluster-agent"
+        );
         assert_eq!(rbac.role_binding.role_ref.name, "cluster-agent");
     }
 }

@@ -39,8 +39,10 @@ pub fn build_service(tenant: &TenantTimePolicy, time_service: &str, port: u16) -
                 ..ServicePort::default()
             }]),
             ip_family_policy: Some("PreferDualStack".into()),
-            internal_traffic_policy: (settings.routing == Routing::NodeLocal).then(|| "Local".into()),
-            traffic_distribution: (settings.routing == Routing::Closest).then(|| "PreferSameNode".into()),
+            internal_traffic_policy: (settings.routing == Routing::NodeLocal)
+                .then(|| "Local".into()),
+            traffic_distribution: (settings.routing == Routing::Closest)
+                .then(|| "PreferSameNode".into()),
             external_traffic_policy: external.then(|| "Local".into()),
             ..ServiceSpec::default()
         }),
@@ -66,7 +68,10 @@ mod tests {
         assert_eq!(spec.traffic_distribution, None);
         assert_eq!(spec.external_traffic_policy, None);
         let p = &spec.ports.unwrap()[0];
-        assert_eq!((p.port, p.protocol.as_deref(), p.name.as_deref()), (123, Some("UDP"), Some("ntp")));
+        assert_eq!(
+            (p.port, p.protocol.as_deref(), p.name.as_deref()),
+            (123, Some("UDP"), Some("ntp"))
+        );
     }
 
     #[test]
@@ -76,7 +81,10 @@ mod tests {
             "policy",
             serde_json::json!({ "service": { "name": "time", "type": "LoadBalancer", "routing": "Closest" } }),
         );
-        let spec = build_service(&tenant, "cluster", 12300).unwrap().spec.unwrap();
+        let spec = build_service(&tenant, "cluster", 12300)
+            .unwrap()
+            .spec
+            .unwrap();
         assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
         assert_eq!(spec.traffic_distribution.as_deref(), Some("PreferSameNode"));
         assert_eq!(spec.internal_traffic_policy, None);

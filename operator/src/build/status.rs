@@ -24,8 +24,18 @@ pub struct Cond {
 
 impl Cond {
     /// A condition.
-    pub fn new(type_: &'static str, status: bool, reason: &'static str, message: impl Into<String>) -> Self {
-        Self { type_, status, reason, message: message.into() }
+    pub fn new(
+        type_: &'static str,
+        status: bool,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            type_,
+            status,
+            reason,
+            message: message.into(),
+        }
     }
 }
 
@@ -98,19 +108,32 @@ pub fn time_service_status(
     let worst = offsets.iter().copied().max_by_key(|o| o.unsigned_abs());
     let median = (!offsets.is_empty()).then(|| {
         let mid = offsets.len() / 2;
-        if offsets.len() % 2 == 1 { offsets[mid] } else { offsets[mid - 1] / 2 + offsets[mid] / 2 }
+        if offsets.len() % 2 == 1 {
+            offsets[mid]
+        } else {
+            offsets[mid - 1] / 2 + offsets[mid] / 2
+        }
     });
-    let stratum_range = synced.iter().map(|c| c.stratum).fold(None, |acc: Option<StratumRange>, s| {
-        Some(match acc {
-            None => StratumRange { min: s, max: s },
-            Some(r) => StratumRange { min: r.min.min(s), max: r.max.max(s) },
-        })
-    });
+    let stratum_range =
+        synced
+            .iter()
+            .map(|c| c.stratum)
+            .fold(None, |acc: Option<StratumRange>, s| {
+                Some(match acc {
+                    None => StratumRange { min: s, max: s },
+                    Some(r) => StratumRange {
+                        min: r.min.min(s),
+                        max: r.max.max(s),
+                    },
+                })
+            });
 
     let mut wanted = Vec::new();
     match blocked {
         Some(Blocked::Conflict { with }) => {
-            let msg = format!("its nodes overlap those of the older TimeService {with:?}; no agents are run");
+            let msg = format!(
+                "its nodes overlap those of the older TimeService {with:?}; no agents are run"
+            );
             wanted.push(Cond::new("Ready", false, "Conflict", msg.clone()));
             wanted.push(Cond::new("Progressing", false, "Conflict", msg.clone()));
             wanted.push(Cond::new("Degraded", true, "Conflict", msg.clone()));
@@ -163,7 +186,11 @@ pub fn time_service_status(
     TimeServiceStatus {
         conditions: conditions(existing, wanted, generation, now),
         observed_generation: generation,
-        nodes: NodeCounts { desired: ds.desired, ready: ds.ready, synchronized },
+        nodes: NodeCounts {
+            desired: ds.desired,
+            ready: ds.ready,
+            synchronized,
+        },
         worst_offset: worst.map(format_offset),
         worst_offset_nanos: worst,
         median_offset_nanos: median,
@@ -269,9 +296,20 @@ mod tests {
             clock(false, 9_999_999, 16),
         ];
         let refs: Vec<&ClockInfo> = clocks.iter().collect();
-        let ds = DaemonSetCounts { desired: 4, ready: 4, updated: 4 };
+        let ds = DaemonSetCounts {
+            desired: 4,
+            ready: 4,
+            updated: 4,
+        };
         let s = time_service_status(None, Some(2), None, Some(ds), &refs, &at(10));
-        assert_eq!(s.nodes, NodeCounts { desired: 4, ready: 4, synchronized: 3 });
+        assert_eq!(
+            s.nodes,
+            NodeCounts {
+                desired: 4,
+                ready: 4,
+                synchronized: 3
+            }
+        );
         assert_eq!(
             s.worst_offset_nanos,
             Some(-3_000),
@@ -289,7 +327,11 @@ mod tests {
     fn an_unchanged_world_yields_an_identical_status_later() {
         let clocks = [clock(true, 1, 2)];
         let refs: Vec<&ClockInfo> = clocks.iter().collect();
-        let ds = Some(DaemonSetCounts { desired: 1, ready: 1, updated: 1 });
+        let ds = Some(DaemonSetCounts {
+            desired: 1,
+            ready: 1,
+            updated: 1,
+        });
         let first = time_service_status(None, Some(1), None, ds, &refs, &at(10));
         let second = time_service_status(Some(&first), Some(1), None, ds, &refs, &at(99));
         assert_eq!(first, second);
@@ -302,7 +344,9 @@ mod tests {
 
     #[test]
     fn a_conflicting_time_service_says_which_older_one_it_yields_to() {
-        let blocked = Blocked::Conflict { with: "first".into() };
+        let blocked = Blocked::Conflict {
+            with: "first".into(),
+        };
         let s = time_service_status(None, Some(1), Some(&blocked), None, &[], &at(1));
         assert_eq!(cond(&s, "Conflict").status, "True");
         assert!(cond(&s, "Conflict").message.contains("\"first\""));
@@ -311,12 +355,22 @@ mod tests {
 
     #[test]
     fn tenant_ready_needs_acceptance_and_a_ready_endpoint() {
-        let seen = TenantObservation { port: Some(12300), ready_endpoints: 2, ..Default::default() };
+        let seen = TenantObservation {
+            port: Some(12300),
+            ready_endpoints: 2,
+            ..Default::default()
+        };
         let ok = tenant_status(None, Some(1), None, seen.clone(), &at(1));
         assert_eq!(ok.conditions[0].status, "True");
         assert_eq!(ok.conditions[1].status, "True");
         assert_eq!(ok.port, Some(12300));
-        let refused = tenant_status(Some(&ok), Some(2), Some(("InvalidTimezone", "no".into())), seen, &at(5));
+        let refused = tenant_status(
+            Some(&ok),
+            Some(2),
+            Some(("InvalidTimezone", "no".into())),
+            seen,
+            &at(5),
+        );
         assert_eq!(refused.conditions[0].reason, "InvalidTimezone");
         assert_eq!(refused.conditions[1].status, "False");
     }

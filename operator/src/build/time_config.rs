@@ -21,7 +21,10 @@ pub fn is_iana_timezone(name: &str) -> bool {
 pub fn build_time_config(tenant: &TenantTimePolicy, time_service: &str) -> Result<ConfigMap> {
     let ns = tenant.metadata.namespace.as_deref().unwrap_or_default();
     let mut data = BTreeMap::from([
-        ("NTP_SERVER".to_owned(), format!("{}.{ns}.svc", tenant.spec.service.name)),
+        (
+            "NTP_SERVER".to_owned(),
+            format!("{}.{ns}.svc", tenant.spec.service.name),
+        ),
         ("NTP_PORT".to_owned(), names::NTP_SERVICE_PORT.to_string()),
     ]);
     if let Some(tz) = &tenant.spec.timezone {
@@ -42,7 +45,11 @@ mod tests {
 
     #[test]
     fn time_config_names_the_service_dns_name_port_and_timezone() {
-        let tenant = fixtures::tenant("team-a", "p", serde_json::json!({ "timezone": "Europe/Berlin" }));
+        let tenant = fixtures::tenant(
+            "team-a",
+            "p",
+            serde_json::json!({ "timezone": "Europe/Berlin" }),
+        );
         let cm = build_time_config(&tenant, "cluster").unwrap();
         assert_eq!(cm.metadata.name.as_deref(), Some("time-config"));
         let data = cm.data.unwrap();

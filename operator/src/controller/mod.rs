@@ -49,7 +49,9 @@ impl TriggerSenders {
             let _ = self.time_services.unbounded_send(ObjectRef::new(&ts));
         }
         for (ns, name) in triggers.tenants {
-            let _ = self.tenants.unbounded_send(ObjectRef::new(&name).within(&ns));
+            let _ = self
+                .tenants
+                .unbounded_send(ObjectRef::new(&name).within(&ns));
         }
     }
 }
@@ -123,7 +125,9 @@ impl Context {
         reason: &str,
         note: String,
     ) {
-        let Some(recorder) = &self.recorder else { return };
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
         let event = Event {
             type_,
             reason: reason.to_owned(),
@@ -157,9 +161,19 @@ where
         + Clone
         + Debug,
 {
-    let ns = obj.meta().namespace.as_deref().ok_or(Error::MissingMetadata("child namespace"))?;
-    let name = obj.meta().name.as_deref().ok_or(Error::MissingMetadata("child name"))?;
-    Ok(Api::<K>::namespaced(client.clone(), ns).patch(name, &apply_params(), &Patch::Apply(obj)).await?)
+    let ns = obj
+        .meta()
+        .namespace
+        .as_deref()
+        .ok_or(Error::MissingMetadata("child namespace"))?;
+    let name = obj
+        .meta()
+        .name
+        .as_deref()
+        .ok_or(Error::MissingMetadata("child name"))?;
+    Ok(Api::<K>::namespaced(client.clone(), ns)
+        .patch(name, &apply_params(), &Patch::Apply(obj))
+        .await?)
 }
 
 /// Applies a cluster-scoped child.
@@ -167,8 +181,14 @@ pub async fn apply_cluster<K>(client: &Client, obj: &K) -> Result<K>
 where
     K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
 {
-    let name = obj.meta().name.as_deref().ok_or(Error::MissingMetadata("child name"))?;
-    Ok(Api::<K>::all(client.clone()).patch(name, &apply_params(), &Patch::Apply(obj)).await?)
+    let name = obj
+        .meta()
+        .name
+        .as_deref()
+        .ok_or(Error::MissingMetadata("child name"))?;
+    Ok(Api::<K>::all(client.clone())
+        .patch(name, &apply_params(), &Patch::Apply(obj))
+        .await?)
 }
 
 /// Delay before retry number `n` (1-based): 1 s doubling, at most 5 minutes.

@@ -21,13 +21,18 @@ use crate::plan::plan_tenant;
 pub const CONTROLLER: &str = "tenant";
 
 /// Reconciles one TenantTimePolicy.
-pub async fn reconcile(obj: Arc<DeserializeGuard<TenantTimePolicy>>, ctx: Arc<Context>) -> Result<Action> {
+pub async fn reconcile(
+    obj: Arc<DeserializeGuard<TenantTimePolicy>>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
     let _timer = ctx.metrics.measure(CONTROLLER);
     let tenant = match &obj.0 {
         Ok(t) => t,
         Err(invalid) => return Err(Error::Undecodable(invalid.error.clone())),
     };
-    let ns = tenant.namespace().ok_or(Error::MissingMetadata("TenantTimePolicy namespace"))?;
+    let ns = tenant
+        .namespace()
+        .ok_or(Error::MissingMetadata("TenantTimePolicy namespace"))?;
     let name = tenant.name_any();
     let plan = {
         let mut index = lock(&ctx.index);
@@ -54,17 +59,29 @@ pub async fn reconcile(obj: Arc<DeserializeGuard<TenantTimePolicy>>, ctx: Arc<Co
         }
     }
     let now = Time(Timestamp::now());
-    let status =
-        tenant_status(tenant.status.as_ref(), tenant.metadata.generation, plan.refused.clone(), seen, &now);
+    let status = tenant_status(
+        tenant.status.as_ref(),
+        tenant.metadata.generation,
+        plan.refused.clone(),
+        seen,
+        &now,
+    );
     if tenant.status.as_ref() != Some(&status) {
-        let was_refused = tenant
-            .status
-            .as_ref()
-            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Accepted" && c.status == "False"));
+        let was_refused = tenant.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Accepted" && c.status == "False")
+        });
         if let Some((reason, message)) = &plan.refused
             && !was_refused
         {
-            ctx.event(&tenant.object_ref(&()), EventType::Warning, reason, message.clone()).await;
+            ctx.event(
+                &tenant.object_ref(&()),
+                EventType::Warning,
+                reason,
+                message.clone(),
+            )
+            .await;
         }
         let body = serde_json::json!({
             "apiVersion": TenantTimePolicy::api_version(&()),
@@ -76,7 +93,11 @@ pub async fn reconcile(obj: Arc<DeserializeGuard<TenantTimePolicy>>, ctx: Arc<Co
             .await?;
     }
     ctx.succeeded(&format!("{ns}/{name}"));
-    Ok(if plan.refused.is_some() { Action::await_change() } else { Action::requeue(RESYNC) })
+    Ok(if plan.refused.is_some() {
+        Action::await_change()
+    } else {
+        Action::requeue(RESYNC)
+    })
 }
 
 /// Error policy: user errors wait for a change; transient ones back off.

@@ -29,7 +29,10 @@ use crate::plan::plan_time_service;
 pub const CONTROLLER: &str = "timeservice";
 
 /// Reconciles one TimeService.
-pub async fn reconcile(obj: Arc<DeserializeGuard<TimeService>>, ctx: Arc<Context>) -> Result<Action> {
+pub async fn reconcile(
+    obj: Arc<DeserializeGuard<TimeService>>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
     let _timer = ctx.metrics.measure(CONTROLLER);
     let ts = match &obj.0 {
         Ok(ts) => ts,
@@ -41,7 +44,9 @@ pub async fn reconcile(obj: Arc<DeserializeGuard<TimeService>>, ctx: Arc<Context
         // The object handed to us may be newer than the index's copy.
         index.apply_time_service(ts);
         let plan = plan_time_service(&mut index, ts, &ctx.settings)?;
-        ctx.metrics.tenants.set(i64::try_from(index.tenants.len()).unwrap_or(i64::MAX));
+        ctx.metrics
+            .tenants
+            .set(i64::try_from(index.tenants.len()).unwrap_or(i64::MAX));
         plan
     };
     for size in &plan.allow_list_sizes {
@@ -110,7 +115,10 @@ fn counts(ds: &DaemonSet) -> DaemonSetCounts {
 
 async fn delete_daemonset(ctx: &Context, name: &str) -> Result<()> {
     let api = Api::<DaemonSet>::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    match api.delete(&names::agent_name(name), &DeleteParams::background()).await {
+    match api
+        .delete(&names::agent_name(name), &DeleteParams::background())
+        .await
+    {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(e) => Err(e.into()),
@@ -133,7 +141,10 @@ async fn write_config(
         // First pass since start: the ConfigMap in the cluster is the audit baseline.
         None => read_current_config(ctx, &name).await?,
     };
-    if previous.as_ref().is_some_and(|p| p.revision == config.revision) {
+    if previous
+        .as_ref()
+        .is_some_and(|p| p.revision == config.revision)
+    {
         lock(&ctx.last_config).insert(name, config.clone());
         return Ok(None);
     }
@@ -147,7 +158,10 @@ async fn write_config(
         return Ok(Some(at.saturating_duration_since(now)));
     }
     apply_namespaced(&ctx.client, config_map).await?;
-    ctx.metrics.config_writes.with_label_values(&["written"]).inc();
+    ctx.metrics
+        .config_writes
+        .with_label_values(&["written"])
+        .inc();
     lock(&ctx.propagation).insert(name.clone(), (config.revision.clone(), now));
     lock(&ctx.last_config).insert(name.clone(), config.clone());
     let ts_ref = ts.object_ref(&());
@@ -162,12 +176,22 @@ async fn write_config(
             _ => ts_ref.clone(),
         };
         tracing::info!(time_service = %name, reason = change.reason(), note = %change.note(), "agent config changed");
-        ctx.event(&reference, EventType::Normal, change.reason(), change.note()).await;
+        ctx.event(
+            &reference,
+            EventType::Normal,
+            change.reason(),
+            change.note(),
+        )
+        .await;
     }
     Ok(None)
 }
 
-fn tenant_reference(ns: &str, name: &str, uid: Option<&str>) -> k8s_openapi::api::core::v1::ObjectReference {
+fn tenant_reference(
+    ns: &str,
+    name: &str,
+    uid: Option<&str>,
+) -> k8s_openapi::api::core::v1::ObjectReference {
     k8s_openapi::api::core::v1::ObjectReference {
         api_version: Some(stratum_api::TenantTimePolicy::api_version(&()).into_owned()),
         kind: Some(stratum_api::TenantTimePolicy::kind(&()).into_owned()),
@@ -188,12 +212,24 @@ async fn read_current_config(ctx: &Context, name: &str) -> Result<Option<AgentCo
 }
 
 /// Records the propagation latency once every desired agent reports the written revision.
-fn observe_propagation(ctx: &Context, name: &str, clocks: &[crate::index::ClockInfo], desired: i32) {
+fn observe_propagation(
+    ctx: &Context,
+    name: &str,
+    clocks: &[crate::index::ClockInfo],
+    desired: i32,
+) {
     let mut pending = lock(&ctx.propagation);
-    let Some((revision, written)) = pending.get(name) else { return };
-    let reporting = clocks.iter().filter(|c| c.config_revision.as_deref() == Some(revision.as_str())).count();
+    let Some((revision, written)) = pending.get(name) else {
+        return;
+    };
+    let reporting = clocks
+        .iter()
+        .filter(|c| c.config_revision.as_deref() == Some(revision.as_str()))
+        .count();
     if desired > 0 && reporting >= usize::try_from(desired).unwrap_or(usize::MAX) {
-        ctx.metrics.config_propagation.observe(written.elapsed().as_secs_f64());
+        ctx.metrics
+            .config_propagation
+            .observe(written.elapsed().as_secs_f64());
         pending.remove(name);
     }
 }
@@ -207,25 +243,38 @@ async fn announce_transitions(
 ) {
     let was = |type_: &str, reason: Option<&str>| {
         current.is_some_and(|s| {
-            s.conditions
-                .iter()
-                .any(|c| c.type_ == type_ && c.status == "True" && reason.is_none_or(|r| c.reason == r))
+            s.conditions.iter().any(|c| {
+                c.type_ == type_ && c.status == "True" && reason.is_none_or(|r| c.reason == r)
+            })
         })
     };
     match blocked {
         Some(Blocked::Conflict { with }) if !was("Conflict", None) => {
-            let note = format!("nodes overlap those of the older TimeService {with:?}; its agents keep them");
-            ctx.event(&ts.object_ref(&()), EventType::Warning, "Conflict", note).await;
+            let note = format!(
+                "nodes overlap those of the older TimeService {with:?}; its agents keep them"
+            );
+            ctx.event(&ts.object_ref(&()), EventType::Warning, "Conflict", note)
+                .await;
         }
         Some(Blocked::Invalid(why)) if !was("Degraded", Some("InvalidSpec")) => {
-            ctx.event(&ts.object_ref(&()), EventType::Warning, "Refused", why.clone()).await;
+            ctx.event(
+                &ts.object_ref(&()),
+                EventType::Warning,
+                "Refused",
+                why.clone(),
+            )
+            .await;
         }
         _ => {}
     }
 }
 
 /// Error policy: user errors wait for a change; transient ones back off.
-pub fn error_policy(obj: Arc<DeserializeGuard<TimeService>>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(
+    obj: Arc<DeserializeGuard<TimeService>>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
     ctx.metrics.failed(CONTROLLER, error);
     let name = match &obj.0 {
         Ok(ts) => ts.name_any(),

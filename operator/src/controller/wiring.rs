@@ -90,10 +90,14 @@ fn key_of<K: ResourceExt>(obj: &K) -> Key {
 
 fn guard_key<K: kube::Resource>(obj: &DeserializeGuard<K>) -> Key {
     match &obj.0 {
-        Ok(o) => (o.meta().namespace.clone(), o.meta().name.clone().unwrap_or_default()),
-        Err(invalid) => {
-            (invalid.metadata.namespace.clone(), invalid.metadata.name.clone().unwrap_or_default())
-        }
+        Ok(o) => (
+            o.meta().namespace.clone(),
+            o.meta().name.clone().unwrap_or_default(),
+        ),
+        Err(invalid) => (
+            invalid.metadata.namespace.clone(),
+            invalid.metadata.name.clone().unwrap_or_default(),
+        ),
     }
 }
 
@@ -105,7 +109,10 @@ pub async fn run(
 ) {
     let (ts_tx, ts_rx) = mpsc::unbounded();
     let (tenant_tx, tenant_rx) = mpsc::unbounded();
-    let senders = TriggerSenders { time_services: ts_tx, tenants: tenant_tx };
+    let senders = TriggerSenders {
+        time_services: ts_tx,
+        tenants: tenant_tx,
+    };
     let index = ctx.index.clone();
     let mut synced = Vec::new();
     let cfg = watcher::Config::default;
@@ -135,7 +142,10 @@ pub async fn run(
     );
     spawn_feed!(
         "Namespace",
-        watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), cfg()),
+        watcher(
+            Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+            cfg()
+        ),
         key_of,
         |i, n| i.apply_namespace(&n.name_any(), n.labels()),
         |i, _, name| i.delete_namespace(name)
@@ -149,7 +159,10 @@ pub async fn run(
     );
     spawn_feed!(
         "NodeClock",
-        watcher(Api::<DeserializeGuard<NodeClock>>::all(client.clone()), cfg()),
+        watcher(
+            Api::<DeserializeGuard<NodeClock>>::all(client.clone()),
+            cfg()
+        ),
         guard_key::<NodeClock>,
         |i, c| match &c.0 {
             Ok(clock) => i.apply_clock(clock),
@@ -162,7 +175,10 @@ pub async fn run(
     );
     spawn_feed!(
         "TenantTimePolicy",
-        watcher(Api::<DeserializeGuard<TenantTimePolicy>>::all(client.clone()), cfg()),
+        watcher(
+            Api::<DeserializeGuard<TenantTimePolicy>>::all(client.clone()),
+            cfg()
+        ),
         guard_key::<TenantTimePolicy>,
         |i, t| match &t.0 {
             Ok(tenant) => i.apply_tenant(tenant),
@@ -175,11 +191,15 @@ pub async fn run(
     );
     spawn_feed!(
         "TimeService",
-        watcher(Api::<DeserializeGuard<TimeService>>::all(client.clone()), cfg()),
+        watcher(
+            Api::<DeserializeGuard<TimeService>>::all(client.clone()),
+            cfg()
+        ),
         guard_key::<TimeService>,
         |i, t| match &t.0 {
             Ok(ts) => i.apply_time_service(ts),
-            Err(invalid) => i.delete_time_service(invalid.metadata.name.as_deref().unwrap_or_default()),
+            Err(invalid) =>
+                i.delete_time_service(invalid.metadata.name.as_deref().unwrap_or_default()),
         },
         |i, _, name| i.delete_time_service(name)
     );
@@ -193,30 +213,42 @@ pub async fn run(
     let managed = || cfg().labels("app.kubernetes.io/managed-by=stratum-operator");
     let config = controller::Config::default().concurrency(4);
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-    let ts_controller = Controller::new(Api::<DeserializeGuard<TimeService>>::all(client.clone()), cfg())
-        .owns(Api::<DaemonSet>::namespaced(client.clone(), &ctx.settings.namespace), managed())
-        .reconcile_on(ts_rx)
-        .with_config(config.clone())
-        .graceful_shutdown_on(shutdown.clone())
-        .run(time_service::reconcile, time_service::error_policy, ctx.clone())
-        .for_each(|r| {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "timeservice controller event");
-            }
-            futures::future::ready(())
-        });
-    let tenant_controller =
-        Controller::new(Api::<DeserializeGuard<TenantTimePolicy>>::all(client.clone()), cfg())
-            .owns(Api::<Service>::all(client.clone()), managed())
-            .reconcile_on(tenant_rx)
-            .with_config(config)
-            .graceful_shutdown_on(shutdown)
-            .run(tenant::reconcile, tenant::error_policy, ctx.clone())
-            .for_each(|r| {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "tenant controller event");
-                }
-                futures::future::ready(())
-            });
+    let ts_controller = Controller::new(
+        Api::<DeserializeGuard<TimeService>>::all(client.clone()),
+        cfg(),
+    )
+    .owns(
+        Api::<DaemonSet>::namespaced(client.clone(), &ctx.settings.namespace),
+        managed(),
+    )
+    .reconcile_on(ts_rx)
+    .with_config(config.clone())
+    .graceful_shutdown_on(shutdown.clone())
+    .run(
+        time_service::reconcile,
+        time_service::error_policy,
+        ctx.clone(),
+    )
+    .for_each(|r| {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "timeservice controller event");
+        }
+        futures::future::ready(())
+    });
+    let tenant_controller = Controller::new(
+        Api::<DeserializeGuard<TenantTimePolicy>>::all(client.clone()),
+        cfg(),
+    )
+    .owns(Api::<Service>::all(client.clone()), managed())
+    .reconcile_on(tenant_rx)
+    .with_config(config)
+    .graceful_shutdown_on(shutdown)
+    .run(tenant::reconcile, tenant::error_policy, ctx.clone())
+    .for_each(|r| {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "tenant controller event");
+        }
+        futures::future::ready(())
+    });
     futures::join!(ts_controller, tenant_controller);
 }
