@@ -364,3 +364,245 @@ async fn deleting_a_tenant_removes_its_service_slices_and_config_entry() {
     )
     .await;
 }
+
+/// A network namespace owning a tenant pod's IP, so queries really come from that pod's
+/// address; removed on drop.
+struct PodNetns(String);
+
+impl PodNetns {
+    fn new(name: &str, ip: &str) -> Self {
+        let scripts = std::env::var("STRATUM_E2E_SCRIPTS")
+            .unwrap_or_else(|_| format!("{}/../e2e/scripts", env!("CARGO_MANIFEST_DIR")));
+        let status = std::process::Command::new(format!("{scripts}/netns.sh"))
+            .args(["add", name, ip])
+            .status()
+            .unwrap();
+        assert!(status.success(), "netns.sh add {name} {ip}");
+        PodNetns(name.to_string())
+    }
+}
+
+impl Drop for PodNetns {
+    fn drop(&mut self) {
+        let scripts = std::env::var("STRATUM_E2E_SCRIPTS")
+            .unwrap_or_else(|_| format!("{}/../e2e/scripts", env!("CARGO_MANIFEST_DIR")));
+        let _ = std::process::Command::new(format!("{scripts}/netns.sh"))
+            .args(["del", &self.0])
+            .status();
+    }
+}
+
+async fn tenant_pod(client: &kube::Client, namespace: &str, name: &str, node: &str) -> String {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    apply(&pods, serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace, "labels": {"app": "client"}},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "registry.example.invalid/client"}]}
+    }))
+    .await;
+    wait_for(
+        Duration::from_secs(30),
+        "the tenant pod to get an IP",
+        || async { pods.get(name).await.ok()?.status?.pod_ip },
+    )
+    .await
+    .0
+}
+
+async fn node_ip(client: &kube::Client, node: &str) -> String {
+    use k8s_openapi::api::core::v1::Node;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let n = nodes.get(node).await.unwrap();
+    n.status
+        .unwrap()
+        .addresses
+        .unwrap()
+        .into_iter()
+        .find(|a| a.type_ == "InternalIP")
+        .unwrap()
+        .address
+}
+
+async fn tenant_port(client: &kube::Client, namespace: &str) -> u16 {
+    let ttp: Api<TenantTimePolicy> = Api::namespaced(client.clone(), namespace);
+    wait_for(Duration::from_secs(60), "the tenant's port", || async {
+        ttp.get("ntp").await.ok()?.status?.port
+    })
+    .await
+    .0 as u16
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster: make e2e"]
+async fn tenant_clients_get_time_on_their_port_and_are_refused_on_the_other_tenants() {
+    let client = client().await;
+    ensure_shared_time_service(&client).await;
+    namespace(&client, "e2e-serve-a", serde_json::json!({})).await;
+    namespace(&client, "e2e-serve-b", serde_json::json!({})).await;
+    apply_tenant(
+        &client,
+        "e2e-serve-a",
+        serde_json::json!({"rateLimit": {"kissOfDeath": true}}),
+    )
+    .await;
+    apply_tenant(&client, "e2e-serve-b", serde_json::json!({})).await;
+    let ip_a = tenant_pod(&client, "e2e-serve-a", "client", "kwok-node-0").await;
+    let ip_b = tenant_pod(&client, "e2e-serve-b", "client", "kwok-node-1").await;
+    let port_a = tenant_port(&client, "e2e-serve-a").await;
+    let port_b = tenant_port(&client, "e2e-serve-b").await;
+    let _ns_a = PodNetns::new("e2e-t-serve-a", &ip_a);
+    let _ns_b = PodNetns::new("e2e-t-serve-b", &ip_b);
+    let agent: std::net::IpAddr = node_ip(&client, "kwok-node-0").await.parse().unwrap();
+
+    // A's client is served by the agent on its node, once the allow list has propagated.
+    let (answer, took) = wait_for(
+        Duration::from_secs(30),
+        "tenant A's client served on A's port",
+        || async {
+            query_from_netns("e2e-t-serve-a", (agent, port_a).into())
+                .filter(|a| a["kissCode"].is_null())
+        },
+    )
+    .await;
+    eprintln!(
+        "tenant A served {:.2} s after its pod got an address",
+        took.as_secs_f64()
+    );
+    assert_eq!(answer["leap"], "none");
+    assert!(answer["stratum"].as_u64().unwrap() >= 2 && answer["stratum"].as_u64().unwrap() < 16);
+    assert!(
+        answer["offsetSeconds"].as_f64().unwrap().abs() < 0.01,
+        "valid time: {answer}"
+    );
+
+    // B's client on A's port: KoD DENY (A enables KoD); A's client on B's port: silence.
+    let b_on_a = query_from_netns("e2e-t-serve-b", (agent, port_a).into());
+    assert_eq!(
+        b_on_a.as_ref().map(|a| a["kissCode"].clone()),
+        Some("DENY".into()),
+        "{b_on_a:?}"
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "tenant B's client served on B's port",
+        || async {
+            query_from_netns("e2e-t-serve-b", (agent, port_b).into())
+                .filter(|a| a["kissCode"].is_null())
+        },
+    )
+    .await;
+    assert!(
+        query_from_netns("e2e-t-serve-a", (agent, port_b).into()).is_none(),
+        "A's client answered on B's port"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster: make e2e"]
+async fn a_new_pod_in_the_tenant_namespace_is_allowed_within_two_seconds() {
+    let client = client().await;
+    ensure_shared_time_service(&client).await;
+    namespace(&client, "e2e-churn", serde_json::json!({})).await;
+    apply_tenant(&client, "e2e-churn", serde_json::json!({})).await;
+    let port = tenant_port(&client, "e2e-churn").await;
+    let agent: std::net::IpAddr = node_ip(&client, "kwok-node-2").await.parse().unwrap();
+    let ip = tenant_pod(&client, "e2e-churn", "newcomer", "kwok-node-2").await;
+    let _ns = PodNetns::new("e2e-t-churn", &ip);
+    let started = std::time::Instant::now();
+    wait_for(Duration::from_secs(30), "the new pod served", || async {
+        query_from_netns("e2e-t-churn", (agent, port).into()).filter(|a| a["kissCode"].is_null())
+    })
+    .await;
+    let latency = started.elapsed();
+    eprintln!(
+        "new pod allowed {:.2} s after it got its address (goal: 2 s)",
+        latency.as_secs_f64()
+    );
+    assert!(
+        latency < Duration::from_secs(10),
+        "allow-list propagation took {latency:?}"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster: make e2e"]
+async fn restarting_the_operator_converges_to_the_same_state_without_duplicates() {
+    let client = client().await;
+    ensure_shared_time_service(&client).await;
+    namespace(&client, "e2e-restart", serde_json::json!({})).await;
+    apply_tenant(&client, "e2e-restart", serde_json::json!({})).await;
+    let port_before = tenant_port(&client, "e2e-restart").await;
+    let stack =
+        std::env::var("STRATUM_E2E_STACK").expect("STRATUM_E2E_STACK from e2e/stack.sh env");
+    let pid = std::fs::read_to_string(format!("{stack}/operator.pid"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-KILL", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // Same command line; the Lease of the killed process must expire first.
+    let log = std::fs::File::create(format!("{stack}/operator-restarted.log")).unwrap();
+    let child = std::process::Command::new(&args[0])
+        .args(&args[1..])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    std::fs::write(format!("{stack}/operator.pid"), child.id().to_string()).unwrap();
+
+    // Meanwhile change something, which the new leader must pick up.
+    apply_tenant(
+        &client,
+        "e2e-restart",
+        serde_json::json!({"timezone": "Asia/Tokyo"}),
+    )
+    .await;
+    let cm: Api<ConfigMap> = Api::namespaced(client.clone(), "e2e-restart");
+    wait_for(
+        Duration::from_secs(90),
+        "the restarted operator to apply the change",
+        || async {
+            (cm.get("time-config").await.ok()?.data?.get("TZ")? == "Asia/Tokyo").then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        tenant_port(&client, "e2e-restart").await,
+        port_before,
+        "port is stable across restarts"
+    );
+    let ds: Api<DaemonSet> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
+    assert_eq!(
+        ds.list(&ListParams::default()).await.unwrap().items.len(),
+        1,
+        "one DaemonSet"
+    );
+    let svc: Api<Service> = Api::namespaced(client.clone(), "e2e-restart");
+    assert_eq!(
+        svc.list(&ListParams::default()).await.unwrap().items.len(),
+        1,
+        "one Service"
+    );
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "e2e-restart");
+    assert_eq!(
+        slices
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        2,
+        "one IPv4 and one IPv6 slice"
+    );
+}
