@@ -551,14 +551,17 @@ async fn restarting_the_operator_converges_to_the_same_state_without_duplicates(
             .unwrap()
             .success()
     );
-    // Same command line; the Lease of the killed process must expire first.
+    // Same command line; the Lease of the killed process must expire first. The new process
+    // outlives this test on purpose: `e2e/stack.sh down` stops it through the PID file.
     let log = std::fs::File::create(format!("{stack}/operator-restarted.log")).unwrap();
+    #[allow(clippy::zombie_processes)]
     let child = std::process::Command::new(&args[0])
         .args(&args[1..])
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
         .unwrap();
+
     std::fs::write(format!("{stack}/operator.pid"), child.id().to_string()).unwrap();
 
     // Meanwhile change something, which the new leader must pick up.
