@@ -110,6 +110,7 @@ fn main() {
     let settings = OperatorSettings {
         namespace: "stratum-system".into(),
         agent_image: "stratum-agent:bench".into(),
+        agent_cluster_role: "stratum-agent".into(),
     };
     let mut ts = TimeService::new(
         "cluster",

@@ -35,6 +35,10 @@ struct Args {
     /// Agent image for TimeServices that name none.
     #[arg(long, env = "STRATUM_AGENT_IMAGE", default_value = concat!("stratum-agent:", env!("CARGO_PKG_VERSION")))]
     agent_image: String,
+    /// The agents' static ClusterRole (installed by the chart) that each TimeService's agent
+    /// ServiceAccount is bound to.
+    #[arg(long, default_value = "stratum-agent")]
+    agent_cluster_role: String,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
@@ -106,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
     let settings = OperatorSettings {
         namespace: args.namespace.clone(),
         agent_image: args.agent_image.clone(),
+        agent_cluster_role: args.agent_cluster_role.clone(),
     };
     let reporter = Reporter {
         controller: names::FIELD_MANAGER.into(),

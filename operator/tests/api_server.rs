@@ -30,6 +30,7 @@ fn context(client: Client, index: Index) -> Arc<Context> {
         OperatorSettings {
             namespace: NS.into(),
             agent_image: "stratum/agent:test".into(),
+            agent_cluster_role: "stratum-agent".into(),
         },
         Arc::new(Mutex::new(index)),
         Arc::new(Metrics::new().unwrap()),
@@ -192,16 +193,16 @@ async fn expect_agent_rbac(v: &mut Verifier, ts: &str) {
         json!({}),
     )
     .await;
-    v.expect_apply(
-        &format!("{RBAC}/clusterroles/stratum-agent-{ts}"),
-        json!({}),
-    )
-    .await;
-    v.expect_apply(
-        &format!("{RBAC}/clusterrolebindings/stratum-agent-{ts}"),
-        json!({}),
-    )
-    .await;
+    let binding = v
+        .expect_apply(
+            &format!("{RBAC}/clusterrolebindings/stratum-agent-{ts}"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        binding["roleRef"]["name"], "stratum-agent",
+        "agents are bound to the chart's static ClusterRole, never a new one"
+    );
 }
 
 #[tokio::test]

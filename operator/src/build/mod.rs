@@ -25,6 +25,9 @@ pub struct OperatorSettings {
     pub namespace: String,
     /// Agent image when the TimeService names none.
     pub agent_image: String,
+    /// The static ClusterRole of every agent (shipped by the chart) that each TimeService's
+    /// agents are bound to; the operator binds it, never creates or widens it.
+    pub agent_cluster_role: String,
 }
 
 /// Owner reference making `ts` the controller of a child, so deleting it deletes the child.
@@ -92,6 +95,7 @@ pub(crate) mod fixtures {
         OperatorSettings {
             namespace: "stratum-system".into(),
             agent_image: "stratum/agent:test".into(),
+            agent_cluster_role: "stratum-agent".into(),
         }
     }
 

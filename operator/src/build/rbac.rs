@@ -5,7 +5,7 @@
 
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{
-    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+    ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
 };
 use stratum_api::TimeService;
 
@@ -13,7 +13,7 @@ use super::{OperatorSettings, agent_meta};
 use crate::error::{Error, Result};
 use crate::names;
 
-/// The agents' ServiceAccount, Role, RoleBinding, ClusterRole and ClusterRoleBinding.
+/// The agents' ServiceAccount, Role, RoleBinding and ClusterRoleBinding.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AgentRbac {
     /// ServiceAccount the DaemonSet runs as.
@@ -22,9 +22,7 @@ pub struct AgentRbac {
     pub role: Role,
     /// Binds `role`.
     pub role_binding: RoleBinding,
-    /// NodeClocks and Events.
-    pub cluster_role: ClusterRole,
-    /// Binds `cluster_role`.
+    /// Binds the chart's static agent ClusterRole.
     pub cluster_role_binding: ClusterRoleBinding,
 }
 
@@ -81,32 +79,15 @@ pub fn build_rbac(ts: &TimeService, settings: &OperatorSettings) -> Result<Agent
             },
             subjects: Some(vec![subject.clone()]),
         },
-        cluster_role: ClusterRole {
-            metadata: agent_meta(ts, cluster_name.clone(), None)?,
-            rules: Some(vec![
-                rule(
-                    stratum_api::GROUP,
-                    &["nodeclocks"],
-                    &["get", "create", "patch"],
-                    None,
-                ),
-                rule(
-                    stratum_api::GROUP,
-                    &["nodeclocks/status"],
-                    &["get", "patch"],
-                    None,
-                ),
-                rule("events.k8s.io", &["events"], &["create", "patch"], None),
-                rule("", &["events"], &["create", "patch"], None),
-            ]),
-            ..ClusterRole::default()
-        },
+        // The cluster-wide rights (NodeClocks, Events) live in one static ClusterRole shipped
+        // by the chart: the operator only binds it (RBAC `bind` on that name), so it never
+        // needs, or could hand out, more than the agents get.
         cluster_role_binding: ClusterRoleBinding {
-            metadata: agent_meta(ts, cluster_name.clone(), None)?,
+            metadata: agent_meta(ts, cluster_name, None)?,
             role_ref: RoleRef {
                 api_group: Some("rbac.authorization.k8s.io".into()),
                 kind: "ClusterRole".into(),
-                name: cluster_name,
+                name: settings.agent_cluster_role.clone(),
             },
             subjects: Some(vec![subject]),
         },
@@ -135,21 +116,11 @@ mod tests {
                 .iter()
                 .all(|v| ["get", "list", "watch"].contains(&v.as_str()))
         );
-        let cluster_rules = rbac.cluster_role.rules.as_ref().unwrap();
-        for r in cluster_rules {
-            assert!(
-                r.verbs
-                    .iter()
-                    .all(|v| ["get", "create", "patch"].contains(&v.as_str())),
-                "{r:?}"
-            );
-            assert!(!r.verbs.iter().any(|v| v == "delete" || v == "*"));
-        }
         assert_eq!(
-            rbac.cluster_role.metadata.name.as_deref(),
+            rbac.cluster_role_binding.metadata.name.as_deref(),
             Some("stratum-agent-cluster")
         );
-        assert_eq!(rbac.cluster_role.metadata.namespace, None);
+        assert_eq!(rbac.cluster_role_binding.role_ref.name, "stratum-agent");
         assert_eq!(
             rbac.cluster_role_binding.subjects.as_ref().unwrap()[0].name,
             "cluster-agent"

@@ -56,7 +56,6 @@ pub async fn reconcile(
     apply_namespaced(client, &plan.rbac.service_account).await?;
     apply_namespaced(client, &plan.rbac.role).await?;
     apply_namespaced(client, &plan.rbac.role_binding).await?;
-    apply_cluster(client, &plan.rbac.cluster_role).await?;
     apply_cluster(client, &plan.rbac.cluster_role_binding).await?;
 
     let mut requeue = RESYNC;
