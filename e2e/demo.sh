@@ -83,7 +83,9 @@ kubectl -n team-b wait ttp/ntp --for=condition=Ready --timeout=120s
 say "the tour"
 run kubectl get timeservices,nodeclocks
 run kubectl get tenanttimepolicies -A
-run kubectl -n team-a get service,endpointslices,configmap/time-config
+run kubectl -n team-a get service,endpointslices
+run kubectl -n team-a get configmap time-config -o jsonpath='{.data}'
+echo
 
 # Each tenant pod's address becomes a network namespace, so a query really comes from it.
 # shellcheck source=scripts/common.sh
