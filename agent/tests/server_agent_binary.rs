@@ -1,0 +1,169 @@
+//! The server wired into the real agent binary: a simulated clock 0.3 s off, synchronized
+//! from a chronyd (`-x`, serving, never touching the clock) on loopback; tenants served from
+//! a config file, answered unsynchronized until the agent is and with its disciplined clock
+//! after; a file change moves tenants without a restart; counters in /metrics, /serverstats
+//! and /clients.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use stratum_api::AgentConfig;
+use stratum_ntp::packet::Packet;
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+}
+
+#[test]
+fn the_agent_serves_tenants_with_its_disciplined_clock_and_follows_config_changes() {
+    let Some(chronyd) = find_program("chronyd", &[]).or_else(|| skip("chronyd not installed"))
+    else {
+        return;
+    };
+    let dir = TempDir::new("agentbin");
+    let upstream_port = free_udp_port();
+    std::fs::write(
+        dir.path("chrony.conf"),
+        format!(
+            "port {upstream_port}\nlocal stratum 2\nallow 127.0.0.0/8\ncmdport 0\npidfile {}\n",
+            dir.path("chronyd.pid").display()
+        ),
+    )
+    .unwrap();
+    let _chronyd = Child(
+        Command::new("setpriv")
+            .args(["--bounding-set=-sys_time", "--inh-caps=-sys_time"])
+            .arg(&chronyd)
+            .args(["-x", "-d", "-u", "root", "-f"])
+            .arg(dir.path("chrony.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting chronyd"),
+    );
+
+    let (port_a, port_b, port_c) = (free_udp_port(), free_udp_port(), free_udp_port());
+    let mut config = AgentConfig::from_json(include_str!("data/agent-config.json")).unwrap();
+    config.upstreams[0].port = upstream_port;
+    config.serving.tenants = vec![
+        tenant("ns/a", port_a, &["127.0.0.0/8"], true),
+        tenant("ns/b", port_b, &["127.0.0.0/8"], false),
+    ];
+    let config_path = dir.path("agent.json");
+    std::fs::write(&config_path, config.to_json()).unwrap();
+    let (metrics_port, status_port) = (free_tcp_port(), free_tcp_port());
+    let _agent = Child(
+        Command::new(env!("CARGO_BIN_EXE_stratum-agent"))
+            .args([
+                "run",
+                "--node-name",
+                "test",
+                "--clock",
+                "simulated",
+                "--sim-offset",
+                "0.3",
+            ])
+            .args(["--no-report", "--server-workers", "2", "--config"])
+            .arg(&config_path)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .arg("--status-addr")
+            .arg(format!("127.0.0.1:{status_port}"))
+            .arg("--state-dir")
+            .arg(&dir.0)
+            .env("STRATUM_DENY_SYSTEM_CLOCK", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the agent"),
+    );
+    let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let client = "127.0.0.1".parse().unwrap();
+
+    // Synchronized answers: LI 0, stratum 3 (chronyd's 2 + 1), the disciplined clock within
+    // a few ms of true time although the simulated oscillator started 0.3 s off.
+    let mut synced = None;
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            synced = ask(client, at(port_a), Duration::from_millis(500)).filter(|r| r[0] >> 6 != 3);
+            synced.is_some()
+        }),
+        "the agent never answered as synchronized"
+    );
+    let reply = Packet::parse(synced.as_deref().unwrap()).unwrap().header;
+    let host = stratum_agent::clock::host_realtime();
+    let served = reply.transmit_timestamp.to_clock_time_near(host);
+    assert_eq!(reply.stratum, 3);
+    assert!(
+        served.secs_since(host).abs() < 0.05,
+        "served {:?} host {host:?}",
+        served.secs_since(host)
+    );
+    assert!(ask(client, at(port_b), Duration::from_secs(1)).is_some());
+
+    // Hot reload through the file: B leaves (its port closes), C arrives, A keeps serving.
+    config.serving.tenants = vec![
+        tenant("ns/a", port_a, &["127.0.0.0/8"], true),
+        tenant("ns/c", port_c, &["127.0.0.0/8"], false),
+    ];
+    config.revision = "test-2".into();
+    std::fs::write(&config_path, config.to_json()).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || {
+        ask(client, at(port_c), Duration::from_millis(300)).is_some()
+    }));
+    assert!(wait_until(Duration::from_secs(5), || {
+        std::net::UdpSocket::bind(("::", port_b)).is_ok()
+    }));
+    assert!(ask(client, at(port_a), Duration::from_secs(1)).is_some());
+
+    let metrics = http_get(metrics_port, "/metrics").unwrap();
+    assert!(
+        metrics.contains(r#"stratum_agent_tenant_requests_total{outcome="served",tenant="ns/a"}"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"stratum_agent_tenant_kod_sent_total{code="RATE",tenant="ns/a"} 0"#)
+    );
+    assert!(
+        !metrics.contains(r#"tenant="ns/b""#),
+        "a removed tenant's series must go"
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&http_get(status_port, "/serverstats").unwrap()).unwrap();
+    let a = stats["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tenant"] == "ns/a")
+        .unwrap();
+    assert!(a["totals"]["served"].as_u64().unwrap() >= 2, "{stats}");
+    let clients: serde_json::Value =
+        serde_json::from_str(&http_get(status_port, "/clients?tenant=ns%2Fa").unwrap()).unwrap();
+    assert_eq!(
+        clients[0]["clients"][0]["address"], "127.0.0.1",
+        "{clients}"
+    );
+}
