@@ -8,13 +8,14 @@ NO_SYS_TIME := setpriv --bounding-set=-sys_time --inh-caps=-sys_time
 # A second fence: the agent refuses to open its `system` clock backend when this is set.
 export STRATUM_DENY_SYSTEM_CLOCK := 1
 
-.PHONY: help deps fmt fmt-check lint test unit crds chart chart-check sim fuzz e2e demo
+.PHONY: help deps fmt fmt-check lint test unit crds chart chart-check sim fuzz e2e demo bench bench-setup bench-operator
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-deps: ## install what a fresh machine lacks (Rust components, Debian packages)
+deps: ## install what a fresh machine lacks (Rust components, Debian packages, ntpd-rs for interop)
 	@scripts/install-deps.sh
+	@bench/setup.sh >/dev/null
 
 fmt: ## format the code
 	$(CARGO) fmt --all
@@ -45,6 +46,16 @@ sim: ## the NTP core's must-show scenarios on simulated time, with figures
 FUZZ_SECONDS ?= 120
 fuzz: ## run every fuzz target for FUZZ_SECONDS each (nightly + cargo-fuzz, installed if missing)
 	agent/ntp/fuzz/run.sh $(FUZZ_SECONDS)
+	agent/fuzz/run.sh $(FUZZ_SECONDS)
+
+bench-setup: ## install chrony, ntpsec-ntpdig and ntpd-rs (interop tests and the bench use them)
+	bench/setup.sh
+
+bench: ## stratum-agent vs chronyd -x vs ntpd-rs vs raw UDP echo (server on CPU 0, load on CPU 1); minutes
+	$(NO_SYS_TIME) bench/run.sh
+
+bench-operator: ## operator scale benchmark: 1000 tenants, 10k pods (resolution time, incremental update, RSS)
+	$(NO_SYS_TIME) $(CARGO) run --quiet --release -p stratum-operator --example scale
 
 e2e: ## end-to-end tests on a real control plane (built from the Go proxy and cached on first use)
 	e2e/run.sh

@@ -5,6 +5,7 @@
 //! and /clients.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "server_common/mod.rs"]
 mod common;
 
 use std::io::{Read, Write};
