@@ -11,7 +11,7 @@ export STRATUM_DENY_SYSTEM_CLOCK := 1
 .PHONY: help deps fmt fmt-check lint test unit crds chart chart-check sim fuzz e2e demo bench bench-setup bench-operator
 
 help: ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
 deps: ## install what a fresh machine lacks (Rust components, Debian packages, ntpd-rs for interop)
 	@scripts/install-deps.sh
