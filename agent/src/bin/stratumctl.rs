@@ -262,7 +262,9 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 println!("Server          : {}", r.server);
                 if let Some(code) = &r.kiss_code {
-                    println!("Kiss-o'-Death   : {code}");
+                    // A Kiss-o'-Death carries no time: say what the server refused and stop.
+                    println!("Kiss-o'-Death   : {code} (the server refused to serve this client)");
+                    return Ok(());
                 }
                 println!("Stratum         : {}", r.stratum);
                 println!("Reference ID    : {}", r.reference_id);
