@@ -70,8 +70,34 @@ CONF
   fi
 }
 
+# Network state a killed run (of this or another clone) left behind: namespaces, veths, the
+# bridge and the blackholes are kernel objects that outlive their processes. Only touched when
+# no cluster of ours answers, so a running stack is never disturbed.
+reset_stale() {
+  if curl -sk --max-time 2 "https://127.0.0.1:$E2E_APISERVER_PORT/readyz" >/dev/null 2>&1; then
+    return 0
+  fi
+  local ns link r
+  for ns in $(ip netns list | awk '$1 ~ /^e2e-/ {print $1}'); do
+    log "removing stale network namespace $ns"
+    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  for link in $(ip -o link show | awk -F': ' '{print $2}' | sed 's/@.*//' | grep -E '^e2e[0-9a-f]{8}$' || true); do
+    ip link del "$link" 2>/dev/null || true
+  done
+  if ip link show "$E2E_BRIDGE" >/dev/null 2>&1; then ip link del "$E2E_BRIDGE" 2>/dev/null || true; fi
+  for r in $E2E_TEST_RANGES; do
+    if ip -4 route show exact "$r" table main | grep -q '^blackhole'; then
+      ip route del blackhole "$r" 2>/dev/null || true
+    fi
+  done
+  rm -rf "$E2E_NETNS_STATE"
+}
+
 cmd_up() {
   mkdir -p "$STACK"
+  reset_stale
   log "building the control plane binaries if missing (cold: ~40 min, progress below)"
   "$SCRIPTS/deps.sh"
   BIN=$("$SCRIPTS/build-bins.sh" | sed -n 's/^BIN=//p' | tail -1)
@@ -99,9 +125,11 @@ cmd_up() {
   "${kubectl[@]}" apply --server-side -f "$ROOT/crds/" >/dev/null
   "${kubectl[@]}" wait --for=condition=Established crd --all --timeout=60s >/dev/null
   "${kubectl[@]}" create namespace stratum-system --dry-run=client -o yaml | "${kubectl[@]}" apply -f - >/dev/null
-  # The chart's static ClusterRole for agents (the operator binds it per TimeService).
+  # From the chart: the agents' static ClusterRole (the operator binds it per TimeService) and
+  # the admission policy that keeps each agent to its own node's NodeClock.
   "$BIN/helm" template stratum "$ROOT/charts/stratum" -n stratum-system --kube-version 1.36.0 \
-    --show-only templates/agent-rbac.yaml | "${kubectl[@]}" apply --server-side -f - >/dev/null
+    --show-only templates/agent-rbac.yaml --show-only templates/admission-policy.yaml |
+    "${kubectl[@]}" apply --server-side -f - >/dev/null
 
   log "operator (local process against the kubeconfig, as it runs in a pod)"
   start_bg operator env KUBECONFIG="$E2E_RUN_DIR/kubeconfig" RUST_LOG=info,kube=warn \

@@ -132,7 +132,8 @@ netns_del() {
     for p in $(ip netns pids "$name"); do kill "$p" 2>/dev/null || true; done
   fi
   if ip netns list | awk '{print $1}' | grep -qx "$name"; then ip netns del "$name"; fi
-  if [[ -n $veth ]] && ip link show "$veth" >/dev/null 2>&1; then ip link del "$veth"; fi
+  # Deleting the namespace removes its veth pair asynchronously: tolerate it being gone.
+  if [[ -n $veth ]] && ip link show "$veth" >/dev/null 2>&1; then ip link del "$veth" 2>/dev/null || true; fi
   rm -f "$f"
 }
 

@@ -609,3 +609,44 @@ async fn restarting_the_operator_converges_to_the_same_state_without_duplicates(
         "one IPv4 and one IPv6 slice"
     );
 }
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster: make e2e"]
+async fn an_agent_token_may_write_only_its_own_nodes_node_clock() {
+    let client = client().await;
+    ensure_shared_time_service(&client).await;
+    // The kubelet stand-in gave each agent a kubeconfig with its pod-bound token.
+    let stack =
+        std::env::var("STRATUM_E2E_STACK").expect("STRATUM_E2E_STACK from e2e/stack.sh env");
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(format!("{stack}/agents/kwok-node-0/kubeconfig"))
+            .unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    // The kubeconfig points at the bridge forwarder for the namespaces; from the host, loopback.
+    let port = config.cluster_url.port_u16().unwrap_or(16443);
+    config.cluster_url = format!("https://127.0.0.1:{port}").parse().unwrap();
+    let agent = kube::Client::try_from(config).unwrap();
+    let clocks: Api<NodeClock> = Api::all(agent);
+    let params = kube::api::PatchParams::apply("stratum-agent").force();
+    let body = |node: &str| {
+        kube::api::Patch::Apply(serde_json::json!({
+            "apiVersion": "stratum.io/v1alpha1", "kind": "NodeClock",
+            "metadata": {"name": node}, "spec": {"timeService": SHARED_TIME_SERVICE}
+        }))
+    };
+    clocks
+        .patch("kwok-node-0", &params, &body("kwok-node-0"))
+        .await
+        .expect("an agent may write its own NodeClock");
+    let err = clocks
+        .patch("kwok-node-1", &params, &body("kwok-node-1"))
+        .await
+        .expect_err("an agent wrote another node's NodeClock");
+    let text = err.to_string();
+    assert!(
+        text.contains("may only write NodeClock kwok-node-0"),
+        "{text}"
+    );
+}
