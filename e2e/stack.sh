@@ -64,7 +64,10 @@ driftfile $STACK/$name.drift
 CONF
   netns_add "$name" "$addr"
   if [[ -n $fake ]]; then
-    start_bg "$name" ip netns exec "$name" "${NO_SYS_TIME[@]}" faketime -f "$fake" chronyd -x -d -f "$conf"
+    # Preloaded directly: the faketime wrapper forks, and stopping it would orphan chronyd.
+    start_bg "$name" ip netns exec "$name" "${NO_SYS_TIME[@]}" env \
+      LD_PRELOAD=/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 FAKETIME="$fake" DONT_FAKE_MONOTONIC=1 \
+      chronyd -x -d -f "$conf"
   else
     start_bg "$name" ip netns exec "$name" "${NO_SYS_TIME[@]}" chronyd -x -d -f "$conf"
   fi

@@ -65,6 +65,9 @@ pub fn require(binary: &str) -> PathBuf {
     panic!("{binary} not found: run `make deps` (installs chrony, ntpsec-ntpdig and faketime)");
 }
 
+/// libfaketime's preload library (Debian package `faketime`).
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
 /// A child process killed on drop.
 pub struct Proc {
     pub child: Child,
@@ -111,15 +114,15 @@ pub fn chronyd(dir: &Path, ip: Ipv4Addr, port: u16, fake_offset: Option<&str>) -
     .unwrap();
     let log = dir.join(format!("chronyd-{port}.log"));
     let chronyd = require("chronyd");
-    // -x: never touch the system clock; -d: foreground.
-    let mut cmd = match fake_offset {
-        Some(offset) => {
-            let mut c = Command::new(require("faketime"));
-            c.arg("-f").arg(offset).arg(chronyd);
-            c
-        }
-        None => Command::new(chronyd),
-    };
+    // -x: never touch the system clock; -d: foreground. libfaketime is preloaded directly (the
+    // `faketime` wrapper forks, and killing it would orphan chronyd).
+    let mut cmd = Command::new(chronyd);
+    if let Some(offset) = fake_offset {
+        require("faketime");
+        cmd.env("LD_PRELOAD", LIBFAKETIME)
+            .env("FAKETIME", offset)
+            .env("DONT_FAKE_MONOTONIC", "1");
+    }
     cmd.arg("-x").arg("-d").arg("-f").arg(&conf);
     let child = cmd
         .stdout(Stdio::null())
