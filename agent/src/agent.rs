@@ -553,9 +553,7 @@ fn publish(
             steps: state.steps,
             last_step_seconds: state.last_step.map(|s| s.offset),
             refusal: state.refusal.as_ref().map(refusal_text),
-            last_update_ago_seconds: state
-                .last_update
-                .map(|t| backend_now(backend).secs_since(t)),
+            last_update_ago_seconds: state.last_update.map(|t| backend.now().secs_since(t)),
         },
         sources: source_views(state),
     };
@@ -570,13 +568,6 @@ fn publish(
     );
     shared.status.store(Arc::new(status.clone()));
     let _ = outputs.snapshots.send(status);
-}
-
-fn backend_now(backend: &Backend) -> ClockTime {
-    match backend {
-        Backend::System(c) => stratum_ntp::clock::Clock::now(c),
-        Backend::Readonly(c) | Backend::Simulated(c) => stratum_ntp::clock::Clock::now(c),
-    }
 }
 
 #[cfg(test)]

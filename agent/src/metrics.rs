@@ -50,15 +50,9 @@ const SOURCE_STATES: [&str; 6] = [
 
 fn state_label(state: SourceState) -> &'static str {
     match state {
-        SourceState::Selected => "selected",
-        SourceState::Combined => "combined",
-        SourceState::Candidate => "candidate",
-        SourceState::Falseticker => "falseticker",
-        SourceState::Demobilized => "demobilized",
         // Not yet usable sources count as unreachable for alerting purposes.
-        SourceState::Unreachable | SourceState::Initializing | SourceState::Unusable => {
-            "unreachable"
-        }
+        SourceState::Initializing | SourceState::Unusable => "unreachable",
+        other => crate::status::state_name(other),
     }
 }
 

@@ -69,24 +69,53 @@ fn respond(send: tower_test::mock::SendResponse<Response<Body>>, body: serde_jso
     );
 }
 
+/// `report::run` for node worker-1 against a mock API server, with the channels that feed it.
+struct Reporter {
+    handle: tower_test::mock::Handle<Request<Body>, Response<Body>>,
+    snapshots: watch::Sender<AgentStatus>,
+    events: mpsc::Sender<AgentEvent>,
+    _heartbeat: watch::Sender<Duration>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reporter {
+    fn start() -> Self {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "default");
+        let (heartbeat, hb_rx) = watch::channel(Duration::from_secs(60));
+        let (snapshots, snap_rx) = watch::channel(AgentStatus::default());
+        let (events, ev_rx) = mpsc::channel(4);
+        let task = tokio::spawn(report::run(
+            client,
+            "worker-1".into(),
+            String::new(),
+            hb_rx,
+            snap_rx,
+            ev_rx,
+        ));
+        Reporter {
+            handle,
+            snapshots,
+            events,
+            _heartbeat: heartbeat,
+            task,
+        }
+    }
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 #[tokio::test]
 async fn node_clock_is_applied_with_the_agent_field_manager_then_its_status() {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(service, "default");
-    let (_hb_tx, hb_rx) = watch::channel(Duration::from_secs(60));
-    let (snap_tx, snap_rx) = watch::channel(AgentStatus::default());
-    let (_ev_tx, ev_rx) = mpsc::channel(4);
-    let task = tokio::spawn(report::run(
-        client,
-        "worker-1".into(),
-        String::new(),
-        hb_rx,
-        snap_rx,
-        ev_rx,
-    ));
+    let mut r = Reporter::start();
+    let (handle, snap_tx) = (&mut r.handle, &r.snapshots);
     snap_tx.send(status()).unwrap();
 
-    let (method, uri, body, send) = next_request(&mut handle).await;
+    let (method, uri, body, send) = next_request(handle).await;
     assert_eq!(method, http::Method::PATCH);
     assert!(
         uri.starts_with("/apis/stratum.io/v1alpha1/nodeclocks/worker-1?"),
@@ -100,7 +129,7 @@ async fn node_clock_is_applied_with_the_agent_field_manager_then_its_status() {
     assert_eq!(body["spec"]["timeService"], "cluster-time");
     respond(send, body.clone());
 
-    let (method, uri, body, send) = next_request(&mut handle).await;
+    let (method, uri, body, send) = next_request(handle).await;
     assert_eq!(method, http::Method::PATCH);
     assert!(
         uri.starts_with("/apis/stratum.io/v1alpha1/nodeclocks/worker-1/status?"),
@@ -124,24 +153,12 @@ async fn node_clock_is_applied_with_the_agent_field_manager_then_its_status() {
         quiet.is_err(),
         "the reporter rewrote an unchanged NodeClock"
     );
-    task.abort();
 }
 
 #[tokio::test]
 async fn events_are_published_on_the_node() {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(service, "default");
-    let (_hb_tx, hb_rx) = watch::channel(Duration::from_secs(60));
-    let (_snap_tx, snap_rx) = watch::channel(AgentStatus::default());
-    let (ev_tx, ev_rx) = mpsc::channel(4);
-    let task = tokio::spawn(report::run(
-        client,
-        "worker-1".into(),
-        String::new(),
-        hb_rx,
-        snap_rx,
-        ev_rx,
-    ));
+    let mut r = Reporter::start();
+    let (handle, ev_tx) = (&mut r.handle, &r.events);
     ev_tx
         .send(AgentEvent::ConfigRejected {
             reason: "serving.tenants[0].port: must not be 0".into(),
@@ -149,7 +166,7 @@ async fn events_are_published_on_the_node() {
         .await
         .unwrap();
 
-    let (method, uri, body, send) = next_request(&mut handle).await;
+    let (method, uri, body, send) = next_request(handle).await;
     assert_eq!(method, http::Method::POST);
     assert!(
         uri.starts_with("/apis/events.k8s.io/v1/namespaces/default/events"),
@@ -163,5 +180,4 @@ async fn events_are_published_on_the_node() {
     assert_eq!(body["reportingInstance"], "worker-1");
     assert!(body["note"].as_str().unwrap().contains("must not be 0"));
     respond(send, body);
-    task.abort();
 }

@@ -191,6 +191,8 @@ mod tests {
         .unwrap()
     }
 
+    /// The fixture pod asks for `--clock=system`, as a real DaemonSet would; the test pins that
+    /// the harness replaces it, so no e2e agent ever opens the system clock.
     #[test]
     fn pod_args_env_and_host_paths_become_the_agent_command_with_a_simulated_clock() {
         let cmd = agent_command(&pod(), Path::new("/run/e2e/nodes"), 0.3, 50.0).unwrap();

@@ -14,25 +14,30 @@ fn source(i: u8) -> SourceConfig {
     SourceConfig::new(format!("s{i}"), format!("192.0.2.{i}:123").parse().unwrap())
 }
 
+/// A stratum-1 server's reply to `request`, received and sent at `at_server`.
+fn perfect_reply(request: &[u8], at_server: ClockTime) -> [u8; 48] {
+    let view = Packet::parse(request).unwrap();
+    let state = ServerClockState {
+        synchronized: true,
+        leap: LeapIndicator::NoWarning,
+        stratum: 1,
+        precision: -20,
+        root_delay: 0.0,
+        root_dispersion: 1e-5,
+        reference_id: ReferenceId(*b"GPS\0"),
+        reference_time: NtpTimestamp::from_clock_time(at_server),
+        updated_at: at_server,
+    };
+    let mut out = [0u8; 48];
+    build_reply(&view, at_server, at_server, &state, None, &mut out).unwrap();
+    out
+}
+
 /// Answers every due request from a perfect server 1 ms away, `rounds` times, 2 s apart.
 fn exchange(system: &mut System, mut now: ClockTime, rounds: usize) -> ClockTime {
     for _ in 0..rounds {
         while let Some(request) = system.poll_due(now) {
-            let view = Packet::parse(&request.bytes).unwrap();
-            let state = ServerClockState {
-                synchronized: true,
-                leap: LeapIndicator::NoWarning,
-                stratum: 1,
-                precision: -20,
-                root_delay: 0.0,
-                root_dispersion: 1e-5,
-                reference_id: ReferenceId(*b"GPS\0"),
-                reference_time: NtpTimestamp::from_clock_time(now),
-                updated_at: now,
-            };
-            let mut out = [0u8; 48];
-            let at_server = now.add_secs(0.0005);
-            build_reply(&view, at_server, at_server, &state, None, &mut out).unwrap();
+            let out = perfect_reply(&request.bytes, now.add_secs(0.0005));
             let rx = now.add_secs(0.001);
             system.handle_response(request.source, &out, rx, rx);
         }
@@ -178,22 +183,8 @@ fn reported_offset_tracks_the_clock_after_a_step_and_between_updates() {
             apply_action(&mut clock, &action).unwrap();
         }
         while let Some(request) = system.poll_due(clock.now()) {
-            let view = Packet::parse(&request.bytes).unwrap();
-            let state = ServerClockState {
-                synchronized: true,
-                leap: LeapIndicator::NoWarning,
-                stratum: 1,
-                precision: -20,
-                root_delay: 0.0,
-                root_dispersion: 1e-5,
-                reference_id: ReferenceId(*b"GPS\0"),
-                reference_time: NtpTimestamp::from_clock_time(true_now),
-                updated_at: true_now,
-            };
-            let mut out = [0u8; 48];
             // True time at the server, 0.5 ms each way; local clock barely moves meanwhile.
-            let at_server = true_now.add_secs(0.0005);
-            build_reply(&view, at_server, at_server, &state, None, &mut out).unwrap();
+            let out = perfect_reply(&request.bytes, true_now.add_secs(0.0005));
             let rx = clock.now().add_secs(0.001);
             let outcome = system.handle_response(request.source, &out, rx, rx);
             for action in &outcome.actions {

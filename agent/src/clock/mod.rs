@@ -114,6 +114,14 @@ impl Backend {
         }
     }
 
+    /// The current time on the clock the core steers.
+    pub fn now(&self) -> ClockTime {
+        match self {
+            Backend::System(c) => c.now(),
+            Backend::Readonly(c) | Backend::Simulated(c) => c.now(),
+        }
+    }
+
     /// The clock to hand to the core.
     pub fn clock(&mut self) -> &mut dyn Clock {
         match self {
@@ -247,10 +255,7 @@ impl Timescale {
 
 /// This host's realtime clock.
 pub fn host_realtime() -> ClockTime {
-    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME) {
-        Ok(ts) => ClockTime::from_unix_nanos(ts.tv_sec() * 1_000_000_000 + ts.tv_nsec()),
-        Err(_) => ClockTime::EPOCH,
-    }
+    system::read_clock(nix::time::ClockId::CLOCK_REALTIME)
 }
 
 #[cfg(test)]

@@ -136,7 +136,7 @@ pub fn kernel_state() -> Result<KernelClockState, ClockError> {
     })
 }
 
-fn read_clock(id: ClockId) -> ClockTime {
+pub(crate) fn read_clock(id: ClockId) -> ClockTime {
     // clock_gettime on REALTIME/MONOTONIC cannot fail on Linux with a valid clock id.
     match clock_gettime(id) {
         Ok(ts) => ClockTime::from_unix_nanos(ts.tv_sec() * 1_000_000_000 + ts.tv_nsec()),

@@ -87,14 +87,8 @@ impl Drop for Proc {
             .arg("-TERM")
             .arg(self.child.id().to_string())
             .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
+        // Both chronyd and the agent exit on SIGTERM (the agent after saving its drift): wait
+        // for that exit itself rather than polling for it.
         let _ = self.child.wait();
     }
 }

@@ -50,3 +50,21 @@ pub fn crd_yaml(
         serde_yaml::to_string(crd)?
     ))
 }
+
+/// Checks a raw object against the CEL rules of kind `K`'s generated schema, defaults applied
+/// first, as the API server does. Raw JSON rather than a typed object, so malformed values
+/// (which would not deserialize) reach the rules. For tests and `stratumctl`-style tooling.
+pub fn validate_object<K: kube::CustomResourceExt>(
+    object: &serde_json::Value,
+) -> Result<(), kube::core::cel::ValidationErrors> {
+    let crd = K::crd();
+    let schema = crd
+        .spec
+        .versions
+        .first()
+        .and_then(|v| v.schema.as_ref())
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+        .and_then(|s| serde_json::to_value(s).ok())
+        .unwrap_or_default();
+    kube::core::cel::Validator::new().validate_with_defaults(&schema, object, None)
+}

@@ -3,35 +3,19 @@
 
 #![allow(clippy::unwrap_used)]
 
-use kube::CustomResourceExt;
-use kube::core::cel::{ValidationErrors, Validator};
+use kube::core::cel::ValidationErrors;
 use serde_json::{Value, json};
 use stratum_api::{TenantTimePolicy, TimeService};
 
-/// Validates a raw object against a CRD's served schema, defaults applied first, as the API
-/// server does. Raw JSON rather than typed objects, so malformed values reach the rules.
-fn validate_against<K: CustomResourceExt>(object: Value) -> Result<(), ValidationErrors> {
-    let crd = K::crd();
-    let schema = crd.spec.versions[0]
-        .schema
-        .as_ref()
-        .unwrap()
-        .open_api_v3_schema
-        .as_ref()
-        .unwrap();
-    let schema = serde_json::to_value(schema).unwrap();
-    Validator::new().validate_with_defaults(&schema, &object, None)
-}
-
 fn time_service(spec: Value) -> Checked {
-    Checked(validate_against::<TimeService>(json!({
+    Checked(stratum_api::validate_object::<TimeService>(&json!({
         "apiVersion": "stratum.io/v1alpha1", "kind": "TimeService",
         "metadata": {"name": "t"}, "spec": spec
     })))
 }
 
 fn tenant(spec: Value) -> Checked {
-    Checked(validate_against::<TenantTimePolicy>(json!({
+    Checked(stratum_api::validate_object::<TenantTimePolicy>(&json!({
         "apiVersion": "stratum.io/v1alpha1", "kind": "TenantTimePolicy",
         "metadata": {"name": "ntp", "namespace": "a"}, "spec": spec
     })))

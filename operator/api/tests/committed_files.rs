@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 
 use kube::CustomResourceExt;
-use kube::core::cel::Validator;
 use stratum_api::{TenantTimePolicy, TimeService};
 
 fn repo_root() -> PathBuf {
@@ -85,16 +84,7 @@ where
     let text = std::fs::read_to_string(repo_root().join("examples").join(file)).unwrap();
     let raw: serde_json::Value = serde_yaml::from_str(&text).unwrap();
     let typed: K = serde_json::from_value(raw.clone()).unwrap_or_else(|e| panic!("{file}: {e}"));
-    let crd = K::crd();
-    let schema = crd.spec.versions[0]
-        .schema
-        .as_ref()
-        .unwrap()
-        .open_api_v3_schema
-        .as_ref()
-        .unwrap();
-    let schema = serde_json::to_value(schema).unwrap();
-    if let Err(errors) = Validator::new().validate_with_defaults(&schema, &raw, None) {
+    if let Err(errors) = stratum_api::validate_object::<K>(&raw) {
         panic!("{file} breaks a CRD rule: {errors:?}");
     }
     typed
