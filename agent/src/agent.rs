@@ -91,6 +91,8 @@ pub fn system_config(
             ApiLeapMode::Ignore => LeapMode::Ignore,
         },
         smear_window: config.leap.smear_window_seconds,
+        holdover: Some(config.serving.holdover_seconds),
+        local_stratum: config.serving.local_stratum,
         ..SystemConfig::default()
     };
     system.discipline.make_step_threshold = d.make_step_threshold_seconds;
@@ -371,7 +373,9 @@ pub async fn run(
             let _ = outputs.events.try_send(if state.synchronized {
                 AgentEvent::SyncRegained
             } else {
-                AgentEvent::SyncLost
+                AgentEvent::SyncLost {
+                    why: sync_loss_reason(&system, &state, now),
+                }
             });
             was_synchronized = state.synchronized;
         }
@@ -497,6 +501,37 @@ pub fn refusal_text(refusal: &Refusal) -> String {
             needed,
         } => format!(
             "ignoring an implausible offset of {offset:+.6} s until confirmed ({confirmations}/{needed})"
+        ),
+    }
+}
+
+/// Why the clock counts as unsynchronized, for the SyncLost Event.
+fn sync_loss_reason(system: &System, state: &SystemState, now: ClockTime) -> String {
+    let Some(last_update) = state.last_update else {
+        return "no clock update yet".into();
+    };
+    if let Some(refusal) = &state.refusal {
+        return refusal_text(refusal);
+    }
+    let quiet = now.secs_since(last_update);
+    match system.holdover_limit() {
+        Some(limit) if quiet > limit => {
+            let served = system.server_state(now);
+            let answering = if served.synchronized {
+                format!(
+                    "serving the free-running clock at local stratum {}",
+                    served.stratum
+                )
+            } else {
+                "answering unsynchronized (LI=3, stratum 16)".to_string()
+            };
+            format!(
+                "no agreeing source for {quiet:.0} s, beyond the holdover of {limit:.0} s; {answering}"
+            )
+        }
+        _ => format!(
+            "root distance {:.3} s reached the limit; no agreeing source for {quiet:.0} s",
+            state.root_distance
         ),
     }
 }
@@ -633,5 +668,16 @@ mod tests {
             Some(config.discipline.panic_runtime_seconds)
         );
         assert_eq!(sys.max_distance, config.selection.max_distance_seconds);
+    }
+
+    #[test]
+    fn holdover_and_local_stratum_reach_the_core() {
+        let mut config = AgentConfig::from_json(&config_json()).unwrap();
+        config.serving.holdover_seconds = 42.0;
+        config.serving.local_stratum = Some(9);
+        let sys = system_config(&config, &config.upstreams, &Resolved::new());
+        assert_eq!(sys.holdover, Some(42.0));
+        assert_eq!(sys.local_stratum, Some(9));
+        assert!(sys.validate().is_ok());
     }
 }

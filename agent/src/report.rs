@@ -35,7 +35,7 @@ pub enum AgentEvent {
     /// Synchronization was reached.
     SyncRegained,
     /// Synchronization was lost.
-    SyncLost,
+    SyncLost { why: String },
     /// A source was marked falseticker.
     FalsetickerRejected {
         /// The source's address.
@@ -74,10 +74,10 @@ impl AgentEvent {
                 "clock synchronized".into(),
                 "Discipline",
             ),
-            AgentEvent::SyncLost => (
+            AgentEvent::SyncLost { why } => (
                 EventType::Warning,
                 "SyncLost",
-                "clock lost synchronization".into(),
+                format!("clock lost synchronization: {why}"),
                 "Discipline",
             ),
             AgentEvent::FalsetickerRejected { source } => (

@@ -33,6 +33,9 @@ use thiserror::Error;
 /// Stratum published when unsynchronized.
 pub const UNSYNCHRONIZED_STRATUM: u8 = 16;
 
+/// Holdover is never shorter than this many of the slowest source's maximum poll intervals.
+pub const HOLDOVER_MIN_POLLS: f64 = 4.0;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct SystemConfig {
@@ -49,6 +52,14 @@ pub struct SystemConfig {
     pub leap_mode: LeapMode,
     /// Smear window, seconds (used in smear mode).
     pub smear_window: f64,
+    /// How long after the last clock update the clock still counts as synchronized, seconds;
+    /// `None` leaves it to `max_distance` alone. Never shorter than four of the slowest
+    /// source's maximum poll intervals, so a healthy source that missed a poll or two is
+    /// never declared lost.
+    pub holdover: Option<f64>,
+    /// Stratum answered with once holdover has expired (the clock runs free but still serves,
+    /// like chrony's `local stratum`); `None` answers unsynchronized (LI=3, stratum 16).
+    pub local_stratum: Option<u8>,
 }
 
 impl Default for SystemConfig {
@@ -62,6 +73,8 @@ impl Default for SystemConfig {
             discipline: DisciplineConfig::default(),
             leap_mode: LeapMode::Kernel,
             smear_window: 86_400.0,
+            holdover: None,
+            local_stratum: None,
         }
     }
 }
@@ -82,6 +95,10 @@ pub enum ConfigError {
     DuplicateAddress(SocketAddr),
     #[error("{field} must be a positive finite number, got {value}")]
     NotPositive { field: &'static str, value: f64 },
+    #[error("holdover must be a finite number of seconds >= 0, got {0}")]
+    Holdover(f64),
+    #[error("localStratum must be between 1 and 15, got {0}")]
+    LocalStratum(u8),
 }
 
 impl SystemConfig {
@@ -104,6 +121,16 @@ impl SystemConfig {
             if !(value.is_finite() && value > 0.0) {
                 return Err(ConfigError::NotPositive { field, value });
             }
+        }
+        if let Some(holdover) = self.holdover
+            && !(holdover.is_finite() && holdover >= 0.0)
+        {
+            return Err(ConfigError::Holdover(holdover));
+        }
+        if let Some(stratum) = self.local_stratum
+            && !(1..UNSYNCHRONIZED_STRATUM).contains(&stratum)
+        {
+            return Err(ConfigError::LocalStratum(stratum));
         }
         for (i, source) in self.sources.iter().enumerate() {
             let (min, max) = (source.min_poll, source.max_poll);
@@ -591,13 +618,37 @@ impl System {
             return false;
         };
         let distance = vars.root_delay / 2.0 + self.root_dispersion_at(vars, now);
-        // A panic refusal means the clock is known to be far off; an implausible offset
-        // waiting for confirmation does not (the clock is as good as before it).
-        let panicked = matches!(
+        !self.panicked() && distance < self.config.max_distance && !self.holdover_expired(vars, now)
+    }
+
+    /// A panic refusal means the clock is known to be far off; an implausible offset waiting
+    /// for confirmation does not (the clock is as good as before it).
+    fn panicked(&self) -> bool {
+        matches!(
             self.discipline.refusal(),
             Some(Refusal::PanicThreshold { .. })
-        );
-        !panicked && distance < self.config.max_distance
+        )
+    }
+
+    /// The longest the clock may go without an update before it counts as having lost its
+    /// sources: the configured holdover, but at least four of the slowest source's maximum
+    /// poll intervals (an update is due once per poll interval while agreeing sources answer,
+    /// and a lost packet or two must not end synchronization).
+    pub fn holdover_limit(&self) -> Option<f64> {
+        let slowest_poll = self
+            .config
+            .sources
+            .iter()
+            .map(|s| 2f64.powi(i32::from(s.max_poll)))
+            .fold(0.0, f64::max);
+        self.config
+            .holdover
+            .map(|holdover| holdover.max(HOLDOVER_MIN_POLLS * slowest_poll))
+    }
+
+    fn holdover_expired(&self, vars: &SystemVars, now: ClockTime) -> bool {
+        self.holdover_limit()
+            .is_some_and(|limit| self.discipline.axis(now).secs_since(vars.updated_axis) > limit)
     }
 
     fn publish_status(&mut self, now: ClockTime) -> Option<ClockAction> {
@@ -655,8 +706,27 @@ impl System {
                 reference_time: NtpTimestamp::from_clock_time(vars.updated_at),
                 updated_at: now,
             },
+            // Holdover is over but the operator asked to keep serving the free-running clock
+            // at a local stratum; a panic refusal or no update ever still answers LI=3.
+            (Some(vars), false) if self.serves_local(vars, now) => ServerClockState {
+                synchronized: true,
+                leap: self.leap.indicator(),
+                stratum: self.config.local_stratum.unwrap_or(UNSYNCHRONIZED_STRATUM),
+                precision: self.config.precision_log2,
+                root_delay: 0.0,
+                root_dispersion: 0.0,
+                reference_id: ReferenceId(*b"LOCL"),
+                reference_time: NtpTimestamp::from_clock_time(now),
+                updated_at: now,
+            },
             _ => ServerClockState::unsynchronized(self.config.precision_log2),
         }
+    }
+
+    /// Whether the free-running clock is served at the configured local stratum: only after
+    /// holdover expired, never when the discipline refused a correction at the panic threshold.
+    fn serves_local(&self, vars: &SystemVars, now: ClockTime) -> bool {
+        self.config.local_stratum.is_some() && !self.panicked() && self.holdover_expired(vars, now)
     }
 
     pub fn state(&self, now: ClockTime) -> SystemState {

@@ -388,13 +388,16 @@ pub struct Serving {
     /// Ports assigned to tenants, one each.
     #[serde(default)]
     pub tenant_ports: PortRange,
-    /// How long an agent that lost all sources keeps answering as synchronized, while its root
-    /// dispersion grows.
+    /// How long an agent that lost all sources (no clock update since) keeps answering as
+    /// synchronized, while its root dispersion grows; never less than four of the slowest
+    /// upstream's maxPoll intervals. After it the agent is unsynchronized: not ready in tenants'
+    /// EndpointSlices, and answering LI=3 stratum 16, or localStratum when set.
     #[serde(default = "default_holdover")]
     #[x_kube(validation = duration_rule!("holdover"))]
     pub holdover: Duration,
-    /// Stratum announced when no source is reachable after holdover; unset answers
-    /// "unsynchronized" (stratum 16).
+    /// Stratum announced once holdover has expired (the free-running clock keeps being served,
+    /// with reference LOCL); unset answers "unsynchronized" (LI=3, stratum 16). Either way
+    /// the agent is not ready in EndpointSlices then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = kube::core::Rule::new("self >= 1 && self <= 15").message("localStratum must be between 1 and 15"))]
     pub local_stratum: Option<i32>,

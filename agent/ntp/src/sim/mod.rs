@@ -150,6 +150,8 @@ pub struct Trace {
     pub ever_used: Vec<SourceId>,
     pub source_ids: Vec<SourceId>,
     pub final_state: Option<crate::system::SystemState>,
+    /// What the server would answer with at the end.
+    pub final_server_state: Option<crate::server::ServerClockState>,
     pub requests_sent: u64,
     pub responses_delivered: u64,
     pub meddling_detected: Vec<(f64, f64)>,
@@ -476,6 +478,7 @@ impl Scenario {
             .map(|(id, _)| *id)
             .collect();
         trace.final_state = Some(system.state(clock.now()));
+        trace.final_server_state = Some(system.server_state(clock.now()));
         trace
     }
 }
