@@ -83,7 +83,9 @@ pub fn shared_time_service(extra_upstreams: &[&str]) -> serde_json::Value {
         "apiVersion": "stratum.io/v1alpha1", "kind": "TimeService",
         "metadata": {"name": SHARED_TIME_SERVICE},
         "spec": {
-            "upstreams": hosts.iter().map(|h| serde_json::json!({"host": h, "minPoll": 4, "maxPoll": 6})).collect::<Vec<_>>(),
+            // Polls of 8 s keep the holdover floor (4 maxPoll intervals) at 32 s, so losing
+            // every upstream shows within a test's patience.
+            "upstreams": hosts.iter().map(|h| serde_json::json!({"host": h, "minPoll": 3, "maxPoll": 3})).collect::<Vec<_>>(),
             "selection": {"minSources": 2},
             "discipline": {"makeStep": {"threshold": "128ms", "limit": 3}},
             "placement": {"nodeSelector": {"kubernetes.io/os": "linux"}},

@@ -650,3 +650,140 @@ async fn an_agent_token_may_write_only_its_own_nodes_node_clock() {
         "{text}"
     );
 }
+
+/// Cuts a node's network namespace off from every upstream (a blackhole route for the upstream
+/// range) until dropped, so a failing test never leaves an agent isolated for the next one.
+struct UpstreamsCut {
+    netns: String,
+}
+
+const UPSTREAM_RANGE: &str = "10.77.1.0/24";
+
+impl UpstreamsCut {
+    fn new(node: &str) -> Self {
+        let netns = format!("e2e-{node}");
+        let status = std::process::Command::new("ip")
+            .args(["-n", &netns, "route", "add", "blackhole", UPSTREAM_RANGE])
+            .status()
+            .expect("ip");
+        assert!(status.success(), "blackholing {UPSTREAM_RANGE} in {netns}");
+        Self { netns }
+    }
+}
+
+impl Drop for UpstreamsCut {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args([
+                "-n",
+                &self.netns,
+                "route",
+                "del",
+                "blackhole",
+                UPSTREAM_RANGE,
+            ])
+            .status();
+    }
+}
+
+/// Readiness of each node's endpoint in the tenant's IPv4 EndpointSlice.
+async fn endpoint_readiness(client: &kube::Client, namespace: &str) -> Option<Vec<(String, bool)>> {
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
+    let list = slices
+        .list(&ListParams::default().labels("kubernetes.io/service-name=ntp"))
+        .await
+        .ok()?;
+    let v4 = list.items.into_iter().find(|s| s.address_type == "IPv4")?;
+    let mut out: Vec<(String, bool)> = v4
+        .endpoints
+        .unwrap_or_default()
+        .iter()
+        .map(|e| {
+            (
+                e.node_name.clone().unwrap_or_default(),
+                e.conditions.as_ref().and_then(|c| c.ready) == Some(true),
+            )
+        })
+        .collect();
+    out.sort();
+    Some(out)
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster: make e2e"]
+async fn an_agent_that_loses_every_upstream_stops_being_ready_in_its_tenants_endpoint_slices() {
+    let client = client().await;
+    ensure_shared_time_service(&client).await;
+    let ns = "e2e-holdover";
+    namespace(&client, ns, serde_json::json!({})).await;
+    apply_tenant(&client, ns, serde_json::json!({})).await;
+    let all_ready = |nodes: &[(String, bool)]| nodes.len() == 3 && nodes.iter().all(|(_, r)| *r);
+    wait_for(Duration::from_secs(60), "3 ready endpoints", || async {
+        endpoint_readiness(&client, ns)
+            .await
+            .filter(|e| all_ready(e))
+    })
+    .await;
+
+    let isolated = "kwok-node-2";
+    let clocks: Api<NodeClock> = Api::all(client.clone());
+    let cut = UpstreamsCut::new(isolated);
+    // Holdover is 20 s in the shared spec, raised by the agent to 4 maxPoll intervals (32 s).
+    let (_, unsynchronized_after) = wait_for(
+        Duration::from_secs(120),
+        "the isolated agent's NodeClock to turn unsynchronized",
+        || async {
+            let status = clocks.get(isolated).await.ok()?.status?;
+            (!status.synchronized).then_some(status)
+        },
+    )
+    .await;
+    let status = clocks.get(isolated).await.unwrap().status.unwrap();
+    assert_eq!(status.stratum, 16, "no localStratum set: stratum 16");
+    let (endpoints, unready_after) = wait_for(
+        Duration::from_secs(30),
+        "the isolated agent's endpoint to turn not ready",
+        || async {
+            endpoint_readiness(&client, ns)
+                .await
+                .filter(|e| e.iter().any(|(n, r)| n == isolated && !*r))
+        },
+    )
+    .await;
+    // The other agents still reach their upstreams and stay ready.
+    assert_eq!(
+        endpoints,
+        vec![
+            ("kwok-node-0".to_string(), true),
+            ("kwok-node-1".to_string(), true),
+            (isolated.to_string(), false),
+        ]
+    );
+    let ttp: Api<TenantTimePolicy> = Api::namespaced(client.clone(), ns);
+    wait_for(Duration::from_secs(30), "readyEndpoints 2", || async {
+        (ttp.get("ntp").await.ok()?.status?.ready_endpoints == 2).then_some(())
+    })
+    .await;
+    eprintln!(
+        "upstreams cut: NodeClock unsynchronized after {:.1} s, endpoint not ready {:.1} s later",
+        unsynchronized_after.as_secs_f64(),
+        unready_after.as_secs_f64()
+    );
+
+    drop(cut);
+    let (_, back_after) = wait_for(
+        Duration::from_secs(120),
+        "the agent to resynchronize and its endpoint to be ready again",
+        || async {
+            endpoint_readiness(&client, ns)
+                .await
+                .filter(|e| all_ready(e))
+        },
+    )
+    .await;
+    eprintln!(
+        "upstreams restored: endpoint ready again after {:.1} s",
+        back_after.as_secs_f64()
+    );
+    delete(&ttp, "ntp").await;
+}
