@@ -231,6 +231,21 @@ pub fn significant(status: &NodeClockStatus) -> impl PartialEq + use<> {
     )
 }
 
+/// Keeps each condition's lastTransitionTime from `previous` while its status is unchanged, so
+/// the time says when the condition last flipped, not when the agent last wrote.
+pub fn carry_transition_times(status: &mut NodeClockStatus, previous: Option<&NodeClockStatus>) {
+    let Some(previous) = previous else { return };
+    for condition in &mut status.conditions {
+        if let Some(before) = previous
+            .conditions
+            .iter()
+            .find(|c| c.type_ == condition.type_ && c.status == condition.status)
+        {
+            condition.last_transition_time = before.last_transition_time.clone();
+        }
+    }
+}
+
 /// When to write: on a significant change (at most every [`MIN_WRITE_INTERVAL`]) or when the
 /// heartbeat is due.
 #[derive(Debug)]
@@ -291,6 +306,7 @@ pub async fn run(
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let mut policy = WritePolicy::new(*heartbeat.borrow());
     let mut last_significant = None;
+    let mut last_written: Option<NodeClockStatus> = None;
     let mut object_applied_for: Option<String> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -316,7 +332,8 @@ pub async fn run(
             status.identity.time_service.clone()
         };
         let now = Instant::now();
-        let value = node_clock_status(&status, Time(k8s_openapi::jiff::Timestamp::now()));
+        let mut value = node_clock_status(&status, Time(k8s_openapi::jiff::Timestamp::now()));
+        carry_transition_times(&mut value, last_written.as_ref());
         let sig = significant(&value);
         let changed = last_significant.as_ref() != Some(&sig);
         policy = WritePolicy {
@@ -339,11 +356,12 @@ pub async fn run(
                 }
             }
         }
-        let body = serde_json::json!({"apiVersion": "stratum.io/v1alpha1", "kind": "NodeClock", "status": value});
+        let body = serde_json::json!({"apiVersion": "stratum.io/v1alpha1", "kind": "NodeClock", "status": &value});
         match api.patch_status(&node, &params, &Patch::Apply(body)).await {
             Ok(_) => {
                 policy.wrote(now);
                 last_significant = Some(sig);
+                last_written = Some(value);
             }
             Err(e) => tracing::warn!(error = %e, "writing NodeClock status failed"),
         }
@@ -352,6 +370,7 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::status::{Identity, SourceView, Tracking};
 
@@ -383,6 +402,35 @@ mod tests {
 
     fn at() -> Time {
         Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn condition_transition_times_move_only_when_the_status_flips() {
+        let later = Time(k8s_openapi::jiff::Timestamp::from_second(3600).unwrap());
+        let first = node_clock_status(&status(true, 0.0), at());
+        let mut same = node_clock_status(&status(true, 1e-6), later.clone());
+        carry_transition_times(&mut same, Some(&first));
+        assert!(
+            same.conditions
+                .iter()
+                .all(|c| c.last_transition_time == at())
+        );
+
+        let mut flipped = status(true, 0.0);
+        flipped.identity.config_error = Some("bad".into());
+        let mut flipped = node_clock_status(&flipped, later.clone());
+        carry_transition_times(&mut flipped, Some(&first));
+        let time_of = |type_: &str| {
+            flipped
+                .conditions
+                .iter()
+                .find(|c| c.type_ == type_)
+                .unwrap()
+                .last_transition_time
+                .clone()
+        };
+        assert_eq!(time_of("ConfigValid"), later);
+        assert_eq!(time_of("ClockControl"), at());
     }
 
     #[test]
