@@ -147,6 +147,8 @@ cmd_up() {
 
   log "Prometheus on 127.0.0.1:$PROMETHEUS_PORT, configured from the installed monitors and rules"
   local prom=$STACK/prometheus
+  # A fresh TSDB and no stand-in files of an earlier run's pods: figures are this run's.
+  rm -rf "$prom" "$STACK/pods"
   mkdir -p "$prom"
   echo '[]' >"$prom/targets.json"
   "${kubectl[@]}" -n "$RELEASE_NAMESPACE" get podmonitors,servicemonitors,prometheusrules,services -o yaml >"$prom/monitoring.yaml"
