@@ -239,26 +239,30 @@ async fn adding_an_upstream_reaches_every_agent_without_restart() {
         spec
     })
     .await;
-    let (revision, _) = wait_for(
+    // The revision with five upstreams, as it is now: other changes (e.g. tenant allow lists
+    // of earlier tests settling) may write newer revisions, which still carry the upstream.
+    let revision_with_upstream = || async {
+        let c = cm
+            .get(&format!("{SHARED_TIME_SERVICE}-agent-config"))
+            .await
+            .ok()?;
+        let text = c.data?.get("agent-config.json")?.clone();
+        let cfg: serde_json::Value = serde_json::from_str(&text).ok()?;
+        (cfg["upstreams"].as_array()?.len() == 5)
+            .then(|| cfg["revision"].as_str().unwrap_or_default().to_string())
+    };
+    wait_for(
         Duration::from_secs(30),
         "the agent config to carry the new upstream",
-        || async {
-            let c = cm
-                .get(&format!("{SHARED_TIME_SERVICE}-agent-config"))
-                .await
-                .ok()?;
-            let text = c.data?.get("agent-config.json")?.clone();
-            let cfg: serde_json::Value = serde_json::from_str(&text).ok()?;
-            (cfg["upstreams"].as_array()?.len() == 5)
-                .then(|| cfg["revision"].as_str().unwrap_or_default().to_string())
-        },
+        revision_with_upstream,
     )
     .await;
     let clocks: Api<NodeClock> = Api::all(client.clone());
     let (_, took) = wait_for(
         Duration::from_secs(60),
-        "every agent to run the new revision",
+        "every agent to run the current revision, with the new upstream",
         || async {
+            let revision = revision_with_upstream().await?;
             let list = clocks.list(&ListParams::default()).await.ok()?;
             list.items
                 .iter()
