@@ -108,6 +108,8 @@ say "the agent on kwok-node-0, as stratumctl sees it"
 run ip netns exec e2e-kwok-node-0 "$STRATUM_E2E_TARGET/stratumctl" sources || true
 
 say "Prometheus (configured from the chart's PodMonitor, ServiceMonitor and PrometheusRule): $STRATUM_E2E_PROMETHEUS"
+e2e_wait_for "Prometheus to have scraped the agents and operators" 60 bash -c \
+  "promtool query instant '$STRATUM_E2E_PROMETHEUS' 'count(up == 1) >= 5' | grep -q ." || true
 run promtool query instant "$STRATUM_E2E_PROMETHEUS" \
   'stratum_agent_offset_seconds * on(job, instance) group_left(node) stratum_agent_info' || true
 run promtool query instant "$STRATUM_E2E_PROMETHEUS" 'stratum_operator_leader' || true
