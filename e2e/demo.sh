@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# `make demo`: the whole system on a local control plane — the operator, three fake nodes
-# with real agents, upstream NTP servers (one lying), a TimeService and two tenants — then a
-# short tour, and it keeps running until Ctrl-C, when it cleans up everything it started.
+# `make demo`: the whole system on a local control plane — the chart installed with helm (its
+# operator pods run as real processes), three fake nodes with real agents, upstream NTP servers
+# (one lying), a Prometheus scraping them, a TimeService and two tenants — then a short tour,
+# and it keeps running until Ctrl-C, when it cleans up everything it started.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -105,6 +106,16 @@ say "team-b's workload ($ip_b) asks team-a's port: refused (Kiss-o'-Death DENY, 
 run ip netns exec e2e-demo-team-b "$STRATUM_E2E_TARGET/stratumctl" query --timeout 1 "$node_ip:$port_a" || true
 say "the agent on kwok-node-0, as stratumctl sees it"
 run ip netns exec e2e-kwok-node-0 "$STRATUM_E2E_TARGET/stratumctl" sources || true
+
+say "Prometheus (configured from the chart's PodMonitor, ServiceMonitor and PrometheusRule): $STRATUM_E2E_PROMETHEUS"
+e2e_wait_for "Prometheus to have scraped the agents and operators" 60 bash -c \
+  "promtool query instant '$STRATUM_E2E_PROMETHEUS' 'count(up == 1) >= 5' | grep -q ." || true
+run promtool query instant "$STRATUM_E2E_PROMETHEUS" \
+  'stratum_agent_offset_seconds * on(job, instance) group_left(node) stratum_agent_info' || true
+run promtool query instant "$STRATUM_E2E_PROMETHEUS" 'stratum_operator_leader' || true
+say "the release"
+run helm list -n stratum-system
+run kubectl -n stratum-system get pods -o wide
 
 say "running; Ctrl-C stops and cleans up everything (logs: $STRATUM_E2E_STACK)"
 while true; do sleep 3600; done

@@ -17,4 +17,6 @@ trap down EXIT
 e2e/stack.sh down >/dev/null 2>&1 || true # a stack left over by an interrupted run
 e2e/stack.sh up
 eval "$(e2e/stack.sh env)"
-cargo test -p stratum-e2e --test e2e -- --ignored --test-threads=1 "$@"
+# Every e2e test target (tests/*.rs) against the same stack, one test at a time; a failing
+# target does not keep the others from running; --nocapture shows the figures the tests print.
+cargo test -p stratum-e2e --tests --no-fail-fast -- --ignored --test-threads=1 --nocapture "$@"

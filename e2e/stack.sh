@@ -3,9 +3,11 @@
 #
 #   e2e/stack.sh up      build what is missing, start the control plane, 3 kwok nodes with network
 #                        namespaces, upstream NTP servers (3 chronyd -x + 1 falseticker shifted by
-#                        libfaketime) in namespaces of their own, the CRDs, the operator (a local
-#                        process, as it would run in a pod) and the kubelet stand-in that runs a
-#                        real agent for every agent pod
+#                        libfaketime) in namespaces of their own, `helm install` of the chart (CRDs,
+#                        operator Deployment, RBAC, admission policy, monitoring objects), a real
+#                        Prometheus configured from the installed monitoring objects, and the
+#                        kubelet stand-in that runs the real operator for every operator pod (with
+#                        its ServiceAccount's pod-bound token) and a real agent for every agent pod
 #   e2e/stack.sh down    stop everything `up` started (by PID), then the control plane
 #   e2e/stack.sh env     the variables tests and demos use (eval it)
 #
@@ -26,6 +28,12 @@ NODES=${STRATUM_E2E_NODES:-3}
 UPSTREAMS=(10.77.1.1 10.77.1.2 10.77.1.3)
 FALSETICKER=10.77.1.9
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}/debug
+RELEASE=stratum
+RELEASE_NAMESPACE=stratum-system
+PROMETHEUS_PORT=${E2E_PROMETHEUS_PORT:-19090}
+CHART_TOOLS=$ROOT/charts/stratum/tests/chart_tools.py
+# Helm's caches and config stay in the run directory, not the user's home.
+export HELM_CACHE_HOME=$E2E_RUN_DIR/helm/cache HELM_CONFIG_HOME=$E2E_RUN_DIR/helm/config HELM_DATA_HOME=$E2E_RUN_DIR/helm/data
 NO_SYS_TIME=(setpriv --bounding-set=-sys_time --inh-caps=-sys_time)
 
 log() { e2e_log "stack: $*"; }
@@ -124,31 +132,58 @@ cmd_up() {
   done
   chronyd_in_netns e2e-falseticker "$FALSETICKER" "+30s"
 
-  log "CRDs and the operator namespace"
-  "${kubectl[@]}" apply --server-side -f "$ROOT/crds/" >/dev/null
+  log "prometheus-operator's monitoring kinds (stand-in CRDs, e2e/chart/monitoring-crds.yaml)"
+  "${kubectl[@]}" apply --server-side -f "$ROOT/e2e/chart/monitoring-crds.yaml" >/dev/null
   "${kubectl[@]}" wait --for=condition=Established crd --all --timeout=60s >/dev/null
-  "${kubectl[@]}" create namespace stratum-system --dry-run=client -o yaml | "${kubectl[@]}" apply -f - >/dev/null
-  # From the chart: the agents' static ClusterRole (the operator binds it per TimeService) and
-  # the admission policy that keeps each agent to its own node's NodeClock.
-  "$BIN/helm" template stratum "$ROOT/charts/stratum" -n stratum-system --kube-version 1.36.0 \
-    --show-only templates/agent-rbac.yaml --show-only templates/admission-policy.yaml |
-    "${kubectl[@]}" apply --server-side -f - >/dev/null
 
-  log "operator (local process against the kubeconfig, as it runs in a pod)"
-  start_bg operator env KUBECONFIG="$E2E_RUN_DIR/kubeconfig" RUST_LOG=info,kube=warn \
-    "${NO_SYS_TIME[@]}" "$TARGET/stratum-operator" --namespace stratum-system \
-    --metrics-addr 127.0.0.1:18080 --leader-election=true --identity e2e-operator-0
-  log "kubelet stand-in: a real agent per agent pod, in its node's namespace"
+  log "helm install $RELEASE (the chart's CRDs, operator, RBAC, admission policy, monitoring)"
+  local t0
+  t0=$(date +%s%N)
+  "$BIN/helm" install "$RELEASE" "$ROOT/charts/stratum" --kubeconfig "$E2E_RUN_DIR/kubeconfig" \
+    --namespace "$RELEASE_NAMESPACE" --create-namespace -f "$ROOT/e2e/chart/values.yaml" >"$STACK/helm-install.log"
+  echo $((($(date +%s%N) - t0) / 1000000)) >"$STACK/helm-install.ms"
+  log "installed in $(cat "$STACK/helm-install.ms") ms"
+  "${kubectl[@]}" wait --for=condition=Established crd --all --timeout=60s >/dev/null
+
+  log "Prometheus on 127.0.0.1:$PROMETHEUS_PORT, configured from the installed monitors and rules"
+  local prom=$STACK/prometheus
+  # A fresh TSDB and no stand-in files of an earlier run's pods: figures are this run's.
+  rm -rf "$prom" "$STACK/pods"
+  mkdir -p "$prom"
+  echo '[]' >"$prom/targets.json"
+  "${kubectl[@]}" -n "$RELEASE_NAMESPACE" get podmonitors,servicemonitors,prometheusrules,services -o yaml >"$prom/monitoring.yaml"
+  python3 "$CHART_TOOLS" prometheus-config "$prom/monitoring.yaml" "$prom/targets.json" "$prom/rules.yaml" "$prom/prometheus.yml" >/dev/null
+  promtool check config "$prom/prometheus.yml" >/dev/null
+  start_bg prometheus "${NO_SYS_TIME[@]}" prometheus --config.file="$prom/prometheus.yml" \
+    --storage.tsdb.path="$prom/data" --web.listen-address="127.0.0.1:$PROMETHEUS_PORT"
+
+  log "kubelet stand-in: the operator for every operator pod, an agent for every agent pod"
   start_bg kubelet env KUBECONFIG="$E2E_RUN_DIR/kubeconfig" "$TARGET/stratum-e2e-kubelet" \
-    --agent-bin "$TARGET/stratum-agent" --run-dir "$STACK" --ca-file "$E2E_RUN_DIR/pki/ca.crt" \
+    --agent-bin "$TARGET/stratum-agent" --operator-bin "$TARGET/stratum-operator" \
+    --netns-script "$SCRIPTS/netns.sh" --targets-file "$prom/targets.json" \
+    --run-dir "$STACK" --ca-file "$E2E_RUN_DIR/pki/ca.crt" \
     --apiserver "127.0.0.1:$E2E_APISERVER_PORT" --apiserver-proxy "$E2E_HOST_IP:$E2E_APISERVER_PORT"
-  e2e_wait_for "operator /readyz" 60 curl -sf http://127.0.0.1:18080/readyz
+  E2E_WAIT_PIDFILE=$STACK/prometheus.pid e2e_wait_for "Prometheus /-/ready" 60 \
+    curl -sf "http://127.0.0.1:$PROMETHEUS_PORT/-/ready"
+  E2E_WAIT_PIDFILE=$STACK/kubelet.pid e2e_wait_for "every operator pod ready and a leader elected" 120 operators_ready
   log "stack up; logs in $STACK"
+}
+
+# Every replica of the operator Deployment answers /readyz on its pod IP, and one of them holds
+# the leader Lease.
+operators_ready() {
+  local kubectl=("$BIN/kubectl" --kubeconfig "$E2E_RUN_DIR/kubeconfig" -n "$RELEASE_NAMESPACE") want ips ip holder
+  want=$("${kubectl[@]}" get deployment "$RELEASE-operator" -o jsonpath='{.spec.replicas}')
+  ips=$("${kubectl[@]}" get pods -l app.kubernetes.io/name=stratum-operator -o jsonpath='{.items[*].status.podIP}')
+  [[ $(wc -w <<<"$ips") == "$want" ]] || return 1
+  for ip in $ips; do curl -sf --max-time 2 "http://$ip:8080/readyz" >/dev/null || return 1; done
+  holder=$("${kubectl[@]}" get lease stratum-operator-leader -o jsonpath='{.spec.holderIdentity}')
+  [[ -n $holder ]]
 }
 
 cmd_down() {
   stop_pid kubelet
-  stop_pid operator
+  stop_pid prometheus
   for name in e2e-falseticker e2e-upstream-1 e2e-upstream-2 e2e-upstream-3; do
     stop_pid "$name"
     [[ -f $E2E_NETNS_STATE/$name ]] && netns_del "$name"
@@ -168,6 +203,9 @@ export STRATUM_E2E_BIN=$bin
 export STRATUM_E2E_UPSTREAMS="${UPSTREAMS[*]}"
 export STRATUM_E2E_FALSETICKER=$FALSETICKER
 export STRATUM_E2E_TARGET=$TARGET
+export STRATUM_E2E_PROMETHEUS=http://127.0.0.1:$PROMETHEUS_PORT
+export STRATUM_E2E_RELEASE=$RELEASE
+export HELM_CACHE_HOME=$HELM_CACHE_HOME HELM_CONFIG_HOME=$HELM_CONFIG_HOME HELM_DATA_HOME=$HELM_DATA_HOME
 ENV
 }
 

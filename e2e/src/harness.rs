@@ -173,3 +173,105 @@ pub fn query_from_netns(netns: &str, server: SocketAddr) -> Option<serde_json::V
     }
     serde_json::from_slice(&out.stdout).ok()
 }
+
+/// A network namespace owning a tenant pod's IP, so queries really come from that pod's
+/// address; removed on drop.
+pub struct PodNetns(String);
+
+impl PodNetns {
+    /// Makes namespace `name` owning `ip` (`netns.sh add`); panics when it cannot.
+    pub fn new(name: &str, ip: &str) -> Self {
+        let scripts = std::env::var("STRATUM_E2E_SCRIPTS")
+            .unwrap_or_else(|_| format!("{}/../e2e/scripts", env!("CARGO_MANIFEST_DIR")));
+        let status = std::process::Command::new(format!("{scripts}/netns.sh"))
+            .args(["add", name, ip])
+            .status()
+            .expect("netns.sh");
+        assert!(status.success(), "netns.sh add {name} {ip}");
+        PodNetns(name.to_string())
+    }
+}
+
+impl Drop for PodNetns {
+    fn drop(&mut self) {
+        let scripts = std::env::var("STRATUM_E2E_SCRIPTS")
+            .unwrap_or_else(|_| format!("{}/../e2e/scripts", env!("CARGO_MANIFEST_DIR")));
+        let _ = std::process::Command::new(format!("{scripts}/netns.sh"))
+            .args(["del", &self.0])
+            .status();
+    }
+}
+
+/// Creates a tenant pod on `node` and returns the IP kwok gives it.
+pub async fn tenant_pod(client: &kube::Client, namespace: &str, name: &str, node: &str) -> String {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    apply(&pods, serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace, "labels": {"app": "client"}},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "registry.example.invalid/client"}]}
+    }))
+    .await;
+    wait_for(
+        Duration::from_secs(30),
+        "the tenant pod to get an IP",
+        || async { pods.get(name).await.ok()?.status?.pod_ip },
+    )
+    .await
+    .0
+}
+
+/// A node's InternalIP.
+pub async fn node_ip(client: &kube::Client, node: &str) -> String {
+    use k8s_openapi::api::core::v1::Node;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let n = nodes
+        .get(node)
+        .await
+        .unwrap_or_else(|e| panic!("node {node}: {e}"));
+    n.status
+        .and_then(|s| s.addresses)
+        .into_iter()
+        .flatten()
+        .find(|a| a.type_ == "InternalIP")
+        .unwrap_or_else(|| panic!("node {node} has no InternalIP"))
+        .address
+}
+
+/// Creates or updates a namespace with `labels`.
+pub async fn namespace(client: &Client, name: &str, labels: serde_json::Value) {
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    apply(
+        &api,
+        serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}),
+    )
+    .await;
+}
+
+/// The e2e stack's run directory for its processes (`STRATUM_E2E_STACK`).
+pub fn stack_dir() -> std::path::PathBuf {
+    std::env::var("STRATUM_E2E_STACK")
+        .expect("STRATUM_E2E_STACK from e2e/stack.sh env")
+        .into()
+}
+
+/// PID of the process the kubelet stand-in runs for operator pod `pod`, if it runs.
+pub fn operator_pid(pod: &str) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(stack_dir().join("pods").join(pod).join("pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    std::path::Path::new(&format!("/proc/{pid}"))
+        .exists()
+        .then_some(pid)
+}
+
+/// The port the operator gave the tenant of `namespace`.
+pub async fn tenant_port(client: &kube::Client, namespace: &str) -> u16 {
+    let ttp: Api<TenantTimePolicy> = Api::namespaced(client.clone(), namespace);
+    wait_for(Duration::from_secs(60), "the tenant's port", || async {
+        ttp.get("ntp").await.ok()?.status?.port
+    })
+    .await
+    .0 as u16
+}

@@ -1,21 +1,48 @@
-//! A kubelet stand-in for the agent DaemonSet's pods on kwok's fake nodes.
+//! A kubelet stand-in for the pods Stratum runs on kwok's fake nodes: the agent DaemonSet's
+//! pods and the operator Deployment's pods (installed by `helm install`).
 //!
-//! For every agent pod with a node, it runs `stratum-agent` exactly as the pod spec says — the
+//! For every such pod with a node, it runs the binary exactly as the pod spec says — the
 //! container's args with `$(VAR)` expanded from its env (downward API fields resolved as the
 //! kubelet would), hostPath mounts mapped to a per-node directory (one machine plays every
 //! node's filesystem), the pod's service account through a pod-bound token (so the API server
-//! adds the node claim the admission policy checks) — inside the network namespace that owns
-//! the node's address, without CAP_SYS_TIME and with `--clock simulated`. A deleted pod's agent
-//! gets SIGTERM. The pure part, turning a pod into a command line, is [`agent_command`].
+//! adds the node claim the admission policy checks), the user and group of its security
+//! context — inside a network namespace that owns the pod's address (the node's for
+//! hostNetwork pods), without CAP_SYS_TIME. Agents get `--clock simulated`. A deleted pod's
+//! process gets SIGTERM; one that exits is restarted with a backoff, as `restartPolicy:
+//! Always` does. The pure part, turning a pod into a command line, is [`pod_command`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 
+/// Label that tells Stratum's pods apart (`app.kubernetes.io/name`).
+pub const NAME_LABEL: &str = "app.kubernetes.io/name";
+
+/// Which of Stratum's binaries a pod runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodKind {
+    /// A TimeService's agent (DaemonSet, hostNetwork).
+    Agent,
+    /// The operator (the chart's Deployment, a pod network address of its own).
+    Operator,
+}
+
+impl PodKind {
+    /// From the pod's `app.kubernetes.io/name` label; `None` for any other pod.
+    pub fn of(pod: &Pod) -> Option<PodKind> {
+        match pod.metadata.labels.as_ref()?.get(NAME_LABEL)?.as_str() {
+            "stratum-agent" => Some(PodKind::Agent),
+            "stratum-operator" => Some(PodKind::Operator),
+            _ => None,
+        }
+    }
+}
+
 /// What to run for one pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AgentCommand {
+pub struct PodCommand {
     /// Node the pod is bound to.
     pub node: String,
     /// Arguments after the binary, in order.
@@ -24,7 +51,14 @@ pub struct AgentCommand {
     pub env: BTreeMap<String, String>,
     /// Host directories standing in for hostPath volumes (to create before start).
     pub host_dirs: Vec<PathBuf>,
+    /// `runAsUser` of the container (its own security context, else the pod's).
+    pub run_as_user: Option<i64>,
+    /// `runAsGroup`, likewise.
+    pub run_as_group: Option<i64>,
 }
+
+/// The agent's command is a [`PodCommand`] with the clock replaced.
+pub type AgentCommand = PodCommand;
 
 /// Why a pod cannot be run (yet).
 #[derive(Debug, PartialEq, Eq)]
@@ -46,14 +80,32 @@ impl std::fmt::Display for PodError {
     }
 }
 
-/// The command line and environment for `pod`, with hostPath volumes under `node_root`
-/// (`<node_root>/<node>/<hostPath>`) and the clock replaced by the simulated backend.
+/// How long to wait before the `restarts`-th restart of an exited process: 1 s, doubling,
+/// at most 10 s (the kubelet's 10 s .. 5 min is too slow for tests that kill on purpose).
+pub fn restart_delay(restarts: u32) -> Duration {
+    Duration::from_secs(1u64 << restarts.min(4)).min(Duration::from_secs(10))
+}
+
+/// The agent's command line for `pod` ([`pod_command`]) with the clock replaced by the
+/// simulated backend.
 pub fn agent_command(
     pod: &Pod,
     node_root: &Path,
     sim_offset: f64,
     sim_ppm: f64,
 ) -> Result<AgentCommand, PodError> {
+    let mut command = pod_command(pod, node_root)?;
+    // The only deviation from the pod spec: a simulated clock instead of the node's.
+    command.args.retain(|a| !a.starts_with("--clock"));
+    command.args.push("--clock=simulated".into());
+    command.args.push(format!("--sim-offset={sim_offset}"));
+    command.args.push(format!("--sim-frequency-ppm={sim_ppm}"));
+    Ok(command)
+}
+
+/// The command line, environment and identity of `pod`'s first container, with hostPath
+/// volumes under `node_root` (`<node_root>/<node>/<hostPath>`).
+pub fn pod_command(pod: &Pod, node_root: &Path) -> Result<PodCommand, PodError> {
     let spec = pod.spec.as_ref().ok_or(PodError::NoContainer)?;
     let node = spec.node_name.clone().ok_or(PodError::NotBound)?;
     let container = spec.containers.first().ok_or(PodError::NoContainer)?;
@@ -97,7 +149,7 @@ pub fn agent_command(
         }
     }
 
-    let mut args: Vec<String> = container
+    let args: Vec<String> = container
         .command
         .iter()
         .flatten()
@@ -106,16 +158,19 @@ pub fn agent_command(
         .map(|a| expand(a, &env))
         .map(|a| remap_paths(&a, &mounts))
         .collect();
-    // The only deviation from the pod spec: a simulated clock instead of the node's.
-    args.retain(|a| !a.starts_with("--clock"));
-    args.push("--clock=simulated".into());
-    args.push(format!("--sim-offset={sim_offset}"));
-    args.push(format!("--sim-frequency-ppm={sim_ppm}"));
-    Ok(AgentCommand {
+    let pod_context = spec.security_context.as_ref();
+    let own_context = container.security_context.as_ref();
+    Ok(PodCommand {
         node,
         args,
         env,
         host_dirs,
+        run_as_user: own_context
+            .and_then(|c| c.run_as_user)
+            .or_else(|| pod_context.and_then(|c| c.run_as_user)),
+        run_as_group: own_context
+            .and_then(|c| c.run_as_group)
+            .or_else(|| pod_context.and_then(|c| c.run_as_group)),
     })
 }
 
@@ -214,6 +269,7 @@ mod tests {
         assert_eq!(cmd.env["NODE_NAME"], "kwok-node-1");
         assert_eq!(cmd.env["POD_NAMESPACE"], "stratum-system");
         assert_eq!(cmd.env["RUST_LOG"], "info");
+        assert_eq!(cmd.run_as_user, None, "agents run as the pod says: root");
         assert_eq!(
             cmd.host_dirs,
             [PathBuf::from("/run/e2e/nodes/kwok-node-1/var/lib/stratum")]
@@ -228,6 +284,68 @@ mod tests {
             agent_command(&p, Path::new("/x"), 0.0, 0.0),
             Err(PodError::NotBound)
         );
+    }
+
+    /// The operator pod as the chart's Deployment makes it: its args run unchanged (no clock
+    /// flag to replace), with the pod's user unless the container names its own.
+    #[test]
+    fn an_operator_pod_runs_its_args_as_the_security_context_user() {
+        let mut p: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "stratum-operator-5d4-x2", "namespace": "stratum-system",
+                         "labels": {"app.kubernetes.io/name": "stratum-operator"}},
+            "spec": {
+                "nodeName": "kwok-node-2",
+                "securityContext": {"runAsUser": 65532, "runAsGroup": 65532, "runAsNonRoot": true},
+                "containers": [{
+                    "name": "operator", "image": "stratum-operator:0.1.0",
+                    "args": ["--namespace=stratum-system", "--metrics-addr=0.0.0.0:8080", "--leader-election=true"],
+                    "env": [
+                        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                        {"name": "RUST_LOG", "value": "info"}
+                    ]
+                }]
+            }
+        }))
+        .unwrap();
+        assert_eq!(PodKind::of(&p), Some(PodKind::Operator));
+        let cmd = pod_command(&p, Path::new("/x")).unwrap();
+        assert_eq!(
+            cmd.args,
+            [
+                "--namespace=stratum-system",
+                "--metrics-addr=0.0.0.0:8080",
+                "--leader-election=true"
+            ]
+        );
+        assert_eq!(cmd.env["POD_NAME"], "stratum-operator-5d4-x2");
+        assert_eq!(
+            (cmd.run_as_user, cmd.run_as_group),
+            (Some(65532), Some(65532))
+        );
+        p.spec.as_mut().unwrap().containers[0].security_context =
+            serde_json::from_value(serde_json::json!({"runAsUser": 1000})).unwrap();
+        let cmd = pod_command(&p, Path::new("/x")).unwrap();
+        assert_eq!(
+            (cmd.run_as_user, cmd.run_as_group),
+            (Some(1000), Some(65532))
+        );
+    }
+
+    #[test]
+    fn only_stratum_pods_have_a_kind() {
+        assert_eq!(PodKind::of(&pod()), None, "the fixture has no name label");
+        let mut p = pod();
+        p.metadata.labels = Some([(NAME_LABEL.to_string(), "stratum-agent".to_string())].into());
+        assert_eq!(PodKind::of(&p), Some(PodKind::Agent));
+        p.metadata.labels = Some([(NAME_LABEL.to_string(), "other".to_string())].into());
+        assert_eq!(PodKind::of(&p), None);
+    }
+
+    #[test]
+    fn restarts_back_off_from_one_to_ten_seconds() {
+        let delays: Vec<u64> = (0..6).map(|r| restart_delay(r).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 10, 10]);
+        assert_eq!(restart_delay(u32::MAX), Duration::from_secs(10));
     }
 
     #[test]

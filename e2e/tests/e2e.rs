@@ -6,16 +6,12 @@
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams};
 use stratum_api::{NodeClock, TenantTimePolicy, TimeService};
 use stratum_e2e::harness::*;
-
-async fn namespace(client: &kube::Client, name: &str, labels: serde_json::Value) {
-    let api: Api<Namespace> = Api::all(client.clone());
-    apply(&api, serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})).await;
-}
 
 #[tokio::test]
 #[ignore = "needs the e2e cluster: make e2e"]
@@ -243,26 +239,30 @@ async fn adding_an_upstream_reaches_every_agent_without_restart() {
         spec
     })
     .await;
-    let (revision, _) = wait_for(
+    // The revision with five upstreams, as it is now: other changes (e.g. tenant allow lists
+    // of earlier tests settling) may write newer revisions, which still carry the upstream.
+    let revision_with_upstream = || async {
+        let c = cm
+            .get(&format!("{SHARED_TIME_SERVICE}-agent-config"))
+            .await
+            .ok()?;
+        let text = c.data?.get("agent-config.json")?.clone();
+        let cfg: serde_json::Value = serde_json::from_str(&text).ok()?;
+        (cfg["upstreams"].as_array()?.len() == 5)
+            .then(|| cfg["revision"].as_str().unwrap_or_default().to_string())
+    };
+    wait_for(
         Duration::from_secs(30),
         "the agent config to carry the new upstream",
-        || async {
-            let c = cm
-                .get(&format!("{SHARED_TIME_SERVICE}-agent-config"))
-                .await
-                .ok()?;
-            let text = c.data?.get("agent-config.json")?.clone();
-            let cfg: serde_json::Value = serde_json::from_str(&text).ok()?;
-            (cfg["upstreams"].as_array()?.len() == 5)
-                .then(|| cfg["revision"].as_str().unwrap_or_default().to_string())
-        },
+        revision_with_upstream,
     )
     .await;
     let clocks: Api<NodeClock> = Api::all(client.clone());
     let (_, took) = wait_for(
         Duration::from_secs(60),
-        "every agent to run the new revision",
+        "every agent to run the current revision, with the new upstream",
         || async {
+            let revision = revision_with_upstream().await?;
             let list = clocks.list(&ListParams::default()).await.ok()?;
             list.items
                 .iter()
@@ -365,73 +365,6 @@ async fn deleting_a_tenant_removes_its_service_slices_and_config_entry() {
     .await;
 }
 
-/// A network namespace owning a tenant pod's IP, so queries really come from that pod's
-/// address; removed on drop.
-struct PodNetns(String);
-
-impl PodNetns {
-    fn new(name: &str, ip: &str) -> Self {
-        let scripts = std::env::var("STRATUM_E2E_SCRIPTS")
-            .unwrap_or_else(|_| format!("{}/../e2e/scripts", env!("CARGO_MANIFEST_DIR")));
-        let status = std::process::Command::new(format!("{scripts}/netns.sh"))
-            .args(["add", name, ip])
-            .status()
-            .unwrap();
-        assert!(status.success(), "netns.sh add {name} {ip}");
-        PodNetns(name.to_string())
-    }
-}
-
-impl Drop for PodNetns {
-    fn drop(&mut self) {
-        let scripts = std::env::var("STRATUM_E2E_SCRIPTS")
-            .unwrap_or_else(|_| format!("{}/../e2e/scripts", env!("CARGO_MANIFEST_DIR")));
-        let _ = std::process::Command::new(format!("{scripts}/netns.sh"))
-            .args(["del", &self.0])
-            .status();
-    }
-}
-
-async fn tenant_pod(client: &kube::Client, namespace: &str, name: &str, node: &str) -> String {
-    use k8s_openapi::api::core::v1::Pod;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    apply(&pods, serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace, "labels": {"app": "client"}},
-        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "registry.example.invalid/client"}]}
-    }))
-    .await;
-    wait_for(
-        Duration::from_secs(30),
-        "the tenant pod to get an IP",
-        || async { pods.get(name).await.ok()?.status?.pod_ip },
-    )
-    .await
-    .0
-}
-
-async fn node_ip(client: &kube::Client, node: &str) -> String {
-    use k8s_openapi::api::core::v1::Node;
-    let nodes: Api<Node> = Api::all(client.clone());
-    let n = nodes.get(node).await.unwrap();
-    n.status
-        .unwrap()
-        .addresses
-        .unwrap()
-        .into_iter()
-        .find(|a| a.type_ == "InternalIP")
-        .unwrap()
-        .address
-}
-
-async fn tenant_port(client: &kube::Client, namespace: &str) -> u16 {
-    let ttp: Api<TenantTimePolicy> = Api::namespaced(client.clone(), namespace);
-    wait_for(Duration::from_secs(60), "the tenant's port", || async {
-        ttp.get("ntp").await.ok()?.status?.port
-    })
-    .await
-    .0 as u16
-}
-
 #[tokio::test]
 #[ignore = "needs the e2e cluster: make e2e"]
 async fn tenant_clients_get_time_on_their_port_and_are_refused_on_the_other_tenants() {
@@ -532,38 +465,25 @@ async fn restarting_the_operator_converges_to_the_same_state_without_duplicates(
     namespace(&client, "e2e-restart", serde_json::json!({})).await;
     apply_tenant(&client, "e2e-restart", serde_json::json!({})).await;
     let port_before = tenant_port(&client, "e2e-restart").await;
-    let stack =
-        std::env::var("STRATUM_E2E_STACK").expect("STRATUM_E2E_STACK from e2e/stack.sh env");
-    let pid = std::fs::read_to_string(format!("{stack}/operator.pid"))
+    // The operator runs from the chart's Deployment: kill the leader replica's process, as
+    // a crash would. The kubelet stand-in restarts it; the standby may take the Lease first.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
+    let leader = leases
+        .get("stratum-operator-leader")
+        .await
         .unwrap()
-        .trim()
-        .to_string();
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-    let args: Vec<String> = cmdline
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
+        .spec
+        .and_then(|s| s.holder_identity)
+        .expect("a leader");
+    let pid = operator_pid(&leader).expect("the leader's process runs");
+    let killed_at = std::time::Instant::now();
     assert!(
         std::process::Command::new("kill")
-            .args(["-KILL", &pid])
+            .args(["-KILL", &pid.to_string()])
             .status()
             .unwrap()
             .success()
     );
-    // Same command line; the Lease of the killed process must expire first. The new process
-    // outlives this test on purpose: `e2e/stack.sh down` stops it through the PID file.
-    let log = std::fs::File::create(format!("{stack}/operator-restarted.log")).unwrap();
-    #[allow(clippy::zombie_processes)]
-    let child = std::process::Command::new(&args[0])
-        .args(&args[1..])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-
-    std::fs::write(format!("{stack}/operator.pid"), child.id().to_string()).unwrap();
-
     // Meanwhile change something, which the new leader must pick up.
     apply_tenant(
         &client,
@@ -580,6 +500,20 @@ async fn restarting_the_operator_converges_to_the_same_state_without_duplicates(
         },
     )
     .await;
+    eprintln!(
+        "change applied {:.1} s after the leader was killed",
+        killed_at.elapsed().as_secs_f64()
+    );
+    let (restarted, took) = wait_for(
+        Duration::from_secs(30),
+        "the kubelet stand-in to restart the killed operator",
+        || async { operator_pid(&leader).filter(|p| *p != pid) },
+    )
+    .await;
+    eprintln!(
+        "killed operator pid {pid} running again as pid {restarted} ({:.1} s after the change)",
+        took.as_secs_f64()
+    );
     assert_eq!(
         tenant_port(&client, "e2e-restart").await,
         port_before,

@@ -5,6 +5,8 @@ use std::time::Instant;
 
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
+// Names and labels are docs/contracts.md's: the chart's dashboard and alerts query them.
+
 /// Every metric the operator exports.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -15,8 +17,8 @@ pub struct Metrics {
     duration: HistogramVec,
     /// Tenants indexed.
     pub tenants: IntGauge,
-    /// CIDRs per served tenant's allow list, observed at each config build.
-    pub allow_list_size: Histogram,
+    /// CIDRs across the served tenants' resolved allow lists, set at each config build.
+    pub allow_list_size: IntGauge,
     /// Agent config writes.
     pub config_writes: IntCounterVec,
     /// Seconds from writing an agent config revision until every agent of the TimeService
@@ -31,7 +33,7 @@ impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new_custom(Some("stratum_operator".into()), None)?;
         let reconciles = IntCounterVec::new(
-            Opts::new("reconciles_total", "Reconciliations run"),
+            Opts::new("reconciliations_total", "Reconciliations run"),
             &["controller"],
         )?;
         let failures = IntCounterVec::new(
@@ -39,7 +41,7 @@ impl Metrics {
                 "reconcile_errors_total",
                 "Reconciliations that failed, by error category",
             ),
-            &["controller", "error"],
+            &["controller", "category"],
         )?;
         let duration = HistogramVec::new(
             HistogramOpts::new(
@@ -52,13 +54,8 @@ impl Metrics {
             &["controller"],
         )?;
         let tenants = IntGauge::new("tenants", "TenantTimePolicies indexed")?;
-        let allow_list_size = Histogram::with_opts(
-            HistogramOpts::new(
-                "allow_list_cidrs",
-                "CIDRs in a tenant's resolved allow list",
-            )
-            .buckets(prometheus::exponential_buckets(1.0, 4.0, 8)?),
-        )?;
+        let allow_list_size =
+            IntGauge::new("allow_list_cidrs", "CIDRs across all resolved allow lists")?;
         let config_writes = IntCounterVec::new(
             Opts::new(
                 "agent_config_writes_total",
@@ -151,11 +148,13 @@ mod tests {
         let text = m.render();
         assert!(
             text.contains(
-                "stratum_operator_reconcile_errors_total{controller=\"tenant\",error=\"invalid_spec\"} 1"
+                "stratum_operator_reconcile_errors_total{category=\"invalid_spec\",controller=\"tenant\"} 1"
             ),
             "{text}"
         );
         assert!(!text.contains("whatever"));
+        assert!(text.contains("stratum_operator_reconciliations_total{controller=\"tenant\"} 1"));
+        assert!(text.contains("# TYPE stratum_operator_allow_list_cidrs gauge"));
         assert!(text.contains(
             "stratum_operator_reconcile_duration_seconds_count{controller=\"tenant\"} 1"
         ));

@@ -12,6 +12,12 @@
                                     rules OUT` parses every one of them
   dashboard-check DASHBOARD URL     run every query against the Prometheus at URL; fails
                                     unless each returns at least one sample
+  prometheus-config MANIFESTS TARGETS RULES OUT
+                                    what prometheus-operator would make of the PodMonitors,
+                                    ServiceMonitors (with their Services) and PrometheusRules
+                                    in MANIFESTS (e.g. `kubectl get ... -o yaml`): a Prometheus
+                                    config OUT discovering pods from the file_sd file TARGETS,
+                                    and the rule groups in RULES (the e2e stack's Prometheus)
 
 Only the standard library and PyYAML (Debian: python3-yaml).
 """
@@ -189,6 +195,98 @@ def cmd_dashboard_check(path, url):
         sys.exit(1)
 
 
+def _pod_label(key):
+    """Prometheus' Kubernetes pod discovery label of a pod label key."""
+    return "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+
+def _matches(selector, labels):
+    if (selector or {}).get("matchExpressions"):
+        fail("label selectors with matchExpressions are not supported here")
+    return all(labels.get(k) == v for k, v in ((selector or {}).get("matchLabels") or {}).items())
+
+
+def _scrape_job(monitor, endpoint, targets, pod_selector, port, job):
+    """One scrape config as prometheus-operator derives it from a monitor endpoint: keep the
+    discovered pods in the monitor's namespaces that `pod_selector` matches, on container
+    port `port`, with job `job` (a static value or a pod label to copy)."""
+    meta, spec = monitor["metadata"], monitor["spec"]
+    namespaces = (spec.get("namespaceSelector") or {}).get("matchNames") or [meta["namespace"]]
+
+    def keep(label, regex):
+        return {"source_labels": [label], "regex": regex, "action": "keep"}
+
+    relabel = [keep("__meta_kubernetes_namespace", "|".join(re.escape(n) for n in namespaces))]
+    relabel += [keep(_pod_label(k), re.escape(v)) for k, v in sorted(pod_selector.items())]
+    relabel += [
+        keep("__meta_kubernetes_pod_container_port_name", re.escape(str(port))),
+        keep("__meta_kubernetes_pod_phase", "Running"),
+        {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+    ]
+    if job.startswith("label:"):
+        relabel.append({"source_labels": [_pod_label(job[6:])], "target_label": "job"})
+    else:
+        relabel.append({"target_label": "job", "replacement": job})
+    relabel += endpoint.get("relabelings") or []
+    out = {
+        "job_name": f"{monitor['kind'].lower()}/{meta['namespace']}/{meta['name']}",
+        "metrics_path": endpoint.get("path", "/metrics"),
+        "file_sd_configs": [{"files": [targets], "refresh_interval": "5s"}],
+        "relabel_configs": relabel,
+    }
+    for ours, theirs in (("scrape_interval", "interval"), ("scrape_timeout", "scrapeTimeout")):
+        if endpoint.get(theirs):
+            out[ours] = endpoint[theirs]
+    if endpoint.get("metricRelabelings"):
+        out["metric_relabel_configs"] = endpoint["metricRelabelings"]
+    return out
+
+
+def cmd_prometheus_config(manifests, targets, rules_out, out):
+    """Debian's Prometheus is built without Kubernetes discovery, so the pods come from a
+    file_sd TARGETS file whose labels are named as Kubernetes pod discovery names them
+    (the e2e kubelet stand-in writes it); the monitors' selection is done by relabeling."""
+    docs = []
+    for d in load_docs(manifests):
+        docs += d.get("items", []) if d.get("kind", "").endswith("List") else [d]
+    jobs, groups = [], []
+    for d in docs:
+        spec = d.get("spec") or {}
+        if d.get("kind") == "PodMonitor":
+            selector = (spec.get("selector") or {}).get("matchLabels") or {}
+            _matches(spec.get("selector"), {})  # refuses matchExpressions
+            job = f"label:{spec['jobLabel']}" if spec.get("jobLabel") else f"{d['metadata']['namespace']}/{d['metadata']['name']}"
+            jobs += [_scrape_job(d, e, targets, selector, e["port"], job) for e in spec.get("podMetricsEndpoints", [])]
+        elif d.get("kind") == "ServiceMonitor":
+            # The endpoints of each selected Service are its selector's pods on the target port.
+            services = [s for s in docs if s.get("kind") == "Service" and _matches(spec.get("selector"), s["metadata"].get("labels") or {})]
+            if not services:
+                fail(f"ServiceMonitor {d['metadata']['name']}: no Service in {manifests} matches its selector")
+            for svc in services:
+                labels = svc["metadata"].get("labels") or {}
+                job = labels.get(spec.get("jobLabel", ""), svc["metadata"]["name"])
+                for e in spec.get("endpoints", []):
+                    port = next((p for p in svc["spec"]["ports"] if p.get("name") == e["port"]), None)
+                    if port is None:
+                        fail(f"ServiceMonitor {d['metadata']['name']}: Service {svc['metadata']['name']} has no port {e['port']}")
+                    jobs.append(_scrape_job(d, e, targets, svc["spec"]["selector"], port.get("targetPort", port["port"]), job))
+        elif d.get("kind") == "PrometheusRule":
+            groups += spec.get("groups", [])
+    if not jobs:
+        fail(f"{manifests}: no PodMonitor or ServiceMonitor endpoints")
+    with open(rules_out, "w", encoding="utf-8") as f:
+        yaml.safe_dump({"groups": groups}, f, sort_keys=False)
+    config = {
+        "global": {"scrape_interval": "30s", "evaluation_interval": "5s"},
+        "rule_files": [rules_out],
+        "scrape_configs": jobs,
+    }
+    with open(out, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    print(f"  {len(jobs)} scrape jobs, {len(groups)} rule groups")
+
+
 COMMANDS = {
     "manifests": cmd_manifests,
     "rule-file": cmd_rule_file,
@@ -197,6 +295,7 @@ COMMANDS = {
     "dashboard-queries": cmd_dashboard_queries,
     "dashboard-rules": cmd_dashboard_rules,
     "dashboard-check": cmd_dashboard_check,
+    "prometheus-config": cmd_prometheus_config,
 }
 
 if __name__ == "__main__":

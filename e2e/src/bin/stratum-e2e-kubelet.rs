@@ -1,12 +1,15 @@
-//! `stratum-e2e-kubelet`: runs a real `stratum-agent` for every agent pod kwok "runs" on a
-//! fake node, inside that node's network namespace (see `stratum_e2e::kubelet`). It also
-//! forwards the API server onto the test bridge, because the namespaces cannot reach the
-//! host's loopback where the API server listens. Stops every agent it started on SIGTERM.
+//! `stratum-e2e-kubelet`: runs the real binary for every Stratum pod kwok "runs" on a fake
+//! node — `stratum-agent` for agent pods, in their node's network namespace, and
+//! `stratum-operator` for the chart's operator pods, in a namespace that owns the pod's IP
+//! (see `stratum_e2e::kubelet`). It also forwards the API server onto the test bridge, because
+//! the namespaces cannot reach the host's loopback where the API server listens. Restarts a
+//! process that exits; stops every process it started on SIGTERM.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
@@ -16,7 +19,7 @@ use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::PostParams;
 use kube::runtime::watcher;
 use kube::{Api, Client};
-use stratum_e2e::kubelet::agent_command;
+use stratum_e2e::kubelet::{PodKind, agent_command, pod_command, restart_delay};
 use tokio::process::{Child, Command};
 
 #[derive(Parser)]
@@ -24,7 +27,13 @@ struct Args {
     /// The agent binary.
     #[arg(long)]
     agent_bin: PathBuf,
-    /// Run directory: agent logs, kubeconfigs and per-node hostPath stand-ins go under it.
+    /// The operator binary.
+    #[arg(long)]
+    operator_bin: PathBuf,
+    /// `e2e/scripts/netns.sh`, which makes the operator pods' network namespaces.
+    #[arg(long)]
+    netns_script: PathBuf,
+    /// Run directory: logs, kubeconfigs and per-node hostPath stand-ins go under it.
     #[arg(long)]
     run_dir: PathBuf,
     /// CA certificate of the API server.
@@ -36,7 +45,7 @@ struct Args {
     /// Address on the test bridge to forward the API server on, reachable from the namespaces.
     #[arg(long, default_value = "10.77.255.254:16443")]
     apiserver_proxy: SocketAddr,
-    /// Network namespace of node N is `<prefix>N`.
+    /// Network namespace of node N is `<prefix>N`; of a pod P with its own address `<prefix>pod-P`.
     #[arg(long, default_value = "e2e-")]
     netns_prefix: String,
     /// Simulated clock offset of the first node's agent, seconds; node i gets i times this.
@@ -45,14 +54,32 @@ struct Args {
     /// Simulated frequency error, ppm, alternating in sign between nodes.
     #[arg(long, default_value_t = 40.0)]
     sim_ppm: f64,
-    /// Label selector of agent pods.
-    #[arg(long, default_value = "app.kubernetes.io/name=stratum-agent")]
+    /// A Prometheus file_sd file to keep listing the running pods' named ports, labelled as
+    /// Prometheus' Kubernetes pod discovery would (Debian's Prometheus is built without it).
+    #[arg(long)]
+    targets_file: Option<PathBuf>,
+    /// Label selector of the pods to run.
+    #[arg(
+        long,
+        default_value = "app.kubernetes.io/name in (stratum-agent,stratum-operator)"
+    )]
     selector: String,
 }
 
+/// One pod and its process (absent while waiting to be restarted).
 struct Running {
-    child: Child,
+    pod: Pod,
+    kind: PodKind,
     node: String,
+    /// The agent's position among nodes (its simulated clock error).
+    index: usize,
+    /// Working directory: kubeconfig, log, pid.
+    dir: PathBuf,
+    /// The network namespace made for this pod (operator pods), removed with it.
+    own_netns: Option<String>,
+    child: Option<Child>,
+    restarts: u32,
+    start_at: Option<Instant>,
 }
 
 #[tokio::main]
@@ -70,24 +97,28 @@ async fn main() -> anyhow::Result<()> {
     let mut stream = watcher(pods, watcher::Config::default().labels(&args.selector)).boxed();
     let mut running: BTreeMap<String, Running> = BTreeMap::new();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut node_index: BTreeMap<String, usize> = BTreeMap::new();
+    let mut targets_written = String::new();
     loop {
         let event = tokio::select! {
-            e = stream.next() => match e { Some(e) => e, None => break },
+            e = stream.next() => match e { Some(e) => Some(e), None => break },
+            _ = tick.tick() => None,
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         };
         let (live, gone): (Vec<Pod>, Vec<Pod>) = match event {
-            Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
+            None => (vec![], vec![]),
+            Some(Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p))) => {
                 if p.metadata.deletion_timestamp.is_some() {
                     (vec![], vec![p])
                 } else {
                     (vec![p], vec![])
                 }
             }
-            Ok(watcher::Event::Delete(p)) => (vec![], vec![p]),
-            Ok(_) => continue,
-            Err(e) => {
+            Some(Ok(watcher::Event::Delete(p))) => (vec![], vec![p]),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => {
                 tracing::warn!(error = %e, "pod watch interrupted");
                 continue;
             }
@@ -95,57 +126,159 @@ async fn main() -> anyhow::Result<()> {
         for pod in gone {
             let uid = pod.metadata.uid.clone().unwrap_or_default();
             if let Some(mut r) = running.remove(&uid) {
-                tracing::info!(node = %r.node, "pod deleted: stopping its agent");
-                stop(&mut r.child).await;
+                tracing::info!(node = %r.node, pod = ?pod.metadata.name, "pod deleted: stopping it");
+                remove(&args, &mut r).await;
             }
         }
         for pod in live {
             let uid = pod.metadata.uid.clone().unwrap_or_default();
-            if running.contains_key(&uid) {
+            if let Some(r) = running.get_mut(&uid) {
+                r.pod = pod; // e.g. kwok filled in its IP
                 continue;
             }
-            let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
-                continue;
-            };
-            let next = node_index.len();
-            let i = *node_index.entry(node.clone()).or_insert(next);
-            match start(&client, &args, &pod, i).await {
-                Ok(child) => {
-                    tracing::info!(%node, pod = ?pod.metadata.name, "agent started");
-                    running.insert(uid, Running { child, node });
+            match admit(&args, pod, &mut node_index) {
+                Ok(Some(r)) => {
+                    running.insert(uid, r);
                 }
-                Err(e) => tracing::error!(%node, error = format!("{e:#}"), "cannot start agent"),
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = format!("{e:#}"), "cannot prepare pod"),
             }
         }
-        // Reap agents that exited on their own, so a later pod event can restart them.
-        running.retain(|_, r| match r.child.try_wait() {
-            Ok(Some(status)) => {
-                tracing::warn!(node = %r.node, %status, "agent exited");
-                false
+        supervise(&client, &args, &mut running).await;
+        if let Some(path) = &args.targets_file {
+            let text = targets(&running).to_string();
+            if text != targets_written {
+                if let Err(e) = write_atomically(path, text.as_bytes()) {
+                    tracing::warn!(error = %e, "cannot write the Prometheus targets");
+                }
+                targets_written = text;
             }
-            _ => true,
-        });
+        }
     }
     for r in running.values_mut() {
-        stop(&mut r.child).await;
+        remove(&args, r).await;
     }
     Ok(())
 }
 
-async fn start(client: &Client, args: &Args, pod: &Pod, index: usize) -> anyhow::Result<Child> {
+/// A pod to run, once it is bound (and, without host networking, has its IP).
+fn admit(
+    args: &Args,
+    pod: Pod,
+    node_index: &mut BTreeMap<String, usize>,
+) -> anyhow::Result<Option<Running>> {
+    let Some(kind) = PodKind::of(&pod) else {
+        return Ok(None);
+    };
+    let spec = pod.spec.as_ref().context("pod without spec")?;
+    let Some(node) = spec.node_name.clone() else {
+        return Ok(None);
+    };
+    let name = pod.metadata.name.clone().context("pod without name")?;
+    let index = match kind {
+        PodKind::Agent => {
+            let next = node_index.len();
+            *node_index.entry(node.clone()).or_insert(next)
+        }
+        PodKind::Operator => 0,
+    };
+    let (dir, own_netns) = if spec.host_network == Some(true) {
+        (args.run_dir.join("agents").join(&node), None)
+    } else {
+        let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
+            return Ok(None); // kwok gives it an address in a later update
+        };
+        let netns: String = format!("{}pod-{name}", args.netns_prefix)
+            .chars()
+            .take(64)
+            .collect();
+        let status = std::process::Command::new(&args.netns_script)
+            .args(["add", &netns, &ip])
+            .status()
+            .with_context(|| format!("running {}", args.netns_script.display()))?;
+        anyhow::ensure!(status.success(), "netns.sh add {netns} {ip} failed");
+        tracing::info!(pod = %name, %ip, %netns, "pod network namespace");
+        (args.run_dir.join("pods").join(&name), Some(netns))
+    };
+    std::fs::create_dir_all(&dir)?;
+    Ok(Some(Running {
+        pod,
+        kind,
+        node,
+        index,
+        dir,
+        own_netns,
+        child: None,
+        restarts: 0,
+        start_at: Some(Instant::now()),
+    }))
+}
+
+/// Notices exited processes and (re)starts those whose time has come.
+async fn supervise(client: &Client, args: &Args, running: &mut BTreeMap<String, Running>) {
+    let now = Instant::now();
+    for r in running.values_mut() {
+        if let Some(child) = r.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            let delay = restart_delay(r.restarts);
+            tracing::warn!(node = %r.node, pod = ?r.pod.metadata.name, %status, ?delay, "process exited; restarting");
+            r.child = None;
+            r.restarts += 1;
+            r.start_at = Some(now + delay);
+            let _ = std::fs::remove_file(r.dir.join("pid"));
+        }
+        if r.child.is_some() || r.start_at.is_none_or(|t| t > now) {
+            continue;
+        }
+        match start(client, args, r).await {
+            Ok(child) => {
+                tracing::info!(node = %r.node, pod = ?r.pod.metadata.name, pid = ?child.id(), restarts = r.restarts, "started");
+                if let Some(pid) = child.id() {
+                    let _ = std::fs::write(r.dir.join("pid"), pid.to_string());
+                }
+                r.child = Some(child);
+                r.start_at = None;
+            }
+            Err(e) => {
+                let delay = restart_delay(r.restarts);
+                tracing::error!(node = %r.node, error = format!("{e:#}"), ?delay, "cannot start; retrying");
+                r.restarts += 1;
+                r.start_at = Some(now + delay);
+            }
+        }
+    }
+}
+
+async fn start(client: &Client, args: &Args, r: &Running) -> anyhow::Result<Child> {
+    let pod = &r.pod;
     let name = pod.metadata.name.clone().context("pod without name")?;
     let namespace = pod
         .metadata
         .namespace
         .clone()
         .context("pod without namespace")?;
-    let sign = if index.is_multiple_of(2) { 1.0 } else { -1.0 };
-    let command = agent_command(
-        pod,
-        &args.run_dir.join("nodes"),
-        args.sim_offset_step * (index as f64 + 1.0) * sign,
-        args.sim_ppm * sign,
-    )?;
+    let node_root = args.run_dir.join("nodes");
+    let (command, bin, netns) = match r.kind {
+        PodKind::Agent => {
+            let sign = if r.index.is_multiple_of(2) { 1.0 } else { -1.0 };
+            let command = agent_command(
+                pod,
+                &node_root,
+                args.sim_offset_step * (r.index as f64 + 1.0) * sign,
+                args.sim_ppm * sign,
+            )?;
+            let netns = format!("{}{}", args.netns_prefix, command.node);
+            (command, &args.agent_bin, netns)
+        }
+        PodKind::Operator => (
+            pod_command(pod, &node_root)?,
+            &args.operator_bin,
+            r.own_netns
+                .clone()
+                .context("operator pod without its namespace")?,
+        ),
+    };
     for dir in &command.host_dirs {
         std::fs::create_dir_all(dir)?;
     }
@@ -162,45 +295,145 @@ async fn start(client: &Client, args: &Args, pod: &Pod, index: usize) -> anyhow:
         pod.metadata.uid.as_deref().unwrap_or_default(),
     )
     .await?;
-    let dir = args.run_dir.join("agents").join(&command.node);
-    std::fs::create_dir_all(&dir)?;
-    let kubeconfig = dir.join("kubeconfig");
+    let kubeconfig = r.dir.join("kubeconfig");
+    write_kubeconfig(args, &kubeconfig, &token, &namespace)?;
+    // The container's user must be able to read its credentials, and only it.
+    if command.run_as_user.is_some() || command.run_as_group.is_some() {
+        let uid = command.run_as_user.and_then(|u| u32::try_from(u).ok());
+        let gid = command.run_as_group.and_then(|g| u32::try_from(g).ok());
+        std::os::unix::fs::chown(&kubeconfig, uid, gid)
+            .with_context(|| format!("chown {}", kubeconfig.display()))?;
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(r.dir.join(match r.kind {
+            PodKind::Agent => "agent.log",
+            PodKind::Operator => "operator.log",
+        }))?;
+    let mut identity = Vec::new();
+    if let Some(uid) = command.run_as_user {
+        identity.push(format!("--reuid={uid}"));
+    }
+    if let Some(gid) = command.run_as_group {
+        identity.push(format!("--regid={gid}"));
+    }
+    if !identity.is_empty() {
+        identity.push("--clear-groups".into());
+    }
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &netns, "setpriv"])
+        .args(&identity)
+        .args(["--bounding-set=-sys_time", "--inh-caps=-sys_time"])
+        .arg(bin)
+        .args(&command.args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("KUBECONFIG", &kubeconfig)
+        .env("STRATUM_DENY_SYSTEM_CLOCK", "1")
+        .env("RUST_LOG", "info")
+        .envs(&command.env)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true);
+    cmd.spawn()
+        .with_context(|| format!("spawning {} in netns {netns}", bin.display()))
+}
+
+/// A kubeconfig holding only the pod's token, for the API server through the bridge forwarder.
+fn write_kubeconfig(args: &Args, path: &Path, token: &str, namespace: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let ca = std::fs::read(&args.ca_file)
         .with_context(|| format!("reading {}", args.ca_file.display()))?;
     let doc = serde_json::json!({
-        "apiVersion": "v1", "kind": "Config", "current-context": "agent",
+        "apiVersion": "v1", "kind": "Config", "current-context": "pod",
         "clusters": [{"name": "e2e", "cluster": {
             "server": format!("https://{}", args.apiserver_proxy),
             "certificate-authority-data": base64(&ca)}}],
-        "users": [{"name": "agent", "user": {"token": token}}],
-        "contexts": [{"name": "agent", "context": {"cluster": "e2e", "user": "agent", "namespace": namespace}}],
+        "users": [{"name": "pod", "user": {"token": token}}],
+        "contexts": [{"name": "pod", "context": {"cluster": "e2e", "user": "pod", "namespace": namespace}}],
     });
-    std::fs::write(&kubeconfig, serde_json::to_vec_pretty(&doc)?)?;
-    let log = std::fs::File::create(dir.join("agent.log"))?;
-    let netns = format!("{}{}", args.netns_prefix, command.node);
-    let mut cmd = Command::new("ip");
-    cmd.args([
-        "netns",
-        "exec",
-        &netns,
-        "setpriv",
-        "--bounding-set=-sys_time",
-        "--inh-caps=-sys_time",
-    ])
-    .arg(&args.agent_bin)
-    .args(&command.args)
-    .env_clear()
-    .env("PATH", std::env::var("PATH").unwrap_or_default())
-    .env("KUBECONFIG", &kubeconfig)
-    .env("STRATUM_DENY_SYSTEM_CLOCK", "1")
-    .env("RUST_LOG", "info")
-    .envs(&command.env)
-    .stdin(Stdio::null())
-    .stdout(log.try_clone()?)
-    .stderr(log)
-    .kill_on_drop(true);
-    cmd.spawn()
-        .with_context(|| format!("spawning the agent in netns {netns}"))
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut file, &serde_json::to_vec_pretty(&doc)?)?;
+    Ok(())
+}
+
+/// Prometheus file_sd target groups: every named container port of every pod whose process
+/// runs, with the `__meta_kubernetes_*` labels Kubernetes pod discovery gives.
+fn targets(running: &BTreeMap<String, Running>) -> serde_json::Value {
+    let mut groups = Vec::new();
+    for r in running.values().filter(|r| r.child.is_some()) {
+        let pod = &r.pod;
+        let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()) else {
+            continue;
+        };
+        let mut labels = BTreeMap::new();
+        labels.insert(
+            "__meta_kubernetes_namespace".to_string(),
+            pod.metadata.namespace.clone().unwrap_or_default(),
+        );
+        labels.insert(
+            "__meta_kubernetes_pod_name".to_string(),
+            pod.metadata.name.clone().unwrap_or_default(),
+        );
+        labels.insert("__meta_kubernetes_pod_node_name".into(), r.node.clone());
+        labels.insert("__meta_kubernetes_pod_phase".into(), "Running".into());
+        for (k, v) in pod.metadata.labels.iter().flatten() {
+            let key: String = k
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            labels.insert(format!("__meta_kubernetes_pod_label_{key}"), v.clone());
+        }
+        let containers = pod.spec.iter().flat_map(|s| s.containers.iter());
+        for c in containers {
+            for port in c.ports.iter().flatten() {
+                let Some(name) = &port.name else { continue };
+                let mut labels = labels.clone();
+                labels.insert(
+                    "__meta_kubernetes_pod_container_name".into(),
+                    c.name.clone(),
+                );
+                labels.insert(
+                    "__meta_kubernetes_pod_container_port_name".into(),
+                    name.clone(),
+                );
+                groups.push(serde_json::json!({
+                    "targets": [format!("{ip}:{}", port.container_port)],
+                    "labels": labels,
+                }));
+            }
+        }
+    }
+    serde_json::Value::Array(groups)
+}
+
+/// Replaces `path` in one step, so a reader never sees half a file.
+fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Stops a pod's process and removes what was made for it.
+async fn remove(args: &Args, r: &mut Running) {
+    if let Some(child) = r.child.as_mut() {
+        stop(child).await;
+    }
+    r.child = None;
+    let _ = std::fs::remove_file(r.dir.join("pid"));
+    if let Some(netns) = r.own_netns.take() {
+        let _ = std::process::Command::new(&args.netns_script)
+            .args(["del", &netns])
+            .status();
+    }
 }
 
 /// A token for the pod's service account, bound to the pod (so it carries the node claim).

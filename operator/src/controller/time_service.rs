@@ -49,9 +49,10 @@ pub async fn reconcile(
             .set(i64::try_from(index.tenants.len()).unwrap_or(i64::MAX));
         plan
     };
-    for size in &plan.allow_list_sizes {
-        ctx.metrics.allow_list_size.observe(*size as f64);
-    }
+    let cidrs: usize = plan.allow_list_sizes.iter().sum();
+    ctx.metrics
+        .allow_list_size
+        .set(i64::try_from(cidrs).unwrap_or(i64::MAX));
     let client = &ctx.client;
     apply_namespaced(client, &plan.rbac.service_account).await?;
     apply_namespaced(client, &plan.rbac.role).await?;
