@@ -45,8 +45,7 @@ sim: ## the NTP core's must-show scenarios on simulated time, with figures
 
 FUZZ_SECONDS ?= 120
 fuzz: ## run every fuzz target for FUZZ_SECONDS each (nightly + cargo-fuzz, installed if missing)
-	agent/ntp/fuzz/run.sh $(FUZZ_SECONDS)
-	agent/fuzz/run.sh $(FUZZ_SECONDS)
+	scripts/fuzz.sh $(FUZZ_SECONDS) agent/ntp/fuzz agent/fuzz
 
 bench-setup: ## install chrony, ntpsec-ntpdig and ntpd-rs (interop tests and the bench use them)
 	bench/setup.sh

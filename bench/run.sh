@@ -4,7 +4,11 @@
 # Each server runs pinned to one core (BENCH_SERVER_CPU, default 0) and the load generator
 # (`stratumctl bench`) to another (BENCH_LOAD_CPU, default 1). For each server the rate is
 # raised (doubling, then bisecting) to the highest rate answered with < 0.1% loss; p50/p99
-# latency are reported at that rate and at one common rate for all. Servers:
+# latency are reported at that rate and at one common rate for all. Latency runs from the
+# generator's send time (taken right before each sendmmsg of at most 8 requests) to the
+# kernel receive timestamp of the answer; the generator's receiver reads answers in batches,
+# which does not move those timestamps. On loopback the kernel's receive path for a request
+# runs on the sender's core, alike for every server. Servers:
 #   stratum-agent  a tenant with a 10k-CIDR allow list (including the load's sources) and
 #                  per-client rate limiting on (a limit the many-source load does not hit),
 #                  synchronized to the chronyd below, simulated clock

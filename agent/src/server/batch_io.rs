@@ -443,6 +443,119 @@ impl SendBatch {
     }
 }
 
+/// Most datagrams one [`FanOutBatch`] sends per call (the kernel's UIO_MAXIOV).
+pub const FAN_OUT_MAX: usize = 1024;
+
+/// One payload to one destination from many source addresses, built once for a load
+/// generator: every header points at the same payload, iovec and destination, so a call
+/// changes only the source addresses (IP_PKTINFO) and copies no datagram. With up to
+/// [`FAN_OUT_MAX`] datagrams per syscall the sender's cost is the kernel's own per-datagram
+/// work.
+pub struct FanOutBatch {
+    payload: Box<[u8; MAX_SEND]>,
+    len: usize,
+    name: Box<libc::sockaddr_storage>,
+    name_len: libc::socklen_t,
+    iovec: Box<libc::iovec>,
+    controls: Box<[[u64; CONTROL_WORDS]]>,
+    control_lens: Box<[usize]>,
+    headers: Box<[libc::mmsghdr]>,
+}
+
+impl FanOutBatch {
+    /// Up to `capacity` (at most [`FAN_OUT_MAX`]) copies of `payload` (at most [`MAX_SEND`]
+    /// bytes) to `destination`, each from the kernel's choice of source until
+    /// [`Self::set_source`] picks one.
+    pub fn new(payload: &[u8], destination: SocketAddr, capacity: usize) -> Self {
+        let capacity = capacity.clamp(1, FAN_OUT_MAX);
+        let len = payload.len().min(MAX_SEND);
+        let mut buffer = Box::new([0u8; MAX_SEND]);
+        buffer[..len].copy_from_slice(&payload[..len]);
+        let (name, name_len) = raw_socket_addr(destination);
+        Self {
+            payload: buffer,
+            len,
+            name: Box::new(name),
+            name_len,
+            // SAFETY: all-zero is valid for these C structs (see RecvBatch::new).
+            iovec: Box::new(unsafe { zeroed::<libc::iovec>() }),
+            controls: vec![[0u64; CONTROL_WORDS]; capacity].into_boxed_slice(),
+            control_lens: vec![0; capacity].into_boxed_slice(),
+            headers: vec![unsafe { zeroed::<libc::mmsghdr>() }; capacity].into_boxed_slice(),
+        }
+    }
+
+    /// Datagrams one call can send.
+    pub fn capacity(&self) -> usize {
+        self.headers.len()
+    }
+
+    /// The shared payload, to patch (e.g. a transmit timestamp) before a call.
+    pub fn payload_mut(&mut self) -> &mut [u8] {
+        &mut self.payload[..self.len]
+    }
+
+    /// Datagram `index` of every following call leaves from `source` (IP_PKTINFO /
+    /// IPV6_PKTINFO: any local address on a wildcard-bound socket).
+    pub fn set_source(&mut self, index: usize, source: IpAddr) {
+        if let Some(control) = self.controls.get_mut(index) {
+            self.control_lens[index] = write_pktinfo(control, source);
+        }
+    }
+
+    /// Sends the first `count` datagrams (at most the capacity). A datagram the kernel
+    /// refuses is skipped and counted, never retried.
+    pub fn send(&mut self, socket: BorrowedFd<'_>, count: usize) -> SendOutcome {
+        let count = count.min(self.headers.len());
+        *self.iovec = libc::iovec {
+            iov_base: self.payload.as_mut_ptr().cast(),
+            iov_len: self.len,
+        };
+        let name = (&raw mut *self.name).cast::<libc::c_void>();
+        let iovec = &raw mut *self.iovec;
+        for i in 0..count {
+            let header = &mut self.headers[i];
+            header.msg_len = 0;
+            header.msg_hdr.msg_name = name;
+            header.msg_hdr.msg_namelen = self.name_len;
+            header.msg_hdr.msg_iov = iovec;
+            header.msg_hdr.msg_iovlen = 1;
+            header.msg_hdr.msg_control = if self.control_lens[i] > 0 {
+                self.controls[i].as_mut_ptr().cast()
+            } else {
+                std::ptr::null_mut()
+            };
+            header.msg_hdr.msg_controllen = self.control_lens[i];
+            header.msg_hdr.msg_flags = 0;
+        }
+        let mut outcome = SendOutcome::default();
+        let mut start = 0;
+        while start < count {
+            // SAFETY: entries start..count were just pointed at the payload, iovec, address
+            // and control buffers this batch owns (shared ones only read by the kernel).
+            let sent = unsafe {
+                libc::sendmmsg(
+                    socket.as_raw_fd(),
+                    self.headers[start..].as_mut_ptr(),
+                    (count - start) as libc::c_uint,
+                    0,
+                )
+            };
+            if sent <= 0 {
+                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                outcome.failed += 1;
+                start += 1;
+            } else {
+                outcome.sent += sent as usize;
+                start += sent as usize;
+            }
+        }
+        outcome
+    }
+}
+
 /// A socket address as the kernel reads it.
 fn raw_socket_addr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     let sock = socket2::SockAddr::from(addr);
@@ -559,6 +672,34 @@ mod tests {
                 "IPv4 client seen IPv4-mapped on a dual-stack socket"
             );
         }
+    }
+
+    #[test]
+    fn a_fan_out_batch_sends_one_payload_from_each_chosen_source() {
+        let server = bind_udp("127.0.0.1:0".parse().unwrap(), options()).unwrap();
+        let target = server.local_addr().unwrap();
+        let client = bind_udp("0.0.0.0:0".parse().unwrap(), options()).unwrap();
+        let mut out = FanOutBatch::new(&[7u8; 48], target, 8);
+        out.payload_mut()[0] = 9;
+        for i in 0..5u8 {
+            out.set_source(usize::from(i), IpAddr::V4(Ipv4Addr::new(127, 0, 4, 1 + i)));
+        }
+        assert_eq!(out.send(client.as_fd(), 5).sent, 5);
+        let mut batch = RecvBatch::new();
+        let mut seen = Vec::new();
+        while seen.len() < 5 {
+            let n = batch.receive(server.as_fd()).unwrap();
+            for i in 0..n {
+                let d = batch.get(i).unwrap();
+                assert_eq!((d.bytes.len(), d.bytes[0], d.bytes[1]), (48, 9, 7));
+                seen.push(d.source.unwrap().ip());
+            }
+        }
+        seen.sort();
+        let expected: Vec<IpAddr> = (0..5u8)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 4, 1 + i)))
+            .collect();
+        assert_eq!(seen, expected);
     }
 
     #[test]

@@ -172,14 +172,17 @@ impl RateLimiter {
             entry.tokens -= 1.0;
             return RateVerdict::Allow;
         }
+        // The leak is decided first: a leaked request is answered normally, so it must not
+        // spend the interval's KoD, which belongs to the next request actually refused.
+        let leak_mask = (1u64 << limit.leak_log2.min(63)) - 1;
+        if limit.leak_log2 > 0 && self.next_random() & leak_mask == 0 {
+            return RateVerdict::Allow;
+        }
+        let entry = &mut self.entries[set * WAYS + index];
         let interval_ns = (limit.interval * 1e9) as i64;
         let kod_due = limit.kod && now_ns.saturating_sub(entry.last_kod_ns) >= interval_ns;
         if kod_due {
             entry.last_kod_ns = now_ns;
-        }
-        let leak_mask = (1u64 << limit.leak_log2.min(63)) - 1;
-        if limit.leak_log2 > 0 && self.next_random() & leak_mask == 0 {
-            return RateVerdict::Allow;
         }
         RateVerdict::Limited { kod: kod_due }
     }
@@ -270,6 +273,38 @@ mod tests {
             limiter.check_client(1, 3, t(0.2), &limit),
             RateVerdict::Limited { kod: false }
         );
+    }
+
+    #[test]
+    fn a_leaked_answer_does_not_use_up_the_intervals_kod() {
+        // With leak on, an over-limit request may be answered anyway; that answer must not
+        // spend the interval's KoD RATE, or about a quarter of the intervals of a limited
+        // client would end without one. Intervals are 10 s apart (> the 8 s KoD interval),
+        // each with 20 over-limit requests: every interval must carry exactly one KoD.
+        let mut limiter = RateLimiter::new(64, 13);
+        let limit = ClientRateLimit {
+            burst: 1,
+            leak_log2: 2,
+            kod: true,
+            ..ClientRateLimit::default()
+        };
+        let (mut kods, mut leaked, mut over_limit) = (0, 0, 0);
+        for interval in 0..200 {
+            for i in 0..20 {
+                let now = t(f64::from(interval) * 10.0 + f64::from(i) * 1e-3);
+                match limiter.check_client(1, 9, now, &limit) {
+                    RateVerdict::Limited { kod } => kods += usize::from(kod),
+                    // The refilled token answers the first request of each interval.
+                    RateVerdict::Allow if i == 0 => continue,
+                    RateVerdict::Allow => leaked += 1,
+                }
+                over_limit += 1;
+            }
+        }
+        assert_eq!(kods, 200, "one KoD RATE per interval");
+        // The leak still answers about 1 in 4 of the over-limit requests.
+        let fraction = f64::from(leaked) / f64::from(over_limit);
+        assert!((0.2..0.3).contains(&fraction), "leaked {fraction}");
     }
 
     #[test]
