@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::runtime::watcher;
-use stratum_api::agent_config::{AGENT_CONFIG_KEY, AgentConfig};
+use stratum_api::agent_config::{AgentConfig, config_map_payload};
 use tokio::sync::mpsc;
 
 /// How often the file source checks for changes.
@@ -17,9 +17,10 @@ const FILE_POLL: Duration = Duration::from_millis(500);
 /// A config source.
 #[derive(Clone, Debug)]
 pub enum ConfigSource {
-    /// A JSON file.
+    /// A file holding the JSON document, plain or gzipped.
     File(PathBuf),
-    /// `namespace/name` of a ConfigMap holding [`AGENT_CONFIG_KEY`].
+    /// `namespace/name` of a ConfigMap holding the document (see
+    /// [`AgentConfig::from_config_map`]).
     ConfigMap {
         /// Namespace.
         namespace: String,
@@ -48,12 +49,37 @@ pub enum ConfigUpdate {
     Rejected(String),
 }
 
-/// Parses one document into an update.
-pub fn parse(text: &str) -> ConfigUpdate {
-    match AgentConfig::from_json(text) {
+/// Parses one document (plain JSON or gzip) into an update.
+pub fn parse(bytes: &[u8]) -> ConfigUpdate {
+    match AgentConfig::from_bytes(bytes) {
         Ok(config) => ConfigUpdate::Valid(Box::new(config)),
         Err(e) => ConfigUpdate::Rejected(e.to_string()),
     }
+}
+
+/// The update one observed ConfigMap causes, given the payload last parsed (`None` when it is
+/// unchanged); `last` is updated.
+pub fn config_map_update(
+    cm: &ConfigMap,
+    what: &str,
+    last: &mut Option<Vec<u8>>,
+) -> Option<ConfigUpdate> {
+    let Some(payload) = config_map_payload(cm) else {
+        *last = None;
+        return Some(ConfigUpdate::Rejected(format!(
+            "{what}: {}",
+            stratum_api::ConfigError::Missing
+        )));
+    };
+    if last.as_ref() == Some(&payload) {
+        return None;
+    }
+    let update = match parse(&payload) {
+        ConfigUpdate::Rejected(why) => ConfigUpdate::Rejected(format!("{what}: {why}")),
+        valid => valid,
+    };
+    *last = Some(payload);
+    Some(update)
 }
 
 /// Watches `source` until `tx` closes, sending an update whenever the content changes.
@@ -78,14 +104,14 @@ pub async fn watch(
 }
 
 async fn watch_file(path: PathBuf, tx: mpsc::Sender<ConfigUpdate>) {
-    let mut last: Option<Result<String, String>> = None;
+    let mut last: Option<Result<Vec<u8>, String>> = None;
     loop {
-        let now = tokio::fs::read_to_string(&path)
+        let now = tokio::fs::read(&path)
             .await
             .map_err(|e| format!("reading {}: {e}", path.display()));
         if last.as_ref() != Some(&now) {
             let update = match &now {
-                Ok(text) => parse(text),
+                Ok(bytes) => parse(bytes),
                 Err(e) => ConfigUpdate::Rejected(e.clone()),
             };
             if tx.send(update).await.is_err() {
@@ -105,7 +131,8 @@ async fn watch_config_map(
 ) {
     let api: kube::Api<ConfigMap> = kube::Api::namespaced(client, namespace);
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut last: Option<String> = None;
+    let what = format!("ConfigMap {namespace}/{name}");
+    let mut last: Option<Vec<u8>> = None;
     let mut stream = watcher(api, config).boxed();
     while let Some(event) = stream.next().await {
         let cm = match event {
@@ -127,25 +154,105 @@ async fn watch_config_map(
                 continue;
             }
         };
-        let text = cm
-            .data
-            .as_ref()
-            .and_then(|d| d.get(AGENT_CONFIG_KEY))
-            .cloned();
-        let Some(text) = text else {
-            let _ = tx
-                .send(ConfigUpdate::Rejected(format!(
-                    "ConfigMap {namespace}/{name} has no key {AGENT_CONFIG_KEY}"
-                )))
-                .await;
-            continue;
-        };
-        if last.as_ref() == Some(&text) {
-            continue;
-        }
-        if tx.send(parse(&text)).await.is_err() {
+        if let Some(update) = config_map_update(&cm, &what, &mut last)
+            && tx.send(update).await.is_err()
+        {
             return;
         }
-        last = Some(text);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use k8s_openapi::ByteString;
+    use stratum_api::agent_config::{AGENT_CONFIG_GZIP_KEY, AGENT_CONFIG_KEY};
+
+    fn config(revision: &str) -> AgentConfig {
+        let mut c =
+            AgentConfig::from_json(include_str!("../tests/data/agent-config.json")).unwrap();
+        c.revision = revision.into();
+        c
+    }
+
+    fn gz_map(bytes: Vec<u8>) -> ConfigMap {
+        ConfigMap {
+            binary_data: Some([(AGENT_CONFIG_GZIP_KEY.to_string(), ByteString(bytes))].into()),
+            ..ConfigMap::default()
+        }
+    }
+
+    fn valid_revision(update: Option<ConfigUpdate>) -> String {
+        match update {
+            Some(ConfigUpdate::Valid(c)) => c.revision,
+            other => panic!("expected a valid config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_config_map_is_read_in_the_gzip_form_and_the_plain_form() {
+        let mut last = None;
+        let gz = gz_map(config("r1").to_gzip());
+        assert_eq!(
+            valid_revision(config_map_update(&gz, "cm", &mut last)),
+            "r1"
+        );
+        assert!(
+            config_map_update(&gz, "cm", &mut last).is_none(),
+            "an unchanged payload is not an update"
+        );
+        let plain = ConfigMap {
+            data: Some([(AGENT_CONFIG_KEY.to_string(), config("r0").to_json())].into()),
+            ..ConfigMap::default()
+        };
+        assert_eq!(
+            valid_revision(config_map_update(&plain, "cm", &mut last)),
+            "r0"
+        );
+    }
+
+    #[test]
+    fn corrupt_gzip_is_rejected_with_the_reason_and_the_source_named() {
+        let mut last = None;
+        let good = config("r1").to_gzip();
+        valid_revision(config_map_update(
+            &gz_map(good.clone()),
+            "ConfigMap s/c",
+            &mut last,
+        ));
+        let truncated = gz_map(good[..good.len() - 9].to_vec());
+        match config_map_update(&truncated, "ConfigMap s/c", &mut last) {
+            Some(ConfigUpdate::Rejected(why)) => {
+                assert!(why.starts_with("ConfigMap s/c: "), "{why}");
+                assert!(why.contains("not a valid gzip stream"), "{why}");
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+        match config_map_update(&ConfigMap::default(), "ConfigMap s/c", &mut last) {
+            Some(ConfigUpdate::Rejected(why)) => assert!(why.contains("neither"), "{why}"),
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_file_source_reads_gzip_and_rejects_a_corrupt_rewrite() {
+        let dir = std::env::temp_dir().join(format!("stratum-cfgsrc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent-config.json.gz");
+        let good = config("r1").to_gzip();
+        std::fs::write(&path, &good).unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        let task = tokio::spawn(watch(ConfigSource::File(path.clone()), None, tx));
+        assert_eq!(valid_revision(rx.recv().await), "r1");
+        let mut corrupt = good.clone();
+        corrupt[good.len() / 2] ^= 0xff;
+        std::fs::write(&path, &corrupt).unwrap();
+        match rx.recv().await {
+            Some(ConfigUpdate::Rejected(why)) => assert!(!why.is_empty()),
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+        task.abort();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -40,7 +40,7 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Watch this ConfigMap (`namespace/name`, key agent-config.json).
+    /// Watch this ConfigMap (`namespace/name`; binaryData agent-config.json.gz or data agent-config.json).
     #[arg(long, conflicts_with = "config")]
     config_map: Option<String>,
     /// Read and watch this agent config file instead.
@@ -106,9 +106,9 @@ enum LogFormat {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Validate { path } => {
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            match stratum_api::AgentConfig::from_json(&text) {
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            match stratum_api::AgentConfig::from_bytes(&bytes) {
                 Ok(c) => {
                     println!(
                         "{}: valid (revision {}, {} upstreams, {} tenants)",

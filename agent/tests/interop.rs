@@ -285,4 +285,40 @@ fn config_reload_adds_and_removes_upstreams_without_restart_and_rejects_bad_conf
     );
     assert_eq!(agent.pid(), pid, "no restart");
     assert!(agent.proc.child.id() == pid && agent.ready());
+
+    // The gzip form (what the operator writes into binaryData) is read too; a corrupt one is
+    // rejected with the reason, and the config in force stays.
+    let gz = stratum_api::agent_config::gzip(
+        agent_config("r5", &addrs[1..], 2, dir.path())
+            .to_string()
+            .as_bytes(),
+    );
+    write_bytes(&agent.config, &gz);
+    wait_for(
+        Duration::from_secs(10),
+        "the gzipped config applied",
+        || {
+            agent
+                .status()
+                .is_some_and(|s| s["identity"]["configRevision"] == "r5")
+        },
+    );
+    write_bytes(&agent.config, &gz[..gz.len() / 2]);
+    wait_for(Duration::from_secs(10), "the corrupt gzip reported", || {
+        agent.status().is_some_and(|s| {
+            s["identity"]["configError"]
+                .as_str()
+                .is_some_and(|e| e.contains("gzip"))
+        })
+    });
+    let s = agent.status().unwrap();
+    assert_eq!(s["identity"]["configRevision"], "r5");
+    assert_eq!(source_states(&s).len(), 3);
+    assert!(agent.ready(), "still serving the last good config");
+}
+
+fn write_bytes(path: &std::path::Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }

@@ -50,6 +50,7 @@ fn the_per_packet_path_does_not_allocate() {
             .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256).parse().unwrap())
             .chain(["127.0.0.0/8".parse().unwrap()])
             .collect(),
+        allowed_sets: vec![],
         denied: vec!["127.0.0.13/32".parse().unwrap()],
         rate_limit: RateLimitConfig {
             client_interval_seconds: 1.0,

@@ -23,6 +23,7 @@ fn random_datagrams_sources_and_clock_states_never_break_the_per_packet_path() {
         id: "ns/random".into(),
         port: 12300,
         allowed: vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()],
+        allowed_sets: vec![],
         denied: vec!["10.2.0.0/16".parse().unwrap()],
         rate_limit: RateLimitConfig {
             client_interval_seconds: 1.0,

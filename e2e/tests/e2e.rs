@@ -246,10 +246,8 @@ async fn adding_an_upstream_reaches_every_agent_without_restart() {
             .get(&format!("{SHARED_TIME_SERVICE}-agent-config"))
             .await
             .ok()?;
-        let text = c.data?.get("agent-config.json")?.clone();
-        let cfg: serde_json::Value = serde_json::from_str(&text).ok()?;
-        (cfg["upstreams"].as_array()?.len() == 5)
-            .then(|| cfg["revision"].as_str().unwrap_or_default().to_string())
+        let cfg = stratum_api::AgentConfig::from_config_map(&c).ok()?;
+        (cfg.upstreams.len() == 5).then(|| cfg.revision.clone())
     };
     wait_for(
         Duration::from_secs(30),
@@ -351,14 +349,17 @@ async fn deleting_a_tenant_removes_its_service_slices_and_config_entry() {
                 .ok()?
                 .items
                 .is_empty();
-            let text = cm
-                .get(&format!("{SHARED_TIME_SERVICE}-agent-config"))
-                .await
-                .ok()?
-                .data?
-                .get("agent-config.json")?
-                .clone();
-            let gone = !text.contains("e2e-team-gone/ntp");
+            let cfg = stratum_api::AgentConfig::from_config_map(
+                &cm.get(&format!("{SHARED_TIME_SERVICE}-agent-config"))
+                    .await
+                    .ok()?,
+            )
+            .ok()?;
+            let gone = !cfg
+                .serving
+                .tenants
+                .iter()
+                .any(|t| t.id == "e2e-team-gone/ntp");
             (no_svc && no_slices && gone).then_some(())
         },
     )

@@ -5,7 +5,11 @@
 //!
 //! Allow lists are cached per tenant and re-resolved only when an event touches a pod or
 //! namespace that one of the tenant's peers selects, which keeps a pod add to a few
-//! milliseconds with thousands of tenants (see `examples/scale.rs`).
+//! milliseconds with thousands of tenants (see `examples/scale.rs`). The agent config shares
+//! prefixes between tenants as pod sets (the pods of one namespace matching one selector):
+//! each set is cached and re-resolved only when a pod of its namespace that it matches (before
+//! or after the change) changes; which sets a tenant selects is cached until a namespace or the
+//! tenant changes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -20,8 +24,8 @@ use stratum_api::{
 };
 
 use crate::names;
-use crate::ports::{self, PortClaim, TenantKey};
-use crate::resolve::{CompiledPolicy, ResolveError};
+use crate::ports::{Allocation, PortClaim, TenantKey};
+use crate::resolve::{CompiledPolicy, PodSet, ResolveError, resolve_pod_set};
 use crate::selector::{Labels, Selector};
 
 /// A pod as the operator sees it.
@@ -235,6 +239,15 @@ impl TenantEntry {
         (self.namespace.clone(), self.name.clone())
     }
 
+    /// What port allocation needs of it.
+    pub fn claim(&self) -> PortClaim {
+        PortClaim {
+            key: self.key(),
+            created: self.created,
+            current: self.status_port,
+        }
+    }
+
     /// The tenant's maximum root distance in nanoseconds.
     pub fn max_root_distance_nanos(&self) -> Option<i64> {
         self.spec.requirements.max_root_distance.map(|d| {
@@ -328,6 +341,25 @@ pub struct Index {
     /// Tenants by `(namespace, name)`.
     pub tenants: BTreeMap<TenantKey, TenantEntry>,
     allow_cache: HashMap<TenantKey, Arc<Vec<IpNet>>>,
+    /// Resolved pod sets by namespace, then selector.
+    pod_sets: HashMap<String, HashMap<Selector, Arc<Vec<IpNet>>>>,
+    /// The pod sets and blocks each tenant allows.
+    tenant_sets: HashMap<TenantKey, Arc<TenantSets>>,
+    /// Port allocation per TimeService, kept up to date tenant by tenant.
+    allocations: HashMap<String, Allocation>,
+    /// Serialized shared sets of each TimeService's agent config.
+    pub set_texts: HashMap<String, crate::build::agent_config::SetCache>,
+}
+
+static NO_PORTS: BTreeMap<TenantKey, Option<u16>> = BTreeMap::new();
+
+/// What a tenant allows, as the agent config shares it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TenantSets {
+    /// Its ipBlock ranges, aggregated.
+    pub blocks: Vec<IpNet>,
+    /// The pod sets its pod peers select.
+    pub pod_sets: Vec<PodSet>,
 }
 
 impl Index {
@@ -379,21 +411,65 @@ impl Index {
     }
 
     /// Port of every tenant of `time_service` (`None`: the range is exhausted).
-    pub fn ports_of(&self, time_service: &str) -> BTreeMap<TenantKey, Option<u16>> {
-        let Some(ts) = self.time_services.get(time_service) else {
-            return BTreeMap::new();
-        };
-        let claims: Vec<PortClaim> = self
-            .tenants_of(time_service)
-            .into_iter()
-            .map(|t| PortClaim {
-                key: t.key(),
-                created: t.created,
-                current: t.status_port,
-            })
-            .collect();
-        let range = &ts.spec.serving.tenant_ports;
-        ports::allocate(range.start, range.end, Self::peer_port(&ts.spec), &claims)
+    pub fn ports_of(&self, time_service: &str) -> &BTreeMap<TenantKey, Option<u16>> {
+        self.allocations
+            .get(time_service)
+            .map_or(&NO_PORTS, Allocation::ports)
+    }
+
+    /// Recomputes every TimeService's allocation (their set or ranges changed).
+    fn reallocate_all(&mut self) {
+        let mut allocations = HashMap::new();
+        for (name, ts) in &self.time_services {
+            let claims: Vec<PortClaim> = self
+                .tenants_of(name)
+                .into_iter()
+                .map(TenantEntry::claim)
+                .collect();
+            let range = &ts.spec.serving.tenant_ports;
+            allocations.insert(
+                name.clone(),
+                Allocation::with_claims(range.start, range.end, Self::peer_port(&ts.spec), &claims),
+            );
+        }
+        self.allocations = allocations;
+    }
+
+    /// Updates the allocations for one tenant that was added, changed (`old` is its previous
+    /// entry) or deleted; triggers those whose port or TimeService changed.
+    fn reallocate(&mut self, key: &TenantKey, old: Option<&TenantEntry>) -> Triggers {
+        let old_ts = old
+            .and_then(|o| self.time_service_of(o).ok())
+            .map(|ts| ts.name.clone());
+        let new = self.tenants.get(key);
+        let new_ts = new
+            .and_then(|t| self.time_service_of(t).ok())
+            .map(|ts| ts.name.clone());
+        let claim = new.map(TenantEntry::claim);
+        let mut triggers = Triggers::default();
+        let mut changed = BTreeSet::new();
+        if old_ts != new_ts {
+            if let Some(ts) = old_ts
+                && let Some(allocation) = self.allocations.get_mut(&ts)
+            {
+                changed.extend(allocation.remove(key));
+                triggers.time_services.insert(ts);
+            }
+            changed.insert(key.clone());
+        }
+        if let (Some(ts), Some(claim)) = (new_ts, claim)
+            && let Some(allocation) = self.allocations.get_mut(&ts)
+        {
+            let moved = allocation.upsert(&claim);
+            if !moved.is_empty() {
+                triggers.time_services.insert(ts);
+            }
+            changed.extend(moved);
+        }
+        triggers
+            .tenants
+            .extend(changed.into_iter().filter(|k| self.tenants.contains_key(k)));
+        triggers
     }
 
     /// The allowed CIDRs of a tenant (cached); empty when its policy does not compile.
@@ -406,6 +482,35 @@ impl Index {
             _ => Vec::new(),
         });
         self.allow_cache.insert(key.clone(), resolved.clone());
+        resolved
+    }
+
+    /// The blocks and pod sets a tenant allows (cached); empty when its policy does not compile.
+    pub fn tenant_sets(&mut self, key: &TenantKey) -> Arc<TenantSets> {
+        if let Some(hit) = self.tenant_sets.get(key) {
+            return hit.clone();
+        }
+        let sets = Arc::new(match self.tenants.get(key).map(|t| &t.policy) {
+            Some(Ok(policy)) => TenantSets {
+                blocks: policy.blocks(),
+                pod_sets: policy.pod_sets(&self.cluster),
+            },
+            _ => TenantSets::default(),
+        });
+        self.tenant_sets.insert(key.clone(), sets.clone());
+        sets
+    }
+
+    /// The addresses of a pod set (cached).
+    pub fn pod_set(&mut self, set: &PodSet) -> Arc<Vec<IpNet>> {
+        if let Some(hit) = self.pod_sets.get(&set.0).and_then(|m| m.get(&set.1)) {
+            return hit.clone();
+        }
+        let resolved = Arc::new(resolve_pod_set(&self.cluster, set));
+        self.pod_sets
+            .entry(set.0.clone())
+            .or_default()
+            .insert(set.1.clone(), resolved.clone());
         resolved
     }
 
@@ -478,6 +583,14 @@ impl Index {
 
     fn pod_changed(&mut self, ns: &str, old: Option<&PodInfo>, new: Option<&PodInfo>) -> Triggers {
         let mut triggers = Triggers::default();
+        if let Some(sets) = self.pod_sets.get_mut(ns) {
+            sets.retain(|selector, _| {
+                ![old, new]
+                    .into_iter()
+                    .flatten()
+                    .any(|pod| selector.matches(&pod.labels))
+            });
+        }
         if ns == self.operator_namespace {
             for pod in [old, new].into_iter().flatten() {
                 if let Some(ts) = pod.labels.get(names::TIME_SERVICE_LABEL)
@@ -566,6 +679,7 @@ impl Index {
             .collect();
         let mut triggers = Triggers::default();
         for key in affected {
+            self.tenant_sets.remove(&key);
             triggers.extend(self.refresh_allowed(&key));
         }
         triggers
@@ -645,7 +759,6 @@ impl Index {
         {
             return Triggers::default();
         }
-        let before = self.assignment_snapshot();
         let old = self.tenants.insert(key.clone(), entry);
         let mut triggers = Triggers::default();
         if old.as_ref().is_none_or(|o| o.spec != tenant.spec) {
@@ -654,15 +767,16 @@ impl Index {
                 .is_none_or(|o| o.spec.allowed_clients != tenant.spec.allowed_clients)
             {
                 self.allow_cache.remove(&key);
+                self.tenant_sets.remove(&key);
             }
             triggers.extend(self.tenant_and_service(&key));
-            if let Some(old) = old
-                && let Ok(ts) = self.time_service_of(&old)
+            if let Some(old) = &old
+                && let Ok(ts) = self.time_service_of(old)
             {
                 triggers.time_services.insert(ts.name.clone());
             }
         }
-        triggers.extend(self.assignment_changes(before));
+        triggers.extend(self.reallocate(&key, old.as_ref()));
         triggers
     }
 
@@ -672,12 +786,12 @@ impl Index {
         if !self.tenants.contains_key(&key) {
             return Triggers::default();
         }
-        let before = self.assignment_snapshot();
         let mut triggers = self.tenant_and_service(&key);
-        self.tenants.remove(&key);
+        let old = self.tenants.remove(&key);
         self.allow_cache.remove(&key);
+        self.tenant_sets.remove(&key);
+        triggers.extend(self.reallocate(&key, old.as_ref()));
         triggers.tenants.remove(&key);
-        triggers.extend(self.assignment_changes(before));
         triggers
     }
 
@@ -698,6 +812,7 @@ impl Index {
         }
         let before = self.assignment_snapshot();
         self.time_services.insert(name.clone(), entry);
+        self.reallocate_all();
         let mut triggers = self.all_time_services();
         triggers
             .tenants
@@ -718,6 +833,7 @@ impl Index {
             .tenants
             .extend(self.tenants_of(&name).into_iter().map(TenantEntry::key));
         self.time_services.remove(&name);
+        self.reallocate_all();
         triggers.extend(self.all_time_services());
         triggers.extend(self.assignment_changes(before));
         triggers
@@ -728,7 +844,7 @@ impl Index {
         let mut out = BTreeMap::new();
         for ts in self.time_services.keys() {
             for (key, port) in self.ports_of(ts) {
-                out.insert(key, (Some(ts.clone()), port));
+                out.insert(key.clone(), (Some(ts.clone()), *port));
             }
         }
         for key in self.tenants.keys() {

@@ -130,6 +130,48 @@ impl CompiledPolicy {
         })
     }
 
+    /// The pod sets this policy's pod peers select in `cluster`: one per (namespace, pod
+    /// selector), in peer order. Which sets these are depends on namespaces only, not on pods.
+    pub fn pod_sets(&self, cluster: &Cluster) -> Vec<PodSet> {
+        let mut sets = Vec::new();
+        for peer in &self.allowed {
+            match peer {
+                CompiledPeer::Block(_) => {}
+                CompiledPeer::Pods {
+                    namespaces: NamespaceScope::Own,
+                    pods,
+                } => sets.push((self.namespace.clone(), pods.clone())),
+                CompiledPeer::Pods {
+                    namespaces: NamespaceScope::Selected(ns_selector),
+                    pods,
+                } => {
+                    for (ns, labels) in cluster.namespaces() {
+                        if ns_selector.matches(labels) {
+                            sets.push((ns.to_owned(), pods.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        sets.sort_unstable();
+        sets.dedup();
+        sets
+    }
+
+    /// The fixed ranges of the ipBlock peers, aggregated.
+    pub fn blocks(&self) -> Vec<IpNet> {
+        let nets: Vec<IpNet> = self
+            .allowed
+            .iter()
+            .filter_map(|p| match p {
+                CompiledPeer::Block(b) => Some(b.iter().copied()),
+                CompiledPeer::Pods { .. } => None,
+            })
+            .flatten()
+            .collect();
+        IpNet::aggregate(&nets)
+    }
+
     /// The aggregated CIDRs allowed by this policy in `cluster`.
     pub fn resolve_allowed(&self, cluster: &Cluster) -> Vec<IpNet> {
         let mut nets = Vec::new();
@@ -156,6 +198,16 @@ impl CompiledPolicy {
         }
         IpNet::aggregate(&nets)
     }
+}
+
+/// Pods of one namespace matching one selector: the unit of allow-list sharing and caching.
+pub type PodSet = (String, Selector);
+
+/// The aggregated addresses of the running pods of a pod set.
+pub fn resolve_pod_set(cluster: &Cluster, (ns, selector): &PodSet) -> Vec<IpNet> {
+    let mut nets = Vec::new();
+    push_pod_ips(&mut nets, cluster, ns, selector);
+    IpNet::aggregate(&nets)
 }
 
 fn push_pod_ips(nets: &mut Vec<IpNet>, cluster: &Cluster, ns: &str, selector: &Selector) {

@@ -9,12 +9,12 @@ use stratum_api::common::LabelSelector;
 pub type Labels = BTreeMap<String, String>;
 
 /// A compiled label selector: every requirement must hold. No requirement selects everything.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Selector {
     requirements: Vec<Requirement>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Requirement {
     Equals(String, String),
     In(String, Vec<String>),

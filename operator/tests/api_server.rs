@@ -226,8 +226,10 @@ async fn time_service_children_are_applied_then_status_once_and_not_again_when_u
                 json!({}),
             )
             .await;
-        let config: stratum_api::AgentConfig =
-            serde_json::from_str(cm["data"]["agent-config.json"].as_str().unwrap()).unwrap();
+        // Written gzipped into binaryData, base64 on the wire.
+        let config =
+            stratum_api::AgentConfig::from_config_map(&serde_json::from_value(cm.clone()).unwrap())
+                .unwrap();
         assert_eq!(config.time_service, "cluster");
         assert_eq!(cm["metadata"]["ownerReferences"][0]["uid"], "uid-cluster");
         v.expect_apply(

@@ -1,7 +1,8 @@
 //! NetworkPolicy-peer resolution against an independent brute-force oracle: for random
 //! clusters and random peers, every candidate address is allowed by the resolved CIDRs exactly
 //! when a naive reading of the NetworkPolicy rules allows it. And the incremental index, after
-//! random churn, always equals a resolution from scratch.
+//! random churn, always equals a resolution from scratch, per tenant and as the shared pod sets
+//! the agent config carries.
 
 #![allow(clippy::unwrap_used)]
 
@@ -418,6 +419,17 @@ fn the_incremental_index_always_equals_resolution_from_scratch() {
                 *cached,
                 policy.resolve_allowed(&index.cluster),
                 "step {step}, tenant {key:?}"
+            );
+            // The agent config's form: own blocks plus cached shared pod sets, same addresses.
+            let sets = index.tenant_sets(key);
+            let mut shared = sets.blocks.clone();
+            for set in &sets.pod_sets {
+                shared.extend(index.pod_set(set).iter().copied());
+            }
+            assert_eq!(
+                IpNet::aggregate(&shared),
+                *cached,
+                "step {step}, tenant {key:?}, as shared sets"
             );
         }
     }

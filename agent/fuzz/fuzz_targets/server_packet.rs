@@ -28,6 +28,7 @@ fn port() -> &'static PortPolicy {
                 "fd00::/8".parse().expect("static"),
                 "127.0.0.0/8".parse().expect("static"),
             ],
+            allowed_sets: vec![],
             denied: vec!["10.2.0.0/16".parse().expect("static")],
             rate_limit: RateLimitConfig {
                 client_interval_seconds: 1.0,

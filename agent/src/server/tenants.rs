@@ -19,7 +19,8 @@ pub const PEER_TENANT_ID: &str = "fleet-peers";
 /// cannot silence a victim whose address it forges.
 const RATE_LIMIT_LEAK_LOG2: u8 = 2;
 
-/// The server-side rules of one configured tenant.
+/// The server-side rules of one configured tenant; `allow` is its own prefixes only (see
+/// [`desired_ports`] for those of its shared sets).
 pub fn core_tenant(tenant: &ApiTenant) -> TenantConfig {
     let kod = tenant.rate_limit.kiss_of_death;
     let deny_action = if kod {
@@ -59,7 +60,11 @@ pub fn desired_ports(serving: &ServingConfig) -> BTreeMap<u16, TenantConfig> {
     let mut ports: BTreeMap<u16, TenantConfig> = serving
         .tenants
         .iter()
-        .map(|t| (t.port, core_tenant(t)))
+        .map(|t| {
+            let mut core = core_tenant(t);
+            core.allow = stratum_api::AgentConfig::tenant_allowed(serving, t);
+            (t.port, core)
+        })
         .collect();
     if let Some(port) = serving.peer_port {
         // Other agents poll at their own configured rate: no limit, no KoD, no requirement.
@@ -130,6 +135,7 @@ mod tests {
             id: id.into(),
             port,
             allowed: vec!["10.0.0.0/8".parse().unwrap()],
+            allowed_sets: vec![],
             denied: vec!["10.0.0.13/32".parse().unwrap()],
             rate_limit: RateLimitConfig {
                 client_interval_seconds: 2.0,
@@ -149,6 +155,7 @@ mod tests {
             peer_port: None,
             peer_allowed: vec![],
             tenants,
+            cidr_sets: vec![],
         }
     }
 
@@ -165,6 +172,28 @@ mod tests {
         let budget = core.budget.unwrap();
         assert_eq!((budget.packets_per_second, budget.burst), (500.0, 500.0));
         assert_eq!(core.max_root_distance, Some(0.1));
+    }
+
+    #[test]
+    fn a_tenant_is_served_to_its_own_prefixes_and_those_of_its_shared_sets() {
+        let mut t = api_tenant("ns/a", 12300);
+        t.allowed_sets = vec![1];
+        let mut s = serving(vec![t]);
+        s.cidr_sets = vec![
+            vec!["192.0.2.0/24".parse().unwrap()],
+            vec!["fd00::/64".parse().unwrap()],
+        ];
+        let ports = desired_ports(&s);
+        let allow: Vec<String> = ports[&12300]
+            .allow
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            allow,
+            ["10.0.0.0/8", "fd00::/64"],
+            "set 0 is not referenced"
+        );
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub fn tenant(id: &str, port: u16, allowed: &[&str], kod: bool) -> TenantConfig 
         id: id.into(),
         port,
         allowed: allowed.iter().map(|a| a.parse().unwrap()).collect(),
+        allowed_sets: vec![],
         denied: vec![],
         rate_limit: RateLimitConfig {
             client_interval_seconds: 0.001,
@@ -47,6 +48,7 @@ pub fn serving(tenants: Vec<TenantConfig>) -> ServingConfig {
         peer_port: None,
         peer_allowed: vec![],
         tenants,
+        cidr_sets: vec![],
     }
 }
 

@@ -6,6 +6,12 @@
 //! plain seconds (`*Seconds`, JSON numbers) because both ends are programs. [`AgentConfig::validate`]
 //! returns every problem at once, each with its JSON path, so a rejected config is reported
 //! completely in one NodeClock condition.
+//!
+//! Version 2 keeps large clusters inside a ConfigMap's 1 MiB: client prefixes that several
+//! tenants allow (the pods of one namespace matching one selector) are written once in
+//! `serving.cidrSets` and referenced by index from `serving.tenants[].allowedSets`, and the
+//! operator writes the compact JSON gzipped into `binaryData` ([`AGENT_CONFIG_GZIP_KEY`]).
+//! Readers still accept version 1 and the plain `data` key ([`AgentConfig::from_config_map`]).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -13,10 +19,19 @@ use std::fmt;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-/// The only version of the contract this build reads and writes.
-pub const AGENT_CONFIG_VERSION: u32 = 1;
-/// ConfigMap key holding the JSON document.
+/// The version of the contract this build writes (and the newest it reads).
+pub const AGENT_CONFIG_VERSION: u32 = 2;
+/// The oldest version this build still reads: version 1 has no CIDR sets.
+pub const AGENT_CONFIG_MIN_VERSION: u32 = 1;
+/// ConfigMap `data` key holding a plain JSON document (version 1 operators, hand-written maps).
 pub const AGENT_CONFIG_KEY: &str = "agent-config.json";
+/// ConfigMap `binaryData` key holding the gzipped compact JSON document; preferred when present.
+pub const AGENT_CONFIG_GZIP_KEY: &str = "agent-config.json.gz";
+/// What the API server accepts as `data` plus `binaryData` of one ConfigMap.
+pub const CONFIG_MAP_LIMIT_BYTES: usize = 1024 * 1024;
+/// Largest decompressed document read: a bound against a compression bomb, far above any
+/// config that fits a ConfigMap compressed.
+pub const MAX_DOCUMENT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Everything an agent needs to discipline its node and serve its tenants.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -41,13 +56,14 @@ pub struct AgentConfig {
     pub discipline: DisciplineConfig,
     /// Leap second handling.
     pub leap: LeapConfig,
-    /// Serving tenants.
-    pub serving: ServingConfig,
     /// NodeClock reporting.
     pub reporting: ReportingConfig,
     /// Log verbosity.
     #[serde(default)]
     pub log_level: LogLevel,
+    /// Serving tenants. Last, and `cidrSets` last within it, so a writer can append the
+    /// (large, mostly unchanged) sets to the rest of the document without re-serializing them.
+    pub serving: ServingConfig,
 }
 
 /// Clock backend selection.
@@ -185,6 +201,10 @@ pub struct ServingConfig {
     /// Tenants, each on its own port.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+    /// Client prefix sets shared by tenants (version 2), referenced by their index from
+    /// `tenants[].allowedSets`: a set selected by many tenants is written once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cidr_sets: Vec<Vec<IpNet>>,
 }
 
 /// One tenant as an agent serves it.
@@ -195,8 +215,12 @@ pub struct TenantConfig {
     pub id: String,
     /// UDP port of this tenant.
     pub port: u16,
-    /// Client prefixes allowed (aggregated).
+    /// Client prefixes allowed besides `allowedSets` (in version 1 all of them, aggregated).
+    #[serde(default)]
     pub allowed: Vec<IpNet>,
+    /// Indexes into `serving.cidrSets` whose prefixes are allowed too (version 2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_sets: Vec<u32>,
     /// Client prefixes never answered.
     #[serde(default)]
     pub denied: Vec<IpNet>,
@@ -271,6 +295,17 @@ pub enum ConfigError {
     /// Not valid JSON for this contract (syntax, type or unknown field).
     #[error("agent config is not valid JSON for contract version {AGENT_CONFIG_VERSION}: {0}")]
     Parse(#[source] serde_json::Error),
+    /// The gzip stream is corrupt or truncated.
+    #[error("agent config is not a valid gzip stream: {0}")]
+    Gzip(#[source] std::io::Error),
+    /// Decompressed, the document exceeds [`MAX_DOCUMENT_BYTES`].
+    #[error("agent config decompresses to more than {MAX_DOCUMENT_BYTES} bytes")]
+    TooLarge,
+    /// The ConfigMap holds neither key.
+    #[error(
+        "ConfigMap has neither binaryData key {AGENT_CONFIG_GZIP_KEY} nor data key {AGENT_CONFIG_KEY}"
+    )]
+    Missing,
     /// Well-formed but inconsistent.
     #[error("agent config is invalid: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Invalid(Vec<ConfigProblem>),
@@ -284,23 +319,70 @@ impl AgentConfig {
         Ok(config)
     }
 
-    /// The canonical JSON form, as written into the ConfigMap.
+    /// Reads a document from bytes: gzip (by its magic number) or plain JSON.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ConfigError> {
+        if bytes.starts_with(&GZIP_MAGIC) {
+            Self::from_json(&gunzip(bytes)?)
+        } else {
+            let text = std::str::from_utf8(bytes).map_err(|e| {
+                ConfigError::Parse(serde_json::Error::io(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    e,
+                )))
+            })?;
+            Self::from_json(text)
+        }
+    }
+
+    /// Reads the config of a ConfigMap: `binaryData` [`AGENT_CONFIG_GZIP_KEY`] when present
+    /// (what this version's operator writes), else `data` [`AGENT_CONFIG_KEY`].
+    pub fn from_config_map(
+        cm: &k8s_openapi::api::core::v1::ConfigMap,
+    ) -> Result<Self, ConfigError> {
+        Self::from_bytes(&config_map_payload(cm).ok_or(ConfigError::Missing)?)
+    }
+
+    /// The canonical JSON form (pretty, for humans and files).
     pub fn to_json(&self) -> String {
         // Serializing plain structs of strings, numbers and IpNet cannot fail.
         serde_json::to_string_pretty(self).unwrap_or_default()
     }
 
+    /// The compact JSON form, gzipped: what the operator writes into `binaryData`.
+    pub fn to_gzip(&self) -> Vec<u8> {
+        gzip(serde_json::to_string(self).unwrap_or_default().as_bytes())
+    }
+
+    /// The prefixes tenant `t` allows: its own plus those of its sets, aggregated. Unknown set
+    /// indexes (refused by [`AgentConfig::validate`]) contribute nothing.
+    pub fn tenant_allowed(serving: &ServingConfig, t: &TenantConfig) -> Vec<IpNet> {
+        if t.allowed_sets.is_empty() {
+            return t.allowed.clone();
+        }
+        let mut all = t.allowed.clone();
+        for i in &t.allowed_sets {
+            if let Some(set) = serving.cidr_sets.get(*i as usize) {
+                all.extend_from_slice(set);
+            }
+        }
+        IpNet::aggregate(&all)
+    }
+
     /// Every problem in this config, or `Ok` when there is none.
     pub fn validate(&self) -> Result<(), Vec<ConfigProblem>> {
         let mut p = Problems::default();
-        if self.version != AGENT_CONFIG_VERSION {
+        if !(AGENT_CONFIG_MIN_VERSION..=AGENT_CONFIG_VERSION).contains(&self.version) {
             p.add(
                 "version",
                 format!(
-                    "unsupported version {}; this agent reads version {AGENT_CONFIG_VERSION}",
+                    "unsupported version {}; this agent reads versions \
+                     {AGENT_CONFIG_MIN_VERSION} to {AGENT_CONFIG_VERSION}",
                     self.version
                 ),
             );
+        }
+        if self.version < 2 && !self.serving.cidr_sets.is_empty() {
+            p.add("serving.cidrSets", "needs contract version 2");
         }
         if self.time_service.is_empty() {
             p.add("timeService", "must not be empty");
@@ -424,6 +506,17 @@ impl AgentConfig {
             if let Some(max) = t.max_root_distance_seconds {
                 p.positive(&at("maxRootDistanceSeconds"), max);
             }
+            for (j, set) in t.allowed_sets.iter().enumerate() {
+                if *set as usize >= s.cidr_sets.len() {
+                    p.add(
+                        at(&format!("allowedSets[{j}]")),
+                        format!(
+                            "no CIDR set {set}; serving.cidrSets has {}",
+                            s.cidr_sets.len()
+                        ),
+                    );
+                }
+            }
         }
         p.positive(
             "reporting.heartbeatSeconds",
@@ -446,6 +539,51 @@ impl AgentConfig {
             _ => self.upstreams.clone(),
         }
     }
+}
+
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// The raw document of a ConfigMap, by the precedence of [`AgentConfig::from_config_map`];
+/// also what a watcher compares to skip unchanged updates.
+pub fn config_map_payload(cm: &k8s_openapi::api::core::v1::ConfigMap) -> Option<Vec<u8>> {
+    if let Some(bytes) = cm
+        .binary_data
+        .as_ref()
+        .and_then(|b| b.get(AGENT_CONFIG_GZIP_KEY))
+    {
+        return Some(bytes.0.clone());
+    }
+    cm.data
+        .as_ref()
+        .and_then(|d| d.get(AGENT_CONFIG_KEY))
+        .map(|text| text.as_bytes().to_vec())
+}
+
+/// Gzips a document. The fast level: the config is rewritten on pod churn, and its CIDR
+/// text compresses well even so.
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(bytes.len() / 4),
+        flate2::Compression::fast(),
+    );
+    // Writing into a Vec cannot fail.
+    let _ = encoder.write_all(bytes);
+    encoder.finish().unwrap_or_default()
+}
+
+/// Decompresses a gzip document (every member), refusing more than [`MAX_DOCUMENT_BYTES`].
+fn gunzip(bytes: &[u8]) -> Result<String, ConfigError> {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::MultiGzDecoder::new(bytes)
+        .take(MAX_DOCUMENT_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(ConfigError::Gzip)?;
+    if text.len() as u64 > MAX_DOCUMENT_BYTES {
+        return Err(ConfigError::TooLarge);
+    }
+    Ok(text)
 }
 
 fn check_upstream(p: &mut Problems, at: &str, u: &UpstreamConfig) {
@@ -553,6 +691,7 @@ mod tests {
                         "10.244.1.0/24".parse().unwrap(),
                         "fd00::/64".parse().unwrap(),
                     ],
+                    allowed_sets: vec![0],
                     denied: vec!["10.244.1.13/32".parse().unwrap()],
                     rate_limit: RateLimitConfig {
                         client_interval_seconds: 1.0,
@@ -563,6 +702,7 @@ mod tests {
                     },
                     max_root_distance_seconds: Some(0.1),
                 }],
+                cidr_sets: vec![vec!["10.244.7.0/24".parse().unwrap()]],
             },
             reporting: ReportingConfig {
                 heartbeat_seconds: 60.0,
@@ -590,10 +730,105 @@ mod tests {
     #[test]
     fn a_newer_contract_version_is_refused_with_the_supported_one_named() {
         let mut config = sample();
-        config.version = 2;
+        config.version = 3;
         let problems = config.validate().unwrap_err();
         assert_eq!(problems[0].path, "version");
-        assert!(problems[0].message.contains("version 1"));
+        assert!(problems[0].message.contains("versions 1 to 2"));
+    }
+
+    #[test]
+    fn a_version_1_document_without_sets_is_still_read() {
+        let mut value = serde_json::to_value(sample()).unwrap();
+        value["version"] = 1.into();
+        value["serving"].as_object_mut().unwrap().remove("cidrSets");
+        value["serving"]["tenants"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("allowedSets");
+        let config = AgentConfig::from_json(&value.to_string()).unwrap();
+        let t = &config.serving.tenants[0];
+        assert_eq!(AgentConfig::tenant_allowed(&config.serving, t), t.allowed);
+        // Sets are a version 2 feature: a version 1 document cannot carry them.
+        value["serving"]["cidrSets"] = serde_json::json!([["10.0.0.0/8"]]);
+        let err = AgentConfig::from_json(&value.to_string()).unwrap_err();
+        assert!(err.to_string().contains("serving.cidrSets"), "{err}");
+    }
+
+    #[test]
+    fn a_tenant_allows_its_own_prefixes_and_those_of_its_sets() {
+        let config = sample();
+        let t = &config.serving.tenants[0];
+        let got: Vec<String> = AgentConfig::tenant_allowed(&config.serving, t)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(got, ["10.244.1.0/24", "10.244.7.0/24", "fd00::/64"]);
+    }
+
+    #[test]
+    fn a_reference_to_a_missing_set_is_refused_with_its_path() {
+        let mut config = sample();
+        config.serving.tenants[0].allowed_sets = vec![0, 5];
+        let problems = config.validate().unwrap_err();
+        assert_eq!(problems[0].path, "serving.tenants[0].allowedSets[1]");
+        assert!(problems[0].message.contains("has 1"), "{}", problems[0]);
+    }
+
+    fn config_map(
+        data: Option<&str>,
+        gz: Option<Vec<u8>>,
+    ) -> k8s_openapi::api::core::v1::ConfigMap {
+        k8s_openapi::api::core::v1::ConfigMap {
+            data: data.map(|d| [(AGENT_CONFIG_KEY.to_string(), d.to_string())].into()),
+            binary_data: gz.map(|b| {
+                [(
+                    AGENT_CONFIG_GZIP_KEY.to_string(),
+                    k8s_openapi::ByteString(b),
+                )]
+                .into()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_config_map_is_read_from_gzip_binary_data_first_then_plain_data() {
+        let config = sample();
+        let mut older = sample();
+        older.revision = "older".into();
+        let both = config_map(Some(&older.to_json()), Some(config.to_gzip()));
+        assert_eq!(AgentConfig::from_config_map(&both).unwrap(), config);
+        let plain = config_map(Some(&older.to_json()), None);
+        assert_eq!(AgentConfig::from_config_map(&plain).unwrap(), older);
+        let err = AgentConfig::from_config_map(&config_map(None, None)).unwrap_err();
+        assert!(matches!(err, ConfigError::Missing), "{err}");
+        // Files may hold either form.
+        assert_eq!(AgentConfig::from_bytes(&config.to_gzip()).unwrap(), config);
+        assert_eq!(
+            AgentConfig::from_bytes(config.to_json().as_bytes()).unwrap(),
+            config
+        );
+    }
+
+    #[test]
+    fn corrupt_or_truncated_gzip_is_refused_as_such() {
+        let good = sample().to_gzip();
+        let truncated = &good[..good.len() / 2];
+        let err = AgentConfig::from_bytes(truncated).unwrap_err();
+        assert!(matches!(err, ConfigError::Gzip(_)), "{err}");
+        assert!(err.to_string().contains("gzip"), "{err}");
+        let mut flipped = good.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0xff;
+        assert!(AgentConfig::from_bytes(&flipped).is_err());
+    }
+
+    #[test]
+    fn a_compression_bomb_is_refused_without_inflating_it_all() {
+        let zeros = vec![b' '; (MAX_DOCUMENT_BYTES + 10) as usize];
+        let bomb = gzip(&zeros);
+        let err = AgentConfig::from_bytes(&bomb).unwrap_err();
+        assert!(matches!(err, ConfigError::TooLarge), "{err}");
     }
 
     #[test]

@@ -1,14 +1,20 @@
 //! The agent config of one TimeService (the `stratum_api::agent_config` contract) and the
 //! ConfigMap carrying it. The revision is a hash of the content, so unchanged inputs produce a
 //! byte-identical ConfigMap and agents can report which content they run.
+//!
+//! Prefixes several tenants allow (pod sets) are written once, in `serving.cidrSets`, and the
+//! document is gzipped into `binaryData`: together they keep thousands of tenants and tens of
+//! thousands of pods well inside a ConfigMap (see `docs/contracts.md`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
+use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
 use stratum_api::agent_config::{
-    AGENT_CONFIG_KEY, AGENT_CONFIG_VERSION, ClockBackend, ClockConfig, DisciplineConfig,
+    AGENT_CONFIG_GZIP_KEY, AGENT_CONFIG_VERSION, ClockBackend, ClockConfig, DisciplineConfig,
     EgressConfig, LeapConfig, LeapMode, LogLevel, RateLimitConfig, ReportingConfig,
     SelectionConfig, ServingConfig, TenantConfig, UpstreamConfig, UpstreamKind,
 };
@@ -27,8 +33,10 @@ pub struct TenantInput<'a> {
     pub id: String,
     /// Allocated port.
     pub port: u16,
-    /// Resolved, aggregated allow list.
+    /// Allowed ranges of its own (ipBlocks), aggregated.
     pub allowed: &'a [IpNet],
+    /// Allowed pod sets, resolved (shared with other tenants where equal).
+    pub sets: &'a [Arc<Vec<IpNet>>],
     /// Resolved, aggregated deny list.
     pub denied: &'a [IpNet],
     /// The tenant's spec (rate limits and requirements).
@@ -58,8 +66,52 @@ pub fn build_agent_config(
     tenants: &[TenantInput<'_>],
     fleet: &FleetInput,
 ) -> AgentConfig {
-    let mut tenant_configs: Vec<TenantConfig> = tenants.iter().map(tenant_config).collect();
-    tenant_configs.sort_by(|a, b| a.id.cmp(&b.id));
+    build_agent_config_document(
+        name,
+        spec,
+        peer_port,
+        tenants,
+        fleet,
+        &mut SetCache::default(),
+    )
+    .0
+}
+
+fn build_agent_config_unrevised(
+    name: &str,
+    spec: &TimeServiceSpec,
+    peer_port: Option<u16>,
+    tenants: &[TenantInput<'_>],
+    fleet: &FleetInput,
+) -> (AgentConfig, Vec<Arc<Vec<IpNet>>>) {
+    let mut order: Vec<&TenantInput<'_>> = tenants.iter().collect();
+    order.sort_by(|a, b| a.id.cmp(&b.id));
+    // Sets are numbered by first use in tenant order, equal content once: deterministic.
+    let mut cidr_sets: Vec<Vec<IpNet>> = Vec::new();
+    let mut arcs: Vec<Arc<Vec<IpNet>>> = Vec::new();
+    // Most repeats are the same cached set: look those up by address, hash contents only once
+    // per distinct set.
+    let mut by_address: HashMap<*const Vec<IpNet>, u32> = HashMap::new();
+    let mut by_content: HashMap<&[IpNet], u32> = HashMap::new();
+    let tenant_configs: Vec<TenantConfig> = order
+        .iter()
+        .map(|t| {
+            let mut config = tenant_config(t);
+            for set in t.sets.iter().filter(|s| !s.is_empty()) {
+                let n = *by_address.entry(Arc::as_ptr(set)).or_insert_with(|| {
+                    *by_content.entry(set.as_slice()).or_insert_with(|| {
+                        cidr_sets.push(set.to_vec());
+                        arcs.push(set.clone());
+                        u32::try_from(cidr_sets.len() - 1).unwrap_or(u32::MAX)
+                    })
+                });
+                config.allowed_sets.push(n);
+            }
+            config.allowed_sets.sort_unstable();
+            config.allowed_sets.dedup();
+            config
+        })
+        .collect();
     let egress = spec.egress_tier.as_ref().map(|tier| {
         let mut nodes = fleet.egress_nodes.clone();
         nodes.sort();
@@ -94,7 +146,7 @@ pub fn build_agent_config(
         ),
         None => Vec::new(),
     };
-    let mut config = AgentConfig {
+    let config = AgentConfig {
         version: AGENT_CONFIG_VERSION,
         revision: String::new(),
         time_service: name.to_owned(),
@@ -134,6 +186,7 @@ pub fn build_agent_config(
             peer_port,
             peer_allowed,
             tenants: tenant_configs,
+            cidr_sets,
         },
         reporting: ReportingConfig {
             heartbeat_seconds: spec.reporting.interval.as_secs_f64(),
@@ -146,9 +199,90 @@ pub fn build_agent_config(
             ts_api::LogLevel::Trace => LogLevel::Trace,
         },
     };
-    // The revision is still empty here, so hashing the config as is hashes everything else.
-    config.revision = content_hash(&config.to_json());
-    config
+    (config, arcs)
+}
+
+/// The agent config as `build_agent_config` makes it, and its document (compact JSON, the
+/// revision included), serialized once: the revision is the hash of the document without it.
+pub fn build_agent_config_document(
+    name: &str,
+    spec: &TimeServiceSpec,
+    peer_port: Option<u16>,
+    tenants: &[TenantInput<'_>],
+    fleet: &FleetInput,
+    cache: &mut SetCache,
+) -> (AgentConfig, String) {
+    let (mut config, arcs) = build_agent_config_unrevised(name, spec, peer_port, tenants, fleet);
+    let unrevised = document_with(&mut config, &arcs, cache);
+    config.revision = content_hash(&unrevised);
+    // `revision` is the second field and serde writes fields in order, so its empty value is
+    // the first `"revision":""` (quotes inside strings are escaped).
+    let marker = "\"revision\":\"\"";
+    let text = match unrevised.find(marker) {
+        Some(at) => format!(
+            "{}\"revision\":\"{}\"{}",
+            &unrevised[..at],
+            config.revision,
+            &unrevised[at + marker.len()..]
+        ),
+        None => document(&config),
+    };
+    (config, text)
+}
+
+/// The JSON text of each shared set, kept while the set is in use: a pod event changes a few
+/// sets, and only those are serialized again.
+#[derive(Debug, Default)]
+pub struct SetCache {
+    /// By the set's address; holding the `Arc` keeps that address from being reused.
+    texts: HashMap<usize, (Arc<Vec<IpNet>>, String)>,
+}
+
+/// `document(config)`, with the sets' text from `cache`. `arcs` holds the sets of
+/// `config.serving.cidrSets` in order.
+fn document_with(
+    config: &mut AgentConfig,
+    arcs: &[Arc<Vec<IpNet>>],
+    cache: &mut SetCache,
+) -> String {
+    if config.serving.cidr_sets.is_empty() || arcs.len() != config.serving.cidr_sets.len() {
+        return document(config);
+    }
+    // `serving` is the last field and `cidrSets` its last: without the sets the document ends
+    // with the two closing braces they go before.
+    let sets = std::mem::take(&mut config.serving.cidr_sets);
+    let mut text = document(config);
+    config.serving.cidr_sets = sets;
+    if !text.ends_with("}}") {
+        return document(config);
+    }
+    text.truncate(text.len() - 2);
+    text.push_str(",\"cidrSets\":[");
+    let mut used = HashMap::with_capacity(arcs.len());
+    for (i, set) in arcs.iter().enumerate() {
+        let key = Arc::as_ptr(set) as usize;
+        let entry = match cache.texts.remove(&key) {
+            Some(hit) => hit,
+            None => (
+                set.clone(),
+                serde_json::to_string(set.as_slice()).unwrap_or_default(),
+            ),
+        };
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(&entry.1);
+        used.insert(key, entry);
+    }
+    text.push_str("]}}");
+    cache.texts = used;
+    text
+}
+
+/// The compact JSON document of a config.
+pub fn document(config: &AgentConfig) -> String {
+    // Serializing plain structs of strings, numbers and IpNet cannot fail.
+    serde_json::to_string(config).unwrap_or_default()
 }
 
 fn content_hash(text: &str) -> String {
@@ -193,6 +327,7 @@ fn tenant_config(t: &TenantInput<'_>) -> TenantConfig {
         id: t.id.clone(),
         port: t.port,
         allowed: t.allowed.to_vec(),
+        allowed_sets: Vec::new(),
         denied: t.denied.to_vec(),
         rate_limit: RateLimitConfig {
             client_interval_seconds: rate.per_client.interval.as_secs_f64(),
@@ -215,26 +350,27 @@ fn tenant_config(t: &TenantInput<'_>) -> TenantConfig {
     }
 }
 
-/// A stable hash of everything but the revision itself (FNV-1a over the canonical JSON):
-/// equal content, equal revision, across operator restarts and versions.
+/// A stable hash of everything but the revision itself (FNV-1a over the compact JSON):
+/// equal content, equal revision, across operator restarts.
 pub fn revision_of(config: &AgentConfig) -> String {
     let mut unrevised = config.clone();
     unrevised.revision = String::new();
-    content_hash(&unrevised.to_json())
+    content_hash(&document(&unrevised))
 }
 
-/// The ConfigMap holding `config`, in the operator's namespace.
+/// The ConfigMap holding a config's `document` gzipped, in the operator's namespace.
 pub fn build_agent_config_map(
     ts: &TimeService,
     settings: &OperatorSettings,
     config: &AgentConfig,
+    document: &str,
 ) -> Result<ConfigMap> {
     let name = names::agent_config_map_name(&config.time_service);
     Ok(ConfigMap {
         metadata: agent_meta(ts, name, Some(&settings.namespace))?,
-        data: Some(BTreeMap::from([(
-            AGENT_CONFIG_KEY.to_owned(),
-            config.to_json(),
+        binary_data: Some(BTreeMap::from([(
+            AGENT_CONFIG_GZIP_KEY.to_owned(),
+            ByteString(stratum_api::agent_config::gzip(document.as_bytes())),
         )])),
         ..ConfigMap::default()
     })
@@ -269,6 +405,7 @@ mod tests {
                 id: "b/ntp".into(),
                 port: 12301,
                 allowed: &allowed,
+                sets: &[],
                 denied: &[],
                 spec: &b.spec,
             },
@@ -276,6 +413,7 @@ mod tests {
                 id: "a/ntp".into(),
                 port: 12300,
                 allowed: &allowed,
+                sets: &[],
                 denied: &denied,
                 spec: &a.spec,
             },
@@ -300,6 +438,78 @@ mod tests {
         assert_eq!(config.clock.backend, ClockBackend::System);
         assert_eq!(config.upstreams[0].kind, UpstreamKind::Pool);
         assert_eq!(config.discipline.drift_file, "/var/lib/stratum/drift");
+    }
+
+    #[test]
+    fn equal_pod_sets_are_written_once_and_the_cached_document_is_the_real_one() {
+        let ts = fixtures::time_service("cluster");
+        let spec = fixtures::tenant("a", "ntp", serde_json::json!({})).spec;
+        let team = Arc::new(nets(&["10.1.0.0/24", "fd00:1::/64"]));
+        let same_team = Arc::new(team.to_vec());
+        let own = Arc::new(nets(&["10.2.0.7/32"]));
+        let block = nets(&["192.168.0.0/16"]);
+        let (a_sets, b_sets) = (
+            [team.clone(), own.clone()],
+            [same_team, Arc::new(Vec::new())],
+        );
+        let inputs = |a: &'static str| {
+            [
+                TenantInput {
+                    id: "b/ntp".into(),
+                    port: 12301,
+                    allowed: &[],
+                    sets: &b_sets,
+                    denied: &[],
+                    spec: &spec,
+                },
+                TenantInput {
+                    id: a.into(),
+                    port: 12300,
+                    allowed: &block,
+                    sets: &a_sets,
+                    denied: &[],
+                    spec: &spec,
+                },
+            ]
+        };
+        let mut cache = SetCache::default();
+        let fleet = FleetInput::default();
+        let (config, text) = build_agent_config_document(
+            "cluster",
+            &ts.spec,
+            None,
+            &inputs("a/ntp"),
+            &fleet,
+            &mut cache,
+        );
+        assert_eq!(config.serving.cidr_sets, [team.to_vec(), own.to_vec()]);
+        let refs: Vec<_> = config
+            .serving
+            .tenants
+            .iter()
+            .map(|t| t.allowed_sets.clone())
+            .collect();
+        assert_eq!(
+            refs,
+            [vec![0, 1], vec![0]],
+            "equal contents share one set; empty ones none"
+        );
+        assert_eq!(config.serving.tenants[0].allowed, block);
+        assert_eq!(text, document(&config));
+        assert_eq!(config.revision, revision_of(&config));
+        assert!(config.validate().is_ok(), "{:?}", config.validate());
+        // Again with the cache filled and other content: still exactly the document.
+        let (again, text) = build_agent_config_document(
+            "cluster",
+            &ts.spec,
+            None,
+            &inputs("c/ntp"),
+            &fleet,
+            &mut cache,
+        );
+        assert_eq!(text, document(&again));
+        assert_eq!(AgentConfig::from_json(&text).unwrap(), again);
+        assert_ne!(again.revision, config.revision);
     }
 
     #[test]
@@ -368,8 +578,15 @@ mod tests {
     #[test]
     fn config_map_carries_the_json_under_the_contract_key_with_owner_and_labels() {
         let ts = fixtures::time_service("cluster");
-        let config = build_agent_config("cluster", &ts.spec, None, &[], &FleetInput::default());
-        let cm = build_agent_config_map(&ts, &fixtures::settings(), &config).unwrap();
+        let (config, text) = build_agent_config_document(
+            "cluster",
+            &ts.spec,
+            None,
+            &[],
+            &FleetInput::default(),
+            &mut SetCache::default(),
+        );
+        let cm = build_agent_config_map(&ts, &fixtures::settings(), &config, &text).unwrap();
         assert_eq!(cm.metadata.name.as_deref(), Some("cluster-agent-config"));
         assert_eq!(cm.metadata.namespace.as_deref(), Some("stratum-system"));
         assert_eq!(
@@ -380,7 +597,16 @@ mod tests {
             cm.metadata.owner_references.as_ref().unwrap()[0].uid,
             "uid-cluster"
         );
-        let text = &cm.data.as_ref().unwrap()["agent-config.json"];
-        assert_eq!(AgentConfig::from_json(text).unwrap(), config);
+        assert!(
+            cm.data.is_none(),
+            "the plain key is only read, never written"
+        );
+        assert_eq!(AgentConfig::from_config_map(&cm).unwrap(), config);
+        assert_eq!(
+            text,
+            document(&config),
+            "the spliced revision is the real one"
+        );
+        assert_eq!(config.revision, revision_of(&config));
     }
 }

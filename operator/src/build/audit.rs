@@ -172,18 +172,34 @@ pub fn changes(old: Option<&AgentConfig>, new: &AgentConfig) -> Vec<Change> {
                 port: t.port,
             });
         }
-        let old_allowed: BTreeSet<&IpNet> = before
-            .map(|b| b.allowed.iter().collect())
-            .unwrap_or_default();
-        let new_allowed: BTreeSet<&IpNet> = t.allowed.iter().collect();
         let denied_changed = before.map_or(!t.denied.is_empty(), |b| b.denied != t.denied);
+        // Most tenants are untouched by a change: equal own prefixes and equal set contents
+        // need no expansion.
+        let same_sets = |b: &TenantConfig| {
+            b.allowed == t.allowed
+                && b.allowed_sets.len() == t.allowed_sets.len()
+                && b.allowed_sets.iter().zip(&t.allowed_sets).all(|(x, y)| {
+                    old.and_then(|o| o.serving.cidr_sets.get(*x as usize))
+                        == new.serving.cidr_sets.get(*y as usize)
+                })
+        };
+        if !denied_changed && before.is_some_and(|b| same_sets(b)) {
+            continue;
+        }
+        let old_list = match (old, before) {
+            (Some(o), Some(b)) => AgentConfig::tenant_allowed(&o.serving, b),
+            _ => Vec::new(),
+        };
+        let new_list = AgentConfig::tenant_allowed(&new.serving, t);
+        let old_allowed: BTreeSet<&IpNet> = old_list.iter().collect();
+        let new_allowed: BTreeSet<&IpNet> = new_list.iter().collect();
         if old_allowed != new_allowed || denied_changed {
             out.push(Change::TenantClients {
                 id: (*id).to_owned(),
                 allowed_added: new_allowed.difference(&old_allowed).map(|n| **n).collect(),
                 allowed_removed: old_allowed.difference(&new_allowed).map(|n| **n).collect(),
                 denied_changed,
-                allowed_size: t.allowed.len(),
+                allowed_size: new_list.len(),
             });
         }
     }
@@ -214,7 +230,9 @@ mod tests {
             let input = TenantInput {
                 id: "a/p".into(),
                 port: 12300,
-                allowed,
+                // As a shared pod set: the audit expands sets.
+                allowed: &[],
+                sets: &[std::sync::Arc::new(allowed.to_vec())],
                 denied: &[],
                 spec: &tenant.spec,
             };

@@ -14,7 +14,6 @@ use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
-use stratum_api::agent_config::AGENT_CONFIG_KEY;
 use stratum_api::{AgentConfig, TimeService};
 
 use super::{Context, RESYNC, apply_cluster, apply_namespaced, apply_params, lock};
@@ -205,10 +204,8 @@ fn tenant_reference(
 async fn read_current_config(ctx: &Context, name: &str) -> Result<Option<AgentConfig>> {
     let api = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ctx.settings.namespace);
     let current = api.get_opt(&names::agent_config_map_name(name)).await?;
-    Ok(current
-        .and_then(|cm| cm.data)
-        .and_then(|d| d.get(AGENT_CONFIG_KEY).cloned())
-        .and_then(|text| serde_json::from_str(&text).ok()))
+    // An unreadable one is no baseline: every tenant is then reported as added.
+    Ok(current.and_then(|cm| AgentConfig::from_config_map(&cm).ok()))
 }
 
 /// Records the propagation latency once every desired agent reports the written revision.
