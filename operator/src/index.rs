@@ -345,10 +345,10 @@ pub struct Index {
     pod_sets: HashMap<String, HashMap<Selector, Arc<Vec<IpNet>>>>,
     /// The pod sets and blocks each tenant allows.
     tenant_sets: HashMap<TenantKey, Arc<TenantSets>>,
-    /// Each tenant's pod sets resolved, in `TenantSets::pod_sets` order: a plan reads these
-    /// instead of looking up every set by namespace and selector. Dropped with the tenant's
-    /// `tenant_sets` and whenever a pod the tenant selects changes (its sets may have).
-    set_lists: HashMap<TenantKey, Arc<[Arc<Vec<IpNet>>]>>,
+    /// Each tenant's sets with its pod sets resolved, in `TenantSets::pod_sets` order: a plan
+    /// reads these instead of looking up every set by namespace and selector. Dropped with the
+    /// tenant's `tenant_sets` and whenever a pod the tenant selects changes (its sets may have).
+    set_lists: HashMap<TenantKey, SetList>,
     /// Port allocation per TimeService, kept up to date tenant by tenant.
     allocations: HashMap<String, Allocation>,
     /// Serialized tenants and shared sets of each TimeService's agent config.
@@ -357,6 +357,9 @@ pub struct Index {
     /// never change it, so a plan rebuilds it only when its inputs differ.
     pub(crate) network_policies: HashMap<String, Option<crate::build::networkpolicy::PolicyCache>>,
 }
+
+/// A tenant's [`TenantSets`] and its pod sets resolved, in the same order.
+pub type SetList = (Arc<TenantSets>, Arc<[Arc<Vec<IpNet>>]>);
 
 static NO_PORTS: BTreeMap<TenantKey, Option<u16>> = BTreeMap::new();
 
@@ -508,15 +511,16 @@ impl Index {
         sets
     }
 
-    /// The resolved pod sets a tenant allows (cached), in `tenant_sets(key).pod_sets` order.
-    pub fn tenant_set_list(&mut self, key: &TenantKey) -> Arc<[Arc<Vec<IpNet>>]> {
+    /// A tenant's sets and its pod sets resolved, in `pod_sets` order (cached).
+    pub fn tenant_set_list(&mut self, key: &TenantKey) -> SetList {
         if let Some(hit) = self.set_lists.get(key) {
             return hit.clone();
         }
         let sets = self.tenant_sets(key);
         let list: Arc<[Arc<Vec<IpNet>>]> = sets.pod_sets.iter().map(|p| self.pod_set(p)).collect();
-        self.set_lists.insert(key.clone(), list.clone());
-        list
+        self.set_lists
+            .insert(key.clone(), (sets.clone(), list.clone()));
+        (sets, list)
     }
 
     /// Forgets what a tenant allows (its peers, or the namespaces they select, changed).

@@ -154,7 +154,6 @@ pub fn plan_time_service(
         .get(&name)
         .map(|with| Blocked::Conflict { with: with.clone() });
     let nodes = index.nodes_matching(&ts.spec.placement.node_selector);
-    let ports = index.ports_of(&name).clone();
     let peer_port = Index::peer_port(&ts.spec);
 
     struct Served {
@@ -170,7 +169,7 @@ pub fn plan_time_service(
     let owners = service_owners(index);
     // Specs and deny lists are read in place below: cloning 1000 tenants costs milliseconds.
     for t in index.tenants_of(&name) {
-        let port = ports.get(&t.key()).copied().flatten();
+        let port = index.ports_of(&name).get(&t.key()).copied().flatten();
         if tenant_refusal(index, &owners, t, port).is_some() {
             continue;
         }
@@ -189,8 +188,7 @@ pub fn plan_time_service(
     }
     for s in &mut served {
         s.allowed_size = index.allowed(&s.key).len();
-        s.tenant_sets = index.tenant_sets(&s.key);
-        s.sets = index.tenant_set_list(&s.key);
+        (s.tenant_sets, s.sets) = index.tenant_set_list(&s.key);
     }
 
     let agents = index.agent_pods(&name);
