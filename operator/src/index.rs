@@ -345,11 +345,21 @@ pub struct Index {
     pod_sets: HashMap<String, HashMap<Selector, Arc<Vec<IpNet>>>>,
     /// The pod sets and blocks each tenant allows.
     tenant_sets: HashMap<TenantKey, Arc<TenantSets>>,
+    /// Each tenant's sets with its pod sets resolved, in `TenantSets::pod_sets` order: a plan
+    /// reads these instead of looking up every set by namespace and selector. Dropped with the
+    /// tenant's `tenant_sets` and whenever a pod the tenant selects changes (its sets may have).
+    set_lists: HashMap<TenantKey, SetList>,
     /// Port allocation per TimeService, kept up to date tenant by tenant.
     allocations: HashMap<String, Allocation>,
-    /// Serialized shared sets of each TimeService's agent config.
-    pub set_texts: HashMap<String, crate::build::agent_config::SetCache>,
+    /// Serialized tenants and shared sets of each TimeService's agent config.
+    pub set_texts: HashMap<String, crate::build::agent_config::DocumentCache>,
+    /// The last NetworkPolicy of each TimeService with what it was built from: pod events
+    /// never change it, so a plan rebuilds it only when its inputs differ.
+    pub(crate) network_policies: HashMap<String, Option<crate::build::networkpolicy::PolicyCache>>,
 }
+
+/// A tenant's [`TenantSets`] and its pod sets resolved, in the same order.
+pub type SetList = (Arc<TenantSets>, Arc<[Arc<Vec<IpNet>>]>);
 
 static NO_PORTS: BTreeMap<TenantKey, Option<u16>> = BTreeMap::new();
 
@@ -501,6 +511,25 @@ impl Index {
         sets
     }
 
+    /// A tenant's sets and its pod sets resolved, in `pod_sets` order (cached).
+    pub fn tenant_set_list(&mut self, key: &TenantKey) -> SetList {
+        if let Some(hit) = self.set_lists.get(key) {
+            return hit.clone();
+        }
+        let sets = self.tenant_sets(key);
+        let list: Arc<[Arc<Vec<IpNet>>]> = sets.pod_sets.iter().map(|p| self.pod_set(p)).collect();
+        self.set_lists
+            .insert(key.clone(), (sets.clone(), list.clone()));
+        (sets, list)
+    }
+
+    /// Forgets what a tenant allows (its peers, or the namespaces they select, changed).
+    fn forget_tenant_sets(&mut self, key: &TenantKey) {
+        self.allow_cache.remove(key);
+        self.tenant_sets.remove(key);
+        self.set_lists.remove(key);
+    }
+
     /// The addresses of a pod set (cached).
     pub fn pod_set(&mut self, set: &PodSet) -> Arc<Vec<IpNet>> {
         if let Some(hit) = self.pod_sets.get(&set.0).and_then(|m| m.get(&set.1)) {
@@ -629,6 +658,7 @@ impl Index {
     /// at the next reconcile, not one per event.
     fn refresh_allowed(&mut self, key: &TenantKey) -> Triggers {
         self.allow_cache.remove(key);
+        self.set_lists.remove(key);
         self.tenant_and_service(key)
     }
 
@@ -679,7 +709,7 @@ impl Index {
             .collect();
         let mut triggers = Triggers::default();
         for key in affected {
-            self.tenant_sets.remove(&key);
+            self.forget_tenant_sets(&key);
             triggers.extend(self.refresh_allowed(&key));
         }
         triggers
@@ -766,8 +796,7 @@ impl Index {
                 .as_ref()
                 .is_none_or(|o| o.spec.allowed_clients != tenant.spec.allowed_clients)
             {
-                self.allow_cache.remove(&key);
-                self.tenant_sets.remove(&key);
+                self.forget_tenant_sets(&key);
             }
             triggers.extend(self.tenant_and_service(&key));
             if let Some(old) = &old
@@ -788,8 +817,7 @@ impl Index {
         }
         let mut triggers = self.tenant_and_service(&key);
         let old = self.tenants.remove(&key);
-        self.allow_cache.remove(&key);
-        self.tenant_sets.remove(&key);
+        self.forget_tenant_sets(&key);
         triggers.extend(self.reallocate(&key, old.as_ref()));
         triggers.tenants.remove(&key);
         triggers

@@ -21,7 +21,7 @@ use crate::build::daemonset::{build_daemonset, needs_net_bind};
 use crate::build::endpointslice::{
     ZONE_LABEL, agent_endpoints, build_endpoint_slices, ready_endpoints,
 };
-use crate::build::networkpolicy::{TenantRule, build_network_policy};
+use crate::build::networkpolicy::{TenantRule, build_network_policy_cached};
 use crate::build::rbac::{AgentRbac, build_rbac};
 use crate::build::service::build_service;
 use crate::build::status::Blocked;
@@ -47,8 +47,8 @@ pub struct TimeServicePlan {
     pub daemonset: Option<DaemonSet>,
     /// Agent identity and permissions.
     pub rbac: AgentRbac,
-    /// Admission of tenants' peers and agents' egress.
-    pub network_policy: NetworkPolicy,
+    /// Admission of tenants' peers and agents' egress (shared with the index's cache).
+    pub network_policy: Arc<NetworkPolicy>,
     /// The agent config; `None` when it would be invalid (the last good one stays).
     pub config: Option<AgentConfig>,
     /// The ConfigMap carrying `config`; `None` when there is none or it exceeds a ConfigMap's
@@ -68,20 +68,20 @@ fn age(t: &TenantEntry) -> (bool, Option<k8s_openapi::jiff::Timestamp>, &str) {
 }
 
 /// The oldest tenant of each `(namespace, service name)`: the one allowed to own that Service.
-pub type ServiceOwners = HashMap<(String, String), TenantKey>;
+pub type ServiceOwners<'a> = HashMap<(&'a str, &'a str), &'a TenantEntry>;
 
 /// Who owns each tenant Service name (the oldest claimant), in one pass over the tenants.
-pub fn service_owners(index: &Index) -> ServiceOwners {
-    let mut owners: HashMap<(String, String), &TenantEntry> = HashMap::new();
+pub fn service_owners(index: &Index) -> ServiceOwners<'_> {
+    let mut owners: ServiceOwners<'_> = HashMap::new();
     for t in index.tenants.values() {
         let slot = owners
-            .entry((t.namespace.clone(), t.spec.service.name.clone()))
+            .entry((&t.namespace, &t.spec.service.name))
             .or_insert(t);
         if age(t) < age(slot) {
             *slot = t;
         }
     }
-    owners.into_iter().map(|(k, t)| (k, t.key())).collect()
+    owners
 }
 
 /// Why `tenant` cannot be served, if it cannot.
@@ -114,14 +114,14 @@ pub fn tenant_refusal(
                 .into(),
         ));
     }
-    if let Some(owner) = owners.get(&(tenant.namespace.clone(), tenant.spec.service.name.clone()))
-        && *owner != tenant.key()
+    if let Some(owner) = owners.get(&(tenant.namespace.as_str(), tenant.spec.service.name.as_str()))
+        && (owner.namespace != tenant.namespace || owner.name != tenant.name)
     {
         return Some((
             "ServiceNameTaken",
             format!(
                 "TenantTimePolicy {:?} already uses Service {:?}",
-                owner.1, tenant.spec.service.name
+                owner.name, tenant.spec.service.name
             ),
         ));
     }
@@ -154,7 +154,6 @@ pub fn plan_time_service(
         .get(&name)
         .map(|with| Blocked::Conflict { with: with.clone() });
     let nodes = index.nodes_matching(&ts.spec.placement.node_selector);
-    let ports = index.ports_of(&name).clone();
     let peer_port = Index::peer_port(&ts.spec);
 
     struct Served {
@@ -164,13 +163,13 @@ pub fn plan_time_service(
         port: u16,
         allowed_size: usize,
         tenant_sets: Arc<crate::index::TenantSets>,
-        sets: Vec<Arc<Vec<IpNet>>>,
+        sets: Arc<[Arc<Vec<IpNet>>]>,
     }
     let mut served = Vec::new();
     let owners = service_owners(index);
     // Specs and deny lists are read in place below: cloning 1000 tenants costs milliseconds.
     for t in index.tenants_of(&name) {
-        let port = ports.get(&t.key()).copied().flatten();
+        let port = index.ports_of(&name).get(&t.key()).copied().flatten();
         if tenant_refusal(index, &owners, t, port).is_some() {
             continue;
         }
@@ -184,18 +183,12 @@ pub fn plan_time_service(
             port,
             allowed_size: 0,
             tenant_sets: Arc::default(),
-            sets: Vec::new(),
+            sets: Arc::new([]),
         });
     }
     for s in &mut served {
         s.allowed_size = index.allowed(&s.key).len();
-        s.tenant_sets = index.tenant_sets(&s.key);
-        s.sets = s
-            .tenant_sets
-            .pod_sets
-            .iter()
-            .map(|p| index.pod_set(p))
-            .collect();
+        (s.tenant_sets, s.sets) = index.tenant_set_list(&s.key);
     }
 
     let agents = index.agent_pods(&name);
@@ -221,7 +214,9 @@ pub fn plan_time_service(
             .collect();
         fleet.egress_nodes = egress_nodes.into_iter().collect();
     }
+    // Taken out of the index while its tenants are borrowed, put back at the end.
     let mut cache = index.set_texts.remove(&name).unwrap_or_default();
+    let mut policy_cache = index.network_policies.remove(&name).flatten();
     let entries: Vec<&TenantEntry> = served
         .iter()
         .filter_map(|s| index.tenants.get(&s.key))
@@ -283,7 +278,8 @@ pub fn plan_time_service(
             port: s.port,
         })
         .collect();
-    let network_policy = build_network_policy(ts, settings, &rules, peer_port)?;
+    let network_policy =
+        build_network_policy_cached(&mut policy_cache, ts, settings, &rules, peer_port)?;
     let clocks = index
         .clocks
         .iter()
@@ -291,6 +287,7 @@ pub fn plan_time_service(
         .map(|(_, c)| c.clone())
         .collect();
     index.set_texts.insert(name.clone(), cache);
+    index.network_policies.insert(name.clone(), policy_cache);
     Ok(TimeServicePlan {
         blocked,
         daemonset,

@@ -72,7 +72,7 @@ pub fn build_agent_config(
         peer_port,
         tenants,
         fleet,
-        &mut SetCache::default(),
+        &mut DocumentCache::default(),
     )
     .0
 }
@@ -83,27 +83,43 @@ fn build_agent_config_unrevised(
     peer_port: Option<u16>,
     tenants: &[TenantInput<'_>],
     fleet: &FleetInput,
-) -> (AgentConfig, Vec<Arc<Vec<IpNet>>>) {
+    cache: &mut DocumentCache,
+) -> (AgentConfig, Vec<usize>) {
     let mut order: Vec<&TenantInput<'_>> = tenants.iter().collect();
     order.sort_by(|a, b| a.id.cmp(&b.id));
     // Sets are numbered by first use in tenant order, equal content once: deterministic.
     let mut cidr_sets: Vec<Vec<IpNet>> = Vec::new();
-    let mut arcs: Vec<Arc<Vec<IpNet>>> = Vec::new();
-    // Most repeats are the same cached set: look those up by address, hash contents only once
-    // per distinct set.
-    let mut by_address: HashMap<*const Vec<IpNet>, u32> = HashMap::new();
-    let mut by_content: HashMap<&[IpNet], u32> = HashMap::new();
+    // The address of each numbered set, to find its text in `cache.sets`.
+    let mut addresses: Vec<usize> = Vec::new();
+    // Most repeats are the same cached set: look those up by address, and compare contents
+    // only for sets whose texts hash alike (the hash is kept with the text).
+    let mut by_address: ByAddress<u32> = ByAddress::default();
+    let mut by_content: HashMap<u64, Vec<u32>> = HashMap::new();
+    let mut texts = ByAddress::with_capacity_and_hasher(cache.sets.len(), Default::default());
     let tenant_configs: Vec<TenantConfig> = order
         .iter()
         .map(|t| {
             let mut config = tenant_config(t);
             for set in t.sets.iter().filter(|s| !s.is_empty()) {
-                let n = *by_address.entry(Arc::as_ptr(set)).or_insert_with(|| {
-                    *by_content.entry(set.as_slice()).or_insert_with(|| {
-                        cidr_sets.push(set.to_vec());
-                        arcs.push(set.clone());
-                        u32::try_from(cidr_sets.len() - 1).unwrap_or(u32::MAX)
-                    })
+                let address = Arc::as_ptr(set) as usize;
+                let n = *by_address.entry(address).or_insert_with(|| {
+                    let text = cache
+                        .sets
+                        .remove(&address)
+                        .unwrap_or_else(|| SetText::new(set));
+                    let alike = by_content.entry(text.hash).or_default();
+                    let n = match alike.iter().find(|&&n| cidr_sets[n as usize] == **set) {
+                        Some(&n) => n,
+                        None => {
+                            cidr_sets.push(set.to_vec());
+                            addresses.push(address);
+                            let n = u32::try_from(cidr_sets.len() - 1).unwrap_or(u32::MAX);
+                            alike.push(n);
+                            n
+                        }
+                    };
+                    texts.insert(address, text);
+                    n
                 });
                 config.allowed_sets.push(n);
             }
@@ -112,6 +128,8 @@ fn build_agent_config_unrevised(
             config
         })
         .collect();
+    // Texts of sets no longer used are dropped here.
+    cache.sets = texts;
     let egress = spec.egress_tier.as_ref().map(|tier| {
         let mut nodes = fleet.egress_nodes.clone();
         nodes.sort();
@@ -199,7 +217,7 @@ fn build_agent_config_unrevised(
             ts_api::LogLevel::Trace => LogLevel::Trace,
         },
     };
-    (config, arcs)
+    (config, addresses)
 }
 
 /// The agent config as `build_agent_config` makes it, and its document (compact JSON, the
@@ -210,10 +228,11 @@ pub fn build_agent_config_document(
     peer_port: Option<u16>,
     tenants: &[TenantInput<'_>],
     fleet: &FleetInput,
-    cache: &mut SetCache,
+    cache: &mut DocumentCache,
 ) -> (AgentConfig, String) {
-    let (mut config, arcs) = build_agent_config_unrevised(name, spec, peer_port, tenants, fleet);
-    let unrevised = document_with(&mut config, &arcs, cache);
+    let (mut config, addresses) =
+        build_agent_config_unrevised(name, spec, peer_port, tenants, fleet, cache);
+    let unrevised = document_with(&mut config, &addresses, cache);
     config.revision = content_hash(&unrevised);
     // `revision` is the second field and serde writes fields in order, so its empty value is
     // the first `"revision":""` (quotes inside strings are escaped).
@@ -230,52 +249,120 @@ pub fn build_agent_config_document(
     (config, text)
 }
 
-/// The JSON text of each shared set, kept while the set is in use: a pod event changes a few
-/// sets, and only those are serialized again.
+/// The JSON text of each tenant and each shared set, kept while in use: a pod event changes a
+/// few sets and the tenants referring to them, and only those are serialized again.
 #[derive(Debug, Default)]
-pub struct SetCache {
+pub struct DocumentCache {
     /// By the set's address; holding the `Arc` keeps that address from being reused.
-    texts: HashMap<usize, (Arc<Vec<IpNet>>, String)>,
+    sets: ByAddress<SetText>,
+    /// In id order, with the config each text was made from: equal config, same text.
+    tenants: Vec<(TenantConfig, String)>,
 }
 
-/// `document(config)`, with the sets' text from `cache`. `arcs` holds the sets of
-/// `config.serving.cidrSets` in order.
+/// Hashes a set's address: one multiplication, the product's high half folded onto the low
+/// (aligned addresses have zero low bits), instead of SipHash for thousands of lookups.
+#[derive(Clone, Copy, Debug, Default)]
+struct AddressHasher(u64);
+
+impl std::hash::Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        let p = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = p ^ (p >> 32);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+}
+
+type ByAddress<V> = HashMap<usize, V, std::hash::BuildHasherDefault<AddressHasher>>;
+
+/// A shared set, its JSON text, and a hash of the text to find sets of equal content by.
+#[derive(Debug)]
+struct SetText {
+    _set: Arc<Vec<IpNet>>,
+    text: String,
+    hash: u64,
+}
+
+impl SetText {
+    fn new(set: &Arc<Vec<IpNet>>) -> Self {
+        let text = serde_json::to_string(set.as_slice()).unwrap_or_default();
+        Self {
+            _set: set.clone(),
+            hash: fingerprint(text.as_bytes()),
+            text,
+        }
+    }
+}
+
+/// `document(config)`, with the tenants' and sets' text from `cache`. `addresses` holds the
+/// addresses of the sets of `config.serving.cidrSets` in order, each with a text in `cache`.
 fn document_with(
     config: &mut AgentConfig,
-    arcs: &[Arc<Vec<IpNet>>],
-    cache: &mut SetCache,
+    addresses: &[usize],
+    cache: &mut DocumentCache,
 ) -> String {
-    if config.serving.cidr_sets.is_empty() || arcs.len() != config.serving.cidr_sets.len() {
+    let set_texts: Option<Vec<&str>> = addresses
+        .iter()
+        .map(|a| cache.sets.get(a).map(|t| t.text.as_str()))
+        .collect();
+    let Some(set_texts) = set_texts.filter(|t| t.len() == config.serving.cidr_sets.len()) else {
         return document(config);
-    }
-    // `serving` is the last field and `cidrSets` its last: without the sets the document ends
-    // with the two closing braces they go before.
+    };
+    // `serving` is the last field, `tenants` and `cidrSets` its last two: without them the
+    // document ends with an empty tenant list and the two closing braces.
+    let tenants = std::mem::take(&mut config.serving.tenants);
     let sets = std::mem::take(&mut config.serving.cidr_sets);
     let mut text = document(config);
+    config.serving.tenants = tenants;
     config.serving.cidr_sets = sets;
-    if !text.ends_with("}}") {
+    if !text.ends_with("\"tenants\":[]}}") {
         return document(config);
     }
-    text.truncate(text.len() - 2);
-    text.push_str(",\"cidrSets\":[");
-    let mut used = HashMap::with_capacity(arcs.len());
-    for (i, set) in arcs.iter().enumerate() {
-        let key = Arc::as_ptr(set) as usize;
-        let entry = match cache.texts.remove(&key) {
-            Some(hit) => hit,
-            None => (
-                set.clone(),
-                serde_json::to_string(set.as_slice()).unwrap_or_default(),
+    text.truncate(text.len() - "]}}".len());
+    // Both lists are in id order: one walk pairs each tenant with its cached text.
+    let mut cached = std::mem::take(&mut cache.tenants).into_iter().peekable();
+    let mut used = Vec::with_capacity(config.serving.tenants.len());
+    for (i, tenant) in config.serving.tenants.iter().enumerate() {
+        while cached.next_if(|c| c.0.id < tenant.id).is_some() {}
+        // A tenant's text is reused only for an equal config (set numbers included).
+        let entry = match cached.next_if(|c| c.0.id == tenant.id) {
+            Some(hit) if hit.0 == *tenant => hit,
+            _ => (
+                tenant.clone(),
+                serde_json::to_string(tenant).unwrap_or_default(),
             ),
         };
         if i > 0 {
             text.push(',');
         }
         text.push_str(&entry.1);
-        used.insert(key, entry);
+        used.push(entry);
     }
-    text.push_str("]}}");
-    cache.texts = used;
+    text.push(']');
+    if !set_texts.is_empty() {
+        text.push_str(",\"cidrSets\":[");
+        for (i, set) in set_texts.iter().enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            text.push_str(set);
+        }
+        text.push(']');
+    }
+    text.push_str("}}");
+    cache.tenants = used;
     text
 }
 
@@ -286,12 +373,27 @@ pub fn document(config: &AgentConfig) -> String {
 }
 
 fn content_hash(text: &str) -> String {
+    format!("{:016x}", fingerprint(text.as_bytes()))
+}
+
+/// FNV-1a taken eight bytes at a time (then the tail byte by byte): a stable 64-bit hash, fast
+/// enough for the whole document on every change.
+fn fingerprint(bytes: &[u8]) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        let mut w = [0; 8];
+        w.copy_from_slice(word);
+        hash ^= u64::from_le_bytes(w);
+        hash = hash.wrapping_mul(PRIME);
     }
-    format!("{hash:016x}")
+    for byte in words.remainder() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(PRIME);
+    }
+    // Fold the high bits down so every input bit reaches the low ones too.
+    hash ^ (hash >> 29)
 }
 
 fn clamp_u8(v: i32) -> u8 {
@@ -350,7 +452,7 @@ fn tenant_config(t: &TenantInput<'_>) -> TenantConfig {
     }
 }
 
-/// A stable hash of everything but the revision itself (FNV-1a over the compact JSON):
+/// A stable hash of everything but the revision itself (`fingerprint` of the compact JSON):
 /// equal content, equal revision, across operator restarts.
 pub fn revision_of(config: &AgentConfig) -> String {
     let mut unrevised = config.clone();
@@ -472,7 +574,7 @@ mod tests {
                 },
             ]
         };
-        let mut cache = SetCache::default();
+        let mut cache = DocumentCache::default();
         let fleet = FleetInput::default();
         let (config, text) = build_agent_config_document(
             "cluster",
@@ -584,7 +686,7 @@ mod tests {
             None,
             &[],
             &FleetInput::default(),
-            &mut SetCache::default(),
+            &mut DocumentCache::default(),
         );
         let cm = build_agent_config_map(&ts, &fixtures::settings(), &config, &text).unwrap();
         assert_eq!(cm.metadata.name.as_deref(), Some("cluster-agent-config"));

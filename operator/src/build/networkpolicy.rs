@@ -12,8 +12,10 @@ use k8s_openapi::api::networking::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use stratum_api::TimeService;
+use std::sync::Arc;
+
 use stratum_api::common::PolicyPeer;
+use stratum_api::{TimeService, TimeServiceSpec};
 
 use super::{OperatorSettings, agent_meta};
 use crate::error::{Error, Result};
@@ -70,6 +72,71 @@ pub fn to_network_peer(tenant_ns: &str, peer: &PolicyPeer) -> NetworkPolicyPeer 
         pod_selector: Some(peer.pod_selector.clone().unwrap_or_default()),
         ..NetworkPolicyPeer::default()
     }
+}
+
+/// The last NetworkPolicy of a TimeService and everything it was built from (owner, spec,
+/// settings, tenant rules, peer port). Pods never change it, so a pod event reuses it.
+#[derive(Debug)]
+pub struct PolicyCache {
+    owner: (Option<String>, Option<String>),
+    spec: TimeServiceSpec,
+    settings: OperatorSettings,
+    tenants: Vec<(String, Vec<PolicyPeer>, u16)>,
+    peer_port: Option<u16>,
+    policy: Arc<NetworkPolicy>,
+}
+
+impl PolicyCache {
+    fn built_from(
+        &self,
+        ts: &TimeService,
+        settings: &OperatorSettings,
+        tenants: &[TenantRule<'_>],
+        peer_port: Option<u16>,
+    ) -> bool {
+        self.owner.0 == ts.metadata.name
+            && self.owner.1 == ts.metadata.uid
+            && self.peer_port == peer_port
+            && self.spec == ts.spec
+            && self.settings == *settings
+            && self.tenants.len() == tenants.len()
+            && self
+                .tenants
+                .iter()
+                .zip(tenants)
+                .all(|((ns, peers, port), t)| {
+                    ns == t.namespace && peers == t.peers && *port == t.port
+                })
+    }
+}
+
+/// [`build_network_policy`], reusing `cache` when built from the same inputs.
+pub fn build_network_policy_cached(
+    cache: &mut Option<PolicyCache>,
+    ts: &TimeService,
+    settings: &OperatorSettings,
+    tenants: &[TenantRule<'_>],
+    peer_port: Option<u16>,
+) -> Result<Arc<NetworkPolicy>> {
+    if let Some(hit) = cache
+        .as_ref()
+        .filter(|c| c.built_from(ts, settings, tenants, peer_port))
+    {
+        return Ok(hit.policy.clone());
+    }
+    let policy = Arc::new(build_network_policy(ts, settings, tenants, peer_port)?);
+    *cache = Some(PolicyCache {
+        owner: (ts.metadata.name.clone(), ts.metadata.uid.clone()),
+        spec: ts.spec.clone(),
+        settings: settings.clone(),
+        tenants: tenants
+            .iter()
+            .map(|t| (t.namespace.to_owned(), t.peers.to_vec(), t.port))
+            .collect(),
+        peer_port,
+        policy: policy.clone(),
+    });
+    Ok(policy)
 }
 
 /// The NetworkPolicy of `ts`.

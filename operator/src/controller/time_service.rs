@@ -64,7 +64,7 @@ pub async fn reconcile(
     {
         requeue = requeue.min(wait);
     }
-    apply_namespaced(client, &plan.network_policy).await?;
+    apply_namespaced(client, &*plan.network_policy).await?;
 
     let daemonset = match &plan.daemonset {
         Some(ds) => {
