@@ -15,7 +15,7 @@ help: ## list targets
 
 deps: ## install what a fresh machine lacks (Rust components, Debian packages, ntpd-rs for interop)
 	@scripts/install-deps.sh
-	@bench/setup.sh >/dev/null
+	@NTPD_RS_PROFILE=debug bench/setup.sh >/dev/null
 
 fmt: ## format the code
 	$(CARGO) fmt --all

@@ -159,7 +159,9 @@ pub fn ntpd_rs() -> Option<PathBuf> {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/stratum")));
     if let Some(cache) = cache {
+        // The benchmark's release build, else the debug build `make deps` makes for the tests.
         extra.push(cache.join("ntpd-rs-1.9.0/bin/ntp-daemon"));
+        extra.push(cache.join("ntpd-rs-1.9.0-debug/bin/ntp-daemon"));
     }
     find_program("ntp-daemon", &extra)
 }
