@@ -10,8 +10,10 @@ cd "$ROOT"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
 
+sleeper=""
 cleanup() {
   say "cleaning up"
+  if [[ -n $sleeper ]]; then kill "$sleeper" 2>/dev/null || true; fi
   e2e/stack.sh down || true
 }
 trap cleanup EXIT
@@ -118,4 +120,10 @@ run helm list -n stratum-system
 run kubectl -n stratum-system get pods -o wide
 
 say "running; Ctrl-C stops and cleans up everything (logs: $STRATUM_E2E_STACK)"
-while true; do sleep 3600; done
+# `wait` returns as soon as a signal arrives (a foreground sleep would delay the trap, and
+# so the cleanup, until it ended).
+while true; do
+  sleep 3600 &
+  sleeper=$!
+  wait "$sleeper" || true
+done
