@@ -286,31 +286,37 @@ pub struct FloodReport {
     pub rate: f64,
 }
 
-/// Sends a flood. The cost per request is the kernel's alone: one prebuilt batch of
-/// [`FAN_OUT_MAX`] requests (one payload, one destination, only the sources rewritten per
-/// call), one `sendmmsg` per batch, and the answers are left to overflow a minimal receive
-/// buffer unread.
-pub fn flood(spec: &FloodSpec) -> Result<FloodReport, LoadError> {
-    if spec.duration.is_zero() || spec.duration > MAX_DURATION {
+/// Checks what every load shares (a bounded duration, sources of the target's family) and
+/// returns the wildcard address of that family to send from.
+fn checked_bind(
+    duration: Duration,
+    target: SocketAddr,
+    sources: &[IpAddr],
+) -> Result<SocketAddr, LoadError> {
+    if duration.is_zero() || duration > MAX_DURATION {
         return Err(LoadError::Invalid(format!(
             "duration must be in (0, {}] seconds",
             MAX_DURATION.as_secs()
         )));
     }
-    if spec
-        .sources
-        .iter()
-        .any(|s| s.is_ipv4() != spec.target.is_ipv4())
-    {
+    if sources.iter().any(|s| s.is_ipv4() != target.is_ipv4()) {
         return Err(LoadError::Invalid(
             "sources must be of the target's address family".into(),
         ));
     }
-    let bind: SocketAddr = if spec.target.is_ipv4() {
+    Ok(if target.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
         (Ipv6Addr::UNSPECIFIED, 0).into()
-    };
+    })
+}
+
+/// Sends a flood. The cost per request is the kernel's alone: one prebuilt batch of
+/// [`FAN_OUT_MAX`] requests (one payload, one destination, only the sources rewritten per
+/// call), one `sendmmsg` per batch, and the answers are left to overflow a minimal receive
+/// buffer unread.
+pub fn flood(spec: &FloodSpec) -> Result<FloodReport, LoadError> {
+    let bind = checked_bind(spec.duration, spec.target, &spec.sources)?;
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(bind),
         socket2::Type::DGRAM,
@@ -366,12 +372,7 @@ pub fn run(
     if !(spec.rate.is_finite() && spec.rate > 0.0) {
         return Err(LoadError::Invalid("rate must be a positive number".into()));
     }
-    if spec.duration.is_zero() || spec.duration > MAX_DURATION {
-        return Err(LoadError::Invalid(format!(
-            "duration must be in (0, {}] seconds",
-            MAX_DURATION.as_secs()
-        )));
-    }
+    let bind = checked_bind(spec.duration, spec.target, &spec.sources)?;
     if spec.max_requests == 0 {
         return Err(LoadError::Invalid("max requests must be at least 1".into()));
     }
@@ -381,20 +382,6 @@ pub fn run(
             MAX_WAIT.as_secs()
         )));
     }
-    if spec
-        .sources
-        .iter()
-        .any(|s| s.is_ipv4() != spec.target.is_ipv4())
-    {
-        return Err(LoadError::Invalid(
-            "sources must be of the target's address family".into(),
-        ));
-    }
-    let bind: SocketAddr = if spec.target.is_ipv4() {
-        (Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (Ipv6Addr::UNSPECIFIED, 0).into()
-    };
     let socket = batch_io::bind_udp(
         bind,
         SocketOptions {

@@ -69,7 +69,12 @@ fn a_flood_against_one_tenant_leaves_the_other_tenant_answered_and_memory_bounde
     })
     .unwrap();
     let capacity = (served(&server, "ns/a") - served_before) as f64 / probe.seconds.max(1e-3);
-    std::thread::sleep(Duration::from_millis(200));
+    // The probe's backlog is drained once A's served count stops moving.
+    let mut last = served(&server, "ns/a");
+    assert!(wait_until(Duration::from_secs(5), || {
+        let now = served(&server, "ns/a");
+        std::mem::replace(&mut last, now) == now
+    }));
     let rss_before = rss_bytes();
 
     let served_before = served(&server, "ns/a");
