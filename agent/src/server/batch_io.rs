@@ -393,7 +393,6 @@ impl SendBatch {
     /// Sends everything queued and empties the batch. A datagram the kernel refuses is
     /// skipped so one bad destination cannot hold back the rest.
     pub fn send(&mut self, socket: BorrowedFd<'_>) -> SendOutcome {
-        let mut outcome = SendOutcome::default();
         for i in 0..self.queued {
             self.iovecs[i] = libc::iovec {
                 iov_base: self.payloads[i].as_mut_ptr().cast(),
@@ -413,31 +412,9 @@ impl SendBatch {
             header.msg_hdr.msg_controllen = self.control_lens[i];
             header.msg_hdr.msg_flags = 0;
         }
-        let mut start = 0;
-        while start < self.queued {
-            // SAFETY: entries start..queued were just pointed at buffers this batch owns,
-            // with the lengths recorded when they were queued; the kernel only reads them.
-            let sent = unsafe {
-                libc::sendmmsg(
-                    socket.as_raw_fd(),
-                    self.headers[start..].as_mut_ptr(),
-                    (self.queued - start) as libc::c_uint,
-                    0,
-                )
-            };
-            if sent <= 0 {
-                let error = io::Error::last_os_error();
-                if error.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                // The first remaining datagram failed: drop it and go on with the rest.
-                outcome.failed += 1;
-                start += 1;
-            } else {
-                outcome.sent += sent as usize;
-                start += sent as usize;
-            }
-        }
+        // Entries 0..queued were just pointed at buffers this batch owns, with the lengths
+        // recorded when they were queued.
+        let outcome = send_headers(socket, &mut self.headers[..self.queued]);
         self.queued = 0;
         outcome
     }
@@ -528,32 +505,42 @@ impl FanOutBatch {
             header.msg_hdr.msg_controllen = self.control_lens[i];
             header.msg_hdr.msg_flags = 0;
         }
-        let mut outcome = SendOutcome::default();
-        let mut start = 0;
-        while start < count {
-            // SAFETY: entries start..count were just pointed at the payload, iovec, address
-            // and control buffers this batch owns (shared ones only read by the kernel).
-            let sent = unsafe {
-                libc::sendmmsg(
-                    socket.as_raw_fd(),
-                    self.headers[start..].as_mut_ptr(),
-                    (count - start) as libc::c_uint,
-                    0,
-                )
-            };
-            if sent <= 0 {
-                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                outcome.failed += 1;
-                start += 1;
-            } else {
-                outcome.sent += sent as usize;
-                start += sent as usize;
-            }
-        }
-        outcome
+        // Entries 0..count were just pointed at the payload, iovec, address and control
+        // buffers this batch owns (shared ones are only read by the kernel).
+        send_headers(socket, &mut self.headers[..count])
     }
+}
+
+/// `sendmmsg` of every header, skipping (and counting) a datagram the kernel refuses so one
+/// bad destination cannot hold back the rest; never retried. Every header must point at
+/// buffers that live for the call, as both batches arrange right before calling.
+fn send_headers(socket: BorrowedFd<'_>, headers: &mut [libc::mmsghdr]) -> SendOutcome {
+    let mut outcome = SendOutcome::default();
+    let mut start = 0;
+    while start < headers.len() {
+        // SAFETY: the caller pointed every header at live buffers of the recorded lengths;
+        // the kernel only reads them and writes msg_len.
+        let sent = unsafe {
+            libc::sendmmsg(
+                socket.as_raw_fd(),
+                headers[start..].as_mut_ptr(),
+                (headers.len() - start) as libc::c_uint,
+                0,
+            )
+        };
+        if sent <= 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            // The first remaining datagram failed: drop it and go on with the rest.
+            outcome.failed += 1;
+            start += 1;
+        } else {
+            outcome.sent += sent as usize;
+            start += sent as usize;
+        }
+    }
+    outcome
 }
 
 /// A socket address as the kernel reads it.
