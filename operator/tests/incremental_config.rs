@@ -19,21 +19,9 @@ use stratum_operator::plan::{TimeServicePlan, plan_time_service};
 
 const NAMESPACES: u64 = 6;
 
-/// xorshift64*: deterministic churn without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+#[path = "support/rng.rs"]
+mod rng;
+use rng::Rng;
 
 /// The objects the watches would have delivered, by name.
 #[derive(Default)]
