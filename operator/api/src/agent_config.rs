@@ -453,19 +453,21 @@ impl AgentConfig {
         {
             p.add("serving.localStratum", "must be between 1 and 15");
         }
-        let mut ports = BTreeSet::new();
+        let mut ports = PortSet::default();
         if let Some(port) = s.peer_port {
             if port == 0 {
                 p.add("serving.peerPort", "must not be 0");
             }
             ports.insert(port);
         }
+        // Ids in ascending order, as the operator writes them, are unique without a set.
+        let ascending = s.tenants.windows(2).all(|w| w[0].id < w[1].id);
         let mut ids = BTreeSet::new();
         for (i, t) in s.tenants.iter().enumerate() {
             let at = |field: &str| format!("serving.tenants[{i}].{field}");
             if t.id.is_empty() {
                 p.add(at("id"), "must not be empty");
-            } else if !ids.insert(t.id.as_str()) {
+            } else if !ascending && !ids.insert(t.id.as_str()) {
                 p.add(at("id"), format!("duplicate tenant id {:?}", t.id));
             }
             if t.port == 0 {
@@ -479,8 +481,8 @@ impl AgentConfig {
                     ),
                 );
             }
-            p.positive(
-                &at("rateLimit.clientIntervalSeconds"),
+            p.positive_at(
+                || at("rateLimit.clientIntervalSeconds"),
                 t.rate_limit.client_interval_seconds,
             );
             if t.rate_limit.client_burst == 0 {
@@ -504,7 +506,7 @@ impl AgentConfig {
                 _ => {}
             }
             if let Some(max) = t.max_root_distance_seconds {
-                p.positive(&at("maxRootDistanceSeconds"), max);
+                p.positive_at(|| at("maxRootDistanceSeconds"), max);
             }
             for (j, set) in t.allowed_sets.iter().enumerate() {
                 if *set as usize >= s.cidr_sets.len() {
@@ -610,6 +612,25 @@ fn check_upstream(p: &mut Problems, at: &str, u: &UpstreamConfig) {
     }
 }
 
+/// Which ports are taken: one bit each.
+struct PortSet(Box<[u64; 1024]>);
+
+impl Default for PortSet {
+    fn default() -> Self {
+        Self(Box::new([0; 1024]))
+    }
+}
+
+impl PortSet {
+    /// Takes `port`; false when it was taken already.
+    fn insert(&mut self, port: u16) -> bool {
+        let (word, bit) = (usize::from(port / 64), port % 64);
+        let taken = self.0[word] & (1 << bit) != 0;
+        self.0[word] |= 1 << bit;
+        !taken
+    }
+}
+
 #[derive(Default)]
 struct Problems(Vec<ConfigProblem>);
 
@@ -621,8 +642,13 @@ impl Problems {
         });
     }
     fn positive(&mut self, path: &str, value: f64) {
+        self.positive_at(|| path.to_owned(), value);
+    }
+    /// Like `positive`, with the path built only for a problem: a config of a thousand
+    /// tenants is validated on every change, and formatting every path showed in profiles.
+    fn positive_at(&mut self, path: impl FnOnce() -> String, value: f64) {
         if !(value.is_finite() && value > 0.0) {
-            self.add(path, "must be a positive number of seconds");
+            self.add(path(), "must be a positive number of seconds");
         }
     }
     fn non_negative(&mut self, path: &str, value: f64) {
@@ -858,6 +884,44 @@ mod tests {
                 "serving.tenants[1].rateLimit.clientBurst",
             ]
         );
+    }
+
+    #[test]
+    fn duplicate_ids_and_ports_are_found_in_any_order_and_at_any_port() {
+        let mut config = sample();
+        let template = config.serving.tenants[0].clone();
+        let tenant = |id: &str, port: u16| TenantConfig {
+            id: id.into(),
+            port,
+            ..template.clone()
+        };
+        config.serving.peer_port = Some(u16::MAX);
+        config.serving.tenants = vec![
+            tenant("b/t", 1),
+            tenant("a/t", 2),
+            tenant("c/t", u16::MAX),
+            tenant("b/t", 3),
+            tenant("d/t", 1),
+        ];
+        let problems: Vec<_> = config
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.path)
+            .collect();
+        assert_eq!(
+            problems,
+            [
+                "serving.tenants[2].port",
+                "serving.tenants[3].id",
+                "serving.tenants[4].port",
+            ]
+        );
+        // Ascending ids take the path without a set: still every port checked.
+        config.serving.tenants = vec![tenant("a/t", 2), tenant("b/t", 2)];
+        let problems: Vec<_> = config.validate().unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].path, "serving.tenants[1].port");
     }
 
     #[test]
