@@ -338,8 +338,13 @@ pub struct Index {
     pub clocks: BTreeMap<String, ClockInfo>,
     /// TimeServices by name.
     pub time_services: BTreeMap<String, TimeServiceEntry>,
-    /// Tenants by `(namespace, name)`.
-    pub tenants: BTreeMap<TenantKey, TenantEntry>,
+    /// Tenants by `(namespace, name)`; shared so that a plan can keep the ones it serves.
+    pub tenants: BTreeMap<TenantKey, Arc<TenantEntry>>,
+    /// Changes whenever a tenant or a TimeService is added, changed or deleted: which tenants
+    /// a TimeService serves, on which ports, can change only then (see [`Index::roster_epoch`]).
+    roster_epoch: u64,
+    /// The last revision given to a set list.
+    set_list_revision: u64,
     allow_cache: HashMap<TenantKey, Arc<Vec<IpNet>>>,
     /// Resolved pod sets by namespace, then selector.
     pod_sets: HashMap<String, HashMap<Selector, Arc<Vec<IpNet>>>>,
@@ -347,19 +352,26 @@ pub struct Index {
     tenant_sets: HashMap<TenantKey, Arc<TenantSets>>,
     /// Each tenant's sets with its pod sets resolved, in `TenantSets::pod_sets` order: a plan
     /// reads these instead of looking up every set by namespace and selector. Dropped with the
-    /// tenant's `tenant_sets` and whenever a pod the tenant selects changes (its sets may have).
+    /// tenant's `tenant_sets`, whenever its entry changes and whenever a pod the tenant selects
+    /// changes (its sets may have), so a list's revision stands for all of the tenant's inputs.
     set_lists: HashMap<TenantKey, SetList>,
     /// Port allocation per TimeService, kept up to date tenant by tenant.
     allocations: HashMap<String, Allocation>,
-    /// Serialized tenants and shared sets of each TimeService's agent config.
-    pub set_texts: HashMap<String, crate::build::agent_config::DocumentCache>,
-    /// The last NetworkPolicy of each TimeService with what it was built from: pod events
-    /// never change it, so a plan rebuilds it only when its inputs differ.
-    pub(crate) network_policies: HashMap<String, Option<crate::build::networkpolicy::PolicyCache>>,
+    /// What each TimeService's last plan built, for the next one to reuse (see `plan`).
+    pub(crate) plan_caches: HashMap<String, crate::plan::PlanCache>,
 }
 
 /// A tenant's [`TenantSets`] and its pod sets resolved, in the same order.
-pub type SetList = (Arc<TenantSets>, Arc<[Arc<Vec<IpNet>>]>);
+#[derive(Clone, Debug)]
+pub struct SetList {
+    /// What the tenant allows.
+    pub sets: Arc<TenantSets>,
+    /// `sets.pod_sets`, resolved.
+    pub resolved: Arc<[Arc<Vec<IpNet>>]>,
+    /// Unique within the index. A tenant's list is made anew whenever its entry or one of its
+    /// sets changes, so an equal revision promises equal blocks, sets, spec and deny list.
+    pub revision: u64,
+}
 
 static NO_PORTS: BTreeMap<TenantKey, Option<u16>> = BTreeMap::new();
 
@@ -405,6 +417,7 @@ impl Index {
     pub fn tenants_of(&self, time_service: &str) -> Vec<&TenantEntry> {
         self.tenants
             .values()
+            .map(Arc::as_ref)
             .filter(|t| {
                 self.time_service_of(t)
                     .is_ok_and(|ts| ts.name == time_service)
@@ -451,7 +464,7 @@ impl Index {
         let old_ts = old
             .and_then(|o| self.time_service_of(o).ok())
             .map(|ts| ts.name.clone());
-        let new = self.tenants.get(key);
+        let new = self.tenants.get(key).map(Arc::as_ref);
         let new_ts = new
             .and_then(|t| self.time_service_of(t).ok())
             .map(|ts| ts.name.clone());
@@ -483,14 +496,21 @@ impl Index {
     }
 
     /// The allowed CIDRs of a tenant (cached); empty when its policy does not compile.
+    ///
+    /// The union of its blocks and pod sets, as the agents resolve it: pod sets are cached and
+    /// shared, so a pod event resolves the one set it changed, not again the pods of every
+    /// namespace each affected tenant selects (`CompiledPolicy::resolve_allowed`, to which
+    /// `tests/resolve_oracle.rs` holds this).
     pub fn allowed(&mut self, key: &TenantKey) -> Arc<Vec<IpNet>> {
         if let Some(hit) = self.allow_cache.get(key) {
             return hit.clone();
         }
-        let resolved = Arc::new(match self.tenants.get(key).map(|t| &t.policy) {
-            Some(Ok(policy)) => policy.resolve_allowed(&self.cluster),
-            _ => Vec::new(),
-        });
+        let list = self.tenant_set_list(key);
+        let mut nets = list.sets.blocks.clone();
+        for set in list.resolved.iter() {
+            nets.extend_from_slice(set);
+        }
+        let resolved = Arc::new(IpNet::aggregate(&nets));
         self.allow_cache.insert(key.clone(), resolved.clone());
         resolved
     }
@@ -517,10 +537,21 @@ impl Index {
             return hit.clone();
         }
         let sets = self.tenant_sets(key);
-        let list: Arc<[Arc<Vec<IpNet>>]> = sets.pod_sets.iter().map(|p| self.pod_set(p)).collect();
-        self.set_lists
-            .insert(key.clone(), (sets.clone(), list.clone()));
-        (sets, list)
+        let resolved = sets.pod_sets.iter().map(|p| self.pod_set(p)).collect();
+        self.set_list_revision += 1;
+        let list = SetList {
+            sets,
+            resolved,
+            revision: self.set_list_revision,
+        };
+        self.set_lists.insert(key.clone(), list.clone());
+        list
+    }
+
+    /// Which tenants each TimeService serves, on which ports, and which of them own their
+    /// Service names: all of it stays as it is while this number does.
+    pub fn roster_epoch(&self) -> u64 {
+        self.roster_epoch
     }
 
     /// Forgets what a tenant allows (its peers, or the namespaces they select, changed).
@@ -645,7 +676,7 @@ impl Index {
                         .any(|pod| selects_pod(p, ns, ns_labels, &pod.labels))
                 })
             })
-            .map(TenantEntry::key)
+            .map(|t| t.key())
             .collect();
         for key in affected {
             triggers.extend(self.refresh_allowed(&key));
@@ -705,7 +736,7 @@ impl Index {
                             .any(|labels| p.depends_on_namespace(ns, labels))
                 })
             })
-            .map(TenantEntry::key)
+            .map(|t| t.key())
             .collect();
         let mut triggers = Triggers::default();
         for key in affected {
@@ -789,7 +820,10 @@ impl Index {
         {
             return Triggers::default();
         }
-        let old = self.tenants.insert(key.clone(), entry);
+        let old = self.tenants.insert(key.clone(), Arc::new(entry));
+        self.roster_epoch += 1;
+        // The list's revision stands for the entry too (spec, deny list).
+        self.set_lists.remove(&key);
         let mut triggers = Triggers::default();
         if old.as_ref().is_none_or(|o| o.spec != tenant.spec) {
             if old
@@ -805,7 +839,7 @@ impl Index {
                 triggers.time_services.insert(ts.name.clone());
             }
         }
-        triggers.extend(self.reallocate(&key, old.as_ref()));
+        triggers.extend(self.reallocate(&key, old.as_deref()));
         triggers
     }
 
@@ -817,8 +851,9 @@ impl Index {
         }
         let mut triggers = self.tenant_and_service(&key);
         let old = self.tenants.remove(&key);
+        self.roster_epoch += 1;
         self.forget_tenant_sets(&key);
-        triggers.extend(self.reallocate(&key, old.as_ref()));
+        triggers.extend(self.reallocate(&key, old.as_deref()));
         triggers.tenants.remove(&key);
         triggers
     }
@@ -840,6 +875,7 @@ impl Index {
         }
         let before = self.assignment_snapshot();
         self.time_services.insert(name.clone(), entry);
+        self.roster_epoch += 1;
         self.reallocate_all();
         let mut triggers = self.all_time_services();
         triggers
@@ -861,6 +897,8 @@ impl Index {
             .tenants
             .extend(self.tenants_of(&name).into_iter().map(TenantEntry::key));
         self.time_services.remove(&name);
+        self.plan_caches.remove(&name);
+        self.roster_epoch += 1;
         self.reallocate_all();
         triggers.extend(self.all_time_services());
         triggers.extend(self.assignment_changes(before));

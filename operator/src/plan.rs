@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use ipnet::IpNet;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -15,13 +14,13 @@ use stratum_api::{AgentConfig, TenantTimePolicy, TimeService};
 
 use crate::build::OperatorSettings;
 use crate::build::agent_config::{
-    FleetInput, TenantInput, build_agent_config_document, build_agent_config_map,
+    DocumentCache, FleetInput, TenantInput, build_agent_config_document, build_agent_config_map,
 };
 use crate::build::daemonset::{build_daemonset, needs_net_bind};
 use crate::build::endpointslice::{
     ZONE_LABEL, agent_endpoints, build_endpoint_slices, ready_endpoints,
 };
-use crate::build::networkpolicy::{TenantRule, build_network_policy_cached};
+use crate::build::networkpolicy::{PolicyCache, TenantRule, build_network_policy_cached};
 use crate::build::rbac::{AgentRbac, build_rbac};
 use crate::build::service::build_service;
 use crate::build::status::Blocked;
@@ -56,11 +55,14 @@ pub struct TimeServicePlan {
     pub config_map: Option<ConfigMap>,
     /// Clocks of this TimeService's nodes.
     pub clocks: Vec<ClockInfo>,
-    /// Served tenants: id → (namespace, name, uid), for audit events.
-    pub tenants: BTreeMap<String, (String, String, Option<String>)>,
+    /// Served tenants, for audit events.
+    pub tenants: Arc<ServedTenants>,
     /// Allow-list size of each served tenant.
     pub allow_list_sizes: Vec<usize>,
 }
+
+/// Served tenants by id: (namespace, name, uid).
+pub type ServedTenants = BTreeMap<String, (String, String, Option<String>)>;
 
 /// Age order of tenants: creationTimestamp (absent counts as newest), then name.
 fn age(t: &TenantEntry) -> (bool, Option<k8s_openapi::jiff::Timestamp>, &str) {
@@ -142,7 +144,75 @@ fn owns_time_config(index: &Index, tenant: &TenantEntry) -> bool {
         .any(|o| o.namespace == tenant.namespace && age(o) < age(tenant))
 }
 
-/// Plans a TimeService.
+/// What a TimeService's last plan built, kept in the index for the next plan to reuse.
+#[derive(Debug, Default)]
+pub struct PlanCache {
+    roster: Option<Arc<Roster>>,
+    document: DocumentCache,
+    network_policy: Option<PolicyCache>,
+}
+
+/// The tenants a TimeService serves, in id order, with their ports. It depends only on
+/// tenants, TimeServices and port allocations, so it is kept while the index's
+/// [`Index::roster_epoch`] stays: pod, namespace, node and clock events reuse it.
+#[derive(Debug)]
+pub struct Roster {
+    epoch: u64,
+    served: Vec<ServedTenant>,
+    tenants: Arc<ServedTenants>,
+}
+
+#[derive(Debug)]
+struct ServedTenant {
+    key: TenantKey,
+    id: String,
+    port: u16,
+    entry: Arc<TenantEntry>,
+}
+
+impl Roster {
+    /// Every tenant of TimeService `name` that is not refused.
+    fn build(index: &Index, name: &str) -> Self {
+        let owners = service_owners(index);
+        let ports = index.ports_of(name);
+        let mut served = Vec::new();
+        for t in index.tenants.values() {
+            if !index.time_service_of(t).is_ok_and(|ts| ts.name == name) {
+                continue;
+            }
+            let key = t.key();
+            let port = ports.get(&key).copied().flatten();
+            if tenant_refusal(index, &owners, t, port).is_some() {
+                continue;
+            }
+            let Some(port) = port else { continue };
+            served.push(ServedTenant {
+                id: names::tenant_id(&key.0, &key.1),
+                key,
+                port,
+                entry: t.clone(),
+            });
+        }
+        served.sort_by(|a, b| a.id.cmp(&b.id));
+        let tenants = served
+            .iter()
+            .map(|s| {
+                let (ns, name) = s.key.clone();
+                (s.id.clone(), (ns, name, s.entry.uid.clone()))
+            })
+            .collect();
+        Self {
+            epoch: index.roster_epoch(),
+            served,
+            tenants: Arc::new(tenants),
+        }
+    }
+}
+
+/// Plans a TimeService. Only what an event can have changed is built again: the roster of
+/// served tenants when tenants or TimeServices changed, a tenant's config and text when its
+/// set list (see [`crate::index::SetList`]) or port did, the NetworkPolicy when the roster or
+/// the spec did. Everything else is reused from the last plan of this TimeService.
 pub fn plan_time_service(
     index: &mut Index,
     ts: &TimeService,
@@ -156,39 +226,17 @@ pub fn plan_time_service(
     let nodes = index.nodes_matching(&ts.spec.placement.node_selector);
     let peer_port = Index::peer_port(&ts.spec);
 
-    struct Served {
-        key: TenantKey,
-        id: String,
-        uid: Option<String>,
-        port: u16,
-        allowed_size: usize,
-        tenant_sets: Arc<crate::index::TenantSets>,
-        sets: Arc<[Arc<Vec<IpNet>>]>,
-    }
-    let mut served = Vec::new();
-    let owners = service_owners(index);
-    // Specs and deny lists are read in place below: cloning 1000 tenants costs milliseconds.
-    for t in index.tenants_of(&name) {
-        let port = index.ports_of(&name).get(&t.key()).copied().flatten();
-        if tenant_refusal(index, &owners, t, port).is_some() {
-            continue;
-        }
-        let (Some(port), Ok(_)) = (port, &t.policy) else {
-            continue;
-        };
-        served.push(Served {
-            key: t.key(),
-            id: names::tenant_id(&t.namespace, &t.name),
-            uid: t.uid.clone(),
-            port,
-            allowed_size: 0,
-            tenant_sets: Arc::default(),
-            sets: Arc::new([]),
-        });
-    }
-    for s in &mut served {
-        s.allowed_size = index.allowed(&s.key).len();
-        (s.tenant_sets, s.sets) = index.tenant_set_list(&s.key);
+    // Taken out of the index while the index is read and written below, put back at the end.
+    let mut cache = index.plan_caches.remove(&name).unwrap_or_default();
+    let roster = match cache.roster.take() {
+        Some(roster) if roster.epoch == index.roster_epoch() => roster,
+        _ => Arc::new(Roster::build(index, &name)),
+    };
+    let mut lists = Vec::with_capacity(roster.served.len());
+    let mut allow_list_sizes = Vec::with_capacity(roster.served.len());
+    for s in &roster.served {
+        allow_list_sizes.push(index.allowed(&s.key).len());
+        lists.push(index.tenant_set_list(&s.key));
     }
 
     let agents = index.agent_pods(&name);
@@ -214,27 +262,28 @@ pub fn plan_time_service(
             .collect();
         fleet.egress_nodes = egress_nodes.into_iter().collect();
     }
-    // Taken out of the index while its tenants are borrowed, put back at the end.
-    let mut cache = index.set_texts.remove(&name).unwrap_or_default();
-    let mut policy_cache = index.network_policies.remove(&name).flatten();
-    let entries: Vec<&TenantEntry> = served
+    let inputs: Vec<TenantInput<'_>> = roster
+        .served
         .iter()
-        .filter_map(|s| index.tenants.get(&s.key))
-        .collect();
-    let inputs: Vec<TenantInput<'_>> = served
-        .iter()
-        .zip(&entries)
-        .map(|(s, t)| TenantInput {
-            id: s.id.clone(),
+        .zip(&lists)
+        .map(|(s, list)| TenantInput {
+            id: &s.id,
             port: s.port,
-            allowed: &s.tenant_sets.blocks,
-            sets: &s.sets,
-            denied: t.policy.as_ref().map_or(&[][..], |p| &p.denied),
-            spec: &t.spec,
+            allowed: &list.sets.blocks,
+            sets: &list.resolved,
+            denied: s.entry.policy.as_ref().map_or(&[][..], |p| &p.denied),
+            spec: &s.entry.spec,
+            revision: Some(list.revision),
         })
         .collect();
-    let (config, document) =
-        build_agent_config_document(&name, &ts.spec, peer_port, &inputs, &fleet, &mut cache);
+    let (config, document) = build_agent_config_document(
+        &name,
+        &ts.spec,
+        peer_port,
+        &inputs,
+        &fleet,
+        &mut cache.document,
+    );
     let config = match config.validate() {
         Ok(()) => Some(config),
         Err(problems) => {
@@ -264,30 +313,40 @@ pub fn plan_time_service(
     } else {
         config_map
     };
-    let net_bind = needs_net_bind(served.iter().map(|s| s.port).chain(peer_port));
+    let net_bind = needs_net_bind(roster.served.iter().map(|s| s.port).chain(peer_port));
     let daemonset = match blocked {
         Some(Blocked::Conflict { .. }) => None,
         _ => Some(build_daemonset(ts, settings, net_bind)?),
     };
-    let rules: Vec<TenantRule<'_>> = served
+    let rules: Vec<TenantRule<'_>> = roster
+        .served
         .iter()
-        .zip(&entries)
-        .map(|(s, t)| TenantRule {
+        .map(|s| TenantRule {
             namespace: &s.key.0,
-            peers: &t.spec.allowed_clients,
+            peers: &s.entry.spec.allowed_clients,
             port: s.port,
         })
         .collect();
-    let network_policy =
-        build_network_policy_cached(&mut policy_cache, ts, settings, &rules, peer_port)?;
+    // The rules come from the roster alone: an unchanged roster, unchanged rules.
+    let network_policy = build_network_policy_cached(
+        &mut cache.network_policy,
+        ts,
+        settings,
+        &rules,
+        Some(roster.epoch),
+        peer_port,
+    )?;
     let clocks = index
         .clocks
         .iter()
         .filter(|(node, c)| c.time_service == name && nodes.contains(*node))
         .map(|(_, c)| c.clone())
         .collect();
-    index.set_texts.insert(name.clone(), cache);
-    index.network_policies.insert(name.clone(), policy_cache);
+    let tenants = roster.tenants.clone();
+    drop(rules);
+    drop(inputs);
+    cache.roster = Some(roster);
+    index.plan_caches.insert(name, cache);
     Ok(TimeServicePlan {
         blocked,
         daemonset,
@@ -296,11 +355,8 @@ pub fn plan_time_service(
         config,
         config_map,
         clocks,
-        allow_list_sizes: served.iter().map(|s| s.allowed_size).collect(),
-        tenants: served
-            .into_iter()
-            .map(|s| (s.id, (s.key.0, s.key.1, s.uid)))
-            .collect(),
+        allow_list_sizes,
+        tenants,
     })
 }
 

@@ -30,7 +30,7 @@ use crate::names;
 #[derive(Clone, Debug)]
 pub struct TenantInput<'a> {
     /// `namespace/name`.
-    pub id: String,
+    pub id: &'a str,
     /// Allocated port.
     pub port: u16,
     /// Allowed ranges of its own (ipBlocks), aggregated.
@@ -41,6 +41,11 @@ pub struct TenantInput<'a> {
     pub denied: &'a [IpNet],
     /// The tenant's spec (rate limits and requirements).
     pub spec: &'a TenantTimePolicySpec,
+    /// Stands for everything above but `id`, `port` and where `sets` land in the shared list:
+    /// the caller promises that an equal revision means equal blocks, sets, deny list and spec,
+    /// and the cached config and text of the tenant are then reused without building them to
+    /// compare. `None` always builds and compares.
+    pub revision: Option<u64>,
 }
 
 /// The fleet's own addresses, for the egress tier.
@@ -86,50 +91,81 @@ fn build_agent_config_unrevised(
     cache: &mut DocumentCache,
 ) -> (AgentConfig, Vec<usize>) {
     let mut order: Vec<&TenantInput<'_>> = tenants.iter().collect();
-    order.sort_by(|a, b| a.id.cmp(&b.id));
+    order.sort_by(|a, b| a.id.cmp(b.id));
     // Sets are numbered by first use in tenant order, equal content once: deterministic.
     let mut cidr_sets: Vec<Vec<IpNet>> = Vec::new();
     // The address of each numbered set, to find its text in `cache.sets`.
     let mut addresses: Vec<usize> = Vec::new();
     // Most repeats are the same cached set: look those up by address, and compare contents
     // only for sets whose texts hash alike (the hash is kept with the text).
-    let mut by_address: ByAddress<u32> = ByAddress::default();
-    let mut by_content: HashMap<u64, Vec<u32>> = HashMap::new();
+    let expected = cache.sets.len();
+    let mut by_address: ByAddress<u32> =
+        ByAddress::with_capacity_and_hasher(expected, Default::default());
+    let mut by_content: HashMap<u64, Vec<u32>> = HashMap::with_capacity(expected);
     let mut texts = ByAddress::with_capacity_and_hasher(cache.sets.len(), Default::default());
-    let tenant_configs: Vec<TenantConfig> = order
-        .iter()
-        .map(|t| {
-            let mut config = tenant_config(t);
-            for set in t.sets.iter().filter(|s| !s.is_empty()) {
-                let address = Arc::as_ptr(set) as usize;
-                let n = *by_address.entry(address).or_insert_with(|| {
-                    let text = cache
-                        .sets
-                        .remove(&address)
-                        .unwrap_or_else(|| SetText::new(set));
-                    let alike = by_content.entry(text.hash).or_default();
-                    let n = match alike.iter().find(|&&n| cidr_sets[n as usize] == **set) {
-                        Some(&n) => n,
-                        None => {
-                            cidr_sets.push(set.to_vec());
-                            addresses.push(address);
-                            let n = u32::try_from(cidr_sets.len() - 1).unwrap_or(u32::MAX);
-                            alike.push(n);
-                            n
-                        }
-                    };
-                    texts.insert(address, text);
-                    n
-                });
-                config.allowed_sets.push(n);
+    // Both in id order: one walk pairs each tenant with its cached config and text.
+    let mut cached = std::mem::take(&mut cache.tenants).into_iter().peekable();
+    let mut tenant_texts = Vec::with_capacity(order.len());
+    let mut tenant_configs = Vec::with_capacity(order.len());
+    for t in &order {
+        let mut numbers = Vec::with_capacity(t.sets.len());
+        for set in t.sets.iter().filter(|s| !s.is_empty()) {
+            let address = Arc::as_ptr(set) as usize;
+            let n = *by_address.entry(address).or_insert_with(|| {
+                let text = cache
+                    .sets
+                    .remove(&address)
+                    .unwrap_or_else(|| SetText::new(set));
+                let alike = by_content.entry(text.hash).or_default();
+                let n = match alike.iter().find(|&&n| cidr_sets[n as usize] == **set) {
+                    Some(&n) => n,
+                    None => {
+                        cidr_sets.push(set.to_vec());
+                        addresses.push(address);
+                        let n = u32::try_from(cidr_sets.len() - 1).unwrap_or(u32::MAX);
+                        alike.push(n);
+                        n
+                    }
+                };
+                texts.insert(address, text);
+                n
+            });
+            numbers.push(n);
+        }
+        numbers.sort_unstable();
+        numbers.dedup();
+        while cached.next_if(|c| c.config.id.as_str() < t.id).is_some() {}
+        let previous = cached.next_if(|c| c.config.id == t.id);
+        let entry = match previous {
+            Some(p)
+                if p.revision.is_some()
+                    && p.revision == t.revision
+                    && p.config.port == t.port
+                    && p.config.allowed_sets == numbers =>
+            {
+                p
             }
-            config.allowed_sets.sort_unstable();
-            config.allowed_sets.dedup();
-            config
-        })
-        .collect();
-    // Texts of sets no longer used are dropped here.
+            previous => {
+                let mut config = tenant_config(t);
+                config.allowed_sets = numbers;
+                let text = match previous {
+                    // A tenant's text is reused only for an equal config (set numbers included).
+                    Some(p) if p.config == config => p.text,
+                    _ => serde_json::to_string(&config).unwrap_or_default(),
+                };
+                TenantText {
+                    revision: t.revision,
+                    config,
+                    text,
+                }
+            }
+        };
+        tenant_configs.push(entry.config.clone());
+        tenant_texts.push(entry);
+    }
+    // Texts of sets and tenants no longer used are dropped here.
     cache.sets = texts;
+    cache.tenants = tenant_texts;
     let egress = spec.egress_tier.as_ref().map(|tier| {
         let mut nodes = fleet.egress_nodes.clone();
         nodes.sort();
@@ -255,8 +291,16 @@ pub fn build_agent_config_document(
 pub struct DocumentCache {
     /// By the set's address; holding the `Arc` keeps that address from being reused.
     sets: ByAddress<SetText>,
-    /// In id order, with the config each text was made from: equal config, same text.
-    tenants: Vec<(TenantConfig, String)>,
+    /// In id order, as last built.
+    tenants: Vec<TenantText>,
+}
+
+/// A tenant's config, its JSON text, and the input revision they were made from.
+#[derive(Debug)]
+struct TenantText {
+    revision: Option<u64>,
+    config: TenantConfig,
+    text: String,
 }
 
 /// Hashes a set's address: one multiplication, the product's high half folded onto the low
@@ -307,12 +351,9 @@ impl SetText {
 }
 
 /// `document(config)`, with the tenants' and sets' text from `cache`. `addresses` holds the
-/// addresses of the sets of `config.serving.cidrSets` in order, each with a text in `cache`.
-fn document_with(
-    config: &mut AgentConfig,
-    addresses: &[usize],
-    cache: &mut DocumentCache,
-) -> String {
+/// addresses of the sets of `config.serving.cidrSets` in order, each with a text in `cache`,
+/// and `cache.tenants` the texts of `config.serving.tenants` in order.
+fn document_with(config: &mut AgentConfig, addresses: &[usize], cache: &DocumentCache) -> String {
     let set_texts: Option<Vec<&str>> = addresses
         .iter()
         .map(|a| cache.sets.get(a).map(|t| t.text.as_str()))
@@ -320,6 +361,9 @@ fn document_with(
     let Some(set_texts) = set_texts.filter(|t| t.len() == config.serving.cidr_sets.len()) else {
         return document(config);
     };
+    if cache.tenants.len() != config.serving.tenants.len() {
+        return document(config);
+    }
     // `serving` is the last field, `tenants` and `cidrSets` its last two: without them the
     // document ends with an empty tenant list and the two closing braces.
     let tenants = std::mem::take(&mut config.serving.tenants);
@@ -331,24 +375,18 @@ fn document_with(
         return document(config);
     }
     text.truncate(text.len() - "]}}".len());
-    // Both lists are in id order: one walk pairs each tenant with its cached text.
-    let mut cached = std::mem::take(&mut cache.tenants).into_iter().peekable();
-    let mut used = Vec::with_capacity(config.serving.tenants.len());
-    for (i, tenant) in config.serving.tenants.iter().enumerate() {
-        while cached.next_if(|c| c.0.id < tenant.id).is_some() {}
-        // A tenant's text is reused only for an equal config (set numbers included).
-        let entry = match cached.next_if(|c| c.0.id == tenant.id) {
-            Some(hit) if hit.0 == *tenant => hit,
-            _ => (
-                tenant.clone(),
-                serde_json::to_string(tenant).unwrap_or_default(),
-            ),
-        };
+    let length: usize = cache
+        .tenants
+        .iter()
+        .map(|t| t.text.len() + 1)
+        .sum::<usize>()
+        + set_texts.iter().map(|t| t.len() + 1).sum::<usize>();
+    text.reserve(length + 32);
+    for (i, tenant) in cache.tenants.iter().enumerate() {
         if i > 0 {
             text.push(',');
         }
-        text.push_str(&entry.1);
-        used.push(entry);
+        text.push_str(&tenant.text);
     }
     text.push(']');
     if !set_texts.is_empty() {
@@ -362,7 +400,6 @@ fn document_with(
         text.push(']');
     }
     text.push_str("}}");
-    cache.tenants = used;
     text
 }
 
@@ -426,7 +463,7 @@ fn upstream_config(u: &ts_api::Upstream) -> UpstreamConfig {
 fn tenant_config(t: &TenantInput<'_>) -> TenantConfig {
     let rate = &t.spec.rate_limit;
     TenantConfig {
-        id: t.id.clone(),
+        id: t.id.to_owned(),
         port: t.port,
         allowed: t.allowed.to_vec(),
         allowed_sets: Vec::new(),
@@ -504,20 +541,22 @@ mod tests {
         let (allowed, denied) = (nets(&["10.0.0.0/24", "fd00::/64"]), nets(&["10.0.0.7/32"]));
         let inputs = [
             TenantInput {
-                id: "b/ntp".into(),
+                id: "b/ntp",
                 port: 12301,
                 allowed: &allowed,
                 sets: &[],
                 denied: &[],
                 spec: &b.spec,
+                revision: None,
             },
             TenantInput {
-                id: "a/ntp".into(),
+                id: "a/ntp",
                 port: 12300,
                 allowed: &allowed,
                 sets: &[],
                 denied: &denied,
                 spec: &a.spec,
+                revision: None,
             },
         ];
         let config = build_agent_config("cluster", &ts.spec, None, &inputs, &FleetInput::default());
@@ -557,20 +596,22 @@ mod tests {
         let inputs = |a: &'static str| {
             [
                 TenantInput {
-                    id: "b/ntp".into(),
+                    id: "b/ntp",
                     port: 12301,
                     allowed: &[],
                     sets: &b_sets,
                     denied: &[],
                     spec: &spec,
+                    revision: None,
                 },
                 TenantInput {
-                    id: a.into(),
+                    id: a,
                     port: 12300,
                     allowed: &block,
                     sets: &a_sets,
                     denied: &[],
                     spec: &spec,
+                    revision: None,
                 },
             ]
         };
@@ -612,6 +653,66 @@ mod tests {
         assert_eq!(text, document(&again));
         assert_eq!(AgentConfig::from_json(&text).unwrap(), again);
         assert_ne!(again.revision, config.revision);
+    }
+
+    #[test]
+    fn an_unchanged_revision_reuses_the_tenant_and_a_new_one_or_new_set_numbers_rebuild_it() {
+        let ts = fixtures::time_service("cluster");
+        let slow = fixtures::tenant(
+            "a",
+            "ntp",
+            serde_json::json!({ "rateLimit": { "perClient": { "interval": "8s", "burst": 1 } } }),
+        )
+        .spec;
+        let fast = fixtures::tenant("a", "ntp", serde_json::json!({})).spec;
+        let first = Arc::new(nets(&["10.1.0.0/24"]));
+        let second = Arc::new(nets(&["10.2.0.0/24"]));
+        let build = |spec, sets: &[Arc<Vec<IpNet>>], revision, cache: &mut DocumentCache| {
+            let input = TenantInput {
+                id: "a/ntp",
+                port: 12300,
+                allowed: &[],
+                sets,
+                denied: &[],
+                spec,
+                revision: Some(revision),
+            };
+            let (config, text) = build_agent_config_document(
+                "cluster",
+                &ts.spec,
+                None,
+                &[input],
+                &FleetInput::default(),
+                cache,
+            );
+            assert_eq!(text, document(&config));
+            config.serving.tenants[0].clone()
+        };
+        let mut cache = DocumentCache::default();
+        let sets = [first.clone()];
+        assert_eq!(
+            build(&slow, &sets, 1, &mut cache)
+                .rate_limit
+                .client_interval_seconds,
+            8.0
+        );
+        // The caller broke its promise on purpose: the same revision with another spec shows
+        // that the cached tenant is reused without building it again.
+        assert_eq!(
+            build(&fast, &sets, 1, &mut cache)
+                .rate_limit
+                .client_interval_seconds,
+            8.0
+        );
+        assert_eq!(
+            build(&fast, &sets, 2, &mut cache)
+                .rate_limit
+                .client_interval_seconds,
+            1.0
+        );
+        // Set numbers are the builder's own: a set ahead of it renumbers a cached tenant.
+        let other = build(&fast, &[second.clone(), first.clone()], 2, &mut cache);
+        assert_eq!(other.allowed_sets, [0, 1]);
     }
 
     #[test]

@@ -228,13 +228,14 @@ mod tests {
         let two: Vec<IpNet> = vec!["10.0.0.2/32".parse().unwrap()];
         let cfg = |spec: &stratum_api::TimeServiceSpec, allowed: &[IpNet]| {
             let input = TenantInput {
-                id: "a/p".into(),
+                id: "a/p",
                 port: 12300,
                 // As a shared pod set: the audit expands sets.
                 allowed: &[],
                 sets: &[std::sync::Arc::new(allowed.to_vec())],
                 denied: &[],
                 spec: &tenant.spec,
+                revision: None,
             };
             build_agent_config("c", spec, None, &[input], &FleetInput::default())
         };

@@ -82,6 +82,7 @@ pub struct PolicyCache {
     spec: TimeServiceSpec,
     settings: OperatorSettings,
     tenants: Vec<(String, Vec<PolicyPeer>, u16)>,
+    tenants_revision: Option<u64>,
     peer_port: Option<u16>,
     policy: Arc<NetworkPolicy>,
 }
@@ -92,6 +93,7 @@ impl PolicyCache {
         ts: &TimeService,
         settings: &OperatorSettings,
         tenants: &[TenantRule<'_>],
+        tenants_revision: Option<u64>,
         peer_port: Option<u16>,
     ) -> bool {
         self.owner.0 == ts.metadata.name
@@ -99,7 +101,12 @@ impl PolicyCache {
             && self.peer_port == peer_port
             && self.spec == ts.spec
             && self.settings == *settings
-            && self.tenants.len() == tenants.len()
+            && (tenants_revision.is_some() && self.tenants_revision == tenants_revision
+                || self.same_tenants(tenants))
+    }
+
+    fn same_tenants(&self, tenants: &[TenantRule<'_>]) -> bool {
+        self.tenants.len() == tenants.len()
             && self
                 .tenants
                 .iter()
@@ -110,17 +117,20 @@ impl PolicyCache {
     }
 }
 
-/// [`build_network_policy`], reusing `cache` when built from the same inputs.
+/// [`build_network_policy`], reusing `cache` when built from the same inputs. The caller
+/// promises that an equal `tenants_revision` means equal `tenants`, which are then not compared
+/// (`None`: always compared).
 pub fn build_network_policy_cached(
     cache: &mut Option<PolicyCache>,
     ts: &TimeService,
     settings: &OperatorSettings,
     tenants: &[TenantRule<'_>],
+    tenants_revision: Option<u64>,
     peer_port: Option<u16>,
 ) -> Result<Arc<NetworkPolicy>> {
     if let Some(hit) = cache
         .as_ref()
-        .filter(|c| c.built_from(ts, settings, tenants, peer_port))
+        .filter(|c| c.built_from(ts, settings, tenants, tenants_revision, peer_port))
     {
         return Ok(hit.policy.clone());
     }
@@ -133,6 +143,7 @@ pub fn build_network_policy_cached(
             .iter()
             .map(|t| (t.namespace.to_owned(), t.peers.to_vec(), t.port))
             .collect(),
+        tenants_revision,
         peer_port,
         policy: policy.clone(),
     });
