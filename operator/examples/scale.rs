@@ -96,7 +96,7 @@ fn main() {
     let mut resolve_samples = Vec::new();
     let mut revision = config.revision.clone();
     let cpu_before = cpu_time();
-    for k in 0..200 {
+    for k in 0..1000 {
         let ns = (k * 7) % scale::NAMESPACES;
         let mut p = scale::pod(Addressing::Sequential, ns, 0);
         p.metadata.name = Some(format!("new-{k}"));

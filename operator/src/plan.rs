@@ -20,6 +20,7 @@ use crate::build::daemonset::{build_daemonset, needs_net_bind};
 use crate::build::endpointslice::{
     ZONE_LABEL, agent_endpoints, build_endpoint_slices, ready_endpoints,
 };
+use crate::build::gzip::MemberCache;
 use crate::build::networkpolicy::{PolicyCache, TenantRule, build_network_policy_cached};
 use crate::build::rbac::{AgentRbac, build_rbac};
 use crate::build::service::build_service;
@@ -149,7 +150,10 @@ fn owns_time_config(index: &Index, tenant: &TenantEntry) -> bool {
 pub struct PlanCache {
     roster: Option<Arc<Roster>>,
     document: DocumentCache,
+    members: MemberCache,
     network_policy: Option<PolicyCache>,
+    /// Allow-list size of each served tenant, in roster order, with its set list's revision.
+    sizes: Vec<(u64, usize)>,
 }
 
 /// The tenants a TimeService serves, in id order, with their ports. It depends only on
@@ -233,11 +237,20 @@ pub fn plan_time_service(
         _ => Arc::new(Roster::build(index, &name)),
     };
     let mut lists = Vec::with_capacity(roster.served.len());
-    let mut allow_list_sizes = Vec::with_capacity(roster.served.len());
-    for s in &roster.served {
-        allow_list_sizes.push(index.allowed(&s.key).len());
-        lists.push(index.tenant_set_list(&s.key));
+    let mut sizes = Vec::with_capacity(roster.served.len());
+    for (i, s) in roster.served.iter().enumerate() {
+        let list = index.tenant_set_list(&s.key);
+        // A list's revision is unique in the index and the allow list a function of the list:
+        // an equal revision, the same size (even were the roster reordered).
+        let size = match cache.sizes.get(i) {
+            Some(&(revision, size)) if revision == list.revision => size,
+            _ => index.allowed(&s.key).len(),
+        };
+        sizes.push((list.revision, size));
+        lists.push(list);
     }
+    let allow_list_sizes = sizes.iter().map(|(_, size)| *size).collect();
+    cache.sizes = sizes;
 
     let agents = index.agent_pods(&name);
     let agent_addresses: Vec<IpAddr> = agents.iter().flat_map(|p| p.ips.iter().copied()).collect();
@@ -300,7 +313,7 @@ pub fn plan_time_service(
     };
     let config_map = config
         .as_ref()
-        .map(|c| build_agent_config_map(ts, settings, c, &document))
+        .map(|c| build_agent_config_map(ts, settings, c, &document, &mut cache.members))
         .transpose()?;
     let size = config_map.as_ref().map(config_map_bytes).unwrap_or(0);
     // Too large for one ConfigMap: keep the config for inspection, write nothing.

@@ -29,6 +29,12 @@ fn the_scale_scenario_config_fits_a_config_map_with_room_to_grow() {
         // what the operator resolved for it.
         let read = AgentConfig::from_config_map(&cm).unwrap();
         assert_eq!(read, config);
+        // The payload is many gzip members; the documented `base64 -d | gunzip` reads them all.
+        let payload = stratum_api::agent_config::config_map_payload(&cm).unwrap();
+        let document = stratum_operator::build::agent_config::document(&config);
+        let members = stratum_operator::build::gzip::chunks(document.as_bytes()).len();
+        assert!(members > 10, "{members} members");
+        assert_eq!(gunzip_command(&payload), document);
         assert_eq!(read.serving.tenants.len(), 1000);
         for t in &read.serving.tenants {
             let (ns, name) = t.id.split_once('/').unwrap();
@@ -41,4 +47,23 @@ fn the_scale_scenario_config_fits_a_config_map_with_room_to_grow() {
             );
         }
     }
+}
+
+/// The payload through the system's `gzip -dc`, as `docs/contracts.md` tells users to read it.
+fn gunzip_command(payload: &[u8]) -> String {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("gzip")
+        .arg("-dc")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("gzip is installed");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = payload.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input).unwrap());
+    let output = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(output.status.success(), "gzip -dc failed");
+    String::from_utf8(output.stdout).unwrap()
 }

@@ -561,14 +561,15 @@ pub fn config_map_payload(cm: &k8s_openapi::api::core::v1::ConfigMap) -> Option<
         .map(|text| text.as_bytes().to_vec())
 }
 
-/// Gzips a document. The fast level, with flate2's zlib-rs backend (pure Rust; faster than
-/// miniz_oxide at this level): the config is rewritten on pod churn, and its CIDR text
-/// compresses well even so.
+/// Gzips a document as one member, at zlib's default level (flate2's zlib-rs backend, pure
+/// Rust). The operator compresses only the parts of a config that changed (one member each,
+/// see its `build::gzip`), so the better ratio costs little: at 1000 tenants and 10,000 pods
+/// 46 KiB instead of 72 KiB at the fast level.
 pub fn gzip(bytes: &[u8]) -> Vec<u8> {
     use std::io::Write;
     let mut encoder = flate2::write::GzEncoder::new(
         Vec::with_capacity(bytes.len() / 4),
-        flate2::Compression::fast(),
+        flate2::Compression::default(),
     );
     // Writing into a Vec cannot fail.
     let _ = encoder.write_all(bytes);

@@ -22,6 +22,7 @@ use stratum_api::tenant_time_policy::TenantTimePolicySpec;
 use stratum_api::time_service::{self as ts_api, DisciplineMode};
 use stratum_api::{AgentConfig, TimeService, TimeServiceSpec};
 
+use super::gzip::{MemberCache, gzip_members};
 use super::{OperatorSettings, agent_meta};
 use crate::error::Result;
 use crate::names;
@@ -101,7 +102,12 @@ fn build_agent_config_unrevised(
     let expected = cache.sets.len();
     let mut by_address: ByAddress<u32> =
         ByAddress::with_capacity_and_hasher(expected, Default::default());
-    let mut by_content: HashMap<u64, Vec<u32>> = HashMap::with_capacity(expected);
+    // The first set of each text hash; sets of other content under a taken hash (64-bit
+    // hashes of different texts: hardly ever) in `collided`.
+    // Keyed by a hash already: the address hasher's one multiplication is enough.
+    let mut by_content: ByAddress<u32> =
+        ByAddress::with_capacity_and_hasher(expected, Default::default());
+    let mut collided: Vec<(u64, u32)> = Vec::new();
     let mut texts = ByAddress::with_capacity_and_hasher(cache.sets.len(), Default::default());
     // Both in id order: one walk pairs each tenant with its cached config and text.
     let mut cached = std::mem::take(&mut cache.tenants).into_iter().peekable();
@@ -116,17 +122,28 @@ fn build_agent_config_unrevised(
                     .sets
                     .remove(&address)
                     .unwrap_or_else(|| SetText::new(set));
-                let alike = by_content.entry(text.hash).or_default();
-                let n = match alike.iter().find(|&&n| cidr_sets[n as usize] == **set) {
-                    Some(&n) => n,
+                let next = u32::try_from(cidr_sets.len()).unwrap_or(u32::MAX);
+                let same = |n: &u32| cidr_sets[*n as usize] == **set;
+                let key = text.hash as usize;
+                let found = match by_content.get(&key) {
+                    Some(first) if same(first) => Some(*first),
+                    Some(_) => collided
+                        .iter()
+                        .find(|(hash, n)| *hash == text.hash && same(n))
+                        .map(|(_, n)| *n),
                     None => {
-                        cidr_sets.push(set.to_vec());
-                        addresses.push(address);
-                        let n = u32::try_from(cidr_sets.len() - 1).unwrap_or(u32::MAX);
-                        alike.push(n);
-                        n
+                        by_content.insert(key, next);
+                        None
                     }
                 };
+                let n = found.unwrap_or_else(|| {
+                    if by_content.get(&key) != Some(&next) {
+                        collided.push((text.hash, next));
+                    }
+                    cidr_sets.push(set.to_vec());
+                    addresses.push(address);
+                    next
+                });
                 texts.insert(address, text);
                 n
             });
@@ -274,12 +291,15 @@ pub fn build_agent_config_document(
     // the first `"revision":""` (quotes inside strings are escaped).
     let marker = "\"revision\":\"\"";
     let text = match unrevised.find(marker) {
-        Some(at) => format!(
-            "{}\"revision\":\"{}\"{}",
-            &unrevised[..at],
-            config.revision,
-            &unrevised[at + marker.len()..]
-        ),
+        Some(at) => {
+            let mut text = String::with_capacity(unrevised.len() + config.revision.len());
+            text.push_str(&unrevised[..at]);
+            text.push_str("\"revision\":\"");
+            text.push_str(&config.revision);
+            text.push('"');
+            text.push_str(&unrevised[at + marker.len()..]);
+            text
+        }
         None => document(&config),
     };
     (config, text)
@@ -415,7 +435,7 @@ fn content_hash(text: &str) -> String {
 
 /// FNV-1a taken eight bytes at a time (then the tail byte by byte): a stable 64-bit hash, fast
 /// enough for the whole document on every change.
-fn fingerprint(bytes: &[u8]) -> u64 {
+pub(crate) fn fingerprint(bytes: &[u8]) -> u64 {
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut words = bytes.chunks_exact(8);
@@ -497,19 +517,21 @@ pub fn revision_of(config: &AgentConfig) -> String {
     content_hash(&document(&unrevised))
 }
 
-/// The ConfigMap holding a config's `document` gzipped, in the operator's namespace.
+/// The ConfigMap holding a config's `document` gzipped, in the operator's namespace: as
+/// gzip members, reusing from `members` those of the parts that did not change (see `gzip`).
 pub fn build_agent_config_map(
     ts: &TimeService,
     settings: &OperatorSettings,
     config: &AgentConfig,
     document: &str,
+    members: &mut MemberCache,
 ) -> Result<ConfigMap> {
     let name = names::agent_config_map_name(&config.time_service);
     Ok(ConfigMap {
         metadata: agent_meta(ts, name, Some(&settings.namespace))?,
         binary_data: Some(BTreeMap::from([(
             AGENT_CONFIG_GZIP_KEY.to_owned(),
-            ByteString(stratum_api::agent_config::gzip(document.as_bytes())),
+            ByteString(gzip_members(document.as_bytes(), members)),
         )])),
         ..ConfigMap::default()
     })
@@ -789,7 +811,14 @@ mod tests {
             &FleetInput::default(),
             &mut DocumentCache::default(),
         );
-        let cm = build_agent_config_map(&ts, &fixtures::settings(), &config, &text).unwrap();
+        let cm = build_agent_config_map(
+            &ts,
+            &fixtures::settings(),
+            &config,
+            &text,
+            &mut MemberCache::default(),
+        )
+        .unwrap();
         assert_eq!(cm.metadata.name.as_deref(), Some("cluster-agent-config"));
         assert_eq!(cm.metadata.namespace.as_deref(), Some("stratum-system"));
         assert_eq!(

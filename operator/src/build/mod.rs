@@ -5,6 +5,7 @@ pub mod agent_config;
 pub mod audit;
 pub mod daemonset;
 pub mod endpointslice;
+pub mod gzip;
 pub mod networkpolicy;
 pub mod rbac;
 pub mod service;
