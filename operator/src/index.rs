@@ -357,6 +357,8 @@ pub struct Index {
     set_lists: HashMap<TenantKey, SetList>,
     /// Port allocation per TimeService, kept up to date tenant by tenant.
     allocations: HashMap<String, Allocation>,
+    /// Service and time-config owners as of the roster epoch (see `plan::Owners`).
+    pub(crate) owners: Option<Arc<crate::plan::Owners>>,
     /// What each TimeService's last plan built, for the next one to reuse (see `plan`).
     pub(crate) plan_caches: HashMap<String, crate::plan::PlanCache>,
 }

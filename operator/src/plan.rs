@@ -70,27 +70,69 @@ fn age(t: &TenantEntry) -> (bool, Option<k8s_openapi::jiff::Timestamp>, &str) {
     (t.created.is_none(), t.created, &t.name)
 }
 
-/// The oldest tenant of each `(namespace, service name)`: the one allowed to own that Service.
-pub type ServiceOwners<'a> = HashMap<(&'a str, &'a str), &'a TenantEntry>;
+/// The oldest tenant of each `(namespace, Service name)`, the one allowed to own that
+/// Service, and of each namespace, the one that writes its `time-config`. Both change only
+/// with tenants, so they are found in one pass and kept while the roster epoch stays: a
+/// restart reconciling every tenant no longer scans all tenants for each.
+#[derive(Debug)]
+pub struct Owners {
+    epoch: u64,
+    services: HashMap<(String, String), Arc<TenantEntry>>,
+    namespaces: HashMap<String, Arc<TenantEntry>>,
+}
 
-/// Who owns each tenant Service name (the oldest claimant), in one pass over the tenants.
-pub fn service_owners(index: &Index) -> ServiceOwners<'_> {
-    let mut owners: ServiceOwners<'_> = HashMap::new();
-    for t in index.tenants.values() {
-        let slot = owners
-            .entry((&t.namespace, &t.spec.service.name))
-            .or_insert(t);
-        if age(t) < age(slot) {
-            *slot = t;
+impl Owners {
+    /// The owners as of the index's roster epoch (cached in the index).
+    pub fn of(index: &mut Index) -> Arc<Owners> {
+        let epoch = index.roster_epoch();
+        if let Some(hit) = index.owners.as_ref().filter(|o| o.epoch == epoch) {
+            return hit.clone();
         }
+        let mut services: HashMap<(String, String), Arc<TenantEntry>> = HashMap::new();
+        let mut namespaces: HashMap<String, Arc<TenantEntry>> = HashMap::new();
+        for t in index.tenants.values() {
+            let key = (t.namespace.clone(), t.spec.service.name.clone());
+            for slot in [
+                services.entry(key).or_insert_with(|| t.clone()),
+                namespaces
+                    .entry(t.namespace.clone())
+                    .or_insert_with(|| t.clone()),
+            ] {
+                if age(t) < age(slot) {
+                    *slot = t.clone();
+                }
+            }
+        }
+        let owners = Arc::new(Owners {
+            epoch,
+            services,
+            namespaces,
+        });
+        index.owners = Some(owners.clone());
+        owners
     }
-    owners
+
+    /// The tenant owning `tenant`'s Service name, when another one does.
+    fn service_taken(&self, tenant: &TenantEntry) -> Option<&TenantEntry> {
+        let key = (tenant.namespace.clone(), tenant.spec.service.name.clone());
+        self.services
+            .get(&key)
+            .map(Arc::as_ref)
+            .filter(|o| o.namespace != tenant.namespace || o.name != tenant.name)
+    }
+
+    /// Whether `tenant` writes its namespace's `time-config`: no tenant there is older.
+    fn owns_time_config(&self, tenant: &TenantEntry) -> bool {
+        self.namespaces
+            .get(&tenant.namespace)
+            .is_none_or(|oldest| age(oldest) >= age(tenant))
+    }
 }
 
 /// Why `tenant` cannot be served, if it cannot.
 pub fn tenant_refusal(
     index: &Index,
-    owners: &ServiceOwners,
+    owners: &Owners,
     tenant: &TenantEntry,
     port: Option<u16>,
 ) -> Option<Refusal> {
@@ -117,9 +159,7 @@ pub fn tenant_refusal(
                 .into(),
         ));
     }
-    if let Some(owner) = owners.get(&(tenant.namespace.as_str(), tenant.spec.service.name.as_str()))
-        && (owner.namespace != tenant.namespace || owner.name != tenant.name)
-    {
+    if let Some(owner) = owners.service_taken(tenant) {
         return Some((
             "ServiceNameTaken",
             format!(
@@ -135,14 +175,6 @@ pub fn tenant_refusal(
         ));
     }
     None
-}
-
-/// Whether `tenant` writes its namespace's `time-config` (one per namespace: the oldest).
-fn owns_time_config(index: &Index, tenant: &TenantEntry) -> bool {
-    !index
-        .tenants
-        .values()
-        .any(|o| o.namespace == tenant.namespace && age(o) < age(tenant))
 }
 
 /// What a TimeService's last plan built, kept in the index for the next plan to reuse.
@@ -176,8 +208,8 @@ struct ServedTenant {
 
 impl Roster {
     /// Every tenant of TimeService `name` that is not refused.
-    fn build(index: &Index, name: &str) -> Self {
-        let owners = service_owners(index);
+    fn build(index: &mut Index, name: &str) -> Self {
+        let owners = Owners::of(index);
         let ports = index.ports_of(name);
         let mut served = Vec::new();
         for t in index.tenants.values() {
@@ -440,7 +472,8 @@ pub fn plan_tenant(index: &mut Index, tenant: &TenantTimePolicy) -> Result<Tenan
     let port = index.ports_of(&ts).get(&key).copied().flatten();
     plan.time_service = Some(ts.clone());
     plan.port = port;
-    if let Some(refusal) = tenant_refusal(index, &service_owners(index), &entry, port) {
+    let owners = Owners::of(index);
+    if let Some(refusal) = tenant_refusal(index, &owners, &entry, port) {
         plan.refused = Some(refusal);
         return Ok(plan);
     }
@@ -462,8 +495,112 @@ pub fn plan_tenant(index: &mut Index, tenant: &TenantTimePolicy) -> Result<Tenan
     plan.slices = build_endpoint_slices(tenant, &ts, port, &endpoints)?;
     plan.ready_endpoints = ready_endpoints(&plan.slices);
     plan.service = Some(build_service(tenant, &ts, port)?);
-    if owns_time_config(index, &entry) {
+    if owners.owns_time_config(&entry) {
         plan.time_config = Some(build_time_config(tenant, &ts)?);
     }
     Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+
+    use super::*;
+    use crate::build::fixtures;
+
+    fn tenant(ns: &str, name: &str, service: &str, created: i64) -> TenantTimePolicy {
+        let mut t = fixtures::tenant(
+            ns,
+            name,
+            serde_json::json!({ "service": { "name": service } }),
+        );
+        t.metadata.creation_timestamp = Some(Time(
+            Timestamp::from_second(1_700_000_000 + created).unwrap(),
+        ));
+        t
+    }
+
+    fn index_with(tenants: &[&TenantTimePolicy]) -> Index {
+        let mut index = Index::new("stratum-system");
+        index.apply_time_service(&fixtures::time_service("cluster"));
+        for t in tenants {
+            index.apply_tenant(t);
+        }
+        index
+    }
+
+    #[test]
+    fn the_oldest_claimant_owns_a_service_name_and_the_next_takes_it_when_it_goes() {
+        let older = tenant("vms", "b-older", "ntp", 1);
+        let younger = tenant("vms", "a-younger", "ntp", 2);
+        let elsewhere = tenant("db", "c", "ntp", 3);
+        let mut index = index_with(&[&older, &younger, &elsewhere]);
+        assert!(plan_tenant(&mut index, &older).unwrap().refused.is_none());
+        assert!(
+            plan_tenant(&mut index, &elsewhere)
+                .unwrap()
+                .refused
+                .is_none()
+        );
+        let (reason, message) = plan_tenant(&mut index, &younger).unwrap().refused.unwrap();
+        assert_eq!(reason, "ServiceNameTaken");
+        assert!(message.contains("b-older"), "{message}");
+        let ts = fixtures::time_service("cluster");
+        let settings = fixtures::settings();
+        let served = plan_time_service(&mut index, &ts, &settings)
+            .unwrap()
+            .tenants;
+        assert_eq!(
+            served.keys().collect::<Vec<_>>(),
+            ["db/c", "vms/b-older"],
+            "the refused tenant is not served"
+        );
+
+        index.delete_tenant("vms", "b-older");
+        assert!(plan_tenant(&mut index, &younger).unwrap().refused.is_none());
+        let served = plan_time_service(&mut index, &ts, &settings)
+            .unwrap()
+            .tenants;
+        assert_eq!(served.keys().collect::<Vec<_>>(), ["db/c", "vms/a-younger"]);
+    }
+
+    #[test]
+    fn only_the_oldest_tenant_of_a_namespace_writes_its_time_config() {
+        let older = tenant("vms", "b", "ntp-b", 1);
+        let younger = tenant("vms", "a", "ntp-a", 2);
+        let mut index = index_with(&[&younger, &older]);
+        assert!(
+            plan_tenant(&mut index, &older)
+                .unwrap()
+                .time_config
+                .is_some()
+        );
+        let plan = plan_tenant(&mut index, &younger).unwrap();
+        assert!(plan.refused.is_none());
+        assert!(plan.time_config.is_none());
+        index.delete_tenant("vms", "b");
+        assert!(
+            plan_tenant(&mut index, &younger)
+                .unwrap()
+                .time_config
+                .is_some()
+        );
+        // A newer tenant arriving later does not take it over.
+        let newest = tenant("vms", "c", "ntp-c", 3);
+        index.apply_tenant(&newest);
+        assert!(
+            plan_tenant(&mut index, &newest)
+                .unwrap()
+                .time_config
+                .is_none()
+        );
+        assert!(
+            plan_tenant(&mut index, &younger)
+                .unwrap()
+                .time_config
+                .is_some()
+        );
+    }
 }
