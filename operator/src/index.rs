@@ -345,7 +345,6 @@ pub struct Index {
     roster_epoch: u64,
     /// The last revision given to a set list.
     set_list_revision: u64,
-    allow_cache: HashMap<TenantKey, Arc<Vec<IpNet>>>,
     /// Resolved pod sets by namespace, then selector.
     pod_sets: HashMap<String, HashMap<Selector, Arc<Vec<IpNet>>>>,
     /// The pod sets and blocks each tenant allows.
@@ -370,6 +369,8 @@ pub struct SetList {
     pub sets: Arc<TenantSets>,
     /// `sets.pod_sets`, resolved.
     pub resolved: Arc<[Arc<Vec<IpNet>>]>,
+    /// Everything the tenant allows, aggregated: its blocks and every resolved set.
+    pub allowed: Arc<Vec<IpNet>>,
     /// Unique within the index. A tenant's list is made anew whenever its entry or one of its
     /// sets changes, so an equal revision promises equal blocks, sets, spec and deny list.
     pub revision: u64,
@@ -504,17 +505,7 @@ impl Index {
     /// namespace each affected tenant selects (`CompiledPolicy::resolve_allowed`, to which
     /// `tests/resolve_oracle.rs` holds this).
     pub fn allowed(&mut self, key: &TenantKey) -> Arc<Vec<IpNet>> {
-        if let Some(hit) = self.allow_cache.get(key) {
-            return hit.clone();
-        }
-        let list = self.tenant_set_list(key);
-        let mut nets = list.sets.blocks.clone();
-        for set in list.resolved.iter() {
-            nets.extend_from_slice(set);
-        }
-        let resolved = Arc::new(IpNet::aggregate(&nets));
-        self.allow_cache.insert(key.clone(), resolved.clone());
-        resolved
+        self.tenant_set_list(key).allowed
     }
 
     /// The blocks and pod sets a tenant allows (cached); empty when its policy does not compile.
@@ -539,9 +530,15 @@ impl Index {
             return hit.clone();
         }
         let sets = self.tenant_sets(key);
-        let resolved = sets.pod_sets.iter().map(|p| self.pod_set(p)).collect();
+        let resolved: Arc<[Arc<Vec<IpNet>>]> =
+            sets.pod_sets.iter().map(|p| self.pod_set(p)).collect();
+        let mut nets = sets.blocks.clone();
+        for set in resolved.iter() {
+            nets.extend_from_slice(set);
+        }
         self.set_list_revision += 1;
         let list = SetList {
+            allowed: Arc::new(IpNet::aggregate(&nets)),
             sets,
             resolved,
             revision: self.set_list_revision,
@@ -558,7 +555,6 @@ impl Index {
 
     /// Forgets what a tenant allows (its peers, or the namespaces they select, changed).
     fn forget_tenant_sets(&mut self, key: &TenantKey) {
-        self.allow_cache.remove(key);
         self.tenant_sets.remove(key);
         self.set_lists.remove(key);
     }
@@ -686,11 +682,10 @@ impl Index {
         triggers
     }
 
-    /// Drops one tenant's cached allow list and triggers it and its TimeService. Resolution is
-    /// lazy: a burst of pod events (an initial list, a rollout) costs one resolution per tenant
-    /// at the next reconcile, not one per event.
+    /// Drops one tenant's set list (its allow list with it) and triggers it and its
+    /// TimeService. Resolution is lazy: a burst of pod events (an initial list, a rollout)
+    /// costs one resolution per tenant at the next reconcile, not one per event.
     fn refresh_allowed(&mut self, key: &TenantKey) -> Triggers {
-        self.allow_cache.remove(key);
         self.set_lists.remove(key);
         self.tenant_and_service(key)
     }

@@ -184,8 +184,6 @@ pub struct PlanCache {
     document: DocumentCache,
     members: MemberCache,
     network_policy: Option<PolicyCache>,
-    /// Allow-list size of each served tenant, in roster order, with its set list's revision.
-    sizes: Vec<(u64, usize)>,
 }
 
 /// The tenants a TimeService serves, in id order, with their ports. It depends only on
@@ -268,21 +266,12 @@ pub fn plan_time_service(
         Some(roster) if roster.epoch == index.roster_epoch() => roster,
         _ => Arc::new(Roster::build(index, &name)),
     };
-    let mut lists = Vec::with_capacity(roster.served.len());
-    let mut sizes = Vec::with_capacity(roster.served.len());
-    for (i, s) in roster.served.iter().enumerate() {
-        let list = index.tenant_set_list(&s.key);
-        // A list's revision is unique in the index and the allow list a function of the list:
-        // an equal revision, the same size (even were the roster reordered).
-        let size = match cache.sizes.get(i) {
-            Some(&(revision, size)) if revision == list.revision => size,
-            _ => index.allowed(&s.key).len(),
-        };
-        sizes.push((list.revision, size));
-        lists.push(list);
-    }
-    let allow_list_sizes = sizes.iter().map(|(_, size)| *size).collect();
-    cache.sizes = sizes;
+    let lists: Vec<_> = roster
+        .served
+        .iter()
+        .map(|s| index.tenant_set_list(&s.key))
+        .collect();
+    let allow_list_sizes = lists.iter().map(|l| l.allowed.len()).collect();
 
     let agents = index.agent_pods(&name);
     let agent_addresses: Vec<IpAddr> = agents.iter().flat_map(|p| p.ips.iter().copied()).collect();
