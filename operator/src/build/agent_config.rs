@@ -93,94 +93,27 @@ fn build_agent_config_unrevised(
 ) -> (AgentConfig, Vec<usize>) {
     let mut order: Vec<&TenantInput<'_>> = tenants.iter().collect();
     order.sort_by(|a, b| a.id.cmp(b.id));
-    // Sets are numbered by first use in tenant order, equal content once: deterministic.
-    let mut cidr_sets: Vec<Vec<IpNet>> = Vec::new();
-    // The address of each numbered set, to find its text in `cache.sets`.
-    let mut addresses: Vec<usize> = Vec::new();
-    // Most repeats are the same cached set: look those up by address, and compare contents
-    // only for sets whose texts hash alike (the hash is kept with the text).
-    let expected = cache.sets.len();
-    let mut by_address: ByAddress<u32> =
-        ByAddress::with_capacity_and_hasher(expected, Default::default());
-    // The first set of each text hash; sets of other content under a taken hash (64-bit
-    // hashes of different texts: hardly ever) in `collided`.
-    // Keyed by a hash already: the address hasher's one multiplication is enough.
-    let mut by_content: ByAddress<u32> =
-        ByAddress::with_capacity_and_hasher(expected, Default::default());
-    let mut collided: Vec<(u64, u32)> = Vec::new();
-    let mut texts = ByAddress::with_capacity_and_hasher(cache.sets.len(), Default::default());
+    let mut numbering = SetNumbering::new(std::mem::take(&mut cache.sets));
     // Both in id order: one walk pairs each tenant with its cached config and text.
     let mut cached = std::mem::take(&mut cache.tenants).into_iter().peekable();
     let mut tenant_texts = Vec::with_capacity(order.len());
     let mut tenant_configs = Vec::with_capacity(order.len());
     for t in &order {
-        let mut numbers = Vec::with_capacity(t.sets.len());
-        for set in t.sets.iter().filter(|s| !s.is_empty()) {
-            let address = Arc::as_ptr(set) as usize;
-            let n = *by_address.entry(address).or_insert_with(|| {
-                let text = cache
-                    .sets
-                    .remove(&address)
-                    .unwrap_or_else(|| SetText::new(set));
-                let next = u32::try_from(cidr_sets.len()).unwrap_or(u32::MAX);
-                let same = |n: &u32| cidr_sets[*n as usize] == **set;
-                let key = text.hash as usize;
-                let found = match by_content.get(&key) {
-                    Some(first) if same(first) => Some(*first),
-                    Some(_) => collided
-                        .iter()
-                        .find(|(hash, n)| *hash == text.hash && same(n))
-                        .map(|(_, n)| *n),
-                    None => {
-                        by_content.insert(key, next);
-                        None
-                    }
-                };
-                let n = found.unwrap_or_else(|| {
-                    if by_content.get(&key) != Some(&next) {
-                        collided.push((text.hash, next));
-                    }
-                    cidr_sets.push(set.to_vec());
-                    addresses.push(address);
-                    next
-                });
-                texts.insert(address, text);
-                n
-            });
-            numbers.push(n);
-        }
+        let mut numbers: Vec<u32> = t
+            .sets
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(|set| numbering.number(set))
+            .collect();
         numbers.sort_unstable();
         numbers.dedup();
         while cached.next_if(|c| c.config.id.as_str() < t.id).is_some() {}
-        let previous = cached.next_if(|c| c.config.id == t.id);
-        let entry = match previous {
-            Some(p)
-                if p.revision.is_some()
-                    && p.revision == t.revision
-                    && p.config.port == t.port
-                    && p.config.allowed_sets == numbers =>
-            {
-                p
-            }
-            previous => {
-                let mut config = tenant_config(t);
-                config.allowed_sets = numbers;
-                let text = match previous {
-                    // A tenant's text is reused only for an equal config (set numbers included).
-                    Some(p) if p.config == config => p.text,
-                    _ => serde_json::to_string(&config).unwrap_or_default(),
-                };
-                TenantText {
-                    revision: t.revision,
-                    config,
-                    text,
-                }
-            }
-        };
+        let entry = TenantText::reuse_or_build(t, numbers, cached.next_if(|c| c.config.id == t.id));
         tenant_configs.push(entry.config.clone());
         tenant_texts.push(entry);
     }
     // Texts of sets and tenants no longer used are dropped here.
+    let (cidr_sets, addresses, texts) = numbering.finish();
     cache.sets = texts;
     cache.tenants = tenant_texts;
     let egress = spec.egress_tier.as_ref().map(|tier| {
@@ -321,6 +254,118 @@ struct TenantText {
     revision: Option<u64>,
     config: TenantConfig,
     text: String,
+}
+
+impl TenantText {
+    /// `t` with set numbers `numbers`: `previous` (its last build) as it is when the caller's
+    /// revision and everything the builder adds are unchanged, its text when an equal config
+    /// is built, a new build otherwise.
+    fn reuse_or_build(t: &TenantInput<'_>, numbers: Vec<u32>, previous: Option<Self>) -> Self {
+        match previous {
+            Some(p)
+                if p.revision.is_some()
+                    && p.revision == t.revision
+                    && p.config.port == t.port
+                    && p.config.allowed_sets == numbers =>
+            {
+                p
+            }
+            previous => {
+                let mut config = tenant_config(t);
+                config.allowed_sets = numbers;
+                let text = match previous {
+                    Some(p) if p.config == config => p.text,
+                    _ => serde_json::to_string(&config).unwrap_or_default(),
+                };
+                Self {
+                    revision: t.revision,
+                    config,
+                    text,
+                }
+            }
+        }
+    }
+}
+
+/// Numbers the shared sets of one build: by first use in tenant order, equal content once, so
+/// the numbering is deterministic. Most repeats are the same cached set and are found by
+/// address; contents are compared only for sets whose texts hash alike.
+struct SetNumbering {
+    /// The last build's set texts, taken over as sets are met again.
+    previous: ByAddress<SetText>,
+    /// This build's set texts, by address.
+    texts: ByAddress<SetText>,
+    /// The sets by number, and the address of each (to find its text).
+    sets: Vec<Vec<IpNet>>,
+    addresses: Vec<usize>,
+    by_address: ByAddress<u32>,
+    /// The first set of each text hash (a hash already: the address hasher is enough), and
+    /// sets of other content under a taken hash (hardly ever) in `collided`.
+    by_content: ByAddress<u32>,
+    collided: Vec<(u64, u32)>,
+}
+
+impl SetNumbering {
+    fn new(previous: ByAddress<SetText>) -> Self {
+        let expected = previous.len();
+        Self {
+            texts: ByAddress::with_capacity_and_hasher(expected, Default::default()),
+            by_address: ByAddress::with_capacity_and_hasher(expected, Default::default()),
+            by_content: ByAddress::with_capacity_and_hasher(expected, Default::default()),
+            previous,
+            sets: Vec::new(),
+            addresses: Vec::new(),
+            collided: Vec::new(),
+        }
+    }
+
+    /// The number of `set` (not empty), numbering it if it is new.
+    fn number(&mut self, set: &Arc<Vec<IpNet>>) -> u32 {
+        let address = Arc::as_ptr(set) as usize;
+        if let Some(n) = self.by_address.get(&address) {
+            return *n;
+        }
+        let text = self
+            .previous
+            .remove(&address)
+            .unwrap_or_else(|| SetText::new(set));
+        let n = self.by_content(set, text.hash).unwrap_or_else(|| {
+            let n = u32::try_from(self.sets.len()).unwrap_or(u32::MAX);
+            match self.by_content.entry(text.hash as usize) {
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(n);
+                }
+                std::collections::hash_map::Entry::Occupied(_) => {
+                    self.collided.push((text.hash, n));
+                }
+            }
+            self.sets.push(set.to_vec());
+            self.addresses.push(address);
+            n
+        });
+        self.texts.insert(address, text);
+        self.by_address.insert(address, n);
+        n
+    }
+
+    /// The number of an already numbered set with the contents of `set`.
+    fn by_content(&self, set: &[IpNet], hash: u64) -> Option<u32> {
+        let same = |n: &u32| self.sets[*n as usize] == *set;
+        match self.by_content.get(&(hash as usize)) {
+            Some(first) if same(first) => Some(*first),
+            Some(_) => self
+                .collided
+                .iter()
+                .find(|(h, n)| *h == hash && same(n))
+                .map(|(_, n)| *n),
+            None => None,
+        }
+    }
+
+    /// The numbered sets, their addresses, and the texts of the sets in use.
+    fn finish(self) -> (Vec<Vec<IpNet>>, Vec<usize>, ByAddress<SetText>) {
+        (self.sets, self.addresses, self.texts)
+    }
 }
 
 /// Hashes a set's address: one multiplication, the product's high half folded onto the low
