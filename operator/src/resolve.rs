@@ -172,29 +172,12 @@ impl CompiledPolicy {
         IpNet::aggregate(&nets)
     }
 
-    /// The aggregated CIDRs allowed by this policy in `cluster`.
+    /// The aggregated CIDRs allowed by this policy in `cluster`: its blocks and the pods of
+    /// its pod sets, resolved from scratch (the index keeps the sets resolved and shared).
     pub fn resolve_allowed(&self, cluster: &Cluster) -> Vec<IpNet> {
-        let mut nets = Vec::new();
-        for peer in &self.allowed {
-            match peer {
-                CompiledPeer::Block(blocks) => nets.extend(blocks.iter().copied()),
-                CompiledPeer::Pods {
-                    namespaces: NamespaceScope::Own,
-                    pods,
-                } => {
-                    push_pod_ips(&mut nets, cluster, &self.namespace, pods);
-                }
-                CompiledPeer::Pods {
-                    namespaces: NamespaceScope::Selected(ns_selector),
-                    pods,
-                } => {
-                    for (ns, labels) in cluster.namespaces() {
-                        if ns_selector.matches(labels) {
-                            push_pod_ips(&mut nets, cluster, ns, pods);
-                        }
-                    }
-                }
-            }
+        let mut nets = self.blocks();
+        for (ns, selector) in self.pod_sets(cluster) {
+            push_pod_ips(&mut nets, cluster, &ns, &selector);
         }
         IpNet::aggregate(&nets)
     }
