@@ -671,6 +671,16 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// The path of every problem `config.validate()` finds (it must find some).
+    fn problem_paths(config: &AgentConfig) -> Vec<String> {
+        config
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.path)
+            .collect()
+    }
+
     pub(crate) fn sample() -> AgentConfig {
         AgentConfig {
             version: AGENT_CONFIG_VERSION,
@@ -868,12 +878,7 @@ mod tests {
         let mut second = config.serving.tenants[0].clone();
         second.rate_limit.client_burst = 0;
         config.serving.tenants.push(second);
-        let paths: Vec<_> = config
-            .validate()
-            .unwrap_err()
-            .into_iter()
-            .map(|p| p.path)
-            .collect();
+        let paths = problem_paths(&config);
         assert_eq!(
             paths,
             [
@@ -904,12 +909,7 @@ mod tests {
             tenant("b/t", 3),
             tenant("d/t", 1),
         ];
-        let problems: Vec<_> = config
-            .validate()
-            .unwrap_err()
-            .into_iter()
-            .map(|p| p.path)
-            .collect();
+        let problems = problem_paths(&config);
         assert_eq!(
             problems,
             [
@@ -930,12 +930,7 @@ mod tests {
         let mut config = sample();
         config.selection.max_distance_seconds = f64::NAN;
         config.serving.holdover_seconds = -1.0;
-        let paths: Vec<_> = config
-            .validate()
-            .unwrap_err()
-            .into_iter()
-            .map(|p| p.path)
-            .collect();
+        let paths = problem_paths(&config);
         assert_eq!(
             paths,
             ["selection.maxDistanceSeconds", "serving.holdoverSeconds"]
