@@ -3,6 +3,8 @@
 //! Waits are on conditions with a deadline, never blind sleeps.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+mod poll;
+
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -152,19 +154,10 @@ pub fn ntp_answers(server: SocketAddr) -> bool {
     matches!(socket.recv_from(&mut buf), Ok((n, _)) if n >= 48)
 }
 
-/// Waits until `cond` holds, polling every 50 ms, or fails the test after `timeout`.
-pub fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    loop {
-        if cond() {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Waits until `cond` holds ([`poll::poll_until`]), or fails the test after `timeout`.
+pub fn wait_for(timeout: Duration, what: &str, cond: impl FnMut() -> bool) -> Duration {
+    poll::poll_until(timeout, cond)
+        .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
 }
 
 /// An agent process with a file config.

@@ -4,6 +4,9 @@
 //! when one is missing (`bench/setup.sh` installs them).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../common/poll.rs"]
+mod poll;
+
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -117,16 +120,9 @@ pub fn ask(source: IpAddr, target: SocketAddr, timeout: Duration) -> Option<Vec<
     None
 }
 
-/// Waits for `condition`, polling, for at most `timeout`.
-pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    condition()
+/// Whether `condition` holds within `timeout` ([`poll::poll_until`]).
+pub fn wait_until(timeout: Duration, condition: impl FnMut() -> bool) -> bool {
+    poll::poll_until(timeout, condition).is_some()
 }
 
 /// A program on PATH (or at one of `extra` paths).
