@@ -95,8 +95,16 @@ pub fn agent_command(
     sim_ppm: f64,
 ) -> Result<AgentCommand, PodError> {
     let mut command = pod_command(pod, node_root)?;
-    // The only deviation from the pod spec: a simulated clock instead of the node's.
-    command.args.retain(|a| !a.starts_with("--clock"));
+    // The only deviation from the pod spec: a simulated clock instead of the node's, whatever
+    // the pod asks for (`--clock=X` or `--clock X`).
+    let mut args = std::mem::take(&mut command.args).into_iter();
+    while let Some(arg) = args.next() {
+        if arg == "--clock" {
+            args.next();
+        } else if !arg.starts_with("--clock=") {
+            command.args.push(arg);
+        }
+    }
     command.args.push("--clock=simulated".into());
     command.args.push(format!("--sim-offset={sim_offset}"));
     command.args.push(format!("--sim-frequency-ppm={sim_ppm}"));
@@ -232,7 +240,7 @@ mod tests {
                 "containers": [{
                     "name": "agent", "image": "stratum-agent:0.1.0",
                     "args": ["run", "--config-map", "stratum-system/cluster-agent-config",
-                             "--node-name=$(NODE_NAME)", "--state-dir", "/var/lib/stratum", "--clock=system"],
+                             "--node-name=$(NODE_NAME)", "--state-dir", "/var/lib/stratum"],
                     "env": [
                         {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -246,8 +254,9 @@ mod tests {
         .unwrap()
     }
 
-    /// The fixture pod asks for `--clock=system`, as a real DaemonSet would; the test pins that
-    /// the harness replaces it, so no e2e agent ever opens the system clock.
+    /// The pod is shaped like the operator's DaemonSet, which leaves the clock to the agent
+    /// config (`system` on a real node): the harness adds the simulated clock, which overrides
+    /// the config, so no e2e agent ever opens the system clock.
     #[test]
     fn pod_args_env_and_host_paths_become_the_agent_command_with_a_simulated_clock() {
         let cmd = agent_command(&pod(), Path::new("/run/e2e/nodes"), 0.3, 50.0).unwrap();
@@ -274,6 +283,23 @@ mod tests {
             cmd.host_dirs,
             [PathBuf::from("/run/e2e/nodes/kwok-node-1/var/lib/stratum")]
         );
+    }
+
+    #[test]
+    fn a_clock_the_pod_asks_for_is_replaced_in_either_form() {
+        for asked in [&["--clock=readonly"][..], &["--clock", "readonly"]] {
+            let mut p = pod();
+            let container = &mut p.spec.as_mut().unwrap().containers[0];
+            let args = container.args.as_mut().unwrap();
+            args.extend(asked.iter().map(|a| a.to_string()));
+            let cmd = agent_command(&p, Path::new("/x"), 0.0, 0.0).unwrap();
+            let clock: Vec<_> = cmd
+                .args
+                .iter()
+                .filter(|a| a.starts_with("--clock") || *a == "readonly")
+                .collect();
+            assert_eq!(clock, ["--clock=simulated"], "pod asked for {asked:?}");
+        }
     }
 
     #[test]
