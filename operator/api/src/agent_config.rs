@@ -566,14 +566,67 @@ pub fn config_map_payload(cm: &k8s_openapi::api::core::v1::ConfigMap) -> Option<
 /// see its `build::gzip`), so the better ratio costs little: at 1000 tenants and 10,000 pods
 /// 46 KiB instead of 72 KiB at the fast level.
 pub fn gzip(bytes: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut encoder = flate2::write::GzEncoder::new(
-        Vec::with_capacity(bytes.len() / 4),
-        flate2::Compression::default(),
-    );
-    // Writing into a Vec cannot fail.
-    let _ = encoder.write_all(bytes);
-    encoder.finish().unwrap_or_default()
+    gzip_member(bytes, &mut None)
+}
+
+/// Gzip header of every member: no name, no time (so equal input gives equal bytes), OS
+/// unknown.
+const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+
+/// `bytes` as one gzip member (RFC 1952: header, raw deflate, CRC-32, length) at zlib's
+/// default level, compressed with `deflate`, which is made on first use and reset after:
+/// setting one up (zeroing its tables) costs more than compressing a small chunk, so a
+/// writer of many members keeps one.
+pub fn gzip_member(bytes: &[u8], deflate: &mut Option<flate2::Compress>) -> Vec<u8> {
+    use flate2::{Compress, Compression, FlushCompress, Status};
+    let state = match deflate {
+        Some(d) => {
+            d.reset();
+            d
+        }
+        None => deflate.insert(Compress::new(Compression::default(), false)),
+    };
+    let mut out = Vec::with_capacity(GZIP_HEADER.len() + bytes.len() / 3 + 64);
+    out.extend_from_slice(&GZIP_HEADER);
+    loop {
+        let consumed = usize::try_from(state.total_in()).unwrap_or(usize::MAX);
+        let rest = bytes.get(consumed..).unwrap_or_default();
+        match state.compress_vec(rest, &mut out, FlushCompress::Finish) {
+            Ok(Status::StreamEnd) => break,
+            // Out of room: give it more and go on.
+            Ok(_) => out.reserve(out.capacity().max(1024)),
+            // zlib refuses only misuse, which a reset state compressing a slice cannot be;
+            // were it to happen, write the bytes stored rather than a broken member.
+            Err(_) => {
+                *deflate = None;
+                out.truncate(GZIP_HEADER.len());
+                stored_deflate(bytes, &mut out);
+                break;
+            }
+        }
+    }
+    let mut crc = flate2::Crc::new();
+    crc.update(bytes);
+    out.extend_from_slice(&crc.sum().to_le_bytes());
+    // ISIZE is the length modulo 2^32.
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out
+}
+
+/// `bytes` as deflate stored blocks (RFC 1951 3.2.4), uncompressed.
+fn stored_deflate(bytes: &[u8], out: &mut Vec<u8>) {
+    let mut blocks = bytes.chunks(usize::from(u16::MAX)).peekable();
+    if blocks.peek().is_none() {
+        out.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
+    }
+    while let Some(block) = blocks.next() {
+        let last = u8::from(blocks.peek().is_none());
+        let len = u16::try_from(block.len()).unwrap_or(u16::MAX);
+        out.push(last);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(block);
+    }
 }
 
 /// Decompresses a gzip document (every member), refusing more than [`MAX_DOCUMENT_BYTES`].
@@ -867,6 +920,30 @@ mod tests {
         let bomb = gzip(&zeros);
         let err = AgentConfig::from_bytes(&bomb).unwrap_err();
         assert!(matches!(err, ConfigError::TooLarge), "{err}");
+    }
+
+    #[test]
+    fn members_from_a_shared_state_and_stored_blocks_both_read_back() {
+        let text = "x".repeat(200_000) + &"{\"a\":[1,2,3]},".repeat(5000);
+        let mut deflate = None;
+        let mut both = gzip_member(text.as_bytes(), &mut deflate);
+        both.extend(gzip_member(b"", &mut deflate));
+        both.extend(gzip_member(text.as_bytes(), &mut deflate));
+        assert_eq!(gunzip(&both).unwrap(), format!("{text}{text}"));
+        assert_eq!(
+            gzip(text.as_bytes()),
+            gzip_member(text.as_bytes(), &mut None)
+        );
+        // The fallback, forced: the bytes stored in blocks of at most 65535.
+        for input in [&b""[..], b"short", text.as_bytes()] {
+            let mut member = GZIP_HEADER.to_vec();
+            stored_deflate(input, &mut member);
+            let mut crc = flate2::Crc::new();
+            crc.update(input);
+            member.extend_from_slice(&crc.sum().to_le_bytes());
+            member.extend_from_slice(&(input.len() as u32).to_le_bytes());
+            assert_eq!(gunzip(&member).unwrap().as_bytes(), input);
+        }
     }
 
     #[test]

@@ -11,8 +11,10 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
-use flate2::{Compress, Compression, Crc, FlushCompress, Status};
+use flate2::Compress;
 use memchr::memmem;
+
+use stratum_api::agent_config::gzip_member;
 
 use super::agent_config::fingerprint;
 
@@ -107,42 +109,6 @@ pub fn gzip_members(text: &[u8], cache: &mut MemberCache) -> Vec<u8> {
         used.insert(key, member);
     }
     cache.members = used;
-    out
-}
-
-/// Gzip header of every member: no name, no time (so equal chunks give equal bytes), the
-/// default level, OS unknown.
-const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
-
-/// `chunk` as one gzip member (RFC 1952: header, raw deflate, CRC-32, length), compressed at
-/// zlib's default level with `deflate`, which is made on first use and reset after.
-fn gzip_member(chunk: &[u8], deflate: &mut Option<Compress>) -> Vec<u8> {
-    let deflate = match deflate {
-        Some(d) => {
-            d.reset();
-            d
-        }
-        None => deflate.insert(Compress::new(Compression::default(), false)),
-    };
-    let mut out = Vec::with_capacity(HEADER.len() + chunk.len() / 3 + 64);
-    out.extend_from_slice(&HEADER);
-    loop {
-        let consumed = usize::try_from(deflate.total_in()).unwrap_or(usize::MAX);
-        let rest = chunk.get(consumed..).unwrap_or_default();
-        match deflate.compress_vec(rest, &mut out, FlushCompress::Finish) {
-            Ok(Status::StreamEnd) => break,
-            // Out of room: give it more and go on.
-            Ok(_) => out.reserve(out.capacity().max(1024)),
-            // A fresh state compressing a slice has nothing to fail on; never write a
-            // broken member even so.
-            Err(_) => return stratum_api::agent_config::gzip(chunk),
-        }
-    }
-    let mut crc = Crc::new();
-    crc.update(chunk);
-    out.extend_from_slice(&crc.sum().to_le_bytes());
-    // ISIZE is the length modulo 2^32.
-    out.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
     out
 }
 
