@@ -13,9 +13,12 @@ export STRATUM_DENY_SYSTEM_CLOCK := 1
 help: ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-deps: ## install what a fresh machine lacks (Rust components, Debian packages, ntpd-rs for interop)
+deps: ## install what a fresh machine lacks (Rust components, Debian packages, ntpd-rs, the Go-built cluster tools)
 	@scripts/install-deps.sh
 	@NTPD_RS_PROFILE=debug bench/setup.sh >/dev/null
+	@e2e/scripts/deps.sh >/dev/null
+	@# helm, kubectl and the control plane: chart-check and e2e both use them, so build them first.
+	@e2e/scripts/build-bins.sh >/dev/null
 
 fmt: ## format the code
 	$(CARGO) fmt --all

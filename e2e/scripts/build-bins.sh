@@ -220,7 +220,7 @@ fi
 
 # ---------------------------------------------------------------------------------------------------
 # Kubernetes: one wrapper module; replace lines generated from the release's own go.mod.
-K8S_BINS="kube-apiserver kube-controller-manager kube-scheduler kubectl"
+K8S_BINS="kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy"
 need_k8s=0
 for b in $K8S_BINS; do [[ -x $BIN/$b ]] || need_k8s=1; done
 if ((need_k8s)); then
