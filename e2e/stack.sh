@@ -27,7 +27,9 @@ STACK=$E2E_RUN_DIR/stack
 NODES=${STRATUM_E2E_NODES:-3}
 UPSTREAMS=(10.77.1.1 10.77.1.2 10.77.1.3)
 FALSETICKER=10.77.1.9
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}/debug
+# Where cargo puts binaries: ask cargo, so CARGO_TARGET_DIR and .cargo/config.toml both count.
+TARGET=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/debug
 RELEASE=stratum
 RELEASE_NAMESPACE=stratum-system
 PROMETHEUS_PORT=${E2E_PROMETHEUS_PORT:-19090}

@@ -14,7 +14,7 @@ use stratum_operator::build::OperatorSettings;
 use stratum_operator::controller::{Context, wiring};
 use stratum_operator::http::{self, Health};
 use stratum_operator::index::Index;
-use stratum_operator::leader::Elector;
+use stratum_operator::leader::{Elector, Timing};
 use stratum_operator::metrics::Metrics;
 use stratum_operator::names;
 use tokio::sync::watch;
@@ -84,9 +84,18 @@ async fn main() -> anyhow::Result<()> {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("stratum-operator-{}", std::process::id()));
 
+    // SIGTERM (pod deletion) and SIGINT both stop the operator; the leader releases its Lease.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown signal received");
+        stop_tx.send_replace(true);
+    });
+
     let (leading_tx, mut leading) = watch::channel(!args.leader_election);
     // Without election the sender lives as long as main, so leadership is never "lost".
     let mut leading_tx = Some(leading_tx);
+    let mut elector_task = None;
     if args.leader_election
         && let Some(leading_tx) = leading_tx.take()
     {
@@ -94,16 +103,23 @@ async fn main() -> anyhow::Result<()> {
             api: Api::<Lease>::namespaced(client.clone(), &args.namespace),
             name: names::LEADER_LEASE_NAME.into(),
             identity: identity.clone(),
-            duration: Duration::from_secs(args.lease_seconds),
+            timing: Timing::for_lease(Duration::from_secs(args.lease_seconds)),
         };
-        tokio::spawn(elector.run(leading_tx));
+        elector_task = Some(tokio::spawn(elector.run(leading_tx, stop_rx.clone())));
         // A standby replica is healthy and ready; it just does not write.
         health.set_ready(true);
         tracing::info!(%identity, "waiting for the leader lease");
-        leading
-            .wait_for(|l| *l)
-            .await
-            .context("leader election ended")?;
+        let mut stopping = stop_rx.clone();
+        tokio::select! {
+            elected = leading.wait_for(|l| *l) => {
+                elected.context("leader election ended")?;
+            }
+            _ = stopping.wait_for(|s| *s) => {
+                tracing::info!("stopped before becoming leader");
+                server.abort();
+                return Ok(());
+            }
+        }
     }
     metrics.leader.set(1);
 
@@ -129,20 +145,39 @@ async fn main() -> anyhow::Result<()> {
     let lost_leadership = async move {
         let _ = lost.wait_for(|l| !*l).await;
     };
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    let mut stopping = stop_rx.clone();
     let stop = async move {
         tokio::select! {
             () = lost_leadership => tracing::error!("leadership lost; stopping controllers"),
-            () = shutdown => tracing::info!("shutting down"),
+            _ = stopping.wait_for(|s| *s) => tracing::info!("shutting down"),
         }
     };
     wiring::run(client, ctx, stop).await;
+    let lost_leadership = !*leading.borrow();
+    // The elector sees the stop too and releases the Lease before it returns.
+    if let Some(task) = elector_task {
+        let _ = task.await;
+    }
     server.abort();
     drop(leading_tx);
-    if !*leading.borrow() {
+    if lost_leadership {
         anyhow::bail!("stopped after losing the leader lease; restart to campaign again");
     }
     Ok(())
+}
+
+/// Resolves on SIGTERM (what the kubelet sends on pod deletion) or SIGINT.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the operator");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }

@@ -205,14 +205,19 @@ pub async fn run(
     );
     // Never plan from a partial picture: an allow list computed before the pods are listed
     // would briefly lock clients out.
-    for rx in synced {
-        let _ = rx.await;
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let all_synced = futures::future::join_all(synced);
+    tokio::select! {
+        _ = all_synced => {}
+        () = shutdown.clone() => {
+            tracing::info!("stopped before the indexes synced");
+            return;
+        }
     }
     tracing::info!("indexes synced; starting controllers");
 
     let managed = || cfg().labels("app.kubernetes.io/managed-by=stratum-operator");
     let config = controller::Config::default().concurrency(4);
-    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let ts_controller = Controller::new(
         Api::<DeserializeGuard<TimeService>>::all(client.clone()),
         cfg(),
