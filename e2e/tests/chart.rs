@@ -168,6 +168,42 @@ async fn helm_template_with_default_and_full_values_passes_server_side_dry_run()
     }
 }
 
+/// Runs one of the chart's own cluster checks (`charts/stratum/tests/*-e2e.sh`, which users
+/// can run against their clusters too) against the installed release; each prints a line per
+/// check and fails when any check does.
+fn chart_check_script(script: &str, args: &[&str]) {
+    let path = chart().join("tests").join(script);
+    let out = run(&path, args, None);
+    eprintln!("{}", text(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains(" passed, 0 failed"),
+        "{script} ran no checks:\n{}",
+        text(&out.stdout)
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster: make e2e"]
+async fn the_charts_rbac_and_admission_policies_refuse_what_the_design_forbids() {
+    // RBAC (impersonating the operator and an agent), and the operator-writes policy: no
+    // system namespace, no adopting, patching or deleting a user's Service or ConfigMap.
+    chart_check_script(
+        "rbac-e2e.sh",
+        &["--namespace", AGENT_NAMESPACE, "--release", &release()],
+    );
+    // NodeClocks and Events only about the agent's own node, with real pod-bound tokens.
+    chart_check_script(
+        "vap-e2e.sh",
+        &["--namespace", AGENT_NAMESPACE, "--no-setup"],
+    );
+}
+
 #[tokio::test]
 #[ignore = "needs the e2e cluster: make e2e"]
 async fn helm_install_runs_every_operator_pod_with_the_charts_service_account_and_rbac() {

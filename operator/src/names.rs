@@ -43,11 +43,6 @@ pub fn agent_config_map_name(time_service: &str) -> String {
     format!("{time_service}-agent-config")
 }
 
-/// ClusterRole and ClusterRoleBinding of a TimeService's agents.
-pub fn agent_cluster_name(time_service: &str) -> String {
-    format!("stratum-agent-{time_service}")
-}
-
 /// Labels every agent child carries; also the DaemonSet's pod selector.
 pub fn agent_labels(time_service: &str) -> BTreeMap<String, String> {
     BTreeMap::from([

@@ -384,7 +384,7 @@ pub fn plan_time_service(
     Ok(TimeServicePlan {
         blocked,
         daemonset,
-        rbac: build_rbac(ts, settings)?,
+        rbac: build_rbac(ts, settings, index.time_services.keys().map(String::as_str))?,
         network_policy,
         config,
         config_map,

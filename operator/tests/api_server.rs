@@ -195,13 +195,26 @@ async fn expect_agent_rbac(v: &mut Verifier, ts: &str) {
     .await;
     let binding = v
         .expect_apply(
-            &format!("{RBAC}/clusterrolebindings/stratum-agent-{ts}"),
+            &format!("{RBAC}/clusterrolebindings/stratum-agent"),
             json!({}),
         )
         .await;
     assert_eq!(
         binding["roleRef"]["name"], "stratum-agent",
         "agents are bound to the chart's static ClusterRole, never a new one"
+    );
+    assert!(
+        binding["subjects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == format!("{ts}-agent")),
+        "the chart's one binding lists this TimeService's agents: {binding}"
+    );
+    assert_eq!(
+        binding["metadata"].get("labels"),
+        None,
+        "the chart owns the binding; the operator applies only its subjects"
     );
 }
 

@@ -7,8 +7,11 @@
 # Usage:
 #   KUBECONFIG=<admin kubeconfig> charts/stratum/tests/rbac-e2e.sh [--namespace NS] [--release NAME]
 #
-# Creates and removes: namespace rbac-e2e-tenant, ServiceAccount rbace2e-agent in NS, and
-# the ClusterRoleBinding stratum-agent-rbace2e and Role rbace2e-agent it makes as the operator.
+# Creates and removes: namespace rbac-e2e-tenant (with a user's own Service and ConfigMap),
+# ServiceAccount rbace2e-agent in NS, a ClusterRoleBinding rbace2e-agent (as admin) and the Role
+# rbace2e-agent it makes as the operator. The operator's own writes that the admission policy
+# `<release>-operator-writes` must refuse are tried for real; the allowed ones as dry runs, so
+# nothing of the running operator's is changed.
 set -Eeuo pipefail
 
 NS=stratum-system
@@ -34,7 +37,7 @@ PASSED=0
 FAILED=0
 
 cleanup() {
-  kubectl delete clusterrolebinding stratum-agent-rbace2e stratum-agent-rbace2e-escalate --ignore-not-found >/dev/null 2>&1 || true
+  kubectl delete clusterrolebinding rbace2e-agent stratum-agent-rbace2e-escalate --ignore-not-found >/dev/null 2>&1 || true
   kubectl -n "$NS" delete role rbace2e-agent rbace2e-escalate --ignore-not-found >/dev/null 2>&1 || true
   kubectl -n "$NS" delete serviceaccount rbace2e-agent --ignore-not-found >/dev/null 2>&1 || true
   kubectl delete namespace "$TENANT_NS" --ignore-not-found --wait=false >/dev/null 2>&1 || true
@@ -111,6 +114,11 @@ check no "$OP" create daemonsets.apps -n "$TENANT_NS"
 check no "$OP" create networkpolicies.networking.k8s.io -n "$TENANT_NS"
 check no "$OP" create roles.rbac.authorization.k8s.io -n "$TENANT_NS"
 check no "$OP" create clusterroles
+check yes "$OP" patch clusterrolebindings/stratum-agent
+check no "$OP" create clusterrolebindings
+check no "$OP" patch clusterrolebindings/cluster-admin
+check no "$OP" delete clusterrolebindings/stratum-agent
+check no "$OP" list clusterrolebindings
 check yes "$OP" bind clusterroles/stratum-agent
 check no "$OP" bind clusterroles/cluster-admin
 check no "$OP" escalate clusterroles
@@ -119,9 +127,9 @@ check yes "$OP" create leases.coordination.k8s.io -n "$NS"
 check yes "$OP" update leases.coordination.k8s.io/stratum-operator-leader -n "$NS"
 check no "$OP" update leases.coordination.k8s.io/kube-scheduler -n kube-system
 echo "operator, granting rights (the API server's escalation check):"
-outcome allowed "binds its agents to ClusterRole stratum-agent" \
-  kubectl --as="$OP" create clusterrolebinding stratum-agent-rbace2e --clusterrole=stratum-agent \
-  --serviceaccount="$NS:rbace2e-agent"
+outcome allowed "adds its agents to the chart's binding stratum-agent (dry run)" \
+  kubectl --as="$OP" patch clusterrolebinding stratum-agent --dry-run=server --type=json \
+  -p "[{\"op\":\"add\",\"path\":\"/subjects\",\"value\":[{\"kind\":\"ServiceAccount\",\"name\":\"rbace2e-agent\",\"namespace\":\"$NS\"}]}]"
 outcome forbidden "binds its agents to cluster-admin" \
   kubectl --as="$OP" create clusterrolebinding stratum-agent-rbace2e-escalate --clusterrole=cluster-admin \
   --serviceaccount="$NS:rbace2e-agent"
@@ -131,6 +139,41 @@ outcome allowed "creates the agents' Role to read their ConfigMap" \
 outcome forbidden "creates a Role granting secrets" \
   kubectl --as="$OP" -n "$NS" create role rbace2e-escalate --verb=get --resource=secrets
 
+echo "operator, tenant objects (admission policy $RELEASE-operator-writes):"
+# The policy is loaded asynchronously after install: wait until it refuses a system namespace.
+labelled() { # kind name namespace: a Stratum-labelled object, for kubectl create -f -
+  printf 'apiVersion: v1\nkind: %s\nmetadata: {name: %s, namespace: %s, labels: {app.kubernetes.io/managed-by: stratum-operator}}\n' "$@"
+}
+for ((i = 0; i < 60; i++)); do
+  out=$(labelled ConfigMap rbace2e kube-system | kubectl --as="$OP" create --dry-run=server -f - 2>&1 || true)
+  [[ $out == *operator-writes* ]] && break
+  sleep 0.5
+done
+kubectl -n "$TENANT_NS" create service clusterip ntp --tcp=123:123 >/dev/null
+kubectl -n "$TENANT_NS" create configmap time-config --from-literal=owner=user >/dev/null
+outcome forbidden "writes a ConfigMap in kube-system" \
+  bash -c "$(declare -f labelled); labelled ConfigMap rbace2e kube-system | kubectl --as='$OP' create -f -"
+outcome forbidden "creates an unlabelled Service in a tenant namespace" \
+  kubectl --as="$OP" -n "$TENANT_NS" create service clusterip rbace2e --tcp=123:123
+outcome allowed "creates a Stratum-labelled ConfigMap in a tenant namespace (dry run)" \
+  bash -c "$(declare -f labelled); labelled ConfigMap rbace2e '$TENANT_NS' | kubectl --as='$OP' create --dry-run=server -f -"
+outcome forbidden "labels (adopts) a user's Service named ntp" \
+  kubectl --as="$OP" -n "$TENANT_NS" label service ntp app.kubernetes.io/managed-by=stratum-operator
+outcome forbidden "patches a user's ConfigMap named time-config" \
+  kubectl --as="$OP" -n "$TENANT_NS" patch configmap time-config -p '{"data":{"NTP_SERVER":"x"}}'
+outcome forbidden "deletes a user's Service named ntp" \
+  kubectl --as="$OP" -n "$TENANT_NS" delete service ntp
+if [[ $(kubectl -n "$TENANT_NS" get configmap time-config -o jsonpath='{.data.owner}') == user ]] &&
+  kubectl -n "$TENANT_NS" get service ntp >/dev/null; then
+  PASSED=$((PASSED + 1))
+  echo "  PASS the user's Service and ConfigMap are unchanged"
+else
+  FAILED=$((FAILED + 1))
+  echo "  FAIL the user's Service or ConfigMap changed"
+fi
+
+kubectl create clusterrolebinding rbace2e-agent --clusterrole=stratum-agent \
+  --serviceaccount="$NS:rbace2e-agent" >/dev/null
 echo "agent (ClusterRole stratum-agent, bound above):"
 check yes "$AGENT" create nodeclocks
 check yes "$AGENT" patch nodeclocks

@@ -210,6 +210,39 @@ expect_denied "updates NodeClock $A status" "may only write NodeClock $B, not $A
 log "agent token not bound to a pod (no node claim):"
 expect_denied "updates NodeClock $A" "has no node claim" agent_apply "$KN" "$A" "$TS"
 
+# Events, as the agent records them (events.k8s.io/v1 about its Node), and in the core form.
+EVENTS_POLICY=$(kubectl get validatingadmissionpolicies -o name | grep -- '-agent-events-own-node$' | head -1 || true)
+event() { # name kind about [core]
+  if [[ ${4:-} == core ]]; then
+    printf 'apiVersion: v1\nkind: Event\nmetadata: {name: %s, namespace: default}\ninvolvedObject: {apiVersion: v1, kind: %s, name: %s}\nreason: Stepped\nmessage: vaptest\ntype: Normal\n' "$1" "$2" "$3"
+  else
+    printf 'apiVersion: events.k8s.io/v1\nkind: Event\nmetadata: {name: %s, namespace: default}\nregarding: {apiVersion: v1, kind: %s, name: %s}\nreason: Stepped\nnote: vaptest\ntype: Normal\naction: Disciplined\nreportingController: stratum-agent\nreportingInstance: vaptest\neventTime: "2026-01-01T00:00:00.000000Z"\n' "$1" "$2" "$3"
+  fi
+}
+agent_event() { # kubeconfig name kind about [core]: dry run, so nothing is left behind
+  event "$2" "$3" "$4" "${5:-}" | kubectl --kubeconfig="$1" create --dry-run=server -f - 2>&1
+}
+if [[ -n $EVENTS_POLICY ]]; then
+  POLICY_NAME=${EVENTS_POLICY#*/}
+  for ((i = 0; i < 60; i++)); do
+    out=$(agent_event "$KA" vaptest-wait Node "$B" || true)
+    [[ $out == *"$POLICY_NAME"* ]] && break
+    sleep 0.5
+  done
+  log "agent Events ($EVENTS_POLICY):"
+  expect_allowed "agent on $A records an Event about Node $A" agent_event "$KA" vaptest-a1 Node "$A"
+  expect_allowed "agent on $A records a core Event about NodeClock $A" agent_event "$KA" vaptest-a2 NodeClock "$A" core
+  expect_denied "agent on $A records an Event about Node $B" "may record Events only about Node or NodeClock $A" \
+    agent_event "$KA" vaptest-a3 Node "$B"
+  expect_denied "agent on $A records a core Event about a Pod" "may record Events only about Node or NodeClock $A" \
+    agent_event "$KA" vaptest-a4 Pod "$A" core
+  expect_denied "unbound agent token records an Event about Node $A" "may record Events only" \
+    agent_event "$KN" vaptest-n1 Node "$A"
+  POLICY_NAME=${POLICY#*/}
+else
+  flunk "no ValidatingAdmissionPolicy *-agent-events-own-node (install the chart)"
+fi
+
 log "administrator (not matched by the policy):"
 admin_status() { status_patch "$1" | kubectl apply --server-side --field-manager=admin --subresource=status -f - 2>&1; }
 expect_allowed "updates NodeClock $A status" admin_status "$A"
