@@ -2,7 +2,9 @@
 # The whole Stratum stack on a real control plane, for `make e2e` and `make demo`:
 #
 #   e2e/stack.sh up      build what is missing, start the control plane, 3 kwok nodes with network
-#                        namespaces, upstream NTP servers (3 chronyd -x + 1 falseticker shifted by
+#                        namespaces, one real node (scripts/node.sh: containerd, kubelet,
+#                        kube-proxy, CoreDNS; tainted, so only pods that ask land there),
+#                        upstream NTP servers (3 chronyd -x + 1 falseticker shifted by
 #                        libfaketime) in namespaces of their own, `helm install` of the chart (CRDs,
 #                        operator Deployment, RBAC, admission policy, monitoring objects), a real
 #                        Prometheus configured from the installed monitoring objects, and the
@@ -32,6 +34,7 @@ TARGET=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
   python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/debug
 RELEASE=stratum
 RELEASE_NAMESPACE=stratum-system
+REAL_NODE=${E2E_REAL_NODE_NAME:-node-real}
 PROMETHEUS_PORT=${E2E_PROMETHEUS_PORT:-19090}
 CHART_TOOLS=$ROOT/charts/stratum/tests/chart_tools.py
 # Helm's caches and config stay in the run directory, not the user's home.
@@ -87,10 +90,12 @@ CONF
 # bridge and the blackholes are kernel objects that outlive their processes. Only touched when
 # no cluster of ours answers, so a running stack is never disturbed.
 reset_stale() {
-  if curl -sk --max-time 2 "https://127.0.0.1:$E2E_APISERVER_PORT/readyz" >/dev/null 2>&1; then
+  if curl -sk --max-time 2 "https://$E2E_HOST_IP:$E2E_APISERVER_PORT/readyz" >/dev/null 2>&1; then
     return 0
   fi
   local ns link r
+  # The real node's processes, mounts and cgroups (its PID files tell which are ours).
+  "$SCRIPTS/node.sh" down || true
   for ns in $(ip netns list | awk '$1 ~ /^e2e-/ {print $1}'); do
     log "removing stale network namespace $ns"
     for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
@@ -121,6 +126,8 @@ cmd_up() {
 
   "$SCRIPTS/cluster.sh" up
   "$SCRIPTS/nodes.sh" create "$NODES" --netns
+  log "the real node (containerd, kubelet, kube-proxy, CoreDNS)"
+  "$SCRIPTS/node.sh" up
   local kubectl=("$BIN/kubectl" --kubeconfig "$E2E_RUN_DIR/kubeconfig")
   for i in $(seq 0 $((NODES - 1))); do
     "${kubectl[@]}" label node "kwok-node-$i" kubernetes.io/os=linux --overwrite >/dev/null
@@ -164,7 +171,8 @@ cmd_up() {
     --agent-bin "$TARGET/stratum-agent" --operator-bin "$TARGET/stratum-operator" \
     --netns-script "$SCRIPTS/netns.sh" --targets-file "$prom/targets.json" \
     --run-dir "$STACK" --ca-file "$E2E_RUN_DIR/pki/ca.crt" \
-    --apiserver "127.0.0.1:$E2E_APISERVER_PORT" --apiserver-proxy "$E2E_HOST_IP:$E2E_APISERVER_PORT"
+    --apiserver "$E2E_HOST_IP:$E2E_APISERVER_PORT" --apiserver-proxy "$E2E_HOST_IP:$E2E_APISERVER_PORT" \
+    --real-node "$REAL_NODE"
   E2E_WAIT_PIDFILE=$STACK/prometheus.pid e2e_wait_for "Prometheus /-/ready" 60 \
     curl -sf "http://127.0.0.1:$PROMETHEUS_PORT/-/ready"
   E2E_WAIT_PIDFILE=$STACK/kubelet.pid e2e_wait_for "every operator pod ready and a leader elected" 120 operators_ready
@@ -190,6 +198,7 @@ cmd_down() {
     stop_pid "$name"
     [[ -f $E2E_NETNS_STATE/$name ]] && netns_del "$name"
   done
+  "$SCRIPTS/node.sh" down
   "$SCRIPTS/cluster.sh" down
 }
 
@@ -208,7 +217,9 @@ export STRATUM_E2E_TARGET=$TARGET
 export STRATUM_E2E_PROMETHEUS=http://127.0.0.1:$PROMETHEUS_PORT
 export STRATUM_E2E_RELEASE=$RELEASE
 export HELM_CACHE_HOME=$HELM_CACHE_HOME HELM_CONFIG_HOME=$HELM_CONFIG_HOME HELM_DATA_HOME=$HELM_DATA_HOME
+export STRATUM_E2E_SCRIPTS=$SCRIPTS
 ENV
+  "$SCRIPTS/node.sh" env
 }
 
 case ${1:-} in

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build and cache the real control plane for the e2e tests, from the Go module proxy only:
-#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm.
+#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm, and for the
+#   real node kubelet, kube-proxy, containerd (+ its runc shim and ctr) and CoreDNS.
 #
 # Usage:
 #   e2e/scripts/build-bins.sh                  build what is missing (cold: ~30-45 min on 2 cores),
@@ -12,11 +13,12 @@
 #                                              the checksum database serve (a few look-ups); no build
 #
 # Versions come from versions.env (override with E2E_K8S_VERSION etc.). The cache lives outside the
-# clone: ${E2E_BIN_CACHE:-$HOME/.cache/stratum-e2e}/<k8s>-<etcd>-<kwok>-<helm>/{bin,src,logs,kwok-stages}.
+# clone: ${E2E_BIN_CACHE:-$HOME/.cache/stratum-e2e}/<k8s>-<etcd>-<kwok>-<helm>-<containerd>-<coredns>/
+# {bin,src,logs,kwok-stages}.
 # Progress goes to stderr with timestamps; the Go tool's own output goes to <cache>/logs/<step>.log
 # and its tail is shown when a step fails.
 #
-# Each of the four projects gets its own small wrapper module under <cache>/src/ (so minimum version
+# Each project gets its own small wrapper module under <cache>/src/ (so minimum version
 # selection never mixes, say, etcd's grpc into kube-apiserver). Kubernetes needs the wrapper anyway:
 # k8s.io/kubernetes requires its staging modules as `k8s.io/X v0.0.0` and maps them with replace
 # directives that only work in the main module, so the wrapper gets replace lines generated from the
@@ -35,11 +37,12 @@ case "${1:-}" in
   --print-bin-dir) MODE=print ;;
   --check) MODE=check ;;
   --check-updates) MODE=updates ;;
-  -h | --help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "build-bins.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
 esac
 
 K8S=$E2E_K8S_VERSION ETCD=$E2E_ETCD_VERSION KWOK=$E2E_KWOK_VERSION HELM=$E2E_HELM_VERSION
+CONTAINERD=$E2E_CONTAINERD_VERSION COREDNS=$E2E_COREDNS_VERSION
 CACHE=$E2E_CACHE_DIR BIN=$E2E_BIN_DIR SRC=$E2E_CACHE_DIR/src LOGS=$E2E_CACHE_DIR/logs
 TIMES=$E2E_CACHE_DIR/build-times.txt
 
@@ -77,6 +80,8 @@ if [[ $MODE == updates ]]; then
   probe_line go.etcd.io/etcd/server/v3 "$ETCD"
   probe_line sigs.k8s.io/kwok "$KWOK"
   probe_line helm.sh/helm/v3 "$HELM"
+  probe_line github.com/containerd/containerd/v2 "$CONTAINERD"
+  probe_line github.com/coredns/coredns "$COREDNS"
   exit 0
 fi
 
@@ -94,12 +99,14 @@ report_versions() {
   {
     printf '  %-24s %s\n' etcd "$("$BIN/etcd" --version | head -1)"
     local b
-    for b in kube-apiserver kube-controller-manager kube-scheduler; do
+    for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy; do
       printf '  %-24s %s\n' "$b" "$("$BIN/$b" --version)"
     done
     printf '  %-24s %s\n' kubectl "$("$BIN/kubectl" version --client | head -1)"
     printf '  %-24s %s\n' kwok "$("$BIN/kwok" --version)"
     printf '  %-24s %s\n' helm "$("$BIN/helm" version --short)"
+    printf '  %-24s %s\n' containerd "$("$BIN/containerd" --version)"
+    printf '  %-24s %s\n' coredns "$("$BIN/coredns" -version | head -1)"
   } >&2
 }
 
@@ -308,6 +315,47 @@ if [[ ! -x $BIN/helm ]]; then
     -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$CG_MINOR" \
     -o "$BIN/.helm.tmp" helm.sh/helm/v3/cmd/helm
   install_bin "$BIN/.helm.tmp" helm
+  step_done
+fi
+
+# ---------------------------------------------------------------------------------------------------
+# containerd 2.x, the real node's runtime: containerd, its runc shim and ctr (to import images).
+# No replace lines in its go.mod, but a wrapper keeps its client-go/grpc apart from Kubernetes'.
+# Flags as its Makefile for a static build: CGO off (no btrfs, whose driver needs cgo headers),
+# tags no_btrfs static_build, version via -X on $PKG/version.
+if [[ ! -x $BIN/containerd || ! -x $BIN/containerd-shim-runc-v2 || ! -x $BIN/ctr ]]; then
+  step containerd-download "containerd $CONTAINERD: download modules"
+  CTRD=github.com/containerd/containerd/v2
+  CONTAINERD_GOMOD=$(module_gomod "$CTRD@$CONTAINERD")
+  wrapper_module containerd "$CONTAINERD_GOMOD"
+  gocmd get "$CTRD/cmd/containerd@$CONTAINERD" "$CTRD/cmd/containerd-shim-runc-v2@$CONTAINERD" "$CTRD/cmd/ctr@$CONTAINERD"
+  step_done
+  # The proxy does not record the commit; the version string says which tag it is.
+  CLDF="-s -w -X $CTRD/version.Version=$CONTAINERD -X $CTRD/version.Revision=proxy-$CONTAINERD -X $CTRD/version.Package=$CTRD"
+  for b in containerd containerd-shim-runc-v2 ctr; do
+    [[ -x $BIN/$b ]] && continue
+    step "build-$b" "compile $b $CONTAINERD"
+    cd "$SRC/containerd"
+    gocmd build -buildvcs=false -trimpath -tags "no_btrfs static_build" -ldflags "$CLDF" \
+      -o "$BIN/.$b.tmp" "$CTRD/cmd/$b"
+    install_bin "$BIN/.$b.tmp" "$b"
+    step_done
+  done
+fi
+
+# ---------------------------------------------------------------------------------------------------
+# CoreDNS (the cluster's DNS for `<svc>.<ns>.svc.cluster.local`): package main at the module root,
+# every default plugin compiled in. No replace lines; own wrapper (it is on client-go v0.37).
+if [[ ! -x $BIN/coredns ]]; then
+  step coredns-download "CoreDNS $COREDNS: download modules"
+  COREDNS_GOMOD=$(module_gomod "github.com/coredns/coredns@$COREDNS")
+  wrapper_module coredns "$COREDNS_GOMOD"
+  gocmd get "github.com/coredns/coredns@$COREDNS"
+  step_done
+  step coredns-build "compile coredns"
+  gocmd build -buildvcs=false -trimpath -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS" \
+    -o "$BIN/.coredns.tmp" github.com/coredns/coredns
+  install_bin "$BIN/.coredns.tmp" coredns
   step_done
 fi
 

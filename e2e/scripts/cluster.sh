@@ -12,7 +12,8 @@
 # Needs the binaries from build-bins.sh (fails with a hint otherwise) and root (blackhole routes).
 # Run directory: $E2E_RUN_DIR (default e2e/.run in the clone): pki/, logs/<component>.log,
 # pids/<component>.pid, etcd/ (data), kubeconfig (admin, system:masters), kwok-stages.yaml, env.
-# Ports (127.0.0.1): etcd 12379/12380, apiserver 16443, KCM 16257, scheduler 16259, kwok 16250;
+# Ports (127.0.0.1): etcd 12379/12380, KCM 16257, scheduler 16259, kwok 16250; the apiserver listens on
+# the host's bridge address 10.77.255.254:16443, so the real node's namespace reaches it too;
 # override with E2E_ETCD_PORT, E2E_ETCD_PEER_PORT, E2E_APISERVER_PORT, E2E_KCM_PORT,
 # E2E_SCHEDULER_PORT, E2E_KWOK_PORT. Address ranges: see common.sh.
 set -Eeuo pipefail
@@ -28,7 +29,7 @@ PKI=$RUN/pki
 LOGS=$RUN/logs
 PIDS=$RUN/pids
 KUBECONFIG_ADMIN=$RUN/kubeconfig
-API=https://127.0.0.1:$E2E_APISERVER_PORT
+API=https://$E2E_HOST_IP:$E2E_APISERVER_PORT
 # Start order; stop is the reverse.
 COMPONENTS="etcd kube-apiserver kube-controller-manager kube-scheduler kwok"
 
@@ -98,46 +99,8 @@ wait_ready() {
 # ---------------------------------------------------------------------------------------------------
 # PKI: one CA (ECDSA P-256, 30 days) signs the apiserver's serving cert and every client cert
 # (client certs map to users: CN = user, O = groups). A separate key pair signs service-account tokens.
-pki_cert() { # name subject eku [san]
-  local name=$1 subj=$2 eku=$3 san=${4:-} ca=${PKI_CA:-ca}
-  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-    -keyout "$PKI/$name.key" -out "$PKI/$name.csr" -subj "$subj" 2>/dev/null
-  {
-    echo "basicConstraints=critical,CA:FALSE"
-    echo "keyUsage=critical,digitalSignature,keyEncipherment"
-    echo "extendedKeyUsage=$eku"
-    [[ -z $san ]] || echo "subjectAltName=$san"
-  } >"$PKI/$name.ext"
-  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/$ca.crt" -CAkey "$PKI/$ca.key" -CAcreateserial \
-    -days 30 -sha256 -extfile "$PKI/$name.ext" -out "$PKI/$name.crt" 2>/dev/null
-  rm -f "$PKI/$name.csr" "$PKI/$name.ext"
-  openssl verify -CAfile "$PKI/$ca.crt" "$PKI/$name.crt" >/dev/null
-}
-
-write_kubeconfig() { # file user cert
-  local file=$1 user=$2 cert=$3
-  (
-    umask 077
-    cat >"$file" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: stratum-e2e
-  cluster:
-    server: $API
-    certificate-authority-data: $(base64 -w0 <"$PKI/ca.crt")
-users:
-- name: "$user"
-  user:
-    client-certificate-data: $(base64 -w0 <"$PKI/$cert.crt")
-    client-key-data: $(base64 -w0 <"$PKI/$cert.key")
-contexts:
-- name: stratum-e2e
-  context: {cluster: stratum-e2e, user: "$user"}
-current-context: stratum-e2e
-EOF
-  )
-}
+pki_cert() { e2e_pki_cert "$PKI" "$@"; }
+write_kubeconfig() { e2e_write_kubeconfig "$PKI" "$API" "$@"; }
 
 make_pki() {
   local svc_ip
@@ -159,6 +122,9 @@ make_pki() {
   pki_cert scheduler "/CN=system:kube-scheduler" clientAuth
   # kwok writes node/pod status, leases and events for every fake node: full access keeps it simple.
   pki_cert kwok "/O=system:masters/CN=kwok-controller" clientAuth
+  # The apiserver's identity towards kubelets (logs, exec on the real node), as kubeadm's
+  # apiserver-kubelet-client.
+  pki_cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" clientAuth
   # Front proxy (request-header authn, as kubeadm sets up): a CA of its own and the apiserver's client
   # cert. Without it KCM/scheduler log "missing content for CA bundle ... requestheader-client-ca-file"
   # over and over, and aggregated APIs could not work.
@@ -232,15 +198,20 @@ cmd_up() {
     --quota-backend-bytes=$((2 * 1024 * 1024 * 1024))
   wait_ready etcd "etcd /health" 30 sh -c "curl -fsS --max-time 2 http://127.0.0.1:$E2E_ETCD_PORT/health | grep -q '\"health\":\"true\"'"
 
+  # --bind-address: the host's address on the test bridge (in the serving cert), reachable from the
+  # host itself and from every namespace on the bridge: the real node's kubelet, kube-proxy and
+  # CoreDNS, and pods through the `kubernetes` Service. Never a real interface's address.
   # --advertise-address: the apiserver wants a non-loopback address for the `kubernetes` Service's
   # endpoints; the host's own bridge address in the (blackholed) node range keeps that inside the
   # test ranges and makes the apiserver independent of a default route.
   start_proc kube-apiserver "$BIN/kube-apiserver" \
     --etcd-servers="http://127.0.0.1:$E2E_ETCD_PORT" \
-    --bind-address=127.0.0.1 --secure-port="$E2E_APISERVER_PORT" --advertise-address="$E2E_HOST_IP" \
+    --bind-address="$E2E_HOST_IP" --secure-port="$E2E_APISERVER_PORT" --advertise-address="$E2E_HOST_IP" \
     --cert-dir="$PKI/generated" \
     --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
     --client-ca-file="$PKI/ca.crt" \
+    --kubelet-client-certificate="$PKI/apiserver-kubelet-client.crt" --kubelet-client-key="$PKI/apiserver-kubelet-client.key" \
+    --kubelet-certificate-authority="$PKI/ca.crt" \
     --requestheader-client-ca-file="$PKI/front-proxy-ca.crt" --requestheader-allowed-names=front-proxy-client \
     --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
     --requestheader-extra-headers-prefix=X-Remote-Extra- \

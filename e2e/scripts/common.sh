@@ -85,3 +85,50 @@ e2e_in_test_ranges() {
   for r in $E2E_TEST_RANGES; do e2e_in_cidr "$1" "$r" && return 0; done
   return 1
 }
+
+# PKI of a run (openssl, ECDSA P-256, 30 days), shared by cluster.sh and node.sh.
+# e2e_pki_cert DIR NAME SUBJECT EKU [SAN]: DIR/NAME.{key,crt} signed by DIR/${PKI_CA:-ca}.{crt,key}
+# (client certs map to users: CN = user, O = groups).
+e2e_pki_cert() {
+  local dir=$1 name=$2 subj=$3 eku=$4 san=${5:-} ca=${PKI_CA:-ca}
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$dir/$name.key" -out "$dir/$name.csr" -subj "$subj" 2>/dev/null
+  {
+    echo "basicConstraints=critical,CA:FALSE"
+    echo "keyUsage=critical,digitalSignature,keyEncipherment"
+    echo "extendedKeyUsage=$eku"
+    [[ -z $san ]] || echo "subjectAltName=$san"
+  } >"$dir/$name.ext"
+  openssl x509 -req -in "$dir/$name.csr" -CA "$dir/$ca.crt" -CAkey "$dir/$ca.key" -CAcreateserial \
+    -days 30 -sha256 -extfile "$dir/$name.ext" -out "$dir/$name.crt" 2>/dev/null
+  rm -f "$dir/$name.csr" "$dir/$name.ext"
+  chmod 600 "$dir/$name.key"
+  openssl verify -CAfile "$dir/$ca.crt" "$dir/$name.crt" >/dev/null
+}
+
+# e2e_write_kubeconfig PKI_DIR SERVER FILE USER CERT: a kubeconfig (mode 600) for USER holding
+# PKI_DIR/CERT.{crt,key} and the CA.
+e2e_write_kubeconfig() {
+  local pki=$1 server=$2 file=$3 user=$4 cert=$5
+  (
+    umask 077
+    cat >"$file" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: stratum-e2e
+  cluster:
+    server: $server
+    certificate-authority-data: $(base64 -w0 <"$pki/ca.crt")
+users:
+- name: "$user"
+  user:
+    client-certificate-data: $(base64 -w0 <"$pki/$cert.crt")
+    client-key-data: $(base64 -w0 <"$pki/$cert.key")
+contexts:
+- name: stratum-e2e
+  context: {cluster: stratum-e2e, user: "$user"}
+current-context: stratum-e2e
+EOF
+  )
+}

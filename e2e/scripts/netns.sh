@@ -6,6 +6,8 @@
 #   netns.sh host-up               bridge e2ebr0 (host 10.77.255.254/32) + blackhole routes for
 #                                  10.77.0.0/16, 10.78.0.0/16, 10.79.0.0/16 (idempotent)
 #   netns.sh add NAME ADDR         namespace NAME owning ADDR (must be in a test range); calls host-up
+#   netns.sh add-addr NAME ADDR    a second address for NAME (e.g. a node with two addresses)
+#   netns.sh del-addr NAME ADDR    remove it again (netns.sh del removes it too)
 #   netns.sh exec NAME CMD...      run CMD inside NAME (same as `ip netns exec NAME CMD...`)
 #   netns.sh del NAME              remove namespace NAME, its veth and its host route
 #   netns.sh list                  namespaces created by these scripts (state in $E2E_RUN_DIR/netns)
@@ -110,6 +112,33 @@ netns_add() {
   ip route add "$addr/32" dev "$E2E_BRIDGE" src "$E2E_HOST_IP"
 }
 
+# netns_add_addr NAME ADDR: a second address for namespace NAME (on its eth0, with its host route),
+# e.g. a node with two addresses; removed by netns_del.
+netns_add_addr() {
+  _netns_need_root
+  local name=$1 addr=$2 f=$E2E_NETNS_STATE/$1
+  [[ -f $f ]] || e2e_die "netns: $name was not made by netns_add"
+  [[ $addr =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$ ]] || e2e_die "netns: '$addr' is not an IPv4 address"
+  e2e_in_test_ranges "$addr" || e2e_die "netns: $addr is outside the test ranges ($E2E_TEST_RANGES)"
+  if ip -4 route show exact "$addr/32" table main | grep -q .; then
+    e2e_die "netns: $addr is already owned by another namespace"
+  fi
+  echo "extra=$addr" >>"$f"
+  ip -n "$name" addr add "$addr/32" dev eth0
+  ip route add "$addr/32" dev "$E2E_BRIDGE" src "$E2E_HOST_IP"
+}
+
+# netns_del_addr NAME ADDR: undo netns_add_addr.
+netns_del_addr() {
+  _netns_need_root
+  local name=$1 addr=$2 f=$E2E_NETNS_STATE/$1
+  [[ -f $f ]] && sed -i "/^extra=${addr//./\\.}\$/d" "$f"
+  ip -n "$name" addr del "$addr/32" dev eth0 2>/dev/null || true
+  if ip -4 route show exact "$addr/32" table main | grep -q "dev $E2E_BRIDGE"; then
+    ip route del "$addr/32" dev "$E2E_BRIDGE"
+  fi
+}
+
 netns_exec() {
   local name=$1
   shift
@@ -123,9 +152,11 @@ netns_del() {
     addr=$(sed -n 's/^addr=//p' "$f")
     veth=$(sed -n 's/^veth=//p' "$f")
   fi
-  if [[ -n $addr ]] && ip -4 route show exact "$addr/32" table main | grep -q "dev $E2E_BRIDGE"; then
-    ip route del "$addr/32" dev "$E2E_BRIDGE"
-  fi
+  for addr in $addr $(sed -n 's/^extra=//p' "$f" 2>/dev/null); do
+    if ip -4 route show exact "$addr/32" table main | grep -q "dev $E2E_BRIDGE"; then
+      ip route del "$addr/32" dev "$E2E_BRIDGE"
+    fi
+  done
   # Processes still running inside would keep the namespace's network alive; end them first.
   if ip netns pids "$name" >/dev/null 2>&1; then
     local p
@@ -211,10 +242,12 @@ if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
     host-down) netns_host_down ;;
     add) (($# == 2)) || e2e_die "usage: netns.sh add NAME ADDR"; netns_add "$@" ;;
     del) (($# == 1)) || e2e_die "usage: netns.sh del NAME"; netns_del "$1" ;;
+    add-addr) (($# == 2)) || e2e_die "usage: netns.sh add-addr NAME ADDR"; netns_add_addr "$@" ;;
+    del-addr) (($# == 2)) || e2e_die "usage: netns.sh del-addr NAME ADDR"; netns_del_addr "$@" ;;
     exec) (($# >= 2)) || e2e_die "usage: netns.sh exec NAME CMD..."; netns_exec "$@" ;;
     list) netns_list ;;
     down-all) netns_down_all ;;
     selftest) netns_selftest ;;
-    *) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; [[ $cmd == -h || $cmd == --help ]] || exit 2 ;;
+    *) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; [[ $cmd == -h || $cmd == --help ]] || exit 2 ;;
   esac
 fi

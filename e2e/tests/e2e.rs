@@ -556,12 +556,11 @@ async fn an_agent_token_may_write_only_its_own_nodes_node_clock() {
     let kubeconfig =
         kube::config::Kubeconfig::read_from(format!("{stack}/agents/kwok-node-0/kubeconfig"))
             .unwrap();
-    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .unwrap();
-    // The kubeconfig points at the bridge forwarder for the namespaces; from the host, loopback.
-    let port = config.cluster_url.port_u16().unwrap_or(16443);
-    config.cluster_url = format!("https://127.0.0.1:{port}").parse().unwrap();
+    // The kubeconfig points at the API server's address on the test bridge, which the host
+    // reaches as well as the namespaces do.
     let agent = kube::Client::try_from(config).unwrap();
     let clocks: Api<NodeClock> = Api::all(agent);
     let params = kube::api::PatchParams::apply("stratum-agent").force();

@@ -1,6 +1,9 @@
 //! Batched UDP IO for the server workers, the raw echo baseline and the load generator:
-//! `recvmmsg(2)` with kernel receive timestamps (SO_TIMESTAMPNS) and `sendmmsg(2)`, over
-//! buffers allocated once per thread.
+//! `recvmmsg(2)` with kernel receive timestamps (SO_TIMESTAMPNS) and each datagram's
+//! destination address (IP_PKTINFO / IPV6_RECVPKTINFO), and `sendmmsg(2)`, over buffers
+//! allocated once per thread. A reply leaves from the address its request was sent to: on a
+//! wildcard-bound socket the kernel would otherwise pick the source by route, so a client that
+//! asked a node's second address would get its answer from the first (and drop it).
 //!
 //! The only module of the server with `unsafe`: the two syscalls, which take arrays of
 //! `mmsghdr` pointing into this module's own boxed buffers, and the reading of the addresses
@@ -43,7 +46,8 @@ pub struct SocketOptions {
     pub receive_timeout: Duration,
 }
 
-/// Opens a UDP socket bound to `addr` with kernel receive timestamps on.
+/// Opens a UDP socket bound to `addr` with kernel receive timestamps and destination
+/// addresses on.
 pub fn bind_udp(addr: SocketAddr, options: SocketOptions) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
@@ -65,6 +69,18 @@ pub fn bind_udp(addr: SocketAddr, options: SocketOptions) -> io::Result<std::net
         nix::sys::socket::sockopt::ReceiveTimestampns,
         &true,
     )
+    .map_err(io::Error::from)?;
+    // Each datagram's destination address, to answer from it. On an IPv6 socket this covers
+    // the IPv4 clients of a dual-stack one too (as IPv4-mapped addresses).
+    if addr.is_ipv6() {
+        nix::sys::socket::setsockopt(
+            &socket,
+            nix::sys::socket::sockopt::Ipv6RecvPacketInfo,
+            &true,
+        )
+    } else {
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv4PacketInfo, &true)
+    }
     .map_err(io::Error::from)?;
     socket.bind(&addr.into())?;
     Ok(socket.into())
@@ -101,6 +117,8 @@ pub struct Datagram<'a> {
     pub bytes: &'a [u8],
     /// Who sent it (IPv4 clients of a dual-stack socket appear IPv4-mapped).
     pub source: Option<SocketAddr>,
+    /// The local address it was sent to (IPv4-mapped likewise), which its reply leaves from.
+    pub destination: Option<IpAddr>,
     /// Kernel receive timestamp on the host's realtime clock.
     pub host_rx: Option<ClockTime>,
     /// The datagram was longer than [`MAX_DATAGRAM`].
@@ -196,9 +214,16 @@ impl RecvBatch {
         Some(Datagram {
             bytes: &self.buffers[index][..len],
             source: socket_addr(&self.names[index], header.msg_namelen),
+            destination: self.destination(index),
             host_rx: receive_timestamp(&self.controls[index], header.msg_controllen),
             truncated: header.msg_flags & libc::MSG_TRUNC != 0,
         })
+    }
+
+    /// The local address the `index`th datagram was sent to (its IP_PKTINFO or IPV6_PKTINFO).
+    fn destination(&self, index: usize) -> Option<IpAddr> {
+        let len = self.headers[index].msg_hdr.msg_controllen;
+        packet_destination(&self.controls[index], len)
     }
 
     /// The raw source address of the `index`th datagram, to answer it without conversion.
@@ -234,8 +259,14 @@ fn socket_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option
     }
 }
 
-/// Finds SCM_TIMESTAMPNS among the control messages the kernel wrote (`len` bytes).
-fn receive_timestamp(control: &[u64; CONTROL_WORDS], len: usize) -> Option<ClockTime> {
+/// The data of the first control message of `level` and `kind` among those the kernel wrote
+/// (`len` bytes of `control`).
+fn control_message(
+    control: &[u64; CONTROL_WORDS],
+    len: usize,
+    level: libc::c_int,
+    kind: libc::c_int,
+) -> Option<&[u8]> {
     let bytes: &[u8] = bytemuck_words(control);
     let bytes = bytes.get(..len)?;
     let header_len = size_of::<libc::cmsghdr>();
@@ -250,20 +281,46 @@ fn receive_timestamp(control: &[u64; CONTROL_WORDS], len: usize) -> Option<Clock
         if cmsg_len < header_len || at + cmsg_len > bytes.len() {
             return None;
         }
-        if cmsg.cmsg_level == libc::SOL_SOCKET && cmsg.cmsg_type == libc::SCM_TIMESTAMPNS {
-            let data = &bytes[at + header_len..at + cmsg_len];
-            if data.len() >= size_of::<libc::timespec>() {
-                // SAFETY: as above, for a timespec inside the bounds just checked.
-                let ts: libc::timespec =
-                    unsafe { std::ptr::read_unaligned(data.as_ptr().cast::<libc::timespec>()) };
-                return Some(ClockTime::from_unix_nanos(
-                    ts.tv_sec.saturating_mul(1_000_000_000) + ts.tv_nsec,
-                ));
-            }
+        if cmsg.cmsg_level == level && cmsg.cmsg_type == kind {
+            return Some(&bytes[at + header_len..at + cmsg_len]);
         }
         at += cmsg_len.div_ceil(align) * align;
     }
     None
+}
+
+/// SCM_TIMESTAMPNS among the control messages the kernel wrote (`len` bytes).
+fn receive_timestamp(control: &[u64; CONTROL_WORDS], len: usize) -> Option<ClockTime> {
+    let data = control_message(control, len, libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS)?;
+    if data.len() < size_of::<libc::timespec>() {
+        return None;
+    }
+    // SAFETY: reading a timespec by value from a slice at least that long; any bit pattern
+    // is a valid timespec.
+    let ts: libc::timespec = unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) };
+    Some(ClockTime::from_unix_nanos(
+        ts.tv_sec.saturating_mul(1_000_000_000) + ts.tv_nsec,
+    ))
+}
+
+/// The destination address in an IP_PKTINFO or IPV6_PKTINFO control message.
+fn packet_destination(control: &[u64; CONTROL_WORDS], len: usize) -> Option<IpAddr> {
+    if let Some(data) = control_message(control, len, libc::IPPROTO_IP, libc::IP_PKTINFO)
+        && data.len() >= size_of::<libc::in_pktinfo>()
+    {
+        // SAFETY: as above, for an in_pktinfo.
+        let info: libc::in_pktinfo = unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) };
+        return Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+            info.ipi_addr.s_addr,
+        ))));
+    }
+    let data = control_message(control, len, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO)?;
+    if data.len() < size_of::<libc::in6_pktinfo>() {
+        return None;
+    }
+    // SAFETY: as above, for an in6_pktinfo.
+    let info: libc::in6_pktinfo = unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) };
+    Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)))
 }
 
 fn bytemuck_words(words: &[u64; CONTROL_WORDS]) -> &[u8] {
@@ -340,7 +397,8 @@ impl SendBatch {
     }
 
     /// Queues the first `len` bytes of [`Self::next_buffer`] as the answer to datagram
-    /// `index` of `received`, addressed exactly as it came (no address conversion).
+    /// `index` of `received`, addressed exactly as it came (no address conversion), from the
+    /// address it was sent to.
     pub fn push_reply(&mut self, received: &RecvBatch, index: usize, len: usize) -> bool {
         if self.queued == BATCH || index >= received.len() {
             return false;
@@ -350,7 +408,9 @@ impl SendBatch {
         self.names[slot] = name;
         self.name_lens[slot] = name_len;
         self.lens[slot] = len.min(MAX_SEND);
-        self.control_lens[slot] = 0;
+        self.control_lens[slot] = received
+            .destination(index)
+            .map_or(0, |ip| write_pktinfo(&mut self.controls[slot], ip));
         self.queued += 1;
         true
     }
@@ -708,6 +768,44 @@ mod tests {
         let (n, from) = client.recv_from(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"pong");
         assert_eq!(from.port(), port);
+    }
+
+    /// A reply leaves from the address its request was sent to, although the route to the
+    /// client would pick another one (127.0.0.1): on an IPv4 socket and, for an IPv4 client,
+    /// on a dual-stack one.
+    #[test]
+    fn replies_leave_from_the_address_the_request_was_sent_to() {
+        for bind in ["0.0.0.0:0", "[::]:0"] {
+            let server = bind_udp(bind.parse().unwrap(), options()).unwrap();
+            let port = server.local_addr().unwrap().port();
+            let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            client
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            for asked in [Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 5, 7)] {
+                client.send_to(b"ping", (asked, port)).unwrap();
+                let mut batch = RecvBatch::new();
+                assert_eq!(batch.receive(server.as_fd()).unwrap(), 1);
+                let destination = batch.get(0).unwrap().destination.unwrap();
+                assert_eq!(
+                    destination.to_canonical(),
+                    IpAddr::V4(asked),
+                    "{bind}: destination of a request to {asked}"
+                );
+                let mut out = SendBatch::new();
+                out.next_buffer().unwrap()[..4].copy_from_slice(b"pong");
+                assert!(out.push_reply(&batch, 0, 4));
+                assert_eq!(out.send(server.as_fd()).sent, 1);
+                let mut buf = [0u8; 8];
+                let (n, from) = client.recv_from(&mut buf).unwrap();
+                assert_eq!(&buf[..n], b"pong");
+                assert_eq!(
+                    from,
+                    SocketAddr::from((asked, port)),
+                    "{bind}: the reply to a request for {asked} left from {from}"
+                );
+            }
+        }
     }
 
     #[test]

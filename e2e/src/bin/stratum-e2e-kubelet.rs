@@ -1,9 +1,10 @@
 //! `stratum-e2e-kubelet`: runs the real binary for every Stratum pod kwok "runs" on a fake
 //! node — `stratum-agent` for agent pods, in their node's network namespace, and
 //! `stratum-operator` for the chart's operator pods, in a namespace that owns the pod's IP
-//! (see `stratum_e2e::kubelet`). It also forwards the API server onto the test bridge, because
-//! the namespaces cannot reach the host's loopback where the API server listens. Restarts a
-//! process that exits; stops every process it started on SIGTERM.
+//! (see `stratum_e2e::kubelet`). Pods on a real node (`--real-node`) are left to its kubelet.
+//! When the API server listens on loopback only, it also forwards it onto the test bridge,
+//! where the namespaces can reach it. Restarts a process that exits; stops every process it
+//! started on SIGTERM.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -39,12 +40,16 @@ struct Args {
     /// CA certificate of the API server.
     #[arg(long)]
     ca_file: PathBuf,
-    /// Where the API server listens (host loopback).
-    #[arg(long, default_value = "127.0.0.1:16443")]
+    /// Where the API server listens.
+    #[arg(long, default_value = "10.77.255.254:16443")]
     apiserver: SocketAddr,
-    /// Address on the test bridge to forward the API server on, reachable from the namespaces.
+    /// Address on the test bridge that the namespaces reach the API server at; when it differs
+    /// from `--apiserver` (an API server on loopback), this process forwards it there.
     #[arg(long, default_value = "10.77.255.254:16443")]
     apiserver_proxy: SocketAddr,
+    /// Nodes whose pods a real kubelet runs (the e2e real node): never started here.
+    #[arg(long = "real-node")]
+    real_nodes: Vec<String>,
     /// Network namespace of node N is `<prefix>N`; of a pod P with its own address `<prefix>pod-P`.
     #[arg(long, default_value = "e2e-")]
     netns_prefix: String,
@@ -91,7 +96,9 @@ async fn main() -> anyhow::Result<()> {
         .context("KUBECONFIG must point at the e2e cluster")?;
     std::fs::create_dir_all(args.run_dir.join("agents"))?;
 
-    tokio::spawn(forward(args.apiserver_proxy, args.apiserver));
+    if args.apiserver_proxy != args.apiserver {
+        tokio::spawn(forward(args.apiserver_proxy, args.apiserver));
+    }
 
     let pods: Api<Pod> = Api::all(client.clone());
     let mut stream = watcher(pods, watcher::Config::default().labels(&args.selector)).boxed();
@@ -174,6 +181,9 @@ fn admit(
     let Some(node) = spec.node_name.clone() else {
         return Ok(None);
     };
+    if args.real_nodes.contains(&node) {
+        return Ok(None); // its own kubelet runs it, as a container
+    }
     let name = pod.metadata.name.clone().context("pod without name")?;
     let index = match kind {
         PodKind::Agent => {
@@ -341,7 +351,7 @@ async fn start(client: &Client, args: &Args, r: &Running) -> anyhow::Result<Chil
         .with_context(|| format!("spawning {} in netns {netns}", bin.display()))
 }
 
-/// A kubeconfig holding only the pod's token, for the API server through the bridge forwarder.
+/// A kubeconfig holding only the pod's token, for the API server at its bridge address.
 fn write_kubeconfig(args: &Args, path: &Path, token: &str, namespace: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let ca = std::fs::read(&args.ca_file)

@@ -1,0 +1,264 @@
+//! The e2e stack's real node (`e2e/scripts/node.sh`): a kubelet with containerd, kube-proxy and
+//! CoreDNS in a network namespace of its own. Tenant workloads there are real pods; the NTP
+//! clients that act for them (Debian's `ntpdig` and `chronyd -Q`, and a probe that reports
+//! where a reply came from) run from this machine inside the pod's network namespace, with the
+//! pod's own `/etc/resolv.conf` (`node.sh pod-exec`), so names resolve through the pod's cluster
+//! DNS and packets take the pod's path through kube-proxy, as a client in the container would.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::Client;
+use kube::api::Api;
+
+use crate::harness::{apply, wait_for};
+
+/// The taint (and label) that keeps every other pod off the real node.
+pub const REAL_NODE_TAINT: &str = "stratum.e2e/real-node";
+/// The sandbox image `node.sh` builds; tenant pods run it as their one container.
+pub const PAUSE_IMAGE: &str = "localhost/stratum-e2e/pause:1";
+
+/// Name of the real node.
+pub fn real_node() -> String {
+    std::env::var("STRATUM_E2E_REAL_NODE").unwrap_or_else(|_| "node-real".into())
+}
+
+/// The real node's second address (it has two; the InternalIP is the first).
+pub fn real_node_second_ip() -> String {
+    std::env::var("STRATUM_E2E_REAL_NODE_IP2").unwrap_or_else(|_| "10.77.0.251".into())
+}
+
+fn scripts_dir() -> PathBuf {
+    std::env::var("STRATUM_E2E_SCRIPTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts")))
+}
+
+fn node_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/node"))
+}
+
+/// `node.sh ctr ARGS...`: ctr against the node's containerd (CRI namespace).
+pub fn ctr(args: &[&str]) -> Output {
+    Command::new(scripts_dir().join("node.sh"))
+        .arg("ctr")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running node.sh ctr: {e}"))
+}
+
+/// Host PID of a running container, by its ID (from `ctr tasks ls`).
+pub fn container_pid(container_id: &str) -> Option<u32> {
+    let out = ctr(&["tasks", "ls"]);
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        (f.next()? == container_id).then_some(())?;
+        f.next()?.parse().ok()
+    })
+}
+
+/// A pod on the real node, running the pause image.
+pub struct RealPod {
+    pub namespace: String,
+    pub name: String,
+    pub ip: String,
+    /// Its container's ID in containerd.
+    pub container_id: String,
+    /// Host PID of its container.
+    pub pid: u32,
+}
+
+/// Creates pod `name` in `namespace` on the real node and waits until it runs and is Ready.
+pub async fn real_pod(client: &Client, namespace: &str, name: &str) -> RealPod {
+    real_pod_with(client, namespace, name, serde_json::json!({})).await
+}
+
+/// As [`real_pod`], with `security_context` as its container's securityContext.
+pub async fn real_pod_with(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    security_context: serde_json::Value,
+) -> RealPod {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    apply(
+        &pods,
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": {"app": "client"}},
+            "spec": {
+                "nodeName": real_node(),
+                "tolerations": [{"key": REAL_NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}],
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "c", "image": PAUSE_IMAGE, "imagePullPolicy": "Never",
+                                "securityContext": security_context}]
+            }
+        }),
+    )
+    .await;
+    let ((ip, container_id), took) = wait_for(
+        Duration::from_secs(60),
+        &format!("pod {namespace}/{name} Ready on the real node"),
+        || async {
+            let status = pods.get(name).await.ok()?.status?;
+            let ready = status
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            let id = status.container_statuses?.first()?.container_id.clone()?;
+            ready.then_some((
+                status.pod_ip?,
+                id.trim_start_matches("containerd://").to_string(),
+            ))
+        },
+    )
+    .await;
+    eprintln!(
+        "pod {namespace}/{name} Ready on the real node in {:.1} s",
+        took.as_secs_f64()
+    );
+    let pid = container_pid(&container_id)
+        .unwrap_or_else(|| panic!("no task for container {container_id} in containerd"));
+    RealPod {
+        namespace: namespace.into(),
+        name: name.into(),
+        ip,
+        container_id,
+        pid,
+    }
+}
+
+impl RealPod {
+    /// `program args...` from this machine in this pod's network namespace, seeing the pod's
+    /// `/etc/resolv.conf`, without CAP_SYS_TIME (`node.sh pod-exec`).
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new(scripts_dir().join("node.sh"));
+        cmd.args(["pod-exec", &self.namespace, &self.name, program])
+            .args(args);
+        cmd
+    }
+
+    /// The pod's resolv.conf, as the kubelet wrote it.
+    pub fn resolv_conf(&self) -> String {
+        self.command("cat", &["/etc/resolv.conf"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Debian's `ntpdig` against `host` (a name or address): its JSON report (`time`,
+    /// `offset`, `precision`, `host`, `ip`, `stratum`, `leap`) when it got a time.
+    pub fn ntpdig(&self, host: &str) -> Option<serde_json::Value> {
+        let out = self
+            .command("ntpdig", &["-j", "-t", "2", host])
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// `chronyd -Q` (measure once, never set the clock) against `host`: the offset it measured,
+    /// in seconds, when it got one.
+    pub fn chronyd_offset(&self, host: &str) -> Option<f64> {
+        let pidfile = std::env::temp_dir().join(format!(
+            "stratum-e2e-chronyd-{}-{}.pid",
+            self.namespace, self.name
+        ));
+        let out = self
+            .command(
+                "chronyd",
+                &[
+                    "-d",
+                    "-Q",
+                    "-t",
+                    "10",
+                    "-u",
+                    "root",
+                    &format!("server {host} iburst maxsamples 4"),
+                    &format!("pidfile {}", pidfile.display()),
+                    "cmdport 0",
+                ],
+            )
+            .output()
+            .ok()?;
+        // "System clock wrong by 0.000123 seconds (ignored)" on stderr (or stdout).
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text.lines().find_map(|l| {
+            let rest = l.split("System clock wrong by ").nth(1)?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+    }
+
+    /// One request to `host:port` from an unconnected socket (`e2e/node/ntp_probe.py`): the
+    /// reply's source address and header, or `None` when nothing came back.
+    pub fn probe(&self, host: &str, port: u16) -> Option<serde_json::Value> {
+        let script = node_dir().join("ntp_probe.py");
+        let out = self
+            .command(
+                "python3",
+                &[&script.to_string_lossy(), host, &port.to_string(), "2"],
+            )
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+}
+
+/// The capability sets (`CapInh`, `CapPrm`, `CapEff`, `CapBnd`, `CapAmb`) of host process `pid`.
+pub fn capabilities(pid: u32) -> Vec<(String, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .filter_map(|l| {
+            let (key, value) = l.split_once(':')?;
+            key.starts_with("Cap")
+                .then(|| Some((key.to_string(), u64::from_str_radix(value.trim(), 16).ok()?)))?
+        })
+        .collect()
+}
+
+/// Bit of CAP_SYS_TIME in a capability set.
+pub const CAP_SYS_TIME_BIT: u64 = 1 << 25;
+
+fn node_run_dir() -> PathBuf {
+    let run_dir = std::env::var("STRATUM_E2E_RUN_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/.run").into());
+    PathBuf::from(run_dir).join("node")
+}
+
+/// What the node's test-only runtime wrapper logged (`e2e/node/runc_drop_sys_time.py`).
+pub fn runtime_wrapper_log() -> String {
+    std::fs::read_to_string(node_run_dir().join("logs/runtime-wrapper.log")).unwrap_or_default()
+}
+
+/// PID of one of the node's own processes (`containerd`, `kubelet`, `kube-proxy`, `coredns`).
+pub fn node_process_pid(name: &str) -> Option<u32> {
+    std::fs::read_to_string(node_run_dir().join("pids").join(format!("{name}.pid")))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The ClusterIP of Service `name` in `namespace`.
+pub async fn cluster_ip(client: &Client, namespace: &str, name: &str) -> String {
+    let svc: Api<Service> = Api::namespaced(client.clone(), namespace);
+    wait_for(
+        Duration::from_secs(30),
+        &format!("Service {namespace}/{name}'s ClusterIP"),
+        || async { svc.get(name).await.ok()?.spec?.cluster_ip },
+    )
+    .await
+    .0
+}
