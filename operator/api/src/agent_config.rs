@@ -129,7 +129,8 @@ pub struct EgressConfig {
     pub nodes: Vec<String>,
     /// The egress agents, as upstreams for every other agent.
     pub tier_upstreams: Vec<UpstreamConfig>,
-    /// Non-egress agents also poll `upstreams` when no egress agent is usable.
+    /// Non-egress agents also poll `upstreams` while no egress agent is usable (see
+    /// [`AgentConfig::upstreams_for_node`]).
     pub fallback_to_upstreams: bool,
 }
 
@@ -444,6 +445,19 @@ pub enum LogLevel {
     Trace,
 }
 
+impl LogLevel {
+    /// The level as a tracing filter directive (`info`, `debug`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
 /// One problem found in a config, with the JSON path of the offending field.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigProblem {
@@ -659,19 +673,36 @@ impl AgentConfig {
         p.finish()
     }
 
-    /// The upstreams the agent on `node` polls: the tier's agents for nodes outside an egress
-    /// tier (plus the real upstreams when fallback is allowed), the real upstreams otherwise.
-    pub fn upstreams_for_node(&self, node: &str) -> Vec<UpstreamConfig> {
+    /// The upstreams the agent on `node` polls: the real upstreams on an egress node or without
+    /// a tier; elsewhere the tier's agents, plus the real upstreams while `falling_back` (no
+    /// egress agent usable, see [`AgentConfig::may_fall_back`]) when the tier allows it.
+    pub fn upstreams_for_node(&self, node: &str, falling_back: bool) -> Vec<UpstreamConfig> {
         match &self.egress {
             Some(egress) if !egress.nodes.iter().any(|n| n == node) => {
                 let mut list = egress.tier_upstreams.clone();
-                if egress.fallback_to_upstreams {
+                if falling_back && egress.fallback_to_upstreams {
                     list.extend(self.upstreams.iter().cloned());
                 }
                 list
             }
             _ => self.upstreams.clone(),
         }
+    }
+
+    /// The egress agents the agent on `node` polls; empty on an egress node or without a tier.
+    pub fn tier_for_node(&self, node: &str) -> &[UpstreamConfig] {
+        match &self.egress {
+            Some(egress) if !egress.nodes.iter().any(|n| n == node) => &egress.tier_upstreams,
+            _ => &[],
+        }
+    }
+
+    /// Whether the agent on `node` may fall back to the real upstreams when no egress agent is
+    /// usable: it is outside the tier and the tier allows it.
+    pub fn may_fall_back(&self, node: &str) -> bool {
+        self.egress.as_ref().is_some_and(|egress| {
+            egress.fallback_to_upstreams && !egress.nodes.iter().any(|n| n == node)
+        })
     }
 }
 
@@ -1231,13 +1262,31 @@ mod tests {
             tier_upstreams: vec![tier.clone()],
             fallback_to_upstreams: false,
         });
-        assert_eq!(config.upstreams_for_node("edge-0"), config.upstreams);
-        assert_eq!(config.upstreams_for_node("worker-1"), vec![tier.clone()]);
+        for falling_back in [false, true] {
+            assert_eq!(
+                config.upstreams_for_node("edge-0", falling_back),
+                config.upstreams
+            );
+            assert_eq!(
+                config.upstreams_for_node("worker-1", falling_back),
+                vec![tier.clone()],
+                "no fallback unless the tier allows it"
+            );
+        }
+        assert!(!config.may_fall_back("worker-1"));
         config.egress.as_mut().unwrap().fallback_to_upstreams = true;
+        assert!(config.may_fall_back("worker-1") && !config.may_fall_back("edge-0"));
         assert_eq!(
-            config.upstreams_for_node("worker-1"),
-            vec![tier, config.upstreams[0].clone()]
+            config.upstreams_for_node("worker-1", false),
+            vec![tier.clone()],
+            "the pools only while no egress agent is usable"
         );
+        assert_eq!(
+            config.upstreams_for_node("worker-1", true),
+            vec![tier.clone(), config.upstreams[0].clone()]
+        );
+        assert_eq!(config.tier_for_node("worker-1"), [tier]);
+        assert!(config.tier_for_node("edge-0").is_empty());
         assert!(config.validate().is_ok());
     }
 }

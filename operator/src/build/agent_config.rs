@@ -762,6 +762,17 @@ mod tests {
     }
 
     #[test]
+    fn the_agents_log_level_reaches_their_config() {
+        let mut ts = fixtures::time_service("cluster");
+        let config = build_agent_config("cluster", &ts.spec, None, &[], &FleetInput::default());
+        assert_eq!(config.log_level, LogLevel::Info);
+        ts.spec.agent.log_level = ts_api::LogLevel::Debug;
+        let config = build_agent_config("cluster", &ts.spec, None, &[], &FleetInput::default());
+        assert_eq!(config.log_level, LogLevel::Debug);
+        assert_eq!(config.log_level.as_str(), "debug");
+    }
+
+    #[test]
     fn monitor_mode_uses_the_readonly_clock() {
         let mut ts = fixtures::time_service("cluster");
         ts.spec.discipline.mode = DisciplineMode::Monitor;
@@ -815,13 +826,18 @@ mod tests {
             config.serving.peer_allowed,
             nets(&["10.0.0.1/32", "10.0.0.2/31"])
         );
-        let worker = config.upstreams_for_node("worker-0");
         assert_eq!(
-            worker.len(),
-            3,
-            "two tier agents, then the pool as fallback"
+            config.upstreams_for_node("worker-0", false).len(),
+            2,
+            "the two tier agents while one is usable"
         );
-        assert_eq!(config.upstreams_for_node("edge-0"), config.upstreams);
+        assert_eq!(
+            config.upstreams_for_node("worker-0", true).len(),
+            3,
+            "then the pool as fallback"
+        );
+        assert!(config.may_fall_back("worker-0"));
+        assert_eq!(config.upstreams_for_node("edge-0", true), config.upstreams);
     }
 
     #[test]
