@@ -38,6 +38,99 @@ const MAX_SLEEP: Duration = Duration::from_millis(500);
 /// A pool is re-resolved at most this often when a member is unreachable or a falseticker.
 pub const POOL_RERESOLVE_INTERVAL: Duration = Duration::from_secs(1800);
 
+/// How long no egress agent may be usable before an agent outside the tier polls the real
+/// upstreams too: longer than a tier agent's first burst takes to answer after a start or a
+/// new config (reachability starts empty), short next to the holdover.
+pub const FALLBACK_GRACE: Duration = Duration::from_secs(30);
+
+/// Whether an agent outside the egress tier also polls the real upstreams: only when the tier
+/// allows it and no egress agent has been usable for [`FALLBACK_GRACE`] (or the tier has no
+/// agent at all); back to the tier alone as soon as one is usable again. The tier's agents are
+/// polled throughout, so their return is seen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fallback {
+    allowed: bool,
+    active: bool,
+    unusable_since: Option<std::time::Instant>,
+}
+
+impl Fallback {
+    /// The state for a first config.
+    pub fn new(config: &AgentConfig, node: &str) -> Self {
+        let mut fallback = Self {
+            allowed: false,
+            active: false,
+            unusable_since: None,
+        };
+        fallback.reconfigure(config, node);
+        fallback
+    }
+
+    /// Whether the real upstreams are polled now.
+    pub fn active(&self) -> bool {
+        self.active
+    }
+
+    /// Takes a new config: fallback ends when it is no longer allowed, starts at once when
+    /// the tier has no agent.
+    pub fn reconfigure(&mut self, config: &AgentConfig, node: &str) {
+        self.allowed = config.may_fall_back(node);
+        if !self.allowed {
+            self.active = false;
+            self.unusable_since = None;
+        } else if config.tier_for_node(node).is_empty() {
+            self.active = true;
+        }
+    }
+
+    /// Whether some egress agent is usable at `now`; the new state when it changes.
+    pub fn observe(&mut self, tier_usable: bool, now: std::time::Instant) -> Option<bool> {
+        if !self.allowed {
+            return None;
+        }
+        if tier_usable {
+            self.unusable_since = None;
+            return std::mem::replace(&mut self.active, false).then_some(false);
+        }
+        let since = *self.unusable_since.get_or_insert(now);
+        if !self.active && now.duration_since(since) >= FALLBACK_GRACE {
+            self.active = true;
+            return Some(true);
+        }
+        None
+    }
+}
+
+/// Whether one of the egress agents at `tier` answers usable time: reachable, and neither
+/// unsynchronized, too far, nor a falseticker.
+pub fn tier_usable(state: &SystemState, tier: &[SocketAddr]) -> bool {
+    state.sources.iter().any(|s| {
+        tier.contains(&s.address)
+            && matches!(
+                s.state,
+                SourceState::Selected
+                    | SourceState::Combined
+                    | SourceState::Candidate
+                    | SourceState::Initializing
+            )
+    })
+}
+
+/// The resolved addresses of the egress agents the agent on `node` polls.
+pub fn tier_addresses(config: &AgentConfig, node: &str, resolved: &Resolved) -> Vec<SocketAddr> {
+    config
+        .tier_for_node(node)
+        .iter()
+        .flat_map(|u| {
+            resolved
+                .get(&upstream_key(u))
+                .into_iter()
+                .flatten()
+                .copied()
+        })
+        .collect()
+}
+
 /// Addresses each configured upstream resolved to, keyed by `host:port`.
 pub type Resolved = BTreeMap<String, Vec<SocketAddr>>;
 
@@ -237,7 +330,8 @@ pub async fn run(
     // Tenants are served from the first valid config on, as unsynchronized until the clock
     // is (LI=3, stratum 16: clients reject the answers rather than trust them).
     shared.server.apply(&config.serving);
-    let upstreams = config.upstreams_for_node(&opts.node);
+    let mut fallback = Fallback::new(&config, &opts.node);
+    let upstreams = config.upstreams_for_node(&opts.node, fallback.active());
     let (mut resolved, errors) = resolve_all(&upstreams, &Resolved::new()).await;
     for e in &errors {
         tracing::warn!("{e}");
@@ -327,7 +421,9 @@ pub async fn run(
             update = config_rx.recv() => match update {
                 Some(ConfigUpdate::Valid(new)) => {
                     let new = *new;
-                    let upstreams = new.upstreams_for_node(&opts.node);
+                    let mut next_fallback = fallback.clone();
+                    next_fallback.reconfigure(&new, &opts.node);
+                    let upstreams = new.upstreams_for_node(&opts.node, next_fallback.active());
                     let (fresh, errors) = resolve_all(&upstreams, &resolved).await;
                     for e in &errors { tracing::warn!("{e}"); }
                     let now = backend.clock().now();
@@ -338,6 +434,7 @@ pub async fn run(
                             shared.metrics.config_reloads.with_label_values(&["applied"]).inc();
                             resolved = fresh;
                             config = new;
+                            fallback = next_fallback;
                             config_error = None;
                             let _ = outputs.heartbeat.send(Duration::from_secs_f64(config.reporting.heartbeat_seconds.max(5.0)));
                         }
@@ -365,6 +462,25 @@ pub async fn run(
             });
         }
         let state = system.state(now);
+        let tier = tier_addresses(&config, &opts.node, &resolved);
+        if let Some(active) =
+            fallback.observe(tier_usable(&state, &tier), std::time::Instant::now())
+        {
+            let upstreams = config.upstreams_for_node(&opts.node, active);
+            let (fresh, _) = resolve_all(&upstreams, &resolved).await;
+            let now = backend.clock().now();
+            match system.reconfigure(system_config(&config, &upstreams, &fresh), now) {
+                Ok(()) => {
+                    resolved = fresh;
+                    if active {
+                        tracing::warn!("no egress agent usable; polling the upstreams too");
+                    } else {
+                        tracing::info!("an egress agent is usable again; polling the tier only");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "switching upstreams failed"),
+            }
+        }
         // What tenants are answered with from now until the next turn.
         shared
             .server
@@ -406,7 +522,7 @@ pub async fn run(
         }
         if last_pool_resolve.elapsed() >= POOL_RERESOLVE_INTERVAL && needs_reresolve(&state) {
             last_pool_resolve = tokio::time::Instant::now();
-            let upstreams = config.upstreams_for_node(&opts.node);
+            let upstreams = config.upstreams_for_node(&opts.node, fallback.active());
             let (fresh, _) = resolve_all(&upstreams, &resolved).await;
             if fresh != resolved {
                 let now = backend.clock().now();
@@ -612,6 +728,65 @@ mod tests {
 
     fn config_json() -> String {
         include_str!("../tests/data/agent-config.json").to_string()
+    }
+
+    fn tiered(fallback: bool, tier: &[&str]) -> AgentConfig {
+        let mut config = AgentConfig::from_json(&config_json()).unwrap();
+        config.egress = Some(stratum_api::agent_config::EgressConfig {
+            nodes: vec!["edge".into()],
+            tier_upstreams: tier
+                .iter()
+                .map(|host| UpstreamConfig {
+                    host: (*host).into(),
+                    kind: UpstreamKind::Server,
+                    ..config.upstreams[0].clone()
+                })
+                .collect(),
+            fallback_to_upstreams: fallback,
+        });
+        config
+    }
+
+    #[test]
+    fn the_upstreams_are_polled_only_after_no_egress_agent_was_usable_for_the_grace() {
+        let config = tiered(true, &["10.0.0.1"]);
+        let mut fallback = Fallback::new(&config, "worker");
+        assert!(!fallback.active(), "a start polls the tier alone");
+        let t0 = std::time::Instant::now();
+        assert_eq!(fallback.observe(false, t0), None);
+        assert_eq!(fallback.observe(true, t0 + FALLBACK_GRACE / 2), None);
+        // Unusable again: the grace starts over.
+        assert_eq!(fallback.observe(false, t0 + FALLBACK_GRACE), None);
+        assert_eq!(
+            fallback.observe(false, t0 + FALLBACK_GRACE * 2 - Duration::from_millis(1)),
+            None
+        );
+        assert_eq!(fallback.observe(false, t0 + FALLBACK_GRACE * 2), Some(true));
+        assert!(fallback.active());
+        assert_eq!(fallback.observe(false, t0 + FALLBACK_GRACE * 3), None);
+        // One usable egress agent ends the fallback at once.
+        assert_eq!(fallback.observe(true, t0 + FALLBACK_GRACE * 3), Some(false));
+        assert!(!fallback.active());
+    }
+
+    #[test]
+    fn fallback_never_happens_when_not_allowed_or_on_an_egress_node_and_at_once_without_a_tier() {
+        let t0 = std::time::Instant::now();
+        let mut forbidden = Fallback::new(&tiered(false, &["10.0.0.1"]), "worker");
+        assert_eq!(forbidden.observe(false, t0), None);
+        assert_eq!(forbidden.observe(false, t0 + FALLBACK_GRACE * 10), None);
+        let mut edge = Fallback::new(&tiered(true, &["10.0.0.1"]), "edge");
+        assert_eq!(edge.observe(false, t0 + FALLBACK_GRACE * 10), None);
+        assert!(!edge.active());
+        let empty = Fallback::new(&tiered(true, &[]), "worker");
+        assert!(
+            empty.active(),
+            "no egress agent at all: the upstreams at once"
+        );
+        // A new config that forbids it ends it.
+        let mut active = empty.clone();
+        active.reconfigure(&tiered(false, &[]), "worker");
+        assert!(!active.active());
     }
 
     #[test]

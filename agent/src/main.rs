@@ -13,7 +13,7 @@ use stratum_agent::config_source::{self, ConfigSource};
 use stratum_agent::metrics::Metrics;
 use stratum_agent::server::{ServerOptions, default_workers};
 use stratum_agent::{VERSION, ops, report};
-use stratum_api::agent_config::ClockBackend;
+use stratum_api::agent_config::{ClockBackend, LogLevel};
 use tokio::sync::{mpsc, watch};
 
 #[derive(Parser)]
@@ -133,7 +133,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    init_logging(args.log_format);
+    let logging = init_logging(args.log_format);
     let source = match (&args.config_map, &args.config) {
         (Some(cm), None) => {
             let (namespace, name) = cm
@@ -163,7 +163,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // The backend comes from the flag or the first valid config.
     let first = loop {
         match config_rx.recv().await {
-            Some(config_source::ConfigUpdate::Valid(c)) => break c,
+            Some(config_source::ConfigUpdate::Valid(c)) => {
+                logging.apply(c.log_level);
+                break c;
+            }
             Some(config_source::ConfigUpdate::Rejected(why)) => {
                 tracing::error!(reason = %why, "config rejected; waiting for a valid one")
             }
@@ -198,6 +201,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .ok();
     tokio::spawn(async move {
         while let Some(u) = config_rx.recv().await {
+            if let config_source::ConfigUpdate::Valid(c) = &u {
+                logging.apply(c.log_level);
+            }
             if loop_tx.send(u).await.is_err() {
                 return;
             }
@@ -279,14 +285,88 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     agent::run(opts, backend, shared, outputs, loop_rx, shutdown_rx).await
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+/// The filter of the agent's log: `RUST_LOG` when set (someone debugging this node wins),
+/// else the config's `logLevel` (the TimeService's `spec.agent.logLevel`).
+fn log_filter(env: Option<&str>, level: LogLevel) -> String {
+    match env {
+        Some(directives) if !directives.trim().is_empty() => directives.to_owned(),
+        _ => level.as_str().to_owned(),
+    }
+}
+
+/// Sets the log level from each config the agent takes, without a restart.
+#[derive(Clone)]
+struct LogControl {
+    env: Option<String>,
+    filter: tracing_subscriber::reload::Handle<
+        tracing_subscriber::EnvFilter,
+        tracing_subscriber::Registry,
+    >,
+}
+
+impl LogControl {
+    fn apply(&self, level: LogLevel) {
+        let directives = log_filter(self.env.as_deref(), level);
+        match tracing_subscriber::EnvFilter::try_new(&directives) {
+            Ok(filter) => {
+                if let Err(e) = self.filter.reload(filter) {
+                    tracing::warn!(error = %e, "log level not changed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, %directives, "log filter not understood"),
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) -> LogControl {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let env = std::env::var("RUST_LOG").ok();
+    let initial =
+        tracing_subscriber::EnvFilter::try_new(log_filter(env.as_deref(), LogLevel::Info))
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(initial);
+    let output = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
+        .init();
+    LogControl {
+        env,
+        filter: handle,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_configs_log_level_sets_the_filter_unless_rust_log_is_given() {
+        assert_eq!(log_filter(None, LogLevel::Debug), "debug");
+        assert_eq!(log_filter(None, LogLevel::Error), "error");
+        assert_eq!(log_filter(Some(""), LogLevel::Warn), "warn");
+        assert_eq!(
+            log_filter(Some("stratum_agent=trace"), LogLevel::Error),
+            "stratum_agent=trace"
+        );
+        for level in [
+            LogLevel::Error,
+            LogLevel::Warn,
+            LogLevel::Info,
+            LogLevel::Debug,
+            LogLevel::Trace,
+        ] {
+            assert!(tracing_subscriber::EnvFilter::try_new(log_filter(None, level)).is_ok());
+        }
     }
 }

@@ -328,3 +328,39 @@ fn write_bytes(path: &std::path::Path, bytes: &[u8]) {
     std::fs::write(&tmp, bytes).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
+
+#[test]
+fn the_configs_log_level_is_applied_at_start_and_on_every_reload() {
+    let dir = TempDir::new("loglevel");
+    // An upstream nobody answers: the agent logs each unanswered request at debug.
+    let ip = Ipv4Addr::new(127, 25, 0, 1);
+    let silent = SocketAddr::from((ip, free_udp_port(ip)));
+    let mut config = agent_config("r1", &[silent], 1, dir.path());
+    config["logLevel"] = "debug".into();
+    let agent = Agent::start(dir.path(), 25, &config, 0.0, 0.0);
+    let reloads = |n: u32| {
+        agent.get_metrics_port("/metrics").is_some_and(|(_, body)| {
+            body.contains(&format!(
+                "stratum_agent_config_reloads_total{{result=\"applied\"}} {n}"
+            ))
+        })
+    };
+    wait_for(Duration::from_secs(20), "debug lines in the log", || {
+        agent.proc.log_text().contains("DEBUG")
+    });
+    // At info a reload is logged ("config applied"); at error it is not.
+    for (n, level, logged) in [(2, "info", 1), (3, "error", 1)] {
+        config["logLevel"] = level.into();
+        config["revision"] = format!("r{n}").into();
+        write_config(&agent.config, &config);
+        wait_for(Duration::from_secs(20), "the new config applied", || {
+            reloads(n)
+        });
+        let log = agent.proc.log_text();
+        assert_eq!(
+            log.matches("config applied").count(),
+            logged,
+            "logLevel {level}: {log}"
+        );
+    }
+}

@@ -27,6 +27,7 @@ use crate::names;
 use crate::ports::{Allocation, PortClaim, TenantKey};
 use crate::resolve::{CompiledPolicy, PodSet, ResolveError, resolve_pod_set};
 use crate::selector::{Labels, Selector};
+use crate::validate::{Refusal, spec_refusal};
 
 /// A pod as the operator sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -211,6 +212,9 @@ pub struct TenantEntry {
     pub status_port: Option<i32>,
     /// Compiled peers, or why they do not compile.
     pub policy: Result<CompiledPolicy, ResolveError>,
+    /// Why this tenant cannot be served whatever else exists (its own faults, see
+    /// [`crate::validate`]). Such a tenant claims no port and no Service name.
+    pub invalid: Option<Refusal>,
 }
 
 impl TenantEntry {
@@ -223,7 +227,9 @@ impl TenantEntry {
             &tenant.spec.allowed_clients,
             &tenant.spec.denied_clients,
         );
+        let invalid = spec_refusal(&policy, &tenant.spec);
         Some(Self {
+            invalid,
             uid: tenant.metadata.uid.clone(),
             created: tenant.metadata.creation_timestamp.as_ref().map(|t| t.0),
             status_port: tenant.status.as_ref().and_then(|s| s.port),
@@ -237,6 +243,15 @@ impl TenantEntry {
     /// `(namespace, name)`.
     pub fn key(&self) -> TenantKey {
         (self.namespace.clone(), self.name.clone())
+    }
+
+    /// The TimeService whose port range this tenant claims a port of: none while it is
+    /// invalid, so an invalid tenant never moves another tenant's port.
+    fn claims_port_of<'a>(&self, index: &'a Index) -> Option<&'a TimeServiceEntry> {
+        if self.invalid.is_some() {
+            return None;
+        }
+        index.time_service_of(self).ok()
     }
 
     /// What port allocation needs of it.
@@ -448,9 +463,10 @@ impl Index {
         let mut allocations = HashMap::new();
         for (name, ts) in &self.time_services {
             let claims: Vec<PortClaim> = self
-                .tenants_of(name)
-                .into_iter()
-                .map(TenantEntry::claim)
+                .tenants
+                .values()
+                .filter(|t| t.claims_port_of(self).is_some_and(|ts| ts.name == *name))
+                .map(|t| t.claim())
                 .collect();
             let range = &ts.spec.serving.tenant_ports;
             allocations.insert(
@@ -465,11 +481,11 @@ impl Index {
     /// entry) or deleted; triggers those whose port or TimeService changed.
     fn reallocate(&mut self, key: &TenantKey, old: Option<&TenantEntry>) -> Triggers {
         let old_ts = old
-            .and_then(|o| self.time_service_of(o).ok())
+            .and_then(|o| o.claims_port_of(self))
             .map(|ts| ts.name.clone());
         let new = self.tenants.get(key).map(Arc::as_ref);
         let new_ts = new
-            .and_then(|t| self.time_service_of(t).ok())
+            .and_then(|t| t.claims_port_of(self))
             .map(|ts| ts.name.clone());
         let claim = new.map(TenantEntry::claim);
         let mut triggers = Triggers::default();

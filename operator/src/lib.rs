@@ -18,6 +18,7 @@ pub mod names;
 pub mod ports;
 pub mod resolve;
 pub mod selector;
+pub mod validate;
 
 pub use error::{Error, Result};
 pub mod plan;

@@ -21,22 +21,22 @@ use crate::build::endpointslice::{
     ZONE_LABEL, agent_endpoints, build_endpoint_slices, ready_endpoints,
 };
 use crate::build::gzip::MemberCache;
-use crate::build::networkpolicy::{PolicyCache, TenantRule, build_network_policy_cached};
+use crate::build::networkpolicy::{PolicyCache, TenantRule, build_network_policies_cached};
 use crate::build::rbac::{AgentRbac, build_rbac};
 use crate::build::service::build_service;
 use crate::build::status::Blocked;
-use crate::build::time_config::{build_time_config, is_iana_timezone};
+use crate::build::time_config::build_time_config;
 use crate::error::Result;
 use crate::index::{ClockInfo, Index, TenantEntry};
 use crate::names;
 use crate::ports::TenantKey;
+use crate::validate::prefix_refusal;
 
 /// Largest agent config written (gzipped): a ConfigMap holds at most 1 MiB of data, and its
 /// metadata needs room too.
 pub const MAX_CONFIG_BYTES: usize = 1_000_000;
 
-/// Why a tenant is not accepted: condition reason and message.
-pub type Refusal = (&'static str, String);
+pub use crate::validate::Refusal;
 
 /// Everything a TimeService reconcile applies and reports.
 #[derive(Debug)]
@@ -47,8 +47,9 @@ pub struct TimeServicePlan {
     pub daemonset: Option<DaemonSet>,
     /// Agent identity and permissions.
     pub rbac: AgentRbac,
-    /// Admission of tenants' peers and agents' egress (shared with the index's cache).
-    pub network_policy: Arc<NetworkPolicy>,
+    /// Admission of tenants' peers and agents' egress: `<ts>-agent`, then as many further
+    /// policies as the tenants' rules need (shared with the index's cache).
+    pub network_policies: Arc<[NetworkPolicy]>,
     /// The agent config; `None` when it would be invalid (the last good one stays).
     pub config: Option<AgentConfig>,
     /// The ConfigMap carrying `config`; `None` when there is none or it exceeds a ConfigMap's
@@ -90,7 +91,8 @@ impl Owners {
         }
         let mut services: HashMap<(String, String), Arc<TenantEntry>> = HashMap::new();
         let mut namespaces: HashMap<String, Arc<TenantEntry>> = HashMap::new();
-        for t in index.tenants.values() {
+        // An invalid tenant owns nothing: it would otherwise refuse a valid younger one.
+        for t in index.tenants.values().filter(|t| t.invalid.is_none()) {
             let key = (t.namespace.clone(), t.spec.service.name.clone());
             for slot in [
                 services.entry(key).or_insert_with(|| t.clone()),
@@ -136,28 +138,11 @@ pub fn tenant_refusal(
     tenant: &TenantEntry,
     port: Option<u16>,
 ) -> Option<Refusal> {
-    if let Err(e) = &tenant.policy {
-        return Some(("InvalidClients", e.to_string()));
+    if let Some(invalid) = &tenant.invalid {
+        return Some(invalid.clone());
     }
     if let Err(unserved) = index.time_service_of(tenant) {
         return Some((unserved.reason(), unserved.message()));
-    }
-    if let Some(tz) = &tenant.spec.timezone
-        && !is_iana_timezone(tz)
-    {
-        return Some((
-            "InvalidTimezone",
-            format!("{tz:?} is not a time zone of the IANA database"),
-        ));
-    }
-    if let Some(auth) = &tenant.spec.authentication
-        && (auth.nts || auth.symmetric_keys_secret.is_some())
-    {
-        return Some((
-            "AuthenticationUnsupported",
-            "client authentication (NTS, symmetric keys) is not supported by this version's agents"
-                .into(),
-        ));
     }
     if let Some(owner) = owners.service_taken(tenant) {
         return Some((
@@ -202,6 +187,13 @@ struct ServedTenant {
     id: String,
     port: u16,
     entry: Arc<TenantEntry>,
+}
+
+impl ServedTenant {
+    /// The tenant's resolved deny list.
+    fn denied(&self) -> &[ipnet::IpNet] {
+        self.entry.policy.as_ref().map_or(&[][..], |p| &p.denied)
+    }
 }
 
 impl Roster {
@@ -266,11 +258,18 @@ pub fn plan_time_service(
         Some(roster) if roster.epoch == index.roster_epoch() => roster,
         _ => Arc::new(Roster::build(index, &name)),
     };
-    let lists: Vec<_> = roster
+    // Pods can take a tenant over its prefix limit: refused alone, here as in `plan_tenant`.
+    let mut capped = false;
+    let (served, lists): (Vec<&ServedTenant>, Vec<_>) = roster
         .served
         .iter()
-        .map(|s| index.tenant_set_list(&s.key))
-        .collect();
+        .map(|s| (s, index.tenant_set_list(&s.key)))
+        .filter(|(s, list)| {
+            let over = prefix_refusal(list.allowed.len(), s.denied().len()).is_some();
+            capped |= over;
+            !over
+        })
+        .unzip();
     let allow_list_sizes = lists.iter().map(|l| l.allowed.len()).collect();
 
     let agents = index.agent_pods(&name);
@@ -296,8 +295,7 @@ pub fn plan_time_service(
             .collect();
         fleet.egress_nodes = egress_nodes.into_iter().collect();
     }
-    let inputs: Vec<TenantInput<'_>> = roster
-        .served
+    let inputs: Vec<TenantInput<'_>> = served
         .iter()
         .zip(&lists)
         .map(|(s, list)| TenantInput {
@@ -305,7 +303,7 @@ pub fn plan_time_service(
             port: s.port,
             allowed: &list.sets.blocks,
             sets: &list.resolved,
-            denied: s.entry.policy.as_ref().map_or(&[][..], |p| &p.denied),
+            denied: s.denied(),
             spec: &s.entry.spec,
             revision: Some(list.revision),
         })
@@ -347,13 +345,12 @@ pub fn plan_time_service(
     } else {
         config_map
     };
-    let net_bind = needs_net_bind(roster.served.iter().map(|s| s.port).chain(peer_port));
+    let net_bind = needs_net_bind(served.iter().map(|s| s.port).chain(peer_port));
     let daemonset = match blocked {
         Some(Blocked::Conflict { .. }) => None,
         _ => Some(build_daemonset(ts, settings, net_bind)?),
     };
-    let rules: Vec<TenantRule<'_>> = roster
-        .served
+    let rules: Vec<TenantRule<'_>> = served
         .iter()
         .map(|s| TenantRule {
             namespace: &s.key.0,
@@ -361,13 +358,14 @@ pub fn plan_time_service(
             port: s.port,
         })
         .collect();
-    // The rules come from the roster alone: an unchanged roster, unchanged rules.
-    let network_policy = build_network_policy_cached(
+    // The rules come from the roster alone (an unchanged roster, unchanged rules) unless pods
+    // took a tenant over its limit: then they are compared.
+    let network_policies = build_network_policies_cached(
         &mut cache.network_policy,
         ts,
         settings,
         &rules,
-        Some(roster.epoch),
+        (!capped).then_some(roster.epoch),
         peer_port,
     )?;
     let clocks = index
@@ -379,13 +377,14 @@ pub fn plan_time_service(
     let tenants = roster.tenants.clone();
     drop(rules);
     drop(inputs);
+    drop(served);
     cache.roster = Some(roster);
     index.plan_caches.insert(name, cache);
     Ok(TimeServicePlan {
         blocked,
         daemonset,
         rbac: build_rbac(ts, settings, index.time_services.keys().map(String::as_str))?,
-        network_policy,
+        network_policies,
         config,
         config_map,
         clocks,
@@ -467,7 +466,13 @@ pub fn plan_tenant(index: &mut Index, tenant: &TenantTimePolicy) -> Result<Tenan
         return Ok(plan);
     }
     let Some(port) = port else { return Ok(plan) };
-    plan.allow_list_size = i32::try_from(index.allowed(&key).len()).unwrap_or(i32::MAX);
+    let allowed = index.allowed(&key).len();
+    plan.allow_list_size = i32::try_from(allowed).unwrap_or(i32::MAX);
+    let denied = entry.policy.as_ref().map_or(0, |p| p.denied.len());
+    if let Some(refusal) = prefix_refusal(allowed, denied) {
+        plan.refused = Some(refusal);
+        return Ok(plan);
+    }
     let zones: BTreeMap<String, Option<String>> = index
         .nodes
         .iter()

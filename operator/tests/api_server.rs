@@ -245,11 +245,6 @@ async fn time_service_children_are_applied_then_status_once_and_not_again_when_u
                 .unwrap();
         assert_eq!(config.time_service, "cluster");
         assert_eq!(cm["metadata"]["ownerReferences"][0]["uid"], "uid-cluster");
-        v.expect_apply(
-            &format!("/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/cluster-agent"),
-            json!({}),
-        )
-        .await;
         let ds = v
             .expect_apply(
                 &format!("/apis/apps/v1/namespaces/{NS}/daemonsets/cluster-agent"),
@@ -258,6 +253,12 @@ async fn time_service_children_are_applied_then_status_once_and_not_again_when_u
             )
             .await;
         assert_eq!(ds["kind"], "DaemonSet");
+        // The NetworkPolicy after the DaemonSet: it can never hold the agents back.
+        v.expect_apply(
+            &format!("/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/cluster-agent"),
+            json!({}),
+        )
+        .await;
         let status = v
             .expect_apply(
                 "/apis/stratum.io/v1alpha1/timeservices/cluster/status",
@@ -280,14 +281,14 @@ async fn time_service_children_are_applied_then_status_once_and_not_again_when_u
     let verifier = tokio::spawn(async move {
         expect_agent_rbac(&mut v, "cluster").await;
         v.expect_apply(
-            &format!("/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/cluster-agent"),
-            json!({}),
-        )
-        .await;
-        v.expect_apply(
             &format!("/apis/apps/v1/namespaces/{NS}/daemonsets/cluster-agent"),
             json!({ "status": { "desiredNumberScheduled": 1, "numberReady": 1, "updatedNumberScheduled": 1,
                                 "currentNumberScheduled": 1, "numberMisscheduled": 0 } }),
+        )
+        .await;
+        v.expect_apply(
+            &format!("/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/cluster-agent"),
+            json!({}),
         )
         .await;
         v
@@ -328,14 +329,14 @@ async fn a_younger_overlapping_time_service_gets_conflict_and_no_daemonset() {
             json!({}),
         )
         .await;
+        v.expect_delete_not_found(&format!(
+            "/apis/apps/v1/namespaces/{NS}/daemonsets/second-agent"
+        ))
+        .await;
         v.expect_apply(
             &format!("/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/second-agent"),
             json!({}),
         )
-        .await;
-        v.expect_delete_not_found(&format!(
-            "/apis/apps/v1/namespaces/{NS}/daemonsets/second-agent"
-        ))
         .await;
         v.expect_apply(
             "/apis/stratum.io/v1alpha1/timeservices/second/status",

@@ -201,7 +201,10 @@ fn written(plan: &TimeServicePlan) -> (Option<Vec<u8>>, String) {
         .and_then(|cm| cm.binary_data.as_ref())
         .and_then(|d| d.values().next())
         .map(|b| b.0.clone());
-    (bytes, serde_json::to_string(&*plan.network_policy).unwrap())
+    (
+        bytes,
+        serde_json::to_string(&*plan.network_policies).unwrap(),
+    )
 }
 
 #[test]

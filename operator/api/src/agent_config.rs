@@ -19,6 +19,8 @@ use std::fmt;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::tenant_time_policy::TenantTimePolicySpec;
+
 /// The version of the contract this build writes (and the newest it reads).
 pub const AGENT_CONFIG_VERSION: u32 = 2;
 /// The oldest version this build still reads: version 1 has no CIDR sets.
@@ -127,7 +129,8 @@ pub struct EgressConfig {
     pub nodes: Vec<String>,
     /// The egress agents, as upstreams for every other agent.
     pub tier_upstreams: Vec<UpstreamConfig>,
-    /// Non-egress agents also poll `upstreams` when no egress agent is usable.
+    /// Non-egress agents also poll `upstreams` while no egress agent is usable (see
+    /// [`AgentConfig::upstreams_for_node`]).
     pub fallback_to_upstreams: bool,
 }
 
@@ -249,6 +252,174 @@ pub struct RateLimitConfig {
     pub kiss_of_death: bool,
 }
 
+/// Smallest per-client interval: the agent's rate table refills at most once per millisecond,
+/// so a shorter interval would silently mean 1 ms (and zero, no limit at all).
+pub const MIN_CLIENT_INTERVAL_SECONDS: f64 = 0.001;
+/// Smallest maximum root distance a tenant may require. An agent's root distance grows by
+/// PHI (15 µs/s, RFC 5905) between clock updates, so below a millisecond no agent polling at
+/// ordinary intervals stays within it and the tenant would flap between ready and not.
+pub const MIN_MAX_ROOT_DISTANCE_SECONDS: f64 = 0.001;
+
+/// A field of one tenant entry, named both as the agent config has it and as the
+/// TenantTimePolicy the operator builds it from, so one check serves both readers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TenantField {
+    /// `id` (the policy's `namespace/name`).
+    Id,
+    /// `port` (allocated by the operator, `status.port`).
+    Port,
+    /// `rateLimit.clientIntervalSeconds`.
+    ClientInterval,
+    /// `rateLimit.clientBurst`.
+    ClientBurst,
+    /// `rateLimit.tenantRequestsPerSecond`.
+    TenantRequestsPerSecond,
+    /// `rateLimit.tenantBurst`.
+    TenantBurst,
+    /// `maxRootDistanceSeconds`.
+    MaxRootDistance,
+    /// `allowedSets[i]`.
+    AllowedSet(usize),
+}
+
+impl TenantField {
+    /// The path inside one `serving.tenants[]` entry.
+    pub fn config_path(self) -> String {
+        match self {
+            TenantField::Id => "id".into(),
+            TenantField::Port => "port".into(),
+            TenantField::ClientInterval => "rateLimit.clientIntervalSeconds".into(),
+            TenantField::ClientBurst => "rateLimit.clientBurst".into(),
+            TenantField::TenantRequestsPerSecond => "rateLimit.tenantRequestsPerSecond".into(),
+            TenantField::TenantBurst => "rateLimit.tenantBurst".into(),
+            TenantField::MaxRootDistance => "maxRootDistanceSeconds".into(),
+            TenantField::AllowedSet(i) => format!("allowedSets[{i}]"),
+        }
+    }
+
+    /// The TenantTimePolicy field this entry field is built from.
+    pub fn policy_path(self) -> &'static str {
+        match self {
+            TenantField::Id => "metadata.name",
+            TenantField::Port => "status.port",
+            TenantField::ClientInterval => "spec.rateLimit.perClient.interval",
+            TenantField::ClientBurst => "spec.rateLimit.perClient.burst",
+            TenantField::TenantRequestsPerSecond => "spec.rateLimit.perTenant.requestsPerSecond",
+            TenantField::TenantBurst => "spec.rateLimit.perTenant.burst",
+            TenantField::MaxRootDistance => "spec.requirements.maxRootDistance",
+            TenantField::AllowedSet(_) => "spec.allowedClients",
+        }
+    }
+}
+
+/// One problem of one tenant entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TenantProblem {
+    /// The offending field.
+    pub field: TenantField,
+    /// What is wrong, for a human, in terms that fit both paths.
+    pub message: String,
+}
+
+impl fmt::Display for TenantProblem {
+    /// As the tenant's owner reads it: the TenantTimePolicy field, then why.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field.policy_path(), self.message)
+    }
+}
+
+/// Every problem the agents would find in the entry of a tenant with this spec, in terms of
+/// the spec's fields (see [`TenantProblem`]'s `Display`). The operator refuses such a tenant
+/// alone instead of writing an entry that would make the agents refuse the whole config. The
+/// port is a stand-in: ports are the operator's own, unique by construction.
+pub fn policy_problems(spec: &TenantTimePolicySpec) -> Vec<TenantProblem> {
+    TenantConfig::from_policy("policy".into(), u16::MAX, spec).problems(0)
+}
+
+impl TenantConfig {
+    /// The entry of tenant `id` on `port` as its TenantTimePolicy spec makes it, with empty
+    /// client lists (those come from resolved peers): the one mapping from every policy field
+    /// an agent reads to the entry. Durations are seconds; integers out of range become 0,
+    /// which [`TenantConfig::problems`] refuses, never a quietly valid value.
+    pub fn from_policy(id: String, port: u16, spec: &TenantTimePolicySpec) -> Self {
+        let rate = &spec.rate_limit;
+        let count = |n: i32| u32::try_from(n).unwrap_or(0);
+        TenantConfig {
+            id,
+            port,
+            allowed: Vec::new(),
+            allowed_sets: Vec::new(),
+            denied: Vec::new(),
+            rate_limit: RateLimitConfig {
+                client_interval_seconds: rate.per_client.interval.as_secs_f64(),
+                client_burst: count(rate.per_client.burst),
+                tenant_requests_per_second: rate
+                    .per_tenant
+                    .as_ref()
+                    .map(|r| count(r.requests_per_second)),
+                tenant_burst: rate.per_tenant.as_ref().map(|r| count(r.burst)),
+                kiss_of_death: rate.kiss_of_death,
+            },
+            max_root_distance_seconds: spec.requirements.max_root_distance.map(|d| d.as_secs_f64()),
+        }
+    }
+
+    /// Every problem of this entry on its own, given that the document has `cidr_sets` shared
+    /// sets. [`AgentConfig::validate`] runs it on each entry (adding what only the whole list
+    /// shows: duplicate ids and ports); the operator runs it on each tenant before the tenant
+    /// enters the shared config, so a tenant the agents would refuse is refused alone.
+    ///
+    /// Allocates nothing for a good entry: a config of a thousand tenants is validated on
+    /// every change.
+    pub fn problems(&self, cidr_sets: usize) -> Vec<TenantProblem> {
+        let mut out = Vec::new();
+        let mut add = |field, message: &str| {
+            out.push(TenantProblem {
+                field,
+                message: message.to_owned(),
+            })
+        };
+        if self.id.is_empty() {
+            add(TenantField::Id, "must not be empty");
+        }
+        if self.port == 0 {
+            add(TenantField::Port, "must not be 0");
+        }
+        let rate = &self.rate_limit;
+        if !(rate.client_interval_seconds.is_finite()
+            && rate.client_interval_seconds >= MIN_CLIENT_INTERVAL_SECONDS)
+        {
+            add(TenantField::ClientInterval, "must be at least 1ms");
+        }
+        if rate.client_burst == 0 {
+            add(TenantField::ClientBurst, "must be at least 1");
+        }
+        match (rate.tenant_requests_per_second, rate.tenant_burst) {
+            (Some(0), _) => add(TenantField::TenantRequestsPerSecond, "must be at least 1"),
+            (Some(rps), Some(burst)) if burst < rps => add(
+                TenantField::TenantBurst,
+                "must be at least the requests per second",
+            ),
+            (None, Some(_)) => add(TenantField::TenantBurst, "needs requests per second"),
+            _ => {}
+        }
+        if let Some(max) = self.max_root_distance_seconds
+            && !(max.is_finite() && max >= MIN_MAX_ROOT_DISTANCE_SECONDS)
+        {
+            add(TenantField::MaxRootDistance, "must be at least 1ms");
+        }
+        for (j, set) in self.allowed_sets.iter().enumerate() {
+            if *set as usize >= cidr_sets {
+                out.push(TenantProblem {
+                    field: TenantField::AllowedSet(j),
+                    message: format!("no CIDR set {set}; serving.cidrSets has {cidr_sets}"),
+                });
+            }
+        }
+        out
+    }
+}
+
 /// Reporting settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -272,6 +443,19 @@ pub enum LogLevel {
     Debug,
     /// Everything.
     Trace,
+}
+
+impl LogLevel {
+    /// The level as a tracing filter directive (`info`, `debug`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
 }
 
 /// One problem found in a config, with the JSON path of the offending field.
@@ -465,14 +649,10 @@ impl AgentConfig {
         let mut ids = BTreeSet::new();
         for (i, t) in s.tenants.iter().enumerate() {
             let at = |field: &str| format!("serving.tenants[{i}].{field}");
-            if t.id.is_empty() {
-                p.add(at("id"), "must not be empty");
-            } else if !ascending && !ids.insert(t.id.as_str()) {
+            if !t.id.is_empty() && !ascending && !ids.insert(t.id.as_str()) {
                 p.add(at("id"), format!("duplicate tenant id {:?}", t.id));
             }
-            if t.port == 0 {
-                p.add(at("port"), "must not be 0");
-            } else if !ports.insert(t.port) {
+            if t.port != 0 && !ports.insert(t.port) {
                 p.add(
                     at("port"),
                     format!(
@@ -481,43 +661,9 @@ impl AgentConfig {
                     ),
                 );
             }
-            p.positive_at(
-                || at("rateLimit.clientIntervalSeconds"),
-                t.rate_limit.client_interval_seconds,
-            );
-            if t.rate_limit.client_burst == 0 {
-                p.add(at("rateLimit.clientBurst"), "must be at least 1");
-            }
-            match (
-                t.rate_limit.tenant_requests_per_second,
-                t.rate_limit.tenant_burst,
-            ) {
-                (Some(0), _) => p.add(
-                    at("rateLimit.tenantRequestsPerSecond"),
-                    "must be at least 1",
-                ),
-                (Some(rps), Some(burst)) if burst < rps => p.add(
-                    at("rateLimit.tenantBurst"),
-                    "must be at least tenantRequestsPerSecond",
-                ),
-                (None, Some(_)) => {
-                    p.add(at("rateLimit.tenantBurst"), "needs tenantRequestsPerSecond")
-                }
-                _ => {}
-            }
-            if let Some(max) = t.max_root_distance_seconds {
-                p.positive_at(|| at("maxRootDistanceSeconds"), max);
-            }
-            for (j, set) in t.allowed_sets.iter().enumerate() {
-                if *set as usize >= s.cidr_sets.len() {
-                    p.add(
-                        at(&format!("allowedSets[{j}]")),
-                        format!(
-                            "no CIDR set {set}; serving.cidrSets has {}",
-                            s.cidr_sets.len()
-                        ),
-                    );
-                }
+            // The entry on its own, as the operator checks it before writing it.
+            for problem in t.problems(s.cidr_sets.len()) {
+                p.add(at(&problem.field.config_path()), problem.message);
             }
         }
         p.positive(
@@ -527,19 +673,36 @@ impl AgentConfig {
         p.finish()
     }
 
-    /// The upstreams the agent on `node` polls: the tier's agents for nodes outside an egress
-    /// tier (plus the real upstreams when fallback is allowed), the real upstreams otherwise.
-    pub fn upstreams_for_node(&self, node: &str) -> Vec<UpstreamConfig> {
+    /// The upstreams the agent on `node` polls: the real upstreams on an egress node or without
+    /// a tier; elsewhere the tier's agents, plus the real upstreams while `falling_back` (no
+    /// egress agent usable, see [`AgentConfig::may_fall_back`]) when the tier allows it.
+    pub fn upstreams_for_node(&self, node: &str, falling_back: bool) -> Vec<UpstreamConfig> {
         match &self.egress {
             Some(egress) if !egress.nodes.iter().any(|n| n == node) => {
                 let mut list = egress.tier_upstreams.clone();
-                if egress.fallback_to_upstreams {
+                if falling_back && egress.fallback_to_upstreams {
                     list.extend(self.upstreams.iter().cloned());
                 }
                 list
             }
             _ => self.upstreams.clone(),
         }
+    }
+
+    /// The egress agents the agent on `node` polls; empty on an egress node or without a tier.
+    pub fn tier_for_node(&self, node: &str) -> &[UpstreamConfig] {
+        match &self.egress {
+            Some(egress) if !egress.nodes.iter().any(|n| n == node) => &egress.tier_upstreams,
+            _ => &[],
+        }
+    }
+
+    /// Whether the agent on `node` may fall back to the real upstreams when no egress agent is
+    /// usable: it is outside the tier and the tier allows it.
+    pub fn may_fall_back(&self, node: &str) -> bool {
+        self.egress.as_ref().is_some_and(|egress| {
+            egress.fallback_to_upstreams && !egress.nodes.iter().any(|n| n == node)
+        })
     }
 }
 
@@ -696,13 +859,8 @@ impl Problems {
         });
     }
     fn positive(&mut self, path: &str, value: f64) {
-        self.positive_at(|| path.to_owned(), value);
-    }
-    /// Like `positive`, with the path built only for a problem: a config of a thousand
-    /// tenants is validated on every change, and formatting every path showed in profiles.
-    fn positive_at(&mut self, path: impl FnOnce() -> String, value: f64) {
         if !(value.is_finite() && value > 0.0) {
-            self.add(path(), "must be a positive number of seconds");
+            self.add(path, "must be a positive number of seconds");
         }
     }
     fn non_negative(&mut self, path: &str, value: f64) {
@@ -1002,6 +1160,83 @@ mod tests {
         assert_eq!(problems[0].path, "serving.tenants[1].port");
     }
 
+    fn policy(spec: serde_json::Value) -> TenantTimePolicySpec {
+        serde_json::from_value(spec).unwrap()
+    }
+
+    #[test]
+    fn a_tenant_entry_is_checked_alone_and_each_problem_names_the_policy_field() {
+        let zero = policy(serde_json::json!({
+            "rateLimit": { "perClient": { "interval": "0s" } },
+            "requirements": { "maxRootDistance": "0s" }
+        }));
+        let problems = policy_problems(&zero);
+        let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "spec.rateLimit.perClient.interval: must be at least 1ms",
+                "spec.requirements.maxRootDistance: must be at least 1ms",
+            ]
+        );
+        let paths: Vec<String> = problems.iter().map(|p| p.field.config_path()).collect();
+        assert_eq!(
+            paths,
+            ["rateLimit.clientIntervalSeconds", "maxRootDistanceSeconds"]
+        );
+        // Just below and at the bound.
+        let tiny =
+            policy(serde_json::json!({ "rateLimit": { "perClient": { "interval": "999us" } } }));
+        assert_eq!(policy_problems(&tiny).len(), 1);
+        let least = policy(serde_json::json!({
+            "rateLimit": { "perClient": { "interval": "1ms" } },
+            "requirements": { "maxRootDistance": "1ms" }
+        }));
+        assert!(policy_problems(&least).is_empty());
+        assert!(policy_problems(&TenantTimePolicySpec::default()).is_empty());
+    }
+
+    #[test]
+    fn out_of_range_integers_from_a_bypassed_admission_are_refused_not_repaired() {
+        let negative = policy(serde_json::json!({
+            "rateLimit": { "perClient": { "burst": -5 },
+                           "perTenant": { "requestsPerSecond": -1, "burst": 10 } }
+        }));
+        let shown: Vec<String> = policy_problems(&negative)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "spec.rateLimit.perClient.burst: must be at least 1",
+                "spec.rateLimit.perTenant.requestsPerSecond: must be at least 1",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_whole_config_check_runs_the_same_tenant_check() {
+        let mut config = sample();
+        let entry = TenantConfig::from_policy(
+            "b/bad".into(),
+            12301,
+            &policy(serde_json::json!({ "requirements": { "maxRootDistance": "0s" } })),
+        );
+        assert_eq!(
+            entry.problems(1).len(),
+            policy_problems(&policy(
+                serde_json::json!({ "requirements": { "maxRootDistance": "0s" } })
+            ))
+            .len()
+        );
+        config.serving.tenants.push(entry);
+        assert_eq!(
+            problem_paths(&config),
+            ["serving.tenants[1].maxRootDistanceSeconds"]
+        );
+    }
+
     #[test]
     fn non_finite_and_negative_durations_are_rejected() {
         let mut config = sample();
@@ -1027,13 +1262,31 @@ mod tests {
             tier_upstreams: vec![tier.clone()],
             fallback_to_upstreams: false,
         });
-        assert_eq!(config.upstreams_for_node("edge-0"), config.upstreams);
-        assert_eq!(config.upstreams_for_node("worker-1"), vec![tier.clone()]);
+        for falling_back in [false, true] {
+            assert_eq!(
+                config.upstreams_for_node("edge-0", falling_back),
+                config.upstreams
+            );
+            assert_eq!(
+                config.upstreams_for_node("worker-1", falling_back),
+                vec![tier.clone()],
+                "no fallback unless the tier allows it"
+            );
+        }
+        assert!(!config.may_fall_back("worker-1"));
         config.egress.as_mut().unwrap().fallback_to_upstreams = true;
+        assert!(config.may_fall_back("worker-1") && !config.may_fall_back("edge-0"));
         assert_eq!(
-            config.upstreams_for_node("worker-1"),
-            vec![tier, config.upstreams[0].clone()]
+            config.upstreams_for_node("worker-1", false),
+            vec![tier.clone()],
+            "the pools only while no egress agent is usable"
         );
+        assert_eq!(
+            config.upstreams_for_node("worker-1", true),
+            vec![tier.clone(), config.upstreams[0].clone()]
+        );
+        assert_eq!(config.tier_for_node("worker-1"), [tier]);
+        assert!(config.tier_for_node("edge-0").is_empty());
         assert!(config.validate().is_ok());
     }
 }

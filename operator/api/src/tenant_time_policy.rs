@@ -153,8 +153,10 @@ pub struct RateLimit {
 #[serde(rename_all = "camelCase")]
 pub struct ClientRate {
     /// Minimum average interval between requests of one client.
+    /// At least 1ms: the agents' rate table refills at most once a millisecond, and zero would
+    /// mean no limit at all.
     #[serde(default = "default_client_interval")]
-    #[x_kube(validation = duration_rule!("rateLimit.perClient.interval"))]
+    #[x_kube(validation = duration_rule!("rateLimit.perClient.interval", " && duration(self) >= duration('1ms')", " must be a duration of at least 1ms, such as \"500ms\" or \"8s\""))]
     pub interval: Duration,
     /// Requests a client may send back to back.
     #[serde(default = "default_client_burst")]
@@ -199,8 +201,10 @@ pub struct TenantRate {
 pub struct Requirements {
     /// Above this root distance the tenant is answered "unsynchronized" and the agent's
     /// endpoint for this tenant is not ready.
+    /// At least 1ms: an agent's root distance grows by 15 µs every second between clock updates
+    /// (RFC 5905's PHI), so a tighter bound makes every endpoint flap, and zero is never met.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = duration_rule!("requirements.maxRootDistance"))]
+    #[x_kube(validation = duration_rule!("requirements.maxRootDistance", " && duration(self) >= duration('1ms')", " must be a duration of at least 1ms, such as \"50ms\""))]
     pub max_root_distance: Option<Duration>,
 }
 

@@ -146,8 +146,9 @@ pub struct Selection {
     #[x_kube(validation = kube::core::Rule::new("self >= 1 && self <= 16").message("minSources must be between 1 and 16"))]
     pub min_sources: i32,
     /// Sources whose root distance exceeds this are not selectable.
+    /// At least 1ms: below that hardly any real source is ever selectable, and at zero none is.
     #[serde(default = "default_max_distance")]
-    #[x_kube(validation = duration_rule!("maxDistance"))]
+    #[x_kube(validation = duration_rule!("maxDistance", " && duration(self) >= duration('1ms')", " must be a duration of at least 1ms, such as \"1.5s\""))]
     pub max_distance: Duration,
 }
 
@@ -239,12 +240,14 @@ impl Default for MakeStep {
 #[serde(rename_all = "camelCase")]
 pub struct PanicThreshold {
     /// Largest correction accepted during the first updates after start.
+    /// At least 1ms: zero would refuse every correction.
     #[serde(default = "default_panic_startup")]
-    #[x_kube(validation = duration_rule!("panicThreshold.startup"))]
+    #[x_kube(validation = duration_rule!("panicThreshold.startup", " && duration(self) >= duration('1ms')", " must be a duration of at least 1ms, such as \"1000s\""))]
     pub startup: Duration,
     /// Largest correction accepted afterwards.
+    /// At least 1ms: zero would refuse every correction.
     #[serde(default = "default_panic_runtime")]
-    #[x_kube(validation = duration_rule!("panicThreshold.runtime"))]
+    #[x_kube(validation = duration_rule!("panicThreshold.runtime", " && duration(self) >= duration('1ms')", " must be a duration of at least 1ms, such as \"1000s\""))]
     pub runtime: Duration,
 }
 
@@ -336,7 +339,8 @@ pub struct AgentSettings {
     /// Resource requests and limits of the agent container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Log verbosity.
+    /// Log verbosity of the agents, applied through their config without a restart; `RUST_LOG`
+    /// in the agent's environment overrides it.
     #[serde(default)]
     pub log_level: LogLevel,
 }
@@ -465,7 +469,9 @@ pub struct EgressTier {
     /// Labels selecting the egress nodes.
     #[x_kube(validation = kube::core::Rule::new("self.size() >= 1").message("egressTier.nodeSelector needs at least one label"))]
     pub node_selector: BTreeMap<String, String>,
-    /// Let other agents fall back to the upstreams when no egress agent answers.
+    /// Let other agents poll the upstreams too while no egress agent has been usable for 30 s
+    /// (none answers, or only unsynchronized or falseticking ones); they go back to the tier
+    /// alone as soon as one is.
     #[serde(default)]
     pub fallback_to_upstreams: bool,
 }

@@ -140,12 +140,70 @@ fn durations_must_be_well_formed() {
     accepted(time_service(spec("250ms")).validate_cel());
     refused_with(
         time_service(spec("1.5 seconds")).validate_cel(),
-        "maxDistance must be a non-negative duration",
+        "maxDistance must be a duration of at least 1ms",
     );
     refused_with(
         time_service(spec("-1s")).validate_cel(),
-        "maxDistance must be a non-negative duration",
+        "maxDistance must be a duration of at least 1ms",
     );
+}
+
+#[test]
+fn durations_that_break_at_zero_have_a_lower_bound_of_one_millisecond() {
+    let ts = |spec: Value| {
+        let mut s = json!({"upstreams": [upstream(json!({}))]});
+        s.as_object_mut()
+            .unwrap()
+            .extend(spec.as_object().unwrap().clone());
+        time_service(s).validate_cel()
+    };
+    let cases = [
+        (
+            json!({"selection": {"maxDistance": "1ms"}}),
+            json!({"selection": {"maxDistance": "999us"}}),
+            "maxDistance must be a duration of at least 1ms",
+        ),
+        (
+            json!({"discipline": {"panicThreshold": {"startup": "1ms"}}}),
+            json!({"discipline": {"panicThreshold": {"startup": "0s"}}}),
+            "panicThreshold.startup must be a duration of at least 1ms",
+        ),
+        (
+            json!({"discipline": {"panicThreshold": {"runtime": "0.001s"}}}),
+            json!({"discipline": {"panicThreshold": {"runtime": "0s"}}}),
+            "panicThreshold.runtime must be a duration of at least 1ms",
+        ),
+    ];
+    for (at_bound, below, message) in cases {
+        accepted(ts(at_bound));
+        refused_with(ts(below), message);
+    }
+    let tenant_cases = [
+        (
+            json!({"rateLimit": {"perClient": {"interval": "1ms"}}}),
+            json!({"rateLimit": {"perClient": {"interval": "0s"}}}),
+            "rateLimit.perClient.interval must be a duration of at least 1ms",
+        ),
+        (
+            json!({"rateLimit": {"perClient": {"interval": "1000us"}}}),
+            json!({"rateLimit": {"perClient": {"interval": "999999ns"}}}),
+            "rateLimit.perClient.interval must be a duration of at least 1ms",
+        ),
+        (
+            json!({"requirements": {"maxRootDistance": "1ms"}}),
+            json!({"requirements": {"maxRootDistance": "0s"}}),
+            "requirements.maxRootDistance must be a duration of at least 1ms",
+        ),
+        (
+            json!({"requirements": {"maxRootDistance": "0.001s"}}),
+            json!({"requirements": {"maxRootDistance": "500us"}}),
+            "requirements.maxRootDistance must be a duration of at least 1ms",
+        ),
+    ];
+    for (at_bound, below, message) in tenant_cases {
+        accepted(tenant(at_bound).validate_cel());
+        refused_with(tenant(below).validate_cel(), message);
+    }
 }
 
 #[test]
@@ -171,11 +229,11 @@ fn discipline_bounds_are_enforced() {
     );
     refused_with(
         time_service(spec(json!({"panicThreshold": {"runtime": "x"}}))).validate_cel(),
-        "panicThreshold.runtime must be a non-negative duration",
+        "panicThreshold.runtime must be a duration of at least 1ms",
     );
     refused_with(
         time_service(spec(json!({"panicThreshold": {"startup": "1d"}}))).validate_cel(),
-        "panicThreshold.startup must be a non-negative duration",
+        "panicThreshold.startup must be a duration of at least 1ms",
     );
     refused_with(
         time_service(spec(json!({"driftDirectory": "var/lib"}))).validate_cel(),
@@ -333,7 +391,7 @@ fn rate_limits_are_bounded() {
     );
     refused_with(
         tenant(json!({"rateLimit": {"perClient": {"interval": "often"}}})).validate_cel(),
-        "rateLimit.perClient.interval must be a non-negative duration",
+        "rateLimit.perClient.interval must be a duration of at least 1ms",
     );
     refused_with(
         tenant(json!({"rateLimit": {"perTenant": {"requestsPerSecond": 100, "burst": 10}}}))
@@ -352,7 +410,7 @@ fn max_root_distance_must_be_a_duration() {
     accepted(tenant(json!({"requirements": {"maxRootDistance": "50ms"}})).validate_cel());
     refused_with(
         tenant(json!({"requirements": {"maxRootDistance": "fast"}})).validate_cel(),
-        "requirements.maxRootDistance must be a non-negative duration",
+        "requirements.maxRootDistance must be a duration of at least 1ms",
     );
 }
 

@@ -15,8 +15,8 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
 use stratum_api::agent_config::{
     AGENT_CONFIG_GZIP_KEY, AGENT_CONFIG_VERSION, ClockBackend, ClockConfig, DisciplineConfig,
-    EgressConfig, LeapConfig, LeapMode, LogLevel, RateLimitConfig, ReportingConfig,
-    SelectionConfig, ServingConfig, TenantConfig, UpstreamConfig, UpstreamKind,
+    EgressConfig, LeapConfig, LeapMode, LogLevel, ReportingConfig, SelectionConfig, ServingConfig,
+    TenantConfig, UpstreamConfig, UpstreamKind,
 };
 use stratum_api::tenant_time_policy::TenantTimePolicySpec;
 use stratum_api::time_service::{self as ts_api, DisciplineMode};
@@ -526,31 +526,10 @@ fn upstream_config(u: &ts_api::Upstream) -> UpstreamConfig {
 }
 
 fn tenant_config(t: &TenantInput<'_>) -> TenantConfig {
-    let rate = &t.spec.rate_limit;
     TenantConfig {
-        id: t.id.to_owned(),
-        port: t.port,
         allowed: t.allowed.to_vec(),
-        allowed_sets: Vec::new(),
         denied: t.denied.to_vec(),
-        rate_limit: RateLimitConfig {
-            client_interval_seconds: rate.per_client.interval.as_secs_f64(),
-            client_burst: u32::try_from(rate.per_client.burst).unwrap_or(1),
-            tenant_requests_per_second: rate
-                .per_tenant
-                .as_ref()
-                .map(|r| u32::try_from(r.requests_per_second).unwrap_or(1)),
-            tenant_burst: rate
-                .per_tenant
-                .as_ref()
-                .map(|r| u32::try_from(r.burst).unwrap_or(1)),
-            kiss_of_death: rate.kiss_of_death,
-        },
-        max_root_distance_seconds: t
-            .spec
-            .requirements
-            .max_root_distance
-            .map(|d| d.as_secs_f64()),
+        ..TenantConfig::from_policy(t.id.to_owned(), t.port, t.spec)
     }
 }
 
@@ -783,6 +762,17 @@ mod tests {
     }
 
     #[test]
+    fn the_agents_log_level_reaches_their_config() {
+        let mut ts = fixtures::time_service("cluster");
+        let config = build_agent_config("cluster", &ts.spec, None, &[], &FleetInput::default());
+        assert_eq!(config.log_level, LogLevel::Info);
+        ts.spec.agent.log_level = ts_api::LogLevel::Debug;
+        let config = build_agent_config("cluster", &ts.spec, None, &[], &FleetInput::default());
+        assert_eq!(config.log_level, LogLevel::Debug);
+        assert_eq!(config.log_level.as_str(), "debug");
+    }
+
+    #[test]
     fn monitor_mode_uses_the_readonly_clock() {
         let mut ts = fixtures::time_service("cluster");
         ts.spec.discipline.mode = DisciplineMode::Monitor;
@@ -836,13 +826,18 @@ mod tests {
             config.serving.peer_allowed,
             nets(&["10.0.0.1/32", "10.0.0.2/31"])
         );
-        let worker = config.upstreams_for_node("worker-0");
         assert_eq!(
-            worker.len(),
-            3,
-            "two tier agents, then the pool as fallback"
+            config.upstreams_for_node("worker-0", false).len(),
+            2,
+            "the two tier agents while one is usable"
         );
-        assert_eq!(config.upstreams_for_node("edge-0"), config.upstreams);
+        assert_eq!(
+            config.upstreams_for_node("worker-0", true).len(),
+            3,
+            "then the pool as fallback"
+        );
+        assert!(config.may_fall_back("worker-0"));
+        assert_eq!(config.upstreams_for_node("edge-0", true), config.upstreams);
     }
 
     #[test]

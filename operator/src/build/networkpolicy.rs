@@ -74,6 +74,50 @@ pub fn to_network_peer(tenant_ns: &str, peer: &PolicyPeer) -> NetworkPolicyPeer 
     }
 }
 
+/// Largest NetworkPolicy written, as JSON. The API server takes at most 1.5 MiB per object
+/// (etcd's request limit), and server-side apply adds managed fields about as large as the
+/// spec; past this the tenants' rules go on into further policies (see
+/// [`build_network_policies`]), so no number of tenants can make the policy unwritable.
+pub const MAX_POLICY_BYTES: usize = 512 * 1024;
+
+/// Largest ingress rule of one tenant, as JSON. A tenant's rule is its allowedClients (at most
+/// 64 peers) as NetworkPolicy peers; ordinary ones are a few hundred bytes, and only selectors
+/// with thousands of labels come near this. A tenant over it is refused on its own
+/// (`validate`), so every policy holds at least eight tenants.
+pub const MAX_TENANT_RULE_BYTES: usize = 64 * 1024;
+
+/// The ingress rule admitting one tenant's peers to its port.
+pub fn tenant_rule(t: &TenantRule<'_>) -> NetworkPolicyIngressRule {
+    let peers: Vec<NetworkPolicyPeer> = if t.peers.is_empty() {
+        vec![to_network_peer(
+            t.namespace,
+            &PolicyPeer {
+                pod_selector: Some(LabelSelector::default()),
+                ..PolicyPeer::default()
+            },
+        )]
+    } else {
+        t.peers
+            .iter()
+            .map(|p| to_network_peer(t.namespace, p))
+            .collect()
+    };
+    NetworkPolicyIngressRule {
+        from: Some(peers),
+        ports: Some(vec![port("UDP", i32::from(t.port))]),
+    }
+}
+
+/// Size of a value as the compact JSON the API server receives.
+pub fn json_bytes<T: serde::Serialize>(value: &T) -> usize {
+    serde_json::to_vec(value).map_or(usize::MAX, |v| v.len())
+}
+
+/// Name of the `n`th (from 1) further policy holding tenants' rules.
+pub fn overflow_policy_name(time_service: &str, n: usize) -> String {
+    format!("{}-tenants-{n}", names::agent_name(time_service))
+}
+
 /// The last NetworkPolicy of a TimeService and everything it was built from (owner, spec,
 /// settings, tenant rules, peer port). Pods never change it, so a pod event reuses it.
 #[derive(Debug)]
@@ -84,7 +128,7 @@ pub struct PolicyCache {
     tenants: Vec<(String, Vec<PolicyPeer>, u16)>,
     tenants_revision: Option<u64>,
     peer_port: Option<u16>,
-    policy: Arc<NetworkPolicy>,
+    policies: Arc<[NetworkPolicy]>,
 }
 
 impl PolicyCache {
@@ -117,24 +161,25 @@ impl PolicyCache {
     }
 }
 
-/// [`build_network_policy`], reusing `cache` when built from the same inputs. The caller
+/// [`build_network_policies`], reusing `cache` when built from the same inputs. The caller
 /// promises that an equal `tenants_revision` means equal `tenants`, which are then not compared
 /// (`None`: always compared).
-pub fn build_network_policy_cached(
+pub fn build_network_policies_cached(
     cache: &mut Option<PolicyCache>,
     ts: &TimeService,
     settings: &OperatorSettings,
     tenants: &[TenantRule<'_>],
     tenants_revision: Option<u64>,
     peer_port: Option<u16>,
-) -> Result<Arc<NetworkPolicy>> {
+) -> Result<Arc<[NetworkPolicy]>> {
     if let Some(hit) = cache
         .as_ref()
         .filter(|c| c.built_from(ts, settings, tenants, tenants_revision, peer_port))
     {
-        return Ok(hit.policy.clone());
+        return Ok(hit.policies.clone());
     }
-    let policy = Arc::new(build_network_policy(ts, settings, tenants, peer_port)?);
+    let policy: Arc<[NetworkPolicy]> =
+        build_network_policies(ts, settings, tenants, peer_port)?.into();
     *cache = Some(PolicyCache {
         owner: (ts.metadata.name.clone(), ts.metadata.uid.clone()),
         spec: ts.spec.clone(),
@@ -145,18 +190,22 @@ pub fn build_network_policy_cached(
             .collect(),
         tenants_revision,
         peer_port,
-        policy: policy.clone(),
+        policies: policy.clone(),
     });
     Ok(policy)
 }
 
-/// The NetworkPolicy of `ts`.
-pub fn build_network_policy(
+/// The NetworkPolicies of `ts`: the first (`<ts>-agent`) with the agents' own rules (metrics,
+/// peer port, egress) and the tenants' rules in order while it stays within
+/// [`MAX_POLICY_BYTES`]; the rest of the tenants' rules in further ingress-only policies
+/// (`<ts>-agent-tenants-<n>`), each within the bound too. Policies selecting the same pods
+/// add up, so together they admit exactly what one would.
+pub fn build_network_policies(
     ts: &TimeService,
     settings: &OperatorSettings,
     tenants: &[TenantRule<'_>],
     peer_port: Option<u16>,
-) -> Result<NetworkPolicy> {
+) -> Result<Vec<NetworkPolicy>> {
     let name = ts
         .metadata
         .name
@@ -171,26 +220,6 @@ pub fn build_network_policy(
         from: None,
         ports: Some(vec![port("TCP", names::AGENT_METRICS_PORT)]),
     }];
-    for t in tenants {
-        let peers: Vec<NetworkPolicyPeer> = if t.peers.is_empty() {
-            vec![to_network_peer(
-                t.namespace,
-                &PolicyPeer {
-                    pod_selector: Some(LabelSelector::default()),
-                    ..PolicyPeer::default()
-                },
-            )]
-        } else {
-            t.peers
-                .iter()
-                .map(|p| to_network_peer(t.namespace, p))
-                .collect()
-        };
-        ingress.push(NetworkPolicyIngressRule {
-            from: Some(peers),
-            ports: Some(vec![port("UDP", i32::from(t.port))]),
-        });
-    }
     let own_agents = NetworkPolicyPeer {
         pod_selector: Some(agents.clone()),
         namespace_selector: Some(namespace_is(&settings.namespace)),
@@ -237,15 +266,47 @@ pub fn build_network_policy(
             ports: Some(vec![port("UDP", i32::from(peer))]),
         });
     }
-    Ok(NetworkPolicy {
+    let mut policies = vec![NetworkPolicy {
         metadata: agent_meta(ts, names::agent_name(name), Some(&settings.namespace))?,
         spec: Some(NetworkPolicySpec {
-            pod_selector: Some(agents),
+            pod_selector: Some(agents.clone()),
             policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
             ingress: Some(ingress),
             egress: Some(egress),
         }),
-    })
+    }];
+    let mut size = json_bytes(&policies[0]);
+    for t in tenants {
+        let rule = tenant_rule(t);
+        // The separating comma included.
+        let bytes = json_bytes(&rule).saturating_add(1);
+        if size.saturating_add(bytes) > MAX_POLICY_BYTES {
+            let overflow = NetworkPolicy {
+                metadata: agent_meta(
+                    ts,
+                    overflow_policy_name(name, policies.len()),
+                    Some(&settings.namespace),
+                )?,
+                spec: Some(NetworkPolicySpec {
+                    pod_selector: Some(agents.clone()),
+                    policy_types: Some(vec!["Ingress".into()]),
+                    ingress: Some(Vec::new()),
+                    egress: None,
+                }),
+            };
+            size = json_bytes(&overflow);
+            policies.push(overflow);
+        }
+        size = size.saturating_add(bytes);
+        if let Some(ingress) = policies
+            .last_mut()
+            .and_then(|p| p.spec.as_mut())
+            .and_then(|s| s.ingress.as_mut())
+        {
+            ingress.push(rule);
+        }
+    }
+    Ok(policies)
 }
 
 #[cfg(test)]
@@ -275,8 +336,10 @@ mod tests {
                 port: 12301,
             },
         ];
-        let np = build_network_policy(&ts, &fixtures::settings(), &tenants, None).unwrap();
-        let spec = np.spec.unwrap();
+        let mut policies =
+            build_network_policies(&ts, &fixtures::settings(), &tenants, None).unwrap();
+        assert_eq!(policies.len(), 1);
+        let spec = policies.remove(0).spec.unwrap();
         let ingress = spec.ingress.unwrap();
         assert_eq!(ingress.len(), 3, "metrics plus one rule per tenant");
         let vms = &ingress[1];
@@ -311,5 +374,73 @@ mod tests {
             spec.pod_selector.unwrap().match_labels.unwrap(),
             names::agent_labels("cluster")
         );
+    }
+
+    #[test]
+    fn tenants_rules_past_the_size_bound_go_on_into_further_policies_each_within_it() {
+        let ts = fixtures::time_service("cluster");
+        // About 6 KiB of rule per tenant: 400 tenants need several policies.
+        let labels: serde_json::Map<String, serde_json::Value> = (0..20)
+            .map(|i| {
+                (
+                    format!("key-{i:02}-{}", "k".repeat(100)),
+                    "v".repeat(60).into(),
+                )
+            })
+            .collect();
+        let peers: Vec<PolicyPeer> = serde_json::from_value(serde_json::json!(vec![
+            serde_json::json!({ "podSelector": { "matchLabels": labels } });
+            2
+        ]))
+        .unwrap();
+        let namespaces: Vec<String> = (0..400).map(|i| format!("ns-{i}")).collect();
+        let tenants: Vec<TenantRule<'_>> = namespaces
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| TenantRule {
+                namespace: ns,
+                peers: &peers,
+                port: 20000 + i as u16,
+            })
+            .collect();
+        let policies =
+            build_network_policies(&ts, &fixtures::settings(), &tenants, Some(29999)).unwrap();
+        assert!(policies.len() > 2, "{} policies", policies.len());
+        let mut ports = Vec::new();
+        for (n, policy) in policies.iter().enumerate() {
+            assert!(json_bytes(policy) <= MAX_POLICY_BYTES, "policy {n}");
+            let spec = policy.spec.as_ref().unwrap();
+            let name = policy.metadata.name.as_deref().unwrap();
+            if n == 0 {
+                assert_eq!(name, "cluster-agent");
+                assert!(
+                    spec.egress.is_some(),
+                    "the agents' own rules stay in the first"
+                );
+            } else {
+                assert_eq!(name, format!("cluster-agent-tenants-{n}"));
+                assert_eq!(
+                    spec.policy_types.as_deref(),
+                    Some(&["Ingress".to_string()][..])
+                );
+                assert!(spec.egress.is_none());
+            }
+            assert_eq!(
+                spec.pod_selector,
+                Some(LabelSelector {
+                    match_labels: Some(names::agent_labels("cluster")),
+                    ..LabelSelector::default()
+                })
+            );
+            for rule in spec.ingress.as_ref().unwrap() {
+                if let Some(IntOrString::Int(p)) = rule.ports.as_ref().unwrap()[0].port
+                    && (20000..29999).contains(&p)
+                {
+                    ports.push(p);
+                }
+            }
+        }
+        let expected: Vec<i32> = (20000..20400).collect();
+        assert_eq!(ports, expected, "every tenant once, in order");
     }
 }

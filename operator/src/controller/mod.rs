@@ -76,6 +76,8 @@ pub struct Context {
     pub propagation: Mutex<HashMap<String, (String, Instant)>>,
     /// Consecutive transient failures per object, for exponential backoff.
     pub failures: Mutex<HashMap<String, u32>>,
+    /// NetworkPolicies applied per TimeService, to delete the ones a smaller plan drops.
+    pub network_policies: Mutex<HashMap<String, usize>>,
 }
 
 impl Context {
@@ -97,6 +99,7 @@ impl Context {
             last_config: Mutex::new(HashMap::new()),
             propagation: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
+            network_policies: Mutex::new(HashMap::new()),
         }
     }
 

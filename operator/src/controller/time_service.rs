@@ -58,13 +58,18 @@ pub async fn reconcile(
     apply_namespaced(client, &plan.rbac.role_binding).await?;
     apply_cluster(client, &plan.rbac.cluster_role_binding).await?;
 
+    // The config, the DaemonSet and status do not wait for each other's failures: a failed
+    // write is retried after status is written, and the NetworkPolicies (tenants' rules, the
+    // largest child) come last, so they can never hold back the agents or the status.
     let mut requeue = RESYNC;
-    if let (Some(config), Some(config_map)) = (&plan.config, &plan.config_map)
-        && let Some(wait) = write_config(&ctx, ts, config, config_map, &plan.tenants).await?
-    {
-        requeue = requeue.min(wait);
+    let mut failed: Option<Error> = None;
+    if let (Some(config), Some(config_map)) = (&plan.config, &plan.config_map) {
+        match write_config(&ctx, ts, config, config_map, &plan.tenants).await {
+            Ok(Some(wait)) => requeue = requeue.min(wait),
+            Ok(None) => {}
+            Err(e) => failed = Some(e),
+        }
     }
-    apply_namespaced(client, &*plan.network_policy).await?;
 
     let daemonset = match &plan.daemonset {
         Some(ds) => {
@@ -76,6 +81,9 @@ pub async fn reconcile(
             None
         }
     };
+    if let Err(e) = apply_network_policies(&ctx, &name, &plan.network_policies).await {
+        failed = failed.or(Some(e));
+    }
 
     let now = Time(Timestamp::now());
     let clocks: Vec<_> = plan.clocks.iter().collect();
@@ -99,8 +107,48 @@ pub async fn reconcile(
             .patch_status(&name, &apply_params(), &Patch::Apply(&body))
             .await?;
     }
+    if let Some(e) = failed {
+        return Err(e);
+    }
     ctx.succeeded(&name);
     Ok(Action::requeue(requeue))
+}
+
+/// Applies the TimeService's NetworkPolicies and deletes the further ones (`-tenants-<n>`)
+/// this process applied before and the plan no longer has.
+async fn apply_network_policies(
+    ctx: &Context,
+    name: &str,
+    policies: &[k8s_openapi::api::networking::v1::NetworkPolicy],
+) -> Result<()> {
+    for policy in policies {
+        apply_namespaced(&ctx.client, policy).await?;
+    }
+    let before = lock(&ctx.network_policies)
+        .insert(name.to_owned(), policies.len())
+        .unwrap_or(0);
+    let api = Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::namespaced(
+        ctx.client.clone(),
+        &ctx.settings.namespace,
+    );
+    for n in policies.len().max(1)..before {
+        match api
+            .delete(
+                &crate::build::networkpolicy::overflow_policy_name(name, n),
+                &DeleteParams::default(),
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => {
+                // Try again next time.
+                lock(&ctx.network_policies).insert(name.to_owned(), before);
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(())
 }
 
 fn counts(ds: &DaemonSet) -> DaemonSetCounts {
