@@ -334,6 +334,7 @@ async fn helm_install_runs_every_operator_pod_with_the_charts_service_account_an
             ("patch", "stratum.io", "timeservices/status", true),
             ("create", "discovery.k8s.io", "endpointslices", true),
             ("create", "stratum.io", "nodeclocks", false),
+            ("delete", "stratum.io", "nodeclocks", true),
             ("update", "stratum.io", "timeservices", false),
             ("get", "", "secrets", false),
             ("create", "rbac.authorization.k8s.io", "clusterroles", false),

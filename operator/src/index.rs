@@ -14,16 +14,21 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use stratum_api::{
     NodeClock, TenantTimePolicy, TenantTimePolicySpec, TimeService, TimeServiceSpec,
 };
 
+use crate::clock::MonotonicClock;
+use crate::freshness::{self, NODE_GONE_GRACE, Renewal};
 use crate::names;
+use crate::owned::{ChildKind, ChildMeta, Children};
 use crate::ports::{Allocation, PortClaim, TenantKey};
 use crate::resolve::{CompiledPolicy, PodSet, ResolveError, resolve_pod_set};
 use crate::selector::{Labels, Selector};
@@ -44,6 +49,8 @@ pub struct PodInfo {
     pub ready: bool,
     /// Phase Succeeded or Failed: its addresses may belong to someone else by now.
     pub terminated: bool,
+    /// Being deleted (deletionTimestamp set): it may still serve, but takes no new clients.
+    pub terminating: bool,
 }
 
 impl PodInfo {
@@ -79,6 +86,7 @@ impl PodInfo {
                 node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
                 ready,
                 terminated: matches!(phase, Some("Succeeded" | "Failed")),
+                terminating: pod.metadata.deletion_timestamp.is_some(),
             },
         ))
     }
@@ -375,6 +383,27 @@ pub struct Index {
     pub(crate) owners: Option<Arc<crate::plan::Owners>>,
     /// What each TimeService's last plan built, for the next one to reuse (see `plan`).
     pub(crate) plan_caches: HashMap<String, crate::plan::PlanCache>,
+    /// The operator's monotonic clock (injected: tests step it).
+    clock: MonotonicClock,
+    /// When each NodeClock was last seen renewed (see [`crate::freshness`]).
+    renewals: HashMap<String, Renewal>,
+    /// NodeClocks whose Node is gone, since when (monotonic).
+    nodes_gone: HashMap<String, Instant>,
+    /// Existing Services, Stratum's EndpointSlices and `time-config` ConfigMaps: what tenants
+    /// own, may not touch, or must prune (see [`crate::owned`]).
+    children: Children,
+}
+
+/// What a freshness sweep found (see [`Index::sweep`]).
+#[derive(Debug, Default)]
+pub struct Sweep {
+    /// Tenants and TimeServices whose endpoints or status changed with a clock going stale.
+    pub triggers: Triggers,
+    /// NodeClocks (name, uid) whose Node has been gone longer than the grace: delete them.
+    pub collect: Vec<(String, Option<String>)>,
+    /// The earliest instant at which another clock goes stale or another NodeClock is due for
+    /// collection, if any.
+    pub next: Option<Instant>,
 }
 
 /// A tenant's [`TenantSets`] and its pod sets resolved, in the same order.
@@ -405,10 +434,21 @@ pub struct TenantSets {
 impl Index {
     /// An empty index for an operator running in `operator_namespace`.
     pub fn new(operator_namespace: impl Into<String>) -> Self {
+        Self::with_clock(operator_namespace, MonotonicClock::system())
+    }
+
+    /// An empty index timing NodeClock freshness on `clock`.
+    pub fn with_clock(operator_namespace: impl Into<String>, clock: MonotonicClock) -> Self {
         Self {
             operator_namespace: operator_namespace.into(),
+            clock,
             ..Self::default()
         }
+    }
+
+    /// The index's monotonic clock.
+    pub fn clock(&self) -> &MonotonicClock {
+        &self.clock
     }
 
     // ---- reads ----
@@ -440,6 +480,15 @@ impl Index {
                 self.time_service_of(t)
                     .is_ok_and(|ts| ts.name == time_service)
             })
+            .collect()
+    }
+
+    /// Keys of the tenants of namespace `ns`.
+    fn tenants_in(&self, ns: &str) -> Vec<TenantKey> {
+        self.tenants
+            .range((ns.to_owned(), String::new())..)
+            .take_while(|((tns, _), _)| tns == ns)
+            .map(|(k, _)| k.clone())
             .collect()
     }
 
@@ -633,6 +682,44 @@ impl Index {
             .collect()
     }
 
+    /// How long a NodeClock of `time_service` stays fresh after a renewal (see
+    /// [`crate::freshness`]).
+    pub fn freshness_bound(&self, time_service: &str) -> Duration {
+        let heartbeat = self
+            .time_services
+            .get(time_service)
+            .and_then(|ts| {
+                Duration::try_from_secs_f64(ts.spec.reporting.interval.as_secs_f64()).ok()
+            })
+            .unwrap_or(freshness::DEFAULT_HEARTBEAT);
+        freshness::freshness_bound(heartbeat)
+    }
+
+    /// Whether `node`'s NodeClock was renewed within its freshness bound at `now`.
+    pub fn clock_fresh(&self, node: &str, now: Instant) -> bool {
+        match (self.clocks.get(node), self.renewals.get(node)) {
+            (Some(clock), Some(renewal)) => {
+                renewal.fresh(now, self.freshness_bound(&clock.time_service))
+            }
+            _ => false,
+        }
+    }
+
+    /// Nodes whose NodeClock is fresh now.
+    pub fn fresh_clocks(&self) -> BTreeSet<String> {
+        let now = self.clock.now();
+        self.clocks
+            .keys()
+            .filter(|node| self.clock_fresh(node, now))
+            .cloned()
+            .collect()
+    }
+
+    /// Existing tenant children and whose they are.
+    pub fn children(&self) -> &Children {
+        &self.children
+    }
+
     // ---- writes ----
 
     /// A pod was added or changed.
@@ -761,6 +848,7 @@ impl Index {
 
     /// A node was added or its labels changed: placement, conflicts and egress tiers may change.
     pub fn apply_node(&mut self, name: &str, labels: &Labels) -> Triggers {
+        self.nodes_gone.remove(name);
         if self.nodes.get(name) == Some(labels) {
             return Triggers::default();
         }
@@ -773,6 +861,9 @@ impl Index {
         if self.nodes.remove(name).is_none() {
             return Triggers::default();
         }
+        if self.clocks.contains_key(name) {
+            self.nodes_gone.insert(name.to_owned(), self.clock.now());
+        }
         self.all_time_services()
     }
 
@@ -783,24 +874,63 @@ impl Index {
         }
     }
 
-    /// A NodeClock was added or changed.
+    /// A NodeClock was added or changed. A new `status.lastUpdate` renews it (see
+    /// [`crate::freshness`]).
     pub fn apply_clock(&mut self, clock: &NodeClock) -> Triggers {
+        let node = clock.name_any();
+        let now = self.clock.now();
+        let was_fresh = self.clock_fresh(&node, now);
+        let last_update = clock.status.as_ref().and_then(|s| s.last_update.clone());
+        let renewal = self.renewals.entry(node.clone()).or_insert(Renewal {
+            last_update: None,
+            at: now,
+            uid: None,
+            expired: false,
+        });
+        renewal.uid.clone_from(&clock.metadata.uid);
+        if renewal.last_update != last_update {
+            *renewal = Renewal {
+                last_update,
+                at: now,
+                uid: clock.metadata.uid.clone(),
+                expired: false,
+            };
+        }
+        if self.nodes.contains_key(&node) {
+            self.nodes_gone.remove(&node);
+        } else {
+            self.nodes_gone.entry(node.clone()).or_insert(now);
+        }
         let info = ClockInfo::from_node_clock(clock);
-        let old = self.clocks.insert(clock.name_any(), info.clone());
-        if old.as_ref() == Some(&info) {
+        let old = self.clocks.insert(node.clone(), info.clone());
+        let is_fresh = self.clock_fresh(&node, now);
+        if old.as_ref() == Some(&info) && was_fresh == is_fresh {
             return Triggers::default();
         }
-        self.clock_changed(old.as_ref(), Some(&info))
+        self.clock_changed(old.as_ref(), was_fresh, Some(&info), is_fresh)
     }
 
     /// A NodeClock was deleted.
     pub fn delete_clock(&mut self, node: &str) -> Triggers {
+        let was_fresh = self.clock_fresh(node, self.clock.now());
+        self.renewals.remove(node);
+        self.nodes_gone.remove(node);
         let old = self.clocks.remove(node);
-        self.clock_changed(old.as_ref(), None)
+        self.clock_changed(old.as_ref(), was_fresh, None, false)
     }
 
-    fn clock_changed(&self, old: Option<&ClockInfo>, new: Option<&ClockInfo>) -> Triggers {
+    /// What a clock's change (its report, or its freshness) requires reconciling. A stale
+    /// clock counts as neither synchronized nor serving.
+    fn clock_changed(
+        &self,
+        old: Option<&ClockInfo>,
+        old_fresh: bool,
+        new: Option<&ClockInfo>,
+        new_fresh: bool,
+    ) -> Triggers {
         let mut triggers = Triggers::default();
+        let old = old.filter(|_| old_fresh);
+        let new = new.filter(|_| new_fresh);
         if old.map(ClockInfo::summary) != new.map(ClockInfo::summary) {
             for c in [old, new].into_iter().flatten() {
                 triggers.time_services.insert(c.time_service.clone());
@@ -818,6 +948,109 @@ impl Index {
             }
         }
         triggers
+    }
+
+    /// Acts on time passing: every NodeClock that went stale since the last sweep triggers
+    /// the tenants whose endpoint on its node was ready (and its TimeService), once; NodeClocks
+    /// whose Node has been gone for [`NODE_GONE_GRACE`] are handed back for deletion (and
+    /// offered again one grace later if they are still there). `next` says when to sweep
+    /// again; see [`freshness::max_sweep_interval`] for the longest sleep that misses nothing.
+    pub fn sweep(&mut self) -> Sweep {
+        let now = self.clock.now();
+        let mut sweep = Sweep::default();
+        let mut expired = Vec::new();
+        for (node, renewal) in &self.renewals {
+            let Some(clock) = self.clocks.get(node) else {
+                continue;
+            };
+            let bound = self.freshness_bound(&clock.time_service);
+            if renewal.fresh(now, bound) {
+                let at = renewal.at + bound;
+                sweep.next = Some(sweep.next.map_or(at, |n| n.min(at)));
+            } else if !renewal.expired {
+                expired.push(node.clone());
+            }
+        }
+        for node in expired {
+            if let Some(renewal) = self.renewals.get_mut(&node) {
+                renewal.expired = true;
+            }
+            let clock = self.clocks.get(&node);
+            sweep
+                .triggers
+                .extend(self.clock_changed(clock, true, clock, false));
+        }
+        for (node, since) in &mut self.nodes_gone {
+            if now.saturating_duration_since(*since) >= NODE_GONE_GRACE {
+                let uid = self.renewals.get(node).and_then(|r| r.uid.clone());
+                sweep.collect.push((node.clone(), uid));
+                *since = now;
+            }
+            let at = *since + NODE_GONE_GRACE;
+            sweep.next = Some(sweep.next.map_or(at, |n| n.min(at)));
+        }
+        sweep.collect.sort();
+        sweep
+    }
+
+    /// A Service, Stratum EndpointSlice or `time-config` ConfigMap was added or changed:
+    /// triggers the tenants of its namespace that would apply, own or prune an object of this
+    /// name.
+    pub fn apply_child(&mut self, kind: ChildKind, meta: &ObjectMeta) -> Triggers {
+        let (Some(ns), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref()) else {
+            return Triggers::default();
+        };
+        match self
+            .children
+            .upsert(kind, ns, name, ChildMeta::from_meta(meta))
+        {
+            None => Triggers::default(),
+            Some(old) => {
+                let new = self.children.get(kind, ns, name).cloned();
+                self.child_changed(kind, ns, name, [old, new])
+            }
+        }
+    }
+
+    /// A tenant child was deleted.
+    pub fn delete_child(&mut self, kind: ChildKind, ns: &str, name: &str) -> Triggers {
+        match self.children.remove(kind, ns, name) {
+            None => Triggers::default(),
+            Some(old) => self.child_changed(kind, ns, name, [Some(old), None]),
+        }
+    }
+
+    fn child_changed(
+        &self,
+        kind: ChildKind,
+        ns: &str,
+        name: &str,
+        versions: [Option<ChildMeta>; 2],
+    ) -> Triggers {
+        let labelled: BTreeSet<&str> = versions
+            .iter()
+            .flatten()
+            .filter_map(|m| m.tenant.as_deref())
+            .collect();
+        let from = (ns.to_owned(), String::new());
+        let tenants = self
+            .tenants
+            .range(from..)
+            .take_while(|((tns, _), _)| tns == ns)
+            .map(|(_, t)| t)
+            .filter(|t| {
+                labelled.contains(t.name.as_str())
+                    || match kind {
+                        ChildKind::Service => t.spec.service.name == name,
+                        ChildKind::EndpointSlice => false,
+                        ChildKind::ConfigMap => name == names::TIME_CONFIG_NAME,
+                    }
+            })
+            .map(|t| t.key());
+        Triggers {
+            time_services: BTreeSet::new(),
+            tenants: tenants.collect(),
+        }
     }
 
     /// A TenantTimePolicy was added or changed.
@@ -838,6 +1071,13 @@ impl Index {
         // The list's revision stands for the entry too (spec, deny list).
         self.set_lists.remove(&key);
         let mut triggers = Triggers::default();
+        if old
+            .as_ref()
+            .is_none_or(|o| o.spec.service.name != tenant.spec.service.name)
+        {
+            // Which tenant of the namespace owns a Service name may have changed.
+            triggers.tenants.extend(self.tenants_in(&key.0));
+        }
         if old.as_ref().is_none_or(|o| o.spec != tenant.spec) {
             if old
                 .as_ref()
@@ -863,6 +1103,8 @@ impl Index {
             return Triggers::default();
         }
         let mut triggers = self.tenant_and_service(&key);
+        // Its Service name and the namespace's `time-config` may pass to another tenant.
+        triggers.tenants.extend(self.tenants_in(ns));
         let old = self.tenants.remove(&key);
         self.roster_epoch += 1;
         self.forget_tenant_sets(&key);

@@ -7,14 +7,17 @@
 //! one field manager; status is computed as a value and written only when it changed.
 
 pub mod build;
+pub mod clock;
 pub mod coalesce;
 pub mod controller;
 pub mod error;
+pub mod freshness;
 pub mod http;
 pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod names;
+pub mod owned;
 pub mod ports;
 pub mod resolve;
 pub mod selector;

@@ -9,6 +9,7 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use stratum_api::{AgentConfig, TenantTimePolicy, TimeService};
 
@@ -29,6 +30,7 @@ use crate::build::time_config::build_time_config;
 use crate::error::Result;
 use crate::index::{ClockInfo, Index, TenantEntry};
 use crate::names;
+use crate::owned::{ChildKind, ChildRef};
 use crate::ports::TenantKey;
 use crate::validate::prefix_refusal;
 
@@ -368,10 +370,14 @@ pub fn plan_time_service(
         (!capped).then_some(roster.epoch),
         peer_port,
     )?;
+    // A stale clock (see `crate::freshness`) reports nothing trustworthy.
+    let fresh = index.fresh_clocks();
     let clocks = index
         .clocks
         .iter()
-        .filter(|(node, c)| c.time_service == name && nodes.contains(*node))
+        .filter(|(node, c)| {
+            c.time_service == name && nodes.contains(*node) && fresh.contains(*node)
+        })
         .map(|(_, c)| c.clone())
         .collect();
     let tenants = roster.tenants.clone();
@@ -429,10 +435,48 @@ pub struct TenantPlan {
     pub ready_endpoints: i32,
     /// CIDRs in the allow list.
     pub allow_list_size: i32,
+    /// An existing object that is not Stratum's where the plan would put one of its children:
+    /// left alone and reported as the tenant's `Conflict` condition.
+    pub conflict: Option<ChildRef>,
+    /// Stratum's children of this tenant that the plan no longer has: deleted after the apply.
+    pub prune: Vec<ChildRef>,
 }
 
-/// Plans a tenant.
+impl TenantPlan {
+    /// The children this plan applies, by kind and name (nothing when refused).
+    pub fn children(&self) -> BTreeSet<(ChildKind, String)> {
+        if self.refused.is_some() {
+            return BTreeSet::new();
+        }
+        let name = |m: &ObjectMeta| m.name.clone().unwrap_or_default();
+        let services = self
+            .service
+            .iter()
+            .map(|s| (ChildKind::Service, name(&s.metadata)));
+        let slices = self
+            .slices
+            .iter()
+            .map(|s| (ChildKind::EndpointSlice, name(&s.metadata)));
+        let config = self
+            .time_config
+            .iter()
+            .map(|c| (ChildKind::ConfigMap, name(&c.metadata)));
+        services.chain(slices).chain(config).collect()
+    }
+}
+
+/// Plans a tenant: what to apply, what clashes with objects Stratum does not own, and which
+/// of its children to delete afterwards.
 pub fn plan_tenant(index: &mut Index, tenant: &TenantTimePolicy) -> Result<TenantPlan> {
+    let mut plan = plan_tenant_objects(index, tenant)?;
+    let ns = tenant.metadata.namespace.as_deref().unwrap_or_default();
+    plan.prune = index
+        .children()
+        .orphans(ns, &tenant.name_any(), &plan.children());
+    Ok(plan)
+}
+
+fn plan_tenant_objects(index: &mut Index, tenant: &TenantTimePolicy) -> Result<TenantPlan> {
     let mut plan = TenantPlan {
         refused: None,
         time_service: None,
@@ -442,6 +486,8 @@ pub fn plan_tenant(index: &mut Index, tenant: &TenantTimePolicy) -> Result<Tenan
         time_config: None,
         ready_endpoints: 0,
         allow_list_size: 0,
+        conflict: None,
+        prune: Vec::new(),
     };
     // Plan from the object being reconciled, which may be newer than the index.
     let Some(entry) = TenantEntry::new(tenant) else {
@@ -466,6 +512,23 @@ pub fn plan_tenant(index: &mut Index, tenant: &TenantTimePolicy) -> Result<Tenan
         return Ok(plan);
     }
     let Some(port) = port else { return Ok(plan) };
+    // Never adopt: a Service of this name that Stratum did not create stays the user's, and
+    // nothing of this tenant (EndpointSlices, time-config) may route to it.
+    if let Some(clash) = index.children().foreign(
+        ChildKind::Service,
+        &entry.namespace,
+        &entry.spec.service.name,
+    ) {
+        plan.refused = Some((
+            "ServiceConflict",
+            format!(
+                "{clash} exists and was not created by Stratum, which leaves it alone; \
+                 set spec.service.name to a free name or remove that Service"
+            ),
+        ));
+        plan.conflict = Some(clash);
+        return Ok(plan);
+    }
     let allowed = index.allowed(&key).len();
     plan.allow_list_size = i32::try_from(allowed).unwrap_or(i32::MAX);
     let denied = entry.policy.as_ref().map_or(0, |p| p.denied.len());
@@ -482,6 +545,7 @@ pub fn plan_tenant(index: &mut Index, tenant: &TenantTimePolicy) -> Result<Tenan
     let endpoints = agent_endpoints(
         &agents,
         &index.clocks,
+        &index.fresh_clocks(),
         &zones,
         &ts,
         entry.max_root_distance_nanos(),
@@ -490,7 +554,14 @@ pub fn plan_tenant(index: &mut Index, tenant: &TenantTimePolicy) -> Result<Tenan
     plan.ready_endpoints = ready_endpoints(&plan.slices);
     plan.service = Some(build_service(tenant, &ts, port)?);
     if owners.owns_time_config(&entry) {
-        plan.time_config = Some(build_time_config(tenant, &ts)?);
+        match index.children().foreign(
+            ChildKind::ConfigMap,
+            &entry.namespace,
+            names::TIME_CONFIG_NAME,
+        ) {
+            Some(clash) => plan.conflict = Some(clash),
+            None => plan.time_config = Some(build_time_config(tenant, &ts)?),
+        }
     }
     Ok(plan)
 }

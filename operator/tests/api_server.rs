@@ -135,13 +135,6 @@ impl Verifier {
         assert_eq!(request.uri().path(), path);
         send.send_response(not_found());
     }
-
-    async fn expect_delete_not_found(&mut self, path: &str) {
-        let (request, send) = self.next().await;
-        assert_eq!(request.method(), Method::DELETE);
-        assert_eq!(request.uri().path(), path);
-        send.send_response(not_found());
-    }
 }
 
 fn not_found() -> Response<Body> {
@@ -329,7 +322,7 @@ async fn a_younger_overlapping_time_service_gets_conflict_and_no_daemonset() {
             json!({}),
         )
         .await;
-        v.expect_delete_not_found(&format!(
+        v.expect_get_not_found(&format!(
             "/apis/apps/v1/namespaces/{NS}/daemonsets/second-agent"
         ))
         .await;
@@ -448,4 +441,74 @@ async fn a_refused_tenant_only_gets_a_status_saying_why() {
         "a user error waits for a change"
     );
     let _ = TenantTimePolicy::kind(&());
+}
+
+#[tokio::test]
+async fn a_refused_tenants_children_are_deleted_by_uid_after_the_apply_and_a_users_service_is_not()
+{
+    use stratum_operator::owned::ChildKind;
+    let (client, mut v) = mock();
+    let mut index = Index::new(NS);
+    index.apply_time_service(&time_service("cluster", 1_600_000_000, json!({})));
+    let labels = stratum_operator::names::tenant_labels("cluster", "policy");
+    for (kind, name, labels) in [
+        (
+            ChildKind::EndpointSlice,
+            "ntp-stratum-ipv4",
+            Some(labels.clone()),
+        ),
+        (ChildKind::Service, "ntp", Some(labels)),
+        (ChildKind::Service, "users-own", None),
+    ] {
+        index.apply_child(
+            kind,
+            &ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("team-a".into()),
+                uid: Some(format!("uid-{name}")),
+                labels,
+                ..Default::default()
+            },
+        );
+    }
+    let ctx = context(client, index);
+    let tenant = tenant_policy(
+        "team-a",
+        "policy",
+        json!({ "timezone": "Mars/Olympus_Mons" }),
+    );
+    let tenant_json = whole(&tenant);
+    let verifier = tokio::spawn(async move {
+        for (path, uid) in [
+            ("/api/v1/namespaces/team-a/services/ntp", "uid-ntp"),
+            (
+                "/apis/discovery.k8s.io/v1/namespaces/team-a/endpointslices/ntp-stratum-ipv4",
+                "uid-ntp-stratum-ipv4",
+            ),
+        ] {
+            let (request, send) = v.next().await;
+            assert_eq!(request.method(), Method::DELETE, "{}", request.uri());
+            assert_eq!(request.uri().path(), path);
+            let bytes = request.into_body().collect_bytes().await.unwrap();
+            let body: Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(
+                body["preconditions"]["uid"], uid,
+                "a delete names the object it saw as Stratum's"
+            );
+            send.send_response(not_found());
+        }
+        v.expect_apply(
+            "/apis/stratum.io/v1alpha1/namespaces/team-a/tenanttimepolicies/policy/status",
+            tenant_json,
+        )
+        .await
+    });
+    tenant::reconcile(Arc::new(DeserializeGuard(Ok(tenant))), ctx)
+        .await
+        .unwrap();
+    let status = verifier.await.unwrap();
+    assert_eq!(
+        status["status"]["conditions"][0]["reason"],
+        "InvalidTimezone"
+    );
 }

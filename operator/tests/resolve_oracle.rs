@@ -78,6 +78,7 @@ fn random_world(rng: &mut Rng) -> World {
                 node_name: Some("n".into()),
                 ready: true,
                 terminated: rng.chance(10),
+                terminating: false,
             },
         ));
     }

@@ -1,8 +1,9 @@
 //! EndpointSlices of a tenant's Service: the agents of its TimeService, one slice per address
-//! family (an EndpointSlice holds one family), ready where the node's agent is synchronized
-//! within the tenant's requirements.
+//! family (an EndpointSlice holds one family), with honest conditions: an endpoint is ready
+//! only where the agent pod is Ready and not terminating, its NodeClock is fresh (see
+//! [`crate::freshness`]) and its clock is synchronized within the tenant's requirements.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use k8s_openapi::api::discovery::v1::{
@@ -27,14 +28,28 @@ pub struct AgentEndpoint {
     pub node: String,
     /// The node's zone, if labelled.
     pub zone: Option<String>,
-    /// Whether the agent serves this tenant: synchronized within its maxRootDistance.
-    pub ready: bool,
+    /// Whether the agent serves this tenant: its pod is Ready, its NodeClock fresh and
+    /// synchronized within the tenant's maxRootDistance. Terminating or not, as the
+    /// EndpointSlice `serving` condition means.
+    pub serving: bool,
+    /// The agent pod is being deleted.
+    pub terminating: bool,
 }
 
-/// The endpoints of one tenant: every agent pod with a node and an address; ready per NodeClock.
+impl AgentEndpoint {
+    /// Takes new clients: serving and not terminating (the EndpointSlice `ready` condition).
+    pub fn ready(&self) -> bool {
+        self.serving && !self.terminating
+    }
+}
+
+/// The endpoints of one tenant: every agent pod with a node and an address; serving where the
+/// pod is Ready and the node's NodeClock (of this TimeService) is in `fresh` and serves
+/// `max_root_distance_nanos`.
 pub fn agent_endpoints(
     agents: &[&PodInfo],
     clocks: &BTreeMap<String, ClockInfo>,
+    fresh: &BTreeSet<String>,
     node_zones: &BTreeMap<String, Option<String>>,
     time_service: &str,
     max_root_distance_nanos: Option<i64>,
@@ -44,14 +59,16 @@ pub fn agent_endpoints(
         .filter(|p| !p.terminated && !p.ips.is_empty())
         .filter_map(|p| {
             let node = p.node_name.clone()?;
-            let ready = clocks.get(&node).is_some_and(|c| {
-                c.time_service == time_service && c.serves(max_root_distance_nanos)
-            });
+            let clock_serves = fresh.contains(&node)
+                && clocks.get(&node).is_some_and(|c| {
+                    c.time_service == time_service && c.serves(max_root_distance_nanos)
+                });
             Some(AgentEndpoint {
                 addresses: p.ips.clone(),
                 zone: node_zones.get(&node).cloned().flatten(),
                 node,
-                ready,
+                serving: p.ready && clock_serves,
+                terminating: p.terminating,
             })
         })
         .collect();
@@ -123,9 +140,9 @@ pub fn build_endpoint_slices(
                     node_name: Some(e.node.clone()),
                     zone: e.zone.clone(),
                     conditions: Some(EndpointConditions {
-                        ready: Some(e.ready),
-                        serving: Some(e.ready),
-                        terminating: Some(false),
+                        ready: Some(e.ready()),
+                        serving: Some(e.serving),
+                        terminating: Some(e.terminating),
                     }),
                     hints: Some(EndpointHints {
                         for_nodes: Some(vec![ForNode {
@@ -177,6 +194,7 @@ mod tests {
             node_name: Some(node.into()),
             ready: true,
             terminated: false,
+            terminating: false,
         }
     }
 
@@ -189,6 +207,10 @@ mod tests {
             root_distance_nanos: distance_ms * 1_000_000,
             config_revision: None,
         }
+    }
+
+    fn fresh(nodes: &[&str]) -> BTreeSet<String> {
+        nodes.iter().map(|n| (*n).to_owned()).collect()
     }
 
     #[test]
@@ -205,29 +227,111 @@ mod tests {
             ("n2".to_string(), clock("cluster", true, 500)),
             ("n3".to_string(), clock("cluster", false, 1)),
         ]);
+        let all = fresh(&["n1", "n2", "n3", "n4"]);
         let eps = agent_endpoints(
             &refs,
             &clocks,
+            &all,
             &BTreeMap::new(),
             "cluster",
             Some(100_000_000),
         );
-        let ready: Vec<_> = eps.iter().map(|e| (e.node.as_str(), e.ready)).collect();
+        let ready: Vec<_> = eps.iter().map(|e| (e.node.as_str(), e.ready())).collect();
         assert_eq!(
             ready,
             [("n1", true), ("n2", false), ("n3", false)],
             "n4 has no address yet"
         );
-        let lenient = agent_endpoints(&refs, &clocks, &BTreeMap::new(), "cluster", None);
+        let lenient = agent_endpoints(&refs, &clocks, &all, &BTreeMap::new(), "cluster", None);
         assert!(
-            lenient[1].ready,
+            lenient[1].ready(),
             "without a requirement, synchronized is enough"
         );
-        let other = agent_endpoints(&refs, &clocks, &BTreeMap::new(), "other", None);
+        let other = agent_endpoints(&refs, &clocks, &all, &BTreeMap::new(), "other", None);
         assert!(
-            other.iter().all(|e| !e.ready),
+            other.iter().all(|e| !e.ready()),
             "a clock of another TimeService never counts"
         );
+    }
+
+    #[test]
+    fn a_stale_clock_or_an_unready_agent_pod_is_never_a_ready_endpoint() {
+        let mut unready = agent("n2", &["10.0.0.2"]);
+        unready.ready = false;
+        let agents = [
+            agent("n1", &["10.0.0.1"]),
+            unready,
+            agent("n3", &["10.0.0.3"]),
+        ];
+        let refs: Vec<&PodInfo> = agents.iter().collect();
+        let clocks: BTreeMap<String, ClockInfo> = ["n1", "n2", "n3"]
+            .iter()
+            .map(|n| ((*n).to_owned(), clock("cluster", true, 1)))
+            .collect();
+        // n3's NodeClock was not renewed within its bound.
+        let eps = agent_endpoints(
+            &refs,
+            &clocks,
+            &fresh(&["n1", "n2"]),
+            &BTreeMap::new(),
+            "cluster",
+            None,
+        );
+        let state: Vec<_> = eps
+            .iter()
+            .map(|e| (e.node.as_str(), e.ready(), e.serving))
+            .collect();
+        assert_eq!(
+            state,
+            [
+                ("n1", true, true),
+                ("n2", false, false),
+                ("n3", false, false)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_terminating_agent_is_not_ready_but_still_serving_as_kube_proxy_expects() {
+        let mut leaving = agent("n1", &["10.0.0.1"]);
+        leaving.terminating = true;
+        let mut leaving_unsynced = agent("n2", &["10.0.0.2"]);
+        leaving_unsynced.terminating = true;
+        let agents = [leaving, leaving_unsynced];
+        let refs: Vec<&PodInfo> = agents.iter().collect();
+        let clocks = BTreeMap::from([
+            ("n1".to_string(), clock("cluster", true, 1)),
+            ("n2".to_string(), clock("cluster", false, 1)),
+        ]);
+        let eps = agent_endpoints(
+            &refs,
+            &clocks,
+            &fresh(&["n1", "n2"]),
+            &BTreeMap::new(),
+            "cluster",
+            None,
+        );
+        let tenant = fixtures::tenant("team-a", "p", serde_json::json!({}));
+        let slices = build_endpoint_slices(&tenant, "cluster", 12345, &eps).unwrap();
+        let conditions: Vec<_> = slices[0]
+            .endpoints
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let c = e.conditions.clone().unwrap();
+                (c.ready, c.serving, c.terminating)
+            })
+            .collect();
+        assert_eq!(
+            conditions,
+            [
+                (Some(false), Some(true), Some(true)),
+                (Some(false), Some(false), Some(true))
+            ],
+            "ready=false while terminating; serving says whether it still answers"
+        );
+        assert_eq!(ready_endpoints(&slices), 0);
     }
 
     #[test]
@@ -240,7 +344,7 @@ mod tests {
         let refs: Vec<&PodInfo> = agents.iter().collect();
         let clocks = BTreeMap::from([("n1".to_string(), clock("cluster", true, 1))]);
         let zones = BTreeMap::from([("n1".to_string(), Some("z1".to_string()))]);
-        let eps = agent_endpoints(&refs, &clocks, &zones, "cluster", None);
+        let eps = agent_endpoints(&refs, &clocks, &fresh(&["n1"]), &zones, "cluster", None);
         let slices = build_endpoint_slices(&tenant, "cluster", 12345, &eps).unwrap();
         assert_eq!(slices.len(), 2);
         let (v4, v6) = (&slices[0], &slices[1]);

@@ -211,6 +211,8 @@ pub struct TenantObservation {
     pub ready_endpoints: i32,
     /// CIDRs in the resolved allow list.
     pub allow_list_size: i32,
+    /// An object where a child would go that Stratum did not create (`Kind namespace/name`).
+    pub conflict: Option<String>,
 }
 
 /// TenantTimePolicy status; `refused` carries the Accepted=False reason and message.
@@ -221,7 +223,21 @@ pub fn tenant_status(
     seen: TenantObservation,
     now: &Time,
 ) -> TenantTimePolicyStatus {
-    let wanted = match &refused {
+    let conflict = match &seen.conflict {
+        Some(object) => Cond::new(
+            "Conflict",
+            true,
+            "ObjectExists",
+            format!("{object} exists and was not created by Stratum, which leaves it alone"),
+        ),
+        None => Cond::new(
+            "Conflict",
+            false,
+            "NoConflict",
+            "no object of another owner stands where this tenant's children go",
+        ),
+    };
+    let mut wanted = match &refused {
         Some((reason, message)) => vec![
             Cond::new("Accepted", false, reason, message.clone()),
             Cond::new("Ready", false, "NotAccepted", message.clone()),
@@ -250,6 +266,7 @@ pub fn tenant_status(
             },
         ],
     };
+    wanted.push(conflict);
     let existing = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
     TenantTimePolicyStatus {
         conditions: conditions(existing, wanted, generation, now),
@@ -373,5 +390,31 @@ mod tests {
         );
         assert_eq!(refused.conditions[0].reason, "InvalidTimezone");
         assert_eq!(refused.conditions[1].status, "False");
+        assert_eq!(refused.conditions[2].type_, "Conflict");
+        assert_eq!(refused.conditions[2].status, "False");
+    }
+
+    #[test]
+    fn a_clash_with_a_users_object_is_a_conflict_condition_naming_it() {
+        let seen = TenantObservation {
+            port: Some(12300),
+            conflict: Some("Service team-a/ntp".into()),
+            ..Default::default()
+        };
+        let s = tenant_status(
+            None,
+            Some(1),
+            Some(("ServiceConflict", "taken".into())),
+            seen,
+            &at(1),
+        );
+        let conflict = s.conditions.iter().find(|c| c.type_ == "Conflict").unwrap();
+        assert_eq!(conflict.status, "True");
+        assert_eq!(conflict.reason, "ObjectExists");
+        assert!(
+            conflict.message.contains("Service team-a/ntp"),
+            "{}",
+            conflict.message
+        );
     }
 }

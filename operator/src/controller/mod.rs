@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use futures::channel::mpsc::UnboundedSender;
 use k8s_openapi::NamespaceResourceScope;
-use kube::api::{Patch, PatchParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -28,6 +30,7 @@ use crate::error::{Error, Result};
 use crate::index::{Index, Triggers};
 use crate::metrics::Metrics;
 use crate::names;
+use crate::owned::{ChildKind, ChildRef};
 
 /// How often a reconciled object is revisited with no trigger: repairs drift of children and
 /// refreshes offsets in status.
@@ -192,6 +195,46 @@ where
     Ok(Api::<K>::all(client.clone())
         .patch(name, &apply_params(), &Patch::Apply(obj))
         .await?)
+}
+
+/// Deletes a child the cache saw as Stratum's, only if it is still that object (its uid is
+/// the precondition): an object someone else put in its place meanwhile is left alone. Gone
+/// already is fine.
+pub async fn delete_child(client: &Client, child: &ChildRef) -> Result<()> {
+    let params = DeleteParams {
+        preconditions: child.uid.clone().map(|uid| Preconditions {
+            uid: Some(uid),
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    };
+    let ns = &child.namespace;
+    let result = match child.kind {
+        ChildKind::Service => Api::<Service>::namespaced(client.clone(), ns)
+            .delete(&child.name, &params)
+            .await
+            .map(|_| ()),
+        ChildKind::EndpointSlice => Api::<EndpointSlice>::namespaced(client.clone(), ns)
+            .delete(&child.name, &params)
+            .await
+            .map(|_| ()),
+        ChildKind::ConfigMap => Api::<ConfigMap>::namespaced(client.clone(), ns)
+            .delete(&child.name, &params)
+            .await
+            .map(|_| ()),
+    };
+    match result {
+        Ok(()) => {
+            tracing::info!(child = %child, "deleted a child its plan no longer has");
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            tracing::info!(child = %child, "not deleted: it was replaced by another object");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Delay before retry number `n` (1-based): 1 s doubling, at most 5 minutes.

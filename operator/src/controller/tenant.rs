@@ -12,7 +12,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use stratum_api::TenantTimePolicy;
 
-use super::{Context, RESYNC, apply_namespaced, apply_params, lock};
+use super::{Context, RESYNC, apply_namespaced, apply_params, delete_child, lock};
 use crate::build::status::{TenantObservation, tenant_status};
 use crate::error::{Error, Result};
 use crate::plan::plan_tenant;
@@ -45,6 +45,7 @@ pub async fn reconcile(
         ready_endpoints: plan.ready_endpoints,
         allow_list_size: plan.allow_list_size,
         service_ips: Vec::new(),
+        conflict: plan.conflict.as_ref().map(ToString::to_string),
     };
     if plan.refused.is_none() {
         if let Some(service) = &plan.service {
@@ -57,6 +58,11 @@ pub async fn reconcile(
         if let Some(time_config) = &plan.time_config {
             apply_namespaced(&ctx.client, time_config).await?;
         }
+    }
+    // After the apply: what this tenant had and its plan no longer has (a refusal, a lost
+    // TimeService, a renamed Service) goes, so nothing routes to a port that is not its own.
+    for child in &plan.prune {
+        delete_child(&ctx.client, child).await?;
     }
     let now = Time(Timestamp::now());
     let status = tenant_status(
@@ -80,6 +86,23 @@ pub async fn reconcile(
                 EventType::Warning,
                 reason,
                 message.clone(),
+            )
+            .await;
+        }
+        let was_conflict = tenant.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Conflict" && c.status == "True")
+        });
+        if let Some(object) = &plan.conflict
+            && !was_conflict
+            && plan.refused.is_none()
+        {
+            ctx.event(
+                &tenant.object_ref(&()),
+                EventType::Warning,
+                "Conflict",
+                format!("{object} exists and was not created by Stratum; it is left alone"),
             )
             .await;
         }

@@ -9,7 +9,7 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, Patch};
+use kube::api::{DeleteParams, Patch, Preconditions};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -22,6 +22,7 @@ use crate::build::status::{Blocked, DaemonSetCounts, time_service_status};
 use crate::coalesce::Decision;
 use crate::error::{Error, Result};
 use crate::names;
+use crate::owned::is_stratums;
 use crate::plan::plan_time_service;
 
 /// Controller name in metrics.
@@ -160,14 +161,28 @@ fn counts(ds: &DaemonSet) -> DaemonSetCounts {
     }
 }
 
+/// Deletes the TimeService's DaemonSet, if it exists and is Stratum's: a DaemonSet of that
+/// name that someone else created is never touched (the uid precondition keeps a replacement
+/// made between the read and the delete safe too).
 async fn delete_daemonset(ctx: &Context, name: &str) -> Result<()> {
     let api = Api::<DaemonSet>::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    match api
-        .delete(&names::agent_name(name), &DeleteParams::background())
-        .await
-    {
+    let Some(existing) = api.get_opt(&names::agent_name(name)).await? else {
+        return Ok(());
+    };
+    if !is_stratums(&existing.metadata) {
+        tracing::warn!(time_service = %name, "a DaemonSet of the agents' name exists that Stratum did not create; left alone");
+        return Ok(());
+    }
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: existing.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    };
+    match api.delete(&names::agent_name(name), &params).await {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
         Err(e) => Err(e.into()),
     }
 }

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use futures::{Stream, StreamExt, channel::mpsc};
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{DeleteParams, Preconditions};
 use kube::core::DeserializeGuard;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Controller};
@@ -23,7 +25,10 @@ use stratum_api::{NodeClock, TenantTimePolicy, TimeService};
 use tokio::sync::oneshot;
 
 use super::{Context, TriggerSenders, lock, tenant, time_service};
+use crate::freshness::max_sweep_interval;
 use crate::index::{Index, Triggers};
+use crate::names;
+use crate::owned::ChildKind;
 
 type Key = (Option<String>, String);
 
@@ -203,8 +208,43 @@ pub async fn run(
         },
         |i, _, name| i.delete_time_service(name)
     );
+    // Tenant children, as metadata: every Service (a user's of a tenant's chosen name is a
+    // Conflict, never adopted), Stratum's EndpointSlices (to prune) and every `time-config`.
+    spawn_feed!(
+        "Service",
+        watcher(
+            Api::<PartialObjectMeta<Service>>::all(client.clone()),
+            cfg()
+        ),
+        key_of,
+        |i, o| i.apply_child(ChildKind::Service, &o.metadata),
+        |i, ns, name| i.delete_child(ChildKind::Service, ns.unwrap_or_default(), name)
+    );
+    spawn_feed!(
+        "EndpointSlice",
+        watcher(
+            Api::<PartialObjectMeta<EndpointSlice>>::all(client.clone()),
+            cfg().labels(&format!(
+                "app.kubernetes.io/managed-by={}",
+                names::MANAGED_BY
+            ))
+        ),
+        key_of,
+        |i, o| i.apply_child(ChildKind::EndpointSlice, &o.metadata),
+        |i, ns, name| i.delete_child(ChildKind::EndpointSlice, ns.unwrap_or_default(), name)
+    );
+    spawn_feed!(
+        "ConfigMap",
+        watcher(
+            Api::<PartialObjectMeta<ConfigMap>>::all(client.clone()),
+            cfg().fields(&format!("metadata.name={}", names::TIME_CONFIG_NAME))
+        ),
+        key_of,
+        |i, o| i.apply_child(ChildKind::ConfigMap, &o.metadata),
+        |i, ns, name| i.delete_child(ChildKind::ConfigMap, ns.unwrap_or_default(), name)
+    );
     // Never plan from a partial picture: an allow list computed before the pods are listed
-    // would briefly lock clients out.
+    // would briefly lock clients out, and a Service not yet listed could be taken over.
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let all_synced = futures::future::join_all(synced);
     tokio::select! {
@@ -215,6 +255,7 @@ pub async fn run(
         }
     }
     tracing::info!("indexes synced; starting controllers");
+    let sweeper = tokio::spawn(sweep(ctx.clone(), senders.clone()));
 
     let managed = || cfg().labels("app.kubernetes.io/managed-by=stratum-operator");
     let config = controller::Config::default().concurrency(4);
@@ -244,7 +285,6 @@ pub async fn run(
         Api::<DeserializeGuard<TenantTimePolicy>>::all(client.clone()),
         cfg(),
     )
-    .owns(Api::<Service>::all(client.clone()), managed())
     .reconcile_on(tenant_rx)
     .with_config(config)
     .graceful_shutdown_on(shutdown)
@@ -256,4 +296,54 @@ pub async fn run(
         futures::future::ready(())
     });
     futures::join!(ts_controller, tenant_controller);
+    sweeper.abort();
+}
+
+/// Acts on time passing, which no watch event reports: when a NodeClock goes stale its
+/// tenants are reconciled (its endpoints stop being ready within the freshness bound even if
+/// its agent is stopped and nothing else happens), and NodeClocks whose Node is gone are
+/// deleted. Sleeps until the index's next expiry, at most [`max_sweep_interval`].
+async fn sweep(ctx: Arc<Context>, senders: TriggerSenders) {
+    let longest = max_sweep_interval();
+    loop {
+        let (sweep, now) = {
+            let mut index = lock(&ctx.index);
+            (index.sweep(), index.clock().now())
+        };
+        if !sweep.triggers.is_empty() {
+            tracing::info!(
+                tenants = sweep.triggers.tenants.len(),
+                "NodeClocks went stale; reconciling their tenants"
+            );
+            senders.send(sweep.triggers);
+        }
+        for (node, uid) in &sweep.collect {
+            collect_node_clock(&ctx.client, node, uid.clone()).await;
+        }
+        let wait = sweep
+            .next
+            .map_or(longest, |at| at.saturating_duration_since(now))
+            .min(longest);
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Deletes the NodeClock of a Node that is gone (only that object: its uid is the
+/// precondition, so an agent that re-registered meanwhile keeps its new one).
+async fn collect_node_clock(client: &Client, node: &str, uid: Option<String>) {
+    let params = DeleteParams {
+        preconditions: uid.map(|uid| Preconditions {
+            uid: Some(uid),
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    };
+    match Api::<NodeClock>::all(client.clone())
+        .delete(node, &params)
+        .await
+    {
+        Ok(_) => tracing::info!(node, "deleted the NodeClock of a Node that is gone"),
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+        Err(e) => tracing::warn!(node, error = %e, "deleting the NodeClock of a gone Node failed"),
+    }
 }
