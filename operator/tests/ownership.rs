@@ -159,17 +159,23 @@ fn every_child_carries_stratums_labels_and_an_owner_reference() {
         (&ts_plan.rbac.service_account.metadata, None),
         (&ts_plan.rbac.role.metadata, None),
         (&ts_plan.rbac.role_binding.metadata, None),
-        (&ts_plan.rbac.cluster_role_binding.metadata, None),
         (&ts_plan.config_map.as_ref().unwrap().metadata, None),
-        (&ts_plan.network_policy.metadata, None),
         (&tenant_plan.service.as_ref().unwrap().metadata, Some("t")),
         (
             &tenant_plan.time_config.as_ref().unwrap().metadata,
             Some("t"),
         ),
     ];
+    assert!(!ts_plan.network_policies.is_empty());
+    metas.extend(ts_plan.network_policies.iter().map(|p| (&p.metadata, None)));
     metas.extend(tenant_plan.slices.iter().map(|s| (&s.metadata, Some("t"))));
-    assert_eq!(metas.len(), 11);
+    assert_eq!(
+        metas.len(),
+        7 + ts_plan.network_policies.len() + tenant_plan.slices.len()
+    );
+    // The agents' ClusterRoleBinding is the chart's: the operator sets only its subjects and
+    // claims it with no label (see build::rbac).
+    assert_eq!(ts_plan.rbac.cluster_role_binding.metadata.labels, None);
     for (meta, tenant) in metas {
         let labels = meta.labels.as_ref().unwrap();
         let what = meta.name.clone().unwrap();
