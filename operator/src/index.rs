@@ -254,9 +254,9 @@ impl TenantEntry {
     }
 
     /// The TimeService whose port range this tenant claims a port of: none while it is
-    /// invalid, so an invalid tenant never moves another tenant's port.
+    /// invalid or in a closed namespace, so such a tenant never moves another tenant's port.
     fn claims_port_of<'a>(&self, index: &'a Index) -> Option<&'a TimeServiceEntry> {
-        if self.invalid.is_some() {
+        if self.invalid.is_some() || index.namespace_closed(&self.namespace) {
             return None;
         }
         index.time_service_of(self).ok()
@@ -353,6 +353,9 @@ impl Triggers {
 pub struct Index {
     /// Where agent children and agent pods live.
     pub operator_namespace: String,
+    /// Namespaces closed to tenants (the system ones, by the operator's default): a tenant
+    /// there is refused, and the chart's admission policy keeps the operator from writing there.
+    closed_namespaces: BTreeSet<String>,
     /// Namespaces and pods.
     pub cluster: Cluster,
     /// Node labels.
@@ -444,6 +447,18 @@ impl Index {
             clock,
             ..Self::default()
         }
+    }
+
+    /// The same index, refusing tenants in `namespaces`.
+    #[must_use]
+    pub fn with_closed_namespaces(mut self, namespaces: impl IntoIterator<Item = String>) -> Self {
+        self.closed_namespaces = namespaces.into_iter().filter(|n| !n.is_empty()).collect();
+        self
+    }
+
+    /// Whether tenants of namespace `ns` are refused.
+    pub fn namespace_closed(&self, ns: &str) -> bool {
+        self.closed_namespaces.contains(ns)
     }
 
     /// The index's monotonic clock.

@@ -51,6 +51,14 @@ struct Args {
     /// Identity in the Lease (the pod name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Namespaces whose TenantTimePolicies are refused (comma-separated or repeated; an empty
+    /// value closes none).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "kube-system,kube-public,kube-node-lease"
+    )]
+    closed_tenant_namespace: Vec<String>,
     /// Lease duration in seconds.
     #[arg(long, default_value_t = 15)]
     lease_seconds: u64,
@@ -135,7 +143,10 @@ async fn main() -> anyhow::Result<()> {
     let ctx = Arc::new(Context::new(
         client.clone(),
         settings,
-        Arc::new(Mutex::new(Index::new(args.namespace.clone()))),
+        Arc::new(Mutex::new(
+            Index::new(args.namespace.clone())
+                .with_closed_namespaces(args.closed_tenant_namespace.clone()),
+        )),
         metrics.clone(),
         Some(Recorder::new(client.clone(), reporter)),
     ));

@@ -140,6 +140,16 @@ pub fn tenant_refusal(
     tenant: &TenantEntry,
     port: Option<u16>,
 ) -> Option<Refusal> {
+    if index.namespace_closed(&tenant.namespace) {
+        return Some((
+            "NamespaceClosed",
+            format!(
+                "namespace {:?} is closed to tenants (the operator's --closed-tenant-namespace, \
+                 the chart's tenantNamespaces.denied)",
+                tenant.namespace
+            ),
+        ));
+    }
     if let Some(invalid) = &tenant.invalid {
         return Some(invalid.clone());
     }

@@ -469,3 +469,45 @@ fn no_valid_tenants_output_depends_on_another_tenants_validity() {
         );
     }
 }
+
+#[test]
+fn a_tenant_in_a_closed_namespace_is_refused_alone_and_holds_nothing() {
+    let ts = scale::time_service();
+    let settings = scale::settings();
+    let mut index =
+        Index::new(OPERATOR_NS).with_closed_namespaces(["kube-system".to_string(), String::new()]);
+    let _ = index.apply_time_service(&ts);
+    agents(&mut index);
+    let closed = tenant("kube-system", "ntp", 0, json!({}));
+    let open = tenant("team-a", "ntp", 1, json!({}));
+    let _ = index.apply_tenant(&closed);
+    let _ = index.apply_tenant(&open);
+
+    let refused = plan_tenant(&mut index, &closed).unwrap();
+    let (reason, why) = refused.refused.as_ref().unwrap();
+    assert_eq!(*reason, "NamespaceClosed");
+    assert!(why.contains("\"kube-system\""), "{why}");
+    assert!(refused.port.is_none() && refused.service.is_none() && refused.slices.is_empty());
+    assert!(refused.time_config.is_none());
+
+    let served = plan_tenant(&mut index, &open).unwrap();
+    assert_eq!(served.refused, None);
+    let plan = plan_time_service(&mut index, &ts, &settings).unwrap();
+    assert_eq!(plan.blocked, None);
+    let ids: Vec<_> = plan
+        .config
+        .as_ref()
+        .unwrap()
+        .serving
+        .tenants
+        .iter()
+        .map(|t| t.id.clone())
+        .collect();
+    assert_eq!(
+        ids.len(),
+        1,
+        "only the open namespace's tenant is served: {ids:?}"
+    );
+    // An empty name (what an empty chart list renders) closes nothing.
+    assert!(!index.namespace_closed(""));
+}
