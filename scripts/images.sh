@@ -503,13 +503,22 @@ expect_output() {
   log "  $name: $* -> $(head -1 <<<"$out")"
 }
 
+# Stops what the check started (by process id) and removes its files.
+cleanup_check() {
+  local pid
+  for pid in $REGISTRY_PID $SERVER_PID; do
+    kill "$pid" 2>/dev/null || true
+  done
+  rm -rf "$CHECK"
+}
+
 check() {
   local name bin
   init_facts
   ensure_tools 0
   CHECK=$(mktemp -d)
-  REGISTRY_PID=
-  trap '[[ -n $REGISTRY_PID ]] && kill "$REGISTRY_PID" 2>/dev/null; rm -rf "$CHECK"' EXIT
+  REGISTRY_PID='' SERVER_PID=''
+  trap cleanup_check EXIT
   log "verifying the archives in $OUT (version $VERSION, revision $REVISION)"
   check_image operator 65532:65532 '["/usr/local/bin/stratum-operator"]' 'null'
   check_image agent 0:0 '["/usr/local/bin/stratum-agent"]' '["run"]'
@@ -529,8 +538,37 @@ check() {
   expect_output ntp-client '^chronyd \(chrony\) version 4' /usr/sbin/chronyd -v
   expect_output ntp-client '^ntpdig ntpsec-1\.' /usr/bin/ntpdig --version
   expect_output ntp-client '^ok$' /bin/sh -c 'echo ok'
+  check_ntp_query
   check_push
   log "all three images verified"
+}
+
+# The client image's chronyd really measures: `chronyd -Q` asks a `chronyd -x` server, both run
+# from the unpacked image over 127.0.0.1 (-x and -Q never touch the clock, and neither process
+# has CAP_SYS_TIME). ntpdig has no port option and would need port 123, so it is left to e2e.
+check_ntp_query() {
+  local rootfs=$CHECK/ntp-client/bundle/rootfs port out
+  port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+  mkdir -p "$rootfs/tmp/server"
+  printf 'port %s\nbindaddress 127.0.0.1\nallow 127.0.0.1\nlocal stratum 3\ncmdport 0\npidfile /tmp/server/chronyd.pid\n' \
+    "$port" >"$rootfs/tmp/server/chrony.conf"
+  # Not through in_rootfs: a backgrounded function would be a subshell, and $! its pid; setpriv
+  # and chroot exec, so this $! is chronyd's.
+  setpriv --bounding-set=-sys_time --inh-caps=-sys_time chroot "$rootfs" \
+    /usr/sbin/chronyd -x -d -u root -f /tmp/server/chrony.conf >"$CHECK/chronyd-server.log" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 20); do
+    out=$(timeout 15 setpriv --bounding-set=-sys_time --inh-caps=-sys_time chroot "$rootfs" \
+      /usr/sbin/chronyd -Q -t 10 "server 127.0.0.1 port $port iburst maxsamples 1" 2>&1) || true
+    grep -Eq 'System clock wrong by -?[0-9.]+ seconds \(ignored\)' <<<"$out" && break
+    sleep 0.2
+  done
+  kill "$SERVER_PID" 2>/dev/null
+  wait "$SERVER_PID" 2>/dev/null || true
+  SERVER_PID=
+  grep -Eq 'System clock wrong by -?[0-9.]+ seconds \(ignored\)' <<<"$out" ||
+    die "ntp-client: chronyd -Q got no time from a chronyd -x server on 127.0.0.1:$port: $out $(cat "$CHECK/chronyd-server.log")"
+  log "  ntp-client: chronyd -Q from chronyd -x on 127.0.0.1:$port -> $(grep -Eo 'System clock wrong by -?[0-9.]+ seconds' <<<"$out")"
 }
 
 # The push path: skopeo copies each archive to a registry on loopback (started here, stopped
