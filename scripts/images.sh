@@ -32,7 +32,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-OUT=${STRATUM_IMAGES_DIR:-$ROOT/target/images}
+OUT=$(realpath -m "${STRATUM_IMAGES_DIR:-$ROOT/target/images}")
 TARGET_TRIPLE=x86_64-unknown-linux-musl
 REGISTRY=localhost/stratum
 SOURCE_URL=${STRATUM_IMAGE_SOURCE:-https://example.invalid/stratum}
@@ -612,6 +612,9 @@ summary() {
     printf '%-46s %-73s %s %s\n' "$REGISTRY/$name:$VERSION (+ :dev)" "$digest" "$size" "${archive#"$ROOT"/}"
   done
 }
+
+# apt-get, chroot, and root-owned files in the images.
+((EUID == 0)) || [[ ${1:-} == -h || ${1:-} == --help ]] || die "run as root (apt-get, chroot, file ownership)"
 
 case ${1:-} in
   "")
