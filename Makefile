@@ -8,7 +8,7 @@ NO_SYS_TIME := setpriv --bounding-set=-sys_time --inh-caps=-sys_time
 # A second fence: the agent refuses to open its `system` clock backend when this is set.
 export STRATUM_DENY_SYSTEM_CLOCK := 1
 
-.PHONY: help deps fmt fmt-check lint test unit crds chart chart-check sim fuzz e2e demo bench bench-setup bench-operator
+.PHONY: help deps fmt fmt-check lint test unit crds chart chart-check images images-check sim fuzz e2e demo bench bench-setup bench-operator
 
 help: ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -42,6 +42,12 @@ chart: ## copy crds/ into the chart, lint, template (default + full values), pro
 
 chart-check: ## as chart, but fail when the chart's CRD copy differs from crds/
 	scripts/chart-check.sh --check
+
+images: ## operator, agent and ntp-client images as OCI archives in target/images (no daemon, no registry), verified
+	scripts/images.sh
+
+images-check: ## verify the archives of `make images`: labels, entrypoint, user, static binaries that run
+	scripts/images.sh --check
 
 sim: ## the NTP core's must-show scenarios on simulated time, with figures
 	$(CARGO) run --quiet --release -p stratum-ntp --example sim

@@ -12,7 +12,9 @@
 #       5. dashboard: every query parses as PromQL, the ConfigMap ships files/dashboard.json,
 #          and (with the `prometheus` binary) every query returns data from a loopback
 #          Prometheus scraping the contract-shaped sample pages in tests/fixtures/
-#       6. shellcheck of the chart's scripts (when shellcheck is installed)
+#       6. images: the default names are what `make images` builds; image.registry and
+#          image.tag move both images; pull secrets reach the operator pods and the agents
+#       7. shellcheck of the chart's scripts (when shellcheck is installed)
 #   scripts/chart-check.sh metrics URL|FILE...
 #       promtool check metrics on real /metrics output (an agent's or the operator's)
 #   scripts/chart-check.sh dashboard-queries PROMETHEUS_URL
@@ -240,6 +242,28 @@ shellchecks() {
   info "clean"
 }
 
+# The image references and pull secrets the operator Deployment renders, for a few value sets.
+images() {
+  local helm=$1 version
+  version=$(awk '$1 == "appVersion:" {gsub(/"/, "", $2); print $2}' "$CHART/Chart.yaml")
+  step "images: names, registry override and pull secrets"
+  local render=("$helm" template stratum "$CHART" --kube-version "$KUBE_VERSION" --show-only templates/operator-deployment.yaml)
+  "${render[@]}" >"$WORK/images-default.yaml" || die "helm template (images, default)"
+  python3 "$TOOLS" operator-images "$WORK/images-default.yaml" "localhost/stratum/operator:$version" \
+    "localhost/stratum/agent:$version" "" "" || die "default image names (scripts/images.sh builds these)"
+  "${render[@]}" --set image.registry=registry.example.com/team --set image.tag=1.2.3 \
+    --set 'imagePullSecrets[0].name=regcred' >"$WORK/images-registry.yaml" || die "helm template (images, registry)"
+  python3 "$TOOLS" operator-images "$WORK/images-registry.yaml" registry.example.com/team/operator:1.2.3 \
+    registry.example.com/team/agent:1.2.3 regcred regcred || die "image.registry, image.tag and imagePullSecrets"
+  "${render[@]}" --set image.registry=registry.example.com/team --set operator.image.registry=mirror.example.com \
+    --set agent.image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef \
+    --set 'imagePullSecrets[0].name=regcred' --set 'agent.imagePullSecrets[0].name=agents-a' \
+    --set 'agent.imagePullSecrets[1].name=agents-b' >"$WORK/images-override.yaml" || die "helm template (images, overrides)"
+  python3 "$TOOLS" operator-images "$WORK/images-override.yaml" "mirror.example.com/operator:$version" \
+    registry.example.com/team/agent@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef \
+    regcred agents-a,agents-b || die "per-image registry, digest and agent.imagePullSecrets"
+}
+
 cmd_all() {
   local check=0 helm
   case ${1:-} in
@@ -255,6 +279,7 @@ cmd_all() {
   crds "$check"
   lint_and_template "$helm"
   alerts "$helm"
+  images "$helm"
   dashboard
   dashboard_fixtures
   shellchecks

@@ -33,8 +33,12 @@ struct Args {
     #[arg(long, env = "POD_NAMESPACE", default_value = "stratum-system")]
     namespace: String,
     /// Agent image for TimeServices that name none.
-    #[arg(long, env = "STRATUM_AGENT_IMAGE", default_value = concat!("stratum-agent:", env!("CARGO_PKG_VERSION")))]
+    #[arg(long, env = "STRATUM_AGENT_IMAGE", default_value = concat!("localhost/stratum/agent:", env!("CARGO_PKG_VERSION")))]
     agent_image: String,
+    /// Pull secret of the agent pods, a Secret name in the operator's namespace; repeat for
+    /// several. Used for TimeServices that set no `spec.agent.imagePullSecrets`.
+    #[arg(long = "agent-image-pull-secret", value_name = "SECRET")]
+    agent_image_pull_secrets: Vec<String>,
     /// The agents' static ClusterRole (installed by the chart) that each TimeService's agent
     /// ServiceAccount is bound to.
     #[arg(long, default_value = "stratum-agent")]
@@ -134,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
     let settings = OperatorSettings {
         namespace: args.namespace.clone(),
         agent_image: args.agent_image.clone(),
+        agent_image_pull_secrets: args.agent_image_pull_secrets.clone(),
         agent_cluster_role: args.agent_cluster_role.clone(),
     };
     let reporter = Reporter {

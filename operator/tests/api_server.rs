@@ -30,6 +30,7 @@ fn context(client: Client, index: Index) -> Arc<Context> {
         OperatorSettings {
             namespace: NS.into(),
             agent_image: "stratum/agent:test".into(),
+            agent_image_pull_secrets: Vec::new(),
             agent_cluster_role: "stratum-agent".into(),
         },
         Arc::new(Mutex::new(index)),

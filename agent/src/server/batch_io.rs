@@ -172,7 +172,8 @@ impl RecvBatch {
             header.msg_hdr.msg_iov = &raw mut self.iovecs[i];
             header.msg_hdr.msg_iovlen = 1;
             header.msg_hdr.msg_control = self.controls[i].as_mut_ptr().cast();
-            header.msg_hdr.msg_controllen = CONTROL_WORDS * 8;
+            // `as _`: msg_controllen is size_t in glibc and socklen_t in musl (static images).
+            header.msg_hdr.msg_controllen = (CONTROL_WORDS * 8) as _;
             header.msg_hdr.msg_flags = 0;
         }
         // SAFETY: `headers` holds BATCH entries whose pointers were just derived from buffers
@@ -183,7 +184,8 @@ impl RecvBatch {
                 socket.as_raw_fd(),
                 self.headers.as_mut_ptr(),
                 BATCH as libc::c_uint,
-                libc::MSG_WAITFORONE,
+                // c_int in glibc, c_uint in musl.
+                libc::MSG_WAITFORONE as _,
                 std::ptr::null_mut(),
             )
         };
@@ -215,14 +217,15 @@ impl RecvBatch {
             bytes: &self.buffers[index][..len],
             source: socket_addr(&self.names[index], header.msg_namelen),
             destination: self.destination(index),
-            host_rx: receive_timestamp(&self.controls[index], header.msg_controllen),
+            host_rx: receive_timestamp(&self.controls[index], header.msg_controllen as _),
             truncated: header.msg_flags & libc::MSG_TRUNC != 0,
         })
     }
 
     /// The local address the `index`th datagram was sent to (its IP_PKTINFO or IPV6_PKTINFO).
     fn destination(&self, index: usize) -> Option<IpAddr> {
-        let len = self.headers[index].msg_hdr.msg_controllen;
+        // `as _`: size_t in glibc, socklen_t in musl (static images).
+        let len = self.headers[index].msg_hdr.msg_controllen as _;
         packet_destination(&self.controls[index], len)
     }
 
@@ -469,7 +472,7 @@ impl SendBatch {
             } else {
                 std::ptr::null_mut()
             };
-            header.msg_hdr.msg_controllen = self.control_lens[i];
+            header.msg_hdr.msg_controllen = self.control_lens[i] as _;
             header.msg_hdr.msg_flags = 0;
         }
         // Entries 0..queued were just pointed at buffers this batch owns, with the lengths
@@ -562,7 +565,7 @@ impl FanOutBatch {
             } else {
                 std::ptr::null_mut()
             };
-            header.msg_hdr.msg_controllen = self.control_lens[i];
+            header.msg_hdr.msg_controllen = self.control_lens[i] as _;
             header.msg_hdr.msg_flags = 0;
         }
         // Entries 0..count were just pointed at the payload, iovec, address and control

@@ -60,14 +60,19 @@ app.kubernetes.io/name: stratum-operator
 app.kubernetes.io/component: operator
 {{- end }}
 
-{{/* image: registry/repository:tag or @digest; tag defaults to the chart's appVersion. */}}
+{{/*
+image: registry/repository:tag or @digest. The image's own registry and tag win over the
+chart-wide `image` ones; the tag defaults to the chart's appVersion.
+Call with (dict "image" .Values.operator.image "global" .Values.image "chart" .Chart).
+*/}}
 {{- define "stratum.image" -}}
+{{- $registry := default .global.registry .image.registry }}
 {{- $ref := .image.repository }}
-{{- if .image.registry }}{{ $ref = printf "%s/%s" .image.registry .image.repository }}{{ end }}
+{{- if $registry }}{{ $ref = printf "%s/%s" $registry .image.repository }}{{ end }}
 {{- if .image.digest }}
 {{- printf "%s@%s" $ref .image.digest }}
 {{- else }}
-{{- printf "%s:%s" $ref (default .chart.AppVersion .image.tag) }}
+{{- printf "%s:%s" $ref (default .chart.AppVersion (default .global.tag .image.tag)) }}
 {{- end }}
 {{- end }}
 

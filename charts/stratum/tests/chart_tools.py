@@ -6,6 +6,10 @@
   rule-file MANIFESTS OUT           write the PrometheusRule's groups as a plain rule file
   same-rules A B                    fail unless two rule files hold the same groups and rules
   configmap-file MANIFESTS KEY SRC  fail unless a ConfigMap's data[KEY] equals file SRC
+  operator-images MANIFESTS OPERATOR AGENT PULL_SECRETS AGENT_PULL_SECRETS
+                                    fail unless the operator Deployment runs image OPERATOR,
+                                    passes --agent-image=AGENT, and its pods and the agents
+                                    pull with the comma-separated secret names given
   dashboard-queries DASHBOARD       print every PromQL query of the dashboard, one per line,
                                     with the dashboard variables replaced (see QUERY_VARIABLES)
   dashboard-rules DASHBOARD OUT     write the queries as recording rules, so `promtool check
@@ -124,6 +128,31 @@ def cmd_configmap_file(manifests, key, src):
         want = f.read()
     if docs[0]["data"][key].rstrip("\n") != want.rstrip("\n"):
         fail(f"ConfigMap data {key} differs from {src}")
+
+
+def cmd_operator_images(manifests, operator, agent, pull_secrets, agent_pull_secrets):
+    pod = find(load_docs(manifests), "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    args = container.get("args") or []
+    got = {
+        "image": container.get("image"),
+        "--agent-image": [a.split("=", 1)[1] for a in args if a.startswith("--agent-image=")],
+        "imagePullSecrets": [s["name"] for s in pod.get("imagePullSecrets") or []],
+        "--agent-image-pull-secret": [
+            a.split("=", 1)[1] for a in args if a.startswith("--agent-image-pull-secret=")
+        ],
+    }
+    want = {
+        "image": operator,
+        "--agent-image": [agent],
+        "imagePullSecrets": [s for s in pull_secrets.split(",") if s],
+        "--agent-image-pull-secret": [s for s in agent_pull_secrets.split(",") if s],
+    }
+    for key in want:
+        if got[key] != want[key]:
+            fail(f"{manifests}: operator Deployment {key} is {got[key]!r}, want {want[key]!r}")
+    print(f"  operator {operator}, agents {agent}, pull secrets {want['imagePullSecrets']} / "
+          f"{want['--agent-image-pull-secret']}")
 
 
 def dashboard_queries(path):
@@ -292,6 +321,7 @@ COMMANDS = {
     "rule-file": cmd_rule_file,
     "same-rules": cmd_same_rules,
     "configmap-file": cmd_configmap_file,
+    "operator-images": cmd_operator_images,
     "dashboard-queries": cmd_dashboard_queries,
     "dashboard-rules": cmd_dashboard_rules,
     "dashboard-check": cmd_dashboard_check,

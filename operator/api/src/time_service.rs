@@ -336,6 +336,18 @@ pub struct AgentSettings {
     /// Image pull policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<PullPolicy>,
+    /// Names of Secrets (type `kubernetes.io/dockerconfigjson`) in the operator's namespace
+    /// that the agent pods pull their image with. Omitted: the operator's defaults
+    /// (`--agent-image-pull-secret`, the chart's `agent.imagePullSecrets`); `[]`: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 16),
+        inner(
+            length(min = 1, max = 253),
+            pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+        )
+    )]
+    pub image_pull_secrets: Option<Vec<String>>,
     /// Resource requests and limits of the agent container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
@@ -351,6 +363,7 @@ impl Default for AgentSettings {
             host_network: true,
             image: None,
             image_pull_policy: None,
+            image_pull_secrets: None,
             resources: None,
             log_level: LogLevel::default(),
         }

@@ -7,8 +7,8 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    HostPathVolumeSource, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    SecurityContext, Volume, VolumeMount,
+    HostPathVolumeSource, LocalObjectReference, ObjectFieldSelector, PodSpec, PodTemplateSpec,
+    Probe, SeccompProfile, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -140,6 +140,12 @@ pub fn build_daemonset(
         ..Container::default()
     };
     let host_network = spec.agent.host_network;
+    // The TimeService's own list wins, even when empty; otherwise the operator's defaults.
+    let pull_secrets = spec
+        .agent
+        .image_pull_secrets
+        .as_ref()
+        .unwrap_or(&settings.agent_image_pull_secrets);
     Ok(DaemonSet {
         metadata: agent_meta(ts, names::agent_name(name), Some(&settings.namespace))?,
         spec: Some(DaemonSetSpec {
@@ -161,6 +167,14 @@ pub fn build_daemonset(
                 }),
                 spec: Some(PodSpec {
                     service_account_name: Some(names::agent_name(name)),
+                    image_pull_secrets: (!pull_secrets.is_empty()).then(|| {
+                        pull_secrets
+                            .iter()
+                            .map(|secret| LocalObjectReference {
+                                name: secret.clone(),
+                            })
+                            .collect()
+                    }),
                     host_network: Some(host_network),
                     dns_policy: Some(
                         if host_network {
@@ -240,6 +254,55 @@ mod tests {
             .capabilities
             .unwrap();
         assert_eq!(caps.add.unwrap(), ["NET_BIND_SERVICE"]);
+    }
+
+    fn pull_secret_names(ds: &DaemonSet) -> Option<Vec<&str>> {
+        pod_spec(ds)
+            .image_pull_secrets
+            .as_ref()
+            .map(|secrets| secrets.iter().map(|s| s.name.as_str()).collect())
+    }
+
+    #[test]
+    fn agents_pull_with_the_operator_default_secrets_unless_the_time_service_names_its_own() {
+        let mut settings = fixtures::settings();
+        let ts = fixtures::time_service("cluster");
+        let ds = build_daemonset(&ts, &settings, false).unwrap();
+        assert_eq!(pull_secret_names(&ds), None, "no secrets anywhere: none");
+
+        settings.agent_image_pull_secrets = vec!["regcred".into(), "mirror".into()];
+        let ds = build_daemonset(&ts, &settings, false).unwrap();
+        assert_eq!(pull_secret_names(&ds), Some(vec!["regcred", "mirror"]));
+
+        let mut own = ts.clone();
+        own.spec.agent.image_pull_secrets = Some(vec!["team-registry".into()]);
+        let ds = build_daemonset(&own, &settings, false).unwrap();
+        assert_eq!(pull_secret_names(&ds), Some(vec!["team-registry"]));
+
+        let mut none = ts;
+        none.spec.agent.image_pull_secrets = Some(Vec::new());
+        let ds = build_daemonset(&none, &settings, false).unwrap();
+        assert_eq!(
+            pull_secret_names(&ds),
+            None,
+            "an explicit empty list turns the operator's defaults off"
+        );
+    }
+
+    #[test]
+    fn agent_image_pull_secrets_are_read_from_the_time_service_spec() {
+        let mut ts = fixtures::time_service("cluster");
+        ts.spec.agent = serde_json::from_value(serde_json::json!({
+            "image": "registry.example.com/stratum/agent:0.1.0",
+            "imagePullSecrets": ["regcred"]
+        }))
+        .unwrap();
+        let ds = build_daemonset(&ts, &fixtures::settings(), false).unwrap();
+        assert_eq!(pull_secret_names(&ds), Some(vec!["regcred"]));
+        assert_eq!(
+            pod_spec(&ds).containers[0].image.as_deref(),
+            Some("registry.example.com/stratum/agent:0.1.0")
+        );
     }
 
     #[test]

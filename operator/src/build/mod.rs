@@ -26,6 +26,8 @@ pub struct OperatorSettings {
     pub namespace: String,
     /// Agent image when the TimeService names none.
     pub agent_image: String,
+    /// Pull secrets (names in `namespace`) of agent pods whose TimeService names none.
+    pub agent_image_pull_secrets: Vec<String>,
     /// The static ClusterRole of every agent (shipped by the chart) that each TimeService's
     /// agents are bound to; the operator binds it, never creates or widens it.
     pub agent_cluster_role: String,
@@ -96,6 +98,7 @@ pub(crate) mod fixtures {
         OperatorSettings {
             namespace: "stratum-system".into(),
             agent_image: "stratum/agent:test".into(),
+            agent_image_pull_secrets: Vec::new(),
             agent_cluster_role: "stratum-agent".into(),
         }
     }

@@ -109,6 +109,7 @@ pub fn settings() -> OperatorSettings {
     OperatorSettings {
         namespace: "stratum-system".into(),
         agent_image: "stratum-agent:bench".into(),
+        agent_image_pull_secrets: Vec::new(),
         agent_cluster_role: "stratum-agent".into(),
     }
 }
