@@ -6,15 +6,19 @@
 #   stratum-ntp-client.oci.tar localhost/stratum/ntp-client:<version> and :dev
 #                              (e2e tenant workloads: chrony's chronyd and ntpsec's ntpdig)
 #
-# into ${STRATUM_IMAGES_DIR:-target/images}, then verifies them (--check alone only verifies).
+# into ${STRATUM_IMAGES_DIR:-target/images}, then verifies them (--check alone only verifies):
+# index names, labels, entrypoint, cmd and user (skopeo inspect); in the unpacked root
+# filesystems (umoci unpack, chroot, never with CAP_SYS_TIME) the binaries are static and run;
+# the agent, synchronized from the client image's chronyd -x, serves its stratumctl and the
+# client image's chronyd -Q on 127.0.0.1; skopeo pushes each to a registry on 127.0.0.1.
 #
 # How: the operator and agent are static binaries (x86_64-unknown-linux-musl, release profile,
 # --locked) on a root filesystem that this script provides (deploy/rootfs/<image>: /etc/passwd
 # and /etc/group, nothing else), so there is no base image to pull. The NTP client image holds
 # files extracted from Debian's own .debs (apt-get download + dpkg-deb -x, no maintainer
-# scripts), plus the shared libraries that ldd finds for them. umoci (Debian) turns each root
-# filesystem into a one-layer OCI image and writes its config (entrypoint, user, labels);
-# tar packs the OCI layout into an archive. Everything is dated from the HEAD commit, so the
+# scripts), plus every shared library ldd finds for them, from their own packages too. umoci
+# (Debian) turns each root filesystem into a one-layer OCI image and writes its config
+# (entrypoint, user, labels); tar packs the OCI layout into an archive. Everything is dated from the HEAD commit, so the
 # same commit gives the same layers.
 #
 # Each archive's index.json lists the image twice, as <version> and as dev; the
