@@ -18,8 +18,8 @@
 # files extracted from Debian's own .debs (apt-get download + dpkg-deb -x, no maintainer
 # scripts), plus every shared library ldd finds for them, from their own packages too. umoci
 # (Debian) turns each root filesystem into a one-layer OCI image and writes its config
-# (entrypoint, user, labels); tar packs the OCI layout into an archive. Everything is dated from the HEAD commit, so the
-# same commit gives the same layers.
+# (entrypoint, user, labels); tar packs the OCI layout into an archive. Everything is dated
+# from the HEAD commit, so the same commit gives the same layers.
 #
 # Each archive's index.json lists the image twice, as <version> and as dev; the
 # `io.containerd.image.name` annotation holds the full name, so `ctr -n k8s.io images import`
