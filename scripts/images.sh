@@ -487,7 +487,7 @@ check_image() {
   skopeo inspect --config "oci-archive:$archive:$VERSION" >"$dir/config.json" ||
     die "$name: skopeo inspect oci-archive:$archive:$VERSION"
   skopeo inspect "oci-archive:$archive:dev" >/dev/null || die "$name: skopeo inspect of the dev tag"
-  check_config "$name" "$dir/config.json" "$user" "$entrypoint" "$cmd" || die "$name: image config"
+  check_config "$name" "$dir/config.json" "$user" "$entrypoint" "$cmd" || die "$name: image config (built from another checkout? make images rebuilds)"
   umoci unpack --image "$dir/layout:$VERSION" "$dir/bundle" >/dev/null || die "$name: umoci unpack"
   rootfs=$dir/bundle/rootfs
   # The image's user exists in its /etc/passwd.
