@@ -6,16 +6,20 @@
 #   stratum-ntp-client.oci.tar localhost/stratum/ntp-client:<version> and :dev
 #                              (e2e tenant workloads: chrony's chronyd and ntpsec's ntpdig)
 #
-# into ${STRATUM_IMAGES_DIR:-target/images}, then verifies them (--check alone only verifies).
+# into ${STRATUM_IMAGES_DIR:-target/images}, then verifies them (--check alone only verifies):
+# index names, labels, entrypoint, cmd and user (skopeo inspect); in the unpacked root
+# filesystems (umoci unpack, chroot, never with CAP_SYS_TIME) the binaries are static and run;
+# the agent, synchronized from the client image's chronyd -x, serves its stratumctl and the
+# client image's chronyd -Q on 127.0.0.1; skopeo pushes each to a registry on 127.0.0.1.
 #
 # How: the operator and agent are static binaries (x86_64-unknown-linux-musl, release profile,
 # --locked) on a root filesystem that this script provides (deploy/rootfs/<image>: /etc/passwd
 # and /etc/group, nothing else), so there is no base image to pull. The NTP client image holds
 # files extracted from Debian's own .debs (apt-get download + dpkg-deb -x, no maintainer
-# scripts), plus the shared libraries that ldd finds for them. umoci (Debian) turns each root
-# filesystem into a one-layer OCI image and writes its config (entrypoint, user, labels);
-# tar packs the OCI layout into an archive. Everything is dated from the HEAD commit, so the
-# same commit gives the same layers.
+# scripts), plus every shared library ldd finds for them, from their own packages too. umoci
+# (Debian) turns each root filesystem into a one-layer OCI image and writes its config
+# (entrypoint, user, labels); tar packs the OCI layout into an archive. Everything is dated
+# from the HEAD commit, so the same commit gives the same layers.
 #
 # Each archive's index.json lists the image twice, as <version> and as dev; the
 # `io.containerd.image.name` annotation holds the full name, so `ctr -n k8s.io images import`
@@ -483,7 +487,7 @@ check_image() {
   skopeo inspect --config "oci-archive:$archive:$VERSION" >"$dir/config.json" ||
     die "$name: skopeo inspect oci-archive:$archive:$VERSION"
   skopeo inspect "oci-archive:$archive:dev" >/dev/null || die "$name: skopeo inspect of the dev tag"
-  check_config "$name" "$dir/config.json" "$user" "$entrypoint" "$cmd" || die "$name: image config"
+  check_config "$name" "$dir/config.json" "$user" "$entrypoint" "$cmd" || die "$name: image config (built from another checkout? make images rebuilds)"
   umoci unpack --image "$dir/layout:$VERSION" "$dir/bundle" >/dev/null || die "$name: umoci unpack"
   rootfs=$dir/bundle/rootfs
   # The image's user exists in its /etc/passwd.
@@ -506,7 +510,7 @@ expect_output() {
 # Stops what the check started (by process id) and removes its files.
 cleanup_check() {
   local pid
-  for pid in $REGISTRY_PID $SERVER_PID; do
+  for pid in $REGISTRY_PID $SERVER_PID $AGENT_PID; do
     kill "$pid" 2>/dev/null || true
   done
   rm -rf "$CHECK"
@@ -517,7 +521,7 @@ check() {
   init_facts
   ensure_tools 0
   CHECK=$(mktemp -d)
-  REGISTRY_PID='' SERVER_PID=''
+  REGISTRY_PID='' SERVER_PID='' AGENT_PID=''
   trap cleanup_check EXIT
   log "verifying the archives in $OUT (version $VERSION, revision $REVISION)"
   check_image operator 65532:65532 '["/usr/local/bin/stratum-operator"]' 'null'
@@ -538,44 +542,73 @@ check() {
   expect_output ntp-client '^chronyd \(chrony\) version 4' /usr/sbin/chronyd -v
   expect_output ntp-client '^ntpdig ntpsec-1\.' /usr/bin/ntpdig --version
   expect_output ntp-client '^ok$' /bin/sh -c 'echo ok'
-  check_ntp_query
+  check_served_time
   check_push
   log "all three images verified"
 }
 
-# The client image's chronyd really measures: `chronyd -Q` asks a `chronyd -x` server, both run
-# from the unpacked image over 127.0.0.1 (-x and -Q never touch the clock, and neither process
-# has CAP_SYS_TIME). ntpdig has no port option and would need port 123, so it is left to e2e.
-check_ntp_query() {
-  local rootfs=$CHECK/ntp-client/bundle/rootfs port out
-  port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
-  mkdir -p "$rootfs/tmp/server"
-  printf 'port %s\nbindaddress 127.0.0.1\nallow 127.0.0.1\nlocal stratum 3\ncmdport 0\npidfile /tmp/server/chronyd.pid\n' \
-    "$port" >"$rootfs/tmp/server/chrony.conf"
-  # Not through in_rootfs: a backgrounded function would be a subshell, and $! its pid; setpriv
-  # and chroot exec, so this $! is chronyd's.
-  setpriv --bounding-set=-sys_time --inh-caps=-sys_time chroot "$rootfs" \
+# The three images together, on 127.0.0.1 only and with no clock touched: chronyd -x from the
+# client image is the upstream; the agent image's static agent (simulated clock, 0.3 s off, no
+# API server) synchronizes from it and serves a tenant port through its musl recvmmsg and
+# sendmmsg path; its stratumctl queries that port, and the client image's chronyd -Q too.
+check_served_time() {
+  local client=$CHECK/ntp-client/bundle/rootfs agent=$CHECK/agent/bundle/rootfs
+  local upstream tenant metrics status out reply=""
+  upstream=$(free_port SOCK_DGRAM) tenant=$(free_port SOCK_DGRAM)
+  metrics=$(free_port SOCK_STREAM) status=$(free_port SOCK_STREAM)
+  mkdir -p "$client/tmp/server" "$agent/tmp/check"
+  printf 'port %s\nbindaddress 127.0.0.1\nallow 127.0.0.1\nlocal stratum 2\ncmdport 0\npidfile /tmp/server/chronyd.pid\n' \
+    "$upstream" >"$client/tmp/server/chrony.conf"
+  # setpriv and chroot exec, so $! is the server's own pid.
+  setpriv --bounding-set=-sys_time --inh-caps=-sys_time chroot "$client" \
     /usr/sbin/chronyd -x -d -u root -f /tmp/server/chrony.conf >"$CHECK/chronyd-server.log" 2>&1 &
   SERVER_PID=$!
-  for _ in $(seq 20); do
-    out=$(timeout 15 setpriv --bounding-set=-sys_time --inh-caps=-sys_time chroot "$rootfs" \
-      /usr/sbin/chronyd -Q -t 10 "server 127.0.0.1 port $port iburst maxsamples 1" 2>&1) || true
-    grep -Eq 'System clock wrong by -?[0-9.]+ seconds \(ignored\)' <<<"$out" && break
-    sleep 0.2
+  python3 - "$ROOT/agent/tests/data/agent-config.json" "$upstream" "$tenant" >"$agent/tmp/check/agent.json" <<'PY'
+import json, sys
+path, upstream, tenant = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with open(path) as f:
+    config = json.load(f)
+config["upstreams"][0]["port"] = upstream
+config["serving"]["tenants"] = [{
+    "id": "images/check", "port": tenant, "allowed": ["127.0.0.0/8"], "denied": [],
+    "rateLimit": {"clientIntervalSeconds": 0.001, "clientBurst": 1000, "kissOfDeath": False},
+}]
+json.dump(config, sys.stdout)
+PY
+  STRATUM_DENY_SYSTEM_CLOCK=1 setpriv --bounding-set=-sys_time --inh-caps=-sys_time chroot "$agent" \
+    /usr/local/bin/stratum-agent run --node-name images-check --clock simulated --sim-offset 0.3 \
+    --no-report --config /tmp/check/agent.json --server-workers 1 --state-dir /tmp/check \
+    --metrics-addr "127.0.0.1:$metrics" --status-addr "127.0.0.1:$status" >"$CHECK/agent.log" 2>&1 &
+  AGENT_PID=$!
+  # Synchronized: stratum 3 (chronyd's 2 + 1) and a leap indicator other than unsynchronized.
+  for _ in $(seq 120); do
+    reply=$(in_rootfs "$agent" /usr/local/bin/stratumctl --json query "127.0.0.1:$tenant" --timeout 0.5 2>/dev/null) &&
+      python3 -c 'import json, sys; r = json.load(sys.stdin); sys.exit(0 if r["stratum"] == 3 and "unsync" not in r["leap"].lower() else 1)' <<<"$reply" &&
+      break
+    reply=""
+    sleep 0.5
   done
-  kill "$SERVER_PID" 2>/dev/null
-  wait "$SERVER_PID" 2>/dev/null || true
-  SERVER_PID=
+  [[ -n $reply ]] || die "agent: never served synchronized time on 127.0.0.1:$tenant: $(tail -5 "$CHECK/agent.log")"
+  log "  agent: synchronized from chronyd, serves 127.0.0.1:$tenant: $(python3 -c 'import json, sys; r = json.load(sys.stdin); print("stratum %d, offset %+.6f s" % (r["stratum"], r["offsetSeconds"]))' <<<"$reply")"
+  out=$(timeout 20 setpriv --bounding-set=-sys_time --inh-caps=-sys_time chroot "$client" \
+    /usr/sbin/chronyd -Q -t 10 "server 127.0.0.1 port $tenant iburst maxsamples 1" 2>&1) || true
   grep -Eq 'System clock wrong by -?[0-9.]+ seconds \(ignored\)' <<<"$out" ||
-    die "ntp-client: chronyd -Q got no time from a chronyd -x server on 127.0.0.1:$port: $out $(cat "$CHECK/chronyd-server.log")"
-  log "  ntp-client: chronyd -Q from chronyd -x on 127.0.0.1:$port -> $(grep -Eo 'System clock wrong by -?[0-9.]+ seconds' <<<"$out")"
+    die "ntp-client: chronyd -Q got no time from the agent on 127.0.0.1:$tenant: $out"
+  log "  ntp-client: chronyd -Q from the agent -> $(grep -Eo 'System clock wrong by -?[0-9.]+ seconds' <<<"$out")"
+  kill "$AGENT_PID" "$SERVER_PID" 2>/dev/null
+  wait "$AGENT_PID" "$SERVER_PID" 2>/dev/null || true
+  AGENT_PID='' SERVER_PID=''
+}
+
+free_port() {
+  python3 -c "import socket, sys; s = socket.socket(socket.AF_INET, socket.$1); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1]); s.close()"
 }
 
 # The push path: skopeo copies each archive to a registry on loopback (started here, stopped
 # at the end), and the registry serves the manifest the archive holds, byte for byte.
 check_push() {
   local dir=$CHECK/registry port name archive want got
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+  port=$(free_port SOCK_STREAM)
   mkdir -p "$dir/storage"
   printf 'version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%s\n' \
     "$dir/storage" "$port" >"$dir/config.yml"
