@@ -181,6 +181,9 @@ pub struct PlanCache {
     document: DocumentCache,
     members: MemberCache,
     network_policy: Option<PolicyCache>,
+    /// Tenants left out because the config would not fit a ConfigMap with them (youngest
+    /// first); `plan_tenant` refuses them.
+    shed: BTreeSet<TenantKey>,
 }
 
 /// The tenants a TimeService serves, in id order, with their ports. It depends only on
@@ -320,7 +323,7 @@ pub fn plan_time_service(
             revision: Some(list.revision),
         })
         .collect();
-    let (config, document) = build_agent_config_document(
+    let (mut config, mut document) = build_agent_config_document(
         &name,
         &ts.spec,
         peer_port,
@@ -328,9 +331,68 @@ pub fn plan_time_service(
         &fleet,
         &mut cache.document,
     );
-    let config = match config.validate() {
-        Ok(()) => Some(config),
-        Err(problems) => {
+    let config_problems = config.validate().err();
+    let mut config_map = match &config_problems {
+        None => Some(build_agent_config_map(
+            ts,
+            settings,
+            &config,
+            &document,
+            &mut cache.members,
+        )?),
+        Some(_) => None,
+    };
+    let mut size = config_map.as_ref().map(config_map_bytes).unwrap_or(0);
+    // Too large for one ConfigMap: tenants are admitted oldest first while the config fits,
+    // so tenants can only ever crowd out younger ones, never the TimeService.
+    cache.shed.clear();
+    if size > MAX_CONFIG_BYTES && config_problems.is_none() {
+        let mut by_age: Vec<usize> = (0..inputs.len()).collect();
+        by_age.sort_by_key(|i| age(&served[*i].entry));
+        let fits = |kept: &[usize], cache: &mut PlanCache| -> Result<_> {
+            let mut subset: Vec<TenantInput<'_>> =
+                kept.iter().map(|i| inputs[*i].clone()).collect();
+            subset.sort_by(|a, b| a.id.cmp(b.id));
+            let (config, document) = build_agent_config_document(
+                &name,
+                &ts.spec,
+                peer_port,
+                &subset,
+                &fleet,
+                &mut cache.document,
+            );
+            let cm = build_agent_config_map(ts, settings, &config, &document, &mut cache.members)?;
+            let size = config_map_bytes(&cm);
+            Ok((size <= MAX_CONFIG_BYTES, (config, document, cm, size)))
+        };
+        // The most tenants, oldest first, whose config fits (more tenants, larger config).
+        let (mut low, mut high) = (0, by_age.len().saturating_sub(1));
+        let mut best = None;
+        while low < high {
+            let mid = (low + high).div_ceil(2);
+            let (ok, built) = fits(&by_age[..mid], &mut cache)?;
+            if ok {
+                low = mid;
+                best = Some(built);
+            } else {
+                high = mid - 1;
+            }
+        }
+        let best = match best {
+            Some(best) => Some(best),
+            None => fits(&[], &mut cache)?.1.into(),
+        };
+        if let Some((c, d, cm, sz)) = best {
+            (config, document, config_map, size) = (c, d, Some(cm), sz);
+        }
+        cache.shed = by_age[low..]
+            .iter()
+            .map(|i| served[*i].key.clone())
+            .collect();
+    }
+    let config = match config_problems {
+        None => Some(config),
+        Some(problems) => {
             let why = problems
                 .iter()
                 .map(ToString::to_string)
@@ -342,16 +404,13 @@ pub fn plan_time_service(
             None
         }
     };
-    let config_map = config
-        .as_ref()
-        .map(|c| build_agent_config_map(ts, settings, c, &document, &mut cache.members))
-        .transpose()?;
-    let size = config_map.as_ref().map(config_map_bytes).unwrap_or(0);
-    // Too large for one ConfigMap: keep the config for inspection, write nothing.
+    drop(document);
+    // Too large even without tenants: the TimeService's own fault. Keep the config for
+    // inspection, write nothing.
     let config_map = if size > MAX_CONFIG_BYTES {
         blocked.get_or_insert(Blocked::Invalid(format!(
-            "the agent config is {size} bytes gzipped, over the ConfigMap limit of {MAX_CONFIG_BYTES}; \
-             narrow tenants' allowedClients (ipBlocks aggregate better than many pods)"
+            "the agent config is {size} bytes gzipped without any tenant, over the ConfigMap \
+             limit of {MAX_CONFIG_BYTES}"
         )));
         None
     } else {
@@ -546,6 +605,22 @@ fn plan_tenant_objects(index: &mut Index, tenant: &TenantTimePolicy) -> Result<T
         plan.refused = Some(refusal);
         return Ok(plan);
     }
+    if index
+        .plan_caches
+        .get(&ts)
+        .is_some_and(|c| c.shed.contains(&key))
+    {
+        plan.refused = Some((
+            "AgentConfigFull",
+            format!(
+                "the agent config of TimeService {ts:?} holds no more tenants: with this one it \
+                 would exceed the ConfigMap limit of {MAX_CONFIG_BYTES} bytes gzipped, and older \
+                 tenants keep their place; narrow spec.allowedClients (ipBlocks aggregate better \
+                 than many pods)"
+            ),
+        ));
+        return Ok(plan);
+    }
     let zones: BTreeMap<String, Option<String>> = index
         .nodes
         .iter()
@@ -676,6 +751,81 @@ mod tests {
                 .unwrap()
                 .time_config
                 .is_some()
+        );
+    }
+
+    #[test]
+    fn tenants_that_together_overflow_the_config_crowd_out_only_younger_ones() {
+        // Each tenant well under its own prefix limit, together far over a ConfigMap.
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let tenants: Vec<TenantTimePolicy> = (0..48)
+            .map(|i| {
+                let cidr = format!("fd{:02x}::/16", i + 1);
+                let except: Vec<String> = (0..64)
+                    .map(|_| {
+                        let r = next();
+                        format!(
+                            "fd{:02x}:{:x}:{:x}:{:x}::{:x}/128",
+                            i + 1,
+                            r & 0xffff,
+                            (r >> 16) & 0xffff,
+                            (r >> 32) & 0xffff,
+                            r >> 48
+                        )
+                    })
+                    .collect();
+                let mut t = fixtures::tenant(
+                    &format!("ns-{i:02}"),
+                    "ntp",
+                    serde_json::json!({ "allowedClients": [{ "ipBlock": { "cidr": cidr, "except": except } }] }),
+                );
+                t.metadata.creation_timestamp =
+                    Some(Time(Timestamp::from_second(1_700_000_000 + i).unwrap()));
+                t
+            })
+            .collect();
+        let refs: Vec<&TenantTimePolicy> = tenants.iter().collect();
+        let mut index = index_with(&refs);
+        let ts = fixtures::time_service("cluster");
+        let plan = plan_time_service(&mut index, &ts, &fixtures::settings()).unwrap();
+        assert!(plan.blocked.is_none(), "{:?}", plan.blocked);
+        let cm = plan.config_map.as_ref().unwrap();
+        assert!(config_map_bytes(cm) <= MAX_CONFIG_BYTES);
+        let served: Vec<String> = plan
+            .config
+            .as_ref()
+            .unwrap()
+            .serving
+            .tenants
+            .iter()
+            .map(|t| t.id.clone())
+            .collect();
+        assert!(
+            (1..48).contains(&served.len()),
+            "{} of 48 tenants fit",
+            served.len()
+        );
+        // The oldest ones, every one of them.
+        let expected: Vec<String> = (0..served.len())
+            .map(|i| format!("ns-{i:02}/ntp"))
+            .collect();
+        assert_eq!(served, expected);
+        let kept = plan_tenant(&mut index, &tenants[0]).unwrap();
+        assert!(kept.refused.is_none(), "{:?}", kept.refused);
+        let (reason, message) = plan_tenant(&mut index, &tenants[47])
+            .unwrap()
+            .refused
+            .unwrap();
+        assert_eq!(reason, "AgentConfigFull");
+        assert!(
+            message.contains("older tenants keep their place"),
+            "{message}"
         );
     }
 }
