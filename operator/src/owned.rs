@@ -12,7 +12,7 @@
 //! milliseconds) would be applied over. Deletes cannot hit a user's object: they carry the
 //! uid of the object the cache saw as ours as a precondition.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -106,13 +106,11 @@ impl std::fmt::Display for ChildRef {
     }
 }
 
-type ChildKey = (String, ChildKind, String);
-
 /// Every watched Service, every Stratum EndpointSlice and every `time-config` ConfigMap, by
-/// namespace, kind and name.
+/// namespace, kind and name (nested, so that lookups by `&str` allocate nothing).
 #[derive(Clone, Debug, Default)]
 pub struct Children {
-    objects: BTreeMap<ChildKey, ChildMeta>,
+    objects: HashMap<String, BTreeMap<ChildKind, BTreeMap<String, ChildMeta>>>,
 }
 
 impl Children {
@@ -124,23 +122,36 @@ impl Children {
         name: &str,
         meta: ChildMeta,
     ) -> Option<Option<ChildMeta>> {
-        let key = (namespace.to_owned(), kind, name.to_owned());
-        match self.objects.get(&key) {
-            Some(old) if *old == meta => None,
-            _ => Some(self.objects.insert(key, meta)),
+        if self.get(kind, namespace, name) == Some(&meta) {
+            return None;
         }
+        Some(
+            self.objects
+                .entry(namespace.to_owned())
+                .or_default()
+                .entry(kind)
+                .or_default()
+                .insert(name.to_owned(), meta),
+        )
     }
 
     /// Forgets an object, returning it.
     pub fn remove(&mut self, kind: ChildKind, namespace: &str, name: &str) -> Option<ChildMeta> {
-        self.objects
-            .remove(&(namespace.to_owned(), kind, name.to_owned()))
+        let kinds = self.objects.get_mut(namespace)?;
+        let names = kinds.get_mut(&kind)?;
+        let old = names.remove(name);
+        if names.is_empty() {
+            kinds.remove(&kind);
+            if kinds.is_empty() {
+                self.objects.remove(namespace);
+            }
+        }
+        old
     }
 
     /// The object, if it exists.
     pub fn get(&self, kind: ChildKind, namespace: &str, name: &str) -> Option<&ChildMeta> {
-        self.objects
-            .get(&(namespace.to_owned(), kind, name.to_owned()))
+        self.objects.get(namespace)?.get(&kind)?.get(name)
     }
 
     /// An object of this name that exists and is not Stratum's: the plan must not touch it.
@@ -163,24 +174,32 @@ impl Children {
         tenant: &str,
         keep: &BTreeSet<(ChildKind, String)>,
     ) -> Vec<ChildRef> {
-        let from = (namespace.to_owned(), ChildKind::Service, String::new());
-        self.objects
-            .range(from..)
-            .take_while(|((ns, _, _), _)| ns == namespace)
-            .filter(|(_, m)| m.stratums && m.tenant.as_deref() == Some(tenant))
-            .filter(|((_, kind, name), _)| !keep.contains(&(*kind, name.clone())))
-            .map(|((ns, kind, name), m)| ChildRef {
-                kind: *kind,
-                namespace: ns.clone(),
-                name: name.clone(),
-                uid: m.uid.clone(),
-            })
-            .collect()
+        let mut out = Vec::new();
+        for (kind, names) in self.objects.get(namespace).into_iter().flatten() {
+            for (name, meta) in names {
+                if meta.stratums
+                    && meta.tenant.as_deref() == Some(tenant)
+                    && !keep.contains(&(*kind, name.clone()))
+                {
+                    out.push(ChildRef {
+                        kind: *kind,
+                        namespace: namespace.to_owned(),
+                        name: name.clone(),
+                        uid: meta.uid.clone(),
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// Number of objects known.
     pub fn len(&self) -> usize {
-        self.objects.len()
+        self.objects
+            .values()
+            .flat_map(BTreeMap::values)
+            .map(BTreeMap::len)
+            .sum()
     }
 
     /// Nothing known.
@@ -324,5 +343,12 @@ mod tests {
                 .is_none(),
             "an unchanged object is no change"
         );
+        assert_eq!(c.len(), 2);
+        assert!(c.remove(ChildKind::Service, "vms", "ntp").is_some());
+        assert!(
+            c.remove(ChildKind::ConfigMap, "vms", "time-config")
+                .is_some()
+        );
+        assert!(c.is_empty(), "a namespace without objects is forgotten");
     }
 }

@@ -475,3 +475,70 @@ fn the_node_clock_of_a_node_gone_longer_than_the_grace_is_collected() {
     clock.advance(NODE_GONE_GRACE);
     assert!(index.sweep().collect.is_empty());
 }
+
+#[test]
+fn child_events_trigger_exactly_the_tenants_that_would_apply_own_or_prune_that_name() {
+    let (mut index, _) = setup();
+    let older = tenant("vms", "a", json!({}));
+    let mut younger = tenant("vms", "b", json!({ "service": { "name": "ntp-b" } }));
+    younger.metadata.creation_timestamp =
+        Some(Time(Timestamp::from_second(1_700_000_100).unwrap()));
+    index.apply_tenant(&older);
+    index.apply_tenant(&younger);
+    let a = ("vms".to_owned(), "a".to_owned());
+    let b = ("vms".to_owned(), "b".to_owned());
+
+    // A user's Service of an unrelated name, or in another namespace: nothing.
+    assert!(
+        index
+            .apply_child(ChildKind::Service, &object("vms", "web", None))
+            .is_empty()
+    );
+    assert!(
+        index
+            .apply_child(ChildKind::Service, &object("db", "ntp", None))
+            .is_empty()
+    );
+    // A user's Service of b's name: b only.
+    let t = index.apply_child(ChildKind::Service, &object("vms", "ntp-b", None));
+    assert_eq!(t.tenants, BTreeSet::from([b.clone()]));
+    // A time-config: every tenant of the namespace (one of them owns it).
+    let t = index.apply_child(
+        ChildKind::ConfigMap,
+        &object("vms", names::TIME_CONFIG_NAME, None),
+    );
+    assert_eq!(t.tenants, BTreeSet::from([a.clone(), b.clone()]));
+    // One of Stratum's slices: the tenant it is labelled for.
+    let t = index.apply_child(
+        ChildKind::EndpointSlice,
+        &object("vms", "old-stratum-ipv4", Some("a")),
+    );
+    assert_eq!(t.tenants, BTreeSet::from([a.clone()]));
+    assert!(
+        index
+            .apply_child(
+                ChildKind::EndpointSlice,
+                &object("vms", "old-stratum-ipv4", Some("a"))
+            )
+            .is_empty(),
+        "our own re-apply of an unchanged object reconciles nothing"
+    );
+
+    // The older tenant goes: the younger one is reconciled and takes over time-config.
+    assert!(
+        plan_tenant(&mut index, &younger)
+            .unwrap()
+            .time_config
+            .is_none()
+    );
+    let t = index.delete_tenant("vms", "a");
+    assert_eq!(t.tenants, BTreeSet::from([b.clone()]));
+    index.delete_child(ChildKind::ConfigMap, "vms", names::TIME_CONFIG_NAME);
+    index.delete_child(ChildKind::Service, "vms", "ntp-b");
+    assert!(
+        plan_tenant(&mut index, &younger)
+            .unwrap()
+            .time_config
+            .is_some()
+    );
+}
