@@ -3,8 +3,6 @@
 //! when free or expired, renew it while held, every write a compare-and-swap on
 //! resourceVersion. A leader that cannot renew before its lease runs out stops leading (the
 //! process exits and restarts as a candidate), so a partitioned leader never overlaps the next.
-//! A leader that shuts down releases the Lease (an empty holder, as client-go's
-//! ReleaseOnCancel), so a standby takes over at its next attempt instead of after expiry.
 
 use std::time::Duration;
 
@@ -94,41 +92,7 @@ pub struct Elector {
     pub duration: Duration,
 }
 
-/// The Lease spec after `me` releases it, or `None` when `me` does not hold it (then it is
-/// not ours to touch).
-pub fn released_spec(current: &LeaseSpec, me: &str, now: Timestamp) -> Option<LeaseSpec> {
-    if current.holder_identity.as_deref() != Some(me) {
-        return None;
-    }
-    let mut spec = current.clone();
-    spec.holder_identity = Some(String::new());
-    spec.lease_duration_seconds = Some(1);
-    spec.renew_time = Some(MicroTime(now));
-    Some(spec)
-}
-
 impl Elector {
-    /// Releases the Lease if this replica holds it; returns whether it did. Call only after
-    /// [`Self::run`] has stopped, or it would take the Lease again.
-    pub async fn release(&self) -> Result<bool, kube::Error> {
-        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
-            return Ok(false);
-        };
-        let Some(spec) = lease
-            .spec
-            .as_ref()
-            .and_then(|s| released_spec(s, &self.identity, Timestamp::now()))
-        else {
-            return Ok(false);
-        };
-        lease.spec = Some(spec);
-        // Carries the resourceVersion we read: if another replica took it meanwhile, it stays.
-        self.api
-            .replace(&self.name, &PostParams::default(), &lease)
-            .await?;
-        Ok(true)
-    }
-
     /// One attempt: returns whether we hold the Lease afterwards.
     pub async fn try_once(&self) -> Result<bool, kube::Error> {
         let now = Timestamp::now();
@@ -254,24 +218,5 @@ mod tests {
             ..LeaseSpec::default()
         };
         assert_eq!(decide(Some(&released), "a", at(1), D), Step::Acquire);
-    }
-
-    #[test]
-    fn a_leader_releases_only_its_own_lease_and_a_standby_then_acquires_it() {
-        let held = next_spec(None, &Step::Acquire, "a", at(100), D);
-        assert_eq!(
-            released_spec(&held, "b", at(101)),
-            None,
-            "not b's to release"
-        );
-        let released = released_spec(&held, "a", at(101)).unwrap();
-        assert_eq!(released.holder_identity.as_deref(), Some(""));
-        assert_eq!(released.acquire_time, held.acquire_time);
-        // Long before the old term would have expired (115), the standby takes it.
-        assert_eq!(decide(Some(&released), "b", at(102), D), Step::Acquire);
-        let taken = next_spec(Some(&released), &Step::Acquire, "b", at(102), D);
-        assert_eq!(taken.holder_identity.as_deref(), Some("b"));
-        assert_eq!(taken.lease_duration_seconds, Some(15));
-        assert_eq!(taken.lease_transitions, Some(1));
     }
 }

@@ -84,29 +84,9 @@ async fn main() -> anyhow::Result<()> {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("stratum-operator-{}", std::process::id()));
 
-    // SIGTERM (the kubelet on pod deletion) or SIGINT: stop, standby or leader. Without a
-    // handler a container's PID 1 ignores SIGTERM and waits out the grace period for SIGKILL.
-    let (shutdown_tx, shutdown) = watch::channel(false);
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        shutdown_tx.send_replace(true);
-    });
-    let shutdown_requested = || {
-        let mut shutdown = shutdown.clone();
-        async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        }
-    };
-
     let (leading_tx, mut leading) = watch::channel(!args.leader_election);
     // Without election the sender lives as long as main, so leadership is never "lost".
     let mut leading_tx = Some(leading_tx);
-    let mut election = None;
     if args.leader_election
         && let Some(leading_tx) = leading_tx.take()
     {
@@ -116,21 +96,14 @@ async fn main() -> anyhow::Result<()> {
             identity: identity.clone(),
             duration: Duration::from_secs(args.lease_seconds),
         };
-        let campaign = tokio::spawn(elector.clone().run(leading_tx));
-        election = Some((elector, campaign));
+        tokio::spawn(elector.run(leading_tx));
         // A standby replica is healthy and ready; it just does not write.
         health.set_ready(true);
         tracing::info!(%identity, "waiting for the leader lease");
-        tokio::select! {
-            elected = leading.wait_for(|l| *l) => {
-                elected.context("leader election ended")?;
-            }
-            () = shutdown_requested() => {
-                tracing::info!("shutting down (standby)");
-                server.abort();
-                return Ok(());
-            }
-        }
+        leading
+            .wait_for(|l| *l)
+            .await
+            .context("leader election ended")?;
     }
     metrics.leader.set(1);
 
@@ -156,7 +129,9 @@ async fn main() -> anyhow::Result<()> {
     let lost_leadership = async move {
         let _ = lost.wait_for(|l| !*l).await;
     };
-    let shutdown = shutdown_requested();
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
     let stop = async move {
         tokio::select! {
             () = lost_leadership => tracing::error!("leadership lost; stopping controllers"),
@@ -164,15 +139,6 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     wiring::run(client, ctx, stop).await;
-    // Hand over at once: stop renewing, then release the Lease if we still hold it.
-    if let Some((elector, campaign)) = election {
-        campaign.abort();
-        match elector.release().await {
-            Ok(true) => tracing::info!("released the leader lease"),
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "could not release the leader lease"),
-        }
-    }
     server.abort();
     drop(leading_tx);
     if !*leading.borrow() {
