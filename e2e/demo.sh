@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make demo`: the whole system on a local control plane — the chart installed with helm (its
-# operator pods run as real processes), three fake nodes with real agents, upstream NTP servers
-# (one lying), a Prometheus scraping them, a TimeService and two tenants — then a short tour,
-# and it keeps running until Ctrl-C, when it cleans up everything it started.
+# operator pods run as real processes), three fake nodes with real agents, a real node (kubelet,
+# containerd, kube-proxy, CoreDNS) with a real pod per tenant, upstream NTP servers (one
+# lying), a Prometheus scraping them, a TimeService and two tenants — then a short tour, and it
+# keeps running until Ctrl-C, when it cleans up everything it started.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -56,6 +57,8 @@ metadata: {name: ntp, namespace: team-a}
 spec:
   timezone: Europe/Berlin
   rateLimit: {kissOfDeath: true}
+  # The real node runs no agent: Closest sends its pods to another node's agent.
+  service: {routing: Closest}
 ---
 apiVersion: stratum.io/v1alpha1
 kind: TenantTimePolicy
@@ -77,6 +80,20 @@ spec:
   nodeName: kwok-node-1
   containers: [{name: app, image: registry.example.invalid/app}]
 YAML
+# A real pod per tenant on the real node (the pause image; the clients below act in its network
+# namespace with its resolv.conf).
+for ns in team-a team-b; do
+  kubectl apply -f - <<YAML
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: $ns}
+spec:
+  nodeName: $STRATUM_E2E_REAL_NODE
+  tolerations: [{key: stratum.e2e/real-node, operator: Exists, effect: NoSchedule}]
+  terminationGracePeriodSeconds: 1
+  containers: [{name: c, image: localhost/stratum-e2e/pause:1, imagePullPolicy: Never}]
+YAML
+done
 
 say "waiting for every node to synchronize and both tenants to be ready"
 kubectl wait tsvc/cluster-time --for=condition=Ready --timeout=120s
@@ -106,6 +123,18 @@ say "team-a's workload ($ip_a) asks the agent on its node ($node_ip:$port_a): se
 run ip netns exec e2e-demo-team-a "$STRATUM_E2E_TARGET/stratumctl" query "$node_ip:$port_a" || true
 say "team-b's workload ($ip_b) asks team-a's port: refused (Kiss-o'-Death DENY, or no answer)"
 run ip netns exec e2e-demo-team-b "$STRATUM_E2E_TARGET/stratumctl" query --timeout 1 "$node_ip:$port_a" || true
+kubectl -n team-a wait pod/client --for=condition=Ready --timeout=60s
+kubectl -n team-b wait pod/client --for=condition=Ready --timeout=60s
+say "team-a's real pod on $STRATUM_E2E_REAL_NODE asks ntp.team-a.svc.cluster.local (CoreDNS, kube-proxy): served"
+run kubectl -n team-a get service ntp
+run e2e/scripts/node.sh pod-exec team-a client cat /etc/resolv.conf
+e2e_wait_for "team-a's real pod in team-a's allow list" 30 \
+  e2e/scripts/node.sh pod-exec team-a client ntpdig -t 1 ntp.team-a.svc.cluster.local || true
+run e2e/scripts/node.sh pod-exec team-a client ntpdig -t 2 ntp.team-a.svc.cluster.local || true
+run e2e/scripts/node.sh pod-exec team-a client chronyd -d -Q -t 10 -u root \
+  "server ntp.team-a.svc.cluster.local iburst maxsamples 4" "pidfile /tmp/stratum-demo-chronyd.pid" "cmdport 0" || true
+say "team-b's real pod asks team-a's Service by name: refused (Kiss-o'-Death DENY)"
+run e2e/scripts/node.sh pod-exec team-b client ntpdig -t 2 ntp.team-a.svc.cluster.local || true
 say "the agent on kwok-node-0, as stratumctl sees it"
 run ip netns exec e2e-kwok-node-0 "$STRATUM_E2E_TARGET/stratumctl" sources || true
 
