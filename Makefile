@@ -32,7 +32,7 @@ lint: ## clippy on every target, warnings are errors
 unit: ## unit and integration tests (no cluster)
 	$(NO_SYS_TIME) $(CARGO) test --workspace
 
-test: deps fmt-check lint unit chart-check e2e ## everything CI checks
+test: deps fmt-check lint unit chart-check images e2e ## everything CI checks (images: the real node runs them)
 
 crds: ## regenerate crds/ from the Rust types
 	$(CARGO) run --quiet -p stratum-operator --bin crdgen -- crds
