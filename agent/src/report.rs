@@ -24,6 +24,11 @@ pub const FIELD_MANAGER: &str = "stratum-agent";
 /// Shortest interval between two NodeClock writes, however often things change.
 pub const MIN_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Longest an API write may take. The operator counts a NodeClock stale after three missed
+/// heartbeats, so one hung request (the client's own read timeout is minutes) must not
+/// silence the reports: give up, and try again at the next tick.
+const API_DEADLINE: Duration = Duration::from_secs(5);
+
 /// Something worth an Event on the Node.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AgentEvent {
@@ -313,8 +318,10 @@ pub async fn run(
         tokio::select! {
             event = events.recv() => match event {
                 Some(event) => {
-                    if let Err(e) = recorder.publish(&event.to_event(), &node_ref).await {
-                        tracing::warn!(error = %e, "publishing event failed");
+                    match tokio::time::timeout(API_DEADLINE, recorder.publish(&event.to_event(), &node_ref)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "publishing event failed"),
+                        Err(_) => tracing::warn!(deadline = ?API_DEADLINE, "publishing event timed out"),
                     }
                 }
                 None => return,
@@ -348,22 +355,39 @@ pub async fn run(
                 "apiVersion": "stratum.io/v1alpha1", "kind": "NodeClock",
                 "metadata": {"name": node}, "spec": {"timeService": time_service},
             });
-            match api.patch(&node, &params, &Patch::Apply(object)).await {
-                Ok(_) => object_applied_for = Some(time_service.clone()),
-                Err(e) => {
+            match tokio::time::timeout(
+                API_DEADLINE,
+                api.patch(&node, &params, &Patch::Apply(object)),
+            )
+            .await
+            {
+                Ok(Ok(_)) => object_applied_for = Some(time_service.clone()),
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "applying NodeClock failed");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!(deadline = ?API_DEADLINE, "applying NodeClock timed out");
                     continue;
                 }
             }
         }
         let body = serde_json::json!({"apiVersion": "stratum.io/v1alpha1", "kind": "NodeClock", "status": &value});
-        match api.patch_status(&node, &params, &Patch::Apply(body)).await {
-            Ok(_) => {
+        match tokio::time::timeout(
+            API_DEADLINE,
+            api.patch_status(&node, &params, &Patch::Apply(body)),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {
                 policy.wrote(now);
                 last_significant = Some(sig);
                 last_written = Some(value);
             }
-            Err(e) => tracing::warn!(error = %e, "writing NodeClock status failed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "writing NodeClock status failed"),
+            Err(_) => {
+                tracing::warn!(deadline = ?API_DEADLINE, "writing NodeClock status timed out")
+            }
         }
     }
 }
