@@ -384,6 +384,12 @@ pub async fn run(
                 last_significant = Some(sig);
                 last_written = Some(value);
             }
+            // Deleted under us (an admin, or the operator collecting a vanished node's):
+            // create it again before the next status write.
+            Ok(Err(kube::Error::Api(status))) if status.code == 404 => {
+                tracing::warn!("NodeClock {node} is gone; creating it again");
+                object_applied_for = None;
+            }
             Ok(Err(e)) => tracing::warn!(error = %e, "writing NodeClock status failed"),
             Err(_) => {
                 tracing::warn!(deadline = ?API_DEADLINE, "writing NodeClock status timed out")

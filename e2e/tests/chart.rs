@@ -200,7 +200,15 @@ async fn the_charts_rbac_and_admission_policies_refuse_what_the_design_forbids()
     // NodeClocks and Events only about the agent's own node, with real pod-bound tokens.
     chart_check_script(
         "vap-e2e.sh",
-        &["--namespace", AGENT_NAMESPACE, "--no-setup"],
+        // Made-up node names: the script deletes the NodeClocks it wrote, which must not be
+        // the running agents' (the API server puts a pod's node in its token either way).
+        &[
+            "--namespace",
+            AGENT_NAMESPACE,
+            "--no-setup",
+            "vap-node-a",
+            "vap-node-b",
+        ],
     );
 }
 
