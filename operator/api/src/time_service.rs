@@ -164,10 +164,15 @@ impl Default for Selection {
 /// Clock discipline settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("!has(self.clock) || self.clock != 'System' || !has(self.mode) || self.mode != 'Monitor'").message("clock System steers the node clock, which mode Monitor never does: use mode Discipline, or clock Readonly"))]
 pub struct Discipline {
     /// `Discipline` steers node clocks; `Monitor` only measures and reports.
     #[serde(default)]
     pub mode: DisciplineMode,
+    /// The clock the agents work on (see [`ClockSource`]); the pods stay the same whichever
+    /// it is, so a trial on a simulated clock runs the pods production will.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<ClockSource>,
     /// When the clock may be stepped instead of slewed.
     #[serde(default)]
     pub make_step: MakeStep,
@@ -192,6 +197,7 @@ impl Default for Discipline {
     fn default() -> Self {
         Self {
             mode: DisciplineMode::default(),
+            clock: None,
             make_step: MakeStep::default(),
             max_slew_ppm: default_max_slew_ppm(),
             panic_threshold: PanicThreshold::default(),
@@ -209,6 +215,20 @@ pub enum DisciplineMode {
     Discipline,
     /// Measure and report only; never adjust the clock.
     Monitor,
+}
+
+/// The clock the agents work on. Omitted: the node's clock, steered (`System`) under
+/// `Discipline`, only read (`Readonly`) under `Monitor`. `Simulated` gives each agent a software
+/// clock and never touches the node's: for trials, demos and CI on machines whose clock must not
+/// move. The agent pods keep the mode's spec (SYS_TIME under `Discipline`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ClockSource {
+    /// The node's clock, steered with `clock_adjtime` (needs mode `Discipline`).
+    System,
+    /// The node's clock, measured and never adjusted.
+    Readonly,
+    /// A software clock per agent; the node's clock is never adjusted.
+    Simulated,
 }
 
 /// Step instead of slewing only during the first `limit` clock updates, and only when the

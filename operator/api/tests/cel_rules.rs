@@ -422,3 +422,25 @@ fn timezone_must_not_be_empty_when_set() {
         "timezone must not be empty when set",
     );
 }
+
+#[test]
+fn the_system_clock_needs_the_discipline_mode() {
+    let with = |discipline: Value| {
+        time_service(json!({"upstreams": [upstream(json!({}))], "discipline": discipline}))
+            .validate_cel()
+    };
+    for ok in [
+        json!({"clock": "System"}),
+        json!({"mode": "Discipline", "clock": "System"}),
+        json!({"mode": "Monitor", "clock": "Readonly"}),
+        json!({"mode": "Monitor", "clock": "Simulated"}),
+        json!({"mode": "Discipline", "clock": "Simulated"}),
+        json!({"mode": "Monitor"}),
+    ] {
+        accepted(with(ok));
+    }
+    refused_with(
+        with(json!({"mode": "Monitor", "clock": "System"})),
+        "clock System steers the node clock, which mode Monitor never does",
+    );
+}

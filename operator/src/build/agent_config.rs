@@ -19,7 +19,7 @@ use stratum_api::agent_config::{
     TenantConfig, UpstreamConfig, UpstreamKind,
 };
 use stratum_api::tenant_time_policy::TenantTimePolicySpec;
-use stratum_api::time_service::{self as ts_api, DisciplineMode};
+use stratum_api::time_service::{self as ts_api, ClockSource, DisciplineMode};
 use stratum_api::{AgentConfig, TimeService, TimeServiceSpec};
 
 use super::gzip::{MemberCache, gzip_members};
@@ -155,9 +155,15 @@ fn build_agent_config_unrevised(
         revision: String::new(),
         time_service: name.to_owned(),
         clock: ClockConfig {
-            backend: match spec.discipline.mode {
-                DisciplineMode::Discipline => ClockBackend::System,
-                DisciplineMode::Monitor => ClockBackend::Readonly,
+            backend: match (spec.discipline.clock, spec.discipline.mode) {
+                (Some(ClockSource::Simulated), _) => ClockBackend::Simulated,
+                // Monitor never steers, whatever the clock says (CEL refuses the pair).
+                (Some(ClockSource::Readonly), _) | (_, DisciplineMode::Monitor) => {
+                    ClockBackend::Readonly
+                }
+                (Some(ClockSource::System) | None, DisciplineMode::Discipline) => {
+                    ClockBackend::System
+                }
             },
         },
         upstreams: spec.upstreams.iter().map(upstream_config).collect(),
@@ -778,6 +784,28 @@ mod tests {
         ts.spec.discipline.mode = DisciplineMode::Monitor;
         let config = build_agent_config("cluster", &ts.spec, None, &[], &FleetInput::default());
         assert_eq!(config.clock.backend, ClockBackend::Readonly);
+    }
+
+    #[test]
+    fn the_time_services_clock_picks_the_backend_and_monitor_never_steers() {
+        use ClockSource::*;
+        use DisciplineMode::*;
+        for (mode, clock, want) in [
+            (Discipline, None, ClockBackend::System),
+            (Discipline, Some(System), ClockBackend::System),
+            (Discipline, Some(Readonly), ClockBackend::Readonly),
+            (Discipline, Some(Simulated), ClockBackend::Simulated),
+            (Monitor, None, ClockBackend::Readonly),
+            (Monitor, Some(System), ClockBackend::Readonly),
+            (Monitor, Some(Readonly), ClockBackend::Readonly),
+            (Monitor, Some(Simulated), ClockBackend::Simulated),
+        ] {
+            let mut ts = fixtures::time_service("cluster");
+            ts.spec.discipline.mode = mode;
+            ts.spec.discipline.clock = clock;
+            let config = build_agent_config("cluster", &ts.spec, None, &[], &FleetInput::default());
+            assert_eq!(config.clock.backend, want, "{mode:?} with {clock:?}");
+        }
     }
 
     #[test]

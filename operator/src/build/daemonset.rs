@@ -7,8 +7,9 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    HostPathVolumeSource, LocalObjectReference, ObjectFieldSelector, PodSpec, PodTemplateSpec,
-    Probe, SeccompProfile, SecurityContext, Volume, VolumeMount,
+    HostPathVolumeSource, Lifecycle, LifecycleHandler, LocalObjectReference, ObjectFieldSelector,
+    PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, SleepAction, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -18,6 +19,14 @@ use stratum_api::time_service::{DisciplineMode, PullPolicy};
 use super::{OperatorSettings, agent_meta};
 use crate::error::{Error, Result};
 use crate::names;
+
+/// Seconds a deleted agent pod keeps serving before the kubelet sends SIGTERM: time for the
+/// operator to mark its endpoints terminating and for service proxies to stop sending to it,
+/// so no client's request meets a closed port. Well inside the grace period.
+pub const AGENT_DRAIN_SECONDS: i64 = 2;
+/// The agent pod's grace period: the drain, then the agent's own exit (it reports itself
+/// unsynchronized and saves its drift file, in well under a second).
+pub const AGENT_GRACE_SECONDS: i64 = 10;
 
 /// Whether agents must bind a port below 1024 (so need NET_BIND_SERVICE).
 pub fn needs_net_bind(ports: impl IntoIterator<Item = u16>) -> bool {
@@ -113,6 +122,15 @@ pub fn build_daemonset(
             protocol: Some("TCP".into()),
             ..ContainerPort::default()
         }]),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction {
+                    seconds: AGENT_DRAIN_SECONDS,
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
         readiness_probe: Some(probe("/readyz", 10, 1)),
         liveness_probe: Some(probe("/healthz", 20, 3)),
         resources: spec.agent.resources.clone(),
@@ -204,7 +222,7 @@ pub fn build_daemonset(
                         }),
                         ..Volume::default()
                     }]),
-                    termination_grace_period_seconds: Some(10),
+                    termination_grace_period_seconds: Some(AGENT_GRACE_SECONDS),
                     ..PodSpec::default()
                 }),
             },
@@ -239,6 +257,37 @@ mod tests {
         assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
         assert_eq!(caps.add.as_deref(), Some(&["SYS_TIME".to_string()][..]));
         assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+    }
+
+    #[test]
+    fn a_deleted_agent_drains_before_sigterm_within_its_grace_period() {
+        let ts = fixtures::time_service("cluster");
+        let ds = build_daemonset(&ts, &fixtures::settings(), false).unwrap();
+        let pod = pod_spec(&ds);
+        let sleep = pod.containers[0]
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .and_then(|h| h.sleep.as_ref())
+            .unwrap();
+        assert_eq!(sleep.seconds, AGENT_DRAIN_SECONDS);
+        let grace = pod.termination_grace_period_seconds.unwrap();
+        assert!(
+            sleep.seconds > 0 && sleep.seconds * 2 < grace,
+            "{sleep:?} of {grace} s"
+        );
+    }
+
+    #[test]
+    fn a_simulated_clock_keeps_the_production_pod_spec() {
+        let production = fixtures::time_service("cluster");
+        let mut trial = production.clone();
+        trial.spec.discipline.clock = Some(stratum_api::time_service::ClockSource::Simulated);
+        let settings = fixtures::settings();
+        assert_eq!(
+            build_daemonset(&trial, &settings, false).unwrap(),
+            build_daemonset(&production, &settings, false).unwrap()
+        );
     }
 
     #[test]
