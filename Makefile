@@ -68,5 +68,5 @@ bench-operator: ## operator scale benchmark: 1000 tenants, 10k pods (resolution 
 e2e: ## end-to-end tests on a real control plane (built from the Go proxy and cached on first use)
 	e2e/run.sh
 
-demo: ## the whole system on a local control plane with a short tour; Ctrl-C cleans up
+demo: deps images ## the whole system on a local control plane with a short tour; Ctrl-C cleans up
 	e2e/demo.sh

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the whole system on a local control plane — the chart installed with helm (its
 # operator pods run as real processes), three fake nodes with real agents, a real node (kubelet,
-# containerd, kube-proxy, CoreDNS) with a real pod per tenant, upstream NTP servers (one
+# containerd, kube-proxy, CoreDNS) running an agent container and a real pod per tenant, upstream NTP servers (one
 # lying), a Prometheus scraping them, a TimeService and two tenants — then a short tour, and it
 # keeps running until Ctrl-C, when it cleans up everything it started.
 set -euo pipefail
@@ -26,7 +26,9 @@ e2e/stack.sh up
 eval "$(e2e/stack.sh env)"
 
 say "creating a TimeService and two tenants"
-kubectl apply -f - <<'YAML'
+# The production pod spec on a software clock (discipline.clock: Simulated): the real node's
+# kubelet runs the agent image unchanged, and this machine's clock never moves.
+kubectl apply -f - <<YAML
 apiVersion: stratum.io/v1alpha1
 kind: TimeService
 metadata:
@@ -40,8 +42,12 @@ spec:
   selection: {minSources: 2}
   discipline:
     makeStep: {threshold: 128ms, limit: 3}
+    clock: Simulated
+    driftDirectory: $STRATUM_E2E_RUN_DIR/node/host/var/lib/stratum
   placement:
     nodeSelector: {kubernetes.io/os: linux}
+    tolerations: [{key: stratum.e2e/real-node, operator: Exists, effect: NoSchedule}]
+  agent: {image: "localhost/stratum/agent:dev", imagePullPolicy: Never}
 ---
 apiVersion: v1
 kind: Namespace
@@ -57,7 +63,7 @@ metadata: {name: ntp, namespace: team-a}
 spec:
   timezone: Europe/Berlin
   rateLimit: {kissOfDeath: true}
-  # The real node runs no agent: Closest sends its pods to another node's agent.
+  # Closest: the real node's own agent, or another node's when it is not ready.
   service: {routing: Closest}
 ---
 apiVersion: stratum.io/v1alpha1
@@ -80,8 +86,7 @@ spec:
   nodeName: kwok-node-1
   containers: [{name: app, image: registry.example.invalid/app}]
 YAML
-# A real pod per tenant on the real node (the pause image; the clients below act in its network
-# namespace with its resolv.conf).
+# A real pod per tenant on the real node, from the ntp-client image (chrony, ntpsec's ntpdig).
 for ns in team-a team-b; do
   kubectl apply -f - <<YAML
 apiVersion: v1
@@ -91,7 +96,7 @@ spec:
   nodeName: $STRATUM_E2E_REAL_NODE
   tolerations: [{key: stratum.e2e/real-node, operator: Exists, effect: NoSchedule}]
   terminationGracePeriodSeconds: 1
-  containers: [{name: c, image: localhost/stratum-e2e/pause:1, imagePullPolicy: Never}]
+  containers: [{name: c, image: localhost/stratum/ntp-client:dev, imagePullPolicy: Never, command: [sleep, "1000000"]}]
 YAML
 done
 
@@ -127,20 +132,23 @@ kubectl -n team-a wait pod/client --for=condition=Ready --timeout=60s
 kubectl -n team-b wait pod/client --for=condition=Ready --timeout=60s
 say "team-a's real pod on $STRATUM_E2E_REAL_NODE asks ntp.team-a.svc.cluster.local (CoreDNS, kube-proxy): served"
 run kubectl -n team-a get service ntp
-run e2e/scripts/node.sh pod-exec team-a client cat /etc/resolv.conf
+run kubectl -n team-a exec client -- cat /etc/resolv.conf
 e2e_wait_for "team-a's real pod in team-a's allow list" 30 \
-  e2e/scripts/node.sh pod-exec team-a client ntpdig -t 1 ntp.team-a.svc.cluster.local || true
-run e2e/scripts/node.sh pod-exec team-a client ntpdig -t 2 ntp.team-a.svc.cluster.local || true
-run e2e/scripts/node.sh pod-exec team-a client chronyd -d -Q -t 10 -u root \
-  "server ntp.team-a.svc.cluster.local iburst maxsamples 4" "pidfile /tmp/stratum-demo-chronyd.pid" "cmdport 0" || true
+  kubectl -n team-a exec client -- ntpdig -t 1 ntp.team-a.svc.cluster.local || true
+run kubectl -n team-a exec client -- ntpdig -t 2 ntp.team-a.svc.cluster.local || true
+run kubectl -n team-a exec client -- chronyd -d -Q -t 10 -u root \
+  "server ntp.team-a.svc.cluster.local iburst maxsamples 4" "pidfile /tmp/chronyd.pid" "cmdport 0" || true
 say "team-b's real pod asks team-a's Service by name: refused (Kiss-o'-Death DENY)"
-run e2e/scripts/node.sh pod-exec team-b client ntpdig -t 2 ntp.team-a.svc.cluster.local || true
+run kubectl -n team-b exec client -- ntpdig -t 2 ntp.team-a.svc.cluster.local || true
+say "the agent container on $STRATUM_E2E_REAL_NODE (the image of make images, run by its kubelet)"
+run kubectl -n stratum-system get pods -l app.kubernetes.io/name=stratum-agent \
+  --field-selector spec.nodeName="$STRATUM_E2E_REAL_NODE" -o wide
 say "the agent on kwok-node-0, as stratumctl sees it"
 run ip netns exec e2e-kwok-node-0 "$STRATUM_E2E_TARGET/stratumctl" sources || true
 
 say "Prometheus (configured from the chart's PodMonitor, ServiceMonitor and PrometheusRule): $STRATUM_E2E_PROMETHEUS"
 e2e_wait_for "Prometheus to have scraped the agents and operators" 60 bash -c \
-  "promtool query instant '$STRATUM_E2E_PROMETHEUS' 'count(up == 1) >= 5' | grep -q ." || true
+  "promtool query instant '$STRATUM_E2E_PROMETHEUS' 'count(up == 1) >= 6' | grep -q ." || true
 run promtool query instant "$STRATUM_E2E_PROMETHEUS" \
   'stratum_agent_offset_seconds * on(job, instance) group_left(node) stratum_agent_info' || true
 run promtool query instant "$STRATUM_E2E_PROMETHEUS" 'stratum_operator_leader' || true

@@ -1,11 +1,14 @@
 //! Helpers for the e2e tests: the cluster's client, condition waits with deadlines, and the
-//! TimeService every test shares (only one TimeService may select the fake nodes).
+//! TimeService every test shares (only one TimeService may select the nodes). Its agents run on
+//! the kwok nodes (as processes of the kubelet stand-in) and on the real node (as containers of
+//! the image `make images` built, started by the real kubelet).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use stratum_api::{TenantTimePolicy, TimeService};
 
@@ -21,6 +24,32 @@ pub async fn client() -> Client {
     Client::try_default()
         .await
         .unwrap_or_else(|e| panic!("no e2e cluster ({e}); run `make e2e`"))
+}
+
+/// The image of the agents on the real node (`make images`, imported by `node.sh`).
+pub const AGENT_IMAGE: &str = "localhost/stratum/agent:dev";
+
+/// The nodes the shared TimeService runs agents on: the kwok nodes and the real node.
+pub fn agent_nodes() -> Vec<String> {
+    let mut nodes: Vec<String> = (0..3).map(|i| format!("kwok-node-{i}")).collect();
+    nodes.push(crate::real_node::real_node());
+    nodes
+}
+
+/// The stack's run directory (`e2e/stack.sh env` exports it).
+pub fn run_dir() -> std::path::PathBuf {
+    std::env::var("STRATUM_E2E_RUN_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/.run").into())
+}
+
+/// The agents' drift directory: inside the run directory, so the real node's hostPath never
+/// touches this machine's own `/var/lib` (the stand-in maps it per kwok node, too).
+pub fn drift_directory() -> String {
+    run_dir()
+        .join("node/host/var/lib/stratum")
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// The upstream addresses `e2e/stack.sh` started.
@@ -87,8 +116,16 @@ pub fn shared_time_service(extra_upstreams: &[&str]) -> serde_json::Value {
             // every upstream shows within a test's patience.
             "upstreams": hosts.iter().map(|h| serde_json::json!({"host": h, "minPoll": 3, "maxPoll": 3})).collect::<Vec<_>>(),
             "selection": {"minSources": 2},
-            "discipline": {"makeStep": {"threshold": "128ms", "limit": 3}},
-            "placement": {"nodeSelector": {"kubernetes.io/os": "linux"}},
+            // The production pod spec (SYS_TIME under Discipline) on a software clock: the
+            // real node's kubelet runs the agent unchanged and this machine's clock never moves.
+            "discipline": {"makeStep": {"threshold": "128ms", "limit": 3}, "clock": "Simulated",
+                           "driftDirectory": drift_directory()},
+            "placement": {
+                "nodeSelector": {"kubernetes.io/os": "linux"},
+                "tolerations": [{"key": crate::real_node::REAL_NODE_TAINT, "operator": "Exists",
+                                 "effect": "NoSchedule"}]
+            },
+            "agent": {"image": AGENT_IMAGE, "imagePullPolicy": "Never"},
             "serving": {"holdover": "20s"},
             "reporting": {"interval": "10s"}
         }
@@ -274,4 +311,69 @@ pub async fn tenant_port(client: &kube::Client, namespace: &str) -> u16 {
     })
     .await
     .0 as u16
+}
+
+/// A blackhole route for a prefix in a node's network namespace (`e2e-<node>`), removed on
+/// drop, so a failing test never leaves a node cut off for the next one.
+pub struct Blackhole {
+    netns: String,
+    prefix: String,
+}
+
+impl Blackhole {
+    /// Blackholes `prefix` in node `node`'s namespace; panics when it cannot.
+    pub fn new(node: &str, prefix: &str) -> Self {
+        let netns = format!("e2e-{node}");
+        let status = std::process::Command::new("ip")
+            .args(["-n", &netns, "route", "add", "blackhole", prefix])
+            .status()
+            .expect("ip");
+        assert!(status.success(), "blackholing {prefix} in {netns}");
+        Self {
+            netns,
+            prefix: prefix.to_owned(),
+        }
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["-n", &self.netns, "route", "del", "blackhole", &self.prefix])
+            .status();
+    }
+}
+
+/// The upstreams' range (`e2e/stack.sh`).
+pub const UPSTREAM_RANGE: &str = "10.77.1.0/24";
+
+/// Cuts node `node`'s network namespace off from every upstream until the guard is dropped.
+pub fn cut_upstreams(node: &str) -> Blackhole {
+    Blackhole::new(node, UPSTREAM_RANGE)
+}
+
+/// Readiness of each node's endpoint in the tenant's IPv4 EndpointSlice, sorted by node.
+pub async fn endpoint_readiness(
+    client: &kube::Client,
+    namespace: &str,
+) -> Option<Vec<(String, bool)>> {
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
+    let list = slices
+        .list(&ListParams::default().labels("kubernetes.io/service-name=ntp"))
+        .await
+        .ok()?;
+    let v4 = list.items.into_iter().find(|s| s.address_type == "IPv4")?;
+    let mut out: Vec<(String, bool)> = v4
+        .endpoints
+        .unwrap_or_default()
+        .iter()
+        .map(|e| {
+            (
+                e.node_name.clone().unwrap_or_default(),
+                e.conditions.as_ref().and_then(|c| c.ready) == Some(true),
+            )
+        })
+        .collect();
+    out.sort();
+    Some(out)
 }

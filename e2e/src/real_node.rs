@@ -1,9 +1,11 @@
 //! The e2e stack's real node (`e2e/scripts/node.sh`): a kubelet with containerd, kube-proxy and
-//! CoreDNS in a network namespace of its own. Tenant workloads there are real pods; the NTP
-//! clients that act for them (Debian's `ntpdig` and `chronyd -Q`, and a probe that reports
-//! where a reply came from) run from this machine inside the pod's network namespace, with the
-//! pod's own `/etc/resolv.conf` (`node.sh pod-exec`), so names resolve through the pod's cluster
-//! DNS and packets take the pod's path through kube-proxy, as a client in the container would.
+//! CoreDNS in a network namespace of its own. Tenant workloads there are real pods. Two kinds:
+//! - [`run_client_pod`]: a pod of the `ntp-client` image (`make images`: Debian's `ntpdig` and
+//!   `chronyd`) whose own container runs the clients and reports through its termination
+//!   message, exactly as a tenant's workload would;
+//! - [`real_pod`]: a pause pod whose network namespace hosts clients started from this machine
+//!   (`node.sh pod-exec`, with the pod's `/etc/resolv.conf`), for what a container cannot
+//!   report: where a reply came from (`e2e/node/ntp_probe.py`), many probes in a loop.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -19,6 +21,9 @@ use crate::harness::{apply, wait_for};
 pub const REAL_NODE_TAINT: &str = "stratum.e2e/real-node";
 /// The sandbox image `node.sh` builds; tenant pods run it as their one container.
 pub const PAUSE_IMAGE: &str = "localhost/stratum-e2e/pause:1";
+
+/// The tenant workload image: chrony's `chronyd`, ntpsec's `ntpdig` and busybox's `sh`.
+pub const CLIENT_IMAGE: &str = "localhost/stratum/ntp-client:dev";
 
 /// Name of the real node.
 pub fn real_node() -> String {
@@ -130,6 +135,81 @@ pub async fn real_pod_with(
     }
 }
 
+/// How a [`run_client_pod`] pod ended.
+#[derive(Debug)]
+pub struct ClientRun {
+    /// Its container's exit code.
+    pub exit_code: i32,
+    /// What the script wrote to `/dev/termination-log` (at most 4 KiB).
+    pub message: String,
+}
+
+/// Runs `script` (busybox `sh -c`) once in a new pod `name` of the `ntp-client` image on the
+/// real node, with `env`, and waits for its container to end. An old pod of that name is
+/// deleted first (a pod's command cannot change).
+pub async fn run_client_pod(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    env: &[(&str, &str)],
+    script: &str,
+) -> ClientRun {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    if pods.get_opt(name).await.ok().flatten().is_some() {
+        let _ = pods.delete(name, &Default::default()).await;
+        wait_for(
+            Duration::from_secs(60),
+            &format!("old pod {namespace}/{name} gone"),
+            || async { pods.get_opt(name).await.ok()?.is_none().then_some(()) },
+        )
+        .await;
+    }
+    let env: Vec<serde_json::Value> = env
+        .iter()
+        .map(|(k, v)| serde_json::json!({"name": k, "value": v}))
+        .collect();
+    apply(
+        &pods,
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": {"app": "ntp-client"}},
+            "spec": {
+                "nodeName": real_node(),
+                "tolerations": [{"key": REAL_NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}],
+                "restartPolicy": "Never",
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "client", "image": CLIENT_IMAGE, "imagePullPolicy": "Never",
+                                "command": ["sh", "-c", script], "env": env}]
+            }
+        }),
+    )
+    .await;
+    let (run, took) = wait_for(
+        Duration::from_secs(180),
+        &format!("client pod {namespace}/{name} to finish"),
+        || async {
+            let status = pods.get(name).await.ok()?.status?;
+            let ended = status
+                .container_statuses?
+                .first()?
+                .state
+                .clone()?
+                .terminated?;
+            Some(ClientRun {
+                exit_code: ended.exit_code,
+                message: ended.message.unwrap_or_default(),
+            })
+        },
+    )
+    .await;
+    eprintln!(
+        "client pod {namespace}/{name} ended in {:.1} s: exit {}",
+        took.as_secs_f64(),
+        run.exit_code
+    );
+    run
+}
+
 impl RealPod {
     /// `program args...` from this machine in this pod's network namespace, seeing the pod's
     /// `/etc/resolv.conf`, without CAP_SYS_TIME (`node.sh pod-exec`).
@@ -228,8 +308,27 @@ pub fn capabilities(pid: u32) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// Whether host process `pid` still runs (a zombie has exited).
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // The state follows the parenthesised command name.
+            let state = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_string();
+            Some(state != "Z")
+        })
+        .unwrap_or(false)
+}
+
 /// Bit of CAP_SYS_TIME in a capability set.
 pub const CAP_SYS_TIME_BIT: u64 = 1 << 25;
+/// Bit of CAP_NET_BIND_SERVICE in a capability set.
+pub const CAP_NET_BIND_SERVICE_BIT: u64 = 1 << 10;
 
 fn node_run_dir() -> PathBuf {
     let run_dir = std::env::var("STRATUM_E2E_RUN_DIR")
@@ -249,6 +348,43 @@ pub fn node_process_pid(name: &str) -> Option<u32> {
         .trim()
         .parse()
         .ok()
+}
+
+/// The shared TimeService's agent pod on `node` (not terminating), once it is Ready, with its
+/// container's ID in containerd.
+pub async fn ready_agent_pod(client: &Client, node: &str) -> (Pod, String) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), crate::harness::AGENT_NAMESPACE);
+    let params = kube::api::ListParams::default()
+        .labels("app.kubernetes.io/name=stratum-agent")
+        .fields(&format!("spec.nodeName={node}"));
+    wait_for(
+        Duration::from_secs(120),
+        &format!("the agent pod on {node} Ready"),
+        || async {
+            let pod = pods
+                .list(&params)
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|p| p.metadata.deletion_timestamp.is_none())?;
+            let status = pod.status.as_ref()?;
+            let ready = status
+                .conditions
+                .as_ref()?
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            let id = status
+                .container_statuses
+                .as_ref()?
+                .first()?
+                .container_id
+                .clone()?;
+            ready.then(|| (pod, id.trim_start_matches("containerd://").to_string()))
+        },
+    )
+    .await
+    .0
 }
 
 /// The ClusterIP of Service `name` in `namespace`.

@@ -449,7 +449,7 @@ async fn prometheus_scrapes_agents_and_operators_and_every_dashboard_query_retur
     // The targets come from the installed PodMonitor and ServiceMonitor.
     let (up, took) = wait_for(
         Duration::from_secs(90),
-        "3 agents and 2 operators up in Prometheus, each scraped at least 3 times",
+        "an agent per node and 2 operators up in Prometheus, each scraped at least 3 times",
         || async {
             let up = prom_by("count by (job) (up == 1)", "job")?;
             let scraped = prom_by(
@@ -457,7 +457,7 @@ async fn prometheus_scrapes_agents_and_operators_and_every_dashboard_query_retur
                 "job",
             )?;
             let want = [
-                ("stratum-agent".to_string(), 3.0),
+                ("stratum-agent".to_string(), agent_nodes().len() as f64),
                 ("stratum-operator".to_string(), 2.0),
             ];
             let mut up = up;

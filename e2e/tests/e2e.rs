@@ -65,9 +65,11 @@ async fn a_time_service_yields_agents_on_every_node_that_report_and_become_ready
     let ts = ensure_shared_time_service(&client).await;
     let status = ts.status.unwrap();
     let nodes = status.nodes;
-    assert_eq!(nodes.desired, 3);
-    assert_eq!(nodes.ready, 3);
-    assert_eq!(nodes.synchronized, 3);
+    // Three kwok nodes and the real node.
+    let count = i32::try_from(agent_nodes().len()).unwrap();
+    assert_eq!(nodes.desired, count);
+    assert_eq!(nodes.ready, count);
+    assert_eq!(nodes.synchronized, count);
 
     let ds: Api<DaemonSet> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
     let ds = ds
@@ -100,7 +102,11 @@ async fn a_time_service_yields_agents_on_every_node_that_report_and_become_ready
 
     let clocks: Api<NodeClock> = Api::all(client.clone());
     let list = clocks.list(&ListParams::default()).await.unwrap();
-    assert_eq!(list.items.len(), 3, "one NodeClock per node");
+    assert_eq!(
+        list.items.iter().map(name_of).collect::<Vec<_>>(),
+        agent_nodes(),
+        "one NodeClock per node"
+    );
     for nc in &list.items {
         let s = nc.status.as_ref().unwrap();
         assert!(s.synchronized, "{} not synchronized", name_of(nc));
@@ -183,7 +189,7 @@ async fn tenants_get_services_endpoint_slices_and_time_config_in_their_namespace
         let ttp: Api<TenantTimePolicy> = Api::namespaced(client.clone(), ns);
         let (port, _) = wait_for(
             Duration::from_secs(60),
-            &format!("{ns} tenant Ready with 3 endpoints"),
+            &format!("{ns} tenant Ready with an endpoint per node"),
             || async {
                 let t = ttp.get("ntp").await.ok()?;
                 let s = t.status?;
@@ -191,7 +197,8 @@ async fn tenants_get_services_endpoint_slices_and_time_config_in_their_namespace
                     .conditions
                     .iter()
                     .any(|c| c.type_ == "Ready" && c.status == "True");
-                (ready && s.ready_endpoints == 3).then_some(s.port?)
+                (ready && usize::try_from(s.ready_endpoints).ok()? == agent_nodes().len())
+                    .then_some(s.port?)
             },
         )
         .await;
@@ -212,7 +219,7 @@ async fn tenants_get_services_endpoint_slices_and_time_config_in_their_namespace
             .expect("an IPv4 slice");
         assert_eq!(v4.ports.as_ref().unwrap()[0].port, Some(port));
         let endpoints = v4.endpoints.clone().unwrap_or_default();
-        assert_eq!(endpoints.len(), 3);
+        assert_eq!(endpoints.len(), agent_nodes().len());
         assert!(
             endpoints.iter().all(|e| e.node_name.is_some()
                 && e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
@@ -585,64 +592,6 @@ async fn an_agent_token_may_write_only_its_own_nodes_node_clock() {
     );
 }
 
-/// Cuts a node's network namespace off from every upstream (a blackhole route for the upstream
-/// range) until dropped, so a failing test never leaves an agent isolated for the next one.
-struct UpstreamsCut {
-    netns: String,
-}
-
-const UPSTREAM_RANGE: &str = "10.77.1.0/24";
-
-impl UpstreamsCut {
-    fn new(node: &str) -> Self {
-        let netns = format!("e2e-{node}");
-        let status = std::process::Command::new("ip")
-            .args(["-n", &netns, "route", "add", "blackhole", UPSTREAM_RANGE])
-            .status()
-            .expect("ip");
-        assert!(status.success(), "blackholing {UPSTREAM_RANGE} in {netns}");
-        Self { netns }
-    }
-}
-
-impl Drop for UpstreamsCut {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args([
-                "-n",
-                &self.netns,
-                "route",
-                "del",
-                "blackhole",
-                UPSTREAM_RANGE,
-            ])
-            .status();
-    }
-}
-
-/// Readiness of each node's endpoint in the tenant's IPv4 EndpointSlice.
-async fn endpoint_readiness(client: &kube::Client, namespace: &str) -> Option<Vec<(String, bool)>> {
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
-    let list = slices
-        .list(&ListParams::default().labels("kubernetes.io/service-name=ntp"))
-        .await
-        .ok()?;
-    let v4 = list.items.into_iter().find(|s| s.address_type == "IPv4")?;
-    let mut out: Vec<(String, bool)> = v4
-        .endpoints
-        .unwrap_or_default()
-        .iter()
-        .map(|e| {
-            (
-                e.node_name.clone().unwrap_or_default(),
-                e.conditions.as_ref().and_then(|c| c.ready) == Some(true),
-            )
-        })
-        .collect();
-    out.sort();
-    Some(out)
-}
-
 #[tokio::test]
 #[ignore = "needs the e2e cluster: make e2e"]
 async fn an_agent_that_loses_every_upstream_stops_being_ready_in_its_tenants_endpoint_slices() {
@@ -651,17 +600,23 @@ async fn an_agent_that_loses_every_upstream_stops_being_ready_in_its_tenants_end
     let ns = "e2e-holdover";
     namespace(&client, ns, serde_json::json!({})).await;
     apply_tenant(&client, ns, serde_json::json!({})).await;
-    let all_ready = |nodes: &[(String, bool)]| nodes.len() == 3 && nodes.iter().all(|(_, r)| *r);
-    wait_for(Duration::from_secs(60), "3 ready endpoints", || async {
-        endpoint_readiness(&client, ns)
-            .await
-            .filter(|e| all_ready(e))
-    })
+    let all_ready = |nodes: &[(String, bool)]| {
+        nodes.len() == agent_nodes().len() && nodes.iter().all(|(_, r)| *r)
+    };
+    wait_for(
+        Duration::from_secs(60),
+        "a ready endpoint per node",
+        || async {
+            endpoint_readiness(&client, ns)
+                .await
+                .filter(|e| all_ready(e))
+        },
+    )
     .await;
 
     let isolated = "kwok-node-2";
     let clocks: Api<NodeClock> = Api::all(client.clone());
-    let cut = UpstreamsCut::new(isolated);
+    let cut = cut_upstreams(isolated);
     // Holdover is 20 s in the shared spec, raised by the agent to 4 maxPoll intervals (32 s).
     let (_, unsynchronized_after) = wait_for(
         Duration::from_secs(120),
@@ -685,18 +640,23 @@ async fn an_agent_that_loses_every_upstream_stops_being_ready_in_its_tenants_end
     )
     .await;
     // The other agents still reach their upstreams and stay ready.
-    assert_eq!(
-        endpoints,
-        vec![
-            ("kwok-node-0".to_string(), true),
-            ("kwok-node-1".to_string(), true),
-            (isolated.to_string(), false),
-        ]
-    );
+    let want: Vec<(String, bool)> = agent_nodes()
+        .into_iter()
+        .map(|n| {
+            let ready = n != isolated;
+            (n, ready)
+        })
+        .collect();
+    assert_eq!(endpoints, want);
     let ttp: Api<TenantTimePolicy> = Api::namespaced(client.clone(), ns);
-    wait_for(Duration::from_secs(30), "readyEndpoints 2", || async {
-        (ttp.get("ntp").await.ok()?.status?.ready_endpoints == 2).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "every endpoint but one ready",
+        || async {
+            let want = i32::try_from(agent_nodes().len()).ok()? - 1;
+            (ttp.get("ntp").await.ok()?.status?.ready_endpoints == want).then_some(())
+        },
+    )
     .await;
     eprintln!(
         "upstreams cut: NodeClock unsynchronized after {:.1} s, endpoint not ready {:.1} s later",

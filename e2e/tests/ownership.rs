@@ -1,8 +1,9 @@
 //! Ownership, pruning and honest endpoints on the real API server with real agents (issue 14):
 //! refusing, unserving and renaming a tenant leaves no Service or EndpointSlice of Stratum's
 //! behind; a user's own Service named like the tenant's is never touched (the tenant gets a
-//! `Conflict` condition); an agent stopped with SIGSTOP leaves every tenant's ready set within
-//! the NodeClock freshness bound. Figures are printed (`--nocapture`).
+//! `Conflict` condition); an agent stopped with SIGSTOP, or cut off from the API server while it
+//! keeps serving, leaves every tenant's ready set within the NodeClock freshness bound. Figures
+//! are printed (`--nocapture`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
@@ -255,29 +256,6 @@ async fn refusing_unserving_and_renaming_leave_nothing_behind_and_a_users_servic
     delete(&services, "ntp").await;
 }
 
-/// Readiness of each node's endpoint in a tenant's IPv4 EndpointSlice.
-async fn readiness(client: &kube::Client, ns: &str) -> Option<Vec<(String, bool)>> {
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
-    let list = slices
-        .list(&ListParams::default().labels("kubernetes.io/service-name=ntp"))
-        .await
-        .ok()?;
-    let v4 = list.items.into_iter().find(|s| s.address_type == "IPv4")?;
-    let mut out: Vec<(String, bool)> = v4
-        .endpoints
-        .unwrap_or_default()
-        .iter()
-        .map(|e| {
-            (
-                e.node_name.clone().unwrap_or_default(),
-                e.conditions.as_ref().and_then(|c| c.ready) == Some(true),
-            )
-        })
-        .collect();
-    out.sort();
-    Some(out)
-}
-
 /// A stopped process, continued on drop (so a failing test never leaves an agent stopped).
 struct Stopped(u32);
 
@@ -319,34 +297,49 @@ fn agent_pid(node: &str) -> u32 {
     pid
 }
 
-#[tokio::test]
-#[ignore = "needs the e2e cluster: make e2e"]
-async fn a_stopped_agent_leaves_every_tenants_ready_set_within_the_freshness_bound() {
+/// Cuts `node`'s agent off from the API server (a blackhole route to it in the node's network
+/// namespace, where only the agent runs) until the guard is dropped; the agent keeps its
+/// upstreams and serves on.
+fn cut_api_server(node: &str) -> Blackhole {
+    let host = std::env::var("E2E_HOST_IP").unwrap_or_else(|_| "10.77.255.254".into());
+    Blackhole::new(node, &format!("{host}/32"))
+}
+
+/// Two tenants served by every node; `fault` is applied to `node`'s agent: every tenant's
+/// ready set must lose that node, and only it, within the freshness bound, and get it back once
+/// the fault (the guard `fault` returns) is dropped.
+async fn a_faulty_agent_leaves_every_tenants_ready_set<G>(
+    tenants: [&str; 2],
+    node: &str,
+    what: &str,
+    fault: impl FnOnce() -> G,
+) {
     let client = client().await;
     ensure_shared_time_service(&client).await;
-    let tenants = ["e2e-fresh-a", "e2e-fresh-b"];
     for ns in tenants {
         namespace(&client, ns, serde_json::json!({})).await;
         apply_tenant(&client, ns, serde_json::json!({})).await;
     }
-    let all_ready = |e: &Vec<(String, bool)>| e.len() == 3 && e.iter().all(|(_, r)| *r);
+    let all_ready =
+        |e: &Vec<(String, bool)>| e.len() == agent_nodes().len() && e.iter().all(|(_, r)| *r);
     for ns in tenants {
-        wait_for(Duration::from_secs(60), "3 ready endpoints", || async {
-            readiness(&client, ns).await.filter(all_ready)
-        })
+        wait_for(
+            Duration::from_secs(60),
+            "a ready endpoint per node",
+            || async { endpoint_readiness(&client, ns).await.filter(all_ready) },
+        )
         .await;
     }
 
-    let node = "kwok-node-1";
-    let stopped = Stopped::new(agent_pid(node));
+    let guard = fault();
     let start = Instant::now();
     let mut left_after = Vec::new();
     for ns in tenants {
         wait_for(
             FRESHNESS_BOUND + Duration::from_secs(30),
-            "the stopped agent's endpoint to turn not ready",
+            &format!("the endpoint of the agent ({what}) to turn not ready"),
             || async {
-                readiness(&client, ns)
+                endpoint_readiness(&client, ns)
                     .await
                     .filter(|e| e.iter().any(|(n, r)| n == node && !*r))
             },
@@ -356,15 +349,15 @@ async fn a_stopped_agent_leaves_every_tenants_ready_set_within_the_freshness_bou
     }
     let worst = left_after.iter().max().copied().unwrap();
     for ns in tenants {
-        let e = readiness(&client, ns).await.unwrap();
+        let e = endpoint_readiness(&client, ns).await.unwrap();
         assert_eq!(
             e.iter().filter(|(_, r)| *r).count(),
-            2,
-            "{ns}: only the stopped agent left the ready set: {e:?}"
+            agent_nodes().len() - 1,
+            "{ns}: only the agent on {node} left the ready set: {e:?}"
         );
     }
     eprintln!(
-        "SIGSTOP of the agent on {node}: out of every tenant's ready set after {:.1} s \
+        "{what} of the agent on {node}: out of every tenant's ready set after {:.1} s \
          (per tenant: {}; freshness bound {} s)",
         worst.as_secs_f64(),
         left_after
@@ -374,29 +367,54 @@ async fn a_stopped_agent_leaves_every_tenants_ready_set_within_the_freshness_bou
             .join(", "),
         FRESHNESS_BOUND.as_secs()
     );
-    // Its last renewal was at most one heartbeat before the stop; a small allowance covers the
-    // reconcile, the EndpointSlice write and this test's 200 ms polling.
+    // Its last renewal was at most one heartbeat before the fault; a small allowance covers
+    // the reconcile, the EndpointSlice write and this test's 200 ms polling.
     assert!(
         worst <= FRESHNESS_BOUND + Duration::from_secs(3),
         "left the ready set after {worst:?}, beyond the bound"
     );
 
-    drop(stopped);
+    drop(guard);
     let start = Instant::now();
     for ns in tenants {
         wait_for(
             Duration::from_secs(60),
-            "ready again after SIGCONT",
-            || async { readiness(&client, ns).await.filter(all_ready) },
+            "ready again once the fault is gone",
+            || async { endpoint_readiness(&client, ns).await.filter(all_ready) },
         )
         .await;
     }
     eprintln!(
-        "SIGCONT: back in every tenant's ready set after {:.1} s",
+        "{what} ended: back in every tenant's ready set after {:.1} s",
         start.elapsed().as_secs_f64()
     );
     for ns in tenants {
         let ttp: Api<TenantTimePolicy> = Api::namespaced(client.clone(), ns);
         delete(&ttp, "ntp").await;
     }
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster: make e2e"]
+async fn a_stopped_agent_leaves_every_tenants_ready_set_within_the_freshness_bound() {
+    let node = "kwok-node-1";
+    a_faulty_agent_leaves_every_tenants_ready_set(
+        ["e2e-fresh-a", "e2e-fresh-b"],
+        node,
+        "SIGSTOP",
+        || Stopped::new(agent_pid(node)),
+    )
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster: make e2e"]
+async fn an_agent_cut_off_from_the_api_server_leaves_every_tenants_ready_set_within_the_bound() {
+    a_faulty_agent_leaves_every_tenants_ready_set(
+        ["e2e-cut-a", "e2e-cut-b"],
+        "kwok-node-2",
+        "API server cut-off",
+        || cut_api_server("kwok-node-2"),
+    )
+    .await;
 }

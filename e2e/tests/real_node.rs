@@ -1,15 +1,16 @@
 //! Tenants reaching their Service by name, on the stack's real node (`e2e/scripts/node.sh`):
 //! real pods that a kubelet started through containerd, cluster DNS from CoreDNS, ClusterIPs
 //! routed by kube-proxy (nftables mode). The agents answering are those of the shared
-//! TimeService on the kwok nodes (the real node is tainted, so it has none): a packet from a
-//! pod on the real node crosses kube-proxy's DNAT, the bridge and another node's namespace, and
-//! its reply comes back through the reverse NAT. Figures are printed, not asserted.
+//! TimeService: a container on the real node itself, processes of the stand-in on the kwok
+//! nodes. A packet from a pod crosses kube-proxy's DNAT to one of them (on the real node or
+//! across the bridge into another node's namespace) and its reply comes back through the
+//! reverse NAT. Figures are printed, not asserted.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Service;
-use kube::api::Api;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{Api, ListParams};
 use stratum_e2e::harness::*;
 use stratum_e2e::real_node::*;
 
@@ -30,7 +31,7 @@ async fn a_real_pod_resolves_its_tenants_service_by_name_and_gets_time_through_t
     let (a, b) = ("e2e-real-a", "e2e-real-b");
     namespace(&client, a, serde_json::json!({})).await;
     namespace(&client, b, serde_json::json!({})).await;
-    // Closest: the real node has no agent of its own, so another node's agent answers.
+    // Closest: the real node's own agent or another node's, whichever kube-proxy picks.
     apply_tenant(
         &client,
         a,
@@ -113,15 +114,85 @@ async fn a_real_pod_resolves_its_tenants_service_by_name_and_gets_time_through_t
         pod_b.ntpdig(&name).is_none(),
         "ntpdig in tenant B's pod got time from A's Service"
     );
+
+    // The same, from inside tenants' own containers (the ntp-client image): the workload
+    // resolves the name itself and both real clients get time through the ClusterIP.
+    let run = run_client_pod(
+        &client,
+        a,
+        "ntp-client",
+        &[("SERVICE", &name)],
+        r#"i=0
+until ntpdig -j -t 2 "$SERVICE" >/tmp/dig 2>/tmp/dig.err; do
+  i=$((i+1)); [ "$i" -ge 60 ] && { cat /tmp/dig.err >/dev/termination-log; exit 1; }
+  sleep 1
+done
+chronyd -d -Q -t 10 -u root "server $SERVICE iburst maxsamples 4" "pidfile /tmp/chronyd.pid" \
+  "cmdport 0" >/tmp/chrony 2>&1
+{ cat /tmp/dig; echo; busybox grep -o 'System clock wrong by [-0-9.]* seconds' /tmp/chrony; } \
+  >/dev/termination-log"#,
+    )
+    .await;
+    assert_eq!(run.exit_code, 0, "tenant A's container: {}", run.message);
+    let mut lines = run.message.lines().filter(|l| !l.trim().is_empty());
+    let dig: serde_json::Value = lines
+        .next()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no ntpdig report: {}", run.message));
+    assert_eq!(
+        dig["ip"],
+        serde_json::json!(vip),
+        "in-container ntpdig: {dig}"
+    );
+    assert!(
+        dig["stratum"]
+            .as_u64()
+            .is_some_and(|s| (2..16).contains(&s))
+            && dig["offset"].as_f64().is_some_and(|o| o.abs() < 0.05),
+        "in-container ntpdig got no valid time: {dig}"
+    );
+    let chrony = lines
+        .next()
+        .unwrap_or_else(|| panic!("no chronyd -Q measurement: {}", run.message));
+    let offset: f64 = chrony
+        .trim_start_matches("System clock wrong by ")
+        .split_whitespace()
+        .next()
+        .and_then(|o| o.parse().ok())
+        .unwrap_or_else(|| panic!("chronyd -Q said {chrony}"));
+    assert!(
+        offset.abs() < 0.05,
+        "in-container chronyd measured {offset} s"
+    );
+    eprintln!("in tenant A's container: ntpdig {dig}, chronyd -Q offset {offset:+.6} s");
+
+    // Tenant B's container gets time from its own Service, and is refused on A's every time.
+    let run = run_client_pod(
+        &client,
+        b,
+        "ntp-client",
+        &[("OWN", &format!("ntp.{b}.svc.cluster.local")), ("OTHER", &name)],
+        r#"i=0
+until ntpdig -j -t 2 "$OWN" >/dev/null 2>&1; do
+  i=$((i+1)); [ "$i" -ge 60 ] && { echo "never served by its own Service" >/dev/termination-log; exit 2; }
+  sleep 1
+done
+served=0
+for k in 1 2 3; do ntpdig -j -t 2 "$OTHER" >/dev/null 2>&1 && served=$((served+1)); done
+echo "own Service served; the other tenant's served $served of 3" >/dev/termination-log
+[ "$served" -eq 0 ]"#,
+    )
+    .await;
+    assert_eq!(run.exit_code, 0, "tenant B's container: {}", run.message);
 }
 
 #[tokio::test]
 #[ignore = "needs the e2e cluster: make e2e"]
-async fn node_local_routing_leaves_a_node_without_an_agent_unanswered_and_closest_reaches_another()
-{
+async fn node_local_routing_answers_only_from_a_ready_local_agent_and_closest_reaches_another() {
     let client = client().await;
     ensure_shared_time_service(&client).await;
     let ns = "e2e-real-route";
+    let node = real_node();
     namespace(&client, ns, serde_json::json!({})).await;
     let pod = real_pod(&client, ns, "client").await;
     let routing = |r: &str| serde_json::json!({"service": {"routing": r}});
@@ -133,16 +204,36 @@ async fn node_local_routing_leaves_a_node_without_an_agent_unanswered_and_closes
             (spec.internal_traffic_policy.as_deref() == want).then_some(spec.cluster_ip?)
         }
     };
+    let local_ready = |ready: bool| {
+        let client = client.clone();
+        let node = node.clone();
+        async move {
+            let endpoints = endpoint_readiness(&client, ns).await?;
+            endpoints
+                .iter()
+                .any(|(n, r)| *n == node && *r == ready)
+                .then_some(())
+        }
+    };
 
-    apply_tenant(&client, ns, routing("Closest")).await;
-    // Closest leaves internalTrafficPolicy at the API server's default.
-    let (vip, _) = wait_for(Duration::from_secs(30), "a Closest Service", || {
-        policy(Some("Cluster"))
-    })
+    apply_tenant(&client, ns, routing("NodeLocal")).await;
+    let (vip, _) = wait_for(
+        Duration::from_secs(30),
+        "internalTrafficPolicy: Local",
+        || policy(Some("Local")),
+    )
     .await;
+    let port = tenant_port(&client, ns).await;
+    wait_for(
+        Duration::from_secs(60),
+        "the real node's endpoint ready",
+        || local_ready(true),
+    )
+    .await;
+    // NodeLocal: only the real node's own agent can answer, and it does.
     let (answer, _) = wait_for(
         Duration::from_secs(60),
-        "Closest: the pod on the agent-less real node served by another node's agent",
+        "NodeLocal: the pod served by its own node's agent",
         || async { pod.probe(&vip, 123).filter(is_valid_time) },
     )
     .await;
@@ -152,35 +243,93 @@ async fn node_local_routing_leaves_a_node_without_an_agent_unanswered_and_closes
         "{answer}"
     );
 
-    apply_tenant(&client, ns, routing("NodeLocal")).await;
+    // Cut the real node's agent off from its upstreams: it runs on, unsynchronized, and its
+    // endpoint turns not ready.
+    let cut = cut_upstreams(&node);
+    let start = Instant::now();
+    wait_for(
+        Duration::from_secs(150),
+        "the real node's endpoint not ready",
+        || local_ready(false),
+    )
+    .await;
+    let unready_after = start.elapsed();
+    // The kubelet's readiness probe (/readyz: synchronized) says the same.
+    let agents: Api<Pod> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
+    let on_node = ListParams::default()
+        .labels("app.kubernetes.io/name=stratum-agent")
+        .fields(&format!("spec.nodeName={node}"));
     wait_for(
         Duration::from_secs(30),
-        "internalTrafficPolicy: Local",
-        || policy(Some("Local")),
+        "the real node's agent pod not Ready (its readiness probe failing)",
+        || async {
+            let pods = agents.list(&on_node).await.ok()?.items;
+            let pod = pods.first()?;
+            let ready = pod
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .find(|c| c.type_ == "Ready")?;
+            (ready.status == "False").then_some(())
+        },
     )
     .await;
-    // kube-proxy has no local endpoint for it on this node: nothing answers, and keeps not
-    // answering (two more probes), so one lost packet cannot pass for "no answer".
-    let start = Instant::now();
-    let (silent_after, _) = wait_for(
-        Duration::from_secs(30),
-        "NodeLocal: no answer on a node without an agent",
-        || async { pod.probe(&vip, 123).is_none().then(|| start.elapsed()) },
-    )
-    .await;
-    for _ in 0..2 {
+    // The agent is alive and says it is unsynchronized when asked directly...
+    let node_ip = node_ip(&client, &node).await;
+    let direct = pod
+        .probe(&node_ip, port)
+        .expect("the unsynchronized agent answers when asked directly");
+    assert!(
+        direct["leap"].as_u64() == Some(3) || direct["stratum"].as_u64() == Some(16),
+        "an unsynchronized answer: {direct}"
+    );
+    // ... but kube-proxy has no ready local endpoint for the Service: no answer at all, three
+    // probes in a row, so one lost packet cannot pass for it.
+    for _ in 0..3 {
         let answer = pod.probe(&vip, 123);
-        assert!(answer.is_none(), "answered under NodeLocal: {answer:?}");
+        assert!(
+            answer.is_none(),
+            "answered under NodeLocal without a ready local agent: {answer:?}"
+        );
     }
+    // Closest sends the same pod to another node's ready agent.
+    apply_tenant(&client, ns, routing("Closest")).await;
+    wait_for(Duration::from_secs(30), "a Closest Service", || {
+        policy(Some("Cluster"))
+    })
+    .await;
+    let (answer, closest_after) = wait_for(
+        Duration::from_secs(60),
+        "Closest: the pod served by another node's agent",
+        || async { pod.probe(&vip, 123).filter(is_valid_time) },
+    )
+    .await;
+    assert_eq!(
+        answer["from"],
+        serde_json::json!(format!("{vip}:123")),
+        "{answer}"
+    );
     eprintln!(
-        "NodeLocal: unanswered {:.1} s after the Service changed (a probe waits 2 s)",
-        silent_after.as_secs_f64()
+        "upstreams cut on {node}: endpoint not ready after {:.1} s; NodeLocal silent, \
+         Closest served by another node {:.1} s after the switch",
+        unready_after.as_secs_f64(),
+        closest_after.as_secs_f64()
     );
 
-    apply_tenant(&client, ns, routing("Closest")).await;
+    // Back: the agent resynchronizes and NodeLocal is answered by it again.
+    drop(cut);
+    apply_tenant(&client, ns, routing("NodeLocal")).await;
     wait_for(
-        Duration::from_secs(30),
-        "Closest again: served by another node's agent",
+        Duration::from_secs(150),
+        "the real node's endpoint ready again",
+        || local_ready(true),
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(60),
+        "NodeLocal answered by the resynchronized local agent",
         || async { pod.probe(&vip, 123).filter(is_valid_time) },
     )
     .await;

@@ -52,23 +52,6 @@ async fn operator_pods(client: &kube::Client) -> Vec<(String, String, Option<Str
         .collect()
 }
 
-/// Whether host process `pid` still runs (a zombie has exited).
-fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            // The state follows the parenthesised command name.
-            let state = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .next()?
-                .to_string();
-            Some(state != "Z")
-        })
-        .unwrap_or(false)
-}
-
 async fn lease_holder(client: &kube::Client) -> Option<String> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
     leases.get(LEASE).await.ok()?.spec?.holder_identity
