@@ -116,7 +116,7 @@ reset_stale() {
 cmd_up() {
   mkdir -p "$STACK"
   reset_stale
-  log "building the control plane binaries if missing (cold: ~40 min, progress below)"
+  log "building the control plane binaries if missing (cold: ~10 min on 2 quiet cores, progress below)"
   "$SCRIPTS/deps.sh"
   BIN=$("$SCRIPTS/build-bins.sh" | sed -n 's/^BIN=//p' | tail -1)
   [[ -x $BIN/kube-apiserver ]] || e2e_die "build-bins.sh did not produce kube-apiserver"

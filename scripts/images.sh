@@ -518,7 +518,9 @@ cleanup_check() {
 
 check() {
   local name bin
-  init_facts
+  # After a build, check what was built: the tree may have changed since (an edit while the
+  # binaries compiled), and the labels carry the revision the build saw.
+  [[ -n ${VERSION:-} ]] || init_facts
   ensure_tools 0
   CHECK=$(mktemp -d)
   REGISTRY_PID='' SERVER_PID='' AGENT_PID=''

@@ -404,7 +404,11 @@ async fn promtool_check_metrics_passes_on_every_live_agent_and_operator() {
     let client = client().await;
     ensure_shared_time_service(&client).await;
     let urls = metrics_targets(&client).await;
-    assert_eq!(urls.len(), 5, "3 agents and 2 operator replicas: {urls:?}");
+    assert_eq!(
+        urls.len(),
+        agent_nodes().len() + 2,
+        "an agent per node and 2 operator replicas: {urls:?}"
+    );
     let args: Vec<&str> = std::iter::once("metrics")
         .chain(urls.iter().map(String::as_str))
         .collect();

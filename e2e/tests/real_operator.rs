@@ -69,8 +69,11 @@ impl OperatorOnRealNode {
         let pod = current.spec.unwrap().template.spec.unwrap();
         let image = pod.containers[0].image.clone();
         let pull = pod.containers[0].image_pull_policy.clone();
+        // Strategic merge merges maps: the real node's key must be removed by name.
+        let mut selector = serde_json::json!(pod.node_selector.clone().unwrap_or_default());
+        selector[REAL_NODE_TAINT] = serde_json::Value::Null;
         let original = serde_json::json!({"spec": {"template": {"spec": {
-            "nodeSelector": pod.node_selector,
+            "nodeSelector": selector,
             "tolerations": pod.tolerations,
             "containers": [{"name": pod.containers[0].name, "image": image, "imagePullPolicy": pull}]
         }}}});
@@ -259,22 +262,19 @@ async fn the_operator_runs_as_non_root_containers_on_the_real_node_and_hands_ove
         "the Lease was not released: taken after {taken_after:?}, duration {lease_duration:?}"
     );
 
-    // Back to the kwok nodes (best effort: this target runs last, and the moving back is not
-    // what this test shows).
+    // Back to the kwok nodes, where the rest of the suite expects the operator.
     drop(moved);
-    let back = Instant::now();
-    while back.elapsed() < Duration::from_secs(60) {
-        let pods = operator_pods(&client).await;
-        if pods.len() == replicas && pods.iter().all(|p| p.1 != node) {
-            eprintln!(
-                "operator back on the kwok nodes after {:.1} s",
-                back.elapsed().as_secs_f64()
-            );
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let (_, back_after) = wait_for(
+        Duration::from_secs(60),
+        "every operator replica Ready on the kwok nodes again",
+        || async {
+            let pods = operator_pods(&client).await;
+            (pods.len() == replicas && pods.iter().all(|p| p.1 != node)).then_some(())
+        },
+    )
+    .await;
     eprintln!(
-        "WARNING: the operator Deployment was patched back but is not Ready on the kwok nodes"
+        "operator back on the kwok nodes after {:.1} s",
+        back_after.as_secs_f64()
     );
 }

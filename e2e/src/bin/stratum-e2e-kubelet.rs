@@ -107,6 +107,9 @@ async fn main() -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut node_index: BTreeMap<String, usize> = BTreeMap::new();
     let mut targets_written = String::new();
+    // Stratum's pods that a real node's kubelet runs: not ours to start, but Prometheus
+    // discovers them like any other pod.
+    let mut on_real_nodes: BTreeMap<String, Pod> = BTreeMap::new();
     loop {
         let event = tokio::select! {
             e = stream.next() => match e { Some(e) => Some(e), None => break },
@@ -132,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
         };
         for pod in gone {
             let uid = pod.metadata.uid.clone().unwrap_or_default();
+            on_real_nodes.remove(&uid);
             if let Some(mut r) = running.remove(&uid) {
                 tracing::info!(node = %r.node, pod = ?pod.metadata.name, "pod deleted: stopping it");
                 remove(&args, &mut r).await;
@@ -139,6 +143,11 @@ async fn main() -> anyhow::Result<()> {
         }
         for pod in live {
             let uid = pod.metadata.uid.clone().unwrap_or_default();
+            let node = pod.spec.as_ref().and_then(|s| s.node_name.as_ref());
+            if node.is_some_and(|n| args.real_nodes.contains(n)) {
+                on_real_nodes.insert(uid, pod);
+                continue;
+            }
             if let Some(r) = running.get_mut(&uid) {
                 r.pod = pod; // e.g. kwok filled in its IP
                 continue;
@@ -153,7 +162,15 @@ async fn main() -> anyhow::Result<()> {
         }
         supervise(&client, &args, &mut running).await;
         if let Some(path) = &args.targets_file {
-            let text = targets(&running).to_string();
+            let pods = running
+                .values()
+                .filter(|r| r.child.is_some())
+                .map(|r| (&r.pod, r.node.as_str()))
+                .chain(on_real_nodes.values().filter_map(|p| {
+                    let running = p.status.as_ref()?.phase.as_deref() == Some("Running");
+                    running.then_some((p, p.spec.as_ref()?.node_name.as_deref()?))
+                }));
+            let text = targets(pods).to_string();
             if text != targets_written {
                 if let Err(e) = write_atomically(path, text.as_bytes()) {
                     tracing::warn!(error = %e, "cannot write the Prometheus targets");
@@ -375,12 +392,11 @@ fn write_kubeconfig(args: &Args, path: &Path, token: &str, namespace: &str) -> a
     Ok(())
 }
 
-/// Prometheus file_sd target groups: every named container port of every pod whose process
-/// runs, with the `__meta_kubernetes_*` labels Kubernetes pod discovery gives.
-fn targets(running: &BTreeMap<String, Running>) -> serde_json::Value {
+/// Prometheus file_sd target groups: every named container port of every running pod (with its
+/// node), with the `__meta_kubernetes_*` labels Kubernetes pod discovery gives.
+fn targets<'a>(pods: impl Iterator<Item = (&'a Pod, &'a str)>) -> serde_json::Value {
     let mut groups = Vec::new();
-    for r in running.values().filter(|r| r.child.is_some()) {
-        let pod = &r.pod;
+    for (pod, node) in pods {
         let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()) else {
             continue;
         };
@@ -393,7 +409,7 @@ fn targets(running: &BTreeMap<String, Running>) -> serde_json::Value {
             "__meta_kubernetes_pod_name".to_string(),
             pod.metadata.name.clone().unwrap_or_default(),
         );
-        labels.insert("__meta_kubernetes_pod_node_name".into(), r.node.clone());
+        labels.insert("__meta_kubernetes_pod_node_name".into(), node.to_owned());
         labels.insert("__meta_kubernetes_pod_phase".into(), "Running".into());
         for (k, v) in pod.metadata.labels.iter().flatten() {
             let key: String = k
