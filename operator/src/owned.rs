@@ -66,25 +66,16 @@ impl ChildMeta {
     }
 }
 
-/// Whether Stratum created the object: our managed-by label, an owner reference to one of our
-/// kinds, or fields of our field manager.
+/// Whether Stratum created the object: it carries our managed-by label, which Stratum sets on
+/// every child it creates and which the chart's admission policy checks before any write. An
+/// owner reference to one of our kinds, or fields of our field manager, prove nothing: a user
+/// may add the first to their own object, and an older operator force-applied the second onto
+/// users' Services it took over. One marker, the same one the API server enforces.
 pub fn is_stratums(meta: &ObjectMeta) -> bool {
-    let labelled = meta
-        .labels
+    meta.labels
         .as_ref()
         .and_then(|l| l.get("app.kubernetes.io/managed-by"))
-        .is_some_and(|v| v == names::MANAGED_BY);
-    let owned = meta
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.api_version.starts_with("stratum.io/"));
-    let managed = meta
-        .managed_fields
-        .iter()
-        .flatten()
-        .any(|m| m.manager.as_deref() == Some(names::FIELD_MANAGER));
-    labelled || owned || managed
+        .is_some_and(|v| v == names::MANAGED_BY)
 }
 
 /// A child named for a delete: kind, namespace, name and the uid it must still have.
@@ -229,11 +220,13 @@ mod tests {
     }
 
     #[test]
-    fn an_object_is_stratums_by_label_owner_reference_or_field_manager_and_a_users_is_not() {
+    fn only_our_managed_by_label_makes_an_object_stratums() {
         assert!(is_stratums(&meta(&[(
             "app.kubernetes.io/managed-by",
             "stratum-operator"
         )])));
+        // A user's Service pointing its owner reference at their TenantTimePolicy, or one that
+        // an older operator force-applied fields onto: still the user's.
         let mut owned = meta(&[]);
         owned.owner_references = Some(vec![OwnerReference {
             api_version: "stratum.io/v1alpha1".into(),
@@ -242,14 +235,14 @@ mod tests {
             uid: "x".into(),
             ..OwnerReference::default()
         }]);
-        assert!(is_stratums(&owned));
+        assert!(!is_stratums(&owned));
         let mut managed = meta(&[]);
         managed.managed_fields = Some(vec![ManagedFieldsEntry {
             manager: Some("stratum-operator".into()),
             operation: Some("Apply".into()),
             ..ManagedFieldsEntry::default()
         }]);
-        assert!(is_stratums(&managed));
+        assert!(!is_stratums(&managed));
 
         let mut users = meta(&[("app.kubernetes.io/managed-by", "helm")]);
         users.managed_fields = Some(vec![ManagedFieldsEntry {
