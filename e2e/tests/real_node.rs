@@ -23,6 +23,21 @@ fn is_valid_time(answer: &serde_json::Value) -> bool {
             .is_some_and(|s| (2..16).contains(&s))
 }
 
+/// Waits until `pod` gets valid time through `vip:123`, and checks the reply came from the
+/// address asked (kube-proxy's reverse NAT); returns how long that took.
+async fn served_through(pod: &RealPod, vip: &str, what: &str) -> Duration {
+    let (answer, took) = wait_for(Duration::from_secs(60), what, || async {
+        pod.probe(vip, 123).filter(is_valid_time)
+    })
+    .await;
+    assert_eq!(
+        answer["from"],
+        serde_json::json!(format!("{vip}:123")),
+        "{what}: {answer}"
+    );
+    took
+}
+
 #[tokio::test]
 #[ignore = "needs the e2e cluster: make e2e"]
 async fn a_real_pod_resolves_its_tenants_service_by_name_and_gets_time_through_the_cluster_ip() {
@@ -231,17 +246,12 @@ async fn node_local_routing_answers_only_from_a_ready_local_agent_and_closest_re
     )
     .await;
     // NodeLocal: only the real node's own agent can answer, and it does.
-    let (answer, _) = wait_for(
-        Duration::from_secs(60),
+    served_through(
+        &pod,
+        &vip,
         "NodeLocal: the pod served by its own node's agent",
-        || async { pod.probe(&vip, 123).filter(is_valid_time) },
     )
     .await;
-    assert_eq!(
-        answer["from"],
-        serde_json::json!(format!("{vip}:123")),
-        "{answer}"
-    );
 
     // Cut the real node's agent off from its upstreams: it runs on, unsynchronized, and its
     // endpoint turns not ready.
@@ -300,17 +310,12 @@ async fn node_local_routing_answers_only_from_a_ready_local_agent_and_closest_re
         policy(Some("Cluster"))
     })
     .await;
-    let (answer, closest_after) = wait_for(
-        Duration::from_secs(60),
+    let closest_after = served_through(
+        &pod,
+        &vip,
         "Closest: the pod served by another node's agent",
-        || async { pod.probe(&vip, 123).filter(is_valid_time) },
     )
     .await;
-    assert_eq!(
-        answer["from"],
-        serde_json::json!(format!("{vip}:123")),
-        "{answer}"
-    );
     eprintln!(
         "upstreams cut on {node}: endpoint not ready after {:.1} s; NodeLocal silent, \
          Closest served by another node {:.1} s after the switch",
@@ -327,10 +332,10 @@ async fn node_local_routing_answers_only_from_a_ready_local_agent_and_closest_re
         || local_ready(true),
     )
     .await;
-    wait_for(
-        Duration::from_secs(60),
+    served_through(
+        &pod,
+        &vip,
         "NodeLocal answered by the resynchronized local agent",
-        || async { pod.probe(&vip, 123).filter(is_valid_time) },
     )
     .await;
 }
