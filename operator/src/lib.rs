@@ -16,6 +16,7 @@ pub mod http;
 pub mod index;
 pub mod leader;
 pub mod metrics;
+pub mod model;
 pub mod names;
 pub mod owned;
 pub mod ports;

@@ -15,7 +15,7 @@ use std::ops::ControlFlow;
 use ipnet::IpNet;
 use stratum_api::common::{IpBlock, PolicyPeer};
 
-use crate::index::Cluster;
+use crate::model::Cluster;
 use crate::selector::{Selector, SelectorError};
 
 /// Why a tenant's peers cannot be resolved; the user has to fix the TenantTimePolicy.

@@ -16,7 +16,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 };
 use stratum_api::TenantTimePolicy;
 use stratum_api::common::{IpBlock, PolicyPeer};
-use stratum_operator::index::{Cluster, Index, PodInfo};
+use stratum_operator::index::Index;
+use stratum_operator::model::{Cluster, PodInfo};
 use stratum_operator::resolve::CompiledPolicy;
 
 type Labels = BTreeMap<String, String>;

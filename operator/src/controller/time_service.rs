@@ -275,7 +275,7 @@ async fn read_current_config(ctx: &Context, name: &str) -> Result<Option<AgentCo
 fn observe_propagation(
     ctx: &Context,
     name: &str,
-    clocks: &[crate::index::ClockInfo],
+    clocks: &[crate::model::ClockInfo],
     desired: i32,
 ) {
     let mut pending = lock(&ctx.propagation);

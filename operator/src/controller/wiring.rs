@@ -5,7 +5,7 @@
 //! The CRDs are read through `DeserializeGuard`, so an object this version cannot decode is
 //! reported on its own and never stalls a watch.
 //!
-//! [`PodInfo`]: crate::index::PodInfo
+//! [`PodInfo`]: crate::model::PodInfo
 
 use std::collections::HashSet;
 use std::future::Future;
