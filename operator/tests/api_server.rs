@@ -68,7 +68,7 @@ fn tenant_policy(ns: &str, name: &str, spec: Value) -> TenantTimePolicy {
 }
 
 fn node(index: &mut Index, name: &str) {
-    index.apply_node(
+    let _ = index.apply_node(
         name,
         &[("kubernetes.io/os".to_string(), "linux".to_string())].into(),
     );
@@ -303,7 +303,7 @@ async fn a_younger_overlapping_time_service_gets_conflict_and_no_daemonset() {
     let mut index = Index::new(NS);
     node(&mut index, "n1");
     let older = time_service("first", 1_600_000_000, json!({}));
-    index.apply_time_service(&older);
+    let _ = index.apply_time_service(&older);
     let ctx = context(client, index);
     let younger = time_service(
         "second",
@@ -356,7 +356,7 @@ async fn a_younger_overlapping_time_service_gets_conflict_and_no_daemonset() {
 async fn tenant_service_slices_and_time_config_are_applied_in_its_namespace_with_status() {
     let (client, mut v) = mock();
     let mut index = Index::new(NS);
-    index.apply_time_service(&time_service("cluster", 1_600_000_000, json!({})));
+    let _ = index.apply_time_service(&time_service("cluster", 1_600_000_000, json!({})));
     let ctx = context(client, index);
     let tenant = tenant_policy("team-a", "policy", json!({ "timezone": "Europe/Berlin" }));
     let tenant_json = whole(&tenant);
@@ -413,7 +413,7 @@ async fn tenant_service_slices_and_time_config_are_applied_in_its_namespace_with
 async fn a_refused_tenant_only_gets_a_status_saying_why() {
     let (client, mut v) = mock();
     let mut index = Index::new(NS);
-    index.apply_time_service(&time_service("cluster", 1_600_000_000, json!({})));
+    let _ = index.apply_time_service(&time_service("cluster", 1_600_000_000, json!({})));
     let ctx = context(client, index);
     let tenant = tenant_policy(
         "team-a",
@@ -450,7 +450,7 @@ async fn a_refused_tenants_children_are_deleted_by_uid_after_the_apply_and_a_use
     use stratum_operator::owned::ChildKind;
     let (client, mut v) = mock();
     let mut index = Index::new(NS);
-    index.apply_time_service(&time_service("cluster", 1_600_000_000, json!({})));
+    let _ = index.apply_time_service(&time_service("cluster", 1_600_000_000, json!({})));
     let labels = stratum_operator::names::tenant_labels("cluster", "policy");
     for (kind, name, labels) in [
         (
@@ -461,7 +461,7 @@ async fn a_refused_tenants_children_are_deleted_by_uid_after_the_apply_and_a_use
         (ChildKind::Service, "ntp", Some(labels)),
         (ChildKind::Service, "users-own", None),
     ] {
-        index.apply_child(
+        let _ = index.apply_child(
             kind,
             &ObjectMeta {
                 name: Some(name.into()),

@@ -15,7 +15,6 @@ use stratum_api::TenantTimePolicy;
 use super::{Context, RESYNC, apply_namespaced, apply_params, delete_child, lock};
 use crate::build::status::{TenantObservation, tenant_status};
 use crate::error::{Error, Result};
-use crate::plan::plan_tenant;
 
 /// Controller name in metrics.
 pub const CONTROLLER: &str = "tenant";
@@ -35,9 +34,10 @@ pub async fn reconcile(
         .ok_or(Error::MissingMetadata("TenantTimePolicy namespace"))?;
     let name = tenant.name_any();
     let plan = {
+        let mut planner = lock(&ctx.planner);
         let mut index = lock(&ctx.index);
-        index.apply_tenant(tenant);
-        plan_tenant(&mut index, tenant)?
+        let _ = index.apply_tenant(tenant);
+        planner.plan_tenant(&index, tenant)?
     };
     let mut seen = TenantObservation {
         time_service: plan.time_service.clone(),
