@@ -3,7 +3,7 @@
 //! children) and read by every plan. Its state is private: reads take `&self`, and each write
 //! (`apply_*`, `delete_*`, [`Index::sweep`]) returns the [`Triggers`] it causes: the
 //! TimeServices and tenants whose output may have changed, so a pod event reconciles only what
-//! it affects.
+//! it affects. Only the watch feed writes it (see `controller::wiring`).
 //!
 //! It keeps no cache of what plans derive (the planner of the `plan` module owns those), but
 //! tells a cache what it may keep: a write bumps the generation of each namespace whose pods

@@ -6,13 +6,13 @@
 //!
 //! - [`model`]: the plain facts the watches saw (pods, namespaces, NodeClocks, TimeServices);
 //! - [`resolve`], [`build`], [`validate`]: pure functions over the model and the specs;
-//! - [`index`]: private state with `&self` reads, each write
+//! - [`index`]: private state with `&self` reads, written only by the watch feed, each write
 //!   returning the `#[must_use]` [`index::Triggers`] it causes;
 //! - [`plan`]: the [`plan::Planner`], which owns every planning cache and plans from a read of
 //!   the index, encoding outside the index lock;
 //! - [`controller`]: the feed of watches into the index and its triggers into the controllers,
 //!   and thin reconcilers that apply a plan with server-side apply under one field manager and
-//!   write status only when it changed.
+//!   write status only when it changed. No reconciler writes the index.
 //!
 //! `tests/module_graph.rs` fails on any import cycle between these modules.
 

@@ -1,6 +1,6 @@
 //! The controllers: thin reconcilers (plan from a read of the index, apply with server-side
 //! apply, write status only when it changed) and the wiring of watches into the index and of
-//! the index's triggers into the controllers.
+//! the index's triggers into the controllers. Only the wiring writes the index.
 
 pub mod tenant;
 pub mod time_service;
@@ -67,7 +67,8 @@ pub struct Context {
     pub client: Client,
     /// Operator deployment settings.
     pub settings: OperatorSettings,
-    /// The index every reconcile reads. A std mutex: never held across an await.
+    /// The index every reconcile reads and only the watch feed writes. A std mutex: never
+    /// held across an await.
     pub index: Arc<Mutex<Index>>,
     /// Every planning cache. Locked before `index` whenever both are (one order, no deadlock);
     /// a TimeService plan holds it, not the index, while it encodes the agent config.

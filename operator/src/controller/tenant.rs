@@ -1,5 +1,6 @@
 //! TenantTimePolicy reconcile: plan from the index, apply the Service, EndpointSlices and
-//! `time-config` in the tenant's namespace, write status when it changed.
+//! `time-config` in the tenant's namespace, write status when it changed. A tenant the index
+//! does not hold as it is yet waits for the watch feed, which triggers it once it does.
 
 use std::sync::Arc;
 
@@ -35,8 +36,13 @@ pub async fn reconcile(
     let name = tenant.name_any();
     let plan = {
         let mut planner = lock(&ctx.planner);
-        let mut index = lock(&ctx.index);
-        let _ = index.apply_tenant(tenant);
+        let index = lock(&ctx.index);
+        // Its port, owners and peers come from the index: planned before the index has this
+        // version, it would be refused for a port it has not been given yet.
+        if !index.holds_tenant(tenant) {
+            tracing::debug!(tenant = %format!("{ns}/{name}"), "not indexed yet; the feed triggers it");
+            return Ok(Action::await_change());
+        }
         planner.plan_tenant(&index, tenant)?
     };
     let mut seen = TenantObservation {

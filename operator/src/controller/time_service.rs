@@ -40,9 +40,7 @@ pub async fn reconcile(
     let name = ts.name_any();
     let mut draft = {
         let mut planner = lock(&ctx.planner);
-        let mut index = lock(&ctx.index);
-        // The object handed to us may be newer than the index's copy.
-        let _ = index.apply_time_service(ts);
+        let index = lock(&ctx.index);
         ctx.metrics
             .tenants
             .set(i64::try_from(index.tenants().len()).unwrap_or(i64::MAX));
