@@ -291,12 +291,17 @@ impl Index {
     /// Whether the index holds this TenantTimePolicy as it is (spec and age): until it does,
     /// the watch feed has not caught up with it, and will trigger it when it does.
     pub fn holds_tenant(&self, tenant: &TenantTimePolicy) -> bool {
+        self.held_tenant(tenant).is_some()
+    }
+
+    /// The index's entry of this TenantTimePolicy, if it holds it as it is.
+    pub fn held_tenant(&self, tenant: &TenantTimePolicy) -> Option<&Arc<TenantEntry>> {
         let (Some(ns), Some(name)) = (&tenant.metadata.namespace, &tenant.metadata.name) else {
-            return false;
+            return None;
         };
         self.tenants
             .get(&(ns.clone(), name.clone()))
-            .is_some_and(|entry| {
+            .filter(|entry| {
                 entry.spec == tenant.spec
                     && entry.created == tenant.metadata.creation_timestamp.as_ref().map(|t| t.0)
             })
@@ -405,16 +410,21 @@ impl Index {
     fn tenant_changed(&mut self, key: &TenantKey, sets: bool) {
         self.generation += 1;
         let generation = self.generation;
-        let generations = self
-            .tenant_generations
-            .entry(key.clone())
-            .or_insert(TenantGenerations {
-                sets: generation,
-                list: generation,
-            });
-        generations.list = generation;
-        if sets {
-            generations.sets = generation;
+        // Looked up before inserting: a pod event touches many tenants, keys stay unallocated.
+        match self.tenant_generations.get_mut(key) {
+            Some(generations) => {
+                generations.list = generation;
+                if sets {
+                    generations.sets = generation;
+                }
+            }
+            None => {
+                let generations = TenantGenerations {
+                    sets: generation,
+                    list: generation,
+                };
+                self.tenant_generations.insert(key.clone(), generations);
+            }
         }
     }
 
@@ -584,7 +594,12 @@ impl Index {
         let mut triggers = Triggers::default();
         if self.cluster.pods_in(ns).next().is_some() {
             self.generation += 1;
-            self.pod_generations.insert(ns.to_owned(), self.generation);
+            match self.pod_generations.get_mut(ns) {
+                Some(generation) => *generation = self.generation,
+                None => {
+                    self.pod_generations.insert(ns.to_owned(), self.generation);
+                }
+            }
         } else {
             self.pod_generations.remove(ns);
         }

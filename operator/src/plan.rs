@@ -845,14 +845,9 @@ impl Planner {
         };
         // Plan from the object being reconciled, which may be newer than the index; the index's
         // entry saves compiling its peers again when it is the same.
-        let entry = match tenant
-            .metadata
-            .namespace
-            .clone()
-            .zip(tenant.metadata.name.clone())
-        {
-            Some(key) if index.holds_tenant(tenant) => index.tenants().get(&key).cloned(),
-            _ => TenantEntry::new(tenant).map(Arc::new),
+        let entry = match index.held_tenant(tenant) {
+            Some(held) => Some(held.clone()),
+            None => TenantEntry::new(tenant).map(Arc::new),
         };
         let Some(entry) = entry else {
             return Err(crate::error::Error::MissingMetadata(
