@@ -52,6 +52,10 @@ pub struct TenantEntry {
     /// Why this tenant cannot be served whatever else exists (its own faults, see
     /// [`crate::validate`]). Such a tenant claims no port and no Service name.
     pub invalid: Option<Refusal>,
+    /// Its place in the index's per-tenant tables while the index holds it (see
+    /// [`Index::slot_generations`]), kept across its changes and given to another tenant only
+    /// after it is deleted; `None` for an entry made outside the index.
+    pub slot: Option<usize>,
 }
 
 impl TenantEntry {
@@ -67,6 +71,7 @@ impl TenantEntry {
         let invalid = spec_refusal(&policy, &tenant.spec);
         Some(Self {
             invalid,
+            slot: None,
             uid: tenant.metadata.uid.clone(),
             created: tenant.metadata.creation_timestamp.as_ref().map(|t| t.0),
             status_port: tenant.status.as_ref().and_then(|s| s.port),
@@ -192,8 +197,11 @@ pub struct Index {
     generation: u64,
     /// The generation of each namespace's last pod change (none once it has no pods).
     pod_generations: HashMap<String, u64>,
-    /// What each tenant's allow list was last invalidated at.
-    tenant_generations: HashMap<TenantKey, TenantGenerations>,
+    /// What each tenant's allow list was last invalidated at, by [`TenantEntry::slot`]: a plan
+    /// checks every served tenant's on every pod event, without hashing its key.
+    tenant_generations: Vec<Option<TenantGenerations>>,
+    /// Slots of deleted tenants, for new ones.
+    free_slots: Vec<usize>,
     /// The generation each TimeService was created at (a new one of the same name gets another).
     time_service_generations: HashMap<String, u64>,
     /// Port allocation per TimeService, kept up to date tenant by tenant.
@@ -408,10 +416,15 @@ impl Index {
     /// Invalidates what derives from a tenant's allow list; with `sets`, also which sets it
     /// allows (its peers, or the namespaces they select, changed).
     fn tenant_changed(&mut self, key: &TenantKey, sets: bool) {
+        let Some(slot) = self.tenants.get(key).and_then(|t| t.slot) else {
+            return;
+        };
         self.generation += 1;
         let generation = self.generation;
-        // Looked up before inserting: a pod event touches many tenants, keys stay unallocated.
-        match self.tenant_generations.get_mut(key) {
+        let Some(cell) = self.tenant_generations.get_mut(slot) else {
+            return;
+        };
+        match cell {
             Some(generations) => {
                 generations.list = generation;
                 if sets {
@@ -419,18 +432,23 @@ impl Index {
                 }
             }
             None => {
-                let generations = TenantGenerations {
+                *cell = Some(TenantGenerations {
                     sets: generation,
                     list: generation,
-                };
-                self.tenant_generations.insert(key.clone(), generations);
+                });
             }
         }
     }
 
     /// The generations of a tenant's allow list; `None` for a tenant the index does not hold.
     pub fn tenant_generations(&self, key: &TenantKey) -> Option<TenantGenerations> {
-        self.tenant_generations.get(key).copied()
+        self.slot_generations(self.tenants.get(key)?.slot?)
+    }
+
+    /// The generations of the tenant in `slot` (see [`TenantEntry::slot`]); `None` for a free
+    /// slot. A slot passes to another tenant with fresh generations, never with its old ones.
+    pub fn slot_generations(&self, slot: usize) -> Option<TenantGenerations> {
+        self.tenant_generations.get(slot).copied().flatten()
     }
 
     /// The generation of the last pod change in namespace `ns`; `None` while it has no pods.
@@ -906,7 +924,7 @@ impl Index {
 
     /// A TenantTimePolicy was added or changed.
     pub fn apply_tenant(&mut self, tenant: &TenantTimePolicy) -> Triggers {
-        let Some(entry) = TenantEntry::new(tenant) else {
+        let Some(mut entry) = TenantEntry::new(tenant) else {
             return Triggers::default();
         };
         let key = entry.key();
@@ -917,6 +935,13 @@ impl Index {
         {
             return Triggers::default();
         }
+        entry.slot = Some(match self.tenants.get(&key).and_then(|o| o.slot) {
+            Some(slot) => slot,
+            None => self.free_slots.pop().unwrap_or_else(|| {
+                self.tenant_generations.push(None);
+                self.tenant_generations.len() - 1
+            }),
+        });
         let old = self.tenants.insert(key.clone(), Arc::new(entry));
         self.roster_epoch += 1;
         // A plan's allow list stands for the entry too (spec, deny list).
@@ -958,7 +983,12 @@ impl Index {
         triggers.tenants.extend(self.tenants_in(ns));
         let old = self.tenants.remove(&key);
         self.roster_epoch += 1;
-        self.tenant_generations.remove(&key);
+        if let Some(slot) = old.as_ref().and_then(|o| o.slot)
+            && let Some(cell) = self.tenant_generations.get_mut(slot)
+        {
+            *cell = None;
+            self.free_slots.push(slot);
+        }
         triggers.extend(self.reallocate(&key, old.as_deref()));
         triggers.tenants.remove(&key);
         triggers

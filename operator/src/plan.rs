@@ -293,13 +293,14 @@ struct CachedSet {
 pub struct Planner {
     /// Resolved pod sets by namespace, then selector.
     pod_sets: HashMap<String, HashMap<Selector, CachedSet>>,
-    /// The pod sets and blocks each tenant allows, with the generation they were found at.
-    tenant_sets: HashMap<TenantKey, (u64, Arc<TenantSets>)>,
+    /// The pod sets and blocks each tenant allows, by slot (see [`TenantEntry::slot`]), with
+    /// the generation they were found at.
+    tenant_sets: Vec<Option<(u64, Arc<TenantSets>)>>,
     /// Each tenant's sets with its pod sets resolved, in `TenantSets::pod_sets` order: a plan
     /// reads these instead of looking up every set by namespace and selector. Made anew
     /// whenever the tenant's list generation moves (its entry, sets or a pod it selects
     /// changed), so a list's revision stands for all of the tenant's inputs.
-    set_lists: HashMap<TenantKey, (u64, SetList)>,
+    set_lists: Vec<Option<(u64, SetList)>>,
     /// The last revision given to a set list.
     set_list_revision: u64,
     /// Service and time-config owners as of their roster epoch.
@@ -350,35 +351,41 @@ impl Planner {
 
     /// The blocks and pod sets a tenant allows (cached); empty when its policy does not compile.
     pub fn tenant_sets(&mut self, index: &Index, key: &TenantKey) -> Arc<TenantSets> {
-        let generation = index.tenant_generations(key).map(|g| g.sets);
-        if let (Some(generation), Some((at, hit))) = (generation, self.tenant_sets.get(key))
-            && *at == generation
-        {
-            return hit.clone();
+        self.sets_of(index, index.tenants().get(key).map(Arc::as_ref))
+    }
+
+    /// A tenant's sets and its pod sets resolved, in `pod_sets` order (cached).
+    pub fn tenant_set_list(&mut self, index: &Index, key: &TenantKey) -> SetList {
+        self.set_list_of(index, index.tenants().get(key).map(Arc::as_ref))
+    }
+
+    /// [`Planner::tenant_sets`] of the index's current entry of a tenant (`None`: no tenant).
+    fn sets_of(&mut self, index: &Index, entry: Option<&TenantEntry>) -> Arc<TenantSets> {
+        let slot = entry.and_then(|e| e.slot);
+        let generation = slot.and_then(|s| index.slot_generations(s)).map(|g| g.sets);
+        if let Some(hit) = cached(&self.tenant_sets, slot, generation) {
+            return hit;
         }
-        let sets = Arc::new(match index.tenants().get(key).map(|t| &t.policy) {
+        let sets = Arc::new(match entry.map(|e| &e.policy) {
             Some(Ok(policy)) => TenantSets {
                 blocks: policy.blocks(),
                 pod_sets: policy.pod_sets(index.cluster()),
             },
             _ => TenantSets::default(),
         });
-        if let Some(generation) = generation {
-            self.tenant_sets
-                .insert(key.clone(), (generation, sets.clone()));
-        }
+        store(&mut self.tenant_sets, slot, generation, sets.clone());
         sets
     }
 
-    /// A tenant's sets and its pod sets resolved, in `pod_sets` order (cached).
-    pub fn tenant_set_list(&mut self, index: &Index, key: &TenantKey) -> SetList {
-        let generation = index.tenant_generations(key).map(|g| g.list);
-        if let (Some(generation), Some((at, hit))) = (generation, self.set_lists.get(key))
-            && *at == generation
-        {
-            return hit.clone();
+    /// [`Planner::tenant_set_list`] of the index's current entry of a tenant (`None`: no
+    /// tenant). Looked up by slot: a plan asks for every served tenant's on every pod event.
+    fn set_list_of(&mut self, index: &Index, entry: Option<&TenantEntry>) -> SetList {
+        let slot = entry.and_then(|e| e.slot);
+        let generation = slot.and_then(|s| index.slot_generations(s)).map(|g| g.list);
+        if let Some(hit) = cached(&self.set_lists, slot, generation) {
+            return hit;
         }
-        let sets = self.tenant_sets(index, key);
+        let sets = self.sets_of(index, entry);
         let resolved: Arc<[Arc<Vec<IpNet>>]> = sets
             .pod_sets
             .iter()
@@ -395,10 +402,7 @@ impl Planner {
             resolved,
             revision: self.set_list_revision,
         };
-        if let Some(generation) = generation {
-            self.set_lists
-                .insert(key.clone(), (generation, list.clone()));
-        }
+        store(&mut self.set_lists, slot, generation, list.clone());
         list
     }
 
@@ -452,10 +456,16 @@ impl Planner {
             return;
         }
         self.pruned_at = Some(epoch);
-        self.tenant_sets
-            .retain(|key, _| index.tenant_generations(key).is_some());
-        self.set_lists
-            .retain(|key, _| index.tenant_generations(key).is_some());
+        for (slot, cache) in self.tenant_sets.iter_mut().enumerate() {
+            if index.slot_generations(slot).is_none() {
+                *cache = None;
+            }
+        }
+        for (slot, cache) in self.set_lists.iter_mut().enumerate() {
+            if index.slot_generations(slot).is_none() {
+                *cache = None;
+            }
+        }
         self.pod_sets
             .retain(|ns, _| index.pod_generation(ns).is_some());
         self.plan_caches
@@ -513,7 +523,7 @@ impl Planner {
         let mut capped = false;
         let mut lists = Vec::with_capacity(roster.served.len());
         for (i, served) in roster.served.iter().enumerate() {
-            let list = self.tenant_set_list(index, &served.key);
+            let list = self.set_list_of(index, Some(&served.entry));
             if prefix_refusal(list.allowed.len(), served.denied().len()).is_some() {
                 capped = true;
             } else {
@@ -745,6 +755,34 @@ impl TimeServiceDraft {
             tenants: roster.tenants.clone(),
         })
     }
+}
+
+/// The value cached for `slot` if it was made at `generation`.
+fn cached<T: Clone>(
+    table: &[Option<(u64, T)>],
+    slot: Option<usize>,
+    generation: Option<u64>,
+) -> Option<T> {
+    match (table.get(slot?), generation) {
+        (Some(Some((at, value))), Some(generation)) if *at == generation => Some(value.clone()),
+        _ => None,
+    }
+}
+
+/// Caches `value` for `slot`, made at `generation` (nothing without either).
+fn store<T>(
+    table: &mut Vec<Option<(u64, T)>>,
+    slot: Option<usize>,
+    generation: Option<u64>,
+    value: T,
+) {
+    let (Some(slot), Some(generation)) = (slot, generation) else {
+        return;
+    };
+    if table.len() <= slot {
+        table.resize_with(slot + 1, || None);
+    }
+    table[slot] = Some((generation, value));
 }
 
 /// What counts against a ConfigMap's size limit: its data and binary data.
