@@ -1007,6 +1007,30 @@ mod tests {
     }
 
     #[test]
+    fn a_tenant_in_a_deleted_tenants_slot_never_gets_that_tenants_cached_allow_list() {
+        let block =
+            |cidr: &str| serde_json::json!({ "allowedClients": [{ "ipBlock": { "cidr": cidr } }] });
+        let gone = fixtures::tenant("a", "gone", block("10.0.0.0/8"));
+        let mut index = index_with(&[&gone]);
+        let mut planner = Planner::new();
+        let key = |ns: &str, name: &str| (ns.to_owned(), name.to_owned());
+        let slot = |index: &Index, k: &TenantKey| index.tenants()[k].slot;
+        assert_eq!(
+            *planner.allowed(&index, &key("a", "gone")),
+            ["10.0.0.0/8".parse::<IpNet>().unwrap()]
+        );
+        let freed = slot(&index, &key("a", "gone"));
+        let _ = index.delete_tenant("a", "gone");
+        let _ = index.apply_tenant(&fixtures::tenant("b", "new", block("192.168.0.0/16")));
+        assert_eq!(slot(&index, &key("b", "new")), freed, "the slot is reused");
+        assert_eq!(
+            *planner.allowed(&index, &key("b", "new")),
+            ["192.168.0.0/16".parse::<IpNet>().unwrap()]
+        );
+        assert!(planner.allowed(&index, &key("a", "gone")).is_empty());
+    }
+
+    #[test]
     fn the_oldest_claimant_owns_a_service_name_and_the_next_takes_it_when_it_goes() {
         let older = tenant("vms", "b-older", "ntp", 1);
         let younger = tenant("vms", "a-younger", "ntp", 2);
