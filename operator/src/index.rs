@@ -416,14 +416,16 @@ impl Index {
     /// Invalidates what derives from a tenant's allow list; with `sets`, also which sets it
     /// allows (its peers, or the namespaces they select, changed).
     fn tenant_changed(&mut self, key: &TenantKey, sets: bool) {
-        let Some(slot) = self.tenants.get(key).and_then(|t| t.slot) else {
+        self.bump_tenant(self.tenants.get(key).and_then(|t| t.slot), sets);
+    }
+
+    /// [`Index::tenant_changed`] of the tenant in `slot`.
+    fn bump_tenant(&mut self, slot: Option<usize>, sets: bool) {
+        let Some(cell) = slot.and_then(|slot| self.tenant_generations.get_mut(slot)) else {
             return;
         };
         self.generation += 1;
         let generation = self.generation;
-        let Some(cell) = self.tenant_generations.get_mut(slot) else {
-            return;
-        };
         match cell {
             Some(generations) => {
                 generations.list = generation;
@@ -633,33 +635,32 @@ impl Index {
                 }
             }
         }
+        // Triggered and invalidated in one pass over the tenants, by slot: a pod event touches
+        // many tenants, and looking each up again by key showed in the scale benchmark.
         let empty = Labels::new();
         let ns_labels = self.cluster.namespace_labels(ns).unwrap_or(&empty);
-        let affected: Vec<TenantKey> = self
-            .tenants
-            .values()
-            .filter(|t| {
-                t.policy.as_ref().is_ok_and(|p| {
-                    [old, new]
-                        .into_iter()
-                        .flatten()
-                        .any(|pod| selects_pod(p, ns, ns_labels, &pod.labels))
-                })
-            })
-            .map(|t| t.key())
-            .collect();
-        for key in affected {
-            triggers.extend(self.refresh_allowed(&key));
+        let mut affected = Vec::new();
+        for t in self.tenants.values() {
+            let selects = t.policy.as_ref().is_ok_and(|p| {
+                [old, new]
+                    .into_iter()
+                    .flatten()
+                    .any(|pod| selects_pod(p, ns, ns_labels, &pod.labels))
+            });
+            if selects {
+                affected.push(t.slot);
+                triggers.tenants.insert(t.key());
+                if let Ok(ts) = self.time_service_of(t) {
+                    triggers.time_services.insert(ts.name.clone());
+                }
+            }
+        }
+        // Resolution is lazy: a burst of pod events (an initial list, a rollout) costs one
+        // resolution per tenant at the next plan, not one per event.
+        for slot in affected {
+            self.bump_tenant(slot, false);
         }
         triggers
-    }
-
-    /// Invalidates one tenant's allow list and triggers it and its TimeService. Resolution is
-    /// lazy: a burst of pod events (an initial list, a rollout) costs one resolution per tenant
-    /// at the next plan, not one per event.
-    fn refresh_allowed(&mut self, key: &TenantKey) -> Triggers {
-        self.tenant_changed(key, false);
-        self.tenant_and_service(key)
     }
 
     fn tenant_and_service(&self, key: &TenantKey) -> Triggers {
