@@ -8,7 +8,7 @@ NO_SYS_TIME := setpriv --bounding-set=-sys_time --inh-caps=-sys_time
 # A second fence: the agent refuses to open its `system` clock backend when this is set.
 export STRATUM_DENY_SYSTEM_CLOCK := 1
 
-.PHONY: help deps fmt fmt-check lint test unit crds chart chart-check images images-check sim fuzz e2e demo bench bench-setup bench-operator
+.PHONY: help deps fmt fmt-check lint test unit crds chart chart-check images images-check sim fuzz e2e demo bench bench-setup bench-operator bench-operator-compare
 
 help: ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -64,6 +64,9 @@ bench: ## stratum-agent vs chronyd -x vs ntpd-rs vs raw UDP echo (server on CPU 
 
 bench-operator: ## operator scale benchmark: 1000 tenants, 10k pods (resolution time, incremental update, RSS)
 	$(NO_SYS_TIME) $(CARGO) run --quiet --release -p stratum-operator --example scale
+
+bench-operator-compare: ## the operator scale benchmark at OLD_REV (default: merge-base with main) vs the working tree, interleaved ROUNDS (5) times
+	bench/operator-compare.sh "$(OLD_REV)" "$(ROUNDS)"
 
 e2e: ## end-to-end tests on a real control plane (built from the Go proxy and cached on first use)
 	e2e/run.sh

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::PodIP;
 use scale::Addressing;
 use stratum_api::agent_config::CONFIG_MAP_LIMIT_BYTES;
-use stratum_operator::plan::{config_map_bytes, plan_tenant, plan_time_service};
+use stratum_operator::plan::{Planner, config_map_bytes};
 
 fn memory() -> (u64, u64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -79,26 +79,27 @@ fn main() {
     let start = Instant::now();
     let mut index = scale::index(Addressing::Sequential, &ts);
     let load = start.elapsed();
+    let mut planner = Planner::new();
     println!(
         "index: {} tenants, {} pods, {} namespaces; loaded event by event (triggers and port \
          allocation included) in {:.0} ms",
-        index.tenants.len(),
-        index.cluster.pod_count(),
+        index.tenants().len(),
+        index.cluster().pod_count(),
         scale::NAMESPACES,
         ms(load)
     );
 
     // Full resolution: every allow list from a cold cache, then the whole agent config.
-    let keys: Vec<_> = index.tenants.keys().cloned().collect();
+    let keys: Vec<_> = index.tenants().keys().cloned().collect();
     let t = Instant::now();
     let mut cidrs = 0;
     for key in &keys {
-        let policy = index.tenants[key].policy.clone().unwrap();
-        cidrs += policy.resolve_allowed(&index.cluster).len();
+        let policy = index.tenants()[key].policy.clone().unwrap();
+        cidrs += policy.resolve_allowed(index.cluster()).len();
     }
     let full_resolve = t.elapsed();
     let t = Instant::now();
-    let plan = plan_time_service(&mut index, &ts, &settings).unwrap();
+    let plan = planner.plan_time_service(&index, &ts, &settings).unwrap();
     let full_plan = t.elapsed();
     let Some(config) = plan.config else {
         panic!("no agent config: {:?}", plan.blocked);
@@ -113,7 +114,7 @@ fn main() {
     let t = Instant::now();
     for ns in 0..scale::NAMESPACES {
         for j in 0..scale::TENANTS_PER_NAMESPACE {
-            let plan = plan_tenant(&mut index, &scale::tenant(ns, j)).unwrap();
+            let plan = planner.plan_tenant(&index, &scale::tenant(ns, j)).unwrap();
             assert!(plan.refused.is_none(), "{:?}", plan.refused);
         }
     }
@@ -141,11 +142,11 @@ fn main() {
             "a selected pod must trigger its TimeService"
         );
         for key in &triggers.tenants {
-            index.allowed(key);
+            planner.allowed(&index, key);
         }
         resolve_samples.push(t.elapsed());
         // The plan builds the ConfigMap too: serialized and gzipped, ready to apply.
-        let plan = plan_time_service(&mut index, &ts, &settings).unwrap();
+        let plan = planner.plan_time_service(&index, &ts, &settings).unwrap();
         let new = plan.config.unwrap();
         assert!(plan.config_map.is_some());
         samples.push(t.elapsed());
@@ -160,8 +161,10 @@ fn main() {
     let (rss, hwm) = memory();
 
     // The same scenario with pod addresses from per-node pod CIDRs, which hardly aggregate.
-    let mut spread = scale::index(Addressing::PerNode, &ts);
-    let spread_plan = plan_time_service(&mut spread, &ts, &settings).unwrap();
+    let spread = scale::index(Addressing::PerNode, &ts);
+    let spread_plan = Planner::new()
+        .plan_time_service(&spread, &ts, &settings)
+        .unwrap();
     let spread_encoded = config_map_bytes(&spread_plan.config_map.unwrap());
     let spread_config = spread_plan.config.unwrap();
     let spread_compact = serde_json::to_string(&spread_config).unwrap().len();

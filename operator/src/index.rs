@@ -1,22 +1,19 @@
-//! The operator's view of the cluster: pure, synchronous indexes fed by watch events (trimmed to
-//! what the operator reads: labels, pod IPs, node names, clock summaries) and read by every
-//! reconcile. Each `apply_*`/`delete_*` returns the [`Triggers`] it causes: the TimeServices and
-//! tenants whose output may have changed, so a pod event reconciles only what it affects.
+//! The operator's view of the cluster: pure, synchronous indexes fed by watch events (the
+//! [`crate::model`] facts, plus tenants, port allocations, NodeClock freshness and tenant
+//! children) and read by every plan. Its state is private: reads take `&self`, and each write
+//! (`apply_*`, `delete_*`, [`Index::sweep`]) returns the [`Triggers`] it causes: the
+//! TimeServices and tenants whose output may have changed, so a pod event reconciles only what
+//! it affects. Only the watch feed writes it (see `controller::wiring`).
 //!
-//! Allow lists are cached per tenant and re-resolved only when an event touches a pod or
-//! namespace that one of the tenant's peers selects, which keeps a pod add to a few
-//! milliseconds with thousands of tenants (see `examples/scale.rs`). The agent config shares
-//! prefixes between tenants as pod sets (the pods of one namespace matching one selector):
-//! each set is cached and re-resolved only when a pod of its namespace that it matches (before
-//! or after the change) changes; which sets a tenant selects is cached until a namespace or the
-//! tenant changes.
+//! It keeps no cache of what plans derive (the planner of the `plan` module owns those), but
+//! tells a cache what it may keep: a write bumps the generation of each namespace whose pods
+//! changed and of each tenant whose allow list may have (see [`TenantGenerations`]), exactly
+//! where it triggers, so a pod add re-resolves only the sets and allow lists it touched.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
@@ -27,181 +24,13 @@ use stratum_api::{
 
 use crate::clock::MonotonicClock;
 use crate::freshness::{self, NODE_GONE_GRACE, Renewal};
+use crate::model::{ClockInfo, Cluster, PodInfo, TimeServiceEntry, is_agent_of};
 use crate::names;
 use crate::owned::{ChildKind, ChildMeta, Children};
 use crate::ports::{Allocation, PortClaim, TenantKey};
-use crate::resolve::{CompiledPolicy, PodSet, ResolveError, resolve_pod_set};
+use crate::resolve::{CompiledPolicy, ResolveError};
 use crate::selector::{Labels, Selector};
 use crate::validate::{Refusal, spec_refusal};
-
-/// A pod as the operator sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PodInfo {
-    /// Pod name.
-    pub name: String,
-    /// Pod labels.
-    pub labels: Labels,
-    /// Every address of `status.podIPs` (falling back to `status.podIP`).
-    pub ips: Vec<IpAddr>,
-    /// The node the pod runs on.
-    pub node_name: Option<String>,
-    /// The Ready condition is True.
-    pub ready: bool,
-    /// Phase Succeeded or Failed: its addresses may belong to someone else by now.
-    pub terminated: bool,
-    /// Being deleted (deletionTimestamp set): it may still serve, but takes no new clients.
-    pub terminating: bool,
-}
-
-impl PodInfo {
-    /// Trims a Pod to what the operator needs; `None` without a namespace.
-    pub fn from_pod(pod: &Pod) -> Option<(String, PodInfo)> {
-        let namespace = pod.metadata.namespace.clone()?;
-        let status = pod.status.as_ref();
-        let mut ips: Vec<IpAddr> = status
-            .and_then(|s| s.pod_ips.as_ref())
-            .into_iter()
-            .flatten()
-            .filter_map(|ip| ip.ip.parse().ok())
-            .collect();
-        if ips.is_empty()
-            && let Some(ip) = status
-                .and_then(|s| s.pod_ip.as_ref())
-                .and_then(|ip| ip.parse().ok())
-        {
-            ips.push(ip);
-        }
-        let phase = status.and_then(|s| s.phase.as_deref());
-        let ready = status
-            .and_then(|s| s.conditions.as_ref())
-            .into_iter()
-            .flatten()
-            .any(|c| c.type_ == "Ready" && c.status == "True");
-        Some((
-            namespace,
-            PodInfo {
-                name: pod.name_any(),
-                labels: pod.labels().clone(),
-                ips,
-                node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
-                ready,
-                terminated: matches!(phase, Some("Succeeded" | "Failed")),
-                terminating: pod.metadata.deletion_timestamp.is_some(),
-            },
-        ))
-    }
-}
-
-/// A NodeClock as the operator sees it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ClockInfo {
-    /// The TimeService whose agent wrote it.
-    pub time_service: String,
-    /// The agent reports a synchronized clock.
-    pub synchronized: bool,
-    /// Offset from true time.
-    pub offset_nanos: i64,
-    /// Stratum served.
-    pub stratum: i32,
-    /// Root delay / 2 + root dispersion: the bound on the node clock's error.
-    pub root_distance_nanos: i64,
-    /// The agent config revision in force.
-    pub config_revision: Option<String>,
-}
-
-impl ClockInfo {
-    /// Trims a NodeClock.
-    pub fn from_node_clock(clock: &NodeClock) -> ClockInfo {
-        let status = clock.status.clone().unwrap_or_default();
-        ClockInfo {
-            time_service: clock.spec.time_service.clone(),
-            synchronized: status.synchronized,
-            offset_nanos: status.offset_nanos,
-            stratum: status.stratum,
-            root_distance_nanos: status.root_delay_nanos.saturating_abs() / 2
-                + status.root_dispersion_nanos.saturating_abs(),
-            config_revision: status.config_revision,
-        }
-    }
-
-    /// Whether this node may serve a tenant requiring at most `max_root_distance_nanos`.
-    pub fn serves(&self, max_root_distance_nanos: Option<i64>) -> bool {
-        self.synchronized
-            && max_root_distance_nanos.is_none_or(|max| self.root_distance_nanos <= max)
-    }
-
-    /// The part of a clock report that TimeService status and endpoint readiness track; other
-    /// changes (offset drift, heartbeats) are picked up at the next periodic reconcile.
-    fn summary(&self) -> (&str, bool, i32, Option<&str>) {
-        (
-            &self.time_service,
-            self.synchronized,
-            self.stratum,
-            self.config_revision.as_deref(),
-        )
-    }
-}
-
-/// Namespaces and their pods.
-#[derive(Clone, Debug, Default)]
-pub struct Cluster {
-    namespaces: BTreeMap<String, Labels>,
-    pods: HashMap<String, BTreeMap<String, PodInfo>>,
-}
-
-impl Cluster {
-    /// Every known namespace with its labels.
-    pub fn namespaces(&self) -> impl Iterator<Item = (&str, &Labels)> {
-        self.namespaces.iter().map(|(k, v)| (k.as_str(), v))
-    }
-
-    /// Labels of one namespace.
-    pub fn namespace_labels(&self, ns: &str) -> Option<&Labels> {
-        self.namespaces.get(ns)
-    }
-
-    /// Pods of one namespace.
-    pub fn pods_in(&self, ns: &str) -> impl Iterator<Item = &PodInfo> {
-        self.pods.get(ns).into_iter().flat_map(|m| m.values())
-    }
-
-    /// Number of pods indexed.
-    pub fn pod_count(&self) -> usize {
-        self.pods.values().map(BTreeMap::len).sum()
-    }
-
-    /// Inserts or replaces a pod; returns the previous version when something changed.
-    pub fn upsert_pod(&mut self, ns: &str, pod: PodInfo) -> Option<Option<PodInfo>> {
-        let pods = self.pods.entry(ns.to_owned()).or_default();
-        match pods.get(&pod.name) {
-            Some(old) if *old == pod => None,
-            _ => Some(pods.insert(pod.name.clone(), pod)),
-        }
-    }
-
-    /// Removes a pod, returning it.
-    pub fn remove_pod(&mut self, ns: &str, name: &str) -> Option<PodInfo> {
-        let pods = self.pods.get_mut(ns)?;
-        let old = pods.remove(name);
-        if pods.is_empty() {
-            self.pods.remove(ns);
-        }
-        old
-    }
-
-    /// Inserts or replaces a namespace; returns the previous labels when they changed.
-    pub fn upsert_namespace(&mut self, ns: &str, labels: Labels) -> Option<Option<Labels>> {
-        match self.namespaces.get(ns) {
-            Some(old) if *old == labels => None,
-            _ => Some(self.namespaces.insert(ns.to_owned(), labels)),
-        }
-    }
-
-    /// Removes a namespace, returning its labels.
-    pub fn remove_namespace(&mut self, ns: &str) -> Option<Labels> {
-        self.namespaces.remove(ns)
-    }
-}
 
 /// A TenantTimePolicy as indexed.
 #[derive(Clone, Debug)]
@@ -223,6 +52,10 @@ pub struct TenantEntry {
     /// Why this tenant cannot be served whatever else exists (its own faults, see
     /// [`crate::validate`]). Such a tenant claims no port and no Service name.
     pub invalid: Option<Refusal>,
+    /// Its place in the index's per-tenant tables while the index holds it (see
+    /// [`Index::slot_generations`]), kept across its changes and given to another tenant only
+    /// after it is deleted; `None` for an entry made outside the index.
+    pub slot: Option<usize>,
 }
 
 impl TenantEntry {
@@ -238,6 +71,7 @@ impl TenantEntry {
         let invalid = spec_refusal(&policy, &tenant.spec);
         Some(Self {
             invalid,
+            slot: None,
             uid: tenant.metadata.uid.clone(),
             created: tenant.metadata.creation_timestamp.as_ref().map(|t| t.0),
             status_port: tenant.status.as_ref().and_then(|s| s.port),
@@ -280,17 +114,6 @@ impl TenantEntry {
     }
 }
 
-/// A TimeService as indexed.
-#[derive(Clone, Debug)]
-pub struct TimeServiceEntry {
-    /// Name.
-    pub name: String,
-    /// creationTimestamp.
-    pub created: Option<Timestamp>,
-    /// The spec.
-    pub spec: TimeServiceSpec,
-}
-
 /// Why a tenant is not served by any TimeService.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Unserved {
@@ -326,7 +149,8 @@ impl Unserved {
     }
 }
 
-/// What an index change requires reconciling.
+/// What an index change requires reconciling: dropping it would leave objects unreconciled.
+#[must_use = "every index change must reach the controllers it triggers"]
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Triggers {
     /// TimeServices (agent children, config, status).
@@ -348,44 +172,40 @@ impl Triggers {
     }
 }
 
-/// Everything the reconcilers read.
+/// Everything the plans read.
 #[derive(Debug, Default)]
 pub struct Index {
     /// Where agent children and agent pods live.
-    pub operator_namespace: String,
+    operator_namespace: String,
     /// Namespaces closed to tenants (the system ones, by the operator's default): a tenant
     /// there is refused, and the chart's admission policy keeps the operator from writing there.
     closed_namespaces: BTreeSet<String>,
     /// Namespaces and pods.
-    pub cluster: Cluster,
+    cluster: Cluster,
     /// Node labels.
-    pub nodes: BTreeMap<String, Labels>,
+    nodes: BTreeMap<String, Labels>,
     /// NodeClocks by node.
-    pub clocks: BTreeMap<String, ClockInfo>,
+    clocks: BTreeMap<String, ClockInfo>,
     /// TimeServices by name.
-    pub time_services: BTreeMap<String, TimeServiceEntry>,
+    time_services: BTreeMap<String, TimeServiceEntry>,
     /// Tenants by `(namespace, name)`; shared so that a plan can keep the ones it serves.
-    pub tenants: BTreeMap<TenantKey, Arc<TenantEntry>>,
+    tenants: BTreeMap<TenantKey, Arc<TenantEntry>>,
     /// Changes whenever a tenant or a TimeService is added, changed or deleted: which tenants
     /// a TimeService serves, on which ports, can change only then (see [`Index::roster_epoch`]).
     roster_epoch: u64,
-    /// The last revision given to a set list.
-    set_list_revision: u64,
-    /// Resolved pod sets by namespace, then selector.
-    pod_sets: HashMap<String, HashMap<Selector, Arc<Vec<IpNet>>>>,
-    /// The pod sets and blocks each tenant allows.
-    tenant_sets: HashMap<TenantKey, Arc<TenantSets>>,
-    /// Each tenant's sets with its pod sets resolved, in `TenantSets::pod_sets` order: a plan
-    /// reads these instead of looking up every set by namespace and selector. Dropped with the
-    /// tenant's `tenant_sets`, whenever its entry changes and whenever a pod the tenant selects
-    /// changes (its sets may have), so a list's revision stands for all of the tenant's inputs.
-    set_lists: HashMap<TenantKey, SetList>,
+    /// The last generation handed out; generations only grow, so one is never reused.
+    generation: u64,
+    /// The generation of each namespace's last pod change (none once it has no pods).
+    pod_generations: HashMap<String, u64>,
+    /// What each tenant's allow list was last invalidated at, by [`TenantEntry::slot`]: a plan
+    /// checks every served tenant's on every pod event, without hashing its key.
+    tenant_generations: Vec<Option<TenantGenerations>>,
+    /// Slots of deleted tenants, for new ones.
+    free_slots: Vec<usize>,
+    /// The generation each TimeService was created at (a new one of the same name gets another).
+    time_service_generations: HashMap<String, u64>,
     /// Port allocation per TimeService, kept up to date tenant by tenant.
     allocations: HashMap<String, Allocation>,
-    /// Service and time-config owners as of the roster epoch (see `plan::Owners`).
-    pub(crate) owners: Option<Arc<crate::plan::Owners>>,
-    /// What each TimeService's last plan built, for the next one to reuse (see `plan`).
-    pub(crate) plan_caches: HashMap<String, crate::plan::PlanCache>,
     /// The operator's monotonic clock (injected: tests step it).
     clock: MonotonicClock,
     /// When each NodeClock was last seen renewed (see [`crate::freshness`]).
@@ -397,7 +217,20 @@ pub struct Index {
     children: Children,
 }
 
+/// When a tenant's derived allow list was last invalidated: a cache made at these generations
+/// is good while they stay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TenantGenerations {
+    /// Which pod sets and blocks it allows may have changed: its peers, or the labels of a
+    /// namespace they select.
+    pub sets: u64,
+    /// Anything its allow list derives from may have: its sets, a pod it selects, its entry
+    /// (spec, deny list).
+    pub list: u64,
+}
+
 /// What a freshness sweep found (see [`Index::sweep`]).
+#[must_use = "stale clocks trigger their tenants, and gone nodes' NodeClocks wait for deletion"]
 #[derive(Debug, Default)]
 pub struct Sweep {
     /// Tenants and TimeServices whose endpoints or status changed with a clock going stale.
@@ -409,30 +242,7 @@ pub struct Sweep {
     pub next: Option<Instant>,
 }
 
-/// A tenant's [`TenantSets`] and its pod sets resolved, in the same order.
-#[derive(Clone, Debug)]
-pub struct SetList {
-    /// What the tenant allows.
-    pub sets: Arc<TenantSets>,
-    /// `sets.pod_sets`, resolved.
-    pub resolved: Arc<[Arc<Vec<IpNet>>]>,
-    /// Everything the tenant allows, aggregated: its blocks and every resolved set.
-    pub allowed: Arc<Vec<IpNet>>,
-    /// Unique within the index. A tenant's list is made anew whenever its entry or one of its
-    /// sets changes, so an equal revision promises equal blocks, sets, spec and deny list.
-    pub revision: u64,
-}
-
 static NO_PORTS: BTreeMap<TenantKey, Option<u16>> = BTreeMap::new();
-
-/// What a tenant allows, as the agent config shares it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TenantSets {
-    /// Its ipBlock ranges, aggregated.
-    pub blocks: Vec<IpNet>,
-    /// The pod sets its pod peers select.
-    pub pod_sets: Vec<PodSet>,
-}
 
 impl Index {
     /// An empty index for an operator running in `operator_namespace`.
@@ -484,6 +294,25 @@ impl Index {
                 }
             }
         }
+    }
+
+    /// Whether the index holds this TenantTimePolicy as it is (spec and age): until it does,
+    /// the watch feed has not caught up with it, and will trigger it when it does.
+    pub fn holds_tenant(&self, tenant: &TenantTimePolicy) -> bool {
+        self.held_tenant(tenant).is_some()
+    }
+
+    /// The index's entry of this TenantTimePolicy, if it holds it as it is.
+    pub fn held_tenant(&self, tenant: &TenantTimePolicy) -> Option<&Arc<TenantEntry>> {
+        let (Some(ns), Some(name)) = (&tenant.metadata.namespace, &tenant.metadata.name) else {
+            return None;
+        };
+        self.tenants
+            .get(&(ns.clone(), name.clone()))
+            .filter(|entry| {
+                entry.spec == tenant.spec
+                    && entry.created == tenant.metadata.creation_timestamp.as_ref().map(|t| t.0)
+            })
     }
 
     /// Tenants served by `time_service`, in key order.
@@ -578,78 +407,61 @@ impl Index {
         triggers
     }
 
-    /// The allowed CIDRs of a tenant (cached); empty when its policy does not compile.
-    ///
-    /// The union of its blocks and pod sets, as the agents resolve it: pod sets are cached and
-    /// shared, so a pod event resolves the one set it changed, not again the pods of every
-    /// namespace each affected tenant selects (`CompiledPolicy::resolve_allowed`, to which
-    /// `tests/resolve_oracle.rs` holds this).
-    pub fn allowed(&mut self, key: &TenantKey) -> Arc<Vec<IpNet>> {
-        self.tenant_set_list(key).allowed
-    }
-
-    /// The blocks and pod sets a tenant allows (cached); empty when its policy does not compile.
-    pub fn tenant_sets(&mut self, key: &TenantKey) -> Arc<TenantSets> {
-        if let Some(hit) = self.tenant_sets.get(key) {
-            return hit.clone();
-        }
-        let sets = Arc::new(match self.tenants.get(key).map(|t| &t.policy) {
-            Some(Ok(policy)) => TenantSets {
-                blocks: policy.blocks(),
-                pod_sets: policy.pod_sets(&self.cluster),
-            },
-            _ => TenantSets::default(),
-        });
-        self.tenant_sets.insert(key.clone(), sets.clone());
-        sets
-    }
-
-    /// A tenant's sets and its pod sets resolved, in `pod_sets` order (cached).
-    pub fn tenant_set_list(&mut self, key: &TenantKey) -> SetList {
-        if let Some(hit) = self.set_lists.get(key) {
-            return hit.clone();
-        }
-        let sets = self.tenant_sets(key);
-        let resolved: Arc<[Arc<Vec<IpNet>>]> =
-            sets.pod_sets.iter().map(|p| self.pod_set(p)).collect();
-        let mut nets = sets.blocks.clone();
-        for set in resolved.iter() {
-            nets.extend_from_slice(set);
-        }
-        self.set_list_revision += 1;
-        let list = SetList {
-            allowed: Arc::new(IpNet::aggregate(&nets)),
-            sets,
-            resolved,
-            revision: self.set_list_revision,
-        };
-        self.set_lists.insert(key.clone(), list.clone());
-        list
-    }
-
     /// Which tenants each TimeService serves, on which ports, and which of them own their
     /// Service names: all of it stays as it is while this number does.
     pub fn roster_epoch(&self) -> u64 {
         self.roster_epoch
     }
 
-    /// Forgets what a tenant allows (its peers, or the namespaces they select, changed).
-    fn forget_tenant_sets(&mut self, key: &TenantKey) {
-        self.tenant_sets.remove(key);
-        self.set_lists.remove(key);
+    /// Invalidates what derives from a tenant's allow list; with `sets`, also which sets it
+    /// allows (its peers, or the namespaces they select, changed).
+    fn tenant_changed(&mut self, key: &TenantKey, sets: bool) {
+        self.bump_tenant(self.tenants.get(key).and_then(|t| t.slot), sets);
     }
 
-    /// The addresses of a pod set (cached).
-    pub fn pod_set(&mut self, set: &PodSet) -> Arc<Vec<IpNet>> {
-        if let Some(hit) = self.pod_sets.get(&set.0).and_then(|m| m.get(&set.1)) {
-            return hit.clone();
+    /// [`Index::tenant_changed`] of the tenant in `slot`.
+    fn bump_tenant(&mut self, slot: Option<usize>, sets: bool) {
+        let Some(cell) = slot.and_then(|slot| self.tenant_generations.get_mut(slot)) else {
+            return;
+        };
+        self.generation += 1;
+        let generation = self.generation;
+        match cell {
+            Some(generations) => {
+                generations.list = generation;
+                if sets {
+                    generations.sets = generation;
+                }
+            }
+            None => {
+                *cell = Some(TenantGenerations {
+                    sets: generation,
+                    list: generation,
+                });
+            }
         }
-        let resolved = Arc::new(resolve_pod_set(&self.cluster, set));
-        self.pod_sets
-            .entry(set.0.clone())
-            .or_default()
-            .insert(set.1.clone(), resolved.clone());
-        resolved
+    }
+
+    /// The generations of a tenant's allow list; `None` for a tenant the index does not hold.
+    pub fn tenant_generations(&self, key: &TenantKey) -> Option<TenantGenerations> {
+        self.slot_generations(self.tenants.get(key)?.slot?)
+    }
+
+    /// The generations of the tenant in `slot` (see [`TenantEntry::slot`]); `None` for a free
+    /// slot. A slot passes to another tenant with fresh generations, never with its old ones.
+    pub fn slot_generations(&self, slot: usize) -> Option<TenantGenerations> {
+        self.tenant_generations.get(slot).copied().flatten()
+    }
+
+    /// The generation of the last pod change in namespace `ns`; `None` while it has no pods.
+    /// The pods of `ns` are as they were while this stays.
+    pub fn pod_generation(&self, ns: &str) -> Option<u64> {
+        self.pod_generations.get(ns).copied()
+    }
+
+    /// The generation TimeService `name` was created at; `None` when there is none.
+    pub fn time_service_generation(&self, name: &str) -> Option<u64> {
+        self.time_service_generations.get(name).copied()
     }
 
     /// Nodes selected by a label map (empty selects every node).
@@ -666,7 +478,18 @@ impl Index {
     /// nodes overlap an older active one's is in conflict with it. Returns name → the older
     /// TimeService it conflicts with.
     pub fn conflicts(&self) -> BTreeMap<String, String> {
-        let mut order: Vec<&TimeServiceEntry> = self.time_services.values().collect();
+        self.conflicts_with(None)
+    }
+
+    /// [`Index::conflicts`] as if `planned` were indexed in place of its namesake: a reconcile
+    /// plans the object it was handed, which may be newer than the index's copy.
+    pub fn conflicts_with(&self, planned: Option<&TimeServiceEntry>) -> BTreeMap<String, String> {
+        let mut order: Vec<&TimeServiceEntry> = self
+            .time_services
+            .values()
+            .filter(|ts| planned.is_none_or(|p| p.name != ts.name))
+            .chain(planned)
+            .collect();
         order.sort_by(|a, b| {
             (a.created.is_none(), a.created, &a.name).cmp(&(
                 b.created.is_none(),
@@ -735,6 +558,36 @@ impl Index {
         &self.children
     }
 
+    /// Where agent children and agent pods live.
+    pub fn operator_namespace(&self) -> &str {
+        &self.operator_namespace
+    }
+
+    /// Namespaces and pods.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// Node labels by node.
+    pub fn nodes(&self) -> &BTreeMap<String, Labels> {
+        &self.nodes
+    }
+
+    /// NodeClocks by node.
+    pub fn clocks(&self) -> &BTreeMap<String, ClockInfo> {
+        &self.clocks
+    }
+
+    /// TimeServices by name.
+    pub fn time_services(&self) -> &BTreeMap<String, TimeServiceEntry> {
+        &self.time_services
+    }
+
+    /// Tenants by `(namespace, name)`.
+    pub fn tenants(&self) -> &BTreeMap<TenantKey, Arc<TenantEntry>> {
+        &self.tenants
+    }
+
     // ---- writes ----
 
     /// A pod was added or changed.
@@ -759,13 +612,16 @@ impl Index {
 
     fn pod_changed(&mut self, ns: &str, old: Option<&PodInfo>, new: Option<&PodInfo>) -> Triggers {
         let mut triggers = Triggers::default();
-        if let Some(sets) = self.pod_sets.get_mut(ns) {
-            sets.retain(|selector, _| {
-                ![old, new]
-                    .into_iter()
-                    .flatten()
-                    .any(|pod| selector.matches(&pod.labels))
-            });
+        if self.cluster.pods_in(ns).next().is_some() {
+            self.generation += 1;
+            match self.pod_generations.get_mut(ns) {
+                Some(generation) => *generation = self.generation,
+                None => {
+                    self.pod_generations.insert(ns.to_owned(), self.generation);
+                }
+            }
+        } else {
+            self.pod_generations.remove(ns);
         }
         if ns == self.operator_namespace {
             for pod in [old, new].into_iter().flatten() {
@@ -779,33 +635,32 @@ impl Index {
                 }
             }
         }
+        // Triggered and invalidated in one pass over the tenants, by slot: a pod event touches
+        // many tenants, and looking each up again by key showed in the scale benchmark.
         let empty = Labels::new();
         let ns_labels = self.cluster.namespace_labels(ns).unwrap_or(&empty);
-        let affected: Vec<TenantKey> = self
-            .tenants
-            .values()
-            .filter(|t| {
-                t.policy.as_ref().is_ok_and(|p| {
-                    [old, new]
-                        .into_iter()
-                        .flatten()
-                        .any(|pod| selects_pod(p, ns, ns_labels, &pod.labels))
-                })
-            })
-            .map(|t| t.key())
-            .collect();
-        for key in affected {
-            triggers.extend(self.refresh_allowed(&key));
+        let mut affected = Vec::new();
+        for t in self.tenants.values() {
+            let selects = t.policy.as_ref().is_ok_and(|p| {
+                [old, new]
+                    .into_iter()
+                    .flatten()
+                    .any(|pod| selects_pod(p, ns, ns_labels, &pod.labels))
+            });
+            if selects {
+                affected.push(t.slot);
+                triggers.tenants.insert(t.key());
+                if let Ok(ts) = self.time_service_of(t) {
+                    triggers.time_services.insert(ts.name.clone());
+                }
+            }
+        }
+        // Resolution is lazy: a burst of pod events (an initial list, a rollout) costs one
+        // resolution per tenant at the next plan, not one per event.
+        for slot in affected {
+            self.bump_tenant(slot, false);
         }
         triggers
-    }
-
-    /// Drops one tenant's set list (its allow list with it) and triggers it and its
-    /// TimeService. Resolution is lazy: a burst of pod events (an initial list, a rollout)
-    /// costs one resolution per tenant at the next reconcile, not one per event.
-    fn refresh_allowed(&mut self, key: &TenantKey) -> Triggers {
-        self.set_lists.remove(key);
-        self.tenant_and_service(key)
     }
 
     fn tenant_and_service(&self, key: &TenantKey) -> Triggers {
@@ -855,8 +710,8 @@ impl Index {
             .collect();
         let mut triggers = Triggers::default();
         for key in affected {
-            self.forget_tenant_sets(&key);
-            triggers.extend(self.refresh_allowed(&key));
+            self.tenant_changed(&key, true);
+            triggers.extend(self.tenant_and_service(&key));
         }
         triggers
     }
@@ -1070,7 +925,7 @@ impl Index {
 
     /// A TenantTimePolicy was added or changed.
     pub fn apply_tenant(&mut self, tenant: &TenantTimePolicy) -> Triggers {
-        let Some(entry) = TenantEntry::new(tenant) else {
+        let Some(mut entry) = TenantEntry::new(tenant) else {
             return Triggers::default();
         };
         let key = entry.key();
@@ -1081,10 +936,17 @@ impl Index {
         {
             return Triggers::default();
         }
+        entry.slot = Some(match self.tenants.get(&key).and_then(|o| o.slot) {
+            Some(slot) => slot,
+            None => self.free_slots.pop().unwrap_or_else(|| {
+                self.tenant_generations.push(None);
+                self.tenant_generations.len() - 1
+            }),
+        });
         let old = self.tenants.insert(key.clone(), Arc::new(entry));
         self.roster_epoch += 1;
-        // The list's revision stands for the entry too (spec, deny list).
-        self.set_lists.remove(&key);
+        // A plan's allow list stands for the entry too (spec, deny list).
+        self.tenant_changed(&key, false);
         let mut triggers = Triggers::default();
         if old
             .as_ref()
@@ -1098,7 +960,7 @@ impl Index {
                 .as_ref()
                 .is_none_or(|o| o.spec.allowed_clients != tenant.spec.allowed_clients)
             {
-                self.forget_tenant_sets(&key);
+                self.tenant_changed(&key, true);
             }
             triggers.extend(self.tenant_and_service(&key));
             if let Some(old) = &old
@@ -1122,7 +984,12 @@ impl Index {
         triggers.tenants.extend(self.tenants_in(ns));
         let old = self.tenants.remove(&key);
         self.roster_epoch += 1;
-        self.forget_tenant_sets(&key);
+        if let Some(slot) = old.as_ref().and_then(|o| o.slot)
+            && let Some(cell) = self.tenant_generations.get_mut(slot)
+        {
+            *cell = None;
+            self.free_slots.push(slot);
+        }
         triggers.extend(self.reallocate(&key, old.as_deref()));
         triggers.tenants.remove(&key);
         triggers
@@ -1144,7 +1011,11 @@ impl Index {
             return Triggers::default();
         }
         let before = self.assignment_snapshot();
-        self.time_services.insert(name.clone(), entry);
+        if self.time_services.insert(name.clone(), entry).is_none() {
+            self.generation += 1;
+            self.time_service_generations
+                .insert(name.clone(), self.generation);
+        }
         self.roster_epoch += 1;
         self.reallocate_all();
         let mut triggers = self.all_time_services();
@@ -1167,7 +1038,7 @@ impl Index {
             .tenants
             .extend(self.tenants_of(&name).into_iter().map(TenantEntry::key));
         self.time_services.remove(&name);
-        self.plan_caches.remove(&name);
+        self.time_service_generations.remove(&name);
         self.roster_epoch += 1;
         self.reallocate_all();
         triggers.extend(self.all_time_services());
@@ -1213,12 +1084,6 @@ impl Index {
         }
         triggers
     }
-}
-
-/// Whether `labels` are those of an agent pod of `time_service`.
-pub fn is_agent_of(labels: &Labels, time_service: &str) -> bool {
-    labels.get("app.kubernetes.io/name").map(String::as_str) == Some(names::AGENT_APP_NAME)
-        && labels.get(names::TIME_SERVICE_LABEL).map(String::as_str) == Some(time_service)
 }
 
 /// Whether a policy's peers select a pod with `pod_labels` in namespace `ns`.

@@ -1,10 +1,18 @@
-//! Validate and build, per reconciled object, from the index alone: everything a reconcile
-//! applies and reports, computed without IO. The controllers only apply what a plan holds.
+//! The planner: validate and build, per reconciled object, from a read of the index:
+//! everything a reconcile applies and reports, computed without IO. The controllers only apply
+//! what a plan holds.
+//!
+//! [`Planner`] owns every planning cache: resolved pod sets, each tenant's sets and allow list,
+//! the Service owners and each TimeService's last plan. Each is kept while the index's
+//! generations and roster epoch say its inputs are unchanged, so a pod add re-resolves only the
+//! sets and allow lists it touched. A TimeService plan is drafted under the index lock (what it
+//! reads from the index is shared or small) and built, serialized and gzipped outside it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use ipnet::IpNet;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -28,10 +36,13 @@ use crate::build::service::build_service;
 use crate::build::status::Blocked;
 use crate::build::time_config::build_time_config;
 use crate::error::Result;
-use crate::index::{ClockInfo, Index, TenantEntry};
+use crate::index::{Index, TenantEntry};
+use crate::model::{ClockInfo, TimeServiceEntry};
 use crate::names;
 use crate::owned::{ChildKind, ChildRef};
 use crate::ports::TenantKey;
+use crate::resolve::{PodSet, resolve_pod_set};
+use crate::selector::Selector;
 use crate::validate::prefix_refusal;
 
 /// Largest agent config written (gzipped): a ConfigMap holds at most 1 MiB of data, and its
@@ -50,7 +61,7 @@ pub struct TimeServicePlan {
     /// Agent identity and permissions.
     pub rbac: AgentRbac,
     /// Admission of tenants' peers and agents' egress: `<ts>-agent`, then as many further
-    /// policies as the tenants' rules need (shared with the index's cache).
+    /// policies as the tenants' rules need (shared with the planner's cache).
     pub network_policies: Arc<[NetworkPolicy]>,
     /// The agent config; `None` when it would be invalid (the last good one stays).
     pub config: Option<AgentConfig>,
@@ -85,16 +96,12 @@ pub struct Owners {
 }
 
 impl Owners {
-    /// The owners as of the index's roster epoch (cached in the index).
-    pub fn of(index: &mut Index) -> Arc<Owners> {
-        let epoch = index.roster_epoch();
-        if let Some(hit) = index.owners.as_ref().filter(|o| o.epoch == epoch) {
-            return hit.clone();
-        }
+    /// The owners among the index's tenants.
+    fn find(index: &Index) -> Self {
         let mut services: HashMap<(String, String), Arc<TenantEntry>> = HashMap::new();
         let mut namespaces: HashMap<String, Arc<TenantEntry>> = HashMap::new();
         // An invalid tenant owns nothing: it would otherwise refuse a valid younger one.
-        for t in index.tenants.values().filter(|t| t.invalid.is_none()) {
+        for t in index.tenants().values().filter(|t| t.invalid.is_none()) {
             let key = (t.namespace.clone(), t.spec.service.name.clone());
             for slot in [
                 services.entry(key).or_insert_with(|| t.clone()),
@@ -107,13 +114,11 @@ impl Owners {
                 }
             }
         }
-        let owners = Arc::new(Owners {
-            epoch,
+        Self {
+            epoch: index.roster_epoch(),
             services,
             namespaces,
-        });
-        index.owners = Some(owners.clone());
-        owners
+        }
     }
 
     /// The tenant owning `tenant`'s Service name, when another one does.
@@ -174,9 +179,35 @@ pub fn tenant_refusal(
     None
 }
 
-/// What a TimeService's last plan built, kept in the index for the next plan to reuse.
+/// What a tenant allows, as the agent config shares it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TenantSets {
+    /// Its ipBlock ranges, aggregated.
+    pub blocks: Vec<IpNet>,
+    /// The pod sets its pod peers select.
+    pub pod_sets: Vec<PodSet>,
+}
+
+/// A tenant's [`TenantSets`] and its pod sets resolved, in the same order.
+#[derive(Clone, Debug)]
+pub struct SetList {
+    /// What the tenant allows.
+    pub sets: Arc<TenantSets>,
+    /// `sets.pod_sets`, resolved.
+    pub resolved: Arc<[Arc<Vec<IpNet>>]>,
+    /// Everything the tenant allows, aggregated: its blocks and every resolved set.
+    pub allowed: Arc<Vec<IpNet>>,
+    /// Unique within the planner. A tenant's list is made anew whenever its entry or one of
+    /// its sets changes, so an equal revision promises equal blocks, sets, spec and deny list.
+    pub revision: u64,
+}
+
+/// What a TimeService's last plan built, kept by the planner for the next plan to reuse.
 #[derive(Debug, Default)]
 pub struct PlanCache {
+    /// The TimeService's generation it was built for (see [`Index::time_service_generation`]):
+    /// a TimeService deleted and made again starts afresh.
+    generation: Option<u64>,
     roster: Option<Arc<Roster>>,
     document: DocumentCache,
     members: MemberCache,
@@ -206,24 +237,23 @@ struct ServedTenant {
 
 impl ServedTenant {
     /// The tenant's resolved deny list.
-    fn denied(&self) -> &[ipnet::IpNet] {
+    fn denied(&self) -> &[IpNet] {
         self.entry.policy.as_ref().map_or(&[][..], |p| &p.denied)
     }
 }
 
 impl Roster {
     /// Every tenant of TimeService `name` that is not refused.
-    fn build(index: &mut Index, name: &str) -> Self {
-        let owners = Owners::of(index);
+    fn build(index: &Index, owners: &Owners, name: &str) -> Self {
         let ports = index.ports_of(name);
         let mut served = Vec::new();
-        for t in index.tenants.values() {
+        for t in index.tenants().values() {
             if !index.time_service_of(t).is_ok_and(|ts| ts.name == name) {
                 continue;
             }
             let key = t.key();
             let port = ports.get(&key).copied().flatten();
-            if tenant_refusal(index, &owners, t, port).is_some() {
+            if tenant_refusal(index, owners, t, port).is_some() {
                 continue;
             }
             let Some(port) = port else { continue };
@@ -250,222 +280,509 @@ impl Roster {
     }
 }
 
-/// Plans a TimeService. Only what an event can have changed is built again: the roster of
-/// served tenants when tenants or TimeServices changed, a tenant's config and text when its
-/// set list (see [`crate::index::SetList`]) or port did, the NetworkPolicy when the roster or
-/// the spec did. Everything else is reused from the last plan of this TimeService.
-pub fn plan_time_service(
-    index: &mut Index,
-    ts: &TimeService,
-    settings: &OperatorSettings,
-) -> Result<TimeServicePlan> {
-    let name = ts.name_any();
-    let mut blocked = index
-        .conflicts()
-        .get(&name)
-        .map(|with| Blocked::Conflict { with: with.clone() });
-    let nodes = index.nodes_matching(&ts.spec.placement.node_selector);
-    let peer_port = Index::peer_port(&ts.spec);
+/// A resolved pod set and the generation of its namespace's pods it was resolved at.
+#[derive(Debug)]
+struct CachedSet {
+    pods: Option<u64>,
+    nets: Arc<Vec<IpNet>>,
+}
 
-    // Taken out of the index while the index is read and written below, put back at the end.
-    let mut cache = index.plan_caches.remove(&name).unwrap_or_default();
-    let roster = match cache.roster.take() {
-        Some(roster) if roster.epoch == index.roster_epoch() => roster,
-        _ => Arc::new(Roster::build(index, &name)),
-    };
-    // Pods can take a tenant over its prefix limit: refused alone, here as in `plan_tenant`.
-    let mut capped = false;
-    let (served, lists): (Vec<&ServedTenant>, Vec<_>) = roster
-        .served
-        .iter()
-        .map(|s| (s, index.tenant_set_list(&s.key)))
-        .filter(|(s, list)| {
-            let over = prefix_refusal(list.allowed.len(), s.denied().len()).is_some();
-            capped |= over;
-            !over
-        })
-        .unzip();
-    let allow_list_sizes = lists.iter().map(|l| l.allowed.len()).collect();
+/// Every planning cache, each kept while the index says its inputs are unchanged. One planner
+/// plans from one index: its caches are checked against that index's generations.
+#[derive(Debug, Default)]
+pub struct Planner {
+    /// Resolved pod sets by namespace, then selector.
+    pod_sets: HashMap<String, HashMap<Selector, CachedSet>>,
+    /// The pod sets and blocks each tenant allows, by slot (see [`TenantEntry::slot`]), with
+    /// the generation they were found at.
+    tenant_sets: Vec<Option<(u64, Arc<TenantSets>)>>,
+    /// Each tenant's sets with its pod sets resolved, in `TenantSets::pod_sets` order: a plan
+    /// reads these instead of looking up every set by namespace and selector. Made anew
+    /// whenever the tenant's list generation moves (its entry, sets or a pod it selects
+    /// changed), so a list's revision stands for all of the tenant's inputs.
+    set_lists: Vec<Option<(u64, SetList)>>,
+    /// The last revision given to a set list.
+    set_list_revision: u64,
+    /// Service and time-config owners as of their roster epoch.
+    owners: Option<Arc<Owners>>,
+    /// What each TimeService's last plan built, for the next one to reuse.
+    plan_caches: HashMap<String, PlanCache>,
+    /// Each TimeService's shed tenants, as its last plan found them; kept apart from its
+    /// `PlanCache` so that tenants are refused alike while a plan of it is being built.
+    shed: HashMap<String, BTreeSet<TenantKey>>,
+    /// The roster epoch at which caches of what the index no longer holds were last dropped.
+    pruned_at: Option<u64>,
+}
 
-    let agents = index.agent_pods(&name);
-    let agent_addresses: Vec<IpAddr> = agents.iter().flat_map(|p| p.ips.iter().copied()).collect();
-    let mut fleet = FleetInput {
-        agent_addresses,
-        ..FleetInput::default()
-    };
-    if let Some(tier) = &ts.spec.egress_tier {
-        let egress_nodes: BTreeSet<String> = index
-            .nodes_matching(&tier.node_selector)
-            .intersection(&nodes)
-            .cloned()
-            .collect();
-        fleet.egress_addresses = agents
-            .iter()
-            .filter(|p| {
-                p.node_name
-                    .as_ref()
-                    .is_some_and(|n| egress_nodes.contains(n))
-            })
-            .flat_map(|p| p.ips.iter().copied())
-            .collect();
-        fleet.egress_nodes = egress_nodes.into_iter().collect();
+/// What a TimeService's plan reads from the index, taken under the index lock (all of it
+/// shared or small), with its cache taken out of the planner: [`TimeServiceDraft::build`] needs
+/// no index, and [`Planner::keep`] takes the cache back.
+#[derive(Debug)]
+pub struct TimeServiceDraft {
+    name: String,
+    blocked: Option<Blocked>,
+    peer_port: Option<u16>,
+    roster: Arc<Roster>,
+    /// Served tenants within their prefix limit: their place in the roster and their list.
+    lists: Vec<(usize, SetList)>,
+    /// Pods took some tenant over its prefix limit.
+    capped: bool,
+    fleet: FleetInput,
+    clocks: Vec<ClockInfo>,
+    time_services: BTreeSet<String>,
+    cache: PlanCache,
+}
+
+impl Planner {
+    /// A planner with cold caches.
+    pub fn new() -> Self {
+        Self::default()
     }
-    let inputs: Vec<TenantInput<'_>> = served
-        .iter()
-        .zip(&lists)
-        .map(|(s, list)| TenantInput {
-            id: &s.id,
-            port: s.port,
-            allowed: &list.sets.blocks,
-            sets: &list.resolved,
-            denied: s.denied(),
-            spec: &s.entry.spec,
-            revision: Some(list.revision),
-        })
-        .collect();
-    let (mut config, mut document) = build_agent_config_document(
-        &name,
-        &ts.spec,
-        peer_port,
-        &inputs,
-        &fleet,
-        &mut cache.document,
-    );
-    let config_problems = config.validate().err();
-    let mut config_map = match &config_problems {
-        None => Some(build_agent_config_map(
-            ts,
-            settings,
-            &config,
-            &document,
-            &mut cache.members,
-        )?),
-        Some(_) => None,
-    };
-    let mut size = config_map.as_ref().map(config_map_bytes).unwrap_or(0);
-    // Too large for one ConfigMap: tenants are admitted oldest first while the config fits,
-    // so tenants can only ever crowd out younger ones, never the TimeService.
-    cache.shed.clear();
-    if size > MAX_CONFIG_BYTES && config_problems.is_none() {
-        let mut by_age: Vec<usize> = (0..inputs.len()).collect();
-        by_age.sort_by_key(|i| age(&served[*i].entry));
-        let fits = |kept: &[usize], cache: &mut PlanCache| -> Result<_> {
-            let mut subset: Vec<TenantInput<'_>> =
-                kept.iter().map(|i| inputs[*i].clone()).collect();
-            subset.sort_by(|a, b| a.id.cmp(b.id));
-            let (config, document) = build_agent_config_document(
-                &name,
-                &ts.spec,
-                peer_port,
-                &subset,
-                &fleet,
-                &mut cache.document,
-            );
-            let cm = build_agent_config_map(ts, settings, &config, &document, &mut cache.members)?;
-            let size = config_map_bytes(&cm);
-            Ok((size <= MAX_CONFIG_BYTES, (config, document, cm, size)))
+
+    /// The allowed CIDRs of a tenant (cached); empty when its policy does not compile.
+    ///
+    /// The union of its blocks and pod sets, as the agents resolve it: pod sets are cached and
+    /// shared, so a pod event resolves the one set it changed, not again the pods of every
+    /// namespace each affected tenant selects (`CompiledPolicy::resolve_allowed`, to which
+    /// `tests/resolve_oracle.rs` holds this).
+    pub fn allowed(&mut self, index: &Index, key: &TenantKey) -> Arc<Vec<IpNet>> {
+        self.tenant_set_list(index, key).allowed
+    }
+
+    /// The blocks and pod sets a tenant allows (cached); empty when its policy does not compile.
+    pub fn tenant_sets(&mut self, index: &Index, key: &TenantKey) -> Arc<TenantSets> {
+        self.sets_of(index, index.tenants().get(key).map(Arc::as_ref))
+    }
+
+    /// A tenant's sets and its pod sets resolved, in `pod_sets` order (cached).
+    pub fn tenant_set_list(&mut self, index: &Index, key: &TenantKey) -> SetList {
+        self.set_list_of(index, index.tenants().get(key).map(Arc::as_ref))
+    }
+
+    /// [`Planner::tenant_sets`] of the index's current entry of a tenant (`None`: no tenant).
+    fn sets_of(&mut self, index: &Index, entry: Option<&TenantEntry>) -> Arc<TenantSets> {
+        let slot = entry.and_then(|e| e.slot);
+        let generation = slot.and_then(|s| index.slot_generations(s)).map(|g| g.sets);
+        if let Some(hit) = cached(&self.tenant_sets, slot, generation) {
+            return hit;
+        }
+        let sets = Arc::new(match entry.map(|e| &e.policy) {
+            Some(Ok(policy)) => TenantSets {
+                blocks: policy.blocks(),
+                pod_sets: policy.pod_sets(index.cluster()),
+            },
+            _ => TenantSets::default(),
+        });
+        store(&mut self.tenant_sets, slot, generation, sets.clone());
+        sets
+    }
+
+    /// [`Planner::tenant_set_list`] of the index's current entry of a tenant (`None`: no
+    /// tenant). Looked up by slot: a plan asks for every served tenant's on every pod event.
+    fn set_list_of(&mut self, index: &Index, entry: Option<&TenantEntry>) -> SetList {
+        let slot = entry.and_then(|e| e.slot);
+        let generation = slot.and_then(|s| index.slot_generations(s)).map(|g| g.list);
+        if let Some(hit) = cached(&self.set_lists, slot, generation) {
+            return hit;
+        }
+        let sets = self.sets_of(index, entry);
+        let resolved: Arc<[Arc<Vec<IpNet>>]> = sets
+            .pod_sets
+            .iter()
+            .map(|p| self.pod_set(index, p))
+            .collect();
+        let mut nets = sets.blocks.clone();
+        for set in resolved.iter() {
+            nets.extend_from_slice(set);
+        }
+        self.set_list_revision += 1;
+        let list = SetList {
+            allowed: Arc::new(IpNet::aggregate(&nets)),
+            sets,
+            resolved,
+            revision: self.set_list_revision,
         };
-        // The most tenants, oldest first, whose config fits (more tenants, larger config).
-        let (mut low, mut high) = (0, by_age.len().saturating_sub(1));
-        let mut best = None;
-        while low < high {
-            let mid = (low + high).div_ceil(2);
-            let (ok, built) = fits(&by_age[..mid], &mut cache)?;
-            if ok {
-                low = mid;
-                best = Some(built);
-            } else {
-                high = mid - 1;
+        store(&mut self.set_lists, slot, generation, list.clone());
+        list
+    }
+
+    /// The addresses of a pod set (cached).
+    pub fn pod_set(&mut self, index: &Index, set: &PodSet) -> Arc<Vec<IpNet>> {
+        let pods = index.pod_generation(&set.0);
+        if let Some(cached) = self
+            .pod_sets
+            .get_mut(&set.0)
+            .and_then(|m| m.get_mut(&set.1))
+        {
+            if cached.pods != pods {
+                // Another pod of the namespace changed: the set may not have. Equal contents
+                // keep their Arc, which the agent config shares sets by.
+                let nets = resolve_pod_set(index.cluster(), set);
+                if *cached.nets != nets {
+                    cached.nets = Arc::new(nets);
+                }
+                cached.pods = pods;
+            }
+            return cached.nets.clone();
+        }
+        let nets = Arc::new(resolve_pod_set(index.cluster(), set));
+        self.pod_sets.entry(set.0.clone()).or_default().insert(
+            set.1.clone(),
+            CachedSet {
+                pods,
+                nets: nets.clone(),
+            },
+        );
+        nets
+    }
+
+    /// The Service and time-config owners as of the index's roster epoch (cached).
+    fn owners(&mut self, index: &Index) -> Arc<Owners> {
+        let epoch = index.roster_epoch();
+        if let Some(hit) = self.owners.as_ref().filter(|o| o.epoch == epoch) {
+            return hit.clone();
+        }
+        let owners = Arc::new(Owners::find(index));
+        self.owners = Some(owners.clone());
+        owners
+    }
+
+    /// Drops the caches of tenants, namespaces and TimeServices the index no longer holds.
+    /// Deleting a tenant or TimeService moves the roster epoch, so this runs once per roster
+    /// change, never per pod event.
+    fn prune(&mut self, index: &Index) {
+        let epoch = index.roster_epoch();
+        if self.pruned_at == Some(epoch) {
+            return;
+        }
+        self.pruned_at = Some(epoch);
+        for (slot, cache) in self.tenant_sets.iter_mut().enumerate() {
+            if index.slot_generations(slot).is_none() {
+                *cache = None;
             }
         }
-        let best = match best {
-            Some(best) => Some(best),
-            None => fits(&[], &mut cache)?.1.into(),
-        };
-        if let Some((c, d, cm, sz)) = best {
-            (config, document, config_map, size) = (c, d, Some(cm), sz);
+        for (slot, cache) in self.set_lists.iter_mut().enumerate() {
+            if index.slot_generations(slot).is_none() {
+                *cache = None;
+            }
         }
-        cache.shed = by_age[low..]
-            .iter()
-            .map(|i| served[*i].key.clone())
-            .collect();
+        self.pod_sets
+            .retain(|ns, _| index.pod_generation(ns).is_some());
+        self.plan_caches
+            .retain(|name, _| index.time_service_generation(name).is_some());
+        self.shed
+            .retain(|name, _| index.time_service_generation(name).is_some());
     }
-    let config = match config_problems {
-        None => Some(config),
-        Some(problems) => {
-            let why = problems
+
+    /// Plans a TimeService: [`Planner::draft_time_service`], [`TimeServiceDraft::build`] and
+    /// [`Planner::keep`] in one (the controller runs the build outside the index lock).
+    pub fn plan_time_service(
+        &mut self,
+        index: &Index,
+        ts: &TimeService,
+        settings: &OperatorSettings,
+    ) -> Result<TimeServicePlan> {
+        let mut draft = self.draft_time_service(index, ts);
+        let plan = draft.build(ts, settings)?;
+        self.keep(draft);
+        Ok(plan)
+    }
+
+    /// Takes from the index what a plan of `ts` needs. Only what an event can have changed is
+    /// made again: the roster of served tenants when tenants or TimeServices changed, a
+    /// tenant's set list when its generation moved. `ts` is planned as handed over, which may
+    /// be newer than the index's copy (the feed brings that one, and triggers again).
+    pub fn draft_time_service(&mut self, index: &Index, ts: &TimeService) -> TimeServiceDraft {
+        self.prune(index);
+        let name = ts.name_any();
+        let planned = TimeServiceEntry {
+            name: name.clone(),
+            created: ts.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            spec: ts.spec.clone(),
+        };
+        let blocked = index
+            .conflicts_with(Some(&planned))
+            .remove(&name)
+            .map(|with| Blocked::Conflict { with });
+        let nodes = index.nodes_matching(&ts.spec.placement.node_selector);
+        let generation = index.time_service_generation(&name);
+        let mut cache = self
+            .plan_caches
+            .remove(&name)
+            .filter(|c| c.generation == generation)
+            .unwrap_or_else(|| PlanCache {
+                generation,
+                ..PlanCache::default()
+            });
+        let roster = match cache.roster.take() {
+            Some(roster) if roster.epoch == index.roster_epoch() => roster,
+            _ => Arc::new(Roster::build(index, &self.owners(index), &name)),
+        };
+        cache.roster = Some(roster.clone());
+        // Pods can take a tenant over its prefix limit: refused alone, here as in `plan_tenant`.
+        let mut capped = false;
+        let mut lists = Vec::with_capacity(roster.served.len());
+        for (i, served) in roster.served.iter().enumerate() {
+            let list = self.set_list_of(index, Some(&served.entry));
+            if prefix_refusal(list.allowed.len(), served.denied().len()).is_some() {
+                capped = true;
+            } else {
+                lists.push((i, list));
+            }
+        }
+
+        let agents = index.agent_pods(&name);
+        let mut fleet = FleetInput {
+            agent_addresses: agents.iter().flat_map(|p| p.ips.iter().copied()).collect(),
+            ..FleetInput::default()
+        };
+        if let Some(tier) = &ts.spec.egress_tier {
+            let egress_nodes: BTreeSet<String> = index
+                .nodes_matching(&tier.node_selector)
+                .intersection(&nodes)
+                .cloned()
+                .collect();
+            fleet.egress_addresses = agents
                 .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; ");
+                .filter(|p| {
+                    p.node_name
+                        .as_ref()
+                        .is_some_and(|n| egress_nodes.contains(n))
+                })
+                .flat_map(|p| p.ips.iter().copied())
+                .collect::<Vec<IpAddr>>();
+            fleet.egress_nodes = egress_nodes.into_iter().collect();
+        }
+        // A stale clock (see `crate::freshness`) reports nothing trustworthy.
+        let fresh = index.fresh_clocks();
+        let clocks = index
+            .clocks()
+            .iter()
+            .filter(|(node, c)| {
+                c.time_service == name && nodes.contains(*node) && fresh.contains(*node)
+            })
+            .map(|(_, c)| c.clone())
+            .collect();
+        let mut time_services: BTreeSet<String> = index.time_services().keys().cloned().collect();
+        time_services.insert(name.clone());
+        TimeServiceDraft {
+            name,
+            blocked,
+            peer_port: Index::peer_port(&ts.spec),
+            roster,
+            lists,
+            capped,
+            fleet,
+            clocks,
+            time_services,
+            cache,
+        }
+    }
+
+    /// Takes back the cache of a built draft, for the next plan of its TimeService to reuse.
+    pub fn keep(&mut self, draft: TimeServiceDraft) {
+        self.shed
+            .insert(draft.name.clone(), draft.cache.shed.clone());
+        self.plan_caches.insert(draft.name, draft.cache);
+    }
+}
+
+impl TimeServiceDraft {
+    /// Builds the plan: the agent config (a tenant's config and text again only when its set
+    /// list or port changed), its ConfigMap (gzipped, only changed members again), the
+    /// DaemonSet, RBAC and the NetworkPolicies (again only when the roster or the spec
+    /// changed). Reads no index.
+    pub fn build(
+        &mut self,
+        ts: &TimeService,
+        settings: &OperatorSettings,
+    ) -> Result<TimeServicePlan> {
+        let TimeServiceDraft {
+            name,
+            blocked,
+            peer_port,
+            roster,
+            lists,
+            capped,
+            fleet,
+            clocks,
+            time_services,
+            cache,
+        } = self;
+        let (name, peer_port, capped) = (name.as_str(), *peer_port, *capped);
+        let mut blocked = blocked.clone();
+        let served: Vec<&ServedTenant> = lists.iter().map(|(i, _)| &roster.served[*i]).collect();
+        let allow_list_sizes = lists.iter().map(|(_, l)| l.allowed.len()).collect();
+        let inputs: Vec<TenantInput<'_>> = served
+            .iter()
+            .zip(lists.iter())
+            .map(|(s, (_, list))| TenantInput {
+                id: &s.id,
+                port: s.port,
+                allowed: &list.sets.blocks,
+                sets: &list.resolved,
+                denied: s.denied(),
+                spec: &s.entry.spec,
+                revision: Some(list.revision),
+            })
+            .collect();
+        let (mut config, mut document) = build_agent_config_document(
+            name,
+            &ts.spec,
+            peer_port,
+            &inputs,
+            fleet,
+            &mut cache.document,
+        );
+        let config_problems = config.validate().err();
+        let mut config_map = match &config_problems {
+            None => Some(build_agent_config_map(
+                ts,
+                settings,
+                &config,
+                &document,
+                &mut cache.members,
+            )?),
+            Some(_) => None,
+        };
+        let mut size = config_map.as_ref().map(config_map_bytes).unwrap_or(0);
+        // Too large for one ConfigMap: tenants are admitted oldest first while the config fits,
+        // so tenants can only ever crowd out younger ones, never the TimeService.
+        cache.shed.clear();
+        if size > MAX_CONFIG_BYTES && config_problems.is_none() {
+            let mut by_age: Vec<usize> = (0..inputs.len()).collect();
+            by_age.sort_by_key(|i| age(&served[*i].entry));
+            let fits = |kept: &[usize], cache: &mut PlanCache| -> Result<_> {
+                let mut subset: Vec<TenantInput<'_>> =
+                    kept.iter().map(|i| inputs[*i].clone()).collect();
+                subset.sort_by(|a, b| a.id.cmp(b.id));
+                let (config, document) = build_agent_config_document(
+                    name,
+                    &ts.spec,
+                    peer_port,
+                    &subset,
+                    fleet,
+                    &mut cache.document,
+                );
+                let cm =
+                    build_agent_config_map(ts, settings, &config, &document, &mut cache.members)?;
+                let size = config_map_bytes(&cm);
+                Ok((size <= MAX_CONFIG_BYTES, (config, document, cm, size)))
+            };
+            // The most tenants, oldest first, whose config fits (more tenants, larger config).
+            let (mut low, mut high) = (0, by_age.len().saturating_sub(1));
+            let mut best = None;
+            while low < high {
+                let mid = (low + high).div_ceil(2);
+                let (ok, built) = fits(&by_age[..mid], cache)?;
+                if ok {
+                    low = mid;
+                    best = Some(built);
+                } else {
+                    high = mid - 1;
+                }
+            }
+            let best = match best {
+                Some(best) => Some(best),
+                None => fits(&[], cache)?.1.into(),
+            };
+            if let Some((c, d, cm, sz)) = best {
+                (config, document, config_map, size) = (c, d, Some(cm), sz);
+            }
+            cache.shed = by_age[low..]
+                .iter()
+                .map(|i| served[*i].key.clone())
+                .collect();
+        }
+        let config = match config_problems {
+            None => Some(config),
+            Some(problems) => {
+                let why = problems
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                blocked.get_or_insert(Blocked::Invalid(format!(
+                    "the agent config would be invalid: {why}"
+                )));
+                None
+            }
+        };
+        drop(document);
+        // Too large even without tenants: the TimeService's own fault. Keep the config for
+        // inspection, write nothing.
+        let config_map = if size > MAX_CONFIG_BYTES {
             blocked.get_or_insert(Blocked::Invalid(format!(
-                "the agent config would be invalid: {why}"
+                "the agent config is {size} bytes gzipped without any tenant, over the ConfigMap \
+                 limit of {MAX_CONFIG_BYTES}"
             )));
             None
-        }
-    };
-    drop(document);
-    // Too large even without tenants: the TimeService's own fault. Keep the config for
-    // inspection, write nothing.
-    let config_map = if size > MAX_CONFIG_BYTES {
-        blocked.get_or_insert(Blocked::Invalid(format!(
-            "the agent config is {size} bytes gzipped without any tenant, over the ConfigMap \
-             limit of {MAX_CONFIG_BYTES}"
-        )));
-        None
-    } else {
-        config_map
-    };
-    let net_bind = needs_net_bind(served.iter().map(|s| s.port).chain(peer_port));
-    let daemonset = match blocked {
-        Some(Blocked::Conflict { .. }) => None,
-        _ => Some(build_daemonset(ts, settings, net_bind)?),
-    };
-    let rules: Vec<TenantRule<'_>> = served
-        .iter()
-        .map(|s| TenantRule {
-            namespace: &s.key.0,
-            peers: &s.entry.spec.allowed_clients,
-            port: s.port,
+        } else {
+            config_map
+        };
+        let net_bind = needs_net_bind(served.iter().map(|s| s.port).chain(peer_port));
+        let daemonset = match blocked {
+            Some(Blocked::Conflict { .. }) => None,
+            _ => Some(build_daemonset(ts, settings, net_bind)?),
+        };
+        let rules: Vec<TenantRule<'_>> = served
+            .iter()
+            .map(|s| TenantRule {
+                namespace: &s.key.0,
+                peers: &s.entry.spec.allowed_clients,
+                port: s.port,
+            })
+            .collect();
+        // The rules come from the roster alone (an unchanged roster, unchanged rules) unless pods
+        // took a tenant over its limit: then they are compared.
+        let network_policies = build_network_policies_cached(
+            &mut cache.network_policy,
+            ts,
+            settings,
+            &rules,
+            (!capped).then_some(roster.epoch),
+            peer_port,
+        )?;
+        Ok(TimeServicePlan {
+            blocked,
+            daemonset,
+            rbac: build_rbac(ts, settings, time_services.iter().map(String::as_str))?,
+            network_policies,
+            config,
+            config_map,
+            clocks: clocks.clone(),
+            allow_list_sizes,
+            tenants: roster.tenants.clone(),
         })
-        .collect();
-    // The rules come from the roster alone (an unchanged roster, unchanged rules) unless pods
-    // took a tenant over its limit: then they are compared.
-    let network_policies = build_network_policies_cached(
-        &mut cache.network_policy,
-        ts,
-        settings,
-        &rules,
-        (!capped).then_some(roster.epoch),
-        peer_port,
-    )?;
-    // A stale clock (see `crate::freshness`) reports nothing trustworthy.
-    let fresh = index.fresh_clocks();
-    let clocks = index
-        .clocks
-        .iter()
-        .filter(|(node, c)| {
-            c.time_service == name && nodes.contains(*node) && fresh.contains(*node)
-        })
-        .map(|(_, c)| c.clone())
-        .collect();
-    let tenants = roster.tenants.clone();
-    drop(rules);
-    drop(inputs);
-    drop(served);
-    cache.roster = Some(roster);
-    index.plan_caches.insert(name, cache);
-    Ok(TimeServicePlan {
-        blocked,
-        daemonset,
-        rbac: build_rbac(ts, settings, index.time_services.keys().map(String::as_str))?,
-        network_policies,
-        config,
-        config_map,
-        clocks,
-        allow_list_sizes,
-        tenants,
-    })
+    }
+}
+
+/// The value cached for `slot` if it was made at `generation`.
+fn cached<T: Clone>(
+    table: &[Option<(u64, T)>],
+    slot: Option<usize>,
+    generation: Option<u64>,
+) -> Option<T> {
+    match (table.get(slot?), generation) {
+        (Some(Some((at, value))), Some(generation)) if *at == generation => Some(value.clone()),
+        _ => None,
+    }
+}
+
+/// Caches `value` for `slot`, made at `generation` (nothing without either).
+fn store<T>(
+    table: &mut Vec<Option<(u64, T)>>,
+    slot: Option<usize>,
+    generation: Option<u64>,
+    value: T,
+) {
+    let (Some(slot), Some(generation)) = (slot, generation) else {
+        return;
+    };
+    if table.len() <= slot {
+        table.resize_with(slot + 1, || None);
+    }
+    table[slot] = Some((generation, value));
 }
 
 /// What counts against a ConfigMap's size limit: its data and binary data.
@@ -484,7 +801,6 @@ pub fn config_map_bytes(cm: &ConfigMap) -> usize {
         .sum();
     data + binary
 }
-
 /// Everything a tenant reconcile applies and reports.
 #[derive(Debug)]
 pub struct TenantPlan {
@@ -534,121 +850,130 @@ impl TenantPlan {
     }
 }
 
-/// Plans a tenant: what to apply, what clashes with objects Stratum does not own, and which
-/// of its children to delete afterwards.
-pub fn plan_tenant(index: &mut Index, tenant: &TenantTimePolicy) -> Result<TenantPlan> {
-    let mut plan = plan_tenant_objects(index, tenant)?;
-    let ns = tenant.metadata.namespace.as_deref().unwrap_or_default();
-    plan.prune = index
-        .children()
-        .orphans(ns, &tenant.name_any(), &plan.children());
-    Ok(plan)
-}
+impl Planner {
+    /// Plans a tenant: what to apply, what clashes with objects Stratum does not own, and which
+    /// of its children to delete afterwards. The plan is small (a Service, two EndpointSlices,
+    /// a ConfigMap), so it is made in one step.
+    pub fn plan_tenant(&mut self, index: &Index, tenant: &TenantTimePolicy) -> Result<TenantPlan> {
+        self.prune(index);
+        let mut plan = self.plan_tenant_objects(index, tenant)?;
+        let ns = tenant.metadata.namespace.as_deref().unwrap_or_default();
+        plan.prune = index
+            .children()
+            .orphans(ns, &tenant.name_any(), &plan.children());
+        Ok(plan)
+    }
 
-fn plan_tenant_objects(index: &mut Index, tenant: &TenantTimePolicy) -> Result<TenantPlan> {
-    let mut plan = TenantPlan {
-        refused: None,
-        time_service: None,
-        port: None,
-        service: None,
-        slices: Vec::new(),
-        time_config: None,
-        ready_endpoints: 0,
-        allow_list_size: 0,
-        conflict: None,
-        prune: Vec::new(),
-    };
-    // Plan from the object being reconciled, which may be newer than the index.
-    let Some(entry) = TenantEntry::new(tenant) else {
-        return Err(crate::error::Error::MissingMetadata(
-            "TenantTimePolicy namespace or name",
-        ));
-    };
-    let key = entry.key();
-    let ts = match index.time_service_of(&entry) {
-        Ok(ts) => ts.name.clone(),
-        Err(unserved) => {
-            plan.refused = Some((unserved.reason(), unserved.message()));
+    fn plan_tenant_objects(
+        &mut self,
+        index: &Index,
+        tenant: &TenantTimePolicy,
+    ) -> Result<TenantPlan> {
+        let mut plan = TenantPlan {
+            refused: None,
+            time_service: None,
+            port: None,
+            service: None,
+            slices: Vec::new(),
+            time_config: None,
+            ready_endpoints: 0,
+            allow_list_size: 0,
+            conflict: None,
+            prune: Vec::new(),
+        };
+        // Plan from the object being reconciled, which may be newer than the index; the index's
+        // entry saves compiling its peers again when it is the same.
+        let entry = match index.held_tenant(tenant) {
+            Some(held) => Some(held.clone()),
+            None => TenantEntry::new(tenant).map(Arc::new),
+        };
+        let Some(entry) = entry else {
+            return Err(crate::error::Error::MissingMetadata(
+                "TenantTimePolicy namespace or name",
+            ));
+        };
+        let key = entry.key();
+        let ts = match index.time_service_of(&entry) {
+            Ok(ts) => ts.name.clone(),
+            Err(unserved) => {
+                plan.refused = Some((unserved.reason(), unserved.message()));
+                return Ok(plan);
+            }
+        };
+        let port = index.ports_of(&ts).get(&key).copied().flatten();
+        plan.time_service = Some(ts.clone());
+        plan.port = port;
+        let owners = self.owners(index);
+        if let Some(refusal) = tenant_refusal(index, &owners, &entry, port) {
+            plan.refused = Some(refusal);
             return Ok(plan);
         }
-    };
-    let port = index.ports_of(&ts).get(&key).copied().flatten();
-    plan.time_service = Some(ts.clone());
-    plan.port = port;
-    let owners = Owners::of(index);
-    if let Some(refusal) = tenant_refusal(index, &owners, &entry, port) {
-        plan.refused = Some(refusal);
-        return Ok(plan);
-    }
-    let Some(port) = port else { return Ok(plan) };
-    // Never adopt: a Service of this name that Stratum did not create stays the user's, and
-    // nothing of this tenant (EndpointSlices, time-config) may route to it.
-    if let Some(clash) = index.children().foreign(
-        ChildKind::Service,
-        &entry.namespace,
-        &entry.spec.service.name,
-    ) {
-        plan.refused = Some((
-            "ServiceConflict",
-            format!(
-                "{clash} exists and was not created by Stratum, which leaves it alone; \
+        let Some(port) = port else { return Ok(plan) };
+        // Never adopt: a Service of this name that Stratum did not create stays the user's, and
+        // nothing of this tenant (EndpointSlices, time-config) may route to it.
+        if let Some(clash) = index.children().foreign(
+            ChildKind::Service,
+            &entry.namespace,
+            &entry.spec.service.name,
+        ) {
+            plan.refused = Some((
+                "ServiceConflict",
+                format!(
+                    "{clash} exists and was not created by Stratum, which leaves it alone; \
                  set spec.service.name to a free name or remove that Service"
-            ),
-        ));
-        plan.conflict = Some(clash);
-        return Ok(plan);
-    }
-    let allowed = index.allowed(&key).len();
-    plan.allow_list_size = i32::try_from(allowed).unwrap_or(i32::MAX);
-    let denied = entry.policy.as_ref().map_or(0, |p| p.denied.len());
-    if let Some(refusal) = prefix_refusal(allowed, denied) {
-        plan.refused = Some(refusal);
-        return Ok(plan);
-    }
-    if index
-        .plan_caches
-        .get(&ts)
-        .is_some_and(|c| c.shed.contains(&key))
-    {
-        plan.refused = Some((
-            "AgentConfigFull",
-            format!(
-                "the agent config of TimeService {ts:?} holds no more tenants: with this one it \
+                ),
+            ));
+            plan.conflict = Some(clash);
+            return Ok(plan);
+        }
+        let allowed = self.allowed(index, &key).len();
+        plan.allow_list_size = i32::try_from(allowed).unwrap_or(i32::MAX);
+        let denied = entry.policy.as_ref().map_or(0, |p| p.denied.len());
+        if let Some(refusal) = prefix_refusal(allowed, denied) {
+            plan.refused = Some(refusal);
+            return Ok(plan);
+        }
+        if self.shed.get(&ts).is_some_and(|shed| shed.contains(&key)) {
+            plan.refused = Some((
+                "AgentConfigFull",
+                format!(
+                    "the agent config of TimeService {ts:?} holds no more tenants: with this one it \
                  would exceed the ConfigMap limit of {MAX_CONFIG_BYTES} bytes gzipped, and older \
                  tenants keep their place; narrow spec.allowedClients (ipBlocks aggregate better \
                  than many pods)"
-            ),
-        ));
-        return Ok(plan);
-    }
-    let zones: BTreeMap<String, Option<String>> = index
-        .nodes
-        .iter()
-        .map(|(n, l)| (n.clone(), l.get(ZONE_LABEL).cloned()))
-        .collect();
-    let agents = index.agent_pods(&ts);
-    let endpoints = agent_endpoints(
-        &agents,
-        &index.clocks,
-        &index.fresh_clocks(),
-        &zones,
-        &ts,
-        entry.max_root_distance_nanos(),
-    );
-    plan.slices = build_endpoint_slices(tenant, &ts, port, &endpoints)?;
-    plan.ready_endpoints = ready_endpoints(&plan.slices);
-    plan.service = Some(build_service(tenant, &ts, port)?);
-    if owners.owns_time_config(&entry) {
-        match index.children().foreign(
-            ChildKind::ConfigMap,
-            &entry.namespace,
-            names::TIME_CONFIG_NAME,
-        ) {
-            Some(clash) => plan.conflict = Some(clash),
-            None => plan.time_config = Some(build_time_config(tenant, &ts)?),
+                ),
+            ));
+            return Ok(plan);
         }
+        let zones: BTreeMap<String, Option<String>> = index
+            .nodes()
+            .iter()
+            .map(|(n, l)| (n.clone(), l.get(ZONE_LABEL).cloned()))
+            .collect();
+        let agents = index.agent_pods(&ts);
+        let endpoints = agent_endpoints(
+            &agents,
+            index.clocks(),
+            &index.fresh_clocks(),
+            &zones,
+            &ts,
+            entry.max_root_distance_nanos(),
+        );
+        plan.slices = build_endpoint_slices(tenant, &ts, port, &endpoints)?;
+        plan.ready_endpoints = ready_endpoints(&plan.slices);
+        plan.service = Some(build_service(tenant, &ts, port)?);
+        if owners.owns_time_config(&entry) {
+            match index.children().foreign(
+                ChildKind::ConfigMap,
+                &entry.namespace,
+                names::TIME_CONFIG_NAME,
+            ) {
+                Some(clash) => plan.conflict = Some(clash),
+                None => plan.time_config = Some(build_time_config(tenant, &ts)?),
+            }
+        }
+        Ok(plan)
     }
-    Ok(plan)
 }
 
 #[cfg(test)]
@@ -674,11 +999,35 @@ mod tests {
 
     fn index_with(tenants: &[&TenantTimePolicy]) -> Index {
         let mut index = Index::new("stratum-system");
-        index.apply_time_service(&fixtures::time_service("cluster"));
+        let _ = index.apply_time_service(&fixtures::time_service("cluster"));
         for t in tenants {
-            index.apply_tenant(t);
+            let _ = index.apply_tenant(t);
         }
         index
+    }
+
+    #[test]
+    fn a_tenant_in_a_deleted_tenants_slot_never_gets_that_tenants_cached_allow_list() {
+        let block =
+            |cidr: &str| serde_json::json!({ "allowedClients": [{ "ipBlock": { "cidr": cidr } }] });
+        let gone = fixtures::tenant("a", "gone", block("10.0.0.0/8"));
+        let mut index = index_with(&[&gone]);
+        let mut planner = Planner::new();
+        let key = |ns: &str, name: &str| (ns.to_owned(), name.to_owned());
+        let slot = |index: &Index, k: &TenantKey| index.tenants()[k].slot;
+        assert_eq!(
+            *planner.allowed(&index, &key("a", "gone")),
+            ["10.0.0.0/8".parse::<IpNet>().unwrap()]
+        );
+        let freed = slot(&index, &key("a", "gone"));
+        let _ = index.delete_tenant("a", "gone");
+        let _ = index.apply_tenant(&fixtures::tenant("b", "new", block("192.168.0.0/16")));
+        assert_eq!(slot(&index, &key("b", "new")), freed, "the slot is reused");
+        assert_eq!(
+            *planner.allowed(&index, &key("b", "new")),
+            ["192.168.0.0/16".parse::<IpNet>().unwrap()]
+        );
+        assert!(planner.allowed(&index, &key("a", "gone")).is_empty());
     }
 
     #[test]
@@ -687,19 +1036,32 @@ mod tests {
         let younger = tenant("vms", "a-younger", "ntp", 2);
         let elsewhere = tenant("db", "c", "ntp", 3);
         let mut index = index_with(&[&older, &younger, &elsewhere]);
-        assert!(plan_tenant(&mut index, &older).unwrap().refused.is_none());
+        let mut planner = Planner::new();
         assert!(
-            plan_tenant(&mut index, &elsewhere)
+            planner
+                .plan_tenant(&index, &older)
                 .unwrap()
                 .refused
                 .is_none()
         );
-        let (reason, message) = plan_tenant(&mut index, &younger).unwrap().refused.unwrap();
+        assert!(
+            planner
+                .plan_tenant(&index, &elsewhere)
+                .unwrap()
+                .refused
+                .is_none()
+        );
+        let (reason, message) = planner
+            .plan_tenant(&index, &younger)
+            .unwrap()
+            .refused
+            .unwrap();
         assert_eq!(reason, "ServiceNameTaken");
         assert!(message.contains("b-older"), "{message}");
         let ts = fixtures::time_service("cluster");
         let settings = fixtures::settings();
-        let served = plan_time_service(&mut index, &ts, &settings)
+        let served = planner
+            .plan_time_service(&index, &ts, &settings)
             .unwrap()
             .tenants;
         assert_eq!(
@@ -708,9 +1070,16 @@ mod tests {
             "the refused tenant is not served"
         );
 
-        index.delete_tenant("vms", "b-older");
-        assert!(plan_tenant(&mut index, &younger).unwrap().refused.is_none());
-        let served = plan_time_service(&mut index, &ts, &settings)
+        let _ = index.delete_tenant("vms", "b-older");
+        assert!(
+            planner
+                .plan_tenant(&index, &younger)
+                .unwrap()
+                .refused
+                .is_none()
+        );
+        let served = planner
+            .plan_time_service(&index, &ts, &settings)
             .unwrap()
             .tenants;
         assert_eq!(served.keys().collect::<Vec<_>>(), ["db/c", "vms/a-younger"]);
@@ -721,33 +1090,38 @@ mod tests {
         let older = tenant("vms", "b", "ntp-b", 1);
         let younger = tenant("vms", "a", "ntp-a", 2);
         let mut index = index_with(&[&younger, &older]);
+        let mut planner = Planner::new();
         assert!(
-            plan_tenant(&mut index, &older)
+            planner
+                .plan_tenant(&index, &older)
                 .unwrap()
                 .time_config
                 .is_some()
         );
-        let plan = plan_tenant(&mut index, &younger).unwrap();
+        let plan = planner.plan_tenant(&index, &younger).unwrap();
         assert!(plan.refused.is_none());
         assert!(plan.time_config.is_none());
-        index.delete_tenant("vms", "b");
+        let _ = index.delete_tenant("vms", "b");
         assert!(
-            plan_tenant(&mut index, &younger)
+            planner
+                .plan_tenant(&index, &younger)
                 .unwrap()
                 .time_config
                 .is_some()
         );
         // A newer tenant arriving later does not take it over.
         let newest = tenant("vms", "c", "ntp-c", 3);
-        index.apply_tenant(&newest);
+        let _ = index.apply_tenant(&newest);
         assert!(
-            plan_tenant(&mut index, &newest)
+            planner
+                .plan_tenant(&index, &newest)
                 .unwrap()
                 .time_config
                 .is_none()
         );
         assert!(
-            plan_tenant(&mut index, &younger)
+            planner
+                .plan_tenant(&index, &younger)
                 .unwrap()
                 .time_config
                 .is_some()
@@ -791,9 +1165,12 @@ mod tests {
             })
             .collect();
         let refs: Vec<&TenantTimePolicy> = tenants.iter().collect();
-        let mut index = index_with(&refs);
+        let index = index_with(&refs);
+        let mut planner = Planner::new();
         let ts = fixtures::time_service("cluster");
-        let plan = plan_time_service(&mut index, &ts, &fixtures::settings()).unwrap();
+        let plan = planner
+            .plan_time_service(&index, &ts, &fixtures::settings())
+            .unwrap();
         assert!(plan.blocked.is_none(), "{:?}", plan.blocked);
         let cm = plan.config_map.as_ref().unwrap();
         assert!(config_map_bytes(cm) <= MAX_CONFIG_BYTES);
@@ -816,9 +1193,10 @@ mod tests {
             .map(|i| format!("ns-{i:02}/ntp"))
             .collect();
         assert_eq!(served, expected);
-        let kept = plan_tenant(&mut index, &tenants[0]).unwrap();
+        let kept = planner.plan_tenant(&index, &tenants[0]).unwrap();
         assert!(kept.refused.is_none(), "{:?}", kept.refused);
-        let (reason, message) = plan_tenant(&mut index, &tenants[47])
+        let (reason, message) = planner
+            .plan_tenant(&index, &tenants[47])
             .unwrap()
             .refused
             .unwrap();

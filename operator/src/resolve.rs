@@ -15,7 +15,7 @@ use std::ops::ControlFlow;
 use ipnet::IpNet;
 use stratum_api::common::{IpBlock, PolicyPeer};
 
-use crate::index::Cluster;
+use crate::model::Cluster;
 use crate::selector::{Selector, SelectorError};
 
 /// Why a tenant's peers cannot be resolved; the user has to fix the TenantTimePolicy.
@@ -228,7 +228,7 @@ impl CompiledPolicy {
     }
 
     /// The aggregated CIDRs allowed by this policy in `cluster`: its blocks and the pods of
-    /// its pod sets, resolved from scratch (the index keeps the sets resolved and shared).
+    /// its pod sets, resolved from scratch (the planner keeps the sets resolved and shared).
     pub fn resolve_allowed(&self, cluster: &Cluster) -> Vec<IpNet> {
         let mut nets = self.blocks();
         for (ns, selector) in self.pod_sets(cluster) {

@@ -68,7 +68,7 @@ fn tenant_policy(ns: &str, name: &str, spec: Value) -> TenantTimePolicy {
 }
 
 fn node(index: &mut Index, name: &str) {
-    index.apply_node(
+    let _ = index.apply_node(
         name,
         &[("kubernetes.io/os".to_string(), "linux".to_string())].into(),
     );
@@ -295,6 +295,12 @@ async fn time_service_children_are_applied_then_status_once_and_not_again_when_u
     .expect("reconcile issued a request nobody expected (a status write?)");
     result.unwrap();
     verifier.await.unwrap();
+    assert!(
+        stratum_operator::controller::lock(&ctx.index)
+            .time_services()
+            .is_empty(),
+        "a reconcile plans the object it was handed and leaves the index to the watch feed"
+    );
 }
 
 #[tokio::test]
@@ -303,7 +309,7 @@ async fn a_younger_overlapping_time_service_gets_conflict_and_no_daemonset() {
     let mut index = Index::new(NS);
     node(&mut index, "n1");
     let older = time_service("first", 1_600_000_000, json!({}));
-    index.apply_time_service(&older);
+    let _ = index.apply_time_service(&older);
     let ctx = context(client, index);
     let younger = time_service(
         "second",
@@ -356,9 +362,11 @@ async fn a_younger_overlapping_time_service_gets_conflict_and_no_daemonset() {
 async fn tenant_service_slices_and_time_config_are_applied_in_its_namespace_with_status() {
     let (client, mut v) = mock();
     let mut index = Index::new(NS);
-    index.apply_time_service(&time_service("cluster", 1_600_000_000, json!({})));
-    let ctx = context(client, index);
+    let _ = index.apply_time_service(&time_service("cluster", 1_600_000_000, json!({})));
     let tenant = tenant_policy("team-a", "policy", json!({ "timezone": "Europe/Berlin" }));
+    // As the watch feed would have: a reconcile plans only what the index holds.
+    let _ = index.apply_tenant(&tenant);
+    let ctx = context(client, index);
     let tenant_json = whole(&tenant);
 
     let verifier = tokio::spawn(async move {
@@ -413,13 +421,15 @@ async fn tenant_service_slices_and_time_config_are_applied_in_its_namespace_with
 async fn a_refused_tenant_only_gets_a_status_saying_why() {
     let (client, mut v) = mock();
     let mut index = Index::new(NS);
-    index.apply_time_service(&time_service("cluster", 1_600_000_000, json!({})));
-    let ctx = context(client, index);
+    let _ = index.apply_time_service(&time_service("cluster", 1_600_000_000, json!({})));
     let tenant = tenant_policy(
         "team-a",
         "policy",
         json!({ "timezone": "Mars/Olympus_Mons" }),
     );
+    // As the watch feed would have: a reconcile plans only what the index holds.
+    let _ = index.apply_tenant(&tenant);
+    let ctx = context(client, index);
     let tenant_json = whole(&tenant);
     let verifier = tokio::spawn(async move {
         v.expect_apply(
@@ -450,7 +460,7 @@ async fn a_refused_tenants_children_are_deleted_by_uid_after_the_apply_and_a_use
     use stratum_operator::owned::ChildKind;
     let (client, mut v) = mock();
     let mut index = Index::new(NS);
-    index.apply_time_service(&time_service("cluster", 1_600_000_000, json!({})));
+    let _ = index.apply_time_service(&time_service("cluster", 1_600_000_000, json!({})));
     let labels = stratum_operator::names::tenant_labels("cluster", "policy");
     for (kind, name, labels) in [
         (
@@ -461,7 +471,7 @@ async fn a_refused_tenants_children_are_deleted_by_uid_after_the_apply_and_a_use
         (ChildKind::Service, "ntp", Some(labels)),
         (ChildKind::Service, "users-own", None),
     ] {
-        index.apply_child(
+        let _ = index.apply_child(
             kind,
             &ObjectMeta {
                 name: Some(name.into()),
@@ -472,12 +482,14 @@ async fn a_refused_tenants_children_are_deleted_by_uid_after_the_apply_and_a_use
             },
         );
     }
-    let ctx = context(client, index);
     let tenant = tenant_policy(
         "team-a",
         "policy",
         json!({ "timezone": "Mars/Olympus_Mons" }),
     );
+    // As the watch feed would have: a reconcile plans only what the index holds.
+    let _ = index.apply_tenant(&tenant);
+    let ctx = context(client, index);
     let tenant_json = whole(&tenant);
     let verifier = tokio::spawn(async move {
         for (path, uid) in [
@@ -511,5 +523,36 @@ async fn a_refused_tenants_children_are_deleted_by_uid_after_the_apply_and_a_use
     assert_eq!(
         status["status"]["conditions"][0]["reason"],
         "InvalidTimezone"
+    );
+}
+
+#[tokio::test]
+async fn a_tenant_the_index_does_not_hold_yet_waits_for_the_feed_and_writes_nothing() {
+    let (client, _v) = mock();
+    let mut index = Index::new(NS);
+    let _ = index.apply_time_service(&time_service("cluster", 1_600_000_000, json!({})));
+    let indexed = tenant_policy("team-a", "policy", json!({}));
+    let _ = index.apply_tenant(&indexed);
+    let ctx = context(client, index);
+    // Not yet in the index, and a newer spec than the index's: either way it would be planned
+    // without the port and owners the index gives it.
+    let unknown = tenant_policy("team-b", "policy", json!({}));
+    let newer = tenant_policy("team-a", "policy", json!({ "timezone": "Europe/Berlin" }));
+    for tenant in [unknown, newer] {
+        let action = tokio::time::timeout(
+            Duration::from_secs(5),
+            tenant::reconcile(Arc::new(DeserializeGuard(Ok(tenant))), ctx.clone()),
+        )
+        .await
+        .expect("no request may be made: nobody answers")
+        .unwrap();
+        assert_eq!(action, kube::runtime::controller::Action::await_change());
+    }
+    assert_eq!(
+        stratum_operator::controller::lock(&ctx.index)
+            .tenants()
+            .len(),
+        1,
+        "the reconcile left the index alone"
     );
 }

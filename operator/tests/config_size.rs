@@ -8,14 +8,17 @@ mod scale;
 
 use stratum_api::AgentConfig;
 use stratum_api::agent_config::CONFIG_MAP_LIMIT_BYTES;
-use stratum_operator::plan::{config_map_bytes, plan_time_service};
+use stratum_operator::plan::{Planner, config_map_bytes};
 
 #[test]
 fn the_scale_scenario_config_fits_a_config_map_with_room_to_grow() {
     for addressing in [scale::Addressing::Sequential, scale::Addressing::PerNode] {
         let ts = scale::time_service();
-        let mut index = scale::index(addressing, &ts);
-        let plan = plan_time_service(&mut index, &ts, &scale::settings()).unwrap();
+        let index = scale::index(addressing, &ts);
+        let mut planner = Planner::new();
+        let plan = planner
+            .plan_time_service(&index, &ts, &scale::settings())
+            .unwrap();
         assert!(plan.blocked.is_none(), "{:?}", plan.blocked);
         let config = plan.config.unwrap();
         let cm = plan.config_map.unwrap();
@@ -38,7 +41,7 @@ fn the_scale_scenario_config_fits_a_config_map_with_room_to_grow() {
         assert_eq!(read.serving.tenants.len(), 1000);
         for t in &read.serving.tenants {
             let (ns, name) = t.id.split_once('/').unwrap();
-            let expected = index.allowed(&(ns.to_owned(), name.to_owned()));
+            let expected = planner.allowed(&index, &(ns.to_owned(), name.to_owned()));
             assert_eq!(
                 AgentConfig::tenant_allowed(&read.serving, t),
                 *expected,

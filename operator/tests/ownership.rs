@@ -21,7 +21,7 @@ use stratum_operator::freshness::{NODE_GONE_GRACE, freshness_bound};
 use stratum_operator::index::Index;
 use stratum_operator::names;
 use stratum_operator::owned::ChildKind;
-use stratum_operator::plan::{TenantPlan, plan_tenant, plan_time_service};
+use stratum_operator::plan::{Planner, TenantPlan};
 
 const NS: &str = "stratum-system";
 /// The shared TimeService's heartbeat (`reporting.interval`).
@@ -112,14 +112,14 @@ fn object(ns: &str, name: &str, stratums_tenant: Option<&str>) -> ObjectMeta {
 
 /// What a tenant's first reconcile would have left behind, as the watches report it.
 fn applied_children(index: &mut Index, ns: &str, tenant: &str, service: &str) {
-    index.apply_child(ChildKind::Service, &object(ns, service, Some(tenant)));
+    let _ = index.apply_child(ChildKind::Service, &object(ns, service, Some(tenant)));
     for family in ["ipv4", "ipv6"] {
-        index.apply_child(
+        let _ = index.apply_child(
             ChildKind::EndpointSlice,
             &object(ns, &format!("{service}-stratum-{family}"), Some(tenant)),
         );
     }
-    index.apply_child(
+    let _ = index.apply_child(
         ChildKind::ConfigMap,
         &object(ns, names::TIME_CONFIG_NAME, Some(tenant)),
     );
@@ -128,11 +128,11 @@ fn applied_children(index: &mut Index, ns: &str, tenant: &str, service: &str) {
 fn setup() -> (Index, MonotonicClock) {
     let clock = MonotonicClock::manual();
     let mut index = Index::with_clock(NS, clock.clone());
-    index.apply_time_service(&time_service());
+    let _ = index.apply_time_service(&time_service());
     for (node, ip) in [("n1", "10.0.0.1"), ("n2", "10.0.0.2")] {
-        index.apply_node(node, &Default::default());
-        index.apply_pod(&agent_pod(node, ip, true));
-        index.apply_clock(&node_clock(node, 0));
+        let _ = index.apply_node(node, &Default::default());
+        let _ = index.apply_pod(&agent_pod(node, ip, true));
+        let _ = index.apply_clock(&node_clock(node, 0));
     }
     (index, clock)
 }
@@ -144,16 +144,19 @@ fn pruned(plan: &TenantPlan) -> Vec<String> {
 #[test]
 fn every_child_carries_stratums_labels_and_an_owner_reference() {
     let (mut index, _) = setup();
+    let mut planner = Planner::new();
     let t = tenant("vms", "t", json!({}));
-    index.apply_tenant(&t);
-    let tenant_plan = plan_tenant(&mut index, &t).unwrap();
+    let _ = index.apply_tenant(&t);
+    let tenant_plan = planner.plan_tenant(&index, &t).unwrap();
     let settings = OperatorSettings {
         namespace: NS.into(),
         agent_image: "stratum/agent:test".into(),
         agent_cluster_role: "stratum-agent".into(),
         agent_image_pull_secrets: Vec::new(),
     };
-    let ts_plan = plan_time_service(&mut index, &time_service(), &settings).unwrap();
+    let ts_plan = planner
+        .plan_time_service(&index, &time_service(), &settings)
+        .unwrap();
 
     let mut metas: Vec<(&ObjectMeta, Option<&str>)> = vec![
         (&ts_plan.daemonset.as_ref().unwrap().metadata, None),
@@ -203,10 +206,11 @@ fn every_child_carries_stratums_labels_and_an_owner_reference() {
 #[test]
 fn a_served_tenant_prunes_nothing_it_applies() {
     let (mut index, _) = setup();
+    let mut planner = Planner::new();
     let t = tenant("vms", "t", json!({}));
-    index.apply_tenant(&t);
+    let _ = index.apply_tenant(&t);
     applied_children(&mut index, "vms", "t", "ntp");
-    let plan = plan_tenant(&mut index, &t).unwrap();
+    let plan = planner.plan_tenant(&index, &t).unwrap();
     assert!(plan.refused.is_none());
     assert_eq!(plan.children().len(), 4);
     assert!(plan.prune.is_empty(), "{:?}", pruned(&plan));
@@ -215,12 +219,13 @@ fn a_served_tenant_prunes_nothing_it_applies() {
 #[test]
 fn a_refused_tenant_keeps_no_service_slices_or_time_config() {
     let (mut index, _) = setup();
+    let mut planner = Planner::new();
     let t = tenant("vms", "t", json!({}));
-    index.apply_tenant(&t);
+    let _ = index.apply_tenant(&t);
     applied_children(&mut index, "vms", "t", "ntp");
     let refused = tenant("vms", "t", json!({ "timezone": "Europe/Atlantis" }));
-    index.apply_tenant(&refused);
-    let plan = plan_tenant(&mut index, &refused).unwrap();
+    let _ = index.apply_tenant(&refused);
+    let plan = planner.plan_tenant(&index, &refused).unwrap();
     assert_eq!(plan.refused.as_ref().unwrap().0, "InvalidTimezone");
     assert_eq!(
         pruned(&plan),
@@ -241,12 +246,13 @@ fn a_refused_tenant_keeps_no_service_slices_or_time_config() {
 #[test]
 fn a_tenant_that_loses_its_time_service_keeps_nothing() {
     let (mut index, _) = setup();
+    let mut planner = Planner::new();
     let t = tenant("vms", "t", json!({}));
-    index.apply_tenant(&t);
+    let _ = index.apply_tenant(&t);
     applied_children(&mut index, "vms", "t", "ntp");
     let triggers = index.delete_time_service("cluster");
     assert!(triggers.tenants.contains(&("vms".into(), "t".into())));
-    let plan = plan_tenant(&mut index, &t).unwrap();
+    let plan = planner.plan_tenant(&index, &t).unwrap();
     assert_eq!(plan.refused.as_ref().unwrap().0, "NoTimeService");
     assert_eq!(plan.prune.len(), 4, "{:?}", pruned(&plan));
 }
@@ -254,12 +260,13 @@ fn a_tenant_that_loses_its_time_service_keeps_nothing() {
 #[test]
 fn renaming_the_service_leaves_no_orphan_service_or_slices() {
     let (mut index, _) = setup();
+    let mut planner = Planner::new();
     let t = tenant("vms", "t", json!({}));
-    index.apply_tenant(&t);
+    let _ = index.apply_tenant(&t);
     applied_children(&mut index, "vms", "t", "ntp");
     let renamed = tenant("vms", "t", json!({ "service": { "name": "time" } }));
-    index.apply_tenant(&renamed);
-    let plan = plan_tenant(&mut index, &renamed).unwrap();
+    let _ = index.apply_tenant(&renamed);
+    let plan = planner.plan_tenant(&index, &renamed).unwrap();
     assert!(plan.refused.is_none());
     assert_eq!(
         plan.children(),
@@ -283,14 +290,15 @@ fn renaming_the_service_leaves_no_orphan_service_or_slices() {
 #[test]
 fn a_users_service_of_the_tenants_name_is_a_conflict_and_never_touched() {
     let (mut index, _) = setup();
+    let mut planner = Planner::new();
     // The user's Service exists first; the tenant's own children (from before the clash, under
     // another name) must go, the user's Service must not.
-    index.apply_child(ChildKind::Service, &object("vms", "ntp", None));
+    let _ = index.apply_child(ChildKind::Service, &object("vms", "ntp", None));
     applied_children(&mut index, "vms", "t", "old");
     let t = tenant("vms", "t", json!({}));
     let triggers = index.apply_tenant(&t);
     assert!(triggers.tenants.contains(&("vms".into(), "t".into())));
-    let plan = plan_tenant(&mut index, &t).unwrap();
+    let plan = planner.plan_tenant(&index, &t).unwrap();
     let (reason, message) = plan.refused.clone().unwrap();
     assert_eq!(reason, "ServiceConflict");
     assert!(message.contains("Service vms/ntp"), "{message}");
@@ -317,7 +325,7 @@ fn a_users_service_of_the_tenants_name_is_a_conflict_and_never_touched() {
     // The user deletes their Service: the tenant is reconciled and takes the name.
     let triggers = index.delete_child(ChildKind::Service, "vms", "ntp");
     assert!(triggers.tenants.contains(&("vms".into(), "t".into())));
-    let plan = plan_tenant(&mut index, &t).unwrap();
+    let plan = planner.plan_tenant(&index, &t).unwrap();
     assert!(plan.refused.is_none() && plan.conflict.is_none());
     assert!(plan.service.is_some());
 }
@@ -325,13 +333,14 @@ fn a_users_service_of_the_tenants_name_is_a_conflict_and_never_touched() {
 #[test]
 fn a_users_time_config_is_a_conflict_but_the_tenant_is_still_served() {
     let (mut index, _) = setup();
-    index.apply_child(
+    let mut planner = Planner::new();
+    let _ = index.apply_child(
         ChildKind::ConfigMap,
         &object("vms", names::TIME_CONFIG_NAME, None),
     );
     let t = tenant("vms", "t", json!({}));
-    index.apply_tenant(&t);
-    let plan = plan_tenant(&mut index, &t).unwrap();
+    let _ = index.apply_tenant(&t);
+    let plan = planner.plan_tenant(&index, &t).unwrap();
     assert!(plan.refused.is_none());
     assert_eq!(
         plan.conflict.as_ref().map(ToString::to_string).as_deref(),
@@ -348,11 +357,12 @@ fn a_users_time_config_is_a_conflict_but_the_tenant_is_still_served() {
 #[test]
 fn an_agent_that_stops_renewing_its_node_clock_leaves_the_ready_set_at_the_bound() {
     let (mut index, clock) = setup();
+    let mut planner = Planner::new();
     let t = tenant("vms", "t", json!({}));
-    index.apply_tenant(&t);
+    let _ = index.apply_tenant(&t);
     let bound = freshness_bound(HEARTBEAT);
     assert_eq!(bound, Duration::from_secs(35));
-    assert_eq!(plan_tenant(&mut index, &t).unwrap().ready_endpoints, 2);
+    assert_eq!(planner.plan_tenant(&index, &t).unwrap().ready_endpoints, 2);
 
     // n1's agent keeps its heartbeat; n2's is stopped. Nothing else happens.
     let mut written = 0;
@@ -386,7 +396,7 @@ fn an_agent_that_stops_renewing_its_node_clock_leaves_the_ready_set_at_the_bound
         "stale exactly at the bound, not a heartbeat later"
     );
     assert_eq!(sweeps_with_triggers, 1, "an expiry triggers once");
-    let plan = plan_tenant(&mut index, &t).unwrap();
+    let plan = planner.plan_tenant(&index, &t).unwrap();
     assert_eq!(plan.ready_endpoints, 1);
     let v4 = &plan.slices[0];
     let n2 = v4
@@ -405,37 +415,39 @@ fn an_agent_that_stops_renewing_its_node_clock_leaves_the_ready_set_at_the_bound
     // The stopped agent resumes: its next write renews it and reconciles the tenant.
     let triggers = index.apply_clock(&node_clock("n2", 999));
     assert!(triggers.tenants.contains(&("vms".into(), "t".into())));
-    assert_eq!(plan_tenant(&mut index, &t).unwrap().ready_endpoints, 2);
+    assert_eq!(planner.plan_tenant(&index, &t).unwrap().ready_endpoints, 2);
 }
 
 #[test]
 fn a_relisted_node_clock_with_the_same_last_update_is_no_renewal() {
     let (mut index, clock) = setup();
+    let mut planner = Planner::new();
     let t = tenant("vms", "t", json!({}));
-    index.apply_tenant(&t);
+    let _ = index.apply_tenant(&t);
     clock.advance(freshness_bound(HEARTBEAT) - Duration::from_secs(1));
     // A watch relist delivers both objects again, unchanged.
-    index.apply_clock(&node_clock("n1", 0));
-    index.apply_clock(&node_clock("n2", 0));
+    let _ = index.apply_clock(&node_clock("n1", 0));
+    let _ = index.apply_clock(&node_clock("n2", 0));
     clock.advance(Duration::from_secs(1));
     assert!(!index.sweep().triggers.is_empty());
-    assert_eq!(plan_tenant(&mut index, &t).unwrap().ready_endpoints, 0);
+    assert_eq!(planner.plan_tenant(&index, &t).unwrap().ready_endpoints, 0);
 }
 
 #[test]
 fn an_unready_or_terminating_agent_pod_is_not_a_ready_endpoint() {
     let (mut index, _) = setup();
+    let mut planner = Planner::new();
     let t = tenant("vms", "t", json!({}));
-    index.apply_tenant(&t);
+    let _ = index.apply_tenant(&t);
     let triggers = index.apply_pod(&agent_pod("n1", "10.0.0.1", false));
     assert!(triggers.tenants.contains(&("vms".into(), "t".into())));
-    assert_eq!(plan_tenant(&mut index, &t).unwrap().ready_endpoints, 1);
+    assert_eq!(planner.plan_tenant(&index, &t).unwrap().ready_endpoints, 1);
 
     let mut leaving = agent_pod("n1", "10.0.0.1", true);
     leaving.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(5).unwrap()));
     let triggers = index.apply_pod(&leaving);
     assert!(triggers.tenants.contains(&("vms".into(), "t".into())));
-    let plan = plan_tenant(&mut index, &t).unwrap();
+    let plan = planner.plan_tenant(&index, &t).unwrap();
     assert_eq!(plan.ready_endpoints, 1);
     let n1 = plan.slices[0].endpoints.as_ref().unwrap()[0].clone();
     let c = n1.conditions.unwrap();
@@ -448,7 +460,7 @@ fn an_unready_or_terminating_agent_pod_is_not_a_ready_endpoint() {
 #[test]
 fn the_node_clock_of_a_node_gone_longer_than_the_grace_is_collected() {
     let (mut index, clock) = setup();
-    index.delete_node("n2");
+    let _ = index.delete_node("n2");
     assert!(index.sweep().collect.is_empty(), "not within the grace");
     clock.advance(NODE_GONE_GRACE - Duration::from_secs(1));
     assert!(index.sweep().collect.is_empty());
@@ -464,14 +476,14 @@ fn the_node_clock_of_a_node_gone_longer_than_the_grace_is_collected() {
     );
 
     // A node that comes back within the grace keeps its clock.
-    index.delete_node("n1");
+    let _ = index.delete_node("n1");
     clock.advance(Duration::from_secs(10));
-    index.apply_node("n1", &Default::default());
+    let _ = index.apply_node("n1", &Default::default());
     clock.advance(NODE_GONE_GRACE);
     let collect: Vec<_> = index.sweep().collect.into_iter().map(|(n, _)| n).collect();
     assert_eq!(collect, ["n2"], "n1 is back; n2 is offered again");
     // Once the NodeClock is deleted, nothing is left to collect.
-    index.delete_clock("n2");
+    let _ = index.delete_clock("n2");
     clock.advance(NODE_GONE_GRACE);
     assert!(index.sweep().collect.is_empty());
 }
@@ -479,12 +491,13 @@ fn the_node_clock_of_a_node_gone_longer_than_the_grace_is_collected() {
 #[test]
 fn child_events_trigger_exactly_the_tenants_that_would_apply_own_or_prune_that_name() {
     let (mut index, _) = setup();
+    let mut planner = Planner::new();
     let older = tenant("vms", "a", json!({}));
     let mut younger = tenant("vms", "b", json!({ "service": { "name": "ntp-b" } }));
     younger.metadata.creation_timestamp =
         Some(Time(Timestamp::from_second(1_700_000_100).unwrap()));
-    index.apply_tenant(&older);
-    index.apply_tenant(&younger);
+    let _ = index.apply_tenant(&older);
+    let _ = index.apply_tenant(&younger);
     let a = ("vms".to_owned(), "a".to_owned());
     let b = ("vms".to_owned(), "b".to_owned());
 
@@ -526,17 +539,19 @@ fn child_events_trigger_exactly_the_tenants_that_would_apply_own_or_prune_that_n
 
     // The older tenant goes: the younger one is reconciled and takes over time-config.
     assert!(
-        plan_tenant(&mut index, &younger)
+        planner
+            .plan_tenant(&index, &younger)
             .unwrap()
             .time_config
             .is_none()
     );
     let t = index.delete_tenant("vms", "a");
     assert_eq!(t.tenants, BTreeSet::from([b.clone()]));
-    index.delete_child(ChildKind::ConfigMap, "vms", names::TIME_CONFIG_NAME);
-    index.delete_child(ChildKind::Service, "vms", "ntp-b");
+    let _ = index.delete_child(ChildKind::ConfigMap, "vms", names::TIME_CONFIG_NAME);
+    let _ = index.delete_child(ChildKind::Service, "vms", "ntp-b");
     assert!(
-        plan_tenant(&mut index, &younger)
+        planner
+            .plan_tenant(&index, &younger)
             .unwrap()
             .time_config
             .is_some()

@@ -16,7 +16,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 };
 use stratum_api::TenantTimePolicy;
 use stratum_api::common::{IpBlock, PolicyPeer};
-use stratum_operator::index::{Cluster, Index, PodInfo};
+use stratum_operator::index::Index;
+use stratum_operator::model::{Cluster, PodInfo};
+use stratum_operator::plan::Planner;
 use stratum_operator::resolve::CompiledPolicy;
 
 type Labels = BTreeMap<String, String>;
@@ -357,6 +359,8 @@ fn pod_object(ns: &str, p: &PodInfo) -> Pod {
 fn the_incremental_index_always_equals_resolution_from_scratch() {
     let mut rng = Rng(0x0123_4567_89ab_cdef);
     let mut index = Index::new("stratum-system");
+    // Carried through every step: its caches against resolution from scratch.
+    let mut planner = Planner::new();
     let mut tenants = Vec::new();
     for i in 0..12 {
         let ns = *rng.pick(&NAMESPACES);
@@ -370,7 +374,7 @@ fn the_incremental_index_always_equals_resolution_from_scratch() {
             spec: serde_json::from_value(spec).unwrap(),
             status: None,
         };
-        index.apply_tenant(&tenant);
+        let _ = index.apply_tenant(&tenant);
         tenants.push((ns.to_string(), format!("t{i}")));
     }
     let world = random_world(&mut rng);
@@ -380,13 +384,13 @@ fn the_incremental_index_always_equals_resolution_from_scratch() {
             0..=4 => {
                 let (ns, mut pod) = world.pods[rng.below(world.pods.len() as u64) as usize].clone();
                 pod.name = format!("p{}", rng.below(40));
-                index.apply_pod(&pod_object(&ns, &pod));
+                let _ = index.apply_pod(&pod_object(&ns, &pod));
                 live.retain(|(n, p)| !(n == &ns && p.name == pod.name));
                 live.push((ns, pod));
             }
             5..=7 if !live.is_empty() => {
                 let (ns, pod) = live.remove(rng.below(live.len() as u64) as usize);
-                index.delete_pod(&ns, &pod.name);
+                let _ = index.delete_pod(&ns, &pod.name);
             }
             _ => {
                 let ns = *rng.pick(&NAMESPACES);
@@ -394,22 +398,22 @@ fn the_incremental_index_always_equals_resolution_from_scratch() {
                     &mut rng,
                     &[("team", &["a", "b"]), ("env", &["prod", "dev"])],
                 );
-                index.apply_namespace(ns, &labels);
+                let _ = index.apply_namespace(ns, &labels);
             }
         }
         for key in &tenants {
-            let cached = index.allowed(key);
-            let policy = index.tenants[key].policy.clone().unwrap();
+            let cached = planner.allowed(&index, key);
+            let policy = index.tenants()[key].policy.clone().unwrap();
             assert_eq!(
                 *cached,
-                policy.resolve_allowed(&index.cluster),
+                policy.resolve_allowed(index.cluster()),
                 "step {step}, tenant {key:?}"
             );
             // The agent config's form: own blocks plus cached shared pod sets, same addresses.
-            let sets = index.tenant_sets(key);
+            let sets = planner.tenant_sets(&index, key);
             let mut shared = sets.blocks.clone();
             for set in &sets.pod_sets {
-                shared.extend(index.pod_set(set).iter().copied());
+                shared.extend(planner.pod_set(&index, set).iter().copied());
             }
             assert_eq!(
                 IpNet::aggregate(&shared),

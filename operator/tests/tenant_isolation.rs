@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use stratum_api::agent_config::TenantConfig;
 use stratum_api::{AgentConfig, NodeClock, NodeClockSpec, NodeClockStatus, TenantTimePolicy};
 use stratum_operator::index::Index;
-use stratum_operator::plan::{TenantPlan, TimeServicePlan, plan_tenant, plan_time_service};
+use stratum_operator::plan::{Planner, TenantPlan, TimeServicePlan};
 
 const NAMESPACES: u64 = 5;
 const OPERATOR_NS: &str = "stratum-system";
@@ -182,8 +182,8 @@ fn pod(rng: &mut Rng, ns: &str, name: &str) -> Pod {
 fn agents(index: &mut Index) {
     for n in 0..3 {
         let node = format!("node-{n}");
-        index.apply_node(&node, &[("zone".to_string(), format!("z{n}"))].into());
-        index.apply_pod(&Pod {
+        let _ = index.apply_node(&node, &[("zone".to_string(), format!("z{n}"))].into());
+        let _ = index.apply_pod(&Pod {
             metadata: ObjectMeta {
                 name: Some(format!("agent-{n}")),
                 namespace: Some(OPERATOR_NS.into()),
@@ -219,7 +219,7 @@ fn agents(index: &mut Index) {
             stratum: 3,
             ..Default::default()
         });
-        index.apply_clock(&clock);
+        let _ = index.apply_clock(&clock);
     }
 }
 
@@ -387,6 +387,8 @@ fn no_valid_tenants_output_depends_on_another_tenants_validity() {
         let mut world = World::default();
         let mut all = Index::new(OPERATOR_NS);
         let mut valid = Index::new(OPERATOR_NS);
+        // One planner per index, carried through the run: warm caches are what is tested.
+        let (mut plans_all, mut plans_valid) = (Planner::new(), Planner::new());
         for index in [&mut all, &mut valid] {
             let _ = index.apply_time_service(&ts);
             agents(index);
@@ -397,8 +399,10 @@ fn no_valid_tenants_output_depends_on_another_tenants_validity() {
                 continue;
             }
             let at = format!("seed {seed}, step {step}");
-            let with = plan_time_service(&mut all, &ts, &settings).unwrap();
-            let without = plan_time_service(&mut valid, &ts, &settings).unwrap();
+            let with = plans_all.plan_time_service(&all, &ts, &settings).unwrap();
+            let without = plans_valid
+                .plan_time_service(&valid, &ts, &settings)
+                .unwrap();
             assert_eq!(
                 with.blocked, None,
                 "{at}: tenants never degrade the TimeService"
@@ -416,7 +420,7 @@ fn no_valid_tenants_output_depends_on_another_tenants_validity() {
             assert_eq!(with_config, without_config, "{at}: the whole agent config");
             assert_eq!(written(&with), written(&without), "{at}: written bytes");
             for (key, t) in &world.tenants {
-                let with_plan = plan_tenant(&mut all, t).unwrap();
+                let with_plan = plans_all.plan_tenant(&all, t).unwrap();
                 match world.invalid.get(key) {
                     Some((reason, message)) => {
                         let (got, why) = with_plan.refused.as_ref().unwrap();
@@ -427,7 +431,7 @@ fn no_valid_tenants_output_depends_on_another_tenants_validity() {
                         *refusals_seen.entry(*reason).or_insert(0) += 1;
                     }
                     None => {
-                        let without_plan = plan_tenant(&mut valid, t).unwrap();
+                        let without_plan = plans_valid.plan_tenant(&valid, t).unwrap();
                         assert_eq!(
                             tenant_output(&with_plan),
                             tenant_output(&without_plan),
@@ -438,15 +442,18 @@ fn no_valid_tenants_output_depends_on_another_tenants_validity() {
             }
         }
         // The warm index plans what a fresh one does.
-        let mut fresh = world.fresh();
-        let warm_plan = plan_time_service(&mut all, &ts, &settings).unwrap();
-        let fresh_plan = plan_time_service(&mut fresh, &ts, &settings).unwrap();
+        let fresh = world.fresh();
+        let mut plans_fresh = Planner::new();
+        let warm_plan = plans_all.plan_time_service(&all, &ts, &settings).unwrap();
+        let fresh_plan = plans_fresh
+            .plan_time_service(&fresh, &ts, &settings)
+            .unwrap();
         assert_eq!(warm_plan.config, fresh_plan.config, "seed {seed}");
         assert_eq!(written(&warm_plan), written(&fresh_plan), "seed {seed}");
         for t in world.tenants.values() {
             assert_eq!(
-                tenant_output(&plan_tenant(&mut all, t).unwrap()),
-                tenant_output(&plan_tenant(&mut fresh, t).unwrap()),
+                tenant_output(&plans_all.plan_tenant(&all, t).unwrap()),
+                tenant_output(&plans_fresh.plan_tenant(&fresh, t).unwrap()),
                 "seed {seed}"
             );
         }
@@ -483,16 +490,17 @@ fn a_tenant_in_a_closed_namespace_is_refused_alone_and_holds_nothing() {
     let _ = index.apply_tenant(&closed);
     let _ = index.apply_tenant(&open);
 
-    let refused = plan_tenant(&mut index, &closed).unwrap();
+    let mut planner = Planner::new();
+    let refused = planner.plan_tenant(&index, &closed).unwrap();
     let (reason, why) = refused.refused.as_ref().unwrap();
     assert_eq!(*reason, "NamespaceClosed");
     assert!(why.contains("\"kube-system\""), "{why}");
     assert!(refused.port.is_none() && refused.service.is_none() && refused.slices.is_empty());
     assert!(refused.time_config.is_none());
 
-    let served = plan_tenant(&mut index, &open).unwrap();
+    let served = planner.plan_tenant(&index, &open).unwrap();
     assert_eq!(served.refused, None);
-    let plan = plan_time_service(&mut index, &ts, &settings).unwrap();
+    let plan = planner.plan_time_service(&index, &ts, &settings).unwrap();
     assert_eq!(plan.blocked, None);
     let ids: Vec<_> = plan
         .config

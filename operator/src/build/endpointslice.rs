@@ -13,7 +13,7 @@ use stratum_api::TenantTimePolicy;
 
 use super::tenant_meta;
 use crate::error::Result;
-use crate::index::{ClockInfo, PodInfo};
+use crate::model::{ClockInfo, PodInfo};
 use crate::names;
 
 /// Zone label of nodes.

@@ -7,7 +7,7 @@ use stratum_api::node_clock::format_offset;
 use stratum_api::tenant_time_policy::TenantTimePolicyStatus;
 use stratum_api::time_service::{NodeCounts, StratumRange, TimeServiceStatus};
 
-use crate::index::ClockInfo;
+use crate::model::ClockInfo;
 
 /// A condition to set: type, status, reason, message.
 #[derive(Clone, Debug, PartialEq, Eq)]

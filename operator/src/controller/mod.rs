@@ -1,5 +1,6 @@
-//! The controllers: thin reconcilers (read the index, plan, apply with server-side apply, write
-//! status only when it changed) and the wiring of watches into the index and controllers.
+//! The controllers: thin reconcilers (plan from a read of the index, apply with server-side
+//! apply, write status only when it changed) and the wiring of watches into the index and of
+//! the index's triggers into the controllers. Only the wiring writes the index.
 
 pub mod tenant;
 pub mod time_service;
@@ -31,6 +32,7 @@ use crate::index::{Index, Triggers};
 use crate::metrics::Metrics;
 use crate::names;
 use crate::owned::{ChildKind, ChildRef};
+use crate::plan::Planner;
 
 /// How often a reconciled object is revisited with no trigger: repairs drift of children and
 /// refreshes offsets in status.
@@ -65,8 +67,12 @@ pub struct Context {
     pub client: Client,
     /// Operator deployment settings.
     pub settings: OperatorSettings,
-    /// The index every reconcile reads. A std mutex: never held across an await.
+    /// The index every reconcile reads and only the watch feed writes. A std mutex: never
+    /// held across an await.
     pub index: Arc<Mutex<Index>>,
+    /// Every planning cache. Locked before `index` whenever both are (one order, no deadlock);
+    /// a TimeService plan holds it, not the index, while it encodes the agent config.
+    pub planner: Mutex<Planner>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Event recorder (`None` disables events, e.g. in API tests).
@@ -96,6 +102,7 @@ impl Context {
             client,
             settings,
             index,
+            planner: Mutex::new(Planner::new()),
             metrics,
             recorder,
             coalescer: Mutex::new(Coalescer::new(Duration::from_secs(1))),

@@ -1,5 +1,6 @@
 //! TenantTimePolicy reconcile: plan from the index, apply the Service, EndpointSlices and
-//! `time-config` in the tenant's namespace, write status when it changed.
+//! `time-config` in the tenant's namespace, write status when it changed. A tenant the index
+//! does not hold as it is yet waits for the watch feed, which triggers it once it does.
 
 use std::sync::Arc;
 
@@ -15,7 +16,6 @@ use stratum_api::TenantTimePolicy;
 use super::{Context, RESYNC, apply_namespaced, apply_params, delete_child, lock};
 use crate::build::status::{TenantObservation, tenant_status};
 use crate::error::{Error, Result};
-use crate::plan::plan_tenant;
 
 /// Controller name in metrics.
 pub const CONTROLLER: &str = "tenant";
@@ -35,9 +35,15 @@ pub async fn reconcile(
         .ok_or(Error::MissingMetadata("TenantTimePolicy namespace"))?;
     let name = tenant.name_any();
     let plan = {
-        let mut index = lock(&ctx.index);
-        index.apply_tenant(tenant);
-        plan_tenant(&mut index, tenant)?
+        let mut planner = lock(&ctx.planner);
+        let index = lock(&ctx.index);
+        // Its port, owners and peers come from the index: planned before the index has this
+        // version, it would be refused for a port it has not been given yet.
+        if !index.holds_tenant(tenant) {
+            tracing::debug!(tenant = %format!("{ns}/{name}"), "not indexed yet; the feed triggers it");
+            return Ok(Action::await_change());
+        }
+        planner.plan_tenant(&index, tenant)?
     };
     let mut seen = TenantObservation {
         time_service: plan.time_service.clone(),

@@ -1,6 +1,6 @@
-//! TimeService reconcile: validate and build from the index (`plan`), apply agent children
-//! with server-side apply, write the agent config (coalesced, audited), write status when it
-//! changed.
+//! TimeService reconcile: draft a plan from the index, build it outside the index lock
+//! (`plan`), apply agent children with server-side apply, write the agent config (coalesced,
+//! audited), write status when it changed.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,7 +23,6 @@ use crate::coalesce::Decision;
 use crate::error::{Error, Result};
 use crate::names;
 use crate::owned::is_stratums;
-use crate::plan::plan_time_service;
 
 /// Controller name in metrics.
 pub const CONTROLLER: &str = "timeservice";
@@ -39,16 +38,20 @@ pub async fn reconcile(
         Err(invalid) => return Err(Error::Undecodable(invalid.error.clone())),
     };
     let name = ts.name_any();
-    let plan = {
-        let mut index = lock(&ctx.index);
-        // The object handed to us may be newer than the index's copy.
-        index.apply_time_service(ts);
-        let plan = plan_time_service(&mut index, ts, &ctx.settings)?;
+    let mut draft = {
+        let mut planner = lock(&ctx.planner);
+        let index = lock(&ctx.index);
         ctx.metrics
             .tenants
-            .set(i64::try_from(index.tenants.len()).unwrap_or(i64::MAX));
-        plan
+            .set(i64::try_from(index.tenants().len()).unwrap_or(i64::MAX));
+        // Planned as handed over, which may be newer than the index's copy; the watch feed
+        // indexes it and triggers again.
+        planner.draft_time_service(&index, ts)
     };
+    // Serializing and gzipping the agent config holds neither lock: the feed goes on indexing
+    // and the tenant controller on planning meanwhile.
+    let plan = draft.build(ts, &ctx.settings)?;
+    lock(&ctx.planner).keep(draft);
     let cidrs: usize = plan.allow_list_sizes.iter().sum();
     ctx.metrics
         .allow_list_size
@@ -275,7 +278,7 @@ async fn read_current_config(ctx: &Context, name: &str) -> Result<Option<AgentCo
 fn observe_propagation(
     ctx: &Context,
     name: &str,
-    clocks: &[crate::index::ClockInfo],
+    clocks: &[crate::model::ClockInfo],
     desired: i32,
 ) {
     let mut pending = lock(&ctx.propagation);

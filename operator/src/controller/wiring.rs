@@ -1,11 +1,12 @@
-//! Wiring: watches feed the index (each one a trimmed reflector: pods become [`PodInfo`]s,
-//! nodes and namespaces are watched as metadata only), index changes trigger exactly the
-//! affected objects, and the two controllers run once every index has its initial list.
+//! Wiring, the only writer of the index: watches feed the index (each one a trimmed reflector:
+//! pods become [`PodInfo`]s, nodes and namespaces are watched as metadata only), the triggers
+//! its writes return reach exactly the affected objects, and the two controllers run once every
+//! index has its initial list. Reconcilers only read the index.
 //!
 //! The CRDs are read through `DeserializeGuard`, so an object this version cannot decode is
 //! reported on its own and never stalls a watch.
 //!
-//! [`PodInfo`]: crate::index::PodInfo
+//! [`PodInfo`]: crate::model::PodInfo
 
 use std::collections::HashSet;
 use std::future::Future;

@@ -130,21 +130,21 @@ pub fn time_service() -> TimeService {
 /// An index holding the whole scenario, fed event by event as the watches would.
 pub fn index(addressing: Addressing, ts: &TimeService) -> Index {
     let mut index = Index::new("stratum-system");
-    index.apply_time_service(ts);
+    let _ = index.apply_time_service(ts);
     for ns in 0..NAMESPACES {
-        index.apply_namespace(
+        let _ = index.apply_namespace(
             &format!("ns-{ns}"),
             &[("team".to_string(), format!("t{}", ns % TEAMS))].into(),
         );
     }
     for ns in 0..NAMESPACES {
         for j in 0..TENANTS_PER_NAMESPACE {
-            index.apply_tenant(&tenant(ns, j));
+            let _ = index.apply_tenant(&tenant(ns, j));
         }
     }
     for ns in 0..NAMESPACES {
         for i in 0..PODS_PER_NAMESPACE {
-            index.apply_pod(&pod(addressing, ns, i));
+            let _ = index.apply_pod(&pod(addressing, ns, i));
         }
     }
     index

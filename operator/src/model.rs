@@ -1,0 +1,200 @@
+//! The plain-data model: what the watches saw, trimmed to what the operator reads (pods,
+//! namespaces, NodeClocks, TimeServices). Facts only, with no judgement and no cache; every
+//! other module may read it, and it imports none of them but the label types and names.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use stratum_api::{NodeClock, TimeServiceSpec};
+
+use crate::names;
+use crate::selector::Labels;
+
+/// A pod as the operator sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    /// Pod name.
+    pub name: String,
+    /// Pod labels.
+    pub labels: Labels,
+    /// Every address of `status.podIPs` (falling back to `status.podIP`).
+    pub ips: Vec<IpAddr>,
+    /// The node the pod runs on.
+    pub node_name: Option<String>,
+    /// The Ready condition is True.
+    pub ready: bool,
+    /// Phase Succeeded or Failed: its addresses may belong to someone else by now.
+    pub terminated: bool,
+    /// Being deleted (deletionTimestamp set): it may still serve, but takes no new clients.
+    pub terminating: bool,
+}
+
+impl PodInfo {
+    /// Trims a Pod to what the operator needs; `None` without a namespace.
+    pub fn from_pod(pod: &Pod) -> Option<(String, PodInfo)> {
+        let namespace = pod.metadata.namespace.clone()?;
+        let status = pod.status.as_ref();
+        let mut ips: Vec<IpAddr> = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip.ip.parse().ok())
+            .collect();
+        if ips.is_empty()
+            && let Some(ip) = status
+                .and_then(|s| s.pod_ip.as_ref())
+                .and_then(|ip| ip.parse().ok())
+        {
+            ips.push(ip);
+        }
+        let phase = status.and_then(|s| s.phase.as_deref());
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        Some((
+            namespace,
+            PodInfo {
+                name: pod.name_any(),
+                labels: pod.labels().clone(),
+                ips,
+                node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+                ready,
+                terminated: matches!(phase, Some("Succeeded" | "Failed")),
+                terminating: pod.metadata.deletion_timestamp.is_some(),
+            },
+        ))
+    }
+}
+
+/// A NodeClock as the operator sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClockInfo {
+    /// The TimeService whose agent wrote it.
+    pub time_service: String,
+    /// The agent reports a synchronized clock.
+    pub synchronized: bool,
+    /// Offset from true time.
+    pub offset_nanos: i64,
+    /// Stratum served.
+    pub stratum: i32,
+    /// Root delay / 2 + root dispersion: the bound on the node clock's error.
+    pub root_distance_nanos: i64,
+    /// The agent config revision in force.
+    pub config_revision: Option<String>,
+}
+
+impl ClockInfo {
+    /// Trims a NodeClock.
+    pub fn from_node_clock(clock: &NodeClock) -> ClockInfo {
+        let status = clock.status.clone().unwrap_or_default();
+        ClockInfo {
+            time_service: clock.spec.time_service.clone(),
+            synchronized: status.synchronized,
+            offset_nanos: status.offset_nanos,
+            stratum: status.stratum,
+            root_distance_nanos: status.root_delay_nanos.saturating_abs() / 2
+                + status.root_dispersion_nanos.saturating_abs(),
+            config_revision: status.config_revision,
+        }
+    }
+
+    /// Whether this node may serve a tenant requiring at most `max_root_distance_nanos`.
+    pub fn serves(&self, max_root_distance_nanos: Option<i64>) -> bool {
+        self.synchronized
+            && max_root_distance_nanos.is_none_or(|max| self.root_distance_nanos <= max)
+    }
+
+    /// The part of a clock report that TimeService status and endpoint readiness track; other
+    /// changes (offset drift, heartbeats) are picked up at the next periodic reconcile.
+    pub fn summary(&self) -> (&str, bool, i32, Option<&str>) {
+        (
+            &self.time_service,
+            self.synchronized,
+            self.stratum,
+            self.config_revision.as_deref(),
+        )
+    }
+}
+
+/// Namespaces and their pods.
+#[derive(Clone, Debug, Default)]
+pub struct Cluster {
+    namespaces: BTreeMap<String, Labels>,
+    pods: HashMap<String, BTreeMap<String, PodInfo>>,
+}
+
+impl Cluster {
+    /// Every known namespace with its labels.
+    pub fn namespaces(&self) -> impl Iterator<Item = (&str, &Labels)> {
+        self.namespaces.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Labels of one namespace.
+    pub fn namespace_labels(&self, ns: &str) -> Option<&Labels> {
+        self.namespaces.get(ns)
+    }
+
+    /// Pods of one namespace.
+    pub fn pods_in(&self, ns: &str) -> impl Iterator<Item = &PodInfo> {
+        self.pods.get(ns).into_iter().flat_map(|m| m.values())
+    }
+
+    /// Number of pods indexed.
+    pub fn pod_count(&self) -> usize {
+        self.pods.values().map(BTreeMap::len).sum()
+    }
+
+    /// Inserts or replaces a pod; returns the previous version when something changed.
+    pub fn upsert_pod(&mut self, ns: &str, pod: PodInfo) -> Option<Option<PodInfo>> {
+        let pods = self.pods.entry(ns.to_owned()).or_default();
+        match pods.get(&pod.name) {
+            Some(old) if *old == pod => None,
+            _ => Some(pods.insert(pod.name.clone(), pod)),
+        }
+    }
+
+    /// Removes a pod, returning it.
+    pub fn remove_pod(&mut self, ns: &str, name: &str) -> Option<PodInfo> {
+        let pods = self.pods.get_mut(ns)?;
+        let old = pods.remove(name);
+        if pods.is_empty() {
+            self.pods.remove(ns);
+        }
+        old
+    }
+
+    /// Inserts or replaces a namespace; returns the previous labels when they changed.
+    pub fn upsert_namespace(&mut self, ns: &str, labels: Labels) -> Option<Option<Labels>> {
+        match self.namespaces.get(ns) {
+            Some(old) if *old == labels => None,
+            _ => Some(self.namespaces.insert(ns.to_owned(), labels)),
+        }
+    }
+
+    /// Removes a namespace, returning its labels.
+    pub fn remove_namespace(&mut self, ns: &str) -> Option<Labels> {
+        self.namespaces.remove(ns)
+    }
+}
+
+/// A TimeService as indexed.
+#[derive(Clone, Debug)]
+pub struct TimeServiceEntry {
+    /// Name.
+    pub name: String,
+    /// creationTimestamp.
+    pub created: Option<Timestamp>,
+    /// The spec.
+    pub spec: TimeServiceSpec,
+}
+
+/// Whether `labels` are those of an agent pod of `time_service`.
+pub fn is_agent_of(labels: &Labels, time_service: &str) -> bool {
+    labels.get("app.kubernetes.io/name").map(String::as_str) == Some(names::AGENT_APP_NAME)
+        && labels.get(names::TIME_SERVICE_LABEL).map(String::as_str) == Some(time_service)
+}
