@@ -36,7 +36,7 @@ use crate::build::service::build_service;
 use crate::build::status::Blocked;
 use crate::build::time_config::build_time_config;
 use crate::error::Result;
-use crate::index::{Index, TenantEntry};
+use crate::index::{Index, TenantEntry, Triggers};
 use crate::model::{ClockInfo, TimeServiceEntry};
 use crate::names;
 use crate::owned::{ChildKind, ChildRef};
@@ -484,7 +484,8 @@ impl Planner {
     ) -> Result<TimeServicePlan> {
         let mut draft = self.draft_time_service(index, ts);
         let plan = draft.build(ts, settings)?;
-        self.keep(draft);
+        // The caller plans its tenants itself (tests, benchmarks); the controller sends these.
+        let _shed_changed = self.keep(draft);
         Ok(plan)
     }
 
@@ -580,10 +581,21 @@ impl Planner {
     }
 
     /// Takes back the cache of a built draft, for the next plan of its TimeService to reuse.
-    pub fn keep(&mut self, draft: TimeServiceDraft) {
-        self.shed
-            .insert(draft.name.clone(), draft.cache.shed.clone());
+    /// Returns the tenants whose place in the agent config this plan gave or took
+    /// (`AgentConfigFull`): their status changes now, not at their next resync.
+    pub fn keep(&mut self, draft: TimeServiceDraft) -> Triggers {
+        let before = self.shed.get(&draft.name);
+        let now = &draft.cache.shed;
+        let tenants: BTreeSet<TenantKey> = match before {
+            Some(before) => before.symmetric_difference(now).cloned().collect(),
+            None => now.clone(),
+        };
+        self.shed.insert(draft.name.clone(), now.clone());
         self.plan_caches.insert(draft.name, draft.cache);
+        Triggers {
+            tenants,
+            ..Triggers::default()
+        }
     }
 }
 
@@ -1165,7 +1177,7 @@ mod tests {
             })
             .collect();
         let refs: Vec<&TenantTimePolicy> = tenants.iter().collect();
-        let index = index_with(&refs);
+        let mut index = index_with(&refs);
         let mut planner = Planner::new();
         let ts = fixtures::time_service("cluster");
         let plan = planner
@@ -1205,5 +1217,25 @@ mod tests {
             message.contains("older tenants keep their place"),
             "{message}"
         );
+
+        // The plan that sheds tenants names them for a reconcile; one that changes nothing
+        // names none; one that takes them back in names them again.
+        let shed: BTreeSet<TenantKey> = (served.len()..48)
+            .map(|i| (format!("ns-{i:02}"), "ntp".to_string()))
+            .collect();
+        let mut fresh = Planner::new();
+        let draft = |planner: &mut Planner, index: &Index| {
+            let mut draft = planner.draft_time_service(index, &ts);
+            draft.build(&ts, &fixtures::settings()).unwrap();
+            planner.keep(draft)
+        };
+        assert_eq!(draft(&mut fresh, &index).tenants, shed);
+        assert!(draft(&mut fresh, &index).is_empty());
+        // All but the youngest gone: it fits again, and every tenant that was shed (deleted
+        // or taken back in) is named.
+        for t in &tenants[..47] {
+            let _ = index.delete_tenant(t.metadata.namespace.as_deref().unwrap(), "ntp");
+        }
+        assert_eq!(draft(&mut fresh, &index).tenants, shed);
     }
 }

@@ -8,7 +8,7 @@ pub mod wiring;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::channel::mpsc::UnboundedSender;
@@ -87,6 +87,9 @@ pub struct Context {
     pub failures: Mutex<HashMap<String, u32>>,
     /// NetworkPolicies applied per TimeService, to delete the ones a smaller plan drops.
     pub network_policies: Mutex<HashMap<String, usize>>,
+    /// Where a reconciler sends the triggers it causes (tenants a TimeService plan shed or
+    /// took back); set once the wiring runs, unset in tests that call a reconciler directly.
+    pub triggers: OnceLock<TriggerSenders>,
 }
 
 impl Context {
@@ -110,6 +113,7 @@ impl Context {
             propagation: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
             network_policies: Mutex::new(HashMap::new()),
+            triggers: OnceLock::new(),
         }
     }
 

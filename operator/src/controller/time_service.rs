@@ -51,7 +51,12 @@ pub async fn reconcile(
     // Serializing and gzipping the agent config holds neither lock: the feed goes on indexing
     // and the tenant controller on planning meanwhile.
     let plan = draft.build(ts, &ctx.settings)?;
-    lock(&ctx.planner).keep(draft);
+    let shed_changed = lock(&ctx.planner).keep(draft);
+    if !shed_changed.is_empty()
+        && let Some(senders) = ctx.triggers.get()
+    {
+        senders.send(shed_changed);
+    }
     let cidrs: usize = plan.allow_list_sizes.iter().sum();
     ctx.metrics
         .allow_list_size

@@ -119,6 +119,8 @@ pub async fn run(
         time_services: ts_tx,
         tenants: tenant_tx,
     };
+    // A second wiring of the same context would find the first one's senders: keep those.
+    let _ = ctx.triggers.set(senders.clone());
     let index = ctx.index.clone();
     let mut synced = Vec::new();
     let cfg = watcher::Config::default;
