@@ -20,7 +20,7 @@ use kube::api::{DeleteParams, Preconditions};
 use kube::core::DeserializeGuard;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Controller};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, ResourceExt};
 use stratum_api::{NodeClock, TenantTimePolicy, TimeService};
 use tokio::sync::oneshot;
@@ -107,6 +107,16 @@ fn guard_key<K: kube::Resource>(obj: &DeserializeGuard<K>) -> Key {
     }
 }
 
+/// A controller's own trigger stream: none. Every reconcile comes from the index's triggers
+/// (every object is triggered when the feed first lists it), from a requeue, or from an owned
+/// object.
+fn index_only<K>() -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Send + 'static,
+{
+    futures::stream::pending()
+}
+
 /// Runs the feeders and, once every index is synced, both controllers, until `shutdown`.
 pub async fn run(
     client: Client,
@@ -181,19 +191,28 @@ pub async fn run(
         },
         |i, _, name| i.delete_clock(name)
     );
+    // TimeServices and tenants are watched once: the stream that feeds the index also fills
+    // the stores the controllers read objects from, and the controllers are triggered only by
+    // the index (`reconcile_on`), so a reconcile never runs ahead of the index it reads.
+    let (tenant_store, tenant_writer) = reflector::store();
+    let (ts_store, ts_writer) = reflector::store();
     spawn_feed!(
         "TenantTimePolicy",
         watcher(
             Api::<DeserializeGuard<TenantTimePolicy>>::all(client.clone()),
             cfg()
-        ),
+        )
+        .reflect(tenant_writer),
         guard_key::<TenantTimePolicy>,
         |i, t| match &t.0 {
             Ok(tenant) => i.apply_tenant(tenant),
-            Err(invalid) => i.delete_tenant(
-                invalid.metadata.namespace.as_deref().unwrap_or_default(),
-                invalid.metadata.name.as_deref().unwrap_or_default(),
-            ),
+            Err(invalid) => {
+                tracing::warn!(namespace = ?invalid.metadata.namespace, tenant = ?invalid.metadata.name, error = %invalid.error, "undecodable TenantTimePolicy ignored");
+                i.delete_tenant(
+                    invalid.metadata.namespace.as_deref().unwrap_or_default(),
+                    invalid.metadata.name.as_deref().unwrap_or_default(),
+                )
+            }
         },
         |i, ns, name| i.delete_tenant(ns.unwrap_or_default(), name)
     );
@@ -202,12 +221,15 @@ pub async fn run(
         watcher(
             Api::<DeserializeGuard<TimeService>>::all(client.clone()),
             cfg()
-        ),
+        )
+        .reflect(ts_writer),
         guard_key::<TimeService>,
         |i, t| match &t.0 {
             Ok(ts) => i.apply_time_service(ts),
-            Err(invalid) =>
-                i.delete_time_service(invalid.metadata.name.as_deref().unwrap_or_default()),
+            Err(invalid) => {
+                tracing::warn!(time_service = ?invalid.metadata.name, error = %invalid.error, "undecodable TimeService ignored");
+                i.delete_time_service(invalid.metadata.name.as_deref().unwrap_or_default())
+            }
         },
         |i, _, name| i.delete_time_service(name)
     );
@@ -262,42 +284,36 @@ pub async fn run(
 
     let managed = || cfg().labels("app.kubernetes.io/managed-by=stratum-operator");
     let config = controller::Config::default().concurrency(4);
-    let ts_controller = Controller::new(
-        Api::<DeserializeGuard<TimeService>>::all(client.clone()),
-        cfg(),
-    )
-    .owns(
-        Api::<DaemonSet>::namespaced(client.clone(), &ctx.settings.namespace),
-        managed(),
-    )
-    .reconcile_on(ts_rx)
-    .with_config(config.clone())
-    .graceful_shutdown_on(shutdown.clone())
-    .run(
-        time_service::reconcile,
-        time_service::error_policy,
-        ctx.clone(),
-    )
-    .for_each(|r| {
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "timeservice controller event");
-        }
-        futures::future::ready(())
-    });
-    let tenant_controller = Controller::new(
-        Api::<DeserializeGuard<TenantTimePolicy>>::all(client.clone()),
-        cfg(),
-    )
-    .reconcile_on(tenant_rx)
-    .with_config(config)
-    .graceful_shutdown_on(shutdown)
-    .run(tenant::reconcile, tenant::error_policy, ctx.clone())
-    .for_each(|r| {
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "tenant controller event");
-        }
-        futures::future::ready(())
-    });
+    let ts_controller = Controller::for_stream(index_only(), ts_store)
+        .owns(
+            Api::<DaemonSet>::namespaced(client.clone(), &ctx.settings.namespace),
+            managed(),
+        )
+        .reconcile_on(ts_rx)
+        .with_config(config.clone())
+        .graceful_shutdown_on(shutdown.clone())
+        .run(
+            time_service::reconcile,
+            time_service::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|r| {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "timeservice controller event");
+            }
+            futures::future::ready(())
+        });
+    let tenant_controller = Controller::for_stream(index_only(), tenant_store)
+        .reconcile_on(tenant_rx)
+        .with_config(config)
+        .graceful_shutdown_on(shutdown)
+        .run(tenant::reconcile, tenant::error_policy, ctx.clone())
+        .for_each(|r| {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "tenant controller event");
+            }
+            futures::future::ready(())
+        });
     futures::join!(ts_controller, tenant_controller);
     sweeper.abort();
 }
