@@ -16,6 +16,12 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 OLD_REV="${1:-$(git merge-base HEAD main)}"
+if [[ -z ${1:-} && $(git rev-parse "$OLD_REV") == $(git rev-parse HEAD) ]] && git diff --quiet HEAD -- operator; then
+    echo "operator-compare: the default old revision (the merge-base with main) is HEAD itself" \
+        "and the operator is unchanged: name the revision to compare with, e.g." \
+        "bench/operator-compare.sh HEAD~5" >&2
+    exit 2
+fi
 ROUNDS="${2:-${ROUNDS:-5}}"
 OLD_SHA="$(git rev-parse --verify "$OLD_REV^{commit}")"
 NEW_TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
