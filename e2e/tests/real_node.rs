@@ -295,8 +295,16 @@ async fn node_local_routing_answers_only_from_a_ready_local_agent_and_closest_re
         direct["leap"].as_u64() == Some(3) || direct["stratum"].as_u64() == Some(16),
         "an unsynchronized answer: {direct}"
     );
-    // ... but kube-proxy has no ready local endpoint for the Service: no answer at all, three
-    // probes in a row, so one lost packet cannot pass for it.
+    // ... but kube-proxy, once it has programmed the EndpointSlice change (its sync is rate
+    // limited, so a probe right after the write can still reach the old rule), has no ready
+    // local endpoint for the Service: no answer at all, and three more probes in a row stay
+    // unanswered, so one lost packet cannot pass for it.
+    let (_, proxy_after) = wait_for(
+        Duration::from_secs(30),
+        "kube-proxy to stop sending NodeLocal traffic to the not-ready local agent",
+        || async { pod.probe(&vip, 123).is_none().then_some(()) },
+    )
+    .await;
     for _ in 0..3 {
         let answer = pod.probe(&vip, 123);
         assert!(
@@ -317,9 +325,11 @@ async fn node_local_routing_answers_only_from_a_ready_local_agent_and_closest_re
     )
     .await;
     eprintln!(
-        "upstreams cut on {node}: endpoint not ready after {:.1} s; NodeLocal silent, \
-         Closest served by another node {:.1} s after the switch",
+        "upstreams cut on {node}: endpoint not ready after {:.1} s; NodeLocal silent {:.1} s \
+         later (a silent probe waits 2 s); Closest served by another node {:.1} s after the \
+         switch",
         unready_after.as_secs_f64(),
+        proxy_after.as_secs_f64(),
         closest_after.as_secs_f64()
     );
 
