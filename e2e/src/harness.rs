@@ -67,7 +67,23 @@ pub fn falseticker() -> String {
 }
 
 /// Polls `check` every 200 ms until it returns `Some`, or panics naming `what` after `timeout`.
-pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> (T, Duration)
+/// The cluster's state is read, not pushed: a condition on the API server, a real process or a
+/// packet, which no simulated clock reaches.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, check: F) -> (T, Duration)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    poll_until(timeout, Duration::from_millis(200), what, check).await
+}
+
+/// As [`wait_for`], polling every `interval`: for figures that want a finer resolution.
+pub async fn poll_until<T, F, Fut>(
+    timeout: Duration,
+    interval: Duration,
+    what: &str,
+    mut check: F,
+) -> (T, Duration)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -81,7 +97,7 @@ where
             start.elapsed() < timeout,
             "timed out after {timeout:?} waiting for {what}"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(interval).await;
     }
 }
 

@@ -64,6 +64,28 @@ pub fn container_pid(container_id: &str) -> Option<u32> {
     })
 }
 
+/// A pod manifest with one `container`, bound to the real node (tolerating its taint), label
+/// `app: <app>`, a 1 s grace period.
+fn pod_on_real_node(
+    namespace: &str,
+    name: &str,
+    app: &str,
+    container: serde_json::Value,
+    restart_policy: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app": app}},
+        "spec": {
+            "nodeName": real_node(),
+            "tolerations": [{"key": REAL_NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}],
+            "restartPolicy": restart_policy,
+            "terminationGracePeriodSeconds": 1,
+            "containers": [container]
+        }
+    })
+}
+
 /// A pod on the real node, running the pause image.
 pub struct RealPod {
     pub namespace: String,
@@ -90,17 +112,14 @@ pub async fn real_pod_with(
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     apply(
         &pods,
-        serde_json::json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": namespace, "labels": {"app": "client"}},
-            "spec": {
-                "nodeName": real_node(),
-                "tolerations": [{"key": REAL_NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}],
-                "terminationGracePeriodSeconds": 1,
-                "containers": [{"name": "c", "image": PAUSE_IMAGE, "imagePullPolicy": "Never",
-                                "securityContext": security_context}]
-            }
-        }),
+        pod_on_real_node(
+            namespace,
+            name,
+            "client",
+            serde_json::json!({"name": "c", "image": PAUSE_IMAGE, "imagePullPolicy": "Never",
+                               "securityContext": security_context}),
+            "Always",
+        ),
     )
     .await;
     let ((ip, container_id), took) = wait_for(
@@ -170,18 +189,14 @@ pub async fn run_client_pod(
         .collect();
     apply(
         &pods,
-        serde_json::json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": namespace, "labels": {"app": "ntp-client"}},
-            "spec": {
-                "nodeName": real_node(),
-                "tolerations": [{"key": REAL_NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}],
-                "restartPolicy": "Never",
-                "terminationGracePeriodSeconds": 1,
-                "containers": [{"name": "client", "image": CLIENT_IMAGE, "imagePullPolicy": "Never",
-                                "command": ["sh", "-c", script], "env": env}]
-            }
-        }),
+        pod_on_real_node(
+            namespace,
+            name,
+            "ntp-client",
+            serde_json::json!({"name": "client", "image": CLIENT_IMAGE, "imagePullPolicy": "Never",
+                               "command": ["sh", "-c", script], "env": env}),
+            "Never",
+        ),
     )
     .await;
     let (run, took) = wait_for(
@@ -325,6 +340,22 @@ pub fn process_alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// `CapInh 0000…, CapPrm …`: capability sets for a report line.
+pub fn describe_capabilities(caps: &[(String, u64)]) -> String {
+    caps.iter()
+        .map(|(k, v)| format!("{k} {v:016x}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Whether the node's runtime wrapper logged removing CAP_SYS_TIME from container
+/// `container_id`'s spec.
+pub fn runtime_wrapper_removed_sys_time(container_id: &str) -> bool {
+    runtime_wrapper_log()
+        .lines()
+        .any(|l| l.contains(container_id) && l.contains("removed CAP_SYS_TIME"))
+}
+
 /// Bit of CAP_SYS_TIME in a capability set.
 pub const CAP_SYS_TIME_BIT: u64 = 1 << 25;
 /// Bit of CAP_NET_BIND_SERVICE in a capability set.
@@ -350,37 +381,45 @@ pub fn node_process_pid(name: &str) -> Option<u32> {
         .ok()
 }
 
-/// The shared TimeService's agent pod on `node` (not terminating), once it is Ready, with its
-/// container's ID in containerd.
-pub async fn ready_agent_pod(client: &Client, node: &str) -> (Pod, String) {
+/// The shared TimeService's agent pod on `node` that is not terminating, if there is one.
+pub async fn agent_pod(client: &Client, node: &str) -> Option<Pod> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), crate::harness::AGENT_NAMESPACE);
     let params = kube::api::ListParams::default()
         .labels("app.kubernetes.io/name=stratum-agent")
         .fields(&format!("spec.nodeName={node}"));
+    pods.list(&params)
+        .await
+        .ok()?
+        .items
+        .into_iter()
+        .find(|p| p.metadata.deletion_timestamp.is_none())
+}
+
+/// Whether a pod's Ready condition is True (`None` before it has one).
+pub fn pod_ready(pod: &Pod) -> Option<bool> {
+    let conditions = pod.status.as_ref()?.conditions.as_ref()?;
+    let ready = conditions.iter().find(|c| c.type_ == "Ready")?;
+    Some(ready.status == "True")
+}
+
+/// The shared TimeService's agent pod on `node` (not terminating), once it is Ready, with its
+/// container's ID in containerd.
+pub async fn ready_agent_pod(client: &Client, node: &str) -> (Pod, String) {
     wait_for(
         Duration::from_secs(120),
         &format!("the agent pod on {node} Ready"),
         || async {
-            let pod = pods
-                .list(&params)
-                .await
-                .ok()?
-                .items
-                .into_iter()
-                .find(|p| p.metadata.deletion_timestamp.is_none())?;
-            let status = pod.status.as_ref()?;
-            let ready = status
-                .conditions
+            let pod = agent_pod(client, node).await?;
+            let id = pod
+                .status
                 .as_ref()?
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            let id = status
                 .container_statuses
                 .as_ref()?
                 .first()?
                 .container_id
                 .clone()?;
-            ready.then(|| (pod, id.trim_start_matches("containerd://").to_string()))
+            (pod_ready(&pod) == Some(true))
+                .then(|| (pod, id.trim_start_matches("containerd://").to_string()))
         },
     )
     .await

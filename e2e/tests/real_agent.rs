@@ -76,9 +76,7 @@ async fn the_agent_container_runs_without_sys_time_drains_before_it_exits_and_ke
         }
     }
     assert!(
-        runtime_wrapper_log()
-            .lines()
-            .any(|l| l.contains(&container_id) && l.contains("removed CAP_SYS_TIME")),
+        runtime_wrapper_removed_sys_time(&container_id),
         "the runtime wrapper logged no removal for the agent container {container_id}"
     );
     let probe_file = format!("/proc/{pid}/root/stratum-e2e-write-probe");
@@ -91,10 +89,7 @@ async fn the_agent_container_runs_without_sys_time_drains_before_it_exits_and_ke
     );
     eprintln!(
         "agent container {pod_name} on {node}: {}",
-        caps.iter()
-            .map(|(k, v)| format!("{k} {v:016x}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        describe_capabilities(&caps)
     );
 
     // Its endpoint is in the tenant's ready set.

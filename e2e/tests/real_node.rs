@@ -9,8 +9,8 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::{Api, ListParams};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::Api;
 use stratum_e2e::harness::*;
 use stratum_e2e::real_node::*;
 
@@ -265,25 +265,10 @@ async fn node_local_routing_answers_only_from_a_ready_local_agent_and_closest_re
     .await;
     let unready_after = start.elapsed();
     // The kubelet's readiness probe (/readyz: synchronized) says the same.
-    let agents: Api<Pod> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
-    let on_node = ListParams::default()
-        .labels("app.kubernetes.io/name=stratum-agent")
-        .fields(&format!("spec.nodeName={node}"));
     wait_for(
         Duration::from_secs(30),
         "the real node's agent pod not Ready (its readiness probe failing)",
-        || async {
-            let pods = agents.list(&on_node).await.ok()?.items;
-            let pod = pods.first()?;
-            let ready = pod
-                .status
-                .as_ref()?
-                .conditions
-                .as_ref()?
-                .iter()
-                .find(|c| c.type_ == "Ready")?;
-            (ready.status == "False").then_some(())
-        },
+        || async { (!pod_ready(&agent_pod(&client, &node).await?)?).then_some(()) },
     )
     .await;
     // The agent is alive and says it is unsynchronized when asked directly...
@@ -461,12 +446,11 @@ async fn a_pod_that_adds_sys_time_runs_on_the_real_node_without_it() {
         "a root container keeps the runtime's other default capabilities: {caps:?}"
     );
     // The runtime wrapper removed it from this container's spec, and said so.
-    let log = runtime_wrapper_log();
     assert!(
-        log.lines()
-            .any(|l| l.contains(&pod.container_id) && l.contains("removed CAP_SYS_TIME")),
-        "no removal logged for container {}:\n{log}",
-        pod.container_id
+        runtime_wrapper_removed_sys_time(&pod.container_id),
+        "no removal logged for container {}:\n{}",
+        pod.container_id,
+        runtime_wrapper_log()
     );
     // The node's containerd and kubelet never had it to give.
     for name in ["containerd", "kubelet"] {
@@ -484,9 +468,6 @@ async fn a_pod_that_adds_sys_time_runs_on_the_real_node_without_it() {
     }
     eprintln!(
         "a pod adding SYS_TIME runs without it: {}",
-        caps.iter()
-            .map(|(k, v)| format!("{k} {v:016x}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        describe_capabilities(&caps)
     );
 }

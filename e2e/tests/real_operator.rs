@@ -5,6 +5,7 @@
 //! pod deletion. Figures are printed; the bounds the issue sets are asserted.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::cell::{Cell, RefCell};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -212,26 +213,33 @@ async fn the_operator_runs_as_non_root_containers_on_the_real_node_and_hands_ove
     let api: Api<Pod> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
     let deleted = Instant::now();
     api.delete(&leader, &DeleteParams::default()).await.unwrap();
-    let mut exited = None;
-    let mut released = None;
-    let mut taken = None;
-    while deleted.elapsed() < Duration::from_secs(30) && (exited.is_none() || taken.is_none()) {
-        if exited.is_none() && !process_alive(leader_pid) {
-            exited = Some(deleted.elapsed());
-        }
-        match lease_holder(&client).await.as_deref() {
-            Some("") | None if released.is_none() => released = Some(deleted.elapsed()),
-            // The standby, or the Deployment's replacement pod: whichever campaigns first
-            // after the release.
-            Some(h) if !h.is_empty() && h != leader && taken.is_none() => {
-                taken = Some((h.to_string(), deleted.elapsed()));
+    // Three events at once, polled every 50 ms for sub-second figures: the process exits, the
+    // Lease is released (seen empty, if the next holder is not quicker), another pod takes it.
+    let exited = Cell::new(None);
+    let released = Cell::new(None);
+    let taken = RefCell::new(None);
+    let ((new_leader, taken_after), _) = poll_until(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        "the deleted leader's exit and another replica taking the Lease",
+        || async {
+            if exited.get().is_none() && !process_alive(leader_pid) {
+                exited.set(Some(deleted.elapsed()));
             }
-            _ => {}
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let exited = exited.expect("the deleted leader's process never exited");
-    let (new_leader, taken_after) = taken.expect("no other replica took the Lease within 30 s");
+            let holder = lease_holder(&client).await.unwrap_or_default();
+            if holder.is_empty() && released.get().is_none() {
+                released.set(Some(deleted.elapsed()));
+            }
+            // The standby, or the Deployment's replacement pod: whichever campaigns first after
+            // the release.
+            if !holder.is_empty() && holder != leader && taken.borrow().is_none() {
+                *taken.borrow_mut() = Some((holder, deleted.elapsed()));
+            }
+            exited.get().and(taken.borrow().clone())
+        },
+    )
+    .await;
+    let (exited, released) = (exited.get().unwrap(), released.get());
     let by_standby = standby.contains(&new_leader);
     eprintln!(
         "leader {leader} deleted: process exited after {:.2} s, Lease released after {}, \
