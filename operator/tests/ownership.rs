@@ -11,7 +11,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, PodCondition, PodIP, PodSpec, PodStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    ManagedFieldsEntry, ObjectMeta, OwnerReference, Time,
+};
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 use stratum_api::{NodeClock, NodeClockSpec, NodeClockStatus, TenantTimePolicy, TimeService};
@@ -555,5 +557,45 @@ fn child_events_trigger_exactly_the_tenants_that_would_apply_own_or_prune_that_n
             .unwrap()
             .time_config
             .is_some()
+    );
+}
+
+#[test]
+fn a_users_service_that_points_at_the_tenant_or_bears_our_field_manager_is_still_the_users() {
+    // A tenant who wants Stratum to adopt (and later delete) some Service of theirs adds an
+    // owner reference to their TenantTimePolicy; one the old operator force-applied over
+    // carries Stratum's field manager. Neither is Stratum's: only its managed-by label is.
+    let (mut index, _) = setup();
+    let mut planner = Planner::new();
+    let mut users = object("vms", "ntp", None);
+    users.owner_references = Some(vec![OwnerReference {
+        api_version: "stratum.io/v1alpha1".into(),
+        kind: "TenantTimePolicy".into(),
+        name: "t".into(),
+        uid: "uid-t".into(),
+        controller: Some(true),
+        ..OwnerReference::default()
+    }]);
+    users.managed_fields = Some(vec![ManagedFieldsEntry {
+        manager: Some(names::FIELD_MANAGER.into()),
+        operation: Some("Apply".into()),
+        ..ManagedFieldsEntry::default()
+    }]);
+    let _ = index.apply_child(ChildKind::Service, &users);
+    let t = tenant("vms", "t", json!({}));
+    let _ = index.apply_tenant(&t);
+    let plan = planner.plan_tenant(&index, &t).unwrap();
+    assert_eq!(
+        plan.refused.as_ref().map(|(reason, _)| *reason),
+        Some("ServiceConflict")
+    );
+    assert!(
+        plan.service.is_none(),
+        "the user's Service is never applied over"
+    );
+    assert!(
+        pruned(&plan).is_empty(),
+        "the user's Service is never deleted: {:?}",
+        pruned(&plan)
     );
 }
