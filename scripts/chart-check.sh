@@ -48,7 +48,7 @@ die() {
 need() { command -v "$1" >/dev/null 2>&1 || die "$1 not found ($2)"; }
 
 find_helm() {
-  local h
+  local bin
   if [[ -n ${HELM:-} ]]; then
     [[ -x $HELM ]] || die "HELM=$HELM is not executable"
     echo "$HELM"
@@ -58,12 +58,11 @@ find_helm() {
     command -v helm
     return
   fi
-  for h in "$HOME"/.cache/stratum-e2e/*/bin/helm; do
-    [[ -x $h ]] && {
-      echo "$h"
-      return
-    }
-  done
+  # The pinned helm that build-bins.sh built, in whichever cache it uses (E2E_BIN_CACHE).
+  if bin=$("$ROOT/e2e/scripts/build-bins.sh" --print-bin-dir 2>/dev/null) && [[ -x $bin/helm ]]; then
+    echo "$bin/helm"
+    return
+  fi
   die "helm not found: set HELM, put helm on PATH, or run e2e/scripts/build-bins.sh"
 }
 
