@@ -285,6 +285,44 @@ async fn adding_an_upstream_reaches_every_agent_without_restart() {
         "new upstream reached every agent {:.1} s after the config changed",
         took.as_secs_f64()
     );
+
+    // An upstream asking for NTS, which the agents cannot speak yet, is refused on the
+    // TimeService; the agents keep the config they have instead of syncing unauthenticated.
+    apply(&ts, {
+        let mut spec = shared_time_service(&[]);
+        spec["spec"]["upstreams"][0]["nts"] = true.into();
+        spec
+    })
+    .await;
+    let (why, _) = wait_for(
+        Duration::from_secs(30),
+        "Degraded=True, InvalidSpec, naming the nts upstream",
+        || async {
+            let t = ts.get(SHARED_TIME_SERVICE).await.ok()?;
+            t.status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Degraded" && c.status == "True" && c.reason == "InvalidSpec")
+                .map(|c| c.message)
+                .filter(|m| m.contains("upstreams[0].nts"))
+        },
+    )
+    .await;
+    eprintln!("nts upstream refused: {why}");
+    let c = cm
+        .get(&format!("{SHARED_TIME_SERVICE}-agent-config"))
+        .await
+        .unwrap();
+    let kept = stratum_api::AgentConfig::from_config_map(&c).unwrap();
+    assert!(
+        kept.upstreams.iter().all(|u| !u.nts),
+        "an nts upstream reached the agents' config"
+    );
+    assert_eq!(
+        kept.upstreams.len(),
+        5,
+        "the refused spec (four upstreams) replaced the last good config (five)"
+    );
     // Restore the shared spec.
     apply(&ts, shared_time_service(&[])).await;
 }

@@ -1141,6 +1141,23 @@ mod tests {
     }
 
     #[test]
+    fn an_nts_upstream_blocks_the_config_instead_of_serving_unauthenticated_time() {
+        let index = index_with(&[]);
+        let mut ts = fixtures::time_service("cluster");
+        ts.spec.upstreams[0].nts = true;
+        let plan = Planner::new()
+            .plan_time_service(&index, &ts, &fixtures::settings())
+            .unwrap();
+        match &plan.blocked {
+            Some(Blocked::Invalid(why)) => assert!(why.contains("upstreams[0].nts"), "{why}"),
+            other => panic!("expected InvalidSpec, got {other:?}"),
+        }
+        // Nothing is written that agents would run: the last good config stays.
+        assert!(plan.config.is_none());
+        assert!(plan.config_map.is_none());
+    }
+
+    #[test]
     fn tenants_that_together_overflow_the_config_crowd_out_only_younger_ones() {
         // Each tenant well under its own prefix limit, together far over a ConfigMap.
         let mut seed: u64 = 0x2545_f491_4f6c_dd1d;

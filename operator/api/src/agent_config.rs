@@ -827,6 +827,15 @@ fn check_upstream(p: &mut Problems, at: &str, u: &UpstreamConfig) {
     if u.max_sources == 0 {
         p.add(format!("{at}.maxSources"), "must be at least 1");
     }
+    // Until the agent speaks NTS, an upstream asking for it is refused rather than synced over
+    // plain NTP: an admin who asked for authenticated time must not get spoofable time silently.
+    if u.nts {
+        p.add(
+            format!("{at}.nts"),
+            "NTS is not supported by this version of the agent; it would sync from this \
+             upstream over plain, unauthenticated NTP, so the config is refused",
+        );
+    }
 }
 
 /// Which ports are taken: one bit each.
@@ -1125,6 +1134,15 @@ mod tests {
                 "serving.tenants[1].rateLimit.clientBurst",
             ]
         );
+    }
+
+    #[test]
+    fn an_nts_upstream_is_refused_until_the_agent_authenticates_it() {
+        let mut config = sample();
+        config.upstreams[0].nts = true;
+        assert_eq!(problem_paths(&config), ["upstreams[0].nts"]);
+        config.upstreams[0].nts = false;
+        assert!(config.validate().is_ok());
     }
 
     #[test]

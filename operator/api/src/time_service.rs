@@ -122,7 +122,9 @@ pub struct Upstream {
     #[serde(default = "default_pool_sources")]
     #[x_kube(validation = kube::core::Rule::new("self >= 1 && self <= 16").message("maxSources must be between 1 and 16"))]
     pub max_sources: i32,
-    /// Authenticate this upstream with Network Time Security (RFC 8915).
+    /// Authenticate this upstream with Network Time Security (RFC 8915). Not supported yet: a
+    /// TimeService asking for it is refused (condition `Degraded`, reason `InvalidSpec`) and
+    /// its agents keep their last config, rather than syncing over unauthenticated NTP.
     #[serde(default)]
     pub nts: bool,
 }
