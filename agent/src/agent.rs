@@ -24,6 +24,7 @@ use stratum_ntp::time::ClockTime;
 use tokio::sync::{mpsc, watch};
 
 use crate::clock::Backend;
+use crate::config_cache::{ConfigCache, ConfigOrigin};
 use crate::config_source::ConfigUpdate;
 use crate::metrics::Metrics;
 use crate::report::AgentEvent;
@@ -243,6 +244,8 @@ pub struct AgentOptions {
     pub state_dir: Option<PathBuf>,
     /// Agent version string.
     pub version: String,
+    /// Where the last applied config is kept for a start without the API server.
+    pub config_cache: Option<Arc<ConfigCache>>,
 }
 
 /// State shared with the HTTP handlers.
@@ -251,8 +254,10 @@ pub struct Shared {
     pub status: ArcSwap<AgentStatus>,
     /// Metrics.
     pub metrics: Metrics,
-    /// Loop liveness: host monotonic seconds of the last loop iteration.
-    pub heartbeat: std::sync::atomic::AtomicU64,
+    /// Loop liveness: milliseconds from `started` to the end of the last loop turn, plus one
+    /// (0: no turn yet). Monotonic, so a clock step (ours or anyone's) cannot fake a hang.
+    heartbeat: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
     /// The tenant NTP server (ports open on the first valid config).
     pub server: Server,
 }
@@ -269,6 +274,7 @@ impl Shared {
             status: ArcSwap::from_pointee(AgentStatus::default()),
             metrics,
             heartbeat: std::sync::atomic::AtomicU64::new(0),
+            started: std::time::Instant::now(),
             server: Server::new(options),
         })
     }
@@ -276,6 +282,25 @@ impl Shared {
     /// Ready: synchronized with at least minSources agreeing.
     pub fn ready(&self) -> bool {
         self.status.load().tracking.ready
+    }
+
+    /// Records that the loop turned now.
+    pub fn beat(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.heartbeat
+            .store(ms.saturating_add(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Time since the loop last turned; `None` before its first turn.
+    pub fn since_last_beat(&self) -> Option<Duration> {
+        match self.heartbeat.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            ms => Some(
+                self.started
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(ms - 1)),
+            ),
+        }
     }
 }
 
@@ -304,11 +329,11 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     // Nothing can be polled before the first valid config.
-    let mut config = loop {
+    let (mut config, mut config_origin) = loop {
         tokio::select! {
-            update = config_rx.recv() => match update {
-                Some(ConfigUpdate::Valid(c)) => break *c,
-                Some(ConfigUpdate::Rejected(why)) => {
+            update = config_rx.recv() => match update.map(ConfigUpdate::into_config) {
+                Some(Ok(first)) => break first,
+                Some(Err(why)) => {
                     tracing::error!(reason = %why, "initial config rejected; waiting for a valid one");
                     shared.metrics.config_reloads.with_label_values(&["rejected"]).inc();
                     let _ = outputs.events.try_send(AgentEvent::ConfigRejected { reason: why.clone() });
@@ -340,6 +365,8 @@ pub async fn run(
     let seed: [u8; 32] = rand::random();
     let mut system = System::new(system_config(&config, &upstreams, &resolved), now, seed)
         .map_err(|e| anyhow::anyhow!("the config cannot drive the core: {e}"))?;
+    tracing::info!(revision = %config.revision, source = config_origin.name(), "initial config in force");
+    keep_config(&opts, &config, config_origin, &shared);
     let drift_path = |config: &AgentConfig| match &opts.state_dir {
         Some(dir) => dir.join("drift.json"),
         None => PathBuf::from(&config.discipline.drift_file),
@@ -418,9 +445,8 @@ pub async fn run(
                 let outcome = system.handle_response(source, &reply.bytes, received_at, now);
                 apply_all(&mut backend, &outcome.actions, &shared, &outputs);
             }
-            update = config_rx.recv() => match update {
-                Some(ConfigUpdate::Valid(new)) => {
-                    let new = *new;
+            update = config_rx.recv() => match update.map(ConfigUpdate::into_config) {
+                Some(Ok((new, origin))) => {
                     let mut next_fallback = fallback.clone();
                     next_fallback.reconfigure(&new, &opts.node);
                     let upstreams = new.upstreams_for_node(&opts.node, next_fallback.active());
@@ -429,11 +455,13 @@ pub async fn run(
                     let now = backend.clock().now();
                     match system.reconfigure(system_config(&new, &upstreams, &fresh), now) {
                         Ok(()) => {
-                            tracing::info!(revision = %new.revision, "config applied");
+                            tracing::info!(revision = %new.revision, source = origin.name(), "config applied");
                             shared.server.apply(&new.serving);
                             shared.metrics.config_reloads.with_label_values(&["applied"]).inc();
+                            keep_config(&opts, &new, origin, &shared);
                             resolved = fresh;
                             config = new;
+                            config_origin = origin;
                             fallback = next_fallback;
                             config_error = None;
                             let _ = outputs.heartbeat.send(Duration::from_secs_f64(config.reporting.heartbeat_seconds.max(5.0)));
@@ -444,7 +472,7 @@ pub async fn run(
                         }
                     }
                 }
-                Some(ConfigUpdate::Rejected(why)) => reject(&shared, &outputs, &mut config_error, why),
+                Some(Err(why)) => reject(&shared, &outputs, &mut config_error, why),
                 None => anyhow::bail!("config source ended"),
             },
             _ = shutdown.changed() => break,
@@ -509,6 +537,7 @@ pub async fn run(
         publish(
             &opts,
             &config,
+            config_origin,
             &config_error,
             &backend,
             &state,
@@ -536,11 +565,40 @@ pub async fn run(
             }
         }
     }
+    // Unsynchronized first, so the NodeClock the reporter writes on its way out takes this
+    // node's endpoints out of the tenants' ready sets before the sockets close.
+    publish_stopping(&shared, &outputs);
     shared.server.stop_all();
     let now = backend.clock().now();
     save_drift(&drift_path(&config), &system, now);
     tracing::info!("drift saved; agent stopped");
     Ok(())
+}
+
+/// Stores a config that came from the source and now runs; marks where it came from.
+fn keep_config(opts: &AgentOptions, config: &AgentConfig, origin: ConfigOrigin, shared: &Shared) {
+    shared.metrics.set_config_origin(origin);
+    if origin == ConfigOrigin::Source
+        && let Some(cache) = &opts.config_cache
+    {
+        cache.store_in_background(config.clone());
+    }
+}
+
+/// Publishes the status of an agent about to stop: unsynchronized and not ready, whatever the
+/// clock's state, and replies from now on say so too.
+fn publish_stopping(shared: &Shared, outputs: &Outputs) {
+    let mut status = (**shared.status.load()).clone();
+    status.tracking.synchronized = false;
+    status.tracking.ready = false;
+    status.tracking.leap = leap_name(LeapIndicator::Unknown).into();
+    shared.status.store(Arc::new(status.clone()));
+    let _ = outputs.snapshots.send(status);
+    let timescale = shared.server.clock().timescale;
+    shared.server.publish_clock(
+        stratum_ntp::server::ServerClockState::unsynchronized(-20),
+        timescale,
+    );
 }
 
 fn needs_reresolve(state: &SystemState) -> bool {
@@ -661,9 +719,11 @@ fn leap_name(leap: LeapIndicator) -> &'static str {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // the loop's state, borrowed piece by piece
 fn publish(
     opts: &AgentOptions,
     config: &AgentConfig,
+    config_origin: ConfigOrigin,
     config_error: &Option<String>,
     backend: &Backend,
     state: &SystemState,
@@ -683,6 +743,7 @@ fn publish(
             version: opts.version.clone(),
             clock: clock_name(backend).into(),
             config_revision: config.revision.clone(),
+            config_source: config_origin,
             config_error: config_error.clone(),
         },
         tracking: Tracking {
@@ -703,6 +764,7 @@ fn publish(
             min_sources,
             steps: state.steps,
             last_step_seconds: state.last_step.map(|s| s.offset),
+            last_step_unix_nanos: state.last_step.map(|s| s.at.unix_nanos()),
             refusal: state.refusal.as_ref().map(refusal_text),
             last_update_ago_seconds: state.last_update.map(|t| backend.now().secs_since(t)),
         },
@@ -711,12 +773,7 @@ fn publish(
     shared
         .metrics
         .observe(state, node_offset, agreeing, min_sources);
-    shared.heartbeat.store(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    shared.beat();
     shared.status.store(Arc::new(status.clone()));
     let _ = outputs.snapshots.send(status);
 }

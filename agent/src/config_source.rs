@@ -11,6 +11,8 @@ use kube::runtime::watcher;
 use stratum_api::agent_config::{AgentConfig, config_map_payload};
 use tokio::sync::mpsc;
 
+use crate::config_cache::ConfigOrigin;
+
 /// How often the file source checks for changes.
 const FILE_POLL: Duration = Duration::from_millis(500);
 
@@ -45,8 +47,22 @@ impl std::fmt::Display for ConfigSource {
 pub enum ConfigUpdate {
     /// A valid config (possibly equal to the previous one).
     Valid(Box<AgentConfig>),
+    /// The last good config of an earlier run ([`crate::config_cache`]), while the source has
+    /// given none: run it, but do not store it again.
+    Cached(Box<AgentConfig>),
     /// The source changed to something unusable; the previous config stays in force.
     Rejected(String),
+}
+
+impl ConfigUpdate {
+    /// The config to run and where it came from, or why the change was rejected.
+    pub fn into_config(self) -> Result<(AgentConfig, ConfigOrigin), String> {
+        match self {
+            ConfigUpdate::Valid(c) => Ok((*c, ConfigOrigin::Source)),
+            ConfigUpdate::Cached(c) => Ok((*c, ConfigOrigin::Cache)),
+            ConfigUpdate::Rejected(why) => Err(why),
+        }
+    }
 }
 
 /// Parses one document (plain JSON or gzip) into an update.

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod clock;
+pub mod config_cache;
 pub mod config_source;
 pub mod drift;
 pub mod loadgen;

@@ -9,11 +9,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use stratum_agent::agent::{self, AgentOptions, Outputs, Shared};
 use stratum_agent::clock::{Backend, SimulationParams, SystemClockPolicy};
-use stratum_agent::config_source::{self, ConfigSource};
+use stratum_agent::config_cache::{ConfigCache, ConfigOrigin};
+use stratum_agent::config_source::{self, ConfigSource, ConfigUpdate};
 use stratum_agent::metrics::Metrics;
 use stratum_agent::server::{ServerOptions, default_workers};
 use stratum_agent::{VERSION, ops, report};
-use stratum_api::agent_config::{ClockBackend, LogLevel};
+use stratum_api::agent_config::{AgentConfig, ClockBackend, LogLevel};
 use tokio::sync::{mpsc, watch};
 
 #[derive(Parser)]
@@ -156,60 +157,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None
     };
 
-    let (config_tx, mut config_rx) = mpsc::channel(8);
-    tracing::info!(%source, node = %args.node_name, "starting");
-    tokio::spawn(config_source::watch(source, client.clone(), config_tx));
-
-    // The backend comes from the flag or the first valid config.
-    let first = loop {
-        match config_rx.recv().await {
-            Some(config_source::ConfigUpdate::Valid(c)) => {
-                logging.apply(c.log_level);
-                break c;
-            }
-            Some(config_source::ConfigUpdate::Rejected(why)) => {
-                tracing::error!(reason = %why, "config rejected; waiting for a valid one")
-            }
-            None => anyhow::bail!("config source closed"),
-        }
-    };
-    let kind = match args.clock {
-        Some(ClockArg::System) => ClockBackend::System,
-        Some(ClockArg::Readonly) => ClockBackend::Readonly,
-        Some(ClockArg::Simulated) => ClockBackend::Simulated,
-        None => first.clock.backend,
-    };
-    let sim = SimulationParams {
-        initial_offset: args.sim_offset,
-        frequency_error_ppm: args.sim_frequency_ppm,
-        wander_ppm_per_sqrt_s: args.sim_wander,
-        seed: rand::random(),
-    };
-    let backend = Backend::open(
-        kind,
-        first.discipline.rtc_sync,
-        sim,
-        SystemClockPolicy::from_env(),
-    )?;
-    tracing::info!(clock = ?kind, "clock backend open");
-
-    // Hand the first config to the loop again, then keep forwarding.
-    let (loop_tx, loop_rx) = mpsc::channel(8);
-    loop_tx
-        .send(config_source::ConfigUpdate::Valid(first))
-        .await
-        .ok();
-    tokio::spawn(async move {
-        while let Some(u) = config_rx.recv().await {
-            if let config_source::ConfigUpdate::Valid(c) = &u {
-                logging.apply(c.log_level);
-            }
-            if loop_tx.send(u).await.is_err() {
-                return;
-            }
-        }
-    });
-
+    // The probes and metrics answer from here on: liveness must never wait for a config, and
+    // so never for the API server.
     let shared = Shared::with_server(
         Metrics::new()?,
         ServerOptions {
@@ -222,9 +171,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             ..ServerOptions::default()
         },
     );
-    let (snap_tx, snap_rx) = watch::channel(Default::default());
-    let (event_tx, event_rx) = mpsc::channel(64);
-    let (hb_tx, hb_rx) = watch::channel(Duration::from_secs(60));
     let metrics_listener = ops::serve(args.metrics_addr, ops::metrics_router(shared.clone()));
     let status_listener = ops::serve(args.status_addr, ops::status_router(shared.clone()));
     tokio::spawn(async move {
@@ -237,7 +183,63 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             tracing::error!(error = %e, "status server failed");
         }
     });
-    if let (Some(client), false) = (client, args.no_report) {
+
+    let cache = args
+        .state_dir
+        .as_deref()
+        .and_then(|dir| ConfigCache::for_source(dir, &source));
+    let (config_tx, mut config_rx) = mpsc::channel(8);
+    tracing::info!(%source, node = %args.node_name, "starting");
+    tokio::spawn(config_source::watch(source, client.clone(), config_tx));
+
+    // The backend comes from the flag or the first config: the source's, or the cached one
+    // when the source gives none within the grace (the API server is down or the ConfigMap
+    // unusable).
+    let (first_config, origin) =
+        first_config(&mut config_rx, cache.as_deref(), CACHE_GRACE).await?;
+    logging.apply(first_config.log_level);
+    let kind = match args.clock {
+        Some(ClockArg::System) => ClockBackend::System,
+        Some(ClockArg::Readonly) => ClockBackend::Readonly,
+        Some(ClockArg::Simulated) => ClockBackend::Simulated,
+        None => first_config.clock.backend,
+    };
+    let sim = SimulationParams {
+        initial_offset: args.sim_offset,
+        frequency_error_ppm: args.sim_frequency_ppm,
+        wander_ppm_per_sqrt_s: args.sim_wander,
+        seed: rand::random(),
+    };
+    let backend = Backend::open(
+        kind,
+        first_config.discipline.rtc_sync,
+        sim,
+        SystemClockPolicy::from_env(),
+    )?;
+    tracing::info!(clock = ?kind, "clock backend open");
+
+    // Hand the first config to the loop again, then keep forwarding.
+    let (loop_tx, loop_rx) = mpsc::channel(8);
+    let first = match origin {
+        ConfigOrigin::Cache => ConfigUpdate::Cached(first_config),
+        ConfigOrigin::Source | ConfigOrigin::None => ConfigUpdate::Valid(first_config),
+    };
+    loop_tx.send(first).await.ok();
+    tokio::spawn(async move {
+        while let Some(u) = config_rx.recv().await {
+            if let ConfigUpdate::Valid(c) = &u {
+                logging.apply(c.log_level);
+            }
+            if loop_tx.send(u).await.is_err() {
+                return;
+            }
+        }
+    });
+
+    let (snap_tx, snap_rx) = watch::channel(Default::default());
+    let (event_tx, event_rx) = mpsc::channel(64);
+    let (hb_tx, hb_rx) = watch::channel(Duration::from_secs(60));
+    let reporter = if let (Some(client), false) = (client, args.no_report) {
         tokio::spawn(report::run(
             client,
             args.node_name.clone(),
@@ -245,14 +247,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             hb_rx,
             snap_rx,
             event_rx,
-        ));
+        ))
     } else {
         // Keep the channels open so the loop's sends succeed and are dropped.
         tokio::spawn(async move {
             let (_hb, _snap, mut events) = (hb_rx, snap_rx, event_rx);
             while events.recv().await.is_some() {}
-        });
-    }
+        })
+    };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -276,13 +278,74 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         node: args.node_name,
         state_dir: args.state_dir,
         version: VERSION.into(),
+        config_cache: cache,
     };
     let outputs = Outputs {
         snapshots: snap_tx,
         events: event_tx,
         heartbeat: hb_tx,
     };
-    agent::run(opts, backend, shared, outputs, loop_rx, shutdown_rx).await
+    let result = agent::run(opts, backend, shared, outputs, loop_rx, shutdown_rx).await;
+    // The loop published "unsynchronized" on its way out; give the reporter a bounded moment
+    // to write it, so the endpoints drop before the process is gone but the exit stays fast.
+    if tokio::time::timeout(FINAL_REPORT_DEADLINE, reporter)
+        .await
+        .is_err()
+    {
+        tracing::warn!(deadline = ?FINAL_REPORT_DEADLINE, "the last NodeClock write did not finish");
+    }
+    result
+}
+
+/// How long a start waits for the source before running the cached config instead.
+const CACHE_GRACE: Duration = Duration::from_millis(500);
+
+/// How long the exit waits for the last NodeClock write.
+const FINAL_REPORT_DEADLINE: Duration = Duration::from_millis(700);
+
+/// The first config to run and where it came from: the source's first valid one if it comes
+/// within `grace`, else the cached one (at once when the source rejects its config), else the
+/// source's first valid one whenever it comes.
+async fn first_config(
+    rx: &mut mpsc::Receiver<ConfigUpdate>,
+    cache: Option<&ConfigCache>,
+    grace: Duration,
+) -> anyhow::Result<(Box<AgentConfig>, ConfigOrigin)> {
+    let mut cached = match cache.map(ConfigCache::load) {
+        Some(Ok(cached)) => cached.map(Box::new),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "ignoring the cached config");
+            None
+        }
+        None => None,
+    };
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        let update = match &cached {
+            Some(_) => tokio::time::timeout_at(deadline, rx.recv())
+                .await
+                .unwrap_or(None),
+            None => rx.recv().await,
+        };
+        match update {
+            Some(ConfigUpdate::Valid(c)) => return Ok((c, ConfigOrigin::Source)),
+            Some(ConfigUpdate::Cached(c)) => return Ok((c, ConfigOrigin::Cache)),
+            Some(ConfigUpdate::Rejected(why)) => {
+                tracing::error!(reason = %why, "config rejected; waiting for a valid one");
+            }
+            None if cached.is_none() => anyhow::bail!("config source closed"),
+            None => {}
+        }
+        // Past the grace, or the source has only a bad config: the last good one runs.
+        if let Some(config) = cached.take() {
+            tracing::warn!(
+                revision = %config.revision,
+                "no valid config from the source yet; running the last good config from the \
+                 state directory"
+            );
+            return Ok((config, ConfigOrigin::Cache));
+        }
+    }
 }
 
 /// The filter of the agent's log: `RUST_LOG` when set (someone debugging this node wins),

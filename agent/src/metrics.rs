@@ -5,6 +5,8 @@
 use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use stratum_ntp::system::{SourceState, SystemState};
 
+use crate::config_cache::ConfigOrigin;
+
 /// Every metric the agent exports.
 pub struct Metrics {
     registry: Registry,
@@ -37,6 +39,7 @@ pub struct Metrics {
     pub tenant_requests: IntCounterVec,
     /// Kiss-o'-Death replies by code.
     pub tenant_kod: IntCounterVec,
+    config_source: IntGaugeVec,
 }
 
 const SOURCE_STATES: [&str; 6] = [
@@ -77,6 +80,12 @@ impl Metrics {
             IntCounterVec::new(Opts::new(name, help), labels)
         };
         Ok(Self {
+            config_source: reg!(igv(
+                "stratum_agent_config_source",
+                "1 for where the config in force came from: the source (its ConfigMap), the \
+                 cache of the last good config (while the source gives none), or none yet.",
+                &["source"]
+            )?),
             info: reg!(igv(
                 "stratum_agent_info",
                 "Agent identity (always 1).",
@@ -170,6 +179,16 @@ impl Metrics {
             )?),
             registry,
         })
+        .inspect(|m| m.set_config_origin(ConfigOrigin::None))
+    }
+
+    /// Marks where the config in force came from (one series at 1, the others at 0).
+    pub fn set_config_origin(&self, origin: ConfigOrigin) {
+        for o in ConfigOrigin::ALL {
+            self.config_source
+                .with_label_values(&[o.name()])
+                .set(i64::from(o == origin));
+        }
     }
 
     /// Mirrors a system snapshot into the gauges. `node_offset` is the node clock's offset

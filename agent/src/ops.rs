@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::{Query, State};
@@ -15,7 +14,7 @@ use axum::routing::get;
 use crate::agent::Shared;
 
 /// The loop is considered hung when it has not run for this long.
-const LIVENESS_STALE_SECS: u64 = 30;
+const LIVENESS_STALE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Routes of the metrics port.
 pub fn metrics_router(shared: Arc<Shared>) -> Router {
@@ -46,17 +45,15 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     )
 }
 
-/// Live while the run loop turns; independent of upstream reachability.
+/// Live while the run loop turns; independent of upstream reachability and of the API server
+/// (the metrics port answers from process start, before any config).
 async fn healthz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let last = shared.heartbeat.load(std::sync::atomic::Ordering::Relaxed);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    // Before the first config the loop has not published; that is not a hang.
-    if last == 0 || now.saturating_sub(last) < LIVENESS_STALE_SECS {
-        (StatusCode::OK, "ok\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "run loop stalled\n")
+    match shared.since_last_beat() {
+        // Before the first config the loop has not turned; that is not a hang.
+        Some(stalled) if stalled >= LIVENESS_STALE => {
+            (StatusCode::SERVICE_UNAVAILABLE, "run loop stalled\n")
+        }
+        _ => (StatusCode::OK, "ok\n"),
     }
 }
 

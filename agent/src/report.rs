@@ -178,7 +178,10 @@ pub fn node_clock_status(status: &AgentStatus, now: Time) -> NodeClockStatus {
         root_dispersion_nanos: nanos(t.root_dispersion_seconds),
         leap,
         last_step: t.last_step_seconds.map(|s| ClockStep {
-            time: None,
+            time: t
+                .last_step_unix_nanos
+                .and_then(|n| k8s_openapi::jiff::Timestamp::from_nanosecond(i128::from(n)).ok())
+                .map(Time),
             amount_nanos: nanos(s),
         }),
         sources,
@@ -314,9 +317,13 @@ pub async fn run(
     let mut last_written: Option<NodeClockStatus> = None;
     let mut object_applied_for: Option<String> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut events_open = true;
+    // The loop has stopped: the last status (unsynchronized, see `agent::run`) is written at
+    // once, whatever the write policy says, and then the reporter ends.
+    let mut closing = false;
     loop {
         tokio::select! {
-            event = events.recv() => match event {
+            event = events.recv(), if events_open => match event {
                 Some(event) => {
                     match tokio::time::timeout(API_DEADLINE, recorder.publish(&event.to_event(), &node_ref)).await {
                         Ok(Ok(())) => {}
@@ -324,13 +331,16 @@ pub async fn run(
                         Err(_) => tracing::warn!(deadline = ?API_DEADLINE, "publishing event timed out"),
                     }
                 }
-                None => return,
+                None => events_open = false,
             },
             _ = tick.tick() => {}
-            changed = snapshots.changed() => if changed.is_err() { return },
+            changed = snapshots.changed() => closing = changed.is_err(),
         }
         let status = snapshots.borrow().clone();
         if status.identity.config_revision.is_empty() {
+            if closing {
+                return;
+            }
             continue; // no config applied yet: nothing meaningful to report
         }
         let time_service = if status.identity.time_service.is_empty() {
@@ -347,7 +357,10 @@ pub async fn run(
             heartbeat: *heartbeat.borrow(),
             ..policy
         };
-        if !policy.should_write(changed, now) {
+        if closing && !changed {
+            return;
+        }
+        if !closing && !policy.should_write(changed, now) {
             continue;
         }
         if object_applied_for.as_deref() != Some(time_service.as_str()) {
@@ -394,6 +407,9 @@ pub async fn run(
             Err(_) => {
                 tracing::warn!(deadline = ?API_DEADLINE, "writing NodeClock status timed out")
             }
+        }
+        if closing {
+            return;
         }
     }
 }

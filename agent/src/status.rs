@@ -30,6 +30,9 @@ pub struct Identity {
     pub clock: String,
     /// Config revision in force.
     pub config_revision: String,
+    /// Where that config came from: its source, or the cache of the last good config.
+    #[serde(default)]
+    pub config_source: crate::config_cache::ConfigOrigin,
     /// Last config problem, when the latest change was rejected.
     pub config_error: Option<String>,
 }
@@ -72,6 +75,9 @@ pub struct Tracking {
     pub steps: u32,
     /// Last step, seconds (positive: forward).
     pub last_step_seconds: Option<f64>,
+    /// When it was made, nanoseconds since the Unix epoch on the served clock.
+    #[serde(default)]
+    pub last_step_unix_nanos: Option<i64>,
     /// Why the last correction was refused, if it was.
     pub refusal: Option<String>,
     /// Seconds since the last clock update.

@@ -20,6 +20,7 @@ fn status() -> AgentStatus {
             version: "0.1.0".into(),
             clock: "simulated".into(),
             config_revision: "rev-7".into(),
+            config_source: Default::default(),
             config_error: None,
         },
         tracking: Tracking {
@@ -67,6 +68,13 @@ fn respond(send: tower_test::mock::SendResponse<Response<Body>>, body: serde_jso
             .body(Body::from(serde_json::to_vec(&body).unwrap()))
             .unwrap(),
     );
+}
+
+/// What the API server answers a patch of worker-1's NodeClock with: the whole object.
+fn whole_object(mut body: serde_json::Value) -> serde_json::Value {
+    body["metadata"] = serde_json::json!({"name": "worker-1"});
+    body["spec"] = serde_json::json!({"timeService": "cluster-time"});
+    body
 }
 
 /// `report::run` for node worker-1 against a mock API server, with the channels that feed it.
@@ -180,4 +188,50 @@ async fn events_are_published_on_the_node() {
     assert_eq!(body["reportingInstance"], "worker-1");
     assert!(body["note"].as_str().unwrap().contains("must not be 0"));
     respond(send, body);
+}
+
+#[tokio::test]
+async fn the_last_status_is_written_at_once_when_the_agent_stops_and_then_the_reporter_ends() {
+    let mut r = Reporter::start();
+    let mut first = status();
+    first.tracking.last_step_seconds = Some(-0.25);
+    first.tracking.last_step_unix_nanos = Some(1_790_000_000_123_000_000);
+    r.snapshots.send(first).unwrap();
+    let (_, _, body, send) = next_request(&mut r.handle).await;
+    respond(send, whole_object(body));
+    let (_, _, body, send) = next_request(&mut r.handle).await;
+    assert_eq!(body["status"]["lastStep"]["amountNanos"], -250_000_000);
+    assert_eq!(
+        body["status"]["lastStep"]["time"],
+        "2026-09-21T14:13:20Z", // metav1.Time: whole seconds
+        "{body}"
+    );
+    respond(send, whole_object(body));
+
+    // The loop stops well inside the minimum write interval: its last word (unsynchronized)
+    // is written anyway, because the node's endpoints must drop before the agent is gone.
+    let mut stopping = status();
+    stopping.tracking.synchronized = false;
+    stopping.tracking.ready = false;
+    r.snapshots.send(stopping).unwrap();
+    let Reporter {
+        handle,
+        snapshots,
+        events,
+        task,
+        ..
+    } = &mut r;
+    let (snapshots, events) = (
+        std::mem::replace(snapshots, watch::channel(AgentStatus::default()).0),
+        std::mem::replace(events, mpsc::channel(1).0),
+    );
+    drop((snapshots, events));
+    let (_, uri, body, send) = next_request(handle).await;
+    assert!(uri.contains("/nodeclocks/worker-1/status"), "{uri}");
+    assert_eq!(body["status"]["synchronized"], false);
+    respond(send, whole_object(body));
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the reporter did not end after its last write")
+        .unwrap();
 }

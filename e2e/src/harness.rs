@@ -201,6 +201,17 @@ pub fn name_of<K: ResourceExt>(k: &K) -> String {
     k.name_any()
 }
 
+/// `GET url` through curl (no HTTP client in this crate); the body on a 2xx answer.
+pub fn http_get(url: &str) -> Option<String> {
+    let out = std::process::Command::new("curl")
+        .args(["-fsS", "--max-time", "5", url])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Sends one NTP client request from inside network namespace `netns` (via the stratumctl
 /// binary) and returns its JSON answer, or `None` when nothing came back.
 pub fn query_from_netns(netns: &str, server: SocketAddr) -> Option<serde_json::Value> {

@@ -78,15 +78,6 @@ async fn pods(client: &kube::Client, name: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// `GET url` through curl (no HTTP client in this crate); the body on a 2xx answer.
-fn http_get(url: &str) -> Option<String> {
-    let out = Command::new("curl")
-        .args(["-fsS", "--max-time", "5", url])
-        .output()
-        .ok()?;
-    out.status.success().then(|| text(&out.stdout))
-}
-
 /// An instant query through Prometheus' HTTP API: the result vector.
 fn prom_query(query: &str) -> Option<Vec<serde_json::Value>> {
     let out = Command::new("curl")

@@ -168,3 +168,303 @@ async fn the_agent_container_runs_without_sys_time_drains_before_it_exits_and_ke
         "the new agent restored {restored} ppm, the file held {saved} ppm"
     );
 }
+
+/// The kubelet's restart count of the agent container on `node`'s current pod.
+async fn agent_restarts(client: &kube::Client, node: &str) -> Option<i32> {
+    let pod = agent_pod(client, node).await?;
+    Some(pod.status?.container_statuses?.first()?.restart_count)
+}
+
+/// Seconds the process `pid` has run, from /proc (clock ticks of 10 ms).
+fn process_age(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22 (starttime), counted after the parenthesised command name.
+    let after_comm = stat.rsplit_once(')')?.1;
+    let start_ticks: f64 = after_comm.split_whitespace().nth(19)?.parse().ok()?;
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(uptime - start_ticks / 100.0)
+}
+
+/// `stratum_agent_config_source{source="…"}` at 1 on the agent's metrics port, if readable.
+fn config_source(node_ip: &str) -> Option<String> {
+    let metrics = http_get(&format!("http://{node_ip}:9123/metrics"))?;
+    metrics.lines().find_map(|l| {
+        let rest = l.strip_prefix("stratum_agent_config_source{source=\"")?;
+        let (source, value) = rest.split_once("\"} ")?;
+        (value.trim() == "1").then(|| source.to_string())
+    })
+}
+
+/// The agent container that replaced `old` on `node` (the kubelet restarted it), once it runs
+/// (and, with `ready`, is Ready): its ID and host PID.
+async fn restarted_agent(
+    client: &kube::Client,
+    node: &str,
+    old: &str,
+    ready: bool,
+) -> (String, u32) {
+    wait_for(
+        Duration::from_secs(90),
+        "the agent restarted by the kubelet",
+        || async {
+            let pod = agent_pod(client, node).await?;
+            if ready && pod_ready(&pod) != Some(true) {
+                return None;
+            }
+            let id = pod
+                .status?
+                .container_statuses?
+                .first()?
+                .container_id
+                .clone()?;
+            let id = id.trim_start_matches("containerd://").to_string();
+            let pid = (id != old).then(|| container_pid(&id)).flatten()?;
+            Some((id, pid))
+        },
+    )
+    .await
+    .0
+}
+
+/// IDs of the node's running containers (`ctr tasks ls`).
+fn running_tasks() -> std::collections::BTreeSet<String> {
+    String::from_utf8_lossy(&ctr(&["tasks", "ls"]).stdout)
+        .lines()
+        .filter(|l| l.split_whitespace().nth(2) == Some("RUNNING"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// Sends SIGTERM to `pid` and returns how long it took to exit.
+fn terminate(pid: u32) -> Duration {
+    let signalled = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -TERM {pid}");
+    while process_alive(pid) {
+        assert!(
+            signalled.elapsed() < Duration::from_secs(15),
+            "pid {pid} still runs 15 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    signalled.elapsed()
+}
+
+/// The API server, as the real node's host-network pods reach it (the `kubernetes` Service),
+/// dropped in the node's network namespace: connections hang, as in an outage. The kubelet
+/// and kube-proxy use the API server's own address and are untouched. Removed on drop.
+struct ApiOutage {
+    rule: Vec<String>,
+}
+
+impl ApiOutage {
+    fn start(cluster_ip: &str) -> Self {
+        let rule: Vec<String> = [
+            "OUTPUT", "-p", "tcp", "-d", cluster_ip, "--dport", "443", "-j", "DROP",
+        ]
+        .map(String::from)
+        .to_vec();
+        let status = Self::iptables("-I", &rule);
+        assert!(status.success(), "cutting the API server off: {status}");
+        Self { rule }
+    }
+
+    fn iptables(op: &str, rule: &[String]) -> std::process::ExitStatus {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &format!("e2e-{}", real_node())])
+            .args(["iptables", "-w", "-t", "raw", op])
+            .args(rule)
+            .status()
+            .expect("iptables")
+    }
+}
+
+impl Drop for ApiOutage {
+    fn drop(&mut self) {
+        let _ = Self::iptables("-D", &self.rule);
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster and the images of `make images`: make e2e"]
+async fn the_agent_says_unsynchronized_before_it_exits_and_rides_out_an_api_outage_on_its_cached_config()
+ {
+    let client = client().await;
+    ensure_shared_time_service(&client).await;
+    let node = real_node();
+    let ns = "e2e-outage";
+    namespace(&client, ns, serde_json::json!({})).await;
+    apply_tenant(&client, ns, serde_json::json!({})).await;
+    let client_ip = tenant_pod(&client, ns, "client", "kwok-node-0").await;
+    let _netns = PodNetns::new("e2e-t-outage", &client_ip);
+    let port = tenant_port(&client, ns).await;
+    let node_ip = node_ip(&client, &node).await;
+    let agent_addr: std::net::SocketAddr =
+        (node_ip.parse::<std::net::IpAddr>().unwrap(), port).into();
+    let served =
+        || query_from_netns("e2e-t-outage", agent_addr).filter(|a| a["kissCode"].is_null());
+    let (_, container_id) = ready_agent_pod(&client, &node).await;
+    wait_for(
+        Duration::from_secs(60),
+        "the tenant served by the real node's agent",
+        || async { served() },
+    )
+    .await;
+
+    // The config it runs is kept on the node for a start without the API server.
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(client.clone(), AGENT_NAMESPACE);
+    let cache = std::path::Path::new(&drift_directory()).join(format!(
+        "last-config.{AGENT_NAMESPACE}.{SHARED_TIME_SERVICE}-agent-config.json.gz"
+    ));
+    wait_for(
+        Duration::from_secs(30),
+        "the agent's cached config to be the ConfigMap's",
+        || async {
+            let cm = cms
+                .get(&format!("{SHARED_TIME_SERVICE}-agent-config"))
+                .await
+                .ok()?;
+            let current = stratum_api::AgentConfig::from_config_map(&cm)
+                .ok()?
+                .revision;
+            let cached = stratum_api::AgentConfig::from_bytes(&std::fs::read(&cache).ok()?).ok()?;
+            (cached.revision == current).then_some(())
+        },
+    )
+    .await;
+
+    // SIGTERM (no pod deletion, so no preStop): the NodeClock says unsynchronized before the
+    // process is gone, and the exit takes under a second.
+    let clocks: Api<stratum_api::NodeClock> = Api::all(client.clone());
+    let synchronized =
+        |nc: &stratum_api::NodeClock| nc.status.as_ref().is_some_and(|s| s.synchronized);
+    let (before, _) = wait_for(
+        Duration::from_secs(60),
+        "the real node's NodeClock synchronized",
+        || async { clocks.get(&node).await.ok().filter(synchronized) },
+    )
+    .await;
+    let pid = container_pid(&container_id).expect("the agent's pid");
+    let tasks_before = running_tasks();
+    let took = terminate(pid);
+    let after = clocks.get(&node).await.unwrap();
+    // Read before any new container ran, so what it says is the old agent's last word.
+    let new_tasks: Vec<String> = running_tasks().difference(&tasks_before).cloned().collect();
+    assert!(
+        new_tasks.is_empty(),
+        "a container started before the NodeClock was read: {new_tasks:?}"
+    );
+    eprintln!(
+        "SIGTERM to exit: {:.3} s; NodeClock synchronized={} when the process was gone",
+        took.as_secs_f64(),
+        synchronized(&after)
+    );
+    assert!(
+        !synchronized(&after),
+        "the agent exited with its NodeClock still synchronized"
+    );
+    assert_ne!(
+        after.metadata.resource_version,
+        before.metadata.resource_version
+    );
+    assert!(took < Duration::from_secs(1), "the exit took {took:?}");
+
+    // The kubelet restarts it; once it serves and syncs again, the API server goes away.
+    let (container_id, _) = restarted_agent(&client, &node, &container_id, true).await;
+    wait_for(
+        Duration::from_secs(60),
+        "the restarted agent serving",
+        || async { served() },
+    )
+    .await;
+    let kubernetes_ip = cluster_ip(&client, "default", "kubernetes").await;
+    let outage = ApiOutage::start(&kubernetes_ip);
+    let cut_at = Instant::now();
+
+    // Restarted during the outage, it starts from its cached config.
+    let pid = container_pid(&container_id).expect("the agent's pid");
+    let took = terminate(pid);
+    let (_, new_pid) = restarted_agent(&client, &node, &container_id, false).await;
+    let (_, _) = poll_until(
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        "the agent restarted in the outage serving",
+        || async { served() },
+    )
+    .await;
+    let serving_at_age = process_age(new_pid).unwrap();
+    let source = config_source(&node_ip);
+    eprintln!(
+        "API server cut off: SIGTERM to exit {:.3} s; the new agent served its tenant {:.2} s \
+         after its process started (config source {source:?})",
+        took.as_secs_f64(),
+        serving_at_age
+    );
+    assert_eq!(source.as_deref(), Some("cache"));
+    let restarts = agent_restarts(&client, &node).await.unwrap();
+
+    // Five minutes without the API server: the kubelet's liveness probe never fails, the
+    // agent keeps serving, and its NodeClock (unreachable) is not written.
+    let outage_for = Duration::from_secs(
+        std::env::var("STRATUM_E2E_OUTAGE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(300),
+    );
+    let frozen = clocks.get(&node).await.unwrap().metadata.resource_version;
+    let mut checks = 0;
+    while cut_at.elapsed() < outage_for {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(process_alive(new_pid), "the agent died in the outage");
+        assert_eq!(
+            agent_restarts(&client, &node).await,
+            Some(restarts),
+            "the kubelet restarted the agent during the outage (liveness failed?)"
+        );
+        assert!(
+            served().is_some(),
+            "the tenant was not served {:?} into the outage",
+            cut_at.elapsed()
+        );
+        checks += 1;
+    }
+    assert_eq!(
+        clocks.get(&node).await.unwrap().metadata.resource_version,
+        frozen,
+        "the NodeClock was written: the outage did not cut the agent off"
+    );
+    eprintln!(
+        "{:.0} s of API outage: live, serving and not restarted at {checks} checks",
+        cut_at.elapsed().as_secs_f64()
+    );
+
+    // Back: the agent finds its ConfigMap again and reports.
+    drop(outage);
+    let (_, back) = wait_for(
+        Duration::from_secs(120),
+        "the agent's config from its ConfigMap again",
+        || async { (config_source(&node_ip)? == "source").then_some(()) },
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(60),
+        "the NodeClock written again",
+        || async {
+            (clocks.get(&node).await.ok()?.metadata.resource_version != frozen).then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "API server back: config from the ConfigMap after {:.1} s",
+        back.as_secs_f64()
+    );
+}
