@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, watch};
 use crate::clock::Backend;
 use crate::config_cache::{ConfigCache, ConfigOrigin};
 use crate::config_source::ConfigUpdate;
+use crate::host_daemons::HostDaemonView;
 use crate::metrics::Metrics;
 use crate::report::AgentEvent;
 use crate::server::{Server, ServerOptions};
@@ -260,6 +261,8 @@ pub struct Shared {
     started: std::time::Instant,
     /// The tenant NTP server (ports open on the first valid config).
     pub server: Server,
+    /// Other time daemons on the node, as last observed.
+    pub host_daemons: ArcSwap<HostDaemonView>,
 }
 
 impl Shared {
@@ -276,6 +279,7 @@ impl Shared {
             heartbeat: std::sync::atomic::AtomicU64::new(0),
             started: std::time::Instant::now(),
             server: Server::new(options),
+            host_daemons: ArcSwap::from_pointee(HostDaemonView::default()),
         })
     }
 
@@ -733,6 +737,7 @@ fn publish(
     let agreeing = agreeing_sources(state);
     let min_sources = usize::from(config.selection.min_sources);
     let node_offset = backend.node_offset(-state.offset);
+    let host_daemons = shared.host_daemons.load();
     let peer = state
         .system_peer
         .and_then(|id| state.sources.iter().find(|s| s.id == id));
@@ -766,6 +771,8 @@ fn publish(
             last_step_seconds: state.last_step.map(|s| s.offset),
             last_step_unix_nanos: state.last_step.map(|s| s.at.unix_nanos()),
             refusal: state.refusal.as_ref().map(refusal_text),
+            other_time_daemon: host_daemons.detection.describe(),
+            clock_yielded: host_daemons.yielded.clone(),
             last_update_ago_seconds: state.last_update.map(|t| backend.now().secs_since(t)),
         },
         sources: source_views(state),

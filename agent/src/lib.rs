@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config_cache;
 pub mod config_source;
 pub mod drift;
+pub mod host_daemons;
 pub mod loadgen;
 pub mod metrics;
 pub mod ops;

@@ -1,8 +1,11 @@
 //! `stratum-agent`: the node daemon. See docs/contracts.md for the command line the operator's
 //! DaemonSet uses.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,6 +14,7 @@ use stratum_agent::agent::{self, AgentOptions, Outputs, Shared};
 use stratum_agent::clock::{Backend, SimulationParams, SystemClockPolicy};
 use stratum_agent::config_cache::{ConfigCache, ConfigOrigin};
 use stratum_agent::config_source::{self, ConfigSource, ConfigUpdate};
+use stratum_agent::host_daemons::{self, HostDaemonView};
 use stratum_agent::metrics::Metrics;
 use stratum_agent::server::{ServerOptions, default_workers};
 use stratum_agent::{VERSION, ops, report};
@@ -204,6 +208,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(ClockArg::Simulated) => ClockBackend::Simulated,
         None => first_config.clock.backend,
     };
+    // Beside another daemon the system clock is only observed, unless the TimeService takes
+    // over; a watcher restarts the agent when that changes.
+    let take_over = Arc::new(AtomicBool::new(first_config.discipline.take_over));
+    let detection = host_daemons::observe(&own_ports(&first_config));
+    let configured = kind;
+    let (kind, yielded) =
+        host_daemons::backend_to_run(configured, &detection, first_config.discipline.take_over);
+    if let Some(why) = &yielded {
+        tracing::warn!(reason = %why, "not steering the system clock");
+    } else if let Some(seen) = detection.describe() {
+        tracing::warn!(detail = %seen, "another time daemon seems to run");
+    }
+    shared.metrics.set_host_daemons(&detection);
+    shared
+        .host_daemons
+        .store(Arc::new(HostDaemonView { detection, yielded }));
     let sim = SimulationParams {
         initial_offset: args.sim_offset,
         frequency_error_ppm: args.sim_frequency_ppm,
@@ -225,10 +245,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ConfigOrigin::Source | ConfigOrigin::None => ConfigUpdate::Valid(first_config),
     };
     loop_tx.send(first).await.ok();
+    let forwarded_take_over = Arc::clone(&take_over);
     tokio::spawn(async move {
         while let Some(u) = config_rx.recv().await {
             if let ConfigUpdate::Valid(c) = &u {
                 logging.apply(c.log_level);
+                forwarded_take_over.store(c.discipline.take_over, Ordering::Relaxed);
             }
             if loop_tx.send(u).await.is_err() {
                 return;
@@ -257,6 +279,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown_tx = Arc::new(shutdown_tx);
+    tokio::spawn(watch_host_daemons(
+        shared.clone(),
+        (configured, kind),
+        take_over,
+        Arc::clone(&shutdown_tx),
+    ));
     tokio::spawn(async move {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -295,6 +324,61 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::warn!(deadline = ?FINAL_REPORT_DEADLINE, "the last NodeClock write did not finish");
     }
     result
+}
+
+/// How often the node is looked at for other time daemons.
+const HOST_DAEMON_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Ports this agent binds, which are never another daemon's.
+fn own_ports(config: &AgentConfig) -> BTreeSet<u16> {
+    config
+        .serving
+        .tenants
+        .iter()
+        .map(|t| t.port)
+        .chain(config.serving.peer_port)
+        .collect()
+}
+
+/// Looks for other time daemons every [`HOST_DAEMON_INTERVAL`], publishes what it sees, and
+/// stops the agent (the kubelet restarts it) when the backend it should run changes.
+async fn watch_host_daemons(
+    shared: Arc<Shared>,
+    (configured, running): (ClockBackend, ClockBackend),
+    take_over: Arc<AtomicBool>,
+    shutdown: Arc<watch::Sender<bool>>,
+) {
+    let mut tick = tokio::time::interval(HOST_DAEMON_INTERVAL);
+    tick.tick().await; // the start looked already
+    loop {
+        tick.tick().await;
+        let ports: BTreeSet<u16> = shared
+            .server
+            .stats()
+            .tenants
+            .iter()
+            .map(|t| t.port)
+            .collect();
+        let detection = tokio::task::spawn_blocking(move || host_daemons::observe(&ports))
+            .await
+            .unwrap_or_default();
+        shared.metrics.set_host_daemons(&detection);
+        let restart = host_daemons::restart_reason(
+            running,
+            configured,
+            &detection,
+            take_over.load(Ordering::Relaxed),
+        );
+        let yielded = shared.host_daemons.load().yielded.clone();
+        shared
+            .host_daemons
+            .store(Arc::new(HostDaemonView { detection, yielded }));
+        if let Some(why) = restart {
+            tracing::warn!(reason = %why, "stopping so that the restart runs the right clock backend");
+            let _ = shutdown.send(true);
+            return;
+        }
+    }
 }
 
 /// How long a start waits for the source before running the cached config instead.

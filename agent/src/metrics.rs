@@ -6,6 +6,7 @@ use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opt
 use stratum_ntp::system::{SourceState, SystemState};
 
 use crate::config_cache::ConfigOrigin;
+use crate::host_daemons::{Detection, Evidence};
 
 /// Every metric the agent exports.
 pub struct Metrics {
@@ -40,6 +41,7 @@ pub struct Metrics {
     /// Kiss-o'-Death replies by code.
     pub tenant_kod: IntCounterVec,
     config_source: IntGaugeVec,
+    other_time_daemon: IntGaugeVec,
 }
 
 const SOURCE_STATES: [&str; 6] = [
@@ -85,6 +87,12 @@ impl Metrics {
                 "1 for where the config in force came from: the source (its ConfigMap), the \
                  cache of the last good config (while the source gives none), or none yet.",
                 &["source"]
+            )?),
+            other_time_daemon: reg!(igv(
+                "stratum_agent_other_time_daemon",
+                "1 for each sign of another time daemon on the node: the kernel PLL or FLL on, \
+                 chronyd's command port, or the NTP port bound by another program.",
+                &["evidence"]
             )?),
             info: reg!(igv(
                 "stratum_agent_info",
@@ -179,7 +187,20 @@ impl Metrics {
             )?),
             registry,
         })
-        .inspect(|m| m.set_config_origin(ConfigOrigin::None))
+        .inspect(|m| {
+            m.set_config_origin(ConfigOrigin::None);
+            m.set_host_daemons(&Detection::default());
+        })
+    }
+
+    /// Mirrors the last look for other time daemons (every evidence label, 0 or 1).
+    pub fn set_host_daemons(&self, detection: &Detection) {
+        for label in Evidence::LABELS {
+            let seen = detection.evidence.iter().any(|e| e.label() == label);
+            self.other_time_daemon
+                .with_label_values(&[label])
+                .set(i64::from(seen));
+        }
     }
 
     /// Marks where the config in force came from (one series at 1, the others at 0).

@@ -199,17 +199,32 @@ pub fn node_clock_status(status: &AgentStatus, now: Time) -> NodeClockStatus {
                     .clone()
                     .unwrap_or_else(|| "config in force".into()),
             ),
+            match &t.clock_yielded {
+                Some(why) => condition("ClockControl", false, "YieldedToOtherDaemon", why.clone()),
+                None => condition(
+                    "ClockControl",
+                    control_ok,
+                    if control_ok {
+                        "Disciplining"
+                    } else {
+                        "Refused"
+                    },
+                    t.refusal
+                        .clone()
+                        .unwrap_or_else(|| format!("clock backend {}", status.identity.clock)),
+                ),
+            },
             condition(
-                "ClockControl",
-                control_ok,
-                if control_ok {
-                    "Disciplining"
+                "OtherTimeDaemon",
+                t.other_time_daemon.is_some(),
+                if t.other_time_daemon.is_some() {
+                    "Detected"
                 } else {
-                    "Refused"
+                    "NoneDetected"
                 },
-                t.refusal
-                    .clone()
-                    .unwrap_or_else(|| format!("clock backend {}", status.identity.clock)),
+                t.other_time_daemon.clone().unwrap_or_else(|| {
+                    "no kernel PLL/FLL, chronyd command port or foreign NTP port seen".into()
+                }),
             ),
         ],
     }
@@ -451,6 +466,39 @@ mod tests {
     }
 
     #[test]
+    fn another_daemon_is_a_condition_and_a_yielded_clock_says_why_it_is_not_controlled() {
+        let cond = |s: &NodeClockStatus, t: &str| {
+            let c = s.conditions.iter().find(|c| c.type_ == t).unwrap();
+            (c.status.clone(), c.reason.clone(), c.message.clone())
+        };
+        let quiet = node_clock_status(&status(true, 0.0), at());
+        assert_eq!(cond(&quiet, "OtherTimeDaemon").1, "NoneDetected");
+        assert_eq!(cond(&quiet, "OtherTimeDaemon").0, "False");
+        assert_eq!(cond(&quiet, "ClockControl").1, "Disciplining");
+
+        let mut beside = status(true, 0.0);
+        beside.tracking.other_time_daemon = Some("the kernel PLL is on".into());
+        beside.tracking.clock_yielded = Some("only observing".into());
+        let s = node_clock_status(&beside, at());
+        assert_eq!(
+            cond(&s, "OtherTimeDaemon"),
+            (
+                "True".into(),
+                "Detected".into(),
+                "the kernel PLL is on".into()
+            )
+        );
+        assert_eq!(
+            cond(&s, "ClockControl"),
+            (
+                "False".into(),
+                "YieldedToOtherDaemon".into(),
+                "only observing".into()
+            )
+        );
+    }
+
+    #[test]
     fn condition_transition_times_move_only_when_the_status_flips() {
         let later = Time(k8s_openapi::jiff::Timestamp::from_second(3600).unwrap());
         let first = node_clock_status(&status(true, 0.0), at());
@@ -490,7 +538,8 @@ mod tests {
                 .iter()
                 .map(|c| c.status.as_str())
                 .collect::<Vec<_>>(),
-            ["True", "True"]
+            ["True", "True", "False"],
+            "ConfigValid, ClockControl, OtherTimeDaemon"
         );
     }
 

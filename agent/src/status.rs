@@ -80,6 +80,12 @@ pub struct Tracking {
     pub last_step_unix_nanos: Option<i64>,
     /// Why the last correction was refused, if it was.
     pub refusal: Option<String>,
+    /// Signs of another time daemon on the node, as a sentence; `None` when none was seen.
+    #[serde(default)]
+    pub other_time_daemon: Option<String>,
+    /// Why the system clock is only observed (another daemon steers it), when it is.
+    #[serde(default)]
+    pub clock_yielded: Option<String>,
     /// Seconds since the last clock update.
     pub last_update_ago_seconds: Option<f64>,
 }

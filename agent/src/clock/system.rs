@@ -119,8 +119,10 @@ pub struct KernelClockState {
     pub frequency_ppm: i64,
     /// Tick length, µs.
     pub tick_us: i64,
-    /// Whether the kernel's own PLL or FLL is on (another daemon steering).
-    pub pll_or_fll: bool,
+    /// Whether the kernel's own PLL is on (STA_PLL: a daemon steering through it).
+    pub pll: bool,
+    /// Whether the kernel's FLL is on (STA_FLL).
+    pub fll: bool,
     /// Whether STA_UNSYNC is clear (someone claims synchronization).
     pub claims_sync: bool,
 }
@@ -131,7 +133,8 @@ pub fn kernel_state() -> Result<KernelClockState, ClockError> {
     Ok(KernelClockState {
         frequency_ppm: (tx.freq as f64 / FREQ_SCALE).round() as i64,
         tick_us: tx.tick,
-        pll_or_fll: tx.status & (libc::STA_PLL | libc::STA_FLL) != 0,
+        pll: tx.status & libc::STA_PLL != 0,
+        fll: tx.status & libc::STA_FLL != 0,
         claims_sync: tx.status & libc::STA_UNSYNC == 0,
     })
 }

@@ -162,6 +162,10 @@ pub struct DisciplineConfig {
     pub rtc_sync: bool,
     /// Absolute path of the drift file.
     pub drift_file: String,
+    /// Steer the system clock even beside another time daemon. Written only when set, so
+    /// agents older than the field keep reading the documents of TimeServices without it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub take_over: bool,
 }
 
 /// Leap settings.
@@ -932,6 +936,7 @@ mod tests {
                 panic_runtime_seconds: 1000.0,
                 rtc_sync: true,
                 drift_file: "/var/lib/stratum/drift".into(),
+                take_over: false,
             },
             leap: LeapConfig {
                 mode: LeapMode::Kernel,

@@ -193,6 +193,11 @@ pub struct Discipline {
     #[x_kube(validation = kube::core::Rule::new("self.startsWith('/')").message("driftDirectory must be an absolute path"))]
     #[schemars(length(max = 4096))]
     pub drift_directory: String,
+    /// Steer the clock even where another time daemon (chronyd, ntpd, ntpd-rs,
+    /// systemd-timesyncd) seems to run. Without it an agent that finds one only observes the
+    /// clock (condition `OtherTimeDaemon` on its NodeClock) until the daemon is stopped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub take_over: bool,
 }
 
 impl Default for Discipline {
@@ -205,6 +210,7 @@ impl Default for Discipline {
             panic_threshold: PanicThreshold::default(),
             rtc_sync: true,
             drift_directory: default_drift_dir(),
+            take_over: false,
         }
     }
 }

@@ -181,6 +181,7 @@ fn build_agent_config_unrevised(
             rtc_sync: spec.discipline.rtc_sync,
             // The drift directory is the host path; agents see it mounted at the state dir.
             drift_file: format!("{}/drift", names::AGENT_STATE_DIR),
+            take_over: spec.discipline.take_over,
         },
         leap: LeapConfig {
             mode: match spec.leap.mode {
