@@ -186,7 +186,7 @@ fn decide_and_build(
                 KissCode::Rate => Outcome::RateLimited { kod: true },
                 _ => Outcome::Denied { kod: true },
             };
-            match build_kod(&view, code, received_at, received_at, out) {
+            match build_kod(&view, code, out) {
                 Some(len) => (outcome, len),
                 None => (Outcome::Ignored, 0),
             }
@@ -206,7 +206,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use stratum_ntp::packet::{LeapIndicator, ReferenceId};
-    use stratum_ntp::server::{ClientRateLimit, DenyAction};
+    use stratum_ntp::server::{ClientRateLimit, DenyAction, RefusalLimit};
     use stratum_ntp::time::NtpTimestamp;
 
     fn now() -> ClockTime {
@@ -229,6 +229,7 @@ mod tests {
                 }),
                 budget: None,
                 max_root_distance: Some(0.5),
+                refusals: RefusalLimit::default(),
             },
             Arc::new(TenantStats::new("ns/a".into(), 1)),
         )
