@@ -1,6 +1,11 @@
 //! The per-packet path, free of IO so tests and the fuzz target drive exactly what workers
 //! run: parse → mode/version → deny list → allow trie → client rate limit → tenant budget →
-//! accuracy requirement → reply or KoD (or nothing). Nothing here allocates.
+//! accuracy requirement → reply, or a KoD within the tenant's refusal budget, or nothing.
+//! Nothing here allocates.
+//!
+//! Only sources past the deny and allow lists are logged for `stratumctl clients` (and only
+//! they reach the rate table): strangers, spoofed or not, are counted in the tenant's
+//! `denied` counter and nowhere else, so they cannot push real clients out of either table.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -94,8 +99,9 @@ pub struct Request<'a> {
 }
 
 /// Handles one request. Writes the answer, if any, into `out` and returns its length with the
-/// outcome. The transmit timestamp is provisional (the receive time): the worker overwrites it
-/// just before sending.
+/// outcome. A served reply's transmit timestamp is provisional (the receive time): the worker
+/// overwrites it just before sending with `patch_transmit_timestamp`, which leaves KoDs
+/// (`Denied { kod: true }`, `RateLimited { kod: true }`) without time.
 pub fn handle_request(
     port: &PortPolicy,
     state: &mut PortState,
@@ -110,14 +116,11 @@ pub fn handle_request(
     } = request;
     let (outcome, len) = decide_and_build(port, state, clock, request, out);
     let logged = match outcome {
-        Outcome::Malformed | Outcome::Ignored => None,
+        // Denied covers the deny list and sources outside the allow list: not clients.
+        Outcome::Malformed | Outcome::Ignored | Outcome::Denied { .. } => None,
         Outcome::Served | Outcome::ServedUnsynchronized => Some(ClientOutcome::Answered),
-        Outcome::Denied { kod: true } | Outcome::RateLimited { kod: true } => {
-            Some(ClientOutcome::Kod)
-        }
-        Outcome::Denied { kod: false } | Outcome::RateLimited { kod: false } => {
-            Some(ClientOutcome::Dropped)
-        }
+        Outcome::RateLimited { kod: true } => Some(ClientOutcome::Kod),
+        Outcome::RateLimited { kod: false } => Some(ClientOutcome::Dropped),
     };
     if let Some(logged) = logged {
         state.clients.record(
