@@ -50,7 +50,7 @@ pub struct ClientRow {
     pub requests: u64,
     /// Requests not answered.
     pub dropped: u64,
-    /// Kiss-o'-Death replies sent.
+    /// Kiss-o'-Death RATE replies sent (strangers, and so DENY, are never logged).
     pub kod: u64,
     /// Last request, nanoseconds since the Unix epoch on the served clock.
     pub last_seen_unix_nanos: i64,

@@ -338,6 +338,29 @@ mod tests {
     }
 
     #[test]
+    fn strangers_never_enter_the_rate_table_or_the_client_log() {
+        let port = port(true);
+        let mut state = PortState::new(64, 1);
+        for i in 0..1000u32 {
+            // Outside the allow list, and on the deny list.
+            for base in [0xC000_0200u32, 0x0A09_0000] {
+                let source = IpAddr::V4((base + i).into());
+                let mut out = [0u8; 48];
+                let request = Request {
+                    source,
+                    bytes: &request(V4_CLIENT),
+                    truncated: false,
+                    received_at: now().add_nanos(i64::from(i) * 1_000_000),
+                };
+                let (outcome, _) = handle_request(&port, &mut state, &synced(), request, &mut out);
+                assert!(matches!(outcome, Outcome::Denied { .. }), "{source}");
+            }
+        }
+        assert_eq!(state.limiter.occupied(), 0);
+        assert_eq!(state.clients.occupied(), 0);
+    }
+
+    #[test]
     fn a_client_over_its_burst_is_limited_and_others_are_not() {
         let port = port(true);
         let mut state = PortState::new(64, 1);
