@@ -73,8 +73,10 @@ fn a_flood_of_strangers_gets_kod_deny_only_within_the_refusal_budget() {
             .unwrap()
             .totals
     };
+    // loadgen counts failed sends in `sent`; those never reached the server.
+    let delivered = flood.sent - flood.send_failures;
     assert!(wait_until(Duration::from_secs(5), || {
-        totals().received >= flood.sent + allowed.sent
+        totals().received >= delivered + allowed.sent - allowed.send_failures
     }));
     let seconds = started.elapsed().as_secs_f64();
     let totals = totals();
@@ -97,10 +99,7 @@ fn a_flood_of_strangers_gets_kod_deny_only_within_the_refusal_budget() {
         totals.kod_deny
     );
     assert!(flood.kod_deny <= totals.kod_deny);
-    assert_eq!(
-        totals.denied, flood.sent,
-        "every stranger counted as denied"
-    );
+    assert_eq!(totals.denied, delivered, "every stranger counted as denied");
     assert_eq!(
         allowed.answered, allowed.sent,
         "the allowed client is answered"
