@@ -51,7 +51,9 @@ fn the_per_packet_path_does_not_allocate() {
             .chain(["127.0.0.0/8".parse().unwrap()])
             .collect(),
         allowed_sets: vec![],
-        denied: vec!["127.0.0.13/32".parse().unwrap()],
+        // Another /24 than the rate-limited clients': refusals are budgeted per source prefix,
+        // and both KoD DENY and KoD RATE must be exercised.
+        denied: vec!["127.0.9.13/32".parse().unwrap()],
         rate_limit: RateLimitConfig {
             client_interval_seconds: 1.0,
             client_burst: 3,
@@ -84,7 +86,7 @@ fn the_per_packet_path_does_not_allocate() {
     control[0] = (2 << 3) | 6;
     let sources: Vec<std::net::IpAddr> = [
         "127.0.0.1",
-        "127.0.0.13",
+        "127.0.9.13",
         "192.0.2.1",
         "10.3.4.5",
         "::ffff:127.0.0.2",

@@ -11,7 +11,9 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Instant;
 use stratum_ntp::leap::LeapMode;
-use stratum_ntp::server::{ClientRateLimit, PrefixTrie, RateLimiter, ServerPolicy, TenantConfig};
+use stratum_ntp::server::{
+    ClientRateLimit, PrefixTrie, RateLimiter, RefusalLimit, ServerPolicy, TenantConfig,
+};
 use stratum_ntp::sim::{Trace, scenarios};
 use stratum_ntp::time::ClockTime;
 
@@ -304,6 +306,7 @@ fn server_figures() {
         client_rate_limit: Some(ClientRateLimit::default()),
         budget: None,
         max_root_distance: None,
+        refusals: RefusalLimit::default(),
     };
     let policy = ServerPolicy::new(&[tenant]);
     let mut limiter = RateLimiter::new(4096, 1);

@@ -324,7 +324,12 @@ impl Source {
         if packet.mode != Mode::Server {
             return SourceEvent::Ignored(IgnoreReason::NotServerMode);
         }
-        if self.last_server_transmit == Some(packet.transmit_timestamp) {
+        // A zero transmit timestamp is no identity: Kiss-o'-Death replies carry none (ours
+        // and ntpd-rs'), and a second KoD must not be taken for a replay of the first. Zero
+        // never yields a sample (BogusTimestamps below).
+        if !packet.transmit_timestamp.is_zero()
+            && self.last_server_transmit == Some(packet.transmit_timestamp)
+        {
             return SourceEvent::Ignored(IgnoreReason::Duplicate);
         }
         let Some(outstanding) = self.outstanding else {
@@ -558,6 +563,26 @@ mod tests {
             SourceEvent::Demobilized(KissCode::Deny)
         );
         assert_eq!(s.poll_due(start().add_secs(1e6), &mut rng), None);
+    }
+
+    #[test]
+    fn timeless_kods_in_a_row_are_each_acted_on_not_taken_for_replays() {
+        // Our server's KoDs carry zero transmit timestamps; the second must not be dropped as
+        // a duplicate of the first (which would leave the request counted as unanswered).
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut s = source(false);
+        let mut t = start();
+        for _ in 0..2 {
+            let request = s.poll_due(t, &mut rng).unwrap();
+            let view = Packet::parse(&request.bytes).unwrap();
+            let mut kod = [0u8; 48];
+            crate::server::build_kod(&view, KissCode::Rate, &mut kod).unwrap();
+            assert!(matches!(
+                s.handle_response(t, &kod, t, 1e-6, 1.5),
+                SourceEvent::RateLimited { .. }
+            ));
+            t = s.next_poll().unwrap();
+        }
     }
 
     #[test]

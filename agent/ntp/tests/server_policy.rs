@@ -9,7 +9,8 @@ use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use stratum_ntp::server::{
-    ClientRateLimit, Decision, DropReason, PrefixTrie, RateLimiter, ServerPolicy, TenantConfig,
+    ClientRateLimit, Decision, DropReason, PrefixTrie, RateLimiter, RefusalLimit, ServerPolicy,
+    TenantConfig,
 };
 use stratum_ntp::time::ClockTime;
 
@@ -131,6 +132,7 @@ fn open_tenant(limit: ClientRateLimit) -> TenantConfig {
         client_rate_limit: Some(limit),
         budget: None,
         max_root_distance: None,
+        refusals: RefusalLimit::default(),
     }
 }
 

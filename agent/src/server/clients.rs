@@ -2,14 +2,22 @@
 //! `clients`): requests, drops and KoDs per address, and when it was last seen.
 //!
 //! Fixed memory whatever the number of sources: a 4-way set-associative table indexed by a
-//! keyed hash; a new client evicts its set's least recently seen entry, so a spoofed flood
-//! turns the log over but never grows it.
+//! keyed hash. Admission protects clients with history: a newcomer takes, in order, a free
+//! slot, the least recently seen row of a single request, a row idle for over [`STALE_NANOS`],
+//! and only then the row with the fewest requests. A spoofed flood (each source seen once)
+//! therefore churns through single-request rows and leaves up to three returning clients per
+//! set in place. Only allowed sources are recorded (see `path`).
 
 use std::net::{IpAddr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
 const WAYS: usize = 4;
+
+/// A row idle this long may give way to a newcomer: longer than the longest NTP poll
+/// interval in use (2^10 s by default, 2^12 s here for margin), so a client still polling
+/// is never stale.
+pub const STALE_NANOS: i64 = 4096 * 1_000_000_000;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Entry {
@@ -26,9 +34,9 @@ struct Entry {
 pub enum ClientOutcome {
     /// Answered (synchronized or not).
     Answered,
-    /// Not answered (denied, not allowed, rate limited, over the tenant budget).
+    /// Not answered (rate limited, over the tenant budget, or a refusal over its budget).
     Dropped,
-    /// Answered with a Kiss-o'-Death.
+    /// Answered with a Kiss-o'-Death RATE.
     Kod,
 }
 
@@ -42,7 +50,7 @@ pub struct ClientRow {
     pub requests: u64,
     /// Requests not answered.
     pub dropped: u64,
-    /// Kiss-o'-Death replies sent.
+    /// Kiss-o'-Death RATE replies sent (strangers, and so DENY, are never logged).
     pub kod: u64,
     /// Last request, nanoseconds since the Unix epoch on the served clock.
     pub last_seen_unix_nanos: i64,
@@ -95,6 +103,25 @@ impl ClientLog {
         ((mixed as u64) ^ ((mixed >> 64) as u64)) as usize & self.set_mask
     }
 
+    /// The way a newcomer takes (see the module's first lines).
+    fn victim(ways: &[Entry], now_ns: i64) -> usize {
+        let class = |e: &Entry| -> (u8, u64, i64) {
+            if e.requests == 0 {
+                (0, 0, 0)
+            } else if e.requests == 1 {
+                (1, 0, e.last_seen_ns)
+            } else if now_ns.saturating_sub(e.last_seen_ns) > STALE_NANOS {
+                (2, 0, e.last_seen_ns)
+            } else {
+                (3, e.requests, e.last_seen_ns)
+            }
+        };
+        ways.iter()
+            .enumerate()
+            .min_by_key(|(_, e)| class(e))
+            .map_or(0, |(i, _)| i)
+    }
+
     /// Counts one request from `address` at `now_ns`.
     pub fn record(&mut self, address: u128, now_ns: i64, outcome: ClientOutcome) {
         let set = self.set_of(address);
@@ -105,17 +132,7 @@ impl ClientLog {
         {
             Some(i) => i,
             None => {
-                let victim = ways
-                    .iter()
-                    .enumerate()
-                    .min_by_key(|(_, e)| {
-                        if e.requests == 0 {
-                            i64::MIN
-                        } else {
-                            e.last_seen_ns
-                        }
-                    })
-                    .map_or(0, |(i, _)| i);
+                let victim = Self::victim(ways, now_ns);
                 ways[victim] = Entry {
                     address,
                     ..Entry::default()
@@ -124,8 +141,8 @@ impl ClientLog {
             }
         };
         let entry = &mut ways[index];
-        entry.requests += 1;
-        entry.last_seen_ns = now_ns;
+        entry.requests = entry.requests.saturating_add(1);
+        entry.last_seen_ns = entry.last_seen_ns.max(now_ns);
         match outcome {
             ClientOutcome::Answered => {}
             ClientOutcome::Dropped => entry.dropped += 1,
@@ -182,6 +199,33 @@ mod tests {
         assert_eq!((top[0].requests, top[0].dropped), (6, 1));
         assert_eq!(top[1].address, "fd00::2".parse::<IpAddr>().unwrap());
         assert_eq!(top[1].kod, 1);
+    }
+
+    #[test]
+    fn a_flood_of_one_off_sources_never_evicts_a_returning_client() {
+        let mut log = ClientLog::new(64, 5);
+        let real = key("10.0.0.1");
+        log.record(real, 0, ClientOutcome::Answered);
+        for i in 0..100_000u32 {
+            let t = i64::from(i) * 1_000;
+            log.record(
+                address_key(IpAddr::V4((0x0B00_0000 + i).into())),
+                t,
+                ClientOutcome::Answered,
+            );
+            if i % 10_000 == 0 {
+                log.record(real, t, ClientOutcome::Answered);
+            }
+        }
+        let row = log
+            .top(64)
+            .into_iter()
+            .find(|r| r.address == address_of(real));
+        assert_eq!(
+            row.map(|r| r.requests),
+            Some(11),
+            "every request of the real client counted"
+        );
     }
 
     #[test]

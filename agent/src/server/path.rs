@@ -1,6 +1,11 @@
 //! The per-packet path, free of IO so tests and the fuzz target drive exactly what workers
 //! run: parse → mode/version → deny list → allow trie → client rate limit → tenant budget →
-//! accuracy requirement → reply or KoD (or nothing). Nothing here allocates.
+//! accuracy requirement → reply, or a KoD within the tenant's refusal budget, or nothing.
+//! Nothing here allocates.
+//!
+//! Only sources past the deny and allow lists are logged for `stratumctl clients` (and only
+//! they reach the rate table): strangers, spoofed or not, are counted in the tenant's
+//! `denied` counter and nowhere else, so they cannot push real clients out of either table.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -94,8 +99,9 @@ pub struct Request<'a> {
 }
 
 /// Handles one request. Writes the answer, if any, into `out` and returns its length with the
-/// outcome. The transmit timestamp is provisional (the receive time): the worker overwrites it
-/// just before sending.
+/// outcome. A served reply's transmit timestamp is provisional (the receive time): the worker
+/// overwrites it just before sending with `patch_transmit_timestamp`, which leaves KoDs
+/// (`Denied { kod: true }`, `RateLimited { kod: true }`) without time.
 pub fn handle_request(
     port: &PortPolicy,
     state: &mut PortState,
@@ -110,14 +116,11 @@ pub fn handle_request(
     } = request;
     let (outcome, len) = decide_and_build(port, state, clock, request, out);
     let logged = match outcome {
-        Outcome::Malformed | Outcome::Ignored => None,
+        // Denied covers the deny list and sources outside the allow list: not clients.
+        Outcome::Malformed | Outcome::Ignored | Outcome::Denied { .. } => None,
         Outcome::Served | Outcome::ServedUnsynchronized => Some(ClientOutcome::Answered),
-        Outcome::Denied { kod: true } | Outcome::RateLimited { kod: true } => {
-            Some(ClientOutcome::Kod)
-        }
-        Outcome::Denied { kod: false } | Outcome::RateLimited { kod: false } => {
-            Some(ClientOutcome::Dropped)
-        }
+        Outcome::RateLimited { kod: true } => Some(ClientOutcome::Kod),
+        Outcome::RateLimited { kod: false } => Some(ClientOutcome::Dropped),
     };
     if let Some(logged) = logged {
         state.clients.record(
@@ -186,7 +189,7 @@ fn decide_and_build(
                 KissCode::Rate => Outcome::RateLimited { kod: true },
                 _ => Outcome::Denied { kod: true },
             };
-            match build_kod(&view, code, received_at, received_at, out) {
+            match build_kod(&view, code, out) {
                 Some(len) => (outcome, len),
                 None => (Outcome::Ignored, 0),
             }
@@ -206,7 +209,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use stratum_ntp::packet::{LeapIndicator, ReferenceId};
-    use stratum_ntp::server::{ClientRateLimit, DenyAction};
+    use stratum_ntp::server::{ClientRateLimit, DenyAction, RefusalLimit};
     use stratum_ntp::time::NtpTimestamp;
 
     fn now() -> ClockTime {
@@ -229,6 +232,7 @@ mod tests {
                 }),
                 budget: None,
                 max_root_distance: Some(0.5),
+                refusals: RefusalLimit::default(),
             },
             Arc::new(TenantStats::new("ns/a".into(), 1)),
         )
@@ -331,6 +335,29 @@ mod tests {
             Outcome::Denied { kod: false },
             "the deny list says ignore"
         );
+    }
+
+    #[test]
+    fn strangers_never_enter_the_rate_table_or_the_client_log() {
+        let port = port(true);
+        let mut state = PortState::new(64, 1);
+        for i in 0..1000u32 {
+            // Outside the allow list, and on the deny list.
+            for base in [0xC000_0200u32, 0x0A09_0000] {
+                let source = IpAddr::V4((base + i).into());
+                let mut out = [0u8; 48];
+                let request = Request {
+                    source,
+                    bytes: &request(V4_CLIENT),
+                    truncated: false,
+                    received_at: now().add_nanos(i64::from(i) * 1_000_000),
+                };
+                let (outcome, _) = handle_request(&port, &mut state, &synced(), request, &mut out);
+                assert!(matches!(outcome, Outcome::Denied { .. }), "{source}");
+            }
+        }
+        assert_eq!(state.limiter.occupied(), 0);
+        assert_eq!(state.clients.occupied(), 0);
     }
 
     #[test]

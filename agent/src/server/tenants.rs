@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use stratum_api::agent_config::{ServingConfig, TenantConfig as ApiTenant};
-use stratum_ntp::server::{ClientRateLimit, DenyAction, TenantBudget, TenantConfig};
+use stratum_ntp::server::{ClientRateLimit, DenyAction, RefusalLimit, TenantBudget, TenantConfig};
 
 /// Tenant id under which `serving.peerPort` (the fleet's other agents) is counted. Tenant ids
 /// are `namespace/name`, so this one cannot collide.
@@ -52,6 +52,7 @@ pub fn core_tenant(tenant: &ApiTenant) -> TenantConfig {
                 burst: f64::from(tenant.rate_limit.tenant_burst.unwrap_or(rps)),
             }),
         max_root_distance: tenant.max_root_distance_seconds,
+        refusals: RefusalLimit::default(),
     }
 }
 
@@ -79,6 +80,7 @@ pub fn desired_ports(serving: &ServingConfig) -> BTreeMap<u16, TenantConfig> {
                 client_rate_limit: None,
                 budget: None,
                 max_root_distance: None,
+                refusals: RefusalLimit::default(),
             },
         );
     }

@@ -7,8 +7,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::OnceLock;
 use stratum_ntp::packet::{LeapIndicator, Packet, ReferenceId};
 use stratum_ntp::server::{
-    ClientRateLimit, Decision, DenyAction, RateLimiter, ServerClockState, ServerPolicy,
-    TenantConfig, build_kod, build_reply,
+    ClientRateLimit, Decision, DenyAction, RateLimiter, RefusalLimit, ServerClockState,
+    ServerPolicy, TenantConfig, build_kod, build_reply,
 };
 use stratum_ntp::time::{ClockTime, NtpTimestamp};
 
@@ -27,6 +27,7 @@ fn policy() -> &'static ServerPolicy {
             }),
             budget: None,
             max_root_distance: Some(0.05),
+            refusals: RefusalLimit::default(),
         };
         ServerPolicy::new(&[tenant("10.0.0.0/8"), tenant("::/0")])
     })
@@ -69,7 +70,7 @@ fuzz_target!(|data: &[u8]| {
         Decision::Serve => {
             build_reply(&request, now, now, &state, policy().max_root_distance(tenant), &mut out)
         }
-        Decision::Kod(code) => build_kod(&request, code, now, now, &mut out),
+        Decision::Kod(code) => build_kod(&request, code, &mut out),
         Decision::Drop(_) => None,
     };
     if let Some(len) = written {

@@ -10,12 +10,15 @@
 //! worker then enforces the per-client limit on its share of traffic), or one shared behind a
 //! mutex for exact limits. Nothing on this path allocates.
 //!
-//! Order (ntpd-rs): deny list → allow list → per-client rate limit → tenant budget.
+//! Order (ntpd-rs): deny list → allow list → per-client rate limit → tenant budget. A refusal
+//! (KoD DENY or RATE) is then sent only within the tenant's [`RefusalLimit`]; otherwise the
+//! request is dropped. Refusals carry no time ([`build_kod`]), so a spoofed source's victim
+//! gets nothing it could use, and the budget keeps what it gets small.
 
 pub mod ratelimit;
 pub mod trie;
 
-pub use ratelimit::{ClientRateLimit, RateLimiter, RateVerdict, TenantBudget};
+pub use ratelimit::{ClientRateLimit, RateLimiter, RateVerdict, RefusalLimit, TenantBudget};
 pub use trie::PrefixTrie;
 
 use crate::packet::{HEADER_LEN, KissCode, LeapIndicator, Mode, Packet, PacketView, ReferenceId};
@@ -60,6 +63,9 @@ pub struct TenantConfig {
     /// Above this root distance the tenant is answered "unsynchronized", seconds.
     #[serde(default)]
     pub max_root_distance: Option<f64>,
+    /// How many KoD DENY/RATE replies this tenant's port may send; the rest are dropped.
+    #[serde(default)]
+    pub refusals: RefusalLimit,
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +76,7 @@ struct TenantPolicy {
     client_rate_limit: Option<ClientRateLimit>,
     budget: Option<TenantBudget>,
     max_root_distance: Option<f64>,
+    refusals: RefusalLimit,
 }
 
 /// Why a request gets no answer.
@@ -161,6 +168,7 @@ impl ServerPolicy {
                     client_rate_limit: config.client_rate_limit,
                     budget: config.budget,
                     max_root_distance: config.max_root_distance,
+                    refusals: config.refusals,
                 }
             })
             .collect();
@@ -196,24 +204,34 @@ impl ServerPolicy {
         let Some(policy) = self.tenants.get(tenant as usize) else {
             return Decision::Drop(DropReason::UnknownTenant);
         };
+        let key = address_key(src);
+        // A refusal within the tenant's refusal budget, else silence for the same reason.
+        let refuse = |limiter: &mut RateLimiter, code, silent| {
+            if limiter.check_refusal(tenant, key, now, &policy.refusals) {
+                Decision::Kod(code)
+            } else {
+                Decision::Drop(silent)
+            }
+        };
         match policy.deny.lookup(src) {
             Some(DenyAction::Ignore) => return Decision::Drop(DropReason::Denied),
-            Some(DenyAction::Kod) => return Decision::Kod(KissCode::Deny),
+            Some(DenyAction::Kod) => return refuse(limiter, KissCode::Deny, DropReason::Denied),
             None => {}
         }
         if policy.allow.lookup(src) != Some(true) {
             return if policy.kod_not_allowed {
-                Decision::Kod(KissCode::Deny)
+                refuse(limiter, KissCode::Deny, DropReason::NotAllowed)
             } else {
                 Decision::Drop(DropReason::NotAllowed)
             };
         }
+        // Only sources past the deny and allow lists reach the rate table, so strangers can
+        // never take an allowed client's entry.
         if let Some(limit) = &policy.client_rate_limit
-            && let RateVerdict::Limited { kod } =
-                limiter.check_client(tenant, address_key(src), now, limit)
+            && let RateVerdict::Limited { kod } = limiter.check_client(tenant, key, now, limit)
         {
             return if kod {
-                Decision::Kod(KissCode::Rate)
+                refuse(limiter, KissCode::Rate, DropReason::RateLimited)
             } else {
                 Decision::Drop(DropReason::RateLimited)
             };
@@ -316,14 +334,12 @@ pub fn build_reply(
     header.encode_into(out).ok()
 }
 
-/// Builds a Kiss-o'-Death reply (stratum 0, kiss code in the reference id).
-pub fn build_kod(
-    request: &PacketView<'_>,
-    code: KissCode,
-    received_at: ClockTime,
-    transmit_at: ClockTime,
-    out: &mut [u8],
-) -> Option<usize> {
+/// Builds a Kiss-o'-Death reply: stratum 0, the kiss code as reference id, the request's
+/// transmit timestamp as origin (so the client can match it), and no time at all (reference,
+/// receive and transmit timestamps zero, root delay and dispersion zero). A refusal is
+/// advice, never a sample: clients must not (and RFC 5905 clients cannot, with T2 = T3 = 0)
+/// take time from it, and a spoofed source's victim learns nothing from it.
+pub fn build_kod(request: &PacketView<'_>, code: KissCode, out: &mut [u8]) -> Option<usize> {
     if !answerable(request) {
         return None;
     }
@@ -339,15 +355,25 @@ pub fn build_kod(
         reference_id: code.to_reference_id(),
         reference_timestamp: NtpTimestamp::ZERO,
         origin_timestamp: request.header.transmit_timestamp,
-        receive_timestamp: NtpTimestamp::from_clock_time(received_at),
-        transmit_timestamp: NtpTimestamp::from_clock_time(transmit_at),
+        receive_timestamp: NtpTimestamp::ZERO,
+        transmit_timestamp: NtpTimestamp::ZERO,
     };
     header.encode_into(out).ok()
 }
 
+/// Offset of the stratum byte in an NTP header.
+const STRATUM_OFFSET: usize = 1;
+
 /// Overwrites the transmit timestamp of an already built reply (to set it as late as
-/// possible, just before sending).
+/// possible, just before sending). A Kiss-o'-Death (stratum 0) is left as built, without
+/// time, so a sender may patch every reply of a batch blindly. `true` when patched.
 pub fn patch_transmit_timestamp(reply: &mut [u8], transmit_at: ClockTime) -> bool {
+    if reply
+        .get(STRATUM_OFFSET)
+        .is_none_or(|&stratum| stratum == 0)
+    {
+        return false;
+    }
     match reply.get_mut(40..48) {
         Some(field) => {
             field.copy_from_slice(
@@ -381,6 +407,7 @@ mod tests {
             }),
             budget: None,
             max_root_distance: Some(0.01),
+            refusals: RefusalLimit::default(),
         }
     }
 
@@ -458,6 +485,45 @@ mod tests {
         assert_eq!(reply.mode, Mode::Server);
         assert_eq!(reply.stratum, 2);
         assert_eq!(reply.origin_timestamp.to_bits(), 0xDEAD_BEEF_0000_0001);
+    }
+
+    #[test]
+    fn kod_echoes_origin_and_carries_no_time_even_when_patched() {
+        let bytes = request(3, 4, 0);
+        let view = Packet::parse(&bytes).unwrap();
+        let mut out = [0u8; 48];
+        assert_eq!(build_kod(&view, KissCode::Deny, &mut out), Some(48));
+        assert!(!patch_transmit_timestamp(&mut out, now()));
+        let kod = Packet::parse(&out).unwrap().header;
+        assert_eq!(kod.kiss_code(), Some(KissCode::Deny));
+        assert_eq!(kod.origin_timestamp.to_bits(), 0xDEAD_BEEF_0000_0001);
+        assert!(kod.receive_timestamp.is_zero() && kod.transmit_timestamp.is_zero());
+        assert!(kod.reference_timestamp.is_zero());
+    }
+
+    #[test]
+    fn refusals_beyond_the_budget_are_silent() {
+        let mut config = tenant(&["10.0.0.0/8"]);
+        config.refusals = RefusalLimit {
+            per_second: 0.0,
+            burst: 2.0,
+            source_interval: 0.0,
+        };
+        let policy = ServerPolicy::new(&[config]);
+        let mut limiter = RateLimiter::new(128, 1);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let decisions: Vec<_> = ["10.2.0.1", "10.2.1.1", "10.2.2.1"]
+            .iter()
+            .map(|s| policy.decide(&mut limiter, 0, ip(s), now()))
+            .collect();
+        assert_eq!(
+            decisions,
+            [
+                Decision::Kod(KissCode::Deny),
+                Decision::Kod(KissCode::Deny),
+                Decision::Drop(DropReason::Denied)
+            ]
+        );
     }
 
     #[test]

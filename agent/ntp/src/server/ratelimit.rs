@@ -1,16 +1,36 @@
-//! Bounded per-client rate limiting and per-tenant budgets for the server hot path.
+//! Bounded per-client rate limiting, per-tenant budgets and the refusal budget for the server
+//! hot path.
 //!
 //! The client table is a fixed array of 4-way buckets indexed by a keyed hash of
 //! (tenant, address): memory is set at construction and never grows, whatever the number of
-//! source addresses. A miss evicts the bucket's least recently seen entry, so a flood of
-//! spoofed sources can only make victims look new (full burst), never block them. Over-limit
+//! source addresses. Admission protects clients with history, so a flood of spoofed sources
+//! (each seen once) cannot reset an established client's bucket: a miss evicts, in order, a
+//! free slot, the least recently seen entry seen only once, an entry whose bucket has refilled
+//! (evicting it changes no verdict), and only then the established entry with the fewest
+//! requests. So up to three busy clients per set survive any flood of newcomers. Over-limit
 //! packets are still answered with probability 2^-leak (chrony's leak), so an attacker who
 //! spoofs a victim's address cannot silence the victim completely.
+//!
+//! Refusals (KoD DENY and RATE) are budgeted apart from answers, because a refusal to a
+//! spoofed source is reflection toward a victim: each tenant has a token bucket of refusals
+//! ([`RefusalLimit`]), and each source prefix (IPv4 /24, IPv6 /64, so a victim's network
+//! counts once however many addresses are forged in it) gets at most one refusal per
+//! `source_interval`. Beyond either, the request is dropped silently.
 
 use crate::time::ClockTime;
 use serde::{Deserialize, Serialize};
 
 const WAYS: usize = 4;
+
+/// Refusal slots per limiter (16 bytes each). A slot holds one prefix's last refusal; with
+/// the default budget at most `burst + per_second × source_interval` = 80 slots are fresh at
+/// once, so a legitimate refusal rarely finds its slot taken (and then is only silent).
+const REFUSAL_SLOTS: usize = 512;
+
+/// Source prefix that shares one refusal allowance: IPv4 /24 (as IPv4-mapped, /120).
+const REFUSAL_PREFIX_V4_MASK: u128 = !0u128 << 8;
+/// IPv6 /64: a site's or host's whole interface-id space.
+const REFUSAL_PREFIX_V6_MASK: u128 = !0u128 << 64;
 
 /// Token bucket per client.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -45,6 +65,34 @@ pub struct TenantBudget {
     pub burst: f64,
 }
 
+/// How many refusals (KoD DENY and RATE) a tenant's port may send. A refusal beyond it is
+/// dropped silently: refusals are advice, and every one sent to a spoofed source lands on
+/// someone else.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct RefusalLimit {
+    /// Sustained refusals per second for the tenant.
+    pub per_second: f64,
+    /// Refusals that may go back to back.
+    pub burst: f64,
+    /// Minimum seconds between two refusals to one source prefix (IPv4 /24, IPv6 /64).
+    pub source_interval: f64,
+}
+
+impl Default for RefusalLimit {
+    /// 20/s with a burst of 40 per tenant, one per 2 s per prefix: enough to tell every
+    /// misconfigured or over-eager client within seconds, while a spoofed flood of any size
+    /// reflects at most 20 small packets a second from a port, and at most one per 2 s
+    /// toward any one network.
+    fn default() -> Self {
+        Self {
+            per_second: 20.0,
+            burst: 40.0,
+            source_interval: 2.0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RateVerdict {
     Allow,
@@ -61,12 +109,50 @@ struct Entry {
     last_seen_ns: i64,
     last_kod_ns: i64,
     tokens: f32,
+    /// Requests charged since the entry was admitted (saturating): 1 means "seen once",
+    /// which is all a spoofed source ever is.
+    hits: u32,
+}
+
+impl Entry {
+    /// Tokens the bucket would hold at `now_ns`, uncapped.
+    fn tokens_at(&self, now_ns: i64, interval: f64) -> f64 {
+        let elapsed = now_ns.saturating_sub(self.last_seen_ns).max(0) as f64 * 1e-9;
+        f64::from(self.tokens) + elapsed / interval
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct RefusalSlot {
+    /// Hash of (tenant, source prefix); 0 marks an empty slot.
+    tag: u64,
+    last_ns: i64,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
     last_ns: i64,
+}
+
+impl Bucket {
+    /// Refills at `rate` per second up to `burst` (a new bucket starts full), then takes one
+    /// token if there is one.
+    fn take(slot: &mut Option<Bucket>, now_ns: i64, rate: f64, burst: f64) -> bool {
+        let bucket = slot.get_or_insert(Bucket {
+            tokens: burst,
+            last_ns: now_ns,
+        });
+        let elapsed = now_ns.saturating_sub(bucket.last_ns).max(0) as f64 * 1e-9;
+        bucket.tokens = (bucket.tokens + elapsed * rate).min(burst);
+        bucket.last_ns = bucket.last_ns.max(now_ns);
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Mutable rate-limit state; one per server worker (or shared behind a lock).
@@ -77,11 +163,34 @@ pub struct RateLimiter {
     key: [u64; 2],
     rng_state: u64,
     tenants: Vec<Option<Bucket>>,
+    refusal_slots: Box<[RefusalSlot]>,
+    refusal_buckets: Vec<Option<Bucket>>,
 }
 
 fn fold_mix(a: u64, b: u64) -> u64 {
     let product = u128::from(a) * u128::from(b);
     (product as u64) ^ ((product >> 64) as u64)
+}
+
+/// The refusal allowance a source shares: its /24 (IPv4-mapped keys) or /64.
+fn refusal_prefix(address: u128) -> u128 {
+    // ::ffff:a.b.c.d: the 96-bit prefix ::ffff:0:0/96 above the IPv4 address.
+    const MAPPED_PREFIX: u128 = 0xffff;
+    if address >> 32 == MAPPED_PREFIX {
+        address & REFUSAL_PREFIX_V4_MASK
+    } else {
+        address & REFUSAL_PREFIX_V6_MASK
+    }
+}
+
+/// Grows `buckets` to hold `tenant` (with the number of configured tenants, never with
+/// traffic) and returns its slot.
+fn tenant_slot(buckets: &mut Vec<Option<Bucket>>, tenant: u32) -> &mut Option<Bucket> {
+    let index = tenant as usize;
+    if buckets.len() <= index {
+        buckets.resize(index + 1, None);
+    }
+    &mut buckets[index]
 }
 
 impl RateLimiter {
@@ -101,6 +210,8 @@ impl RateLimiter {
             ],
             rng_state: seed | 1,
             tenants: Vec::new(),
+            refusal_slots: vec![RefusalSlot::default(); REFUSAL_SLOTS].into_boxed_slice(),
+            refusal_buckets: Vec::new(),
         }
     }
 
@@ -133,6 +244,28 @@ impl RateLimiter {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
+    /// The way a newcomer takes: free, else seen once (least recent), else refilled (least
+    /// recent), else the established entry with the fewest requests (least recent on ties).
+    fn victim(ways: &[Entry], now_ns: i64, limit: &ClientRateLimit) -> usize {
+        let interval = limit.interval.max(1e-3);
+        let burst = f64::from(limit.burst.max(1));
+        let class = |e: &Entry| -> (u8, u32, i64) {
+            if e.tag == 0 {
+                (0, 0, 0)
+            } else if e.hits <= 1 {
+                (1, 0, e.last_seen_ns)
+            } else if e.tokens_at(now_ns, interval) >= burst {
+                (2, 0, e.last_seen_ns)
+            } else {
+                (3, e.hits, e.last_seen_ns)
+            }
+        };
+        ways.iter()
+            .enumerate()
+            .min_by_key(|(_, e)| class(e))
+            .map_or(0, |(i, _)| i)
+    }
+
     /// Charges one request from `address` on `tenant` at `now` against its bucket.
     pub fn check_client(
         &mut self,
@@ -149,25 +282,22 @@ impl RateLimiter {
         let index = match ways.iter().position(|e| e.tag == tag) {
             Some(i) => i,
             None => {
-                let victim = ways
-                    .iter()
-                    .enumerate()
-                    .min_by_key(|(_, e)| if e.tag == 0 { i64::MIN } else { e.last_seen_ns })
-                    .map_or(0, |(i, _)| i);
+                let victim = Self::victim(ways, now_ns, limit);
                 ways[victim] = Entry {
                     tag,
                     last_seen_ns: now_ns,
                     last_kod_ns: i64::MIN,
                     tokens: burst,
+                    hits: 0,
                 };
                 victim
             }
         };
         let entry = &mut ways[index];
-        let elapsed = (now_ns.saturating_sub(entry.last_seen_ns)).max(0) as f64 * 1e-9;
-        let refill = (elapsed / limit.interval.max(1e-3)) as f32;
-        entry.tokens = (entry.tokens + refill).min(burst);
-        entry.last_seen_ns = now_ns;
+        let refill = entry.tokens_at(now_ns, limit.interval.max(1e-3)) - f64::from(entry.tokens);
+        entry.tokens = (entry.tokens + refill as f32).min(burst);
+        entry.last_seen_ns = entry.last_seen_ns.max(now_ns);
+        entry.hits = entry.hits.saturating_add(1);
         if entry.tokens >= 1.0 {
             entry.tokens -= 1.0;
             return RateVerdict::Allow;
@@ -189,25 +319,47 @@ impl RateLimiter {
 
     /// Charges one packet against the tenant's budget; `true` when within budget.
     pub fn check_tenant(&mut self, tenant: u32, now: ClockTime, budget: &TenantBudget) -> bool {
-        let index = tenant as usize;
-        if self.tenants.len() <= index {
-            // Grows with the number of configured tenants only, never with traffic.
-            self.tenants.resize(index + 1, None);
-        }
+        Bucket::take(
+            tenant_slot(&mut self.tenants, tenant),
+            now.unix_nanos(),
+            budget.packets_per_second,
+            budget.burst,
+        )
+    }
+
+    /// Whether a refusal (KoD) to `address` on `tenant` is within `limit` at `now`; if so it
+    /// is charged to the tenant's refusal bucket and to the source's prefix. `false` means
+    /// "stay silent".
+    pub fn check_refusal(
+        &mut self,
+        tenant: u32,
+        address: u128,
+        now: ClockTime,
+        limit: &RefusalLimit,
+    ) -> bool {
         let now_ns = now.unix_nanos();
-        let bucket = self.tenants[index].get_or_insert(Bucket {
-            tokens: budget.burst,
-            last_ns: now_ns,
-        });
-        let elapsed = now_ns.saturating_sub(bucket.last_ns).max(0) as f64 * 1e-9;
-        bucket.tokens = (bucket.tokens + elapsed * budget.packets_per_second).min(budget.burst);
-        bucket.last_ns = now_ns;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            true
-        } else {
-            false
+        let tag = self.hash(tenant, refusal_prefix(address));
+        let slot_index = (tag as usize) & (REFUSAL_SLOTS - 1);
+        let interval_ns = (limit.source_interval.max(0.0) * 1e9) as i64;
+        let slot = self.refusal_slots[slot_index];
+        // A slot refused recently (to this prefix, or to another that shares it) means
+        // silence: collisions can only make refusals rarer, never more frequent.
+        if slot.tag != 0 && now_ns.saturating_sub(slot.last_ns) < interval_ns {
+            return false;
         }
+        let within_budget = Bucket::take(
+            tenant_slot(&mut self.refusal_buckets, tenant),
+            now_ns,
+            limit.per_second,
+            limit.burst,
+        );
+        if within_budget {
+            self.refusal_slots[slot_index] = RefusalSlot {
+                tag,
+                last_ns: now_ns,
+            };
+        }
+        within_budget
     }
 }
 
@@ -305,6 +457,59 @@ mod tests {
         // The leak still answers about 1 in 4 of the over-limit requests.
         let fraction = f64::from(leaked) / f64::from(over_limit);
         assert!((0.2..0.3).contains(&fraction), "leaked {fraction}");
+    }
+
+    #[test]
+    fn an_established_client_outlives_a_flood_of_newcomers_seen_once() {
+        let mut limiter = RateLimiter::new(64, 21);
+        let limit = ClientRateLimit {
+            burst: 2,
+            leak_log2: 0,
+            ..ClientRateLimit::default()
+        };
+        let victim = 0xffff_0a00_0001;
+        for _ in 0..2 {
+            assert_eq!(
+                limiter.check_client(0, victim, t(0.0), &limit),
+                RateVerdict::Allow
+            );
+        }
+        // 100 000 one-off sources within the victim's refill time (8 s per token).
+        for i in 0..100_000u64 {
+            let _ = limiter.check_client(0, 1 << 80 | u128::from(i), t(i as f64 * 1e-5), &limit);
+        }
+        assert_eq!(
+            limiter.check_client(0, victim, t(1.0), &limit),
+            RateVerdict::Limited { kod: false },
+            "the victim's spent burst was kept, not reset by eviction"
+        );
+    }
+
+    #[test]
+    fn refusals_stay_within_the_tenant_bucket_and_one_per_prefix_interval() {
+        let mut limiter = RateLimiter::new(64, 17);
+        let limit = RefusalLimit {
+            per_second: 10.0,
+            burst: 5.0,
+            source_interval: 2.0,
+        };
+        let v4 = |a: u32| 0xffff_0000_0000 | u128::from(a);
+        // One prefix: the first refusal, then silence for 2 s whatever the address in the /24.
+        assert!(limiter.check_refusal(0, v4(0xC000_0201), t(0.0), &limit));
+        assert!(!limiter.check_refusal(0, v4(0xC000_0202), t(1.9), &limit));
+        assert!(limiter.check_refusal(0, v4(0xC000_02FE), t(2.0), &limit));
+        // IPv6 counts per /64.
+        let v6 = 0x2001_0db8_0000_0001_0000_0000_0000_0001u128;
+        assert!(limiter.check_refusal(0, v6, t(3.0), &limit));
+        assert!(!limiter.check_refusal(0, v6 ^ 0xFFFF, t(3.0), &limit));
+        // Distinct prefixes: the tenant's bucket (5 + 10/s) is the bound.
+        let granted = (0..10_000u32)
+            .filter(|i| {
+                let at = t(10.0 + f64::from(*i) * 1e-4); // 1 s
+                limiter.check_refusal(1, v4(i << 8), at, &limit)
+            })
+            .count();
+        assert!((14..=15).contains(&granted), "granted {granted}");
     }
 
     #[test]

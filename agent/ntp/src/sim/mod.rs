@@ -276,7 +276,7 @@ impl Scenario {
         let transmit_time = server_time.add_secs(1e-5);
         let mut out = [0u8; 48];
         if let Some(code) = server.kiss {
-            build_kod(&view, code, server_time, transmit_time, &mut out)?;
+            build_kod(&view, code, &mut out)?;
             return Some(out);
         }
         let announcing = self.leap.filter(|leap| {
