@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod ops;
 pub mod query;
 pub mod report;
+pub mod resolver;
 pub mod server;
 pub mod status;
 pub mod upstream;
