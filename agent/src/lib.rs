@@ -7,6 +7,7 @@ pub mod agent;
 pub mod clock;
 pub mod config_source;
 pub mod drift;
+pub mod driver;
 pub mod loadgen;
 pub mod metrics;
 pub mod ops;
