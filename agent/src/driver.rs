@@ -426,7 +426,7 @@ impl Driver {
             .undecided_since
             .filter(|since| now.mono.secs_since(*since) >= FALSE_FOR)
             .and_then(|_| farthest_from_median(state));
-        let taken = self.all_members();
+        let mut taken = self.all_members();
         let mut changed = false;
         for key in self.active.clone() {
             let Some(name) = self.names.get_mut(&key) else {
@@ -483,6 +483,8 @@ impl Driver {
                 name.rejected.push((address, now.mono.add_secs(REJECT_FOR)));
                 if let Some(spare) = replacement {
                     name.members.push(spare);
+                    // Not a spare for the next name in this pass.
+                    taken.push(spare);
                 }
                 if fault == Fault::Outlier {
                     // One at a time: the next judgement sees the new majority.
@@ -603,4 +605,103 @@ fn farthest_from_median(state: &SystemState) -> Option<SocketAddr> {
         .iter()
         .max_by(|a, b| (a.0 - median).abs().total_cmp(&(b.0 - median).abs()))
         .map(|(_, address)| *address)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::resolver::ResolveError;
+
+    fn config(hosts: &[&str]) -> AgentConfig {
+        let mut config =
+            AgentConfig::from_json(include_str!("../tests/data/agent-config.json")).unwrap();
+        let template = config.upstreams[0].clone();
+        config.upstreams = hosts
+            .iter()
+            .map(|h| UpstreamConfig {
+                host: (*h).into(),
+                ..template.clone()
+            })
+            .collect();
+        config
+    }
+
+    fn at(secs: f64) -> Now {
+        let t = ClockTime::from_unix_secs(1_000_000).add_secs(secs);
+        Now { clock: t, mono: t }
+    }
+
+    fn fail(key: &str) -> Resolution {
+        Resolution {
+            key: key.into(),
+            result: Err(ResolveError::Empty { host: key.into() }),
+        }
+    }
+
+    #[test]
+    fn a_failing_name_is_asked_again_with_doubling_backoff_and_never_twice_at_once() {
+        let mut driver = Driver::new("n", config(&["a.example"]), at(0.0), [1; 32]).unwrap();
+        let mut asked = Vec::new();
+        let mut t = 0.0;
+        while t < 200.0 {
+            let due = driver.lookups_due(at(t));
+            assert!(due.len() <= 1);
+            if let Some(request) = due.into_iter().next() {
+                asked.push(t);
+                // Outstanding: not asked again before the answer.
+                assert!(driver.lookups_due(at(t + 100.0)).is_empty());
+                driver.on_resolution(fail(&request.key), at(t));
+            }
+            t += 0.1;
+        }
+        let gaps: Vec<f64> = asked.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.len() >= 5, "{asked:?}");
+        for (i, gap) in gaps.iter().enumerate() {
+            let nominal = 2f64.powi(i32::try_from(i).unwrap() + 1);
+            assert!(
+                *gap >= nominal * 0.8 - 0.1 && *gap <= nominal * 1.2 + 0.1,
+                "{gaps:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_new_config_keeps_known_members_and_asks_only_for_new_names() {
+        let mut driver =
+            Driver::new("n", config(&["192.0.2.1", "a.example"]), at(0.0), [1; 32]).unwrap();
+        let due = driver.lookups_due(at(0.0));
+        assert_eq!(due.len(), 1);
+        driver.on_resolution(
+            Resolution {
+                key: due[0].key.clone(),
+                result: Ok(vec!["192.0.2.2:123".parse().unwrap()]),
+            },
+            at(0.1),
+        );
+        assert_eq!(driver.system().sources().len(), 2);
+        let ids: Vec<SourceId> = driver.system().sources().iter().map(|s| s.id()).collect();
+        driver
+            .on_config(config(&["192.0.2.1", "a.example", "b.example"]), at(1.0))
+            .unwrap();
+        let due = driver.lookups_due(at(1.0));
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].host, "b.example");
+        let kept: Vec<SourceId> = driver.system().sources().iter().map(|s| s.id()).collect();
+        assert_eq!(kept, ids, "known sources keep their state");
+    }
+
+    #[test]
+    fn a_config_the_core_rejects_changes_nothing() {
+        let mut driver = Driver::new("n", config(&["192.0.2.1"]), at(0.0), [1; 32]).unwrap();
+        let mut bad = config(&["192.0.2.9", "c.example"]);
+        bad.upstreams[0].min_poll = 0;
+        assert!(driver.on_config(bad, at(1.0)).is_err());
+        assert!(driver.lookups_due(at(1.0)).is_empty());
+        assert_eq!(
+            driver.members().get("192.0.2.1:123"),
+            Some(&vec!["192.0.2.1:123".parse().unwrap()])
+        );
+        assert_eq!(driver.members().len(), 1);
+    }
 }
