@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::clock::Backend;
 use crate::config_source::ConfigUpdate;
-use crate::driver::{Driver, DriverEvent, Now};
+use crate::driver::{Driver, DriverEvent, Fault, Now};
 use crate::metrics::Metrics;
 use crate::report::AgentEvent;
 use crate::resolver::{self, Resolver, SystemResolver};
@@ -366,7 +366,7 @@ pub async fn run_with_resolver(
             }
             Some(resolution) = resolution_rx.recv() => {
                 let events = driver.on_resolution(resolution, Now::read(backend.clock()));
-                log_driver_events(&events);
+                log_driver_events(&events, &shared.metrics);
             }
             update = config_rx.recv() => match update {
                 Some(ConfigUpdate::Valid(new)) => {
@@ -405,7 +405,7 @@ pub async fn run_with_resolver(
             });
         }
         let now = Now::read(backend.clock());
-        log_driver_events(&driver.housekeeping(now));
+        log_driver_events(&driver.housekeeping(now), &shared.metrics);
         let now = now.clock;
         let system = driver.system();
         let state = system.state(now);
@@ -482,25 +482,41 @@ fn send_poll(request: PollRequest, reply_tx: &mpsc::Sender<Reply>) {
     });
 }
 
-fn log_driver_events(events: &[DriverEvent]) {
+fn log_driver_events(events: &[DriverEvent], metrics: &Metrics) {
     for event in events {
         match event {
             DriverEvent::Resolved {
                 upstream,
                 addresses,
-            } => tracing::debug!(%upstream, addresses, "resolved"),
+            } => {
+                metrics.upstream_lookups.with_label_values(&["ok"]).inc();
+                tracing::debug!(%upstream, addresses, "resolved");
+            }
             DriverEvent::ResolveFailed { upstream, error } => {
-                tracing::warn!(%upstream, %error, "lookup failed; retrying with backoff")
+                metrics
+                    .upstream_lookups
+                    .with_label_values(&["failed"])
+                    .inc();
+                tracing::warn!(%upstream, %error, "lookup failed; retrying with backoff");
             }
             DriverEvent::Dropped {
                 upstream,
                 address,
                 fault,
                 replacement,
-            } => tracing::warn!(
-                %upstream, %address, ?fault, replacement = ?replacement,
-                "upstream address dropped"
-            ),
+            } => {
+                let reason = match fault {
+                    Fault::Unreachable => "unreachable",
+                    Fault::Falseticker => "falseticker",
+                    Fault::Outlier => "outlier",
+                    Fault::Denied(_) => "denied",
+                };
+                metrics.upstream_drops.with_label_values(&[reason]).inc();
+                tracing::warn!(
+                    %upstream, %address, ?fault, replacement = ?replacement,
+                    "upstream address dropped"
+                );
+            }
             DriverEvent::Fallback(true) => {
                 tracing::warn!("no egress agent usable; polling the upstreams too")
             }

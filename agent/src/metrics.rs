@@ -37,6 +37,10 @@ pub struct Metrics {
     pub tenant_requests: IntCounterVec,
     /// Kiss-o'-Death replies by code.
     pub tenant_kod: IntCounterVec,
+    /// Upstream name lookups by result.
+    pub upstream_lookups: IntCounterVec,
+    /// Upstream addresses dropped, by reason.
+    pub upstream_drops: IntCounterVec,
 }
 
 const SOURCE_STATES: [&str; 6] = [
@@ -167,6 +171,16 @@ impl Metrics {
                 "stratum_agent_tenant_kod_sent_total",
                 "Kiss-o'-Death replies sent, by code.",
                 &["tenant", "code"]
+            )?),
+            upstream_lookups: reg!(icv(
+                "stratum_agent_upstream_lookups_total",
+                "Upstream name lookups, by result.",
+                &["result"]
+            )?),
+            upstream_drops: reg!(icv(
+                "stratum_agent_upstream_drops_total",
+                "Upstream addresses dropped (and replaced where the name had a spare), by reason.",
+                &["reason"]
             )?),
             registry,
         })

@@ -161,6 +161,12 @@ async fn a_name_that_fails_at_start_is_retried_off_the_loop_and_synced_once_it_r
         fixed_at.elapsed().as_secs_f64(),
         calls.load(Ordering::Relaxed)
     );
+    let metrics = shared.metrics.render();
+    assert!(
+        metrics.contains("stratum_agent_upstream_lookups_total{result=\"failed\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("stratum_agent_upstream_lookups_total{result=\"ok\"} 1"));
     shutdown_tx.send(true).unwrap();
     agent.await.unwrap().unwrap();
     let _ = std::fs::remove_dir_all(&state_dir);
