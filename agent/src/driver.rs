@@ -215,28 +215,21 @@ impl Driver {
         let upstreams = config.upstreams_for_node(node, fallback.active());
         let mut names = BTreeMap::new();
         let active = adopt(&mut names, &upstreams, now);
+        fill(&mut names, &active, now);
+        let system = System::new(core_config(&config, &names, &active), now.clock, seed)?;
         let mut driver_seed = seed;
         // The core's RNG keys anti-spoof cookies; keep the retry jitter's stream apart.
         driver_seed[0] ^= 0x5a;
-        let mut driver = Self {
+        Ok(Self {
             node: node.to_string(),
-            system: System::new(
-                stratum_ntp::system::SystemConfig::default(),
-                now.clock,
-                seed,
-            )?,
+            system,
             config,
             fallback,
             active,
             names,
             undecided_since: None,
             rng: StdRng::from_seed(driver_seed),
-        };
-        driver.fill_all(now);
-        // Built from the real config (not reconfigured into a default one), so the
-        // discipline and leap state start exactly as the core would start them.
-        driver.system = System::new(driver.system_config(), now.clock, seed)?;
-        Ok(driver)
+        })
     }
 
     /// The config in force.
@@ -504,26 +497,11 @@ impl Driver {
 
     /// Tops every active name up to its wanted number of members; whether any changed.
     fn fill_all(&mut self, now: Now) -> bool {
-        let mut changed = false;
-        for key in self.active.clone() {
-            let taken = self.all_members();
-            let Some(name) = self.names.get_mut(&key) else {
-                continue;
-            };
-            name.rejected.retain(|(_, until)| *until > now.mono);
-            while name.members.len() < name.wanted() {
-                let Some(spare) = name.spare(&taken) else {
-                    break;
-                };
-                name.members.push(spare);
-                changed = true;
-            }
-        }
-        changed
+        fill(&mut self.names, &self.active, now)
     }
 
-    /// A name that needs addresses and is not already waiting asks now, or after its
-    /// backoff when its last lookups brought nothing.
+    /// A name that needs addresses and is not waiting asks now (the backoff after a lookup
+    /// that brought nothing is set by [`Driver::on_resolution`]).
     fn schedule_lookups(&mut self, now: Now) {
         for key in &self.active {
             let Some(name) = self.names.get_mut(key) else {
@@ -536,21 +514,57 @@ impl Driver {
     }
 
     fn all_members(&self) -> Vec<SocketAddr> {
-        self.active
-            .iter()
-            .filter_map(|k| self.names.get(k))
-            .flat_map(|n| n.members.iter().copied())
-            .collect()
+        all_members(&self.names, &self.active)
     }
 
     fn system_config(&self) -> stratum_ntp::system::SystemConfig {
-        let upstreams: Vec<UpstreamConfig> = self
-            .active
-            .iter()
-            .filter_map(|k| self.names.get(k).map(|n| n.upstream.clone()))
-            .collect();
-        system_config(&self.config, &upstreams, &self.members())
+        core_config(&self.config, &self.names, &self.active)
     }
+}
+
+/// Tops every active name up to its wanted number of members; whether any changed.
+fn fill(names: &mut BTreeMap<String, Name>, active: &[String], now: Now) -> bool {
+    let mut changed = false;
+    for key in active {
+        let taken = all_members(names, active);
+        let Some(name) = names.get_mut(key) else {
+            continue;
+        };
+        name.rejected.retain(|(_, until)| *until > now.mono);
+        while name.members.len() < name.wanted() {
+            let Some(spare) = name.spare(&taken) else {
+                break;
+            };
+            name.members.push(spare);
+            changed = true;
+        }
+    }
+    changed
+}
+
+fn all_members(names: &BTreeMap<String, Name>, active: &[String]) -> Vec<SocketAddr> {
+    active
+        .iter()
+        .filter_map(|k| names.get(k))
+        .flat_map(|n| n.members.iter().copied())
+        .collect()
+}
+
+/// The core's config: the active upstreams with their members.
+fn core_config(
+    config: &AgentConfig,
+    names: &BTreeMap<String, Name>,
+    active: &[String],
+) -> stratum_ntp::system::SystemConfig {
+    let mut upstreams = Vec::new();
+    let mut members = Resolved::new();
+    for key in active {
+        if let Some(name) = names.get(key) {
+            upstreams.push(name.upstream.clone());
+            members.insert(key.clone(), name.members.clone());
+        }
+    }
+    system_config(config, &upstreams, &members)
 }
 
 /// Makes sure every upstream has a [`Name`] (keeping what known ones learnt) and returns
@@ -586,9 +600,16 @@ fn adopt(
 /// With no majority the falsetickers cannot be told apart; the source farthest from the
 /// median offset is the best guess, and replacing one at a time lets a majority form.
 fn farthest_from_median(state: &SystemState) -> Option<SocketAddr> {
+    // Only sources that answer now: a silent one's last estimate says nothing about today.
     let mut offsets: Vec<(f64, SocketAddr)> = state
         .sources
         .iter()
+        .filter(|s| {
+            !matches!(
+                s.state,
+                SourceState::Unreachable | SourceState::Demobilized | SourceState::Unusable
+            )
+        })
         .filter_map(|s| s.offset.map(|o| (o, s.address)))
         .collect();
     if offsets.len() < 2 {
