@@ -80,7 +80,7 @@ pub enum DriverEvent {
         /// Addresses in the answer.
         addresses: usize,
     },
-    /// A lookup failed; the next try is in `retry_in` seconds (if still needed).
+    /// A lookup failed; it is retried with backoff while the name still needs addresses.
     ResolveFailed {
         /// `host:port`.
         upstream: String,
