@@ -102,7 +102,8 @@ pub struct Resolution {
 }
 
 /// Runs lookups from `requests` with at most `concurrency` at once, each bounded by
-/// `timeout`, and sends each outcome to `results`. Ends when either channel closes.
+/// `timeout`, and sends each outcome to `results`. Ends when `results` closes, or when
+/// `requests` closes and nothing is left running.
 pub async fn serve(
     resolver: Arc<dyn Resolver>,
     mut requests: mpsc::UnboundedReceiver<LookupRequest>,
@@ -114,6 +115,9 @@ pub async fn serve(
     let mut running = FuturesUnordered::new();
     let mut accepting = true;
     loop {
+        if !accepting && running.is_empty() {
+            return;
+        }
         tokio::select! {
             request = requests.recv(), if accepting && running.len() < concurrency => {
                 let Some(request) = request else {
@@ -134,7 +138,9 @@ pub async fn serve(
                     return;
                 }
             }
-            else => return,
+            // The loop is gone: drop lookups still running (a hung one would keep this
+            // task alive for ever).
+            _ = results.closed() => return,
         }
     }
 }
@@ -224,6 +230,27 @@ mod tests {
                 ("hangs.example:123".to_string(), false, 40),
             ]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_task_ends_with_the_loop_even_with_a_lookup_hanging() {
+        let (request_tx, request_rx) = mpsc::unbounded_channel();
+        let (result_tx, result_rx) = mpsc::channel(1);
+        let task = tokio::spawn(serve(
+            Arc::new(Slow),
+            request_rx,
+            result_tx,
+            2,
+            Duration::from_secs(3600),
+        ));
+        request_tx.send(request("hangs.example")).unwrap();
+        tokio::task::yield_now().await;
+        drop(result_rx);
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("the task ended")
+            .unwrap();
+        drop(request_tx);
     }
 
     #[test]
