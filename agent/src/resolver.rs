@@ -154,6 +154,8 @@ pub fn spawn(
     mpsc::UnboundedSender<LookupRequest>,
     mpsc::Receiver<Resolution>,
 ) {
+    // Unbounded is bounded in practice: the driver keeps at most one lookup per name
+    // outstanding, and the loop must never wait to ask.
     let (request_tx, request_rx) = mpsc::unbounded_channel();
     let (result_tx, result_rx) = mpsc::channel(64);
     tokio::spawn(serve(resolver, request_rx, result_tx, concurrency, timeout));
@@ -234,7 +236,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_task_ends_with_the_loop_even_with_a_lookup_hanging() {
-        let (request_tx, request_rx) = mpsc::unbounded_channel();
+        // Unbounded is bounded in practice: the driver keeps at most one lookup per name
+    // outstanding, and the loop must never wait to ask.
+    let (request_tx, request_rx) = mpsc::unbounded_channel();
         let (result_tx, result_rx) = mpsc::channel(1);
         let task = tokio::spawn(serve(
             Arc::new(Slow),
