@@ -236,9 +236,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_task_ends_with_the_loop_even_with_a_lookup_hanging() {
-        // Unbounded is bounded in practice: the driver keeps at most one lookup per name
-    // outstanding, and the loop must never wait to ask.
-    let (request_tx, request_rx) = mpsc::unbounded_channel();
+        let (request_tx, request_rx) = mpsc::unbounded_channel();
         let (result_tx, result_rx) = mpsc::channel(1);
         let task = tokio::spawn(serve(
             Arc::new(Slow),
