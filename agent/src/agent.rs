@@ -85,6 +85,16 @@ impl Fallback {
         }
     }
 
+    /// When fallback starts if no egress agent becomes usable before (monotonic time).
+    pub fn deadline(&self) -> Option<ClockTime> {
+        match self.unusable_since {
+            Some(since) if self.allowed && !self.active => {
+                Some(since.add_secs(FALLBACK_GRACE.as_secs_f64()))
+            }
+            _ => None,
+        }
+    }
+
     /// Whether some egress agent is usable at `now`; the new state when it changes.
     pub fn observe(&mut self, tier_usable: bool, now: ClockTime) -> Option<bool> {
         if !self.allowed {

@@ -359,16 +359,21 @@ impl Driver {
         self.system.poll_due(now)
     }
 
-    /// Seconds until something is due: a poll, core timer work, or a lookup.
+    /// Seconds until something is due: a poll, core timer work, a lookup, or the start of
+    /// the egress fallback.
     pub fn next_wake(&self, now: Now) -> f64 {
         let core = self.system.next_deadline(now.clock).secs_since(now.clock);
+        let fallback = self
+            .fallback
+            .deadline()
+            .map_or(f64::INFINITY, |t| t.secs_since(now.mono));
         self.active
             .iter()
             .filter_map(|k| match self.names.get(k)?.lookup {
                 Lookup::Due(at) => Some(at.secs_since(now.mono)),
                 _ => None,
             })
-            .fold(core, f64::min)
+            .fold(core.min(fallback), f64::min)
             .max(0.0)
     }
 

@@ -568,3 +568,35 @@ fn a_pool_member_that_never_answers_is_replaced_after_eight_polls() {
         vec![addr(1), addr(2), addr(3)]
     );
 }
+
+#[test]
+fn outside_the_egress_tier_the_upstreams_are_polled_once_no_egress_agent_answered_for_the_grace() {
+    let mut config = config(vec![upstream("192.0.2.1", UpstreamKind::Server, 1)], 1);
+    config.egress = Some(stratum_api::agent_config::EgressConfig {
+        nodes: vec!["edge".into()],
+        // No server behind the egress agent's address.
+        tier_upstreams: vec![upstream("192.0.2.50", UpstreamKind::Server, 1)],
+        fallback_to_upstreams: true,
+    });
+    let servers = BTreeMap::from([(ip(1), SimServer::honest())]);
+    let mut world = World::new(config, BTreeMap::new(), servers);
+    world.run_until(120.0);
+    let fallback_at = world
+        .events
+        .iter()
+        .find(|(_, e)| *e == DriverEvent::Fallback(true))
+        .map(|(t, _)| *t)
+        .expect("fell back");
+    let first_upstream_poll = world.sent.iter().find(|s| s.1 == addr(1)).map(|s| s.0);
+    println!("fell back at {fallback_at:.1} s; upstream first polled at {first_upstream_poll:?}");
+    assert!((30.0..31.0).contains(&fallback_at), "{fallback_at}");
+    assert_eq!(first_upstream_poll, Some(fallback_at));
+    assert!(
+        world
+            .sent
+            .iter()
+            .any(|s| s.1 == addr(50) && s.0 > fallback_at),
+        "the tier is still polled"
+    );
+    assert!(world.driver.system().synchronized(world.clock.now()));
+}
