@@ -35,6 +35,8 @@ fn addr(last: u8) -> SocketAddr {
 struct SimServer {
     offset: f64,
     kiss: Option<(KissCode, f64, f64, i8)>,
+    /// Answers nothing from this instant (seconds after start) on.
+    gone_from: Option<f64>,
 }
 
 impl SimServer {
@@ -42,12 +44,21 @@ impl SimServer {
         Self::default()
     }
     fn off_by(offset: f64) -> Self {
-        Self { offset, kiss: None }
+        Self {
+            offset,
+            ..Self::default()
+        }
     }
     fn kissing(code: KissCode, from: f64, until: f64, poll: i8) -> Self {
         Self {
-            offset: 0.0,
             kiss: Some((code, from, until, poll)),
+            ..Self::default()
+        }
+    }
+    fn gone_from(at: f64) -> Self {
+        Self {
+            gone_from: Some(at),
+            ..Self::default()
         }
     }
 }
@@ -159,6 +170,9 @@ impl World {
         let server = self.servers.get(&address.ip())?;
         let view = Packet::parse(request).ok()?;
         let t = self.t();
+        if server.gone_from.is_some_and(|from| t >= from) {
+            return None;
+        }
         let server_time = self
             .clock
             .true_time()
@@ -599,4 +613,42 @@ fn outside_the_egress_tier_the_upstreams_are_polled_once_no_egress_agent_answere
         "the tier is still polled"
     );
     assert!(world.driver.system().synchronized(world.clock.now()));
+}
+
+#[test]
+fn a_server_whose_name_moved_is_followed_once_the_old_address_stops_answering() {
+    // time.example moves from .1 to .2 at 100 s; .1 goes silent then.
+    let dns = BTreeMap::from([(
+        "time.example".to_string(),
+        name(
+            vec![(0.0, Some(vec![ip(1)])), (100.0, Some(vec![ip(2)]))],
+            0.05,
+        ),
+    )]);
+    let servers = BTreeMap::from([
+        (ip(1), SimServer::gone_from(100.0)),
+        (ip(2), SimServer::honest()),
+    ]);
+    let mut world = World::new(
+        config(vec![upstream("time.example", UpstreamKind::Server, 1)], 1),
+        dns,
+        servers,
+    );
+    world.run_until(900.0);
+    let moved = world
+        .events
+        .iter()
+        .find_map(|(t, e)| match e {
+            DriverEvent::Dropped {
+                address,
+                fault: Fault::Unreachable,
+                replacement: Some(r),
+                ..
+            } if *address == addr(1) && *r == addr(2) => Some(*t),
+            _ => None,
+        })
+        .expect("followed the name");
+    println!("moved to the new address at {moved:.1} s");
+    assert_eq!(world.members("time.example:123"), vec![addr(2)]);
+    assert!(world.usable(addr(2)));
 }
