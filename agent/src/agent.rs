@@ -3,7 +3,8 @@
 //! restarting, and publishes snapshots for metrics, the status endpoint and the reporter.
 //!
 //! Mapping the config contract onto the core ([`system_config`]) and naming sources is pure
-//! and tested; the loop itself is IO and timers.
+//! and tested; the loop's state and decisions live in [`crate::driver`], and the loop itself
+//! is only IO and timers.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -18,7 +19,7 @@ use stratum_api::agent_config::{
 use stratum_ntp::clock::{ClockAction, Refusal, apply_action};
 use stratum_ntp::leap::LeapMode;
 use stratum_ntp::packet::LeapIndicator;
-use stratum_ntp::source::SourceConfig;
+use stratum_ntp::source::{PollRequest, SourceConfig};
 use stratum_ntp::system::{SourceState, System, SystemConfig, SystemState};
 use stratum_ntp::time::ClockTime;
 use tokio::sync::{mpsc, watch};
@@ -26,9 +27,11 @@ use tokio::sync::{mpsc, watch};
 use crate::clock::Backend;
 use crate::config_cache::{ConfigCache, ConfigOrigin};
 use crate::config_source::ConfigUpdate;
+use crate::driver::{Driver, DriverEvent, Fault, Now};
 use crate::host_daemons::HostDaemonView;
 use crate::metrics::Metrics;
 use crate::report::AgentEvent;
+use crate::resolver::{self, Resolver, SystemResolver};
 use crate::server::{Server, ServerOptions};
 use crate::status::{AgentStatus, Identity, Tracking, agreeing_sources, source_views};
 use crate::upstream;
@@ -37,8 +40,6 @@ use crate::upstream;
 const REPLY_TIMEOUT: Duration = Duration::from_millis(1500);
 /// The loop wakes at least this often to observe the clock and publish state.
 const MAX_SLEEP: Duration = Duration::from_millis(500);
-/// A pool is re-resolved at most this often when a member is unreachable or a falseticker.
-pub const POOL_RERESOLVE_INTERVAL: Duration = Duration::from_secs(1800);
 
 /// How long no egress agent may be usable before an agent outside the tier polls the real
 /// upstreams too: longer than a tier agent's first burst takes to answer after a start or a
@@ -53,7 +54,8 @@ pub const FALLBACK_GRACE: Duration = Duration::from_secs(30);
 pub struct Fallback {
     allowed: bool,
     active: bool,
-    unusable_since: Option<std::time::Instant>,
+    /// Monotonic time since which no egress agent has been usable.
+    unusable_since: Option<ClockTime>,
 }
 
 impl Fallback {
@@ -85,8 +87,18 @@ impl Fallback {
         }
     }
 
+    /// When fallback starts if no egress agent becomes usable before (monotonic time).
+    pub fn deadline(&self) -> Option<ClockTime> {
+        match self.unusable_since {
+            Some(since) if self.allowed && !self.active => {
+                Some(since.add_secs(FALLBACK_GRACE.as_secs_f64()))
+            }
+            _ => None,
+        }
+    }
+
     /// Whether some egress agent is usable at `now`; the new state when it changes.
-    pub fn observe(&mut self, tier_usable: bool, now: std::time::Instant) -> Option<bool> {
+    pub fn observe(&mut self, tier_usable: bool, now: ClockTime) -> Option<bool> {
         if !self.allowed {
             return None;
         }
@@ -95,7 +107,7 @@ impl Fallback {
             return std::mem::replace(&mut self.active, false).then_some(false);
         }
         let since = *self.unusable_since.get_or_insert(now);
-        if !self.active && now.duration_since(since) >= FALLBACK_GRACE {
+        if !self.active && now.secs_since(since) >= FALLBACK_GRACE.as_secs_f64() {
             self.active = true;
             return Some(true);
         }
@@ -118,22 +130,7 @@ pub fn tier_usable(state: &SystemState, tier: &[SocketAddr]) -> bool {
     })
 }
 
-/// The resolved addresses of the egress agents the agent on `node` polls.
-pub fn tier_addresses(config: &AgentConfig, node: &str, resolved: &Resolved) -> Vec<SocketAddr> {
-    config
-        .tier_for_node(node)
-        .iter()
-        .flat_map(|u| {
-            resolved
-                .get(&upstream_key(u))
-                .into_iter()
-                .flatten()
-                .copied()
-        })
-        .collect()
-}
-
-/// Addresses each configured upstream resolved to, keyed by `host:port`.
+/// Addresses of each configured upstream, keyed by `host:port`.
 pub type Resolved = BTreeMap<String, Vec<SocketAddr>>;
 
 /// The key of an upstream in [`Resolved`].
@@ -197,44 +194,6 @@ pub fn system_config(
     system.discipline.panic_startup_backward = Some(d.panic_startup_seconds);
     system.discipline.panic_startup_forward = Some(d.panic_startup_seconds);
     system
-}
-
-/// Resolves every upstream; a host that fails to resolve keeps its previous addresses.
-pub async fn resolve_all(
-    upstreams: &[UpstreamConfig],
-    previous: &Resolved,
-) -> (Resolved, Vec<String>) {
-    let mut out = Resolved::new();
-    let mut errors = Vec::new();
-    for u in upstreams {
-        let key = upstream_key(u);
-        let limit = match u.kind {
-            UpstreamKind::Server => 1,
-            UpstreamKind::Pool => usize::from(u.max_sources),
-        };
-        let lookup = tokio::time::timeout(
-            Duration::from_secs(5),
-            upstream::resolve(&u.host, u.port, limit),
-        )
-        .await;
-        match lookup {
-            Ok(Ok(addrs)) if !addrs.is_empty() => {
-                out.insert(key, addrs);
-            }
-            other => {
-                let why = match other {
-                    Ok(Ok(_)) => "no addresses".to_string(),
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => "timed out".to_string(),
-                };
-                errors.push(format!("resolving {key}: {why}"));
-                if let Some(prev) = previous.get(&key) {
-                    out.insert(key, prev.clone());
-                }
-            }
-        }
-    }
-    (out, errors)
 }
 
 /// Options fixed for the life of the process.
@@ -323,17 +282,37 @@ struct Reply {
     reply: upstream::Reply,
 }
 
-/// Runs until `shutdown` fires; persists drift on the way out.
+/// Runs until `shutdown` fires; persists drift on the way out. Names are resolved by the
+/// host's resolver.
 pub async fn run(
+    opts: AgentOptions,
+    backend: Backend,
+    shared: Arc<Shared>,
+    outputs: Outputs,
+    config_rx: mpsc::Receiver<ConfigUpdate>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let resolver: Arc<dyn Resolver> = Arc::new(SystemResolver);
+    run_with_resolver(
+        opts, backend, shared, outputs, config_rx, shutdown, resolver,
+    )
+    .await
+}
+
+/// [`run`] with names resolved by `resolver`. The loop is a thin shell around
+/// [`Driver`]'s handlers: it sends the polls and lookups they ask for and feeds back timer
+/// ticks, replies, configs and DNS answers, and never waits on DNS itself.
+pub async fn run_with_resolver(
     opts: AgentOptions,
     mut backend: Backend,
     shared: Arc<Shared>,
     outputs: Outputs,
     mut config_rx: mpsc::Receiver<ConfigUpdate>,
     mut shutdown: watch::Receiver<bool>,
+    resolver: Arc<dyn Resolver>,
 ) -> anyhow::Result<()> {
     // Nothing can be polled before the first valid config.
-    let (mut config, mut config_origin) = loop {
+    let (config, mut config_origin) = loop {
         tokio::select! {
             update = config_rx.recv() => match update.map(ConfigUpdate::into_config) {
                 Some(Ok(first)) => break first,
@@ -359,24 +338,22 @@ pub async fn run(
     // Tenants are served from the first valid config on, as unsynchronized until the clock
     // is (LI=3, stratum 16: clients reject the answers rather than trust them).
     shared.server.apply(&config.serving);
-    let mut fallback = Fallback::new(&config, &opts.node);
-    let upstreams = config.upstreams_for_node(&opts.node, fallback.active());
-    let (mut resolved, errors) = resolve_all(&upstreams, &Resolved::new()).await;
-    for e in &errors {
-        tracing::warn!("{e}");
-    }
-    let now = backend.clock().now();
+    let (lookup_tx, mut resolution_rx) = resolver::spawn(
+        resolver,
+        resolver::DEFAULT_CONCURRENCY,
+        resolver::DEFAULT_TIMEOUT,
+    );
     let seed: [u8; 32] = rand::random();
-    let mut system = System::new(system_config(&config, &upstreams, &resolved), now, seed)
-        .map_err(|e| anyhow::anyhow!("the config cannot drive the core: {e}"))?;
-    tracing::info!(revision = %config.revision, source = config_origin.name(), "initial config in force");
-    keep_config(&opts, &config, config_origin, &shared);
+    let mut driver = Driver::new(&opts.node, config, Now::read(backend.clock()), seed)?;
+    tracing::info!(revision = %driver.config().revision, source = config_origin.name(), "initial config in force");
+    keep_config(&opts, driver.config(), config_origin, &shared);
     let drift_path = |config: &AgentConfig| match &opts.state_dir {
         Some(dir) => dir.join("drift.json"),
         None => PathBuf::from(&config.discipline.drift_file),
     };
-    match crate::drift::load(&drift_path(&config), now.unix_secs_floor()) {
-        Ok(drift) => match system.import_drift(drift, now) {
+    let now = backend.clock().now();
+    match crate::drift::load(&drift_path(driver.config()), now.unix_secs_floor()) {
+        Ok(drift) => match driver.system_mut().import_drift(drift, now) {
             Ok(actions) => {
                 tracing::info!(ppm = drift.frequency_ppm, "drift restored");
                 apply_all(&mut backend, &actions, &shared, &outputs);
@@ -386,14 +363,14 @@ pub async fn run(
         Err(e) => tracing::info!("{e}"),
     }
     let _ = outputs.heartbeat.send(Duration::from_secs_f64(
-        config.reporting.heartbeat_seconds.max(5.0),
+        driver.config().reporting.heartbeat_seconds.max(5.0),
     ));
     shared
         .metrics
         .info
         .with_label_values(&[
             &opts.version,
-            &config.time_service,
+            &driver.config().time_service,
             &opts.node,
             clock_name(&backend),
         ])
@@ -401,77 +378,52 @@ pub async fn run(
 
     let (reply_tx, mut reply_rx) = mpsc::channel::<Reply>(256);
     let mut last_drift_write = tokio::time::Instant::now();
-    let mut last_pool_resolve = tokio::time::Instant::now();
     let mut was_synchronized = false;
     let mut known_falsetickers = BTreeSet::new();
 
     loop {
-        let now = backend.clock().now();
-        while let Some(request) = system.poll_due(backend.clock().now()) {
-            // Sent here, synchronously, right after the core stamped it.
-            let in_flight = match upstream::send(request.address, &request.bytes) {
-                Ok(f) => f,
-                Err(e) => {
-                    tracing::debug!(error = %e, "request not sent");
-                    continue;
-                }
-            };
-            let tx = reply_tx.clone();
-            tokio::spawn(async move {
-                match in_flight.reply(REPLY_TIMEOUT).await {
-                    Ok(reply) => {
-                        let _ = tx
-                            .send(Reply {
-                                source: request.source,
-                                reply,
-                            })
-                            .await;
-                    }
-                    Err(e) => tracing::debug!(error = %e, "no reply"),
-                }
-            });
+        let now = Now::read(backend.clock());
+        for request in driver.lookups_due(now) {
+            // The resolver task lives as long as this loop holds its sender.
+            let _ = lookup_tx.send(request);
         }
-        let deadline = system.next_deadline(now);
-        let wait =
-            Duration::from_secs_f64(deadline.secs_since(now).clamp(0.0, MAX_SLEEP.as_secs_f64()));
+        while let Some(request) = driver.poll_due(backend.clock().now()) {
+            send_poll(request, &reply_tx);
+        }
+        let wait = Duration::from_secs_f64(driver.next_wake(now).min(MAX_SLEEP.as_secs_f64()));
         tokio::select! {
             _ = tokio::time::sleep(wait) => {
-                let now = backend.clock().now();
-                let actions = system.on_timer(now);
+                let actions = driver.on_timer(Now::read(backend.clock()));
                 apply_all(&mut backend, &actions, &shared, &outputs);
             }
             Some(Reply { source, reply }) = reply_rx.recv() => {
                 // The kernel stamped the reply on the host clock: carry it onto the clock the
                 // core steers by the host time elapsed since.
-                let now = backend.clock().now();
+                let now = Now::read(backend.clock());
                 let elapsed = crate::clock::host_realtime().secs_since(reply.host_rx).max(0.0);
-                let received_at = now.add_secs(-elapsed);
-                let outcome = system.handle_response(source, &reply.bytes, received_at, now);
+                let received_at = now.clock.add_secs(-elapsed);
+                let outcome = driver.on_reply(source, &reply.bytes, received_at, now);
                 apply_all(&mut backend, &outcome.actions, &shared, &outputs);
+            }
+            Some(resolution) = resolution_rx.recv() => {
+                let events = driver.on_resolution(resolution, Now::read(backend.clock()));
+                log_driver_events(&events, &shared.metrics);
             }
             update = config_rx.recv() => match update.map(ConfigUpdate::into_config) {
                 Some(Ok((new, origin))) => {
-                    let mut next_fallback = fallback.clone();
-                    next_fallback.reconfigure(&new, &opts.node);
-                    let upstreams = new.upstreams_for_node(&opts.node, next_fallback.active());
-                    let (fresh, errors) = resolve_all(&upstreams, &resolved).await;
-                    for e in &errors { tracing::warn!("{e}"); }
-                    let now = backend.clock().now();
-                    match system.reconfigure(system_config(&new, &upstreams, &fresh), now) {
+                    let revision = new.revision.clone();
+                    match driver.on_config(new, Now::read(backend.clock())) {
                         Ok(()) => {
-                            tracing::info!(revision = %new.revision, source = origin.name(), "config applied");
-                            shared.server.apply(&new.serving);
+                            tracing::info!(%revision, source = origin.name(), "config applied");
+                            shared.server.apply(&driver.config().serving);
                             shared.metrics.config_reloads.with_label_values(&["applied"]).inc();
-                            keep_config(&opts, &new, origin, &shared);
-                            resolved = fresh;
-                            config = new;
+                            keep_config(&opts, driver.config(), origin, &shared);
                             config_origin = origin;
-                            fallback = next_fallback;
                             config_error = None;
-                            let _ = outputs.heartbeat.send(Duration::from_secs_f64(config.reporting.heartbeat_seconds.max(5.0)));
+                            let _ = outputs.heartbeat.send(Duration::from_secs_f64(driver.config().reporting.heartbeat_seconds.max(5.0)));
                         }
                         Err(e) => {
-                            let why = format!("config revision {} cannot drive the core: {e}", new.revision);
+                            let why = format!("config revision {revision} cannot drive the core: {e}");
                             reject(&shared, &outputs, &mut config_error, why);
                         }
                     }
@@ -482,9 +434,11 @@ pub async fn run(
             _ = shutdown.changed() => break,
         }
 
-        let now = backend.clock().now();
         let clock = backend.clock();
-        if let Some(jump) = system.observe_clock(clock.now(), clock.monotonic()) {
+        if let Some(jump) = driver
+            .system_mut()
+            .observe_clock(clock.now(), clock.monotonic())
+        {
             tracing::warn!(
                 seconds = jump,
                 "someone else changed the clock; filters reset"
@@ -493,26 +447,11 @@ pub async fn run(
                 detail: format!("the clock jumped by {jump:+.3} s without the agent stepping it; filters were reset"),
             });
         }
+        let now = Now::read(backend.clock());
+        log_driver_events(&driver.housekeeping(now), &shared.metrics);
+        let now = now.clock;
+        let system = driver.system();
         let state = system.state(now);
-        let tier = tier_addresses(&config, &opts.node, &resolved);
-        if let Some(active) =
-            fallback.observe(tier_usable(&state, &tier), std::time::Instant::now())
-        {
-            let upstreams = config.upstreams_for_node(&opts.node, active);
-            let (fresh, _) = resolve_all(&upstreams, &resolved).await;
-            let now = backend.clock().now();
-            match system.reconfigure(system_config(&config, &upstreams, &fresh), now) {
-                Ok(()) => {
-                    resolved = fresh;
-                    if active {
-                        tracing::warn!("no egress agent usable; polling the upstreams too");
-                    } else {
-                        tracing::info!("an egress agent is usable again; polling the tier only");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "switching upstreams failed"),
-            }
-        }
         // What tenants are answered with from now until the next turn.
         shared
             .server
@@ -522,7 +461,7 @@ pub async fn run(
                 AgentEvent::SyncRegained
             } else {
                 AgentEvent::SyncLost {
-                    why: sync_loss_reason(&system, &state, now),
+                    why: sync_loss_reason(system, &state, now),
                 }
             });
             was_synchronized = state.synchronized;
@@ -540,7 +479,7 @@ pub async fn run(
         }
         publish(
             &opts,
-            &config,
+            driver.config(),
             config_origin,
             &config_error,
             &backend,
@@ -550,23 +489,8 @@ pub async fn run(
         );
 
         if last_drift_write.elapsed() >= crate::drift::WRITE_INTERVAL && state.synchronized {
-            save_drift(&drift_path(&config), &system, now);
+            save_drift(&drift_path(driver.config()), driver.system(), now);
             last_drift_write = tokio::time::Instant::now();
-        }
-        if last_pool_resolve.elapsed() >= POOL_RERESOLVE_INTERVAL && needs_reresolve(&state) {
-            last_pool_resolve = tokio::time::Instant::now();
-            let upstreams = config.upstreams_for_node(&opts.node, fallback.active());
-            let (fresh, _) = resolve_all(&upstreams, &resolved).await;
-            if fresh != resolved {
-                let now = backend.clock().now();
-                if system
-                    .reconfigure(system_config(&config, &upstreams, &fresh), now)
-                    .is_ok()
-                {
-                    tracing::info!("pool re-resolved after unreachable or falseticker members");
-                    resolved = fresh;
-                }
-            }
         }
     }
     // Unsynchronized first, so the NodeClock the reporter writes on its way out takes this
@@ -574,7 +498,7 @@ pub async fn run(
     publish_stopping(&shared, &outputs);
     shared.server.stop_all();
     let now = backend.clock().now();
-    save_drift(&drift_path(&config), &system, now);
+    save_drift(&drift_path(driver.config()), driver.system(), now);
     tracing::info!("drift saved; agent stopped");
     Ok(())
 }
@@ -605,11 +529,75 @@ fn publish_stopping(shared: &Shared, outputs: &Outputs) {
     );
 }
 
-fn needs_reresolve(state: &SystemState) -> bool {
-    state
-        .sources
-        .iter()
-        .any(|s| matches!(s.state, SourceState::Unreachable | SourceState::Falseticker))
+/// Sends `request` at once (synchronously, right after the core stamped it) and waits for
+/// the reply in a task of its own.
+fn send_poll(request: PollRequest, reply_tx: &mpsc::Sender<Reply>) {
+    let in_flight = match upstream::send(request.address, &request.bytes) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::debug!(error = %e, "request not sent");
+            return;
+        }
+    };
+    let tx = reply_tx.clone();
+    tokio::spawn(async move {
+        match in_flight.reply(REPLY_TIMEOUT).await {
+            Ok(reply) => {
+                let _ = tx
+                    .send(Reply {
+                        source: request.source,
+                        reply,
+                    })
+                    .await;
+            }
+            Err(e) => tracing::debug!(error = %e, "no reply"),
+        }
+    });
+}
+
+fn log_driver_events(events: &[DriverEvent], metrics: &Metrics) {
+    for event in events {
+        match event {
+            DriverEvent::Resolved {
+                upstream,
+                addresses,
+            } => {
+                metrics.upstream_lookups.with_label_values(&["ok"]).inc();
+                tracing::debug!(%upstream, addresses, "resolved");
+            }
+            DriverEvent::ResolveFailed { upstream, error } => {
+                metrics
+                    .upstream_lookups
+                    .with_label_values(&["failed"])
+                    .inc();
+                tracing::warn!(%upstream, %error, "lookup failed; retrying with backoff");
+            }
+            DriverEvent::Dropped {
+                upstream,
+                address,
+                fault,
+                replacement,
+            } => {
+                let reason = match fault {
+                    Fault::Unreachable => "unreachable",
+                    Fault::Falseticker => "falseticker",
+                    Fault::Outlier => "outlier",
+                    Fault::Denied(_) => "denied",
+                };
+                metrics.upstream_drops.with_label_values(&[reason]).inc();
+                tracing::warn!(
+                    %upstream, %address, ?fault, replacement = ?replacement,
+                    "upstream address dropped"
+                );
+            }
+            DriverEvent::Fallback(true) => {
+                tracing::warn!("no egress agent usable; polling the upstreams too")
+            }
+            DriverEvent::Fallback(false) => {
+                tracing::info!("an egress agent is usable again; polling the tier only")
+            }
+        }
+    }
 }
 
 fn reject(shared: &Shared, outputs: &Outputs, config_error: &mut Option<String>, why: String) {
@@ -790,6 +778,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    const GRACE: f64 = FALLBACK_GRACE.as_secs_f64();
+
     fn config_json() -> String {
         include_str!("../tests/data/agent-config.json").to_string()
     }
@@ -816,31 +806,37 @@ mod tests {
         let config = tiered(true, &["10.0.0.1"]);
         let mut fallback = Fallback::new(&config, "worker");
         assert!(!fallback.active(), "a start polls the tier alone");
-        let t0 = std::time::Instant::now();
+        let t0 = ClockTime::from_unix_secs(1_000);
         assert_eq!(fallback.observe(false, t0), None);
-        assert_eq!(fallback.observe(true, t0 + FALLBACK_GRACE / 2), None);
+        assert_eq!(fallback.observe(true, t0.add_secs(GRACE / 2.0)), None);
         // Unusable again: the grace starts over.
-        assert_eq!(fallback.observe(false, t0 + FALLBACK_GRACE), None);
+        assert_eq!(fallback.observe(false, t0.add_secs(GRACE)), None);
         assert_eq!(
-            fallback.observe(false, t0 + FALLBACK_GRACE * 2 - Duration::from_millis(1)),
+            fallback.observe(false, t0.add_secs(2.0 * GRACE - 0.001)),
             None
         );
-        assert_eq!(fallback.observe(false, t0 + FALLBACK_GRACE * 2), Some(true));
+        assert_eq!(
+            fallback.observe(false, t0.add_secs(2.0 * GRACE)),
+            Some(true)
+        );
         assert!(fallback.active());
-        assert_eq!(fallback.observe(false, t0 + FALLBACK_GRACE * 3), None);
+        assert_eq!(fallback.observe(false, t0.add_secs(3.0 * GRACE)), None);
         // One usable egress agent ends the fallback at once.
-        assert_eq!(fallback.observe(true, t0 + FALLBACK_GRACE * 3), Some(false));
+        assert_eq!(
+            fallback.observe(true, t0.add_secs(3.0 * GRACE)),
+            Some(false)
+        );
         assert!(!fallback.active());
     }
 
     #[test]
     fn fallback_never_happens_when_not_allowed_or_on_an_egress_node_and_at_once_without_a_tier() {
-        let t0 = std::time::Instant::now();
+        let t0 = ClockTime::from_unix_secs(1_000);
         let mut forbidden = Fallback::new(&tiered(false, &["10.0.0.1"]), "worker");
         assert_eq!(forbidden.observe(false, t0), None);
-        assert_eq!(forbidden.observe(false, t0 + FALLBACK_GRACE * 10), None);
+        assert_eq!(forbidden.observe(false, t0.add_secs(10.0 * GRACE)), None);
         let mut edge = Fallback::new(&tiered(true, &["10.0.0.1"]), "edge");
-        assert_eq!(edge.observe(false, t0 + FALLBACK_GRACE * 10), None);
+        assert_eq!(edge.observe(false, t0.add_secs(10.0 * GRACE)), None);
         assert!(!edge.active());
         let empty = Fallback::new(&tiered(true, &[]), "worker");
         assert!(

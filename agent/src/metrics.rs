@@ -42,6 +42,10 @@ pub struct Metrics {
     pub tenant_kod: IntCounterVec,
     config_source: IntGaugeVec,
     other_time_daemon: IntGaugeVec,
+    /// Upstream name lookups by result.
+    pub upstream_lookups: IntCounterVec,
+    /// Upstream addresses dropped, by reason.
+    pub upstream_drops: IntCounterVec,
 }
 
 const SOURCE_STATES: [&str; 6] = [
@@ -184,6 +188,16 @@ impl Metrics {
                 "stratum_agent_tenant_kod_sent_total",
                 "Kiss-o'-Death replies sent, by code.",
                 &["tenant", "code"]
+            )?),
+            upstream_lookups: reg!(icv(
+                "stratum_agent_upstream_lookups_total",
+                "Upstream name lookups, by result.",
+                &["result"]
+            )?),
+            upstream_drops: reg!(icv(
+                "stratum_agent_upstream_drops_total",
+                "Upstream addresses dropped (and replaced where the name had a spare), by reason.",
+                &["reason"]
             )?),
             registry,
         })

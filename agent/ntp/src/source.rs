@@ -8,7 +8,9 @@ use crate::time::{ClockTime, NtpShort, NtpTimestamp, PHI};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
-/// Largest poll exponent a server may push us to via KoD RATE (RFC 5905 MAXPOLL).
+/// Largest poll exponent accepted in configuration (RFC 5905 MAXPOLL). KoD RATE never pushes
+/// a source beyond its own configured `max_poll`: a kiss from a pool member or an on-path
+/// attacker must not silence a source for a day and a half.
 pub const MAX_POLL_LIMIT: i8 = 17;
 /// Smallest poll exponent accepted in configuration (2 s; for own LAN servers).
 pub const MIN_POLL_LIMIT: i8 = 1;
@@ -151,8 +153,11 @@ pub struct Source {
     config: SourceConfig,
     reach: u8,
     poll: i8,
-    /// Raised by KoD RATE; never below the configured minimum.
+    /// Raised by KoD RATE; never below the configured minimum nor above the maximum.
     min_poll: i8,
+    /// The poll exponent before a run of KoD RATE, returned to step by step once the server
+    /// answers normally again.
+    rate_limited_from: Option<i8>,
     next_poll: ClockTime,
     outstanding: Option<Outstanding>,
     burst_remaining: u8,
@@ -175,6 +180,7 @@ impl Source {
             reach: 0,
             poll: min_poll,
             min_poll,
+            rate_limited_from: None,
             next_poll: now,
             outstanding: None,
             burst_remaining: burst,
@@ -248,10 +254,9 @@ impl Source {
 
     /// Applies a changed configuration in place, keeping samples and reachability.
     pub fn update_config(&mut self, config: SourceConfig) {
-        self.min_poll = self.min_poll.max(config.min_poll);
-        self.poll = self
-            .poll
-            .clamp(config.min_poll, config.max_poll.max(config.min_poll));
+        let max_poll = config.max_poll.max(config.min_poll);
+        self.min_poll = self.min_poll.clamp(config.min_poll, max_poll);
+        self.poll = self.poll.clamp(config.min_poll, max_poll);
         self.config = config;
     }
 
@@ -347,6 +352,7 @@ impl Source {
         }
         self.reach |= 1;
         self.unanswered = 0;
+        self.recover_from_rate_limit();
         if packet.leap == LeapIndicator::Unknown || packet.stratum >= 16 {
             return SourceEvent::Ignored(IgnoreReason::ServerUnsynchronized);
         }
@@ -386,10 +392,13 @@ impl Source {
     fn handle_kiss(&mut self, now: ClockTime, code: KissCode, server_poll: i8) -> SourceEvent {
         match code {
             KissCode::Rate => {
-                let requested = server_poll.clamp(MIN_POLL_LIMIT, MAX_POLL_LIMIT);
-                let slower = (self.poll + 1).min(MAX_POLL_LIMIT);
-                self.poll = slower.max(requested);
+                // Honour the server's poll field and back off one step more, but only up to
+                // the configured maximum: the operator chose how stale a source may get.
+                let max_poll = self.config.max_poll.max(self.config.min_poll);
+                self.rate_limited_from.get_or_insert(self.poll);
+                self.poll = (self.poll + 1).max(server_poll).min(max_poll);
                 self.min_poll = self.min_poll.max(self.poll);
+                self.good_streak = 0;
                 self.burst_remaining = 0;
                 self.next_poll = now.add_secs(poll_secs(self.poll));
                 SourceEvent::RateLimited { poll: self.poll }
@@ -399,6 +408,23 @@ impl Source {
                 SourceEvent::Demobilized(code)
             }
             KissCode::Ntsn | KissCode::Other(_) => SourceEvent::Ignored(IgnoreReason::UnknownKiss),
+        }
+    }
+
+    /// One step back towards the poll interval before KoD RATE per normal reply, so a
+    /// server that stopped limiting us is polled normally again within a few polls, without a
+    /// jump back to the rate that provoked the kiss.
+    fn recover_from_rate_limit(&mut self) {
+        let Some(before) = self.rate_limited_from else {
+            return;
+        };
+        self.poll = (self.poll - 1).max(before);
+        self.min_poll = self.poll.min(self.min_poll).max(self.config.min_poll);
+        // The adaptive rule earns longer polls again from here, not from before the kiss.
+        self.good_streak = 0;
+        if self.poll <= before {
+            self.rate_limited_from = None;
+            self.min_poll = self.config.min_poll;
         }
     }
 
@@ -545,18 +571,19 @@ mod tests {
     }
 
     #[test]
-    fn kod_rate_backs_off_to_the_servers_poll_and_deny_demobilizes() {
+    fn kod_rate_backs_off_to_the_servers_poll_but_never_beyond_max_poll_and_deny_demobilizes() {
         let mut rng = StdRng::seed_from_u64(3);
         let mut s = source(false);
         let request = s.poll_due(start(), &mut rng).unwrap();
+        // The server asks for 2^12 s; the configured maximum is 2^10 s.
         let kod = reply_to(&request.bytes, 0, *b"RATE", start());
         assert_eq!(
             s.handle_response(start(), &kod, start(), 1e-6, 1.5),
-            SourceEvent::RateLimited { poll: 12 }
+            SourceEvent::RateLimited { poll: 10 }
         );
-        assert_eq!(s.next_poll(), Some(start().add_secs(4096.0)));
+        assert_eq!(s.next_poll(), Some(start().add_secs(1024.0)));
 
-        let request = s.poll_due(start().add_secs(4096.0), &mut rng).unwrap();
+        let request = s.poll_due(start().add_secs(1024.0), &mut rng).unwrap();
         let kod = reply_to(&request.bytes, 0, *b"DENY", start().add_secs(1.0));
         assert_eq!(
             s.handle_response(start(), &kod, start(), 1e-6, 1.5),
@@ -583,6 +610,34 @@ mod tests {
             ));
             t = s.next_poll().unwrap();
         }
+    }
+
+    #[test]
+    fn kod_rate_recovers_one_step_per_normal_reply_to_the_poll_before_the_kiss() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut s = source(false);
+        let mut t = start();
+        let mut exchange = |s: &mut Source, t: ClockTime, refid: &[u8; 4], stratum: u8| {
+            let request = s.poll_due(t, &mut rng).unwrap();
+            let reply = reply_to(&request.bytes, stratum, *refid, t);
+            s.handle_response(t, &reply, t, 1e-6, 1.5)
+        };
+        // Three kisses in a row: 2^7, 2^8 ... never past 2^10 whatever the server asks.
+        for _ in 0..6 {
+            exchange(&mut s, t, b"RATE", 0);
+            assert!(s.poll_exponent() <= 10);
+            t = s.next_poll().unwrap();
+        }
+        assert_eq!(s.poll_exponent(), 10);
+        // Normal replies: one step down each, back to 2^6 and the configured floor.
+        let mut polls = Vec::new();
+        for _ in 0..5 {
+            exchange(&mut s, t, b"GPS\0", 2);
+            polls.push(s.poll_exponent());
+            t = s.next_poll().unwrap();
+        }
+        assert_eq!(polls, vec![9, 8, 7, 6, 6]);
+        assert_eq!(s.min_poll, 6);
     }
 
     #[test]
