@@ -76,8 +76,8 @@ struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
-    /// NTP server worker threads (one SO_REUSEPORT socket each) per tenant port; 0 = one per
-    /// core this process may use.
+    /// NTP server worker threads for all tenant ports together (each owns one SO_REUSEPORT
+    /// socket of every port); 0 = one per core this process may use.
     #[arg(long, default_value_t = 0)]
     server_workers: usize,
     /// Clients tracked per tenant port for rate limiting and `stratumctl clients`.
@@ -158,6 +158,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let (config_tx, mut config_rx) = mpsc::channel(8);
     tracing::info!(%source, node = %args.node_name, "starting");
+    raise_open_file_limit();
     tokio::spawn(config_source::watch(source, client.clone(), config_tx));
 
     // The backend comes from the flag or the first valid config.
@@ -315,6 +316,21 @@ impl LogControl {
             }
             Err(e) => tracing::warn!(error = %e, %directives, "log filter not understood"),
         }
+    }
+}
+
+/// Every tenant port costs one socket per server worker (1000 tenants on 64 cores: 64,000
+/// descriptors), past the usual soft limit of 1024: take the hard limit, as Go does.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, "cannot raise the open file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open file limit"),
     }
 }
 

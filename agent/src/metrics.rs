@@ -37,6 +37,8 @@ pub struct Metrics {
     pub tenant_requests: IntCounterVec,
     /// Kiss-o'-Death replies by code.
     pub tenant_kod: IntCounterVec,
+    /// Configured tenant ports not bound (retried with backoff).
+    pub tenant_port_bind_failures: IntGauge,
 }
 
 const SOURCE_STATES: [&str; 6] = [
@@ -167,6 +169,10 @@ impl Metrics {
                 "stratum_agent_tenant_kod_sent_total",
                 "Kiss-o'-Death replies sent, by code.",
                 &["tenant", "code"]
+            )?),
+            tenant_port_bind_failures: reg!(IntGauge::new(
+                "stratum_agent_tenant_port_bind_failures",
+                "Configured tenant ports that could not be bound and are being retried.",
             )?),
             registry,
         })

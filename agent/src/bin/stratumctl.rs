@@ -147,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&stats)?);
             } else {
                 println!(
-                    "Serving {} (stratum {}), {} worker(s) per port",
+                    "Serving {} (stratum {}), {} worker(s) for all ports",
                     if stats.synchronized {
                         "synchronized"
                     } else {

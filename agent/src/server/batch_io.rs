@@ -42,8 +42,9 @@ pub struct SocketOptions {
     pub dual_stack: bool,
     /// Requested SO_RCVBUF (the kernel caps it at net.core.rmem_max unless forced).
     pub receive_buffer: usize,
-    /// SO_RCVTIMEO: how long a blocking receive waits before the thread looks at its stop flag.
-    pub receive_timeout: Duration,
+    /// SO_RCVTIMEO: how long a blocking receive waits before the thread looks at its stop
+    /// flag; `None` opens the socket non-blocking, for a caller that waits in epoll.
+    pub receive_timeout: Option<Duration>,
 }
 
 /// Opens a UDP socket bound to `addr` with kernel receive timestamps and destination
@@ -63,7 +64,10 @@ pub fn bind_udp(addr: SocketAddr, options: SocketOptions) -> io::Result<std::net
         }
         force_receive_buffer(&socket, options.receive_buffer);
     }
-    socket.set_read_timeout(Some(options.receive_timeout))?;
+    match options.receive_timeout {
+        Some(timeout) => socket.set_read_timeout(Some(timeout))?,
+        None => socket.set_nonblocking(true)?,
+    }
     nix::sys::socket::setsockopt(
         &socket,
         nix::sys::socket::sockopt::ReceiveTimestampns,
@@ -158,8 +162,9 @@ impl RecvBatch {
         }
     }
 
-    /// Blocks until at least one datagram arrives (or SO_RCVTIMEO passes: `WouldBlock`), then
-    /// takes up to [`BATCH`] without waiting for more. Returns how many arrived.
+    /// Blocks until at least one datagram arrives (or SO_RCVTIMEO passes, or at once on a
+    /// non-blocking socket: `WouldBlock`), then takes up to [`BATCH`] without waiting for
+    /// more. Returns how many arrived.
     pub fn receive(&mut self, socket: BorrowedFd<'_>) -> io::Result<usize> {
         self.received = 0;
         for i in 0..BATCH {
@@ -705,7 +710,7 @@ mod tests {
             reuse_port: false,
             dual_stack: true,
             receive_buffer: 0,
-            receive_timeout: Duration::from_millis(500),
+            receive_timeout: Some(Duration::from_millis(500)),
         }
     }
 
@@ -843,7 +848,7 @@ mod tests {
     #[test]
     fn wake_receivers_unblocks_a_waiting_receive() {
         let mut opts = options();
-        opts.receive_timeout = Duration::from_secs(30);
+        opts.receive_timeout = Some(Duration::from_secs(30));
         let server = bind_udp("127.0.0.1:0".parse().unwrap(), opts).unwrap();
         let waker = server.try_clone().unwrap();
         let started = std::time::Instant::now();
