@@ -187,6 +187,12 @@ async fn main() -> anyhow::Result<()> {
                         n.ignored
                     );
                 }
+                for f in &stats.failed {
+                    println!(
+                        "{:<32} {:>6} NOT SERVED after {} attempt(s): {}",
+                        f.tenant, f.port, f.attempts, f.error
+                    );
+                }
             }
         }
         Command::Bench {
