@@ -229,7 +229,7 @@ impl Server {
         let desired = tenants::desired_ports(serving);
         let mut ports = self.ports();
         ports.desired = desired;
-        let report = self.reconcile(&mut ports);
+        let report = self.reconcile(&mut ports, None);
         drop(ports);
         log_report(&report);
         report
@@ -243,7 +243,7 @@ impl Server {
         if !ports.failed.values().any(|f| f.retry_at <= now) {
             return ApplyReport::default();
         }
-        let report = self.reconcile(&mut ports);
+        let report = self.reconcile(&mut ports, Some(now));
         drop(ports);
         log_report(&report);
         report
@@ -258,7 +258,9 @@ impl Server {
             .collect()
     }
 
-    fn reconcile(&self, ports: &mut Ports) -> ApplyReport {
+    /// Brings the ports in line with `ports.desired`. With `due`, failed ports whose backoff
+    /// has not passed by then are left for later (an apply retries them all at once).
+    fn reconcile(&self, ports: &mut Ports, due: Option<Instant>) -> ApplyReport {
         let Ports {
             workers,
             running,
@@ -300,7 +302,13 @@ impl Server {
                     removed.push(port);
                     opening.push(port);
                 }
-                PortChange::Open(port) => opening.push(port),
+                PortChange::Open(port) => {
+                    let waiting =
+                        due.is_some_and(|now| failed.get(&port).is_some_and(|f| f.retry_at > now));
+                    if !waiting {
+                        opening.push(port);
+                    }
+                }
             }
         }
         // Closed and reopened ports: every worker drops its socket before any new one is
@@ -311,17 +319,22 @@ impl Server {
             });
         }
         failed.retain(|port, _| desired.contains_key(port));
-        if !opening.is_empty()
-            && let Err(e) = self.ensure_workers(workers)
-        {
-            for port in opening.drain(..) {
-                report.failed.push((port, e.to_string()));
-            }
-        }
+        let workers_started = if opening.is_empty() {
+            Ok(())
+        } else {
+            self.ensure_workers(workers)
+        };
         let mut adds: Vec<Vec<Command>> = workers.iter().map(|_| Vec::new()).collect();
         for port in opening {
             let Some(config) = desired.get(&port) else {
                 continue;
+            };
+            let bound = match &workers_started {
+                Ok(()) => self.bind_port(port, workers.len()),
+                Err(e) => Err(std::io::Error::new(
+                    e.kind(),
+                    format!("starting workers: {e}"),
+                )),
             };
             let tenant_stats = stats
                 .entry(config.name.clone())
@@ -329,7 +342,7 @@ impl Server {
                     Arc::new(TenantStats::new(config.name.clone(), self.options.workers))
                 })
                 .clone();
-            match self.bind_port(port, workers.len()) {
+            match bound {
                 Ok((sockets, local)) => {
                     let shared = Arc::new(PortShared {
                         policy: ArcSwap::from_pointee(PortPolicy::new(
@@ -353,6 +366,7 @@ impl Server {
                     report.opened.push(port);
                 }
                 Err(e) => {
+                    // Retried on the next apply and, after the backoff, by retry_failed.
                     let attempts = failed.get(&port).map_or(0, |f| f.report.attempts) + 1;
                     let backoff = RETRY_FIRST
                         .saturating_mul(1 << attempts.min(16).saturating_sub(1))
