@@ -47,7 +47,7 @@ use crate::clock::Timescale;
 use crate::metrics::Metrics;
 use batch_io::SocketOptions;
 use clients::ClientRow;
-use path::{ClockSnapshot, PortPolicy, PortState};
+use path::{ClockSnapshot, PortPolicy};
 use stats::{KOD_LABELS, OUTCOME_LABELS, TenantStats, TenantTotals};
 use tenants::PortChange;
 use worker::{Command, PortShared, Worker};
@@ -349,10 +349,9 @@ impl Server {
                             config.clone(),
                             tenant_stats,
                         )),
-                        state: Mutex::new(PortState::new(
-                            self.options.client_capacity,
-                            rand::random(),
-                        )),
+                        state: Mutex::new(None),
+                        client_capacity: self.options.client_capacity,
+                        seed: rand::random(),
                     });
                     for (queue, socket) in adds.iter_mut().zip(sockets) {
                         queue.push(Command::Add {
@@ -470,7 +469,7 @@ impl Server {
                     .shared
                     .state
                     .lock()
-                    .map_or(0, |s| s.clients.occupied());
+                    .map_or(0, |s| s.as_ref().map_or(0, |s| s.clients.occupied()));
                 TenantServerStats {
                     tenant: policy.stats.id.clone(),
                     port: *port,
@@ -505,12 +504,12 @@ impl Server {
                     .state
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .clients
-                    .clone();
+                    .as_ref()
+                    .map(|s| s.clients.clone());
                 Some(TenantClients {
                     tenant: id,
                     port: *port,
-                    clients: log.top(limit),
+                    clients: log.map_or_else(Vec::new, |log| log.top(limit)),
                 })
             })
             .collect()
