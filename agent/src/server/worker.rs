@@ -124,7 +124,14 @@ impl Worker {
     }
 
     /// Stops the worker and waits for it; its sockets close with it.
-    pub fn stop(mut self) {
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+/// A worker never outlives its handle: it would keep its sockets (and their ports) open.
+impl Drop for Worker {
+    fn drop(&mut self) {
         self.control.stop.store(true, Ordering::Relaxed);
         self.wake();
         if let Some(thread) = self.thread.take()
