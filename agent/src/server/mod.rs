@@ -21,8 +21,9 @@
 //! - The run loop publishes the clock each turn ([`Server::publish_clock`]): the state replies
 //!   carry and the host → served-clock map applied to kernel timestamps.
 //! - Workers read both through `ArcSwap` once per batch; counters are per worker
-//!   ([`stats`]) and summed on scrape ([`Server::export_metrics`]), client logs are per port
-//!   ([`clients`]).
+//!   ([`stats`]) and summed on scrape ([`Server::export_metrics`]); the rate table and
+//!   client log are per port ([`clients`]), behind one mutex, made on the port's first
+//!   datagram so idle tenants cost no table.
 //!
 //! The per-packet logic is [`path::handle_request`]; the syscalls live in [`batch_io`].
 
