@@ -456,6 +456,9 @@ pub async fn run_with_resolver(
         shared
             .server
             .publish_clock(system.server_state(now), backend.timescale());
+        // Ports that could not be bound are tried again on their backoff (a no-op while none
+        // failed), so a port freed by another process is served without a config change.
+        shared.server.retry_failed();
         if state.synchronized != was_synchronized {
             let _ = outputs.events.try_send(if state.synchronized {
                 AgentEvent::SyncRegained
@@ -764,6 +767,7 @@ fn publish(
             last_update_ago_seconds: state.last_update.map(|t| backend.now().secs_since(t)),
         },
         sources: source_views(state),
+        failed_ports: shared.server.failed_ports(),
     };
     shared
         .metrics

@@ -388,7 +388,7 @@ pub fn run(
             reuse_port: false,
             dual_stack: false,
             receive_buffer: 8 << 20,
-            receive_timeout: Duration::from_millis(50),
+            receive_timeout: Some(Duration::from_millis(50)),
         },
     )?;
     let receiver_socket = socket.try_clone()?;
@@ -564,7 +564,7 @@ pub fn echo_server(listen: SocketAddr, workers: usize, stop: &AtomicBool) -> io:
         reuse_port: true,
         dual_stack: true,
         receive_buffer: 4 << 20,
-        receive_timeout: Duration::from_millis(100),
+        receive_timeout: Some(Duration::from_millis(100)),
     };
     let sockets = (0..workers.max(1))
         .map(|_| batch_io::bind_udp(listen, options))

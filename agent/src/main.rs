@@ -81,8 +81,8 @@ struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
-    /// NTP server worker threads (one SO_REUSEPORT socket each) per tenant port; 0 = one per
-    /// core this process may use.
+    /// NTP server worker threads for all tenant ports together (each owns one SO_REUSEPORT
+    /// socket of every port); 0 = one per core this process may use.
     #[arg(long, default_value_t = 0)]
     server_workers: usize,
     /// Clients tracked per tenant port for rate limiting and `stratumctl clients`.
@@ -161,6 +161,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None
     };
 
+    raise_open_file_limit();
     // The probes and metrics answer from here on: liveness must never wait for a config, and
     // so never for the API server.
     let shared = Shared::with_server(
@@ -462,6 +463,21 @@ impl LogControl {
             }
             Err(e) => tracing::warn!(error = %e, %directives, "log filter not understood"),
         }
+    }
+}
+
+/// Every tenant port costs one socket per server worker (1000 tenants on 64 cores: 64,000
+/// descriptors), past the usual soft limit of 1024: take the hard limit, as Go does.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, "cannot raise the open file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open file limit"),
     }
 }
 

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub upstream_lookups: IntCounterVec,
     /// Upstream addresses dropped, by reason.
     pub upstream_drops: IntCounterVec,
+    /// Configured tenant ports not bound (retried with backoff).
+    pub tenant_port_bind_failures: IntGauge,
 }
 
 const SOURCE_STATES: [&str; 6] = [
@@ -198,6 +200,10 @@ impl Metrics {
                 "stratum_agent_upstream_drops_total",
                 "Upstream addresses dropped (and replaced where the name had a spare), by reason.",
                 &["reason"]
+            )?),
+            tenant_port_bind_failures: reg!(IntGauge::new(
+                "stratum_agent_tenant_port_bind_failures",
+                "Configured tenant ports that could not be bound and are being retried.",
             )?),
             registry,
         })

@@ -226,8 +226,36 @@ pub fn node_clock_status(status: &AgentStatus, now: Time) -> NodeClockStatus {
                     "no kernel PLL/FLL, chronyd command port or foreign NTP port seen".into()
                 }),
             ),
+            condition(
+                "TenantPorts",
+                status.failed_ports.is_empty(),
+                if status.failed_ports.is_empty() {
+                    "Bound"
+                } else {
+                    "BindFailed"
+                },
+                failed_ports_message(&status.failed_ports),
+            ),
         ],
     }
+}
+
+/// Ports listed in the TenantPorts condition; the rest are counted (status stays small).
+const FAILED_PORTS_LISTED: usize = 5;
+
+fn failed_ports_message(failed: &[crate::server::FailedPort]) -> String {
+    if failed.is_empty() {
+        return "every configured tenant port is bound".into();
+    }
+    let mut listed: Vec<String> = failed
+        .iter()
+        .take(FAILED_PORTS_LISTED)
+        .map(|f| format!("port {} ({}): {}", f.port, f.tenant, f.error))
+        .collect();
+    if failed.len() > FAILED_PORTS_LISTED {
+        listed.push(format!("and {} more", failed.len() - FAILED_PORTS_LISTED));
+    }
+    format!("not served, retrying: {}", listed.join("; "))
 }
 
 /// The part of a status whose change is worth an immediate write; measured values (offset,
@@ -458,6 +486,7 @@ mod tests {
                 reach: 255,
                 ..Default::default()
             }],
+            failed_ports: vec![],
         }
     }
 
@@ -495,6 +524,46 @@ mod tests {
                 "YieldedToOtherDaemon".into(),
                 "only observing".into()
             )
+        );
+    }
+
+    #[test]
+    fn tenant_ports_that_cannot_be_bound_show_as_a_false_condition_listing_them() {
+        let bound = node_clock_status(&status(true, 0.0), at());
+        let condition = |s: &NodeClockStatus| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "TenantPorts")
+                .cloned()
+                .unwrap()
+        };
+        assert_eq!(condition(&bound).status, "True");
+        let mut failing = status(true, 0.0);
+        failing.failed_ports = (0..7)
+            .map(|i| crate::server::FailedPort {
+                port: 12300 + i,
+                tenant: format!("ns/t{i}"),
+                error: "Address in use (os error 98)".into(),
+                attempts: 1,
+            })
+            .collect();
+        let failed = condition(&node_clock_status(&failing, at()));
+        assert_eq!(
+            (failed.status.as_str(), failed.reason.as_str()),
+            ("False", "BindFailed")
+        );
+        assert!(
+            failed
+                .message
+                .starts_with("not served, retrying: port 12300 (ns/t0): Address in use"),
+            "{}",
+            failed.message
+        );
+        assert!(failed.message.ends_with("and 2 more"), "{}", failed.message);
+        assert!(
+            significant(&node_clock_status(&failing, at()))
+                != significant(&node_clock_status(&status(true, 0.0), at())),
+            "a port failing is worth an immediate write"
         );
     }
 
@@ -538,8 +607,8 @@ mod tests {
                 .iter()
                 .map(|c| c.status.as_str())
                 .collect::<Vec<_>>(),
-            ["True", "True", "False"],
-            "ConfigValid, ClockControl, OtherTimeDaemon"
+            ["True", "True", "False", "True"],
+            "ConfigValid, ClockControl, OtherTimeDaemon, TenantPorts"
         );
     }
 

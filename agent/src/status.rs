@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 use stratum_ntp::system::{SourceState, SystemState};
 
+use crate::server::FailedPort;
+
 /// Everything the local status endpoint returns.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -14,6 +16,9 @@ pub struct AgentStatus {
     pub tracking: Tracking,
     /// Every source.
     pub sources: Vec<SourceView>,
+    /// Configured tenant ports that are not served (bind failures being retried).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_ports: Vec<FailedPort>,
 }
 
 /// Who this agent is and what it runs.

@@ -39,6 +39,7 @@ fn status() -> AgentStatus {
             reach: 255,
             ..Default::default()
         }],
+        failed_ports: vec![],
     }
 }
 

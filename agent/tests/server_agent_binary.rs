@@ -2,7 +2,8 @@
 //! from a chronyd (`-x`, serving, never touching the clock) on loopback; tenants served from
 //! a config file, answered unsynchronized until the agent is and with its disciplined clock
 //! after; a file change moves tenants without a restart; counters in /metrics, /serverstats
-//! and /clients.
+//! and /clients; a tenant port held by another socket is reported in /status and the
+//! metrics, and served once it is free, with no config change.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "server_common/mod.rs"]
@@ -167,4 +168,44 @@ fn the_agent_serves_tenants_with_its_disciplined_clock_and_follows_config_change
         clients[0]["clients"][0]["address"], "127.0.0.1",
         "{clients}"
     );
+
+    // A tenant port held by another socket (no SO_REUSEPORT): reported in /status (which the
+    // NodeClock's TenantPorts condition is built from) and the metric, then served without a
+    // config change once it is free.
+    let holder = std::net::UdpSocket::bind(("::", 0)).unwrap();
+    let held = holder.local_addr().unwrap().port();
+    config
+        .serving
+        .tenants
+        .push(tenant("ns/held", held, &["127.0.0.0/8"], false));
+    config.revision = "test-3".into();
+    std::fs::write(&config_path, config.to_json()).unwrap();
+    let failed_ports = || -> Vec<u64> {
+        http_get(status_port, "/status")
+            .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .and_then(|status| {
+                status["failedPorts"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|f| f["port"].as_u64()).collect())
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || failed_ports()
+            == [u64::from(held)]),
+        "the held port never showed in /status"
+    );
+    assert!(
+        http_get(metrics_port, "/metrics")
+            .unwrap()
+            .contains("stratum_agent_tenant_port_bind_failures 1")
+    );
+    drop(holder);
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            ask(client, at(held), Duration::from_millis(300)).is_some()
+        }),
+        "the freed port was never served"
+    );
+    assert!(wait_until(Duration::from_secs(5), || failed_ports().is_empty()));
 }

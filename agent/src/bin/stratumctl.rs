@@ -147,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&stats)?);
             } else {
                 println!(
-                    "Serving {} (stratum {}), {} worker(s) per port",
+                    "Serving {} (stratum {}), {} worker(s) for all ports",
                     if stats.synchronized {
                         "synchronized"
                     } else {
@@ -185,6 +185,12 @@ async fn main() -> anyhow::Result<()> {
                         n.kod_deny,
                         n.malformed,
                         n.ignored
+                    );
+                }
+                for f in &stats.failed {
+                    println!(
+                        "{:<32} {:>6} NOT SERVED after {} attempt(s): {}",
+                        f.tenant, f.port, f.attempts, f.error
                     );
                 }
             }

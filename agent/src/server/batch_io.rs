@@ -42,8 +42,9 @@ pub struct SocketOptions {
     pub dual_stack: bool,
     /// Requested SO_RCVBUF (the kernel caps it at net.core.rmem_max unless forced).
     pub receive_buffer: usize,
-    /// SO_RCVTIMEO: how long a blocking receive waits before the thread looks at its stop flag.
-    pub receive_timeout: Duration,
+    /// SO_RCVTIMEO: how long a blocking receive waits before the thread looks at its stop
+    /// flag; `None` opens the socket non-blocking, for a caller that waits in epoll.
+    pub receive_timeout: Option<Duration>,
 }
 
 /// Opens a UDP socket bound to `addr` with kernel receive timestamps and destination
@@ -63,7 +64,10 @@ pub fn bind_udp(addr: SocketAddr, options: SocketOptions) -> io::Result<std::net
         }
         force_receive_buffer(&socket, options.receive_buffer);
     }
-    socket.set_read_timeout(Some(options.receive_timeout))?;
+    match options.receive_timeout {
+        Some(timeout) => socket.set_read_timeout(Some(timeout))?,
+        None => socket.set_nonblocking(true)?,
+    }
     nix::sys::socket::setsockopt(
         &socket,
         nix::sys::socket::sockopt::ReceiveTimestampns,
@@ -119,6 +123,8 @@ pub struct Datagram<'a> {
     pub source: Option<SocketAddr>,
     /// The local address it was sent to (IPv4-mapped likewise), which its reply leaves from.
     pub destination: Option<IpAddr>,
+    /// The interface it arrived on (0 when unknown).
+    pub interface: u32,
     /// Kernel receive timestamp on the host's realtime clock.
     pub host_rx: Option<ClockTime>,
     /// The datagram was longer than [`MAX_DATAGRAM`].
@@ -156,8 +162,9 @@ impl RecvBatch {
         }
     }
 
-    /// Blocks until at least one datagram arrives (or SO_RCVTIMEO passes: `WouldBlock`), then
-    /// takes up to [`BATCH`] without waiting for more. Returns how many arrived.
+    /// Blocks until at least one datagram arrives (or SO_RCVTIMEO passes, or at once on a
+    /// non-blocking socket: `WouldBlock`), then takes up to [`BATCH`] without waiting for
+    /// more. Returns how many arrived.
     pub fn receive(&mut self, socket: BorrowedFd<'_>) -> io::Result<usize> {
         self.received = 0;
         for i in 0..BATCH {
@@ -216,14 +223,18 @@ impl RecvBatch {
         Some(Datagram {
             bytes: &self.buffers[index][..len],
             source: socket_addr(&self.names[index], header.msg_namelen),
-            destination: self.destination(index),
+            destination: self.destination(index).map(|(ip, _)| ip),
+            interface: self
+                .destination(index)
+                .map_or(0, |(_, interface)| interface),
             host_rx: receive_timestamp(&self.controls[index], header.msg_controllen as _),
             truncated: header.msg_flags & libc::MSG_TRUNC != 0,
         })
     }
 
-    /// The local address the `index`th datagram was sent to (its IP_PKTINFO or IPV6_PKTINFO).
-    fn destination(&self, index: usize) -> Option<IpAddr> {
+    /// The local address the `index`th datagram was sent to and the interface it came in on
+    /// (its IP_PKTINFO or IPV6_PKTINFO).
+    fn destination(&self, index: usize) -> Option<(IpAddr, u32)> {
         // `as _`: size_t in glibc, socklen_t in musl (static images).
         let len = self.headers[index].msg_hdr.msg_controllen as _;
         packet_destination(&self.controls[index], len)
@@ -306,16 +317,22 @@ fn receive_timestamp(control: &[u64; CONTROL_WORDS], len: usize) -> Option<Clock
     ))
 }
 
-/// The destination address in an IP_PKTINFO or IPV6_PKTINFO control message.
-fn packet_destination(control: &[u64; CONTROL_WORDS], len: usize) -> Option<IpAddr> {
+/// The destination address and arrival interface in an IP_PKTINFO or IPV6_PKTINFO control
+/// message. An IPv4 datagram on a dual-stack IPv6 socket comes with IPV6_PKTINFO holding the
+/// IPv4-mapped address (IP_PKTINFO is only delivered where IP_PKTINFO was enabled, i.e. on
+/// IPv4 sockets); the reply's IPV6_PKTINFO with that mapped address is accepted by the IPv4
+/// send path, so both cases need nothing more.
+fn packet_destination(control: &[u64; CONTROL_WORDS], len: usize) -> Option<(IpAddr, u32)> {
     if let Some(data) = control_message(control, len, libc::IPPROTO_IP, libc::IP_PKTINFO)
         && data.len() >= size_of::<libc::in_pktinfo>()
     {
         // SAFETY: as above, for an in_pktinfo.
         let info: libc::in_pktinfo = unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) };
-        return Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-            info.ipi_addr.s_addr,
-        ))));
+        let interface = u32::try_from(info.ipi_ifindex).unwrap_or(0);
+        return Some((
+            IpAddr::V4(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr))),
+            interface,
+        ));
     }
     let data = control_message(control, len, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO)?;
     if data.len() < size_of::<libc::in6_pktinfo>() {
@@ -323,7 +340,10 @@ fn packet_destination(control: &[u64; CONTROL_WORDS], len: usize) -> Option<IpAd
     }
     // SAFETY: as above, for an in6_pktinfo.
     let info: libc::in6_pktinfo = unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) };
-    Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)))
+    Some((
+        IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)),
+        info.ipi6_ifindex,
+    ))
 }
 
 fn bytemuck_words(words: &[u64; CONTROL_WORDS]) -> &[u8] {
@@ -411,9 +431,9 @@ impl SendBatch {
         self.names[slot] = name;
         self.name_lens[slot] = name_len;
         self.lens[slot] = len.min(MAX_SEND);
-        self.control_lens[slot] = received
-            .destination(index)
-            .map_or(0, |ip| write_pktinfo(&mut self.controls[slot], ip));
+        self.control_lens[slot] = received.destination(index).map_or(0, |(ip, interface)| {
+            write_pktinfo(&mut self.controls[slot], ip, interface)
+        });
         self.queued += 1;
         true
     }
@@ -437,7 +457,7 @@ impl SendBatch {
         self.names[slot] = name;
         self.name_lens[slot] = name_len;
         self.control_lens[slot] = match source {
-            Some(ip) => write_pktinfo(&mut self.controls[slot], ip),
+            Some(ip) => write_pktinfo(&mut self.controls[slot], ip, 0),
             None => 0,
         };
         self.queued += 1;
@@ -539,7 +559,7 @@ impl FanOutBatch {
     /// IPV6_PKTINFO: any local address on a wildcard-bound socket).
     pub fn set_source(&mut self, index: usize, source: IpAddr) {
         if let Some(control) = self.controls.get_mut(index) {
-            self.control_lens[index] = write_pktinfo(control, source);
+            self.control_lens[index] = write_pktinfo(control, source, 0);
         }
     }
 
@@ -625,8 +645,10 @@ fn raw_socket_addr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t
 }
 
 /// Writes an IP_PKTINFO (or IPV6_PKTINFO) control message choosing the source address;
-/// returns its length.
-fn write_pktinfo(control: &mut [u64; CONTROL_WORDS], source: IpAddr) -> usize {
+/// returns its length. `interface` is set only for an IPv6 link-local source, whose scope it
+/// is: elsewhere it would pin the outgoing interface and defeat the routing table (a reply
+/// may rightly leave by another interface than its request came in on).
+fn write_pktinfo(control: &mut [u64; CONTROL_WORDS], source: IpAddr, interface: u32) -> usize {
     let header_len = size_of::<libc::cmsghdr>();
     let (level, kind, data_len) = match source {
         IpAddr::V4(_) => (
@@ -667,6 +689,9 @@ fn write_pktinfo(control: &mut [u64; CONTROL_WORDS], source: IpAddr) -> usize {
             IpAddr::V6(v6) => {
                 let mut info: libc::in6_pktinfo = zeroed();
                 info.ipi6_addr.s6_addr = v6.octets();
+                if v6.is_unicast_link_local() {
+                    info.ipi6_ifindex = interface;
+                }
                 std::ptr::write_unaligned(data.cast::<libc::in6_pktinfo>(), info);
             }
         }
@@ -685,7 +710,7 @@ mod tests {
             reuse_port: false,
             dual_stack: true,
             receive_buffer: 0,
-            receive_timeout: Duration::from_millis(500),
+            receive_timeout: Some(Duration::from_millis(500)),
         }
     }
 
@@ -790,6 +815,15 @@ mod tests {
                 let mut batch = RecvBatch::new();
                 assert_eq!(batch.receive(server.as_fd()).unwrap(), 1);
                 let destination = batch.get(0).unwrap().destination.unwrap();
+                if bind == "[::]:0" {
+                    // A dual-stack socket reports IPv4 destinations in IPV6_PKTINFO, mapped.
+                    assert_eq!(
+                        destination,
+                        IpAddr::V6(asked.to_ipv6_mapped()),
+                        "{bind}: destination of a request to {asked}"
+                    );
+                }
+                assert_ne!(batch.get(0).unwrap().interface, 0, "arrival interface");
                 assert_eq!(
                     destination.to_canonical(),
                     IpAddr::V4(asked),
@@ -814,7 +848,7 @@ mod tests {
     #[test]
     fn wake_receivers_unblocks_a_waiting_receive() {
         let mut opts = options();
-        opts.receive_timeout = Duration::from_secs(30);
+        opts.receive_timeout = Some(Duration::from_secs(30));
         let server = bind_udp("127.0.0.1:0".parse().unwrap(), opts).unwrap();
         let waker = server.try_clone().unwrap();
         let started = std::time::Instant::now();

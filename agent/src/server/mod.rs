@@ -1,16 +1,29 @@
-//! The NTP server half of the agent: one UDP port per tenant (and the fleet's peer port), each
-//! served by `workers` OS threads with one SO_REUSEPORT socket each, bound to `[::]`
-//! dual-stack so IPv4 and IPv6 clients share it.
+//! The NTP server half of the agent: one UDP port per tenant (and the fleet's peer port),
+//! bound to `[::]` dual-stack so IPv4 and IPv6 clients share it, served by at most one worker
+//! thread per core for all ports together.
 //!
 //! Ownership:
-//! - [`Server`] owns the running ports and applies config changes ([`Server::apply`]): only
-//!   ports whose rules changed get a new policy generation, only removed ports close, only
-//!   new ports open; nothing else is touched, so the other tenants never notice.
+//! - [`Server`] owns the workers and the port table and applies config changes
+//!   ([`Server::apply`]): only ports whose rules changed get a new policy generation, only
+//!   removed ports close, only new ports open; nothing else is touched, so the other tenants
+//!   never notice. It binds every port's sockets itself (one SO_REUSEPORT socket per worker,
+//!   so the kernel spreads each port over the workers and a bind error is the caller's to
+//!   see) and hands each worker its socket through the worker's command queue and eventfd.
+//!   A closed port is acknowledged by every worker before `apply` returns, so its sockets are
+//!   gone and the port can be bound again.
+//! - Each worker ([`worker`]) owns its socket of every port in one epoll set and sleeps in
+//!   `epoll_wait` without a timeout: an idle server costs no wake-ups, and threads do not
+//!   grow with tenants. Replies leave from their request's destination address (IP_PKTINFO /
+//!   IPV6_PKTINFO, [`batch_io`]).
+//! - Ports that cannot be bound are kept as failed, retried on every apply and by
+//!   [`Server::retry_failed`] with a backoff, counted in a gauge and listed by
+//!   [`Server::failed_ports`] for the NodeClock status.
 //! - The run loop publishes the clock each turn ([`Server::publish_clock`]): the state replies
 //!   carry and the host → served-clock map applied to kernel timestamps.
-//! - Workers ([`worker`]) read both through `ArcSwap` once per batch; counters are per worker
-//!   ([`stats`]) and summed on scrape ([`Server::export_metrics`]), client logs are per port
-//!   ([`clients`]).
+//! - Workers read both through `ArcSwap` once per batch; counters are per worker
+//!   ([`stats`]) and summed on scrape ([`Server::export_metrics`]); the rate table and
+//!   client log are per port ([`clients`]), behind one mutex, made on the port's first
+//!   datagram so idle tenants cost no table.
 //!
 //! The per-packet logic is [`path::handle_request`]; the syscalls live in [`batch_io`].
 
@@ -22,12 +35,9 @@ pub mod tenants;
 pub mod worker;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
@@ -38,15 +48,15 @@ use crate::clock::Timescale;
 use crate::metrics::Metrics;
 use batch_io::SocketOptions;
 use clients::ClientRow;
-use path::{ClockSnapshot, PortPolicy, PortState};
+use path::{ClockSnapshot, PortPolicy};
 use stats::{KOD_LABELS, OUTCOME_LABELS, TenantStats, TenantTotals};
 use tenants::PortChange;
-use worker::PortShared;
+use worker::{Command, PortShared, Worker};
 
 /// Server settings fixed for the life of the process.
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
-    /// Worker threads (sockets) per port.
+    /// Worker threads, each serving its own SO_REUSEPORT socket of every port.
     pub workers: usize,
     /// Clients tracked per port, for rate limiting and the client log (bounded memory:
     /// about 80 bytes per client).
@@ -73,35 +83,45 @@ pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
-/// How often an idle worker looks at its stop flag (a stop also wakes it at once).
-const IDLE_WAKE: Duration = Duration::from_millis(100);
+/// First wait before a failed port is bound again, doubled per failure up to
+/// [`RETRY_MAX`]: a port held by another process is usually freed within seconds, and a
+/// permanent clash should not cost a bind attempt per loop turn.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+/// How long `apply` waits for the workers to confirm closed ports.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct RunningPort {
     shared: Arc<PortShared>,
-    stop: Arc<AtomicBool>,
-    /// Duplicates of the workers' sockets, to wake them on stop.
-    wakers: Vec<std::net::UdpSocket>,
-    threads: Vec<JoinHandle<()>>,
     local: SocketAddr,
 }
 
-impl RunningPort {
-    fn shut_down(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for waker in &self.wakers {
-            batch_io::wake_receivers(waker.as_fd());
-        }
-        for thread in self.threads {
-            if thread.join().is_err() {
-                tracing::error!("a server worker panicked");
-            }
-        }
-    }
+/// A configured port that is not being served, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailedPort {
+    /// The port.
+    pub port: u16,
+    /// Its tenant id.
+    pub tenant: String,
+    /// The last error.
+    pub error: String,
+    /// Failed attempts so far.
+    pub attempts: u32,
+}
+
+struct Failure {
+    report: FailedPort,
+    retry_at: Instant,
 }
 
 #[derive(Default)]
 struct Ports {
+    workers: Vec<Worker>,
     running: BTreeMap<u16, RunningPort>,
+    failed: BTreeMap<u16, Failure>,
+    /// What the last apply asked for, for [`Server::retry_failed`].
+    desired: BTreeMap<u16, TenantConfig>,
     stats: BTreeMap<String, Arc<TenantStats>>,
     /// Tenant ids whose series are in the metrics registry.
     exported: BTreeSet<String>,
@@ -116,7 +136,8 @@ pub struct ApplyReport {
     pub closed: Vec<u16>,
     /// Ports with a new policy generation.
     pub updated: Vec<u16>,
-    /// Ports that could not be opened, and why; retried on the next apply.
+    /// Ports that could not be opened, and why; retried on the next apply and by
+    /// [`Server::retry_failed`].
     pub failed: Vec<(u16, String)>,
 }
 
@@ -138,7 +159,7 @@ pub struct TenantServerStats {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServerStats {
-    /// Worker threads per port.
+    /// Worker threads (each serves every port).
     pub workers: usize,
     /// Whether replies currently say synchronized.
     pub synchronized: bool,
@@ -146,6 +167,9 @@ pub struct ServerStats {
     pub stratum: u8,
     /// One row per served port.
     pub tenants: Vec<TenantServerStats>,
+    /// Configured ports not served (bind failures being retried).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<FailedPort>,
 }
 
 /// The top clients of one tenant, for `/clients`.
@@ -168,7 +192,7 @@ pub struct Server {
 }
 
 impl Server {
-    /// A server with no ports yet; [`Server::apply`] opens them.
+    /// A server with no ports yet; [`Server::apply`] starts the workers and opens them.
     pub fn new(options: ServerOptions) -> Self {
         Self {
             options: ServerOptions {
@@ -200,32 +224,73 @@ impl Server {
         **self.clock.load()
     }
 
-    /// Brings the running ports in line with `serving`, touching only what changed.
+    /// Brings the running ports in line with `serving`, touching only what changed; ports
+    /// that failed before are tried again.
     pub fn apply(&self, serving: &ServingConfig) -> ApplyReport {
         let desired = tenants::desired_ports(serving);
         let mut ports = self.ports();
+        ports.desired = desired;
+        let report = self.reconcile(&mut ports, None);
+        drop(ports);
+        log_report(&report);
+        report
+    }
+
+    /// Binds again the failed ports whose backoff has passed (the agent loop calls this every
+    /// turn; it costs nothing while no port is failing).
+    pub fn retry_failed(&self) -> ApplyReport {
+        let mut ports = self.ports();
+        let now = Instant::now();
+        if !ports.failed.values().any(|f| f.retry_at <= now) {
+            return ApplyReport::default();
+        }
+        let report = self.reconcile(&mut ports, Some(now));
+        drop(ports);
+        log_report(&report);
+        report
+    }
+
+    /// Configured ports not being served, and why.
+    pub fn failed_ports(&self) -> Vec<FailedPort> {
+        self.ports()
+            .failed
+            .values()
+            .map(|f| f.report.clone())
+            .collect()
+    }
+
+    /// Brings the ports in line with `ports.desired`. With `due`, failed ports whose backoff
+    /// has not passed by then are left for later (an apply retries them all at once).
+    fn reconcile(&self, ports: &mut Ports, due: Option<Instant>) -> ApplyReport {
+        let Ports {
+            workers,
+            running,
+            failed,
+            desired,
+            stats,
+            ..
+        } = ports;
         let changes = tenants::plan(
-            ports
-                .running
+            running
                 .iter()
                 .map(|(port, running)| (*port, running.shared.policy.load_full()))
                 .collect::<Vec<_>>()
                 .iter()
                 .map(|(port, policy)| (*port, &policy.config)),
-            &desired,
+            desired,
         );
         let mut report = ApplyReport::default();
+        let mut opening = Vec::new();
+        let mut removed = Vec::new();
         for change in changes {
             match change {
                 PortChange::Close(port) => {
-                    if let Some(running) = ports.running.remove(&port) {
-                        running.shut_down();
-                        report.closed.push(port);
-                    }
+                    running.remove(&port);
+                    removed.push(port);
+                    report.closed.push(port);
                 }
                 PortChange::Update(port) => {
-                    if let (Some(config), Some(running)) =
-                        (desired.get(&port), ports.running.get(&port))
+                    if let (Some(config), Some(running)) = (desired.get(&port), running.get(&port))
                     {
                         let stats = running.shared.policy.load().stats.clone();
                         let policy = PortPolicy::new(config.clone(), stats);
@@ -233,66 +298,127 @@ impl Server {
                         report.updated.push(port);
                     }
                 }
-                PortChange::Reopen(port) | PortChange::Open(port) => {
-                    if let Some(running) = ports.running.remove(&port) {
-                        running.shut_down();
-                    }
-                    let Some(config) = desired.get(&port) else {
-                        continue;
-                    };
-                    let stats = ports
-                        .stats
-                        .entry(config.name.clone())
-                        .or_insert_with(|| {
-                            Arc::new(TenantStats::new(config.name.clone(), self.options.workers))
-                        })
-                        .clone();
-                    match self.open(port, config.clone(), stats) {
-                        Ok(running) => {
-                            ports.running.insert(port, running);
-                            report.opened.push(port);
-                        }
-                        Err(e) => report.failed.push((port, e.to_string())),
+                PortChange::Reopen(port) => {
+                    running.remove(&port);
+                    removed.push(port);
+                    opening.push(port);
+                }
+                PortChange::Open(port) => {
+                    let waiting =
+                        due.is_some_and(|now| failed.get(&port).is_some_and(|f| f.retry_at > now));
+                    if !waiting {
+                        opening.push(port);
                     }
                 }
             }
         }
+        // Closed and reopened ports: every worker drops its socket before any new one is
+        // bound, so a port never has sockets of two tenants at once.
+        if !removed.is_empty() {
+            sync_workers(workers, |_| {
+                removed.iter().map(|p| Command::Remove(*p)).collect()
+            });
+        }
+        failed.retain(|port, _| desired.contains_key(port));
+        let workers_started = if opening.is_empty() {
+            Ok(())
+        } else {
+            self.ensure_workers(workers)
+        };
+        let mut adds: Vec<Vec<Command>> = workers.iter().map(|_| Vec::new()).collect();
+        for port in opening {
+            let Some(config) = desired.get(&port) else {
+                continue;
+            };
+            let bound = match &workers_started {
+                Ok(()) => self.bind_port(port, workers.len()),
+                Err(e) => Err(std::io::Error::new(
+                    e.kind(),
+                    format!("starting workers: {e}"),
+                )),
+            };
+            let tenant_stats = stats
+                .entry(config.name.clone())
+                .or_insert_with(|| {
+                    Arc::new(TenantStats::new(config.name.clone(), self.options.workers))
+                })
+                .clone();
+            match bound {
+                Ok((sockets, local)) => {
+                    let shared = Arc::new(PortShared {
+                        policy: ArcSwap::from_pointee(PortPolicy::new(
+                            config.clone(),
+                            tenant_stats,
+                        )),
+                        state: Mutex::new(None),
+                        client_capacity: self.options.client_capacity,
+                        seed: rand::random(),
+                    });
+                    for (queue, socket) in adds.iter_mut().zip(sockets) {
+                        queue.push(Command::Add {
+                            port,
+                            socket,
+                            shared: shared.clone(),
+                        });
+                    }
+                    running.insert(port, RunningPort { shared, local });
+                    failed.remove(&port);
+                    report.opened.push(port);
+                }
+                Err(e) => {
+                    // Retried on the next apply and, after the backoff, by retry_failed.
+                    let attempts = failed.get(&port).map_or(0, |f| f.report.attempts) + 1;
+                    let backoff = RETRY_FIRST
+                        .saturating_mul(1 << attempts.min(16).saturating_sub(1))
+                        .min(RETRY_MAX);
+                    failed.insert(
+                        port,
+                        Failure {
+                            report: FailedPort {
+                                port,
+                                tenant: config.name.clone(),
+                                error: e.to_string(),
+                                attempts,
+                            },
+                            retry_at: Instant::now() + backoff,
+                        },
+                    );
+                    report.failed.push((port, e.to_string()));
+                }
+            }
+        }
+        // Sockets are bound already (datagrams queue from now on); the workers pick them up
+        // on their next wake, no need to wait.
+        for (worker, queue) in workers.iter().zip(adds) {
+            if !queue.is_empty() {
+                worker.send(queue);
+            }
+        }
         // Counters of tenants gone from the config go with them.
-        let live: BTreeSet<String> = desired.values().map(|c| c.name.clone()).collect();
-        ports.stats.retain(|id, _| live.contains(id));
-        for port in &report.failed {
-            tracing::error!(port = port.0, error = %port.1, "cannot serve tenant port");
-        }
-        if report != ApplyReport::default() {
-            tracing::info!(
-                opened = ?report.opened,
-                closed = ?report.closed,
-                updated = ?report.updated,
-                "tenant ports applied"
-            );
-        }
+        let live: BTreeSet<&String> = desired.values().map(|c| &c.name).collect();
+        stats.retain(|id, _| live.contains(id));
         report
     }
 
-    fn open(
-        &self,
-        port: u16,
-        config: TenantConfig,
-        stats: Arc<TenantStats>,
-    ) -> std::io::Result<RunningPort> {
-        let shared = Arc::new(PortShared {
-            policy: ArcSwap::from_pointee(PortPolicy::new(config, stats)),
-            state: Mutex::new(PortState::new(self.options.client_capacity, rand::random())),
-        });
+    /// Starts the missing workers.
+    fn ensure_workers(&self, workers: &mut Vec<Worker>) -> std::io::Result<()> {
+        while workers.len() < self.options.workers {
+            workers.push(Worker::spawn(workers.len(), self.clock.clone())?);
+        }
+        Ok(())
+    }
+
+    /// One socket of `port` per worker, all bound or none.
+    fn bind_port(&self, port: u16, count: usize) -> std::io::Result<(Vec<UdpSocket>, SocketAddr)> {
         let socket_options = SocketOptions {
             reuse_port: true,
             dual_stack: true,
             receive_buffer: self.options.receive_buffer,
-            receive_timeout: IDLE_WAKE,
+            receive_timeout: None,
         };
-        let mut sockets = Vec::with_capacity(self.options.workers);
+        let mut sockets = Vec::with_capacity(count);
         let mut local = SocketAddr::new(self.options.bind, port);
-        for _ in 0..self.options.workers {
+        for _ in 0..count {
             let socket = match batch_io::bind_udp(local, socket_options) {
                 Ok(s) => s,
                 // A host without IPv6: serve IPv4 rather than nothing.
@@ -308,45 +434,17 @@ impl Server {
             };
             sockets.push(socket);
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut wakers = Vec::with_capacity(sockets.len());
-        let mut threads = Vec::with_capacity(sockets.len());
-        for (index, socket) in sockets.into_iter().enumerate() {
-            wakers.push(socket.try_clone()?);
-            let (worker_port, clock, worker_stop) =
-                (shared.clone(), self.clock.clone(), stop.clone());
-            let spawned = std::thread::Builder::new()
-                .name(format!("ntp-{port}-{index}"))
-                .spawn(move || worker::run(socket, worker_port, clock, index, worker_stop));
-            match spawned {
-                Ok(handle) => threads.push(handle),
-                Err(e) => {
-                    RunningPort {
-                        shared,
-                        stop,
-                        wakers,
-                        threads,
-                        local,
-                    }
-                    .shut_down();
-                    return Err(e);
-                }
-            }
-        }
-        Ok(RunningPort {
-            shared,
-            stop,
-            wakers,
-            threads,
-            local,
-        })
+        Ok((sockets, local))
     }
 
     /// Stops every port (shutdown).
     pub fn stop_all(&self) {
-        let running = std::mem::take(&mut self.ports().running);
-        for (_, port) in running {
-            port.shut_down();
+        let mut ports = self.ports();
+        ports.running.clear();
+        ports.failed.clear();
+        ports.desired.clear();
+        for worker in std::mem::take(&mut ports.workers) {
+            worker.stop();
         }
     }
 
@@ -372,7 +470,7 @@ impl Server {
                     .shared
                     .state
                     .lock()
-                    .map_or(0, |s| s.clients.occupied());
+                    .map_or(0, |s| s.as_ref().map_or(0, |s| s.clients.occupied()));
                 TenantServerStats {
                     tenant: policy.stats.id.clone(),
                     port: *port,
@@ -386,6 +484,7 @@ impl Server {
             synchronized: clock.state.synchronized,
             stratum: clock.state.stratum,
             tenants,
+            failed: ports.failed.values().map(|f| f.report.clone()).collect(),
         }
     }
 
@@ -406,12 +505,12 @@ impl Server {
                     .state
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .clients
-                    .clone();
+                    .as_ref()
+                    .map(|s| s.clients.clone());
                 Some(TenantClients {
                     tenant: id,
                     port: *port,
-                    clients: log.top(limit),
+                    clients: log.map_or_else(Vec::new, |log| log.top(limit)),
                 })
             })
             .collect()
@@ -422,6 +521,9 @@ impl Server {
     /// the start, at 0; series of removed tenants are dropped.
     pub fn export_metrics(&self, metrics: &Metrics) {
         let mut ports = self.ports();
+        metrics
+            .tenant_port_bind_failures
+            .set(i64::try_from(ports.failed.len()).unwrap_or(i64::MAX));
         let Ports {
             stats, exported, ..
         } = &mut *ports;
@@ -448,6 +550,41 @@ impl Server {
             }
             exported.insert(id.clone());
         }
+    }
+}
+
+/// Queues `commands(i)` on worker `i` followed by an acknowledgement, and waits until every
+/// worker has done them.
+fn sync_workers(workers: &[Worker], commands: impl Fn(usize) -> Vec<Command>) {
+    let (done, acks) = std::sync::mpsc::channel();
+    for (index, worker) in workers.iter().enumerate() {
+        let mut queue = commands(index);
+        queue.push(Command::Ack(done.clone()));
+        worker.send(queue);
+    }
+    drop(done);
+    let deadline = Instant::now() + ACK_TIMEOUT;
+    for _ in workers {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if acks.recv_timeout(left).is_err() {
+            // Only a panicked worker never answers; its sockets closed with it.
+            tracing::error!("a server worker did not confirm closing ports");
+            return;
+        }
+    }
+}
+
+fn log_report(report: &ApplyReport) {
+    for (port, error) in &report.failed {
+        tracing::error!(port, %error, "cannot serve tenant port; retrying with backoff");
+    }
+    if !report.opened.is_empty() || !report.closed.is_empty() || !report.updated.is_empty() {
+        tracing::info!(
+            opened = ?report.opened,
+            closed = ?report.closed,
+            updated = ?report.updated,
+            "tenant ports applied"
+        );
     }
 }
 

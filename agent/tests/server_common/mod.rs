@@ -71,7 +71,8 @@ pub fn synchronized_state() -> ServerClockState {
     }
 }
 
-/// An in-process server of `workers` workers per port serving synchronized host time.
+/// An in-process server of `workers` worker threads (for all ports) serving synchronized
+/// host time.
 pub fn start_server(workers: usize, config: &ServingConfig) -> Server {
     start_server_on("::".parse().unwrap(), workers, config)
 }

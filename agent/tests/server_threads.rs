@@ -1,0 +1,145 @@
+//! Issue 15: the server costs O(cores), not O(tenants × cores). 1000 tenant ports are served
+//! by at most one worker per core (asserted: a thread count, not a timing), every one of
+//! them answers, and an idle server sleeps: its CPU time over 5 s and its RSS are printed
+//! (not asserted, they depend on the machine). Alone in its file so the process holds only
+//! this test's threads.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "server_common/mod.rs"]
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use common::*;
+use stratum_agent::server::default_workers;
+
+const TENANTS: usize = 1000;
+
+/// Threads of this process.
+fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+/// Context switches (voluntary and not) of the server's worker threads: a thread that is
+/// never woken does not switch.
+fn worker_switches() -> (usize, u64) {
+    let mut workers = 0;
+    let mut switches = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("ntp-worker-") {
+            continue;
+        }
+        workers += 1;
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        switches += status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split(':').nth(1)?.trim().parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    (workers, switches)
+}
+
+/// User + system CPU time of this process (all threads), seconds.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // USER_HZ: 100 on every Linux architecture's ABI.
+    ticks as f64 / 100.0
+}
+
+/// `count` distinct UDP ports free on every address right now (held together while the
+/// kernel picks them, so none repeats).
+fn free_udp_ports(count: usize) -> Vec<u16> {
+    let held: Vec<UdpSocket> = (0..count)
+        .map(|_| UdpSocket::bind("[::]:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|s| s.local_addr().unwrap().port())
+        .collect()
+}
+
+#[test]
+fn a_thousand_tenant_ports_are_served_by_one_worker_per_core_that_sleeps_when_idle() {
+    let before = thread_count();
+    let ports = free_udp_ports(TENANTS);
+    let tenants = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| tenant(&format!("ns/t{i}"), *port, &["127.0.0.0/8"], false))
+        .collect();
+    let started = Instant::now();
+    let server = start_server(default_workers(), &serving(tenants));
+    let open_time = started.elapsed();
+    let threads = thread_count();
+    let rss_opened = rss_bytes();
+    let workers = server.options().workers;
+    let cores = default_workers();
+
+    // Every port answers (one request each, sequentially: bounded in count and time).
+    let client = "127.0.0.1".parse().unwrap();
+    let unanswered: Vec<u16> = ports
+        .iter()
+        .copied()
+        .filter(|port| {
+            ask(
+                client,
+                SocketAddr::from(([127, 0, 0, 1], *port)),
+                Duration::from_secs(2),
+            )
+            .is_none()
+        })
+        .collect();
+    assert!(
+        unanswered.is_empty(),
+        "ports without an answer: {unanswered:?}"
+    );
+
+    // Idle: no traffic for 5 s. The answers above may still be on their way out; let the
+    // workers go back to sleep first.
+    std::thread::sleep(Duration::from_millis(200));
+    let (worker_threads, switches_before) = worker_switches();
+    let cpu_before = cpu_seconds();
+    let idle_start = Instant::now();
+    std::thread::sleep(Duration::from_secs(5));
+    let idle_cpu = (cpu_seconds() - cpu_before) / idle_start.elapsed().as_secs_f64();
+    let (_, switches_after) = worker_switches();
+    let rss = rss_bytes();
+    eprintln!(
+        "THREADS: {TENANTS} tenant ports, {workers} worker(s) on {cores} core(s): {threads} \
+         threads in the process ({before} before the server); ports opened in {open_time:?}; \
+         idle CPU {:.2}% of one core over 5 s; worker context switches while idle {}; \
+         RSS {} MiB with the ports open, {} MiB once each was asked (its tables made)",
+        idle_cpu * 100.0,
+        switches_after - switches_before,
+        rss_opened >> 20,
+        rss >> 20
+    );
+    assert_eq!(
+        worker_threads, workers,
+        "one thread per worker, named ntp-worker-N"
+    );
+    // A count, not a timing: an idle worker is never woken (no receive timeouts).
+    assert_eq!(
+        switches_after, switches_before,
+        "idle workers were woken up"
+    );
+    assert!(workers <= cores);
+    // The test harness's own threads (main, this test) plus the workers; the old design had
+    // `workers` threads per port (2004 for 1000 tenants on 2 cores).
+    assert!(
+        threads <= before + cores,
+        "{threads} threads for {TENANTS} ports on {cores} cores (started with {before})"
+    );
+    drop(server);
+    assert_eq!(
+        thread_count(),
+        before,
+        "stopping the server ends its workers"
+    );
+}
