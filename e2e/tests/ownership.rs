@@ -59,6 +59,19 @@ async fn condition(
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
+/// Waits until the tenant says `Accepted=False` for `reason`.
+async fn refused_with(client: &kube::Client, ns: &str, reason: &str) {
+    wait_for(
+        Duration::from_secs(30),
+        &format!("Accepted=False, reason {reason}"),
+        || async {
+            let (status, why, _) = condition(client, ns, "Accepted").await?;
+            (status == "False" && why == reason).then_some(())
+        },
+    )
+    .await;
+}
+
 /// The user's Service exactly as they left it: same uid and resourceVersion (nobody wrote it),
 /// none of Stratum's labels, owner references or fields.
 async fn assert_users_service_untouched(client: &kube::Client, ns: &str, uid: &str, version: &str) {
@@ -204,8 +217,8 @@ async fn refusing_unserving_and_renaming_leave_nothing_behind_and_a_users_servic
     )
     .await;
     let (_, refused_after) = wait_for(Duration::from_secs(60), "no Stratum children", gone).await;
-    let accepted = condition(&client, ns, "Accepted").await.unwrap();
-    assert_eq!(accepted.0, "False");
+    // The children go before the status is written: wait for it rather than race it.
+    refused_with(&client, ns, "InvalidTimezone").await;
 
     // Served again, then unserved (its TimeService does not exist): nothing is left.
     apply_tenant(
@@ -222,11 +235,7 @@ async fn refusing_unserving_and_renaming_leave_nothing_behind_and_a_users_servic
     )
     .await;
     let (_, unserved_after) = wait_for(Duration::from_secs(60), "no Stratum children", gone).await;
-    let accepted = condition(&client, ns, "Accepted").await.unwrap();
-    assert_eq!(
-        (accepted.0.as_str(), accepted.1.as_str()),
-        ("False", "TimeServiceNotFound")
-    );
+    refused_with(&client, ns, "TimeServiceNotFound").await;
     assert_users_service_untouched(&client, ns, &uid, &version).await;
 
     // After: back to the clashing name, then the tenant is deleted; the user's Service stays.

@@ -320,8 +320,13 @@ impl Discipline {
         self.jumps_total += jump;
         let axis = self.axis(realtime);
         self.ledger.add_jump(axis, jump);
-        self.updates = 0;
         self.unconfirmed = 0;
+        // During start-up the window starts over: the step is part of bringing the clock in.
+        // After it the jump is followed, not fought: no step undoes it, and what the sources
+        // then disagree by is slewed (or refused beyond panicRuntime) like any other offset.
+        if self.in_step_window() {
+            self.updates = 0;
+        }
         Some(jump)
     }
 
@@ -537,15 +542,27 @@ mod tests {
     }
 
     #[test]
-    fn external_step_is_detected_and_reopens_the_step_window() {
+    fn an_external_step_restarts_the_step_window_only_during_start_up() {
         let mut d = Discipline::new(DisciplineConfig::default());
         assert_eq!(d.observe_clock(t(0.0), t(0.0)), None);
+        d.update(t(0.0), input(0.0));
+        assert_eq!(d.observe_clock(t(10.0 + 60.0), t(10.0)), Some(60.0));
+        assert_eq!(d.updates(), 0, "inside the window: it starts over");
         for i in 0..3 {
-            d.update(t(f64::from(i)), input(0.0));
+            d.update(t(70.0 + f64::from(i)), input(0.0));
         }
-        assert_eq!(d.observe_clock(t(100.0 + 60.0), t(100.0)), Some(60.0));
-        assert_eq!(d.updates(), 0);
-        assert!((d.ledger().value_at(d.axis(t(160.0))) - 60.0).abs() < 1e-9);
+        // Outside the window: the jump is recorded, the window stays closed, and an offset
+        // the sources then report is not stepped away.
+        assert_eq!(d.observe_clock(t(100.0 + 120.0), t(100.0)), Some(60.0));
+        assert_eq!(d.updates(), 3);
+        assert!((d.ledger().value_at(d.axis(t(220.0))) - 120.0).abs() < 1e-9);
+        let (outcome, actions) = d.update(t(221.0), input(-60.0));
+        assert!(
+            !actions
+                .iter()
+                .any(|a| matches!(a, ClockAction::Step { .. })),
+            "{outcome:?} {actions:?}"
+        );
     }
 
     #[test]

@@ -130,19 +130,23 @@ fn kod_rate_slows_polling_to_the_servers_interval() {
 }
 
 #[test]
-fn external_clock_step_is_detected_and_undone_by_a_step() {
+fn an_external_clock_step_after_start_up_is_followed_not_stepped_back() {
     let mut scenario = Scenario::new("meddling", 4);
     scenario.duration = 1800.0;
     scenario.external_steps = vec![(600.0, 30.0)];
     let trace = scenario.run();
     assert_eq!(trace.meddling_detected.len(), 1);
     assert!((trace.meddling_detected[0].1 - 30.0).abs() < 1e-3);
+    // Someone else stepped the clock; the agent does not fight it with a step of its own.
     assert!(
-        trace.steps.iter().any(|(_, s)| (s + 30.0).abs() < 1e-2),
-        "{:?}",
+        trace.steps.iter().all(|(at, _)| *at < 600.0),
+        "stepped after the external step: {:?}",
         trace.steps
     );
-    assert!(trace.max_abs_error(700.0, 1800.0) < 1e-3);
+    // The clock is where the other party put it, give or take what slewing has taken back
+    // (at most 500 ppm × 1200 s = 0.6 s).
+    let error = trace.max_abs_error(700.0, 1800.0);
+    assert!((29.0..=30.1).contains(&error), "error {error}");
 }
 
 #[test]
