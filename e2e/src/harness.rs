@@ -215,6 +215,16 @@ pub fn http_get(url: &str) -> Option<String> {
 /// Sends one NTP client request from inside network namespace `netns` (via the stratumctl
 /// binary) and returns its JSON answer, or `None` when nothing came back.
 pub fn query_from_netns(netns: &str, server: SocketAddr) -> Option<serde_json::Value> {
+    query_from_netns_within(netns, server, Duration::from_secs(1))
+}
+
+/// As [`query_from_netns`], waiting at most `timeout` for the answer: for figures where a
+/// second spent on a request sent too early would hide when serving began.
+pub fn query_from_netns_within(
+    netns: &str,
+    server: SocketAddr,
+    timeout: Duration,
+) -> Option<serde_json::Value> {
     let stratumctl = std::env::var("STRATUM_E2E_TARGET")
         .map(|t| format!("{t}/stratumctl"))
         .unwrap_or_else(|_| "stratumctl".into());
@@ -227,7 +237,7 @@ pub fn query_from_netns(netns: &str, server: SocketAddr) -> Option<serde_json::V
             "--json",
             "query",
             "--timeout",
-            "1",
+            &timeout.as_secs_f64().to_string(),
             &server.to_string(),
         ])
         .output()
