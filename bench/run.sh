@@ -36,7 +36,9 @@ OUT="${BENCH_OUT:-$ROOT/bench/results.md}"
 
 eval "$(bench/setup.sh | grep '^NTPD_RS_BIN=')"
 cargo build --quiet --release -p stratum-agent --bins
-AGENT="$TARGET_DIR/release/stratum-agent"
+# BENCH_AGENT: another build of the agent to measure (e.g. an older commit's release binary,
+# for a before/after on the same host); the load generator stays this tree's stratumctl.
+AGENT="${BENCH_AGENT:-$TARGET_DIR/release/stratum-agent}"
 CTL="$TARGET_DIR/release/stratumctl"
 
 WORK="$(mktemp -d /tmp/stratum-bench.XXXXXX)"

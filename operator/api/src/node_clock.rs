@@ -88,7 +88,8 @@ pub struct NodeClockStatus {
     /// When the agent last wrote this status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_update: Option<Time>,
-    /// ConfigValid and ClockControl conditions.
+    /// Conditions: ConfigValid, ClockControl, OtherTimeDaemon (another time daemon seen on the
+    /// node) and TenantPorts (every tenant port bound).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
