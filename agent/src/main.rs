@@ -491,7 +491,10 @@ fn init_logging(format: LogFormat) -> LogControl {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(initial);
     let output = match format {
+        // Colour codes only for a person at a terminal: in a file, a pipe or a log collector
+        // (`kubectl logs`) they are noise in every line.
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()

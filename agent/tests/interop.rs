@@ -365,6 +365,11 @@ fn the_configs_log_level_is_applied_at_start_and_on_every_reload() {
     wait_for(Duration::from_secs(20), "debug lines in the log", || {
         agent.proc.log_text().contains("DEBUG")
     });
+    // Written to a file, the text log carries no colour codes.
+    assert!(
+        !agent.proc.log_text().contains('\x1b'),
+        "ANSI escapes in a log file"
+    );
     // At info a reload is logged ("config applied"); at error it is not.
     for (n, level, logged) in [(2, "info", 1), (3, "error", 1)] {
         config["logLevel"] = level.into();

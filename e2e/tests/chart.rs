@@ -541,3 +541,44 @@ async fn prometheus_scrapes_agents_and_operators_and_every_dashboard_query_retur
     .unwrap();
     eprintln!("scrapes so far by job: {scrapes:?}; samples: {samples:?}");
 }
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster: make e2e"]
+async fn kubectl_get_stratum_lists_every_kind_and_node_clocks_show_owner_and_freshness() {
+    let client = client().await;
+    ensure_shared_time_service(&client).await;
+    let ns = "e2e-category";
+    namespace(&client, ns, serde_json::json!({})).await;
+    apply_tenant(&client, ns, serde_json::json!({})).await;
+    let kubectl = tool("kubectl");
+    let listed = run(
+        &kubectl,
+        &["get", "stratum", "--all-namespaces", "-o", "name"],
+        None,
+    );
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    let names = text(&listed.stdout);
+    for wanted in [
+        format!("timeservice.stratum.io/{SHARED_TIME_SERVICE}"),
+        "tenanttimepolicy.stratum.io/ntp".to_string(),
+        format!(
+            "nodeclock.stratum.io/{}",
+            stratum_e2e::real_node::real_node()
+        ),
+    ] {
+        assert!(
+            names.lines().any(|l| l == wanted),
+            "{wanted} not in:\n{names}"
+        );
+    }
+    let table = run(&kubectl, &["get", "nodeclocks"], None);
+    let header = text(&table.stdout);
+    let header = header.lines().next().unwrap_or_default();
+    for column in ["TIMESERVICE", "UPDATED"] {
+        assert!(header.contains(column), "{column} not in {header:?}");
+    }
+    eprintln!(
+        "kubectl get stratum: {} objects of 3 kinds",
+        names.lines().count()
+    );
+}

@@ -73,7 +73,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
-    let subscriber = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colour codes only at a terminal, never in `kubectl logs` or a collector's files.
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match args.log_format {
         LogFormat::Json => subscriber.json().init(),
         LogFormat::Text => subscriber.init(),

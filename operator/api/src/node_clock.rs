@@ -21,12 +21,20 @@ use crate::common::Condition;
     kind = "NodeClock",
     plural = "nodeclocks",
     shortname = "nc",
+    category = "stratum",
     status = "NodeClockStatus",
     doc = "The clock of one node, as reported by the Stratum agent running there.",
     printcolumn(name = "Synced", type_ = "boolean", json_path = ".status.synchronized"),
     printcolumn(name = "Offset", type_ = "string", json_path = ".status.offset"),
     printcolumn(name = "Stratum", type_ = "integer", json_path = ".status.stratum"),
     printcolumn(name = "Source", type_ = "string", json_path = ".status.systemPeer"),
+    printcolumn(
+        name = "TimeService",
+        type_ = "string",
+        json_path = ".spec.timeService"
+    ),
+    // How long ago the agent last wrote: a stale agent's NodeClock looks healthy otherwise.
+    printcolumn(name = "Updated", type_ = "date", json_path = ".status.lastUpdate"),
     printcolumn(
         name = "Age",
         type_ = "date",

@@ -20,6 +20,7 @@ use crate::duration_rule;
     kind = "TenantTimePolicy",
     plural = "tenanttimepolicies",
     shortname = "ttp",
+    category = "stratum",
     namespaced,
     status = "TenantTimePolicyStatus",
     cel,

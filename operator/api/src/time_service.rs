@@ -24,6 +24,7 @@ use crate::duration_rule;
     kind = "TimeService",
     plural = "timeservices",
     shortname = "tsvc",
+    category = "stratum",
     status = "TimeServiceStatus",
     cel,
     doc = "A fleet of Stratum agents that discipline node clocks from upstream NTP servers and serve tenants.",

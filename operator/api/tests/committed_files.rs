@@ -73,7 +73,19 @@ fn crds_have_status_subresources_short_names_and_printer_columns() {
         .flatten()
         .map(|c| c.name.clone())
         .collect();
-    assert_eq!(columns, ["Synced", "Offset", "Stratum", "Source", "Age"]);
+    // The owner and the last write: a stale agent's NodeClock looks healthy otherwise.
+    assert_eq!(
+        columns,
+        [
+            "Synced",
+            "Offset",
+            "Stratum",
+            "Source",
+            "TimeService",
+            "Updated",
+            "Age"
+        ]
+    );
 }
 
 /// Parses an example into its typed kind and checks it against the CRD's rules.
@@ -141,4 +153,17 @@ fn every_example_parses_and_passes_the_crd_rules() {
         ],
         "an example has no test"
     );
+}
+
+#[test]
+fn every_kind_is_in_the_stratum_category() {
+    // `kubectl get stratum` lists every kind through this category.
+    for crd in stratum_api::crds() {
+        assert_eq!(
+            crd.spec.names.categories.as_deref(),
+            Some(&["stratum".to_string()][..]),
+            "{}",
+            crd.spec.names.kind
+        );
+    }
 }
