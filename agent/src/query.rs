@@ -36,6 +36,41 @@ pub struct QueryResult {
     pub kiss_code: Option<String>,
 }
 
+/// What an answer says about the server, as `stratumctl query`'s exit status reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Served, with time from a synchronized clock: exit 0.
+    Synchronized,
+    /// Answered, but the server says its clock is unsynchronized (leap 3 or stratum 16): 2.
+    Unsynchronized,
+    /// A Kiss-o'-Death: the server refused this client (DENY, RSTR, RATE, ...): 3.
+    Refused,
+}
+
+impl Verdict {
+    /// The process exit status (1 is left for errors: no reply, invalid reply, bad input).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Verdict::Synchronized => 0,
+            Verdict::Unsynchronized => 2,
+            Verdict::Refused => 3,
+        }
+    }
+}
+
+impl QueryResult {
+    /// What this answer says about the server.
+    pub fn verdict(&self) -> Verdict {
+        if self.kiss_code.is_some() {
+            Verdict::Refused
+        } else if self.leap == "unsynchronized" || self.stratum >= 16 {
+            Verdict::Unsynchronized
+        } else {
+            Verdict::Synchronized
+        }
+    }
+}
+
 /// Why a query failed.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {

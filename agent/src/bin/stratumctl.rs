@@ -3,6 +3,7 @@
 //! baseline). Every view takes `--json`.
 
 use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -106,9 +107,20 @@ enum Command {
     },
 }
 
+/// Exit status: 0 success (for `query`: served by a synchronized server), 1 error, and for
+/// `query` 2 when the server is unsynchronized and 3 when it refused (Kiss-o'-Death).
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Clients { tenant, limit } => {
             let mut path = format!("/clients?limit={limit}");
@@ -270,7 +282,7 @@ async fn main() -> anyhow::Result<()> {
                 if let Some(code) = &r.kiss_code {
                     // A Kiss-o'-Death carries no time: say what the server refused and stop.
                     println!("Kiss-o'-Death   : {code} (the server refused to serve this client)");
-                    return Ok(());
+                    return Ok(ExitCode::from(r.verdict().exit_code()));
                 }
                 println!("Stratum         : {}", r.stratum);
                 println!("Reference ID    : {}", r.reference_id);
@@ -286,6 +298,7 @@ async fn main() -> anyhow::Result<()> {
                     fmt_seconds(r.root_dispersion_seconds)
                 );
             }
+            return Ok(ExitCode::from(r.verdict().exit_code()));
         }
         Command::Tracking => {
             let s = fetch(&cli.agent).await?;
@@ -379,7 +392,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_load_report(r: &LoadReport) {
