@@ -113,30 +113,6 @@ fn start_agent(state_dir: &std::path::Path, api: &HungApiServer) -> Agent {
     }
 }
 
-/// A chronyd serving (never adjusting) on a loopback port; the returned guard stops it.
-fn chronyd_upstream(dir: &TempDir) -> Option<(Child, u16)> {
-    let chronyd = find_program("chronyd", &[]).or_else(|| skip("chronyd not installed"))?;
-    let port = free_udp_port();
-    std::fs::write(
-        dir.path("chrony.conf"),
-        format!(
-            "port {port}\nlocal stratum 2\nallow 127.0.0.0/8\ncmdport 0\npidfile {}\n",
-            dir.path("chronyd.pid").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new("setpriv")
-        .args(["--bounding-set=-sys_time", "--inh-caps=-sys_time"])
-        .arg(&chronyd)
-        .args(["-x", "-d", "-u", "root", "-f"])
-        .arg(dir.path("chrony.conf"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting chronyd");
-    Some((Child(child), port))
-}
-
 fn cache_in(dir: &std::path::Path) -> std::sync::Arc<ConfigCache> {
     ConfigCache::for_source(
         dir,
@@ -151,7 +127,8 @@ fn cache_in(dir: &std::path::Path) -> std::sync::Arc<ConfigCache> {
 #[test]
 fn with_a_cached_config_the_agent_serves_and_syncs_without_the_api_server_and_exits_promptly() {
     let dir = TempDir::new("offline");
-    let Some((_chronyd, upstream_port)) = chronyd_upstream(&dir) else {
+    let upstream_port = free_udp_port();
+    let Some(_chronyd) = chronyd_serving(&dir, upstream_port) else {
         return;
     };
     let api = HungApiServer::start(&dir);

@@ -41,31 +41,11 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 
 #[test]
 fn the_agent_serves_tenants_with_its_disciplined_clock_and_follows_config_changes() {
-    let Some(chronyd) = find_program("chronyd", &[]).or_else(|| skip("chronyd not installed"))
-    else {
-        return;
-    };
     let dir = TempDir::new("agentbin");
     let upstream_port = free_udp_port();
-    std::fs::write(
-        dir.path("chrony.conf"),
-        format!(
-            "port {upstream_port}\nlocal stratum 2\nallow 127.0.0.0/8\ncmdport 0\npidfile {}\n",
-            dir.path("chronyd.pid").display()
-        ),
-    )
-    .unwrap();
-    let _chronyd = Child(
-        Command::new("setpriv")
-            .args(["--bounding-set=-sys_time", "--inh-caps=-sys_time"])
-            .arg(&chronyd)
-            .args(["-x", "-d", "-u", "root", "-f"])
-            .arg(dir.path("chrony.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting chronyd"),
-    );
+    let Some(_chronyd) = chronyd_serving(&dir, upstream_port) else {
+        return;
+    };
 
     let (port_a, port_b, port_c) = (free_udp_port(), free_udp_port(), free_udp_port());
     let mut config = AgentConfig::from_json(include_str!("data/agent-config.json")).unwrap();

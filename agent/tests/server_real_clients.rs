@@ -33,16 +33,7 @@ fn chronyd_measure(chronyd: &std::path::Path, port: u16) -> Option<f64> {
         .stdin(Stdio::null())
         .output()
         .expect("running chronyd");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    // "System clock wrong by -0.000001 seconds (ignored)"
-    text.lines()
-        .find_map(|l| l.split("System clock wrong by ").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
+    chrony_wrong_by(&output)
 }
 
 #[test]

@@ -204,15 +204,7 @@ fn chronyd_measure(
         .stdin(Stdio::null())
         .output()
         .expect("running chronyd");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    text.lines()
-        .find_map(|l| l.split("System clock wrong by ").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
+    chrony_wrong_by(&output)
 }
 
 #[test]

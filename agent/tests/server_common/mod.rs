@@ -212,3 +212,41 @@ pub fn rss_bytes() -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
 }
+
+/// A chronyd serving (`-x`: never touching the clock) stratum 2 to loopback on `port`, without
+/// CAP_SYS_TIME, its files in `dir`; stopped when the returned child drops. `None` (with a
+/// SKIPPED line) when chronyd is not installed.
+pub fn chronyd_serving(dir: &TempDir, port: u16) -> Option<Child> {
+    let chronyd = find_program("chronyd", &[]).or_else(|| skip("chronyd not installed"))?;
+    std::fs::write(
+        dir.path("chrony.conf"),
+        format!(
+            "port {port}\nlocal stratum 2\nallow 127.0.0.0/8\ncmdport 0\npidfile {}\n",
+            dir.path("chronyd.pid").display()
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new("setpriv")
+        .args(["--bounding-set=-sys_time", "--inh-caps=-sys_time"])
+        .arg(&chronyd)
+        .args(["-x", "-d", "-u", "root", "-f"])
+        .arg(dir.path("chrony.conf"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting chronyd");
+    Some(Child(child))
+}
+
+/// The offset `chronyd -Q` printed ("System clock wrong by -0.000001 seconds (ignored)").
+pub fn chrony_wrong_by(output: &std::process::Output) -> Option<f64> {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    text.lines()
+        .find_map(|l| l.split("System clock wrong by ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
