@@ -156,6 +156,12 @@ fn stratumctl_views_and_query_agree_with_chrony_and_ntpsec() {
     assert!(tracking.status.success(), "{text}");
     assert!(text.contains("Synchronized    : yes"), "{text}");
     assert!(text.contains("Stratum         : 3"), "{text}");
+    // The JSON view names what it is of, beside the figures.
+    let tracking: serde_json::Value =
+        serde_json::from_slice(&agent.ctl(&["--json", "tracking"]).stdout).unwrap();
+    assert_eq!(tracking["configRevision"], "r1", "{tracking}");
+    assert!(tracking["node"].is_string() && tracking["timeService"].is_string());
+    assert_eq!(tracking["synchronized"], true);
     let sources: serde_json::Value =
         serde_json::from_slice(&agent.ctl(&["--json", "sources"]).stdout).unwrap();
     assert_eq!(sources.as_array().unwrap().len(), 3);

@@ -303,7 +303,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tracking => {
             let s = fetch(&cli.agent).await?;
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&s.tracking)?);
+                // Which node, TimeService and config revision these figures are of, beside
+                // them: a tracking line without them cannot be told apart in a collection.
+                #[derive(serde::Serialize)]
+                struct TrackingJson<'a> {
+                    #[serde(flatten)]
+                    identity: &'a stratum_agent::status::Identity,
+                    #[serde(flatten)]
+                    tracking: &'a stratum_agent::status::Tracking,
+                }
+                let view = TrackingJson {
+                    identity: &s.identity,
+                    tracking: &s.tracking,
+                };
+                println!("{}", serde_json::to_string_pretty(&view)?);
             } else {
                 let t = &s.tracking;
                 println!(
