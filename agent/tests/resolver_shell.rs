@@ -16,6 +16,7 @@ use stratum_agent::clock::{Backend, SimulationParams, SystemClockPolicy, host_re
 use stratum_agent::config_source::ConfigUpdate;
 use stratum_agent::metrics::Metrics;
 use stratum_agent::resolver::{ResolveError, Resolver};
+use stratum_agent::status::AgentStatus;
 use stratum_api::agent_config::{AgentConfig, ClockBackend, UpstreamKind};
 use stratum_ntp::packet::{LeapIndicator, Packet, ReferenceId};
 use stratum_ntp::server::{ServerClockState, build_reply};
@@ -26,7 +27,8 @@ use tokio::sync::{mpsc, watch};
 struct Flaky {
     fixed: Arc<AtomicBool>,
     address: SocketAddr,
-    calls: Arc<std::sync::atomic::AtomicU32>,
+    /// Lookups so far, for the test to wait on.
+    calls: watch::Sender<u32>,
 }
 
 impl Resolver for Flaky {
@@ -35,7 +37,7 @@ impl Resolver for Flaky {
         host: String,
         _port: u16,
     ) -> BoxFuture<'static, Result<Vec<SocketAddr>, ResolveError>> {
-        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.calls.send_modify(|n| *n += 1);
         let answer = if self.fixed.load(Ordering::Relaxed) {
             Ok(vec![self.address])
         } else {
@@ -85,6 +87,8 @@ struct Running {
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     state_dir: std::path::PathBuf,
+    /// The statuses the loop publishes, to wait on.
+    snapshots: watch::Receiver<AgentStatus>,
 }
 
 impl Running {
@@ -107,7 +111,7 @@ impl Running {
         )
         .unwrap();
         let shared = Shared::new(Metrics::new().unwrap());
-        let (snap_tx, _snap_rx) = watch::channel(Default::default());
+        let (snap_tx, snapshots) = watch::channel(Default::default());
         let (event_tx, mut event_rx) = mpsc::channel(64);
         tokio::spawn(async move { while event_rx.recv().await.is_some() {} });
         let (hb_tx, _hb_rx) = watch::channel(Duration::from_secs(60));
@@ -140,6 +144,7 @@ impl Running {
             config_tx.closed().await;
         });
         Self {
+            snapshots,
             shared,
             shutdown,
             task,
@@ -147,12 +152,12 @@ impl Running {
         }
     }
 
-    async fn wait_ready(&self, within: Duration) -> Duration {
+    async fn wait_ready(&mut self, within: Duration) -> Duration {
         let start = Instant::now();
-        while !self.shared.ready() {
-            assert!(start.elapsed() < within, "not ready within {within:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        tokio::time::timeout(within, self.snapshots.wait_for(|s| s.tracking.ready))
+            .await
+            .unwrap_or_else(|_| panic!("not ready within {within:?}"))
+            .expect("the loop ended");
         start.elapsed()
     }
 
@@ -183,13 +188,13 @@ fn config_for(hosts: &[(&str, u16)]) -> AgentConfig {
 async fn a_name_that_fails_at_start_is_retried_off_the_loop_and_synced_once_it_resolves() {
     let server = responder();
     let fixed = Arc::new(AtomicBool::new(false));
-    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (calls, mut lookups) = watch::channel(0u32);
     let resolver = Arc::new(Flaky {
         fixed: fixed.clone(),
         address: server,
-        calls: calls.clone(),
+        calls,
     });
-    let agent = Running::start(
+    let mut agent = Running::start(
         "flaky",
         config_for(&[("ntp.flaky.test", server.port())]),
         resolver,
@@ -197,18 +202,17 @@ async fn a_name_that_fails_at_start_is_retried_off_the_loop_and_synced_once_it_r
     .await;
 
     // Failing lookups are retried (2 s, then 4 s ...).
-    let start = Instant::now();
-    while calls.load(Ordering::Relaxed) < 2 {
-        assert!(start.elapsed() < Duration::from_secs(10), "no retry");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tokio::time::timeout(Duration::from_secs(10), lookups.wait_for(|n| *n >= 2))
+        .await
+        .expect("no retry")
+        .unwrap();
     assert!(!agent.shared.ready());
     fixed.store(true, Ordering::Relaxed);
     let took = agent.wait_ready(Duration::from_secs(20)).await;
     println!(
         "ready {:.1} s after DNS recovered ({} lookups)",
         took.as_secs_f64(),
-        calls.load(Ordering::Relaxed)
+        *lookups.borrow()
     );
     let metrics = agent.shared.metrics.render();
     assert!(
@@ -235,7 +239,7 @@ impl Resolver for Hangs {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_lookup_does_not_hold_up_the_loop_or_the_other_upstream() {
     let server = responder();
-    let agent = Running::start(
+    let mut agent = Running::start(
         "hung",
         config_for(&[("hangs.test", 123), ("127.0.0.1", server.port())]),
         Arc::new(Hangs),

@@ -42,6 +42,23 @@ fn worker_switches() -> (usize, u64) {
     (workers, switches)
 }
 
+/// Whether every worker thread is asleep (state `S` in /proc: blocked in `epoll_wait`, the
+/// only place a worker waits).
+fn workers_sleeping() -> bool {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("ntp-worker-"))
+        })
+        .all(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('S'))
+        })
+}
+
 /// User + system CPU time of this process (all threads), seconds.
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
@@ -100,9 +117,18 @@ fn a_thousand_tenant_ports_are_served_by_one_worker_per_core_that_sleeps_when_id
         "ports without an answer: {unanswered:?}"
     );
 
-    // Idle: no traffic for 5 s. The answers above may still be on their way out; let the
-    // workers go back to sleep first.
-    std::thread::sleep(Duration::from_millis(200));
+    // Idle: no traffic for 5 s. The answers above may still be on their way out: wait until
+    // every worker sleeps and their switch count holds still between two looks.
+    let mut last = None;
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let now = worker_switches();
+            let settled = workers_sleeping() && last == Some(now);
+            last = Some(now);
+            settled
+        }),
+        "the workers never went back to sleep"
+    );
     let (worker_threads, switches_before) = worker_switches();
     let cpu_before = cpu_seconds();
     let idle_start = Instant::now();
