@@ -1,6 +1,6 @@
 //! The drift file: the clock's frequency correction and its error, so a restarted agent starts
 //! close to the right frequency. Written at most hourly and on shutdown (atomically, via a
-//! temporary file), loaded at start, ignored when stale, unreadable or out of range.
+//! temporary file, synced), loaded at start, ignored when stale, unreadable or out of range.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -60,22 +60,17 @@ pub fn load(path: &Path, now_unix: i64) -> Result<DriftState, DriftLoadError> {
     })
 }
 
-/// Saves `drift` to `path` atomically.
+/// Saves `drift` to `path` atomically (and durably: see [`crate::state_file`]).
 pub fn save(path: &Path, drift: DriftState, now_unix: i64) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
     let file = DriftFile {
         frequency_ppm: drift.frequency_ppm,
         error_ppm: drift.error_ppm,
         saved_at_unix: now_unix,
     };
-    let tmp = path.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(&file).map_err(std::io::Error::other)?,
-    )?;
-    std::fs::rename(&tmp, path)
+    crate::state_file::write_atomically(
+        path,
+        &serde_json::to_vec(&file).map_err(std::io::Error::other)?,
+    )
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ pub mod query;
 pub mod report;
 pub mod resolver;
 pub mod server;
+pub mod state_file;
 pub mod status;
 pub mod upstream;
 
