@@ -353,12 +353,13 @@ async fn watch_host_daemons(
     tick.tick().await; // the start looked already
     loop {
         tick.tick().await;
+        // Only the sockets this agent holds: a tenant port it failed to bind (say 123, held by
+        // chronyd) is another daemon's evidence, not ours.
         let ports: BTreeSet<u16> = shared
             .server
-            .stats()
-            .tenants
-            .iter()
-            .map(|t| t.port)
+            .served_ports()
+            .into_iter()
+            .map(|(port, ..)| port)
             .collect();
         let detection = tokio::task::spawn_blocking(move || host_daemons::observe(&ports))
             .await
