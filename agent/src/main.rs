@@ -212,7 +212,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Beside another daemon the system clock is only observed, unless the TimeService takes
     // over; a watcher restarts the agent when that changes.
     let take_over = Arc::new(AtomicBool::new(first_config.discipline.take_over));
-    let detection = host_daemons::observe(&own_ports(&first_config));
+    // Before the server opens any port: every bound NTP socket is someone else's.
+    let detection = host_daemons::observe(&BTreeSet::new());
     let configured = kind;
     let (kind, yielded) =
         host_daemons::backend_to_run(configured, &detection, first_config.discipline.take_over);
@@ -329,17 +330,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// How often the node is looked at for other time daemons.
 const HOST_DAEMON_INTERVAL: Duration = Duration::from_secs(60);
-
-/// Ports this agent binds, which are never another daemon's.
-fn own_ports(config: &AgentConfig) -> BTreeSet<u16> {
-    config
-        .serving
-        .tenants
-        .iter()
-        .map(|t| t.port)
-        .chain(config.serving.peer_port)
-        .collect()
-}
 
 /// Looks for other time daemons every [`HOST_DAEMON_INTERVAL`], publishes what it sees, and
 /// stops the agent (the kubelet restarts it) when the backend it should run changes.
