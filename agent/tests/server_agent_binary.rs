@@ -9,35 +9,13 @@
 #[path = "server_common/mod.rs"]
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use stratum_api::AgentConfig;
 use stratum_ntp::packet::Packet;
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
-    text.split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-}
 
 #[test]
 fn the_agent_serves_tenants_with_its_disciplined_clock_and_follows_config_changes() {
@@ -121,7 +99,7 @@ fn the_agent_serves_tenants_with_its_disciplined_clock_and_follows_config_change
     }));
     assert!(ask(client, at(port_a), Duration::from_secs(1)).is_some());
 
-    let metrics = http_get(metrics_port, "/metrics").unwrap();
+    let metrics = http_get(metrics_port, "/metrics").unwrap().1;
     assert!(
         metrics.contains(r#"stratum_agent_tenant_requests_total{outcome="served",tenant="ns/a"}"#),
         "{metrics}"
@@ -134,7 +112,7 @@ fn the_agent_serves_tenants_with_its_disciplined_clock_and_follows_config_change
         "a removed tenant's series must go"
     );
     let stats: serde_json::Value =
-        serde_json::from_str(&http_get(status_port, "/serverstats").unwrap()).unwrap();
+        serde_json::from_str(&http_get(status_port, "/serverstats").unwrap().1).unwrap();
     let a = stats["tenants"]
         .as_array()
         .unwrap()
@@ -143,7 +121,7 @@ fn the_agent_serves_tenants_with_its_disciplined_clock_and_follows_config_change
         .unwrap();
     assert!(a["totals"]["served"].as_u64().unwrap() >= 2, "{stats}");
     let clients: serde_json::Value =
-        serde_json::from_str(&http_get(status_port, "/clients?tenant=ns%2Fa").unwrap()).unwrap();
+        serde_json::from_str(&http_get(status_port, "/clients?tenant=ns%2Fa").unwrap().1).unwrap();
     assert_eq!(
         clients[0]["clients"][0]["address"], "127.0.0.1",
         "{clients}"
@@ -162,7 +140,7 @@ fn the_agent_serves_tenants_with_its_disciplined_clock_and_follows_config_change
     std::fs::write(&config_path, config.to_json()).unwrap();
     let failed_ports = || -> Vec<u64> {
         http_get(status_port, "/status")
-            .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
             .and_then(|status| {
                 status["failedPorts"]
                     .as_array()
@@ -178,6 +156,7 @@ fn the_agent_serves_tenants_with_its_disciplined_clock_and_follows_config_change
     assert!(
         http_get(metrics_port, "/metrics")
             .unwrap()
+            .1
             .contains("stratum_agent_tenant_port_bind_failures 1")
     );
     drop(holder);
