@@ -3,7 +3,8 @@
 //! replies, as the sources receive them and as the server counts them, stay within the
 //! default refusal budget over the run (`burst + per_second × seconds`), every request is
 //! still counted as denied, no stranger enters the client log, and an allowed client polling
-//! meanwhile is answered every time. Bounded: 10 000 requests, about 3 s.
+//! meanwhile is answered every time; another tenant's refusals are untouched by the flood.
+//! Bounded: 10 000 requests, about 3 s.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "server_common/mod.rs"]
@@ -18,10 +19,14 @@ use stratum_ntp::server::RefusalLimit;
 
 #[test]
 fn a_flood_of_strangers_gets_kod_deny_only_within_the_refusal_budget() {
-    let port = free_udp_port();
+    let (port, port_b) = (free_udp_port(), free_udp_port());
     let server = start_server(
         2,
-        &serving(vec![tenant("ns/a", port, &["127.1.0.0/16"], true)]),
+        &serving(vec![
+            tenant("ns/a", port, &["127.1.0.0/16"], true),
+            // Another tenant on the same workers, with refusals of its own to send.
+            tenant("ns/b", port_b, &["127.2.0.0/16"], true),
+        ]),
     );
     let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     // 127.100.0.9, 127.100.1.9, ...: one source per /24, so only the tenant's budget binds.
@@ -50,18 +55,39 @@ fn a_flood_of_strangers_gets_kod_deny_only_within_the_refusal_budget() {
         )
         .unwrap()
     });
-    let flood = loadgen::run(
-        &LoadSpec {
-            target,
-            rate: 5000.0,
-            duration: Duration::from_secs(2),
-            max_requests: 10_000,
-            sources: strangers,
-            wait: Duration::from_secs(1),
-        },
-        |_| {},
+    let flood = std::thread::spawn(move || {
+        loadgen::run(
+            &LoadSpec {
+                target,
+                rate: 5000.0,
+                duration: Duration::from_secs(2),
+                max_requests: 10_000,
+                sources: strangers,
+                wait: Duration::from_secs(1),
+            },
+            |_| {},
+        )
+        .unwrap()
+    });
+    // While A's budget is spent (1000 strangers in, 40 + 20/s allowed), B still refuses its
+    // own stranger: each tenant port has its own refusal budget.
+    let denied_on_a = || {
+        server
+            .stats()
+            .tenants
+            .into_iter()
+            .find(|t| t.tenant == "ns/a")
+            .map_or(0, |t| t.totals.denied)
+    };
+    assert!(wait_until(Duration::from_secs(5), || denied_on_a() >= 1000));
+    let on_b = ask(
+        "127.250.0.9".parse().unwrap(),
+        SocketAddr::from(([127, 0, 0, 1], port_b)),
+        Duration::from_secs(1),
     )
-    .unwrap();
+    .expect("tenant B sent no refusal while A's budget was spent");
+    assert_eq!((on_b[1], &on_b[12..16]), (0, &b"DENY"[..]), "{on_b:?}");
+    let flood = flood.join().unwrap();
     let allowed = allowed.join().unwrap();
     // Every request has been decided once the server's count reaches what was sent.
     let totals = || {
