@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make e2e`: bring the stack up (e2e/stack.sh), run the e2e tests against it, tear it down,
 # whatever the outcome. STRATUM_E2E_KEEP=1 leaves the stack running for inspection.
+# Usage: e2e/run.sh [TEST-NAME-FILTER...]   (STRATUM_E2E_TARGETS: see below)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -19,4 +20,11 @@ e2e/stack.sh up
 eval "$(e2e/stack.sh env)"
 # Every e2e test target (tests/*.rs) against the same stack, one test at a time; a failing
 # target does not keep the others from running; --nocapture shows the figures the tests print.
-cargo test -p stratum-e2e --tests --no-fail-fast -- --ignored --test-threads=1 --nocapture "$@"
+# STRATUM_E2E_TARGETS="real_agent real_node" runs only those targets, in that order (the
+# arguments, by contrast, filter test names within every target).
+targets=(--tests)
+if [[ -n ${STRATUM_E2E_TARGETS:-} ]]; then
+  targets=()
+  for t in $STRATUM_E2E_TARGETS; do targets+=(--test "$t"); done
+fi
+cargo test -p stratum-e2e "${targets[@]}" --no-fail-fast -- --ignored --test-threads=1 --nocapture "$@"

@@ -113,9 +113,20 @@ reset_stale() {
   rm -rf "$E2E_NETNS_STATE"
 }
 
+# The real node's kubelet evicts and refuses pods under DiskPressure (evictionHard
+# nodefs.available 1%, node.sh), and etcd, containerd and pod logs all write under the run
+# dir. Say so up front rather than as a pod that never becomes Ready twenty minutes later.
+check_free_disk() {
+  local need_mib=4096 avail_mib
+  avail_mib=$(df -Pm "$E2E_RUN_DIR" | awk 'NR==2{print $4}')
+  ((avail_mib >= need_mib)) ||
+    e2e_die "only ${avail_mib} MiB free under $E2E_RUN_DIR; the stack needs ${need_mib} MiB (etcd, images, pod logs) and the real node's kubelet refuses pods under disk pressure"
+}
+
 cmd_up() {
   mkdir -p "$STACK"
   reset_stale
+  check_free_disk
   log "building the control plane binaries if missing (cold: ~10 min on 2 quiet cores, progress below)"
   "$SCRIPTS/deps.sh"
   BIN=$("$SCRIPTS/build-bins.sh" | sed -n 's/^BIN=//p' | tail -1)

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, PodStatus, Service};
 use kube::Client;
 use kube::api::Api;
 
@@ -122,23 +122,29 @@ pub async fn real_pod_with(
         ),
     )
     .await;
-    let ((ip, container_id), took) = wait_for(
+    let (ready, took) = wait_for(
         Duration::from_secs(60),
         &format!("pod {namespace}/{name} Ready on the real node"),
         || async {
             let status = pods.get(name).await.ok()?.status?;
+            if let Some(why) = refused_by_the_kubelet(&status) {
+                return Some(Err(why));
+            }
             let ready = status
                 .conditions?
                 .iter()
                 .any(|c| c.type_ == "Ready" && c.status == "True");
             let id = status.container_statuses?.first()?.container_id.clone()?;
-            ready.then_some((
+            ready.then_some(Ok((
                 status.pod_ip?,
                 id.trim_start_matches("containerd://").to_string(),
-            ))
+            )))
         },
     )
     .await;
+    let (ip, container_id) = ready.unwrap_or_else(|why| {
+        panic!("the real node's kubelet refused pod {namespace}/{name}: {why}")
+    });
     eprintln!(
         "pod {namespace}/{name} Ready on the real node in {:.1} s",
         took.as_secs_f64()
@@ -204,25 +210,45 @@ pub async fn run_client_pod(
         &format!("client pod {namespace}/{name} to finish"),
         || async {
             let status = pods.get(name).await.ok()?.status?;
+            if let Some(why) = refused_by_the_kubelet(&status) {
+                return Some(Err(why));
+            }
             let ended = status
                 .container_statuses?
                 .first()?
                 .state
                 .clone()?
                 .terminated?;
-            Some(ClientRun {
+            Some(Ok(ClientRun {
                 exit_code: ended.exit_code,
                 message: ended.message.unwrap_or_default(),
-            })
+            }))
         },
     )
     .await;
+    let run = run.unwrap_or_else(|why| {
+        panic!("the real node's kubelet refused pod {namespace}/{name}: {why}")
+    });
     eprintln!(
         "client pod {namespace}/{name} ended in {:.1} s: exit {}",
         took.as_secs_f64(),
         run.exit_code
     );
     run
+}
+
+/// Why the kubelet failed a pod before any container ran (admission refused it or evicted it:
+/// disk or memory pressure, no room), if it did. A container that ran and exited leaves
+/// `reason` unset, so a client pod's own exit code is not mistaken for this.
+fn refused_by_the_kubelet(status: &PodStatus) -> Option<String> {
+    if status.phase.as_deref() != Some("Failed") {
+        return None;
+    }
+    let reason = status.reason.as_deref()?;
+    Some(format!(
+        "{reason}: {}",
+        status.message.as_deref().unwrap_or("(no message)")
+    ))
 }
 
 impl RealPod {
