@@ -20,6 +20,7 @@ pub mod server;
 pub mod state_file;
 pub mod status;
 pub mod upstream;
+pub mod wire_tap;
 
 /// This build's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -15,6 +15,7 @@ use stratum_agent::loadgen::{self, LoadReport, LoadSpec};
 use stratum_agent::query::{query, resolve_target};
 use stratum_agent::server::{ServerStats, TenantClients};
 use stratum_agent::status::{AgentStatus, fmt_seconds};
+use stratum_agent::wire_tap::{self, TapReport};
 
 #[derive(Parser)]
 #[command(
@@ -83,6 +84,11 @@ enum Command {
         /// No progress lines.
         #[arg(long)]
         quiet: bool,
+        /// Also tap loopback and time each request inside the server, from the kernel's
+        /// receive stamp of the request to that of its reply (needs CAP_NET_RAW; the target
+        /// must be on this host's loopback).
+        #[arg(long)]
+        in_server: bool,
     },
     /// A raw UDP echo with the server's socket options and batching: the practical ceiling
     /// for `bench`. Stops after --duration.
@@ -216,7 +222,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             source_count,
             wait,
             quiet,
+            in_server,
         } => {
+            if in_server && !target.ip().is_loopback() {
+                anyhow::bail!("--in-server taps loopback: the target must be a loopback address");
+            }
             let spec = LoadSpec {
                 target,
                 rate,
@@ -228,8 +238,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .context("--wait must be a non-negative number of seconds")?,
             };
             // Blocking threads and sleeps: keep them off the async runtime.
-            let report = tokio::task::spawn_blocking(move || {
-                loadgen::run(&spec, |p| {
+            let (load, in_server) = tokio::task::spawn_blocking(move || {
+                let tap = in_server
+                    .then(|| wire_tap::Tap::start(spec.target.port()))
+                    .transpose()
+                    .context("starting the loopback tap")?;
+                let load = loadgen::run(&spec, |p| {
                     if !quiet {
                         eprintln!(
                             "{:>5.1}s  sent {:>10}  replies {:>10}",
@@ -238,13 +252,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             p.replies
                         );
                     }
-                })
+                })?;
+                let in_server = tap
+                    .map(wire_tap::Tap::finish)
+                    .transpose()
+                    .context("reading the loopback tap")?;
+                anyhow::Ok((load, in_server))
             })
             .await??;
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                let output = BenchOutput { load, in_server };
+                println!("{}", serde_json::to_string_pretty(&output)?);
             } else {
-                print_load_report(&report);
+                print_load_report(&load);
+                if let Some(tap) = &in_server {
+                    print_tap_report(tap);
+                }
             }
         }
         Command::EchoServer {
@@ -406,6 +429,31 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `bench --json`: the load report, plus the tap's when `--in-server` asked for it.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BenchOutput {
+    #[serde(flatten)]
+    load: LoadReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    in_server: Option<TapReport>,
+}
+
+fn print_tap_report(t: &TapReport) {
+    let us = |ns: u64| ns as f64 / 1000.0;
+    println!(
+        "In server       : p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us ({} paired of {} requests seen; {} unanswered)",
+        us(t.latency.p50_ns),
+        us(t.latency.p90_ns),
+        us(t.latency.p99_ns),
+        us(t.latency.p999_ns),
+        us(t.latency.max_ns),
+        t.paired,
+        t.requests,
+        t.unanswered
+    );
 }
 
 fn print_load_report(r: &LoadReport) {
