@@ -765,6 +765,7 @@ fn publish(
             other_time_daemon: host_daemons.detection.describe(),
             clock_yielded: host_daemons.yielded.clone(),
             last_update_ago_seconds: state.last_update.map(|t| backend.now().secs_since(t)),
+            simulated_error_seconds: backend.simulated_error(),
         },
         sources: source_views(state),
         failed_ports: shared.server.failed_ports(),

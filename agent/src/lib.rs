@@ -7,6 +7,7 @@ pub mod agent;
 pub mod clock;
 pub mod config_cache;
 pub mod config_source;
+pub mod delay_proxy;
 pub mod drift;
 pub mod driver;
 pub mod host_daemons;

@@ -93,6 +93,11 @@ pub struct Tracking {
     pub clock_yielded: Option<String>,
     /// Seconds since the last clock update.
     pub last_update_ago_seconds: Option<f64>,
+    /// `simulated` backend only: the steered clock's actual error against true time (this
+    /// host's clock), which no real node can know. For demos and `make bench`'s accuracy
+    /// comparison; `offsetSeconds` is the agent's estimate of the same quantity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simulated_error_seconds: Option<f64>,
 }
 
 /// chrony's `sources` plus `sourcestats`, one row.

@@ -53,6 +53,12 @@ fn agent_converges_on_four_chronyd_and_becomes_ready() {
         },
     );
     let s = agent.status().unwrap();
+    // Not only the estimate: the simulated clock itself is within 1 ms of true time (the
+    // host's clock, which the four chronyd serve).
+    let truth = s["tracking"]["simulatedErrorSeconds"]
+        .as_f64()
+        .expect("a simulated clock reports its actual error");
+    assert!(truth.abs() < 1e-3, "actual error {truth} s");
     assert_eq!(
         s["tracking"]["steps"], 1,
         "exactly one step, in the initial burst"

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ipnet::IpNet;
+use stratum_agent::delay_proxy::{self, DelayPlan};
 use stratum_agent::loadgen::{self, LoadReport, LoadSpec};
 use stratum_agent::query::{query, resolve_target};
 use stratum_agent::server::{ServerStats, TenantClients};
@@ -89,6 +90,30 @@ enum Command {
         /// must be on this host's loopback).
         #[arg(long)]
         in_server: bool,
+    },
+    /// Relay UDP between clients on --listen and --upstream, holding back (and, in the
+    /// `loss` scenario, dropping) each datagram by a seeded plan: every relay with the same
+    /// scenario and seed gives its client the same path. For accuracy comparisons; stops
+    /// after --duration.
+    DelayProxy {
+        /// Where clients send.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// The server, ADDR:PORT.
+        #[arg(long)]
+        upstream: SocketAddr,
+        /// symmetric, asymmetric, jitter, loss or route-change.
+        #[arg(long)]
+        scenario: stratum_agent::delay_proxy::Scenario,
+        /// Seed of the delays.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// route-change: seconds after the start when the way back gets 20 ms longer.
+        #[arg(long, default_value_t = 60.0)]
+        route_change_after: f64,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 600.0)]
+        duration: f64,
     },
     /// A raw UDP echo with the server's socket options and batching: the practical ceiling
     /// for `bench`. Stops after --duration.
@@ -292,6 +317,42 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .await??;
             let _ = timer.join();
             eprintln!("echoed {echoed} datagrams");
+        }
+        Command::DelayProxy {
+            listen,
+            upstream,
+            scenario,
+            seed,
+            route_change_after,
+            duration,
+        } => {
+            let plan = DelayPlan::new(
+                scenario,
+                seed,
+                Duration::try_from_secs_f64(route_change_after)
+                    .context("--route-change-after must be a non-negative number of seconds")?,
+            );
+            let run_for = Duration::try_from_secs_f64(duration)
+                .context("--duration must be a non-negative number of seconds")?
+                .min(loadgen::MAX_DURATION);
+            let stop = Arc::new(AtomicBool::new(false));
+            let timer = {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(run_for);
+                    stop.store(true, Ordering::Relaxed);
+                })
+            };
+            eprintln!("relaying {listen} -> {upstream} ({scenario}, seed {seed}) for {duration} s");
+            let stats = tokio::task::spawn_blocking(move || {
+                delay_proxy::relay(listen, upstream, plan, &stop)
+            })
+            .await??;
+            let _ = timer.join();
+            eprintln!(
+                "relayed {} out, {} back, dropped {}",
+                stats.out, stats.back, stats.dropped
+            );
         }
         Command::Query { target, timeout } => {
             let addr = resolve_target(&target)

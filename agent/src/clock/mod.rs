@@ -141,6 +141,15 @@ impl Backend {
         }
     }
 
+    /// The `simulated` clock's actual offset from true time (the host's clock); `None` for
+    /// the other backends, whose true time nobody here knows.
+    pub fn simulated_error(&self) -> Option<f64> {
+        match self {
+            Backend::Simulated(c) => Some(c.layer_offset()),
+            Backend::System(_) | Backend::Readonly(_) => None,
+        }
+    }
+
     /// Offset of the *node's* clock from true time, given the core's estimate of the offset of
     /// the clock it steers. For `readonly` the steered clock is a software layer, so the
     /// kernel clock's offset is the estimate minus that layer's correction.
