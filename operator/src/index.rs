@@ -500,7 +500,7 @@ impl Index {
         let mut claimed: BTreeMap<String, String> = BTreeMap::new();
         let mut conflicts = BTreeMap::new();
         for ts in order {
-            let nodes = self.nodes_matching(&ts.spec.placement.node_selector);
+            let nodes = self.nodes_matching(&ts.spec.placement.agent_node_selector());
             if let Some(owner) = nodes.iter().find_map(|n| claimed.get(n)) {
                 conflicts.insert(ts.name.clone(), owner.clone());
                 continue;

@@ -504,8 +504,9 @@ impl Planner {
         let blocked = index
             .conflicts_with(Some(&planned))
             .remove(&name)
-            .map(|with| Blocked::Conflict { with });
-        let nodes = index.nodes_matching(&ts.spec.placement.node_selector);
+            .map(|with| Blocked::Conflict { with })
+            .or_else(|| ts.spec.placement.problem().map(Blocked::Invalid));
+        let nodes = index.nodes_matching(&ts.spec.placement.agent_node_selector());
         let generation = index.time_service_generation(&name);
         let mut cache = self
             .plan_caches
@@ -1155,6 +1156,32 @@ mod tests {
         // Nothing is written that agents would run: the last good config stays.
         assert!(plan.config.is_none());
         assert!(plan.config_map.is_none());
+    }
+
+    #[test]
+    fn a_stored_non_linux_node_selector_is_reported_invalid_and_agents_stay_on_linux() {
+        let index = index_with(&[]);
+        let mut ts = fixtures::time_service("cluster");
+        ts.spec
+            .placement
+            .node_selector
+            .insert("kubernetes.io/os".into(), "windows".into());
+        let plan = Planner::new()
+            .plan_time_service(&index, &ts, &fixtures::settings())
+            .unwrap();
+        match &plan.blocked {
+            Some(Blocked::Invalid(why)) => assert!(
+                why.starts_with("spec.placement.nodeSelector: ") && why.contains("\"windows\""),
+                "{why}"
+            ),
+            other => panic!("expected InvalidSpec, got {other:?}"),
+        }
+        let pod = plan.daemonset.unwrap().spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.node_selector.unwrap()["kubernetes.io/os"], "linux");
+        assert!(
+            plan.config_map.is_some(),
+            "the agents' config is not held back"
+        );
     }
 
     #[test]

@@ -181,15 +181,24 @@ fn a_tenant_without_a_reference_needs_exactly_one_time_service() {
 fn conflicts_go_to_the_younger_overlapping_time_service_and_chains_resolve_by_age() {
     let mut index = Index::new("stratum-system");
     for (name, labels) in [
-        ("n1", json!({ "a": "1" })),
-        ("n2", json!({ "a": "1", "b": "1" })),
-        ("n3", json!({ "b": "1" })),
+        ("n1", json!({ "a": "1", "kubernetes.io/os": "linux" })),
+        (
+            "n2",
+            json!({ "a": "1", "b": "1", "kubernetes.io/os": "linux" }),
+        ),
+        ("n3", json!({ "b": "1", "kubernetes.io/os": "linux" })),
+        // Agents never run here, so it is no overlap.
+        (
+            "w1",
+            json!({ "c": "1", "d": "1", "kubernetes.io/os": "windows" }),
+        ),
     ] {
         let _ = index.apply_node(name, &serde_json::from_value(labels).unwrap());
     }
     let _ = index.apply_time_service(&ts("oldest", 1, json!({ "a": "1" })));
     let _ = index.apply_time_service(&ts("middle", 2, json!({ "b": "1" })));
     let _ = index.apply_time_service(&ts("youngest", 3, json!({ "c": "1" })));
+    let _ = index.apply_time_service(&ts("youngest-too", 4, json!({ "d": "1" })));
     let conflicts = index.conflicts();
     assert_eq!(
         conflicts.get("middle").map(String::as_str),
@@ -198,10 +207,13 @@ fn conflicts_go_to_the_younger_overlapping_time_service_and_chains_resolve_by_ag
     );
     assert!(!conflicts.contains_key("oldest"));
     assert!(
-        !conflicts.contains_key("youngest"),
-        "selecting no node overlaps nothing"
+        !conflicts.contains_key("youngest") && !conflicts.contains_key("youngest-too"),
+        "selecting no Linux node overlaps nothing"
     );
     // Removing the overlap (n2 loses label a) lifts the conflict.
-    let _ = index.apply_node("n2", &serde_json::from_value(json!({ "b": "1" })).unwrap());
+    let _ = index.apply_node(
+        "n2",
+        &serde_json::from_value(json!({ "b": "1", "kubernetes.io/os": "linux" })).unwrap(),
+    );
     assert!(index.conflicts().is_empty());
 }

@@ -324,14 +324,25 @@ pub enum LeapMode {
     Ignore,
 }
 
+/// The node label naming a node's operating system. Agents are Linux binaries: their pods always
+/// select `kubernetes.io/os: linux`.
+pub const OS_LABEL: &str = "kubernetes.io/os";
+/// The only value of [`OS_LABEL`] agents run on.
+pub const LINUX: &str = "linux";
+
 /// Where agents run.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Placement {
-    /// Nodes must carry these labels to run an agent; empty selects every node.
+    /// Linux nodes must also carry these labels to run an agent; empty selects every Linux
+    /// node. `kubernetes.io/os: linux` is always added (agents are Linux binaries), so that
+    /// label may be left out, and any other value of it is refused.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = kube::core::Rule::new("!('kubernetes.io/os' in self) || self['kubernetes.io/os'] == 'linux'").message("placement.nodeSelector: agents run only on Linux nodes; kubernetes.io/os must be linux or left out"))]
     pub node_selector: BTreeMap<String, String>,
-    /// Tolerations for the agent pods.
+    /// Tolerations of the agent pods. Empty (the default) tolerates every taint, as
+    /// node-exporter does: every node's clock needs its agent, control-plane and tainted
+    /// nodes too. When set, the agent pods get exactly these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
     /// Priority class of the agent pods.
@@ -346,6 +357,43 @@ impl Default for Placement {
             tolerations: Vec::new(),
             priority_class_name: default_priority_class(),
         }
+    }
+}
+
+impl Placement {
+    /// The agent pods' node selector: the user's labels plus `kubernetes.io/os: linux`, which
+    /// wins over any other value of that label (the CEL rule refuses one at admission).
+    pub fn agent_node_selector(&self) -> BTreeMap<String, String> {
+        let mut selector = self.node_selector.clone();
+        selector.insert(OS_LABEL.to_owned(), LINUX.to_owned());
+        selector
+    }
+
+    /// The agent pods' tolerations: the user's when set, otherwise one that tolerates every
+    /// taint (`operator: Exists` without key or effect).
+    pub fn agent_tolerations(&self) -> Vec<Toleration> {
+        if self.tolerations.is_empty() {
+            vec![Toleration {
+                operator: Some("Exists".to_owned()),
+                ..Toleration::default()
+            }]
+        } else {
+            self.tolerations.clone()
+        }
+    }
+
+    /// Why this placement cannot be served, if it cannot: a node selector asking for another
+    /// operating system (an object stored before the CEL rule existed).
+    pub fn problem(&self) -> Option<String> {
+        self.node_selector
+            .get(OS_LABEL)
+            .filter(|os| os.as_str() != LINUX)
+            .map(|os| {
+                format!(
+                    "spec.placement.nodeSelector: agents run only on Linux nodes, but \
+                     {OS_LABEL} is {os:?}; set it to linux or leave it out"
+                )
+            })
     }
 }
 

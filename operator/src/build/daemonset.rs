@@ -1,7 +1,5 @@
 //! The agent DaemonSet: one agent per selected node, with only the capabilities it needs.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::apps::v1::{
     DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet,
 };
@@ -204,15 +202,8 @@ pub fn build_daemonset(
                     ),
                     priority_class_name: Some(spec.placement.priority_class_name.clone())
                         .filter(|p| !p.is_empty()),
-                    node_selector: (!spec.placement.node_selector.is_empty()).then(|| {
-                        spec.placement
-                            .node_selector
-                            .clone()
-                            .into_iter()
-                            .collect::<BTreeMap<_, _>>()
-                    }),
-                    tolerations: (!spec.placement.tolerations.is_empty())
-                        .then(|| spec.placement.tolerations.clone()),
+                    node_selector: Some(spec.placement.agent_node_selector()),
+                    tolerations: Some(spec.placement.agent_tolerations()),
                     containers: vec![container],
                     volumes: Some(vec![Volume {
                         name: "state".into(),
@@ -303,6 +294,66 @@ mod tests {
             .capabilities
             .unwrap();
         assert_eq!(caps.add.unwrap(), ["NET_BIND_SERVICE"]);
+    }
+
+    #[test]
+    fn agents_tolerate_every_taint_unless_the_time_service_lists_its_own() {
+        let ts = fixtures::time_service("cluster");
+        let ds = build_daemonset(&ts, &fixtures::settings(), false).unwrap();
+        let everything = k8s_openapi::api::core::v1::Toleration {
+            operator: Some("Exists".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            pod_spec(&ds).tolerations.as_deref(),
+            Some(&[everything][..]),
+            "no key and no effect: control-plane, NoSchedule and NoExecute taints alike"
+        );
+
+        let mut own = ts;
+        let listed = k8s_openapi::api::core::v1::Toleration {
+            key: Some("dedicated".into()),
+            operator: Some("Equal".into()),
+            value: Some("time".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        };
+        own.spec.placement.tolerations = vec![listed.clone()];
+        let ds = build_daemonset(&own, &fixtures::settings(), false).unwrap();
+        assert_eq!(
+            pod_spec(&ds).tolerations.as_deref(),
+            Some(&[listed][..]),
+            "exactly the listed ones, without the catch-all"
+        );
+    }
+
+    #[test]
+    fn agents_select_linux_nodes_whatever_else_the_node_selector_says() {
+        let ts = fixtures::time_service("cluster");
+        let ds = build_daemonset(&ts, &fixtures::settings(), false).unwrap();
+        assert_eq!(
+            pod_spec(&ds).node_selector,
+            Some([("kubernetes.io/os".to_string(), "linux".to_string())].into())
+        );
+
+        let mut labelled = ts;
+        labelled.spec.placement.node_selector = [
+            ("time".to_string(), "yes".to_string()),
+            ("kubernetes.io/os".to_string(), "windows".to_string()),
+        ]
+        .into();
+        let ds = build_daemonset(&labelled, &fixtures::settings(), false).unwrap();
+        assert_eq!(
+            pod_spec(&ds).node_selector,
+            Some(
+                [
+                    ("kubernetes.io/os".to_string(), "linux".to_string()),
+                    ("time".to_string(), "yes".to_string()),
+                ]
+                .into()
+            ),
+            "the user's labels are kept and the OS is always Linux"
+        );
     }
 
     fn pull_secret_names(ds: &DaemonSet) -> Option<Vec<&str>> {
