@@ -425,7 +425,9 @@ pub struct AgentSettings {
         )
     )]
     pub image_pull_secrets: Option<Vec<String>>,
-    /// Resource requests and limits of the agent container.
+    /// Resource requests and limits of the agent container, used exactly as given (`{}` for
+    /// none). Omitted: requests of 10m CPU and 64Mi memory and a 384Mi memory limit, from the
+    /// agent's measured use (docs/placement.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Log verbosity of the agents, applied through their config without a restart; `RUST_LOG`
