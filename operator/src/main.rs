@@ -39,6 +39,10 @@ struct Args {
     /// several. Used for TimeServices that set no `spec.agent.imagePullSecrets`.
     #[arg(long = "agent-image-pull-secret", value_name = "SECRET")]
     agent_image_pull_secrets: Vec<String>,
+    /// Priority class of the agent pods of TimeServices that set no
+    /// `spec.placement.priorityClassName`; an empty value sets none.
+    #[arg(long, default_value = "system-node-critical")]
+    agent_priority_class: String,
     /// The agents' static ClusterRole (installed by the chart) that each TimeService's agent
     /// ServiceAccount is bound to.
     #[arg(long, default_value = "stratum-agent")]
@@ -143,6 +147,7 @@ async fn main() -> anyhow::Result<()> {
         agent_image: args.agent_image.clone(),
         agent_image_pull_secrets: args.agent_image_pull_secrets.clone(),
         agent_cluster_role: args.agent_cluster_role.clone(),
+        agent_priority_class: args.agent_priority_class.clone(),
     };
     let reporter = Reporter {
         controller: names::FIELD_MANAGER.into(),

@@ -32,6 +32,7 @@ fn context(client: Client, index: Index) -> Arc<Context> {
             agent_image: "stratum/agent:test".into(),
             agent_image_pull_secrets: Vec::new(),
             agent_cluster_role: "stratum-agent".into(),
+            agent_priority_class: "system-node-critical".into(),
         },
         Arc::new(Mutex::new(index)),
         Arc::new(Metrics::new().unwrap()),

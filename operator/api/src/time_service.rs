@@ -331,7 +331,7 @@ pub const OS_LABEL: &str = "kubernetes.io/os";
 pub const LINUX: &str = "linux";
 
 /// Where agents run.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Placement {
     /// Linux nodes must also carry these labels to run an agent; empty selects every Linux
@@ -345,19 +345,13 @@ pub struct Placement {
     /// nodes too. When set, the agent pods get exactly these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
-    /// Priority class of the agent pods.
-    #[serde(default = "default_priority_class")]
-    pub priority_class_name: String,
-}
-
-impl Default for Placement {
-    fn default() -> Self {
-        Self {
-            node_selector: BTreeMap::new(),
-            tolerations: Vec::new(),
-            priority_class_name: default_priority_class(),
-        }
-    }
+    /// Priority class of the agent pods. Omitted: the operator's default (`--agent-priority-class`,
+    /// the chart's `agent.priorityClassName`), `system-node-critical` unless changed there;
+    /// `""` for none. Some providers admit `system-node-critical` outside `kube-system` only
+    /// with a ResourceQuota for it in the agents' namespace (docs/placement.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub priority_class_name: Option<String>,
 }
 
 impl Placement {
@@ -649,9 +643,6 @@ fn default_port_end() -> i32 {
 }
 fn default_drift_dir() -> String {
     "/var/lib/stratum".into()
-}
-fn default_priority_class() -> String {
-    "system-node-critical".into()
 }
 fn secs(s: u64) -> Duration {
     std::time::Duration::from_secs(s).into()

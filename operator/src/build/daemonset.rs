@@ -240,8 +240,15 @@ pub fn build_daemonset(
                         }
                         .into(),
                     ),
-                    priority_class_name: Some(spec.placement.priority_class_name.clone())
-                        .filter(|p| !p.is_empty()),
+                    // The TimeService's own, even "" (none); otherwise the operator's default.
+                    priority_class_name: Some(
+                        spec.placement
+                            .priority_class_name
+                            .as_ref()
+                            .unwrap_or(&settings.agent_priority_class)
+                            .clone(),
+                    )
+                    .filter(|p| !p.is_empty()),
                     node_selector: Some(spec.placement.agent_node_selector()),
                     tolerations: Some(spec.placement.agent_tolerations()),
                     containers: vec![container],
@@ -393,6 +400,36 @@ mod tests {
                 .into()
             ),
             "the user's labels are kept and the OS is always Linux"
+        );
+    }
+
+    #[test]
+    fn the_priority_class_is_the_time_services_own_else_the_operators_default() {
+        let mut settings = fixtures::settings();
+        let ts = fixtures::time_service("cluster");
+        let class = |ts: &TimeService, settings: &OperatorSettings| {
+            pod_spec(&build_daemonset(ts, settings, false).unwrap())
+                .priority_class_name
+                .clone()
+        };
+        assert_eq!(
+            class(&ts, &settings).as_deref(),
+            Some("system-node-critical")
+        );
+        settings.agent_priority_class = "stratum-node".into();
+        assert_eq!(class(&ts, &settings).as_deref(), Some("stratum-node"));
+        settings.agent_priority_class = String::new();
+        assert_eq!(class(&ts, &settings), None, "an empty default sets none");
+
+        let mut own = ts;
+        own.spec.placement.priority_class_name = Some("time-critical".into());
+        assert_eq!(class(&own, &settings).as_deref(), Some("time-critical"));
+        settings.agent_priority_class = "stratum-node".into();
+        own.spec.placement.priority_class_name = Some(String::new());
+        assert_eq!(
+            class(&own, &settings),
+            None,
+            "the TimeService's \"\" wins over the default"
         );
     }
 
