@@ -24,9 +24,10 @@ use stratum_api::{
 
 use crate::clock::MonotonicClock;
 use crate::freshness::{self, NODE_GONE_GRACE, Renewal};
-use crate::model::{ClockInfo, Cluster, PodInfo, TimeServiceEntry, is_agent_of};
+use crate::model::{ClockInfo, Cluster, NodeInfo, PodInfo, TimeServiceEntry, is_agent_of};
 use crate::names;
 use crate::owned::{ChildKind, ChildMeta, Children};
+use crate::placement::AgentPlacement;
 use crate::ports::{Allocation, PortClaim, TenantKey};
 use crate::resolve::{CompiledPolicy, ResolveError};
 use crate::selector::{Labels, Selector};
@@ -182,8 +183,8 @@ pub struct Index {
     closed_namespaces: BTreeSet<String>,
     /// Namespaces and pods.
     cluster: Cluster,
-    /// Node labels.
-    nodes: BTreeMap<String, Labels>,
+    /// Node labels and taints.
+    nodes: BTreeMap<String, NodeInfo>,
     /// NodeClocks by node.
     clocks: BTreeMap<String, ClockInfo>,
     /// TimeServices by name.
@@ -469,7 +470,18 @@ impl Index {
         let selector = Selector::from_labels(selector);
         self.nodes
             .iter()
-            .filter(|(_, l)| selector.matches(l))
+            .filter(|(_, n)| selector.matches(&n.labels))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Nodes an agent of a TimeService with `spec` belongs on: its Linux node selector matches
+    /// and its tolerations tolerate every taint (see [`crate::placement`]).
+    pub fn placed_nodes(&self, spec: &TimeServiceSpec) -> BTreeSet<String> {
+        let placement = AgentPlacement::of(spec);
+        self.nodes
+            .iter()
+            .filter(|(_, n)| placement.admits(n))
             .map(|(n, _)| n.clone())
             .collect()
     }
@@ -568,8 +580,8 @@ impl Index {
         &self.cluster
     }
 
-    /// Node labels by node.
-    pub fn nodes(&self) -> &BTreeMap<String, Labels> {
+    /// Node labels and taints by node.
+    pub fn nodes(&self) -> &BTreeMap<String, NodeInfo> {
         &self.nodes
     }
 
@@ -716,13 +728,14 @@ impl Index {
         triggers
     }
 
-    /// A node was added or its labels changed: placement, conflicts and egress tiers may change.
-    pub fn apply_node(&mut self, name: &str, labels: &Labels) -> Triggers {
+    /// A node was added or its labels or taints changed: placement, conflicts and egress tiers
+    /// may change.
+    pub fn apply_node(&mut self, name: &str, node: &NodeInfo) -> Triggers {
         self.nodes_gone.remove(name);
-        if self.nodes.get(name) == Some(labels) {
+        if self.nodes.get(name) == Some(node) {
             return Triggers::default();
         }
-        self.nodes.insert(name.to_owned(), labels.clone());
+        self.nodes.insert(name.to_owned(), node.clone());
         self.all_time_services()
     }
 

@@ -1,11 +1,11 @@
 //! The plain-data model: what the watches saw, trimmed to what the operator reads (pods,
-//! namespaces, NodeClocks, TimeServices). Facts only, with no judgement and no cache; every
+//! namespaces, nodes, NodeClocks, TimeServices). Facts only, with no judgement and no cache; every
 //! other module may read it, and it imports none of them but the label types and names.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod, Taint};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use stratum_api::{NodeClock, TimeServiceSpec};
@@ -68,6 +68,47 @@ impl PodInfo {
                 terminating: pod.metadata.deletion_timestamp.is_some(),
             },
         ))
+    }
+}
+
+/// A Node as the operator sees it: its labels, and the taints that keep pods off it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeInfo {
+    /// Node labels.
+    pub labels: Labels,
+    /// Its `NoSchedule` and `NoExecute` taints, without `timeAdded` (`PreferNoSchedule` keeps
+    /// no DaemonSet pod off a node).
+    pub taints: Vec<Taint>,
+}
+
+impl NodeInfo {
+    /// Trims a Node to what placement needs: a status heartbeat leaves it unchanged.
+    pub fn from_node(node: &Node) -> NodeInfo {
+        let taints = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|t| matches!(t.effect.as_str(), "NoSchedule" | "NoExecute"))
+            .map(|t| Taint {
+                time_added: None,
+                ..t.clone()
+            })
+            .collect();
+        NodeInfo {
+            labels: node.labels().clone(),
+            taints,
+        }
+    }
+}
+
+impl From<Labels> for NodeInfo {
+    fn from(labels: Labels) -> Self {
+        NodeInfo {
+            labels,
+            taints: Vec::new(),
+        }
     }
 }
 

@@ -71,7 +71,10 @@ fn tenant_policy(ns: &str, name: &str, spec: Value) -> TenantTimePolicy {
 fn node(index: &mut Index, name: &str) {
     let _ = index.apply_node(
         name,
-        &[("kubernetes.io/os".to_string(), "linux".to_string())].into(),
+        &stratum_operator::model::NodeInfo::from(std::collections::BTreeMap::from([(
+            "kubernetes.io/os".to_string(),
+            "linux".to_string(),
+        )])),
     );
 }
 

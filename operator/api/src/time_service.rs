@@ -599,6 +599,11 @@ pub struct NodeCounts {
     pub ready: i32,
     /// Agents reporting a synchronized clock.
     pub synchronized: i32,
+    /// Nodes the placement selects (node selector and tolerations) where no agent runs: no
+    /// ready agent pod and no fresh NodeClock of this TimeService. The Ready condition names
+    /// the first few.
+    #[serde(default)]
+    pub without_agent: i32,
 }
 
 /// A closed stratum interval.
