@@ -24,14 +24,16 @@ use stratum_api::{
 
 use crate::clock::MonotonicClock;
 use crate::freshness::{self, NODE_GONE_GRACE, Renewal};
-use crate::model::{ClockInfo, Cluster, NodeInfo, PodInfo, TimeServiceEntry, is_agent_of};
+use crate::model::{
+    ClockInfo, Cluster, NodeInfo, PodInfo, ServerVersion, TimeServiceEntry, is_agent_of,
+};
 use crate::names;
 use crate::owned::{ChildKind, ChildMeta, Children};
 use crate::placement::AgentPlacement;
 use crate::ports::{Allocation, PortClaim, TenantKey};
 use crate::resolve::{CompiledPolicy, ResolveError};
 use crate::selector::{Labels, Selector};
-use crate::validate::{Refusal, spec_refusal};
+use crate::validate::{Refusal, cluster_refusal, spec_refusal};
 
 /// A TenantTimePolicy as indexed.
 #[derive(Clone, Debug)]
@@ -50,8 +52,9 @@ pub struct TenantEntry {
     pub status_port: Option<i32>,
     /// Compiled peers, or why they do not compile.
     pub policy: Result<CompiledPolicy, ResolveError>,
-    /// Why this tenant cannot be served whatever else exists (its own faults, see
-    /// [`crate::validate`]). Such a tenant claims no port and no Service name.
+    /// Why this tenant cannot be served whatever else exists (its own faults, or what it asks
+    /// of the API server that this one does not serve; see [`crate::validate`]). Such a
+    /// tenant claims no port and no Service name.
     pub invalid: Option<Refusal>,
     /// Its place in the index's per-tenant tables while the index holds it (see
     /// [`Index::slot_generations`]), kept across its changes and given to another tenant only
@@ -60,8 +63,9 @@ pub struct TenantEntry {
 }
 
 impl TenantEntry {
-    /// Indexes a TenantTimePolicy.
-    pub fn new(tenant: &TenantTimePolicy) -> Option<Self> {
+    /// Indexes a TenantTimePolicy, for a cluster whose API server serves `server` (`None`:
+    /// unknown).
+    pub fn new(tenant: &TenantTimePolicy, server: Option<ServerVersion>) -> Option<Self> {
         let namespace = tenant.metadata.namespace.clone()?;
         let name = tenant.metadata.name.clone()?;
         let policy = CompiledPolicy::compile(
@@ -69,7 +73,8 @@ impl TenantEntry {
             &tenant.spec.allowed_clients,
             &tenant.spec.denied_clients,
         );
-        let invalid = spec_refusal(&policy, &tenant.spec);
+        let invalid =
+            spec_refusal(&policy, &tenant.spec).or_else(|| cluster_refusal(&tenant.spec, server));
         Some(Self {
             invalid,
             slot: None,
@@ -181,6 +186,9 @@ pub struct Index {
     /// Namespaces closed to tenants (the system ones, by the operator's default): a tenant
     /// there is refused, and the chart's admission policy keeps the operator from writing there.
     closed_namespaces: BTreeSet<String>,
+    /// The API server's version, read once at start (`None`: unknown, nothing is refused for
+    /// it).
+    server_version: Option<ServerVersion>,
     /// Namespaces and pods.
     cluster: Cluster,
     /// Node labels and taints.
@@ -265,6 +273,20 @@ impl Index {
     pub fn with_closed_namespaces(mut self, namespaces: impl IntoIterator<Item = String>) -> Self {
         self.closed_namespaces = namespaces.into_iter().filter(|n| !n.is_empty()).collect();
         self
+    }
+
+    /// The same index, for a cluster whose API server serves `version`: tenants asking for
+    /// what it does not serve are refused (see [`crate::validate::cluster_refusal`]). Set
+    /// before any tenant is indexed.
+    #[must_use]
+    pub fn with_server_version(mut self, version: ServerVersion) -> Self {
+        self.server_version = Some(version);
+        self
+    }
+
+    /// The API server's version, when known.
+    pub fn server_version(&self) -> Option<ServerVersion> {
+        self.server_version
     }
 
     /// Whether tenants of namespace `ns` are refused.
@@ -938,7 +960,7 @@ impl Index {
 
     /// A TenantTimePolicy was added or changed.
     pub fn apply_tenant(&mut self, tenant: &TenantTimePolicy) -> Triggers {
-        let Some(mut entry) = TenantEntry::new(tenant) else {
+        let Some(mut entry) = TenantEntry::new(tenant, self.server_version) else {
             return Triggers::default();
         };
         let key = entry.key();

@@ -919,7 +919,7 @@ impl Planner {
         // entry saves compiling its peers again when it is the same.
         let entry = match index.held_tenant(tenant) {
             Some(held) => Some(held.clone()),
-            None => TenantEntry::new(tenant).map(Arc::new),
+            None => TenantEntry::new(tenant, index.server_version()).map(Arc::new),
         };
         let Some(entry) = entry else {
             return Err(crate::error::Error::MissingMetadata(
@@ -1268,6 +1268,65 @@ mod tests {
             .unwrap();
         assert_eq!(plan.uncovered.placed, 4);
         assert_eq!(plan.uncovered.first, ["crashing", "pending"]);
+    }
+
+    #[test]
+    fn closest_routing_on_an_api_server_older_than_1_34_refuses_that_tenant_alone() {
+        use crate::model::ServerVersion;
+
+        let closest = fixtures::tenant(
+            "a",
+            "ntp",
+            serde_json::json!({ "service": { "routing": "Closest" } }),
+        );
+        let local = fixtures::tenant("b", "ntp", serde_json::json!({}));
+        let plans = |minor: u32| {
+            let mut index =
+                Index::new("stratum-system").with_server_version(ServerVersion { major: 1, minor });
+            let _ = index.apply_time_service(&fixtures::time_service("cluster"));
+            let _ = index.apply_tenant(&closest);
+            let _ = index.apply_tenant(&local);
+            let mut planner = Planner::new();
+            let a = planner.plan_tenant(&index, &closest).unwrap();
+            let b = planner.plan_tenant(&index, &local).unwrap();
+            let served = planner
+                .plan_time_service(
+                    &index,
+                    &fixtures::time_service("cluster"),
+                    &fixtures::settings(),
+                )
+                .unwrap();
+            (a, b, served)
+        };
+
+        let (a, b, ts) = plans(33);
+        let (reason, message) = a.refused.clone().unwrap();
+        assert_eq!(reason, "UnsupportedByCluster");
+        assert!(message.contains("API server is 1.33"), "{message}");
+        assert!(
+            a.port.is_none() && a.service.is_none() && a.slices.is_empty(),
+            "no port, no Service"
+        );
+        assert!(
+            b.refused.is_none() && b.service.is_some(),
+            "{:?}",
+            b.refused
+        );
+        assert!(ts.blocked.is_none(), "{:?}", ts.blocked);
+        assert_eq!(ts.tenants.keys().collect::<Vec<_>>(), ["b/ntp"]);
+
+        let (a, _, ts) = plans(34);
+        assert!(a.refused.is_none(), "{:?}", a.refused);
+        assert_eq!(
+            a.service
+                .unwrap()
+                .spec
+                .unwrap()
+                .traffic_distribution
+                .as_deref(),
+            Some("PreferSameNode")
+        );
+        assert_eq!(ts.tenants.keys().collect::<Vec<_>>(), ["a/ntp", "b/ntp"]);
     }
 
     #[test]
