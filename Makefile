@@ -8,7 +8,7 @@ NO_SYS_TIME := setpriv --bounding-set=-sys_time --inh-caps=-sys_time
 # A second fence: the agent refuses to open its `system` clock backend when this is set.
 export STRATUM_DENY_SYSTEM_CLOCK := 1
 
-.PHONY: help deps fmt fmt-check lint test unit crds chart chart-check images images-check sim fuzz e2e demo bench bench-setup bench-operator bench-operator-compare
+.PHONY: help deps fmt fmt-check lint test unit crds chart chart-check images images-check sim fuzz e2e demo bench bench-setup bench-memory bench-operator bench-operator-compare
 
 help: ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -61,6 +61,10 @@ bench-setup: ## install chrony, ntpsec-ntpdig and ntpd-rs (interop tests and the
 
 bench: ## stratum-agent vs chronyd -x vs ntpd-rs vs raw UDP echo (server on CPU 0, load on CPU 1); minutes
 	$(NO_SYS_TIME) bench/run.sh
+
+bench-memory: ## agent peak RSS with 100 busy tenants and a config reload (the agent's default resources come from it); about a minute
+	$(CARGO) build --quiet --release -p stratum-agent --bins
+	$(NO_SYS_TIME) bench/agent-memory.sh
 
 bench-operator: ## operator scale benchmark: 1000 tenants, 10k pods (resolution time, incremental update, RSS)
 	$(NO_SYS_TIME) $(CARGO) run --quiet --release -p stratum-operator --example scale

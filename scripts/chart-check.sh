@@ -13,7 +13,8 @@
 #          and (with the `prometheus` binary) every query returns data from a loopback
 #          Prometheus scraping the contract-shaped sample pages in tests/fixtures/
 #       6. images: the default names are what `make images` builds; image.registry and
-#          image.tag move both images; pull secrets reach the operator pods and the agents
+#          image.tag move both images; pull secrets reach the operator pods and the agents;
+#          agent.priorityClassName reaches the operator's --agent-priority-class
 #       7. shellcheck of the chart's scripts (when shellcheck is installed)
 #   scripts/chart-check.sh metrics URL|FILE...
 #       promtool check metrics on real /metrics output (an agent's or the operator's)
@@ -263,6 +264,25 @@ images() {
     regcred agents-a,agents-b || die "per-image registry, digest and agent.imagePullSecrets"
 }
 
+# The agents' priority class reaches the operator, whose default TimeServices without their
+# own take: the chart's default, another class, and none.
+agent_priority_class() {
+  local helm=$1
+  step "agent priority class: agent.priorityClassName reaches --agent-priority-class"
+  local render=("$helm" template stratum "$CHART" --kube-version "$KUBE_VERSION" --show-only templates/operator-deployment.yaml)
+  "${render[@]}" >"$WORK/priority-default.yaml" || die "helm template (priority class, default)"
+  python3 "$TOOLS" operator-arg "$WORK/priority-default.yaml" --agent-priority-class system-node-critical ||
+    die "default agent priority class"
+  "${render[@]}" --set agent.priorityClassName=stratum-node >"$WORK/priority-set.yaml" ||
+    die "helm template (priority class, set)"
+  python3 "$TOOLS" operator-arg "$WORK/priority-set.yaml" --agent-priority-class stratum-node ||
+    die "agent.priorityClassName set"
+  "${render[@]}" --set agent.priorityClassName= >"$WORK/priority-none.yaml" ||
+    die "helm template (priority class, none)"
+  python3 "$TOOLS" operator-arg "$WORK/priority-none.yaml" --agent-priority-class "" ||
+    die "agent.priorityClassName empty"
+}
+
 cmd_all() {
   local check=0 helm
   case ${1:-} in
@@ -279,6 +299,7 @@ cmd_all() {
   lint_and_template "$helm"
   alerts "$helm"
   images "$helm"
+  agent_priority_class "$helm"
   dashboard
   dashboard_fixtures
   shellchecks

@@ -136,11 +136,8 @@ pub fn shared_time_service(extra_upstreams: &[&str]) -> serde_json::Value {
             // real node's kubelet runs the agent unchanged and this machine's clock never moves.
             "discipline": {"makeStep": {"threshold": "128ms", "limit": 3}, "clock": "Simulated",
                            "driftDirectory": drift_directory()},
-            "placement": {
-                "nodeSelector": {"kubernetes.io/os": "linux"},
-                "tolerations": [{"key": crate::real_node::REAL_NODE_TAINT, "operator": "Exists",
-                                 "effect": "NoSchedule"}]
-            },
+            // No tolerations: the default tolerates every taint, the real node's too.
+            "placement": {"nodeSelector": {"kubernetes.io/os": "linux"}},
             "agent": {"image": AGENT_IMAGE, "imagePullPolicy": "Never"},
             "serving": {"holdover": "20s"},
             "reporting": {"interval": "10s"}

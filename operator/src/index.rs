@@ -24,13 +24,16 @@ use stratum_api::{
 
 use crate::clock::MonotonicClock;
 use crate::freshness::{self, NODE_GONE_GRACE, Renewal};
-use crate::model::{ClockInfo, Cluster, PodInfo, TimeServiceEntry, is_agent_of};
+use crate::model::{
+    ClockInfo, Cluster, NodeInfo, PodInfo, ServerVersion, TimeServiceEntry, is_agent_of,
+};
 use crate::names;
 use crate::owned::{ChildKind, ChildMeta, Children};
+use crate::placement::AgentPlacement;
 use crate::ports::{Allocation, PortClaim, TenantKey};
 use crate::resolve::{CompiledPolicy, ResolveError};
 use crate::selector::{Labels, Selector};
-use crate::validate::{Refusal, spec_refusal};
+use crate::validate::{Refusal, cluster_refusal, spec_refusal};
 
 /// A TenantTimePolicy as indexed.
 #[derive(Clone, Debug)]
@@ -49,8 +52,9 @@ pub struct TenantEntry {
     pub status_port: Option<i32>,
     /// Compiled peers, or why they do not compile.
     pub policy: Result<CompiledPolicy, ResolveError>,
-    /// Why this tenant cannot be served whatever else exists (its own faults, see
-    /// [`crate::validate`]). Such a tenant claims no port and no Service name.
+    /// Why this tenant cannot be served whatever else exists (its own faults, or what it asks
+    /// of the API server that this one does not serve; see [`crate::validate`]). Such a
+    /// tenant claims no port and no Service name.
     pub invalid: Option<Refusal>,
     /// Its place in the index's per-tenant tables while the index holds it (see
     /// [`Index::slot_generations`]), kept across its changes and given to another tenant only
@@ -59,8 +63,9 @@ pub struct TenantEntry {
 }
 
 impl TenantEntry {
-    /// Indexes a TenantTimePolicy.
-    pub fn new(tenant: &TenantTimePolicy) -> Option<Self> {
+    /// Indexes a TenantTimePolicy, for a cluster whose API server serves `server` (`None`:
+    /// unknown).
+    pub fn new(tenant: &TenantTimePolicy, server: Option<ServerVersion>) -> Option<Self> {
         let namespace = tenant.metadata.namespace.clone()?;
         let name = tenant.metadata.name.clone()?;
         let policy = CompiledPolicy::compile(
@@ -68,7 +73,8 @@ impl TenantEntry {
             &tenant.spec.allowed_clients,
             &tenant.spec.denied_clients,
         );
-        let invalid = spec_refusal(&policy, &tenant.spec);
+        let invalid =
+            spec_refusal(&policy, &tenant.spec).or_else(|| cluster_refusal(&tenant.spec, server));
         Some(Self {
             invalid,
             slot: None,
@@ -180,10 +186,13 @@ pub struct Index {
     /// Namespaces closed to tenants (the system ones, by the operator's default): a tenant
     /// there is refused, and the chart's admission policy keeps the operator from writing there.
     closed_namespaces: BTreeSet<String>,
+    /// The API server's version, read once at start (`None`: unknown, nothing is refused for
+    /// it).
+    server_version: Option<ServerVersion>,
     /// Namespaces and pods.
     cluster: Cluster,
-    /// Node labels.
-    nodes: BTreeMap<String, Labels>,
+    /// Node labels and taints.
+    nodes: BTreeMap<String, NodeInfo>,
     /// NodeClocks by node.
     clocks: BTreeMap<String, ClockInfo>,
     /// TimeServices by name.
@@ -264,6 +273,20 @@ impl Index {
     pub fn with_closed_namespaces(mut self, namespaces: impl IntoIterator<Item = String>) -> Self {
         self.closed_namespaces = namespaces.into_iter().filter(|n| !n.is_empty()).collect();
         self
+    }
+
+    /// The same index, for a cluster whose API server serves `version`: tenants asking for
+    /// what it does not serve are refused (see [`crate::validate::cluster_refusal`]). Set
+    /// before any tenant is indexed.
+    #[must_use]
+    pub fn with_server_version(mut self, version: ServerVersion) -> Self {
+        self.server_version = Some(version);
+        self
+    }
+
+    /// The API server's version, when known.
+    pub fn server_version(&self) -> Option<ServerVersion> {
+        self.server_version
     }
 
     /// Whether tenants of namespace `ns` are refused.
@@ -469,7 +492,18 @@ impl Index {
         let selector = Selector::from_labels(selector);
         self.nodes
             .iter()
-            .filter(|(_, l)| selector.matches(l))
+            .filter(|(_, n)| selector.matches(&n.labels))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Nodes an agent of a TimeService with `spec` belongs on: its Linux node selector matches
+    /// and its tolerations tolerate every taint (see [`crate::placement`]).
+    pub fn placed_nodes(&self, spec: &TimeServiceSpec) -> BTreeSet<String> {
+        let placement = AgentPlacement::of(spec);
+        self.nodes
+            .iter()
+            .filter(|(_, n)| placement.admits(n))
             .map(|(n, _)| n.clone())
             .collect()
     }
@@ -500,7 +534,7 @@ impl Index {
         let mut claimed: BTreeMap<String, String> = BTreeMap::new();
         let mut conflicts = BTreeMap::new();
         for ts in order {
-            let nodes = self.nodes_matching(&ts.spec.placement.node_selector);
+            let nodes = self.nodes_matching(&ts.spec.placement.agent_node_selector());
             if let Some(owner) = nodes.iter().find_map(|n| claimed.get(n)) {
                 conflicts.insert(ts.name.clone(), owner.clone());
                 continue;
@@ -568,8 +602,8 @@ impl Index {
         &self.cluster
     }
 
-    /// Node labels by node.
-    pub fn nodes(&self) -> &BTreeMap<String, Labels> {
+    /// Node labels and taints by node.
+    pub fn nodes(&self) -> &BTreeMap<String, NodeInfo> {
         &self.nodes
     }
 
@@ -716,13 +750,14 @@ impl Index {
         triggers
     }
 
-    /// A node was added or its labels changed: placement, conflicts and egress tiers may change.
-    pub fn apply_node(&mut self, name: &str, labels: &Labels) -> Triggers {
+    /// A node was added or its labels or taints changed: placement, conflicts and egress tiers
+    /// may change.
+    pub fn apply_node(&mut self, name: &str, node: &NodeInfo) -> Triggers {
         self.nodes_gone.remove(name);
-        if self.nodes.get(name) == Some(labels) {
+        if self.nodes.get(name) == Some(node) {
             return Triggers::default();
         }
-        self.nodes.insert(name.to_owned(), labels.clone());
+        self.nodes.insert(name.to_owned(), node.clone());
         self.all_time_services()
     }
 
@@ -925,7 +960,7 @@ impl Index {
 
     /// A TenantTimePolicy was added or changed.
     pub fn apply_tenant(&mut self, tenant: &TenantTimePolicy) -> Triggers {
-        let Some(mut entry) = TenantEntry::new(tenant) else {
+        let Some(mut entry) = TenantEntry::new(tenant, self.server_version) else {
             return Triggers::default();
         };
         let key = entry.key();

@@ -5,7 +5,8 @@
 //! Shape (see shared STYLE.md), one layer importing only those below it:
 //!
 //! - [`model`]: the plain facts the watches saw (pods, namespaces, NodeClocks, TimeServices);
-//! - [`resolve`], [`build`], [`validate`]: pure functions over the model and the specs;
+//! - [`resolve`], [`build`], [`validate`], [`placement`]: pure functions over the model and the
+//!   specs;
 //! - [`index`]: private state with `&self` reads, written only by the watch feed, each write
 //!   returning the `#[must_use]` [`index::Triggers`] it causes;
 //! - [`plan`]: the [`plan::Planner`], which owns every planning cache and plans from a read of
@@ -29,6 +30,7 @@ pub mod metrics;
 pub mod model;
 pub mod names;
 pub mod owned;
+pub mod placement;
 pub mod plan;
 pub mod ports;
 pub mod resolve;

@@ -16,6 +16,7 @@ use stratum_operator::http::{self, Health};
 use stratum_operator::index::Index;
 use stratum_operator::leader::{Elector, Timing};
 use stratum_operator::metrics::Metrics;
+use stratum_operator::model::ServerVersion;
 use stratum_operator::names;
 use tokio::sync::watch;
 
@@ -39,6 +40,10 @@ struct Args {
     /// several. Used for TimeServices that set no `spec.agent.imagePullSecrets`.
     #[arg(long = "agent-image-pull-secret", value_name = "SECRET")]
     agent_image_pull_secrets: Vec<String>,
+    /// Priority class of the agent pods of TimeServices that set no
+    /// `spec.placement.priorityClassName`; an empty value sets none.
+    #[arg(long, default_value = "system-node-critical")]
+    agent_priority_class: String,
     /// The agents' static ClusterRole (installed by the chart) that each TimeService's agent
     /// ServiceAccount is bound to.
     #[arg(long, default_value = "stratum-agent")]
@@ -143,7 +148,27 @@ async fn main() -> anyhow::Result<()> {
         agent_image: args.agent_image.clone(),
         agent_image_pull_secrets: args.agent_image_pull_secrets.clone(),
         agent_cluster_role: args.agent_cluster_role.clone(),
+        agent_priority_class: args.agent_priority_class.clone(),
     };
+    // Read once: what the cluster serves decides which tenants' asks can be met (routing
+    // Closest needs 1.34). An upgraded control plane restarts nothing, so a stale version
+    // only refuses until the next restart; an unparsable one refuses nothing.
+    let info = client
+        .apiserver_version()
+        .await
+        .context("reading the API server's version")?;
+    let mut index = Index::new(args.namespace.clone())
+        .with_closed_namespaces(args.closed_tenant_namespace.clone());
+    match ServerVersion::from_info(&info) {
+        Some(version) => {
+            tracing::info!(%version, git_version = %info.git_version, "API server version");
+            index = index.with_server_version(version);
+        }
+        None => tracing::warn!(
+            git_version = %info.git_version,
+            "cannot tell the API server's version; no tenant is refused for it"
+        ),
+    }
     let reporter = Reporter {
         controller: names::FIELD_MANAGER.into(),
         instance: Some(identity),
@@ -151,10 +176,7 @@ async fn main() -> anyhow::Result<()> {
     let ctx = Arc::new(Context::new(
         client.clone(),
         settings,
-        Arc::new(Mutex::new(
-            Index::new(args.namespace.clone())
-                .with_closed_namespaces(args.closed_tenant_namespace.clone()),
-        )),
+        Arc::new(Mutex::new(index)),
         metrics.clone(),
         Some(Recorder::new(client.clone(), reporter)),
     ));

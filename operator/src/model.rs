@@ -1,11 +1,11 @@
 //! The plain-data model: what the watches saw, trimmed to what the operator reads (pods,
-//! namespaces, NodeClocks, TimeServices). Facts only, with no judgement and no cache; every
+//! namespaces, nodes, NodeClocks, TimeServices). Facts only, with no judgement and no cache; every
 //! other module may read it, and it imports none of them but the label types and names.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod, Taint};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use stratum_api::{NodeClock, TimeServiceSpec};
@@ -68,6 +68,91 @@ impl PodInfo {
                 terminating: pod.metadata.deletion_timestamp.is_some(),
             },
         ))
+    }
+}
+
+/// A Node as the operator sees it: its labels, and the taints that keep pods off it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeInfo {
+    /// Node labels.
+    pub labels: Labels,
+    /// Its `NoSchedule` and `NoExecute` taints, without `timeAdded` (`PreferNoSchedule` keeps
+    /// no DaemonSet pod off a node).
+    pub taints: Vec<Taint>,
+}
+
+impl NodeInfo {
+    /// Trims a Node to what placement needs: a status heartbeat leaves it unchanged.
+    pub fn from_node(node: &Node) -> NodeInfo {
+        let taints = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|t| matches!(t.effect.as_str(), "NoSchedule" | "NoExecute"))
+            .map(|t| Taint {
+                time_added: None,
+                ..t.clone()
+            })
+            .collect();
+        NodeInfo {
+            labels: node.labels().clone(),
+            taints,
+        }
+    }
+}
+
+impl From<Labels> for NodeInfo {
+    fn from(labels: Labels) -> Self {
+        NodeInfo {
+            labels,
+            taints: Vec::new(),
+        }
+    }
+}
+
+/// The Kubernetes version the API server serves, read once at start: what the cluster can do
+/// that a tenant's spec may ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServerVersion {
+    /// Major version.
+    pub major: u32,
+    /// Minor version.
+    pub minor: u32,
+}
+
+impl ServerVersion {
+    /// The version whose features the server serves: its emulated version when it has one
+    /// (a newer binary emulating an older release serves that release's features), else its
+    /// own, read from `major`/`minor` ("1", "31+" on some providers) or else `gitVersion`
+    /// ("v1.31.2-gke.1"). `None` when none of them parses.
+    pub fn from_info(info: &k8s_openapi::apimachinery::pkg::version::Info) -> Option<Self> {
+        fn number(s: &str) -> Option<u32> {
+            let digits: String = s.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        }
+        let pair = |major: &str, minor: &str| {
+            Some(ServerVersion {
+                major: number(major)?,
+                minor: number(minor)?,
+            })
+        };
+        if let (Some(major), Some(minor)) = (&info.emulation_major, &info.emulation_minor)
+            && let Some(v) = pair(major, minor)
+        {
+            return Some(v);
+        }
+        pair(&info.major, &info.minor).or_else(|| {
+            let mut parts = info.git_version.trim_start_matches('v').splitn(3, '.');
+            pair(parts.next()?, parts.next()?)
+        })
+    }
+}
+
+impl std::fmt::Display for ServerVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
     }
 }
 
@@ -197,4 +282,50 @@ pub struct TimeServiceEntry {
 pub fn is_agent_of(labels: &Labels, time_service: &str) -> bool {
     labels.get("app.kubernetes.io/name").map(String::as_str) == Some(names::AGENT_APP_NAME)
         && labels.get(names::TIME_SERVICE_LABEL).map(String::as_str) == Some(time_service)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use k8s_openapi::apimachinery::pkg::version::Info;
+
+    use super::ServerVersion;
+
+    fn info(major: &str, minor: &str, git: &str) -> Info {
+        Info {
+            major: major.into(),
+            minor: minor.into(),
+            git_version: git.into(),
+            ..Info::default()
+        }
+    }
+
+    #[test]
+    fn the_server_version_is_read_from_what_providers_report() {
+        let v = |major, minor| Some(ServerVersion { major, minor });
+        assert_eq!(
+            ServerVersion::from_info(&info("1", "36", "v1.36.4")),
+            v(1, 36)
+        );
+        assert_eq!(
+            ServerVersion::from_info(&info("1", "31+", "v1.31.2-gke.1200")),
+            v(1, 31)
+        );
+        assert_eq!(
+            ServerVersion::from_info(&info("", "", "v1.33.1-eks-abc")),
+            v(1, 33),
+            "gitVersion when major and minor are empty"
+        );
+        let mut emulating = info("1", "35", "v1.35.0");
+        emulating.emulation_major = Some("1".into());
+        emulating.emulation_minor = Some("33".into());
+        assert_eq!(
+            ServerVersion::from_info(&emulating),
+            v(1, 33),
+            "a server emulating an older release serves that release's features"
+        );
+        assert_eq!(ServerVersion::from_info(&info("", "", "devel")), None);
+        assert!(v(1, 33) < v(1, 34) && v(1, 34) < v(2, 0));
+        assert_eq!(v(1, 34).unwrap().to_string(), "1.34");
+    }
 }

@@ -33,7 +33,7 @@ use crate::build::gzip::MemberCache;
 use crate::build::networkpolicy::{PolicyCache, TenantRule, build_network_policies_cached};
 use crate::build::rbac::{AgentRbac, build_rbac};
 use crate::build::service::build_service;
-use crate::build::status::Blocked;
+use crate::build::status::{Blocked, Uncovered};
 use crate::build::time_config::build_time_config;
 use crate::error::Result;
 use crate::index::{Index, TenantEntry, Triggers};
@@ -70,6 +70,8 @@ pub struct TimeServicePlan {
     pub config_map: Option<ConfigMap>,
     /// Clocks of this TimeService's nodes.
     pub clocks: Vec<ClockInfo>,
+    /// Nodes the placement selects that run no agent.
+    pub uncovered: Uncovered,
     /// Served tenants, for audit events.
     pub tenants: Arc<ServedTenants>,
     /// Allow-list size of each served tenant.
@@ -329,6 +331,7 @@ pub struct TimeServiceDraft {
     capped: bool,
     fleet: FleetInput,
     clocks: Vec<ClockInfo>,
+    uncovered: Uncovered,
     time_services: BTreeSet<String>,
     cache: PlanCache,
 }
@@ -504,8 +507,9 @@ impl Planner {
         let blocked = index
             .conflicts_with(Some(&planned))
             .remove(&name)
-            .map(|with| Blocked::Conflict { with });
-        let nodes = index.nodes_matching(&ts.spec.placement.node_selector);
+            .map(|with| Blocked::Conflict { with })
+            .or_else(|| ts.spec.placement.problem().map(Blocked::Invalid));
+        let nodes = index.nodes_matching(&ts.spec.placement.agent_node_selector());
         let generation = index.time_service_generation(&name);
         let mut cache = self
             .plan_caches
@@ -564,6 +568,21 @@ impl Planner {
             })
             .map(|(_, c)| c.clone())
             .collect();
+        // An agent runs where its pod is ready, or where it reports (starting, unsynchronized:
+        // readiness means synchronized).
+        let running: BTreeSet<&str> = agents
+            .iter()
+            .filter(|p| p.ready && !p.terminated)
+            .filter_map(|p| p.node_name.as_deref())
+            .chain(
+                index
+                    .clocks()
+                    .iter()
+                    .filter(|(node, c)| c.time_service == name && fresh.contains(*node))
+                    .map(|(node, _)| node.as_str()),
+            )
+            .collect();
+        let uncovered = Uncovered::find(&index.placed_nodes(&ts.spec), &running);
         let mut time_services: BTreeSet<String> = index.time_services().keys().cloned().collect();
         time_services.insert(name.clone());
         TimeServiceDraft {
@@ -575,6 +594,7 @@ impl Planner {
             capped,
             fleet,
             clocks,
+            uncovered,
             time_services,
             cache,
         }
@@ -618,6 +638,7 @@ impl TimeServiceDraft {
             capped,
             fleet,
             clocks,
+            uncovered,
             time_services,
             cache,
         } = self;
@@ -763,6 +784,7 @@ impl TimeServiceDraft {
             config,
             config_map,
             clocks: clocks.clone(),
+            uncovered: uncovered.clone(),
             allow_list_sizes,
             tenants: roster.tenants.clone(),
         })
@@ -897,7 +919,7 @@ impl Planner {
         // entry saves compiling its peers again when it is the same.
         let entry = match index.held_tenant(tenant) {
             Some(held) => Some(held.clone()),
-            None => TenantEntry::new(tenant).map(Arc::new),
+            None => TenantEntry::new(tenant, index.server_version()).map(Arc::new),
         };
         let Some(entry) = entry else {
             return Err(crate::error::Error::MissingMetadata(
@@ -960,7 +982,7 @@ impl Planner {
         let zones: BTreeMap<String, Option<String>> = index
             .nodes()
             .iter()
-            .map(|(n, l)| (n.clone(), l.get(ZONE_LABEL).cloned()))
+            .map(|(n, info)| (n.clone(), info.labels.get(ZONE_LABEL).cloned()))
             .collect();
         let agents = index.agent_pods(&ts);
         let endpoints = agent_endpoints(
@@ -1155,6 +1177,182 @@ mod tests {
         // Nothing is written that agents would run: the last good config stays.
         assert!(plan.config.is_none());
         assert!(plan.config_map.is_none());
+    }
+
+    #[test]
+    fn nodes_without_agent_are_placed_nodes_with_neither_a_ready_agent_pod_nor_a_fresh_clock() {
+        use k8s_openapi::api::core::v1::{Pod, PodCondition, PodSpec, PodStatus, Taint};
+        use stratum_api::{NodeClock, NodeClockSpec};
+
+        use crate::model::NodeInfo;
+
+        let mut index = index_with(&[]);
+        let linux = |taints: Vec<Taint>| NodeInfo {
+            labels: [("kubernetes.io/os".to_string(), "linux".to_string())].into(),
+            taints,
+        };
+        let tainted = Taint {
+            key: "dedicated".into(),
+            value: Some("db".into()),
+            effect: "NoSchedule".into(),
+            time_added: None,
+        };
+        for name in ["ready-pod", "reporting", "pending", "crashing"] {
+            let _ = index.apply_node(name, &linux(Vec::new()));
+        }
+        let _ = index.apply_node("control-plane", &linux(vec![tainted]));
+        let windows = NodeInfo::from(crate::selector::Labels::from([(
+            "kubernetes.io/os".to_string(),
+            "windows".to_string(),
+        )]));
+        let _ = index.apply_node("windows", &windows);
+        let agent = |name: &str, node: Option<&str>, ready: bool| Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("stratum-system".into()),
+                labels: Some(names::agent_labels("cluster")),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PodSpec {
+                node_name: node.map(str::to_owned),
+                ..PodSpec::default()
+            }),
+            status: Some(PodStatus {
+                conditions: Some(vec![PodCondition {
+                    type_: "Ready".into(),
+                    status: if ready { "True" } else { "False" }.into(),
+                    ..PodCondition::default()
+                }]),
+                ..PodStatus::default()
+            }),
+        };
+        let _ = index.apply_pod(&agent("a", Some("ready-pod"), true));
+        let _ = index.apply_pod(&agent("b", Some("reporting"), false));
+        let _ = index.apply_pod(&agent("c", None, false));
+        let _ = index.apply_pod(&agent("d", Some("crashing"), false));
+        let _ = index.apply_clock(&NodeClock::new(
+            "reporting",
+            NodeClockSpec {
+                time_service: "cluster".into(),
+            },
+        ));
+        let _ = index.apply_clock(&NodeClock::new(
+            "crashing",
+            NodeClockSpec {
+                time_service: "another".into(),
+            },
+        ));
+
+        let mut ts = fixtures::time_service("cluster");
+        let plan = Planner::new()
+            .plan_time_service(&index, &ts, &fixtures::settings())
+            .unwrap();
+        assert_eq!(
+            plan.uncovered,
+            Uncovered {
+                placed: 5,
+                count: 3,
+                first: vec!["control-plane".into(), "crashing".into(), "pending".into()],
+            },
+            "every taint tolerated by default; Windows never placed"
+        );
+
+        // Tolerations that leave out the control plane's taint leave out the node.
+        ts.spec.placement.tolerations = vec![k8s_openapi::api::core::v1::Toleration {
+            key: Some("gpu".into()),
+            operator: Some("Exists".into()),
+            ..Default::default()
+        }];
+        let plan = Planner::new()
+            .plan_time_service(&index, &ts, &fixtures::settings())
+            .unwrap();
+        assert_eq!(plan.uncovered.placed, 4);
+        assert_eq!(plan.uncovered.first, ["crashing", "pending"]);
+    }
+
+    #[test]
+    fn closest_routing_on_an_api_server_older_than_1_34_refuses_that_tenant_alone() {
+        use crate::model::ServerVersion;
+
+        let closest = fixtures::tenant(
+            "a",
+            "ntp",
+            serde_json::json!({ "service": { "routing": "Closest" } }),
+        );
+        let local = fixtures::tenant("b", "ntp", serde_json::json!({}));
+        let plans = |minor: u32| {
+            let mut index =
+                Index::new("stratum-system").with_server_version(ServerVersion { major: 1, minor });
+            let _ = index.apply_time_service(&fixtures::time_service("cluster"));
+            let _ = index.apply_tenant(&closest);
+            let _ = index.apply_tenant(&local);
+            let mut planner = Planner::new();
+            let a = planner.plan_tenant(&index, &closest).unwrap();
+            let b = planner.plan_tenant(&index, &local).unwrap();
+            let served = planner
+                .plan_time_service(
+                    &index,
+                    &fixtures::time_service("cluster"),
+                    &fixtures::settings(),
+                )
+                .unwrap();
+            (a, b, served)
+        };
+
+        let (a, b, ts) = plans(33);
+        let (reason, message) = a.refused.clone().unwrap();
+        assert_eq!(reason, "UnsupportedByCluster");
+        assert!(message.contains("API server is 1.33"), "{message}");
+        assert!(
+            a.port.is_none() && a.service.is_none() && a.slices.is_empty(),
+            "no port, no Service"
+        );
+        assert!(
+            b.refused.is_none() && b.service.is_some(),
+            "{:?}",
+            b.refused
+        );
+        assert!(ts.blocked.is_none(), "{:?}", ts.blocked);
+        assert_eq!(ts.tenants.keys().collect::<Vec<_>>(), ["b/ntp"]);
+
+        let (a, _, ts) = plans(34);
+        assert!(a.refused.is_none(), "{:?}", a.refused);
+        assert_eq!(
+            a.service
+                .unwrap()
+                .spec
+                .unwrap()
+                .traffic_distribution
+                .as_deref(),
+            Some("PreferSameNode")
+        );
+        assert_eq!(ts.tenants.keys().collect::<Vec<_>>(), ["a/ntp", "b/ntp"]);
+    }
+
+    #[test]
+    fn a_stored_non_linux_node_selector_is_reported_invalid_and_agents_stay_on_linux() {
+        let index = index_with(&[]);
+        let mut ts = fixtures::time_service("cluster");
+        ts.spec
+            .placement
+            .node_selector
+            .insert("kubernetes.io/os".into(), "windows".into());
+        let plan = Planner::new()
+            .plan_time_service(&index, &ts, &fixtures::settings())
+            .unwrap();
+        match &plan.blocked {
+            Some(Blocked::Invalid(why)) => assert!(
+                why.starts_with("spec.placement.nodeSelector: ") && why.contains("\"windows\""),
+                "{why}"
+            ),
+            other => panic!("expected InvalidSpec, got {other:?}"),
+        }
+        let pod = plan.daemonset.unwrap().spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.node_selector.unwrap()["kubernetes.io/os"], "linux");
+        assert!(
+            plan.config_map.is_some(),
+            "the agents' config is not held back"
+        );
     }
 
     #[test]

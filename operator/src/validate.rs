@@ -7,10 +7,11 @@
 //! never make its TimeService's config invalid or change another tenant's output.
 
 use stratum_api::agent_config::policy_problems;
-use stratum_api::tenant_time_policy::TenantTimePolicySpec;
+use stratum_api::tenant_time_policy::{Routing, TenantTimePolicySpec};
 
 use crate::build::networkpolicy::{MAX_TENANT_RULE_BYTES, TenantRule, json_bytes, tenant_rule};
 use crate::build::time_config::is_iana_timezone;
+use crate::model::ServerVersion;
 use crate::resolve::{CompiledPolicy, MAX_TENANT_PREFIXES, ResolveError};
 
 /// Why a tenant is not accepted: condition reason and message.
@@ -65,6 +66,33 @@ pub fn spec_refusal(
         ));
     }
     None
+}
+
+/// The first Kubernetes release that serves `trafficDistribution: PreferSameNode` by default
+/// (beta; alpha behind a feature gate in 1.33): what routing `Closest` builds.
+pub const PREFER_SAME_NODE_SINCE: ServerVersion = ServerVersion {
+    major: 1,
+    minor: 34,
+};
+
+/// Why a tenant with this spec cannot be served by this cluster's API server (`None`: its
+/// version is unknown, and the tenant is not refused on a guess). The version is read once at
+/// start, so this is as fixed as the spec: the tenant is refused alone, like an invalid one.
+pub fn cluster_refusal(
+    spec: &TenantTimePolicySpec,
+    server: Option<ServerVersion>,
+) -> Option<Refusal> {
+    let server = server?;
+    (spec.service.routing == Routing::Closest && server < PREFER_SAME_NODE_SINCE).then(|| {
+        (
+            "UnsupportedByCluster",
+            format!(
+                "spec.service.routing: Closest needs the Service field trafficDistribution: \
+                 PreferSameNode, which Kubernetes serves from {PREFER_SAME_NODE_SINCE} on; this \
+                 cluster's API server is {server}. Use routing NodeLocal, or upgrade the cluster"
+            ),
+        )
+    })
 }
 
 /// Why a tenant whose lists resolve to `allowed` and `denied` prefixes is refused, when they
@@ -160,6 +188,32 @@ mod tests {
         assert_eq!(reason, "NetworkPolicyRuleTooLarge");
         assert!(message.starts_with("spec.allowedClients: "), "{message}");
         assert!(refusal(serde_json::json!({ "allowedClients": vec![peer; 4] })).is_none());
+    }
+
+    #[test]
+    fn closest_routing_is_refused_below_1_34_naming_the_servers_version() {
+        let spec = |routing: &str| -> TenantTimePolicySpec {
+            serde_json::from_value(serde_json::json!({ "service": { "routing": routing } }))
+                .unwrap()
+        };
+        let v = |minor| Some(ServerVersion { major: 1, minor });
+        let (reason, message) = cluster_refusal(&spec("Closest"), v(33)).unwrap();
+        assert_eq!(reason, "UnsupportedByCluster");
+        assert!(
+            message.starts_with("spec.service.routing: Closest needs")
+                && message.contains("from 1.34 on")
+                && message.contains("API server is 1.33"),
+            "{message}"
+        );
+        assert!(cluster_refusal(&spec("Closest"), v(34)).is_none());
+        assert!(
+            cluster_refusal(&spec("NodeLocal"), v(30)).is_none(),
+            "internalTrafficPolicy: Local is served by every supported version"
+        );
+        assert!(
+            cluster_refusal(&spec("Closest"), None).is_none(),
+            "an unknown version refuses nothing"
+        );
     }
 
     #[test]

@@ -32,6 +32,7 @@ fn context(client: Client, index: Index) -> Arc<Context> {
             agent_image: "stratum/agent:test".into(),
             agent_image_pull_secrets: Vec::new(),
             agent_cluster_role: "stratum-agent".into(),
+            agent_priority_class: "system-node-critical".into(),
         },
         Arc::new(Mutex::new(index)),
         Arc::new(Metrics::new().unwrap()),
@@ -70,7 +71,10 @@ fn tenant_policy(ns: &str, name: &str, spec: Value) -> TenantTimePolicy {
 fn node(index: &mut Index, name: &str) {
     let _ = index.apply_node(
         name,
-        &[("kubernetes.io/os".to_string(), "linux".to_string())].into(),
+        &stratum_operator::model::NodeInfo::from(std::collections::BTreeMap::from([(
+            "kubernetes.io/os".to_string(),
+            "linux".to_string(),
+        )])),
     );
 }
 

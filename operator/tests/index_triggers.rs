@@ -13,7 +13,9 @@ use serde_json::{Value, json};
 use stratum_api::tenant_time_policy::TenantTimePolicyStatus;
 use stratum_api::{NodeClock, NodeClockSpec, NodeClockStatus, TenantTimePolicy, TimeService};
 use stratum_operator::index::{Index, Unserved};
+use stratum_operator::model::NodeInfo;
 use stratum_operator::plan::Planner;
+use stratum_operator::selector::Labels;
 
 fn ts(name: &str, created: i64, selector: Value) -> TimeService {
     let mut ts = TimeService::new(
@@ -74,6 +76,10 @@ fn clock(node: &str, synced: bool, dispersion_ms: i64, offset: i64) -> NodeClock
         ..Default::default()
     });
     c
+}
+
+fn node(labels: Value) -> NodeInfo {
+    NodeInfo::from(serde_json::from_value::<Labels>(labels).unwrap())
 }
 
 fn key(ns: &str, name: &str) -> (String, String) {
@@ -181,15 +187,24 @@ fn a_tenant_without_a_reference_needs_exactly_one_time_service() {
 fn conflicts_go_to_the_younger_overlapping_time_service_and_chains_resolve_by_age() {
     let mut index = Index::new("stratum-system");
     for (name, labels) in [
-        ("n1", json!({ "a": "1" })),
-        ("n2", json!({ "a": "1", "b": "1" })),
-        ("n3", json!({ "b": "1" })),
+        ("n1", json!({ "a": "1", "kubernetes.io/os": "linux" })),
+        (
+            "n2",
+            json!({ "a": "1", "b": "1", "kubernetes.io/os": "linux" }),
+        ),
+        ("n3", json!({ "b": "1", "kubernetes.io/os": "linux" })),
+        // Agents never run here, so it is no overlap.
+        (
+            "w1",
+            json!({ "c": "1", "d": "1", "kubernetes.io/os": "windows" }),
+        ),
     ] {
-        let _ = index.apply_node(name, &serde_json::from_value(labels).unwrap());
+        let _ = index.apply_node(name, &node(labels));
     }
     let _ = index.apply_time_service(&ts("oldest", 1, json!({ "a": "1" })));
     let _ = index.apply_time_service(&ts("middle", 2, json!({ "b": "1" })));
     let _ = index.apply_time_service(&ts("youngest", 3, json!({ "c": "1" })));
+    let _ = index.apply_time_service(&ts("youngest-too", 4, json!({ "d": "1" })));
     let conflicts = index.conflicts();
     assert_eq!(
         conflicts.get("middle").map(String::as_str),
@@ -198,10 +213,65 @@ fn conflicts_go_to_the_younger_overlapping_time_service_and_chains_resolve_by_ag
     );
     assert!(!conflicts.contains_key("oldest"));
     assert!(
-        !conflicts.contains_key("youngest"),
-        "selecting no node overlaps nothing"
+        !conflicts.contains_key("youngest") && !conflicts.contains_key("youngest-too"),
+        "selecting no Linux node overlaps nothing"
     );
     // Removing the overlap (n2 loses label a) lifts the conflict.
-    let _ = index.apply_node("n2", &serde_json::from_value(json!({ "b": "1" })).unwrap());
+    let _ = index.apply_node(
+        "n2",
+        &node(json!({ "b": "1", "kubernetes.io/os": "linux" })),
+    );
     assert!(index.conflicts().is_empty());
+}
+
+#[test]
+fn a_taint_change_triggers_every_time_service_and_a_status_heartbeat_nothing() {
+    use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeSpec, NodeStatus, Taint};
+
+    let mut index = setup();
+    let node = |taints: Vec<Taint>, heartbeat: i64| Node {
+        metadata: ObjectMeta {
+            name: Some("n1".into()),
+            labels: Some([("kubernetes.io/os".to_string(), "linux".to_string())].into()),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            taints: Some(taints),
+            ..Default::default()
+        }),
+        status: Some(NodeStatus {
+            conditions: Some(vec![NodeCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                last_heartbeat_time: Some(Time(Timestamp::from_second(heartbeat).unwrap())),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+    };
+    let taint = |effect: &str, added: i64| Taint {
+        key: "dedicated".into(),
+        value: Some("db".into()),
+        effect: effect.into(),
+        time_added: Some(Time(Timestamp::from_second(added).unwrap())),
+    };
+    let cluster: BTreeSet<String> = ["cluster".to_string()].into();
+    let apply = |index: &mut Index, n: &Node| index.apply_node("n1", &NodeInfo::from_node(n));
+    assert_eq!(apply(&mut index, &node(vec![], 1)).time_services, cluster);
+    assert!(
+        apply(&mut index, &node(vec![], 2)).is_empty(),
+        "a heartbeat changes neither labels nor taints"
+    );
+    assert!(
+        apply(&mut index, &node(vec![taint("PreferNoSchedule", 3)], 3)).is_empty(),
+        "PreferNoSchedule keeps no daemon pod off a node"
+    );
+    assert_eq!(
+        apply(&mut index, &node(vec![taint("NoExecute", 4)], 4)).time_services,
+        cluster
+    );
+    assert!(
+        apply(&mut index, &node(vec![taint("NoExecute", 5)], 5)).is_empty(),
+        "timeAdded is not placement"
+    );
 }

@@ -154,6 +154,7 @@ fn every_child_carries_stratums_labels_and_an_owner_reference() {
         namespace: NS.into(),
         agent_image: "stratum/agent:test".into(),
         agent_cluster_role: "stratum-agent".into(),
+        agent_priority_class: "system-node-critical".into(),
         agent_image_pull_secrets: Vec::new(),
     };
     let ts_plan = planner

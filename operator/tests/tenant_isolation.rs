@@ -26,7 +26,9 @@ use serde_json::{Value, json};
 use stratum_api::agent_config::TenantConfig;
 use stratum_api::{AgentConfig, NodeClock, NodeClockSpec, NodeClockStatus, TenantTimePolicy};
 use stratum_operator::index::Index;
+use stratum_operator::model::NodeInfo;
 use stratum_operator::plan::{Planner, TenantPlan, TimeServicePlan};
+use stratum_operator::selector::Labels;
 
 const NAMESPACES: u64 = 5;
 const OPERATOR_NS: &str = "stratum-system";
@@ -182,7 +184,8 @@ fn pod(rng: &mut Rng, ns: &str, name: &str) -> Pod {
 fn agents(index: &mut Index) {
     for n in 0..3 {
         let node = format!("node-{n}");
-        let _ = index.apply_node(&node, &[("zone".to_string(), format!("z{n}"))].into());
+        let labels = [("zone".to_string(), format!("z{n}"))];
+        let _ = index.apply_node(&node, &NodeInfo::from(Labels::from(labels)));
         let _ = index.apply_pod(&Pod {
             metadata: ObjectMeta {
                 name: Some(format!("agent-{n}")),

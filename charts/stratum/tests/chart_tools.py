@@ -155,6 +155,15 @@ def cmd_operator_images(manifests, operator, agent, pull_secrets, agent_pull_sec
           f"{want['--agent-image-pull-secret']}")
 
 
+def cmd_operator_arg(manifests, flag, value):
+    """The operator Deployment passes FLAG exactly once, with VALUE."""
+    args = find(load_docs(manifests), "Deployment")["spec"]["template"]["spec"]["containers"][0].get("args") or []
+    got = [a.split("=", 1)[1] for a in args if a.startswith(flag + "=")]
+    if got != [value]:
+        fail(f"{manifests}: operator Deployment {flag} is {got!r}, want [{value!r}]")
+    print(f"  {flag}={value!r}")
+
+
 def dashboard_queries(path):
     """(where, query) for every panel target and every query variable of the dashboard."""
     with open(path, encoding="utf-8") as f:
@@ -322,6 +331,7 @@ COMMANDS = {
     "same-rules": cmd_same_rules,
     "configmap-file": cmd_configmap_file,
     "operator-images": cmd_operator_images,
+    "operator-arg": cmd_operator_arg,
     "dashboard-queries": cmd_dashboard_queries,
     "dashboard-rules": cmd_dashboard_rules,
     "dashboard-check": cmd_dashboard_check,

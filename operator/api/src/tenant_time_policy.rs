@@ -93,7 +93,8 @@ pub struct ServiceSettings {
     #[serde(default, rename = "type")]
     pub type_: ServiceType,
     /// `NodeLocal` answers from the agent on the client's node; `Closest` prefers it but may
-    /// use another node's agent.
+    /// use another node's agent, and needs Kubernetes 1.34 or newer (older API servers get the
+    /// tenant refused with reason `UnsupportedByCluster`).
     #[serde(default)]
     pub routing: Routing,
 }
@@ -130,7 +131,8 @@ pub enum Routing {
     /// Only the agent on the client's own node answers (internalTrafficPolicy: Local).
     #[default]
     NodeLocal,
-    /// The nearest agent answers (trafficDistribution: PreferClose).
+    /// The agent on the client's node when it is ready, else another one
+    /// (trafficDistribution: PreferSameNode, Kubernetes 1.34 or newer).
     Closest,
 }
 

@@ -324,28 +324,70 @@ pub enum LeapMode {
     Ignore,
 }
 
+/// The node label naming a node's operating system. Agents are Linux binaries: their pods always
+/// select `kubernetes.io/os: linux`.
+pub const OS_LABEL: &str = "kubernetes.io/os";
+/// The only value of [`OS_LABEL`] agents run on.
+pub const LINUX: &str = "linux";
+
 /// Where agents run.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Placement {
-    /// Nodes must carry these labels to run an agent; empty selects every node.
+    /// Linux nodes must also carry these labels to run an agent; empty selects every Linux
+    /// node. `kubernetes.io/os: linux` is always added (agents are Linux binaries), so that
+    /// label may be left out, and any other value of it is refused.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = kube::core::Rule::new("!('kubernetes.io/os' in self) || self['kubernetes.io/os'] == 'linux'").message("placement.nodeSelector: agents run only on Linux nodes; kubernetes.io/os must be linux or left out"))]
     pub node_selector: BTreeMap<String, String>,
-    /// Tolerations for the agent pods.
+    /// Tolerations of the agent pods. Empty (the default) tolerates every taint, as
+    /// node-exporter does: every node's clock needs its agent, control-plane and tainted
+    /// nodes too. When set, the agent pods get exactly these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
-    /// Priority class of the agent pods.
-    #[serde(default = "default_priority_class")]
-    pub priority_class_name: String,
+    /// Priority class of the agent pods. Omitted: the operator's default (`--agent-priority-class`,
+    /// the chart's `agent.priorityClassName`), `system-node-critical` unless changed there;
+    /// `""` for none. Some providers admit `system-node-critical` outside `kube-system` only
+    /// with a ResourceQuota for it in the agents' namespace (docs/placement.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub priority_class_name: Option<String>,
 }
 
-impl Default for Placement {
-    fn default() -> Self {
-        Self {
-            node_selector: BTreeMap::new(),
-            tolerations: Vec::new(),
-            priority_class_name: default_priority_class(),
+impl Placement {
+    /// The agent pods' node selector: the user's labels plus `kubernetes.io/os: linux`, which
+    /// wins over any other value of that label (the CEL rule refuses one at admission).
+    pub fn agent_node_selector(&self) -> BTreeMap<String, String> {
+        let mut selector = self.node_selector.clone();
+        selector.insert(OS_LABEL.to_owned(), LINUX.to_owned());
+        selector
+    }
+
+    /// The agent pods' tolerations: the user's when set, otherwise one that tolerates every
+    /// taint (`operator: Exists` without key or effect).
+    pub fn agent_tolerations(&self) -> Vec<Toleration> {
+        if self.tolerations.is_empty() {
+            vec![Toleration {
+                operator: Some("Exists".to_owned()),
+                ..Toleration::default()
+            }]
+        } else {
+            self.tolerations.clone()
         }
+    }
+
+    /// Why this placement cannot be served, if it cannot: a node selector asking for another
+    /// operating system (an object stored before the CEL rule existed).
+    pub fn problem(&self) -> Option<String> {
+        self.node_selector
+            .get(OS_LABEL)
+            .filter(|os| os.as_str() != LINUX)
+            .map(|os| {
+                format!(
+                    "spec.placement.nodeSelector: agents run only on Linux nodes, but \
+                     {OS_LABEL} is {os:?}; set it to linux or leave it out"
+                )
+            })
     }
 }
 
@@ -377,7 +419,9 @@ pub struct AgentSettings {
         )
     )]
     pub image_pull_secrets: Option<Vec<String>>,
-    /// Resource requests and limits of the agent container.
+    /// Resource requests and limits of the agent container, used exactly as given (`{}` for
+    /// none). Omitted: requests of 10m CPU and 64Mi memory and a 384Mi memory limit, from the
+    /// agent's measured use (docs/placement.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Log verbosity of the agents, applied through their config without a restart; `RUST_LOG`
@@ -555,6 +599,11 @@ pub struct NodeCounts {
     pub ready: i32,
     /// Agents reporting a synchronized clock.
     pub synchronized: i32,
+    /// Nodes the placement selects (node selector and tolerations) where no agent runs: no
+    /// ready agent pod and no fresh NodeClock of this TimeService. The Ready condition names
+    /// the first few.
+    #[serde(default)]
+    pub without_agent: i32,
 }
 
 /// A closed stratum interval.
@@ -599,9 +648,6 @@ fn default_port_end() -> i32 {
 }
 fn default_drift_dir() -> String {
     "/var/lib/stratum".into()
-}
-fn default_priority_class() -> String {
-    "system-node-critical".into()
 }
 fn secs(s: u64) -> Duration {
     std::time::Duration::from_secs(s).into()

@@ -312,6 +312,17 @@ fn egress_tier_needs_a_node_selector_label() {
 }
 
 #[test]
+fn placement_may_name_only_linux_as_the_node_os() {
+    let spec = |sel: Value| json!({"upstreams": [upstream(json!({}))], "placement": {"nodeSelector": sel}});
+    accepted(time_service(spec(json!({}))).validate_cel());
+    accepted(time_service(spec(json!({"kubernetes.io/os": "linux", "pool": "a"}))).validate_cel());
+    refused_with(
+        time_service(spec(json!({"kubernetes.io/os": "windows"}))).validate_cel(),
+        "agents run only on Linux nodes; kubernetes.io/os must be linux or left out",
+    );
+}
+
+#[test]
 fn a_peer_needs_a_selector_or_an_ip_block() {
     accepted(tenant(json!({"allowedClients": [{"podSelector": {}}]})).validate_cel());
     refused_with(

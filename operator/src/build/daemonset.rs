@@ -1,16 +1,15 @@
 //! The agent DaemonSet: one agent per selected node, with only the capabilities it needs.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::apps::v1::{
     DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet,
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
     HostPathVolumeSource, Lifecycle, LifecycleHandler, LocalObjectReference, ObjectFieldSelector,
-    PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, SleepAction, Volume,
-    VolumeMount,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
+    SleepAction, Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use stratum_api::TimeService;
@@ -27,6 +26,45 @@ pub const AGENT_DRAIN_SECONDS: i64 = 2;
 /// The agent pod's grace period: the drain, then the agent's own exit (it reports itself
 /// unsynchronized and saves its drift file, in well under a second).
 pub const AGENT_GRACE_SECONDS: i64 = 10;
+
+// Default resources of the agent container, from `bench/agent-memory.sh` (the release agent on
+// a simulated clock, synchronized to a loopback chronyd; every tenant port asked, which makes
+// its rate table and client log, about 0.3 MiB each; a reload of every tenant's allow list half
+// way). Peak RSS (VmHWM): 100 tenants with 100 allowed prefixes each 43 MiB, with 1,000 each
+// 54 MiB, with 5,000 each (500,000 prefixes, about the agent config's 1 MB limit) 123 MiB;
+// 500 tenants (the default port range, full) with 20 each 172 MiB. CPU: 20 millicores on
+// average while serving 250,000 requests, about 1 when idle.
+
+/// CPU request of an agent container whose TimeService sets no `spec.agent.resources`. No CPU
+/// limit: throttling would delay replies and the clock loop.
+pub const AGENT_CPU_REQUEST: &str = "10m";
+/// Memory request of an agent container whose TimeService sets no `spec.agent.resources`: 100
+/// busy tenants with room for the Kubernetes client, which the benchmark does not run.
+pub const AGENT_MEMORY_REQUEST: &str = "64Mi";
+/// Memory limit of an agent container whose TimeService sets no `spec.agent.resources`: twice
+/// the largest figure the default port range and the config size limit lead to, so only a leak
+/// meets it.
+pub const AGENT_MEMORY_LIMIT: &str = "384Mi";
+
+/// The agent container's resources: the TimeService's exactly as given (an empty object too),
+/// otherwise the defaults above, so agents are never BestEffort, the first pods evicted.
+pub fn agent_resources(ts: &TimeService) -> ResourceRequirements {
+    if let Some(own) = &ts.spec.agent.resources {
+        return own.clone();
+    }
+    let quantity = |q: &str| Quantity(q.to_owned());
+    ResourceRequirements {
+        requests: Some(
+            [
+                ("cpu".to_owned(), quantity(AGENT_CPU_REQUEST)),
+                ("memory".to_owned(), quantity(AGENT_MEMORY_REQUEST)),
+            ]
+            .into(),
+        ),
+        limits: Some([("memory".to_owned(), quantity(AGENT_MEMORY_LIMIT))].into()),
+        ..ResourceRequirements::default()
+    }
+}
 
 /// Whether agents must bind a port below 1024 (so need NET_BIND_SERVICE).
 pub fn needs_net_bind(ports: impl IntoIterator<Item = u16>) -> bool {
@@ -133,7 +171,7 @@ pub fn build_daemonset(
         }),
         readiness_probe: Some(probe("/readyz", 10, 1)),
         liveness_probe: Some(probe("/healthz", 20, 3)),
-        resources: spec.agent.resources.clone(),
+        resources: Some(agent_resources(ts)),
         security_context: Some(SecurityContext {
             // SYS_TIME is not usable by a non-root user on most runtimes (no ambient
             // capabilities), so the agent runs as root with every other capability dropped.
@@ -202,17 +240,17 @@ pub fn build_daemonset(
                         }
                         .into(),
                     ),
-                    priority_class_name: Some(spec.placement.priority_class_name.clone())
-                        .filter(|p| !p.is_empty()),
-                    node_selector: (!spec.placement.node_selector.is_empty()).then(|| {
+                    // The TimeService's own, even "" (none); otherwise the operator's default.
+                    priority_class_name: Some(
                         spec.placement
-                            .node_selector
-                            .clone()
-                            .into_iter()
-                            .collect::<BTreeMap<_, _>>()
-                    }),
-                    tolerations: (!spec.placement.tolerations.is_empty())
-                        .then(|| spec.placement.tolerations.clone()),
+                            .priority_class_name
+                            .as_ref()
+                            .unwrap_or(&settings.agent_priority_class)
+                            .clone(),
+                    )
+                    .filter(|p| !p.is_empty()),
+                    node_selector: Some(spec.placement.agent_node_selector()),
+                    tolerations: Some(spec.placement.agent_tolerations()),
                     containers: vec![container],
                     volumes: Some(vec![Volume {
                         name: "state".into(),
@@ -303,6 +341,144 @@ mod tests {
             .capabilities
             .unwrap();
         assert_eq!(caps.add.unwrap(), ["NET_BIND_SERVICE"]);
+    }
+
+    #[test]
+    fn agents_tolerate_every_taint_unless_the_time_service_lists_its_own() {
+        let ts = fixtures::time_service("cluster");
+        let ds = build_daemonset(&ts, &fixtures::settings(), false).unwrap();
+        let everything = k8s_openapi::api::core::v1::Toleration {
+            operator: Some("Exists".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            pod_spec(&ds).tolerations.as_deref(),
+            Some(&[everything][..]),
+            "no key and no effect: control-plane, NoSchedule and NoExecute taints alike"
+        );
+
+        let mut own = ts;
+        let listed = k8s_openapi::api::core::v1::Toleration {
+            key: Some("dedicated".into()),
+            operator: Some("Equal".into()),
+            value: Some("time".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        };
+        own.spec.placement.tolerations = vec![listed.clone()];
+        let ds = build_daemonset(&own, &fixtures::settings(), false).unwrap();
+        assert_eq!(
+            pod_spec(&ds).tolerations.as_deref(),
+            Some(&[listed][..]),
+            "exactly the listed ones, without the catch-all"
+        );
+    }
+
+    #[test]
+    fn agents_select_linux_nodes_whatever_else_the_node_selector_says() {
+        let ts = fixtures::time_service("cluster");
+        let ds = build_daemonset(&ts, &fixtures::settings(), false).unwrap();
+        assert_eq!(
+            pod_spec(&ds).node_selector,
+            Some([("kubernetes.io/os".to_string(), "linux".to_string())].into())
+        );
+
+        let mut labelled = ts;
+        labelled.spec.placement.node_selector = [
+            ("time".to_string(), "yes".to_string()),
+            ("kubernetes.io/os".to_string(), "windows".to_string()),
+        ]
+        .into();
+        let ds = build_daemonset(&labelled, &fixtures::settings(), false).unwrap();
+        assert_eq!(
+            pod_spec(&ds).node_selector,
+            Some(
+                [
+                    ("kubernetes.io/os".to_string(), "linux".to_string()),
+                    ("time".to_string(), "yes".to_string()),
+                ]
+                .into()
+            ),
+            "the user's labels are kept and the OS is always Linux"
+        );
+    }
+
+    #[test]
+    fn the_priority_class_is_the_time_services_own_else_the_operators_default() {
+        let mut settings = fixtures::settings();
+        let ts = fixtures::time_service("cluster");
+        let class = |ts: &TimeService, settings: &OperatorSettings| {
+            pod_spec(&build_daemonset(ts, settings, false).unwrap())
+                .priority_class_name
+                .clone()
+        };
+        assert_eq!(
+            class(&ts, &settings).as_deref(),
+            Some("system-node-critical")
+        );
+        settings.agent_priority_class = "stratum-node".into();
+        assert_eq!(class(&ts, &settings).as_deref(), Some("stratum-node"));
+        settings.agent_priority_class = String::new();
+        assert_eq!(class(&ts, &settings), None, "an empty default sets none");
+
+        let mut own = ts;
+        own.spec.placement.priority_class_name = Some("time-critical".into());
+        assert_eq!(class(&own, &settings).as_deref(), Some("time-critical"));
+        settings.agent_priority_class = "stratum-node".into();
+        own.spec.placement.priority_class_name = Some(String::new());
+        assert_eq!(
+            class(&own, &settings),
+            None,
+            "the TimeService's \"\" wins over the default"
+        );
+    }
+
+    fn quantities(map: Option<&std::collections::BTreeMap<String, Quantity>>) -> Vec<(&str, &str)> {
+        map.into_iter()
+            .flatten()
+            .map(|(k, v)| (k.as_str(), v.0.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn agents_without_resources_get_small_requests_and_a_memory_limit() {
+        let ts = fixtures::time_service("cluster");
+        let ds = build_daemonset(&ts, &fixtures::settings(), false).unwrap();
+        let resources = pod_spec(&ds).containers[0].resources.clone().unwrap();
+        assert_eq!(
+            quantities(resources.requests.as_ref()),
+            [("cpu", "10m"), ("memory", "64Mi")],
+            "requests: never BestEffort"
+        );
+        assert_eq!(
+            quantities(resources.limits.as_ref()),
+            [("memory", "384Mi")],
+            "a memory limit and no CPU limit"
+        );
+    }
+
+    #[test]
+    fn resources_the_time_service_sets_are_used_exactly_as_given() {
+        let mut ts = fixtures::time_service("cluster");
+        ts.spec.agent = serde_json::from_value(serde_json::json!({
+            "resources": { "limits": { "cpu": "1", "memory": "1Gi" } }
+        }))
+        .unwrap();
+        let ds = build_daemonset(&ts, &fixtures::settings(), false).unwrap();
+        let resources = pod_spec(&ds).containers[0].resources.clone().unwrap();
+        assert_eq!(resources.requests, None, "no default request is mixed in");
+        assert_eq!(
+            quantities(resources.limits.as_ref()),
+            [("cpu", "1"), ("memory", "1Gi")]
+        );
+
+        // An explicit empty object is a choice too: no requests, no limits.
+        ts.spec.agent = serde_json::from_value(serde_json::json!({ "resources": {} })).unwrap();
+        let ds = build_daemonset(&ts, &fixtures::settings(), false).unwrap();
+        assert_eq!(
+            pod_spec(&ds).containers[0].resources,
+            Some(ResourceRequirements::default())
+        );
     }
 
     fn pull_secret_names(ds: &DaemonSet) -> Option<Vec<&str>> {

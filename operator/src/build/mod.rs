@@ -31,6 +31,8 @@ pub struct OperatorSettings {
     /// The static ClusterRole of every agent (shipped by the chart) that each TimeService's
     /// agents are bound to; the operator binds it, never creates or widens it.
     pub agent_cluster_role: String,
+    /// Priority class of agent pods whose TimeService names none; empty for none.
+    pub agent_priority_class: String,
 }
 
 /// Owner reference making `ts` the controller of a child, so deleting it deletes the child.
@@ -100,6 +102,7 @@ pub(crate) mod fixtures {
             agent_image: "stratum/agent:test".into(),
             agent_image_pull_secrets: Vec::new(),
             agent_cluster_role: "stratum-agent".into(),
+            agent_priority_class: "system-node-critical".into(),
         }
     }
 

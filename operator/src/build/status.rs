@@ -2,6 +2,8 @@
 //! observed. A condition keeps its lastTransitionTime while its status stays the same, so an
 //! unchanged world yields an identical status and no write.
 
+use std::collections::BTreeSet;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use stratum_api::node_clock::format_offset;
 use stratum_api::tenant_time_policy::TenantTimePolicyStatus;
@@ -79,6 +81,49 @@ pub struct DaemonSetCounts {
     pub updated: i32,
 }
 
+/// How many nodes without an agent status names.
+pub const UNCOVERED_NAMED: usize = 5;
+
+/// Nodes where an agent belongs (see [`crate::placement`]) but none runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Uncovered {
+    /// Nodes the placement selects.
+    pub placed: usize,
+    /// How many of them run no agent.
+    pub count: usize,
+    /// The first [`UNCOVERED_NAMED`] of those, by name.
+    pub first: Vec<String>,
+}
+
+impl Uncovered {
+    /// The nodes of `placed` not in `running`.
+    pub fn find(placed: &BTreeSet<String>, running: &BTreeSet<&str>) -> Self {
+        let mut missing = placed.iter().filter(|n| !running.contains(n.as_str()));
+        let first: Vec<String> = missing.by_ref().take(UNCOVERED_NAMED).cloned().collect();
+        Self {
+            placed: placed.len(),
+            count: first.len() + missing.count(),
+            first,
+        }
+    }
+
+    fn message(&self) -> String {
+        let more = self.count - self.first.len();
+        format!(
+            "{} of {} nodes the placement selects run no agent (no ready agent pod, no fresh \
+             NodeClock): {}{}",
+            self.count,
+            self.placed,
+            self.first.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        )
+    }
+}
+
 /// Why a TimeService runs no agents.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Blocked {
@@ -91,13 +136,15 @@ pub enum Blocked {
     Invalid(String),
 }
 
-/// TimeService status from the DaemonSet's counts and the clocks of its nodes.
+/// TimeService status from the DaemonSet's counts, the clocks of its nodes and the nodes that
+/// run no agent (`uncovered`; not counted under a Conflict, where no agent is meant to run).
 pub fn time_service_status(
     current: Option<&TimeServiceStatus>,
     generation: Option<i64>,
     blocked: Option<&Blocked>,
     daemonset: Option<DaemonSetCounts>,
     clocks: &[&ClockInfo],
+    uncovered: &Uncovered,
     now: &Time,
 ) -> TimeServiceStatus {
     let ds = daemonset.unwrap_or_default();
@@ -129,6 +176,7 @@ pub fn time_service_status(
             });
 
     let mut wanted = Vec::new();
+    let mut without_agent = uncovered.count;
     match blocked {
         Some(Blocked::Conflict { with }) => {
             let msg = format!(
@@ -138,6 +186,7 @@ pub fn time_service_status(
             wanted.push(Cond::new("Progressing", false, "Conflict", msg.clone()));
             wanted.push(Cond::new("Degraded", true, "Conflict", msg.clone()));
             wanted.push(Cond::new("Conflict", true, "NodesOverlap", msg));
+            without_agent = 0;
         }
         Some(Blocked::Invalid(why)) => {
             wanted.push(Cond::new("Ready", false, "InvalidSpec", why.clone()));
@@ -156,7 +205,10 @@ pub fn time_service_status(
                 ds.desired, ds.ready, ds.desired
             );
             let all_synced = ds.desired > 0 && synchronized >= ds.desired;
-            wanted.push(if ds.desired == 0 {
+            let uncovered_now = uncovered.count > 0;
+            wanted.push(if uncovered_now {
+                Cond::new("Ready", false, "NodesWithoutAgent", uncovered.message())
+            } else if ds.desired == 0 {
                 Cond::new("Ready", false, "NoNodes", "no node matches the placement")
             } else if all_synced {
                 Cond::new("Ready", true, "AllSynchronized", counts.clone())
@@ -169,11 +221,17 @@ pub fn time_service_status(
             } else {
                 Cond::new("Progressing", false, "RolledOut", counts.clone())
             });
-            wanted.push(if ds.desired > 0 && !all_synced && !rolling {
-                Cond::new("Degraded", true, "Unsynchronized", counts)
-            } else {
-                Cond::new("Degraded", false, "AsExpected", counts)
-            });
+            // Once the DaemonSet has an up-to-date pod for every node, a node still without an
+            // agent is one its pod cannot run on (pending, crashing), not a rollout step.
+            wanted.push(
+                if uncovered_now && ds.desired > 0 && ds.updated >= ds.desired {
+                    Cond::new("Degraded", true, "NodesWithoutAgent", uncovered.message())
+                } else if ds.desired > 0 && !all_synced && !rolling {
+                    Cond::new("Degraded", true, "Unsynchronized", counts)
+                } else {
+                    Cond::new("Degraded", false, "AsExpected", counts)
+                },
+            );
             wanted.push(Cond::new(
                 "Conflict",
                 false,
@@ -190,6 +248,7 @@ pub fn time_service_status(
             desired: ds.desired,
             ready: ds.ready,
             synchronized,
+            without_agent: i32::try_from(without_agent).unwrap_or(i32::MAX),
         },
         worst_offset: worst.map(format_offset),
         worst_offset_nanos: worst,
@@ -318,13 +377,22 @@ mod tests {
             ready: 4,
             updated: 4,
         };
-        let s = time_service_status(None, Some(2), None, Some(ds), &refs, &at(10));
+        let s = time_service_status(
+            None,
+            Some(2),
+            None,
+            Some(ds),
+            &refs,
+            &Uncovered::default(),
+            &at(10),
+        );
         assert_eq!(
             s.nodes,
             NodeCounts {
                 desired: 4,
                 ready: 4,
-                synchronized: 3
+                synchronized: 3,
+                without_agent: 0,
             }
         );
         assert_eq!(
@@ -349,12 +417,13 @@ mod tests {
             ready: 1,
             updated: 1,
         });
-        let first = time_service_status(None, Some(1), None, ds, &refs, &at(10));
-        let second = time_service_status(Some(&first), Some(1), None, ds, &refs, &at(99));
+        let none = Uncovered::default();
+        let first = time_service_status(None, Some(1), None, ds, &refs, &none, &at(10));
+        let second = time_service_status(Some(&first), Some(1), None, ds, &refs, &none, &at(99));
         assert_eq!(first, second);
         assert_eq!(cond(&first, "Ready").status, "True");
         // A real transition moves lastTransitionTime.
-        let third = time_service_status(Some(&second), Some(1), None, ds, &[], &at(200));
+        let third = time_service_status(Some(&second), Some(1), None, ds, &[], &none, &at(200));
         assert_eq!(cond(&third, "Ready").last_transition_time, at(200));
         assert_eq!(cond(&third, "Conflict").last_transition_time, at(10));
     }
@@ -364,10 +433,93 @@ mod tests {
         let blocked = Blocked::Conflict {
             with: "first".into(),
         };
-        let s = time_service_status(None, Some(1), Some(&blocked), None, &[], &at(1));
+        let placed: BTreeSet<String> = ["n1".to_string()].into();
+        let uncovered = Uncovered::find(&placed, &BTreeSet::new());
+        let s = time_service_status(None, Some(1), Some(&blocked), None, &[], &uncovered, &at(1));
         assert_eq!(cond(&s, "Conflict").status, "True");
         assert!(cond(&s, "Conflict").message.contains("\"first\""));
         assert_eq!(cond(&s, "Ready").status, "False");
+        assert_eq!(
+            s.nodes.without_agent, 0,
+            "the older TimeService's agents run there"
+        );
+    }
+
+    fn nodes(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn nodes_without_an_agent_are_counted_and_the_first_five_named_in_order() {
+        let placed = nodes(&["n1", "n2", "n3", "n4", "n5", "n6", "n7", "n8", "n9"]);
+        let running: BTreeSet<&str> = ["n2", "n9"].into();
+        let uncovered = Uncovered::find(&placed, &running);
+        assert_eq!(uncovered.count, 7);
+        assert_eq!(uncovered.first, ["n1", "n3", "n4", "n5", "n6"]);
+        assert_eq!(
+            Uncovered::find(&placed, &placed.iter().map(String::as_str).collect()),
+            Uncovered {
+                placed: 9,
+                count: 0,
+                first: Vec::new()
+            }
+        );
+    }
+
+    #[test]
+    fn a_node_whose_agent_cannot_run_keeps_the_time_service_from_ready_and_is_named() {
+        // Every up-to-date pod scheduled, one of them pending on n3: the rollout is over, the
+        // node still has no agent.
+        let clocks = [clock(true, 1, 2), clock(true, 1, 2)];
+        let refs: Vec<&ClockInfo> = clocks.iter().collect();
+        let ds = Some(DaemonSetCounts {
+            desired: 3,
+            ready: 2,
+            updated: 3,
+        });
+        let uncovered = Uncovered::find(&nodes(&["n1", "n2", "n3"]), &["n1", "n2"].into());
+        let s = time_service_status(None, Some(1), None, ds, &refs, &uncovered, &at(1));
+        assert_eq!(s.nodes.without_agent, 1);
+        let ready = cond(&s, "Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "NodesWithoutAgent")
+        );
+        assert!(
+            ready
+                .message
+                .starts_with("1 of 3 nodes the placement selects run no agent")
+                && ready.message.ends_with(": n3"),
+            "{}",
+            ready.message
+        );
+        let degraded = cond(&s, "Degraded");
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "NodesWithoutAgent")
+        );
+
+        // Mid-rollout (pods not all updated) the same gap is not yet Degraded.
+        let rolling = Some(DaemonSetCounts {
+            desired: 3,
+            ready: 2,
+            updated: 2,
+        });
+        let s = time_service_status(None, Some(1), None, rolling, &refs, &uncovered, &at(1));
+        assert_eq!(cond(&s, "Ready").reason, "NodesWithoutAgent");
+        assert_eq!(cond(&s, "Degraded").status, "False");
+
+        // Many: five named, the rest counted.
+        let placed = nodes(&["a", "b", "c", "d", "e", "f", "g"]);
+        let many = Uncovered::find(&placed, &BTreeSet::new());
+        let s = time_service_status(None, Some(1), None, ds, &[], &many, &at(1));
+        assert!(
+            cond(&s, "Ready")
+                .message
+                .ends_with(": a, b, c, d, e and 2 more"),
+            "{}",
+            cond(&s, "Ready").message
+        );
     }
 
     #[test]

@@ -102,6 +102,7 @@ pub async fn reconcile(
         plan.blocked.as_ref(),
         daemonset,
         &clocks,
+        &plan.uncovered,
         &now,
     );
     observe_propagation(&ctx, &name, &plan.clocks, status.nodes.desired);

@@ -1,12 +1,13 @@
 //! Wiring, the only writer of the index: watches feed the index (each one a trimmed reflector:
-//! pods become [`PodInfo`]s, nodes and namespaces are watched as metadata only), the triggers
-//! its writes return reach exactly the affected objects, and the two controllers run once every
-//! index has its initial list. Reconcilers only read the index.
+//! pods become [`PodInfo`]s and nodes [`NodeInfo`]s, namespaces are watched as metadata only),
+//! the triggers its writes return reach exactly the affected objects, and the two controllers
+//! run once every index has its initial list. Reconcilers only read the index.
 //!
 //! The CRDs are read through `DeserializeGuard`, so an object this version cannot decode is
 //! reported on its own and never stalls a watch.
 //!
 //! [`PodInfo`]: crate::model::PodInfo
+//! [`NodeInfo`]: crate::model::NodeInfo
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -28,6 +29,7 @@ use tokio::sync::oneshot;
 use super::{Context, TriggerSenders, lock, tenant, time_service};
 use crate::freshness::max_sweep_interval;
 use crate::index::{Index, Triggers};
+use crate::model::NodeInfo;
 use crate::names;
 use crate::owned::ChildKind;
 
@@ -168,11 +170,13 @@ pub async fn run(
         |i, n| i.apply_namespace(&n.name_any(), n.labels()),
         |i, _, name| i.delete_namespace(name)
     );
+    // Whole Nodes, for their taints (placement), trimmed at once: a status heartbeat that
+    // changes neither labels nor taints triggers nothing.
     spawn_feed!(
         "Node",
-        watcher(Api::<PartialObjectMeta<Node>>::all(client.clone()), cfg()),
+        watcher(Api::<Node>::all(client.clone()), cfg()),
         key_of,
-        |i, n| i.apply_node(&n.name_any(), n.labels()),
+        |i, n| i.apply_node(&n.name_any(), &NodeInfo::from_node(n)),
         |i, _, name| i.delete_node(name)
     );
     spawn_feed!(

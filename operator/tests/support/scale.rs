@@ -111,6 +111,7 @@ pub fn settings() -> OperatorSettings {
         agent_image: "stratum-agent:bench".into(),
         agent_image_pull_secrets: Vec::new(),
         agent_cluster_role: "stratum-agent".into(),
+        agent_priority_class: "system-node-critical".into(),
     }
 }
 
