@@ -37,7 +37,6 @@ impl Resolver for Flaky {
         host: String,
         _port: u16,
     ) -> BoxFuture<'static, Result<Vec<SocketAddr>, ResolveError>> {
-        self.calls.send_modify(|n| *n += 1);
         let answer = if self.fixed.load(Ordering::Relaxed) {
             Ok(vec![self.address])
         } else {
@@ -46,6 +45,9 @@ impl Resolver for Flaky {
                 source: std::io::Error::other("simulated SERVFAIL"),
             })
         };
+        // Counted once the answer is decided: a test that fixes DNS after seeing n lookups
+        // knows all n failed (counting first let the n-th see the fix and succeed).
+        self.calls.send_modify(|n| *n += 1);
         Box::pin(async move { answer })
     }
 }

@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ipnet::IpNet;
 use stratum_agent::delay_proxy::{self, DelayPlan};
-use stratum_agent::loadgen::{self, LoadReport, LoadSpec};
+use stratum_agent::loadgen::{self, LatencySummary, LoadReport, LoadSpec};
 use stratum_agent::query::{query, resolve_target};
 use stratum_agent::server::{ServerStats, TenantClients};
 use stratum_agent::status::{AgentStatus, fmt_seconds};
@@ -502,15 +502,23 @@ struct BenchOutput {
     in_server: Option<TapReport>,
 }
 
-fn print_tap_report(t: &TapReport) {
+/// "p50 … us, p90 …, p99 …, p99.9 …, max …": one latency line of `bench`.
+fn quantiles_us(l: &LatencySummary) -> String {
     let us = |ns: u64| ns as f64 / 1000.0;
+    format!(
+        "p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us",
+        us(l.p50_ns),
+        us(l.p90_ns),
+        us(l.p99_ns),
+        us(l.p999_ns),
+        us(l.max_ns)
+    )
+}
+
+fn print_tap_report(t: &TapReport) {
     println!(
-        "In server       : p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us ({} paired of {} requests seen; {} unanswered)",
-        us(t.latency.p50_ns),
-        us(t.latency.p90_ns),
-        us(t.latency.p99_ns),
-        us(t.latency.p999_ns),
-        us(t.latency.max_ns),
+        "In server       : {} ({} paired of {} requests seen; {} unanswered)",
+        quantiles_us(&t.latency),
         t.paired,
         t.requests,
         t.unanswered
@@ -547,15 +555,7 @@ fn print_load_report(r: &LoadReport) {
         r.lost,
         r.loss_ratio * 100.0
     );
-    let us = |ns: u64| ns as f64 / 1000.0;
-    println!(
-        "Latency         : p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us",
-        us(r.latency.p50_ns),
-        us(r.latency.p90_ns),
-        us(r.latency.p99_ns),
-        us(r.latency.p999_ns),
-        us(r.latency.max_ns)
-    );
+    println!("Latency         : {}", quantiles_us(&r.latency));
 }
 
 fn percent_encode(text: &str) -> String {
