@@ -71,6 +71,59 @@ impl QueryResult {
     }
 }
 
+/// How good an answer must be for `stratumctl waitsync` to stop waiting.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SyncBound {
+    /// Largest root distance (root delay / 2 + root dispersion) accepted, seconds.
+    pub max_root_distance: f64,
+    /// Largest |offset| from this host accepted, seconds; `None`: any (a VM or device whose
+    /// own clock is still wrong waits for its server, not for itself).
+    pub max_offset: Option<f64>,
+}
+
+/// What one answer means to a waiter.
+#[derive(Clone, Debug, PartialEq)]
+pub enum WaitStep {
+    /// Synchronized and within the bound: stop, exit 0.
+    Done,
+    /// Not yet (unsynchronized, or outside the bound, said why): ask again.
+    NotYet(String),
+    /// Refused (Kiss-o'-Death): stop, exit 3; asking again only earns more refusals.
+    Refused(String),
+}
+
+impl QueryResult {
+    /// Root delay / 2 + root dispersion: how far the server's time may be from true time.
+    pub fn root_distance(&self) -> f64 {
+        self.root_delay_seconds / 2.0 + self.root_dispersion_seconds
+    }
+
+    /// Whether this answer ends a wait for `bound`.
+    pub fn wait_step(&self, bound: SyncBound) -> WaitStep {
+        match self.verdict() {
+            Verdict::Refused => WaitStep::Refused(format!(
+                "the server refused this client (Kiss-o'-Death {})",
+                self.kiss_code.as_deref().unwrap_or("?")
+            )),
+            Verdict::Unsynchronized => WaitStep::NotYet("the server is unsynchronized".into()),
+            Verdict::Synchronized if self.root_distance() > bound.max_root_distance => {
+                WaitStep::NotYet(format!(
+                    "root distance {:.6} s is above {:.6} s",
+                    self.root_distance(),
+                    bound.max_root_distance
+                ))
+            }
+            Verdict::Synchronized => match bound.max_offset {
+                Some(max) if self.offset_seconds.abs() > max => WaitStep::NotYet(format!(
+                    "offset {:+.6} s is beyond ±{max:.6} s",
+                    self.offset_seconds
+                )),
+                _ => WaitStep::Done,
+            },
+        }
+    }
+}
+
 /// Why a query failed.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -166,4 +219,64 @@ pub async fn resolve_target(target: &str) -> std::io::Result<SocketAddr> {
         .into_iter()
         .next()
         .ok_or_else(|| std::io::Error::other(format!("{host} resolved to no address")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(leap: &str, root_delay: f64, root_dispersion: f64, offset: f64) -> QueryResult {
+        QueryResult {
+            server: "127.0.0.1:123".into(),
+            offset_seconds: offset,
+            delay_seconds: 1e-4,
+            stratum: 2,
+            reference_id: "127.0.0.1".into(),
+            leap: leap.into(),
+            root_delay_seconds: root_delay,
+            root_dispersion_seconds: root_dispersion,
+            version: 4,
+            kiss_code: None,
+        }
+    }
+
+    const BOUND: SyncBound = SyncBound {
+        max_root_distance: 0.01,
+        max_offset: None,
+    };
+
+    #[test]
+    fn a_wait_ends_only_on_a_synchronized_answer_within_the_bound() {
+        assert_eq!(
+            answer("none", 0.004, 0.007, 5.0).wait_step(BOUND),
+            WaitStep::Done
+        );
+        // 0.012 / 2 + 0.005 = 0.011 > 0.010.
+        let far = answer("none", 0.012, 0.005, 0.0).wait_step(BOUND);
+        assert!(
+            matches!(&far, WaitStep::NotYet(why) if why.contains("root distance")),
+            "{far:?}"
+        );
+        let unsynchronized = answer("unsynchronized", 0.0, 0.0, 0.0).wait_step(BOUND);
+        assert!(matches!(unsynchronized, WaitStep::NotYet(_)));
+        let off = SyncBound {
+            max_offset: Some(0.1),
+            ..BOUND
+        };
+        assert!(matches!(
+            answer("none", 0.0, 0.0, -0.2).wait_step(off),
+            WaitStep::NotYet(_)
+        ));
+        assert_eq!(
+            answer("none", 0.0, 0.0, 0.05).wait_step(off),
+            WaitStep::Done
+        );
+    }
+
+    #[test]
+    fn a_kiss_of_death_ends_the_wait_as_a_refusal() {
+        let mut refused = answer("unsynchronized", 0.0, 0.0, 0.0);
+        refused.kiss_code = Some("DENY".into());
+        assert!(matches!(refused.wait_step(BOUND), WaitStep::Refused(why) if why.contains("DENY")));
+    }
 }

@@ -54,3 +54,94 @@ fn query_exits_0_when_served_2_when_unsynchronized_3_when_refused_and_1_without_
     assert_eq!(code, Some(1), "{answer:?}");
     assert!(answer.is_none());
 }
+
+/// Runs `stratumctl waitsync` with `args` against `target`.
+fn waitsync(target: SocketAddr, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_stratumctl"));
+    command
+        .arg("waitsync")
+        .args(args)
+        .arg(target.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    command
+}
+
+#[test]
+fn waitsync_waits_through_unsynchronized_answers_and_ends_as_soon_as_time_is_good() {
+    let (open, closed) = (free_udp_port(), free_udp_port());
+    let server = start_server(
+        1,
+        &serving(vec![
+            tenant("ns/open", open, &["127.0.0.0/8"], true),
+            tenant("ns/closed", closed, &["192.0.2.0/24"], true),
+        ]),
+    );
+    let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let unsynchronized_answers = |server: &stratum_agent::server::Server| {
+        server
+            .stats()
+            .tenants
+            .iter()
+            .find(|t| t.tenant == "ns/open")
+            .map_or(0, |t| t.totals.served_unsynchronized)
+    };
+
+    // Unsynchronized throughout: it keeps asking, then gives up with 2.
+    server.publish_clock(ServerClockState::unsynchronized(-20), Timescale::IDENTITY);
+    let out = waitsync(at(open), &["--timeout", "1", "--interval", "0.1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("the server is unsynchronized"), "{stderr}");
+    assert!(
+        unsynchronized_answers(&server) >= 2,
+        "it asked more than once"
+    );
+
+    // Synchronized while it waits: it ends with 0 on the next answer.
+    let before = unsynchronized_answers(&server);
+    let waiting = waitsync(at(open), &["--timeout", "30", "--interval", "0.1"])
+        .spawn()
+        .unwrap();
+    let asked = (0..300).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        unsynchronized_answers(&server) >= before + 2
+    });
+    assert!(asked, "waitsync never asked the unsynchronized server");
+    server.publish_clock(synchronized_state(), Timescale::IDENTITY);
+    let out = waiting.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("synchronized: offset"), "{stdout}");
+
+    // A bound the server cannot meet is waited for, not waved through.
+    let out = waitsync(
+        at(open),
+        &[
+            "--timeout",
+            "0.5",
+            "--interval",
+            "0.1",
+            "--max-distance",
+            "0",
+        ],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("root distance"), "{stderr}");
+
+    // Refused: 3 at once, not after the timeout. Silent: 1.
+    let out = waitsync(at(closed), &["--timeout", "30"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let out = waitsync(
+        at(free_udp_port()),
+        &["--timeout", "0.5", "--interval", "0.1"],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}

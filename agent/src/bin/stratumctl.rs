@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use ipnet::IpNet;
 use stratum_agent::delay_proxy::{self, DelayPlan};
 use stratum_agent::loadgen::{self, LatencySummary, LoadReport, LoadSpec};
-use stratum_agent::query::{query, resolve_target};
+use stratum_agent::query::{SyncBound, Verdict, WaitStep, query, resolve_target};
 use stratum_agent::server::{ServerStats, TenantClients};
 use stratum_agent::status::{AgentStatus, fmt_seconds};
 use stratum_agent::wire_tap::{self, TapReport};
@@ -127,6 +127,31 @@ enum Command {
         /// Seconds to run.
         #[arg(long, default_value_t = 60.0)]
         duration: f64,
+    },
+    /// Wait until an NTP server serves synchronized time within a bound, for init containers
+    /// and scripts. Exit 0 when it does, 2 when --timeout passes first (the last answer was
+    /// unsynchronized or outside the bound), 3 when the server refuses this client, 1 when it
+    /// never answered.
+    Waitsync {
+        /// HOST[:PORT], port 123 by default.
+        target: String,
+        /// Give up after this many seconds (at most 3600).
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+        /// Seconds between queries (at least 0.1; keep it above the tenant's per-client rate
+        /// limit, or the server answers with RATE).
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
+        /// Largest root distance accepted, seconds.
+        #[arg(long, default_value_t = 0.1)]
+        max_distance: f64,
+        /// Largest |offset| from this host accepted, seconds (default: any; a host whose own
+        /// clock is wrong is what it waits to correct).
+        #[arg(long)]
+        max_offset: Option<f64>,
+        /// No progress lines.
+        #[arg(long)]
+        quiet: bool,
     },
     /// Query an NTP server once: offset, delay, stratum, reference, leap.
     Query {
@@ -353,6 +378,77 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "relayed {} out, {} back, dropped {}",
                 stats.out, stats.back, stats.dropped
             );
+        }
+        Command::Waitsync {
+            target,
+            timeout,
+            interval,
+            max_distance,
+            max_offset,
+            quiet,
+        } => {
+            if !(0.0..=3600.0).contains(&timeout) {
+                anyhow::bail!("--timeout must be between 0 and 3600 seconds");
+            }
+            if !(interval >= 0.1 && interval.is_finite()) {
+                anyhow::bail!("--interval must be at least 0.1 seconds");
+            }
+            let bound = SyncBound {
+                max_root_distance: max_distance,
+                max_offset,
+            };
+            let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(timeout);
+            let mut answered = false;
+            let last_problem = loop {
+                let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                // A name may start resolving only once the cluster's DNS is up: look it up
+                // every time.
+                let attempt = match resolve_target(&target).await {
+                    Ok(addr) => query(addr, remaining.min(Duration::from_secs(2)))
+                        .await
+                        .map_err(anyhow::Error::from),
+                    Err(e) => Err(anyhow::Error::from(e).context(format!("resolving {target}"))),
+                };
+                let problem = match attempt {
+                    Ok(r) => {
+                        answered = true;
+                        match r.wait_step(bound) {
+                            WaitStep::Done => {
+                                if cli.json {
+                                    println!("{}", serde_json::to_string_pretty(&r)?);
+                                } else if !quiet {
+                                    println!(
+                                        "synchronized: offset {}, root distance {}",
+                                        fmt_seconds(r.offset_seconds),
+                                        fmt_seconds(r.root_distance())
+                                    );
+                                }
+                                return Ok(ExitCode::SUCCESS);
+                            }
+                            WaitStep::Refused(why) => {
+                                eprintln!("waitsync: {why}");
+                                return Ok(ExitCode::from(Verdict::Refused.exit_code()));
+                            }
+                            WaitStep::NotYet(why) => why,
+                        }
+                    }
+                    Err(e) => format!("{e:#}"),
+                };
+                if !quiet {
+                    eprintln!("waitsync: not yet: {problem}");
+                }
+                let pause = Duration::from_secs_f64(interval);
+                if tokio::time::Instant::now() + pause >= deadline {
+                    break problem;
+                }
+                tokio::time::sleep(pause).await;
+            };
+            eprintln!("waitsync: gave up after {timeout} s: {last_problem}");
+            return Ok(ExitCode::from(if answered {
+                Verdict::Unsynchronized.exit_code()
+            } else {
+                1
+            }));
         }
         Command::Query { target, timeout } => {
             let addr = resolve_target(&target)
