@@ -6,6 +6,7 @@
 #[path = "server_common/mod.rs"]
 mod common;
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::Command;
 
@@ -22,18 +23,27 @@ fn query(target: SocketAddr) -> (Option<i32>, Option<serde_json::Value>) {
     (out.status.code(), serde_json::from_slice(&out.stdout).ok())
 }
 
-#[test]
-fn query_exits_0_when_served_2_when_unsynchronized_3_when_refused_and_1_without_answer() {
+/// A server with tenant `ns/open` (serves loopback) and `ns/closed` (allows nobody on
+/// loopback, and says so with a Kiss-o'-Death), both on the loopback addresses of [`at`].
+fn open_and_closed_tenants() -> (stratum_agent::server::Server, u16, u16) {
     let (open, closed) = (free_udp_port(), free_udp_port());
     let server = start_server(
         1,
         &serving(vec![
             tenant("ns/open", open, &["127.0.0.0/8"], true),
-            // Allows nobody on loopback, and says so with a Kiss-o'-Death.
             tenant("ns/closed", closed, &["192.0.2.0/24"], true),
         ]),
     );
-    let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    (server, open, closed)
+}
+
+fn at(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+#[test]
+fn query_exits_0_when_served_2_when_unsynchronized_3_when_refused_and_1_without_answer() {
+    let (server, open, closed) = open_and_closed_tenants();
 
     let (code, answer) = query(at(open));
     assert_eq!(code, Some(0), "{answer:?}");
@@ -69,15 +79,7 @@ fn waitsync(target: SocketAddr, args: &[&str]) -> Command {
 
 #[test]
 fn waitsync_waits_through_unsynchronized_answers_and_ends_as_soon_as_time_is_good() {
-    let (open, closed) = (free_udp_port(), free_udp_port());
-    let server = start_server(
-        1,
-        &serving(vec![
-            tenant("ns/open", open, &["127.0.0.0/8"], true),
-            tenant("ns/closed", closed, &["192.0.2.0/24"], true),
-        ]),
-    );
-    let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let (server, open, closed) = open_and_closed_tenants();
     let unsynchronized_answers = |server: &stratum_agent::server::Server| {
         server
             .stats()
@@ -102,16 +104,23 @@ fn waitsync_waits_through_unsynchronized_answers_and_ends_as_soon_as_time_is_goo
 
     // Synchronized while it waits: it ends with 0 on the next answer.
     let before = unsynchronized_answers(&server);
-    let waiting = waitsync(at(open), &["--timeout", "30", "--interval", "0.1"])
+    let mut waiting = waitsync(at(open), &["--timeout", "30", "--interval", "0.1"])
         .spawn()
         .unwrap();
-    let asked = (0..300).any(|_| {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        unsynchronized_answers(&server) >= before + 2
-    });
-    assert!(asked, "waitsync never asked the unsynchronized server");
+    // Its progress lines are the event to wait on: two unsynchronized answers seen.
+    let mut progress = BufReader::new(waiting.stderr.take().unwrap()).lines();
+    let not_yet = progress
+        .by_ref()
+        .map_while(Result::ok)
+        .filter(|line| line.contains("the server is unsynchronized"))
+        .take(2)
+        .count();
+    assert_eq!(not_yet, 2, "waitsync never asked the unsynchronized server");
+    assert!(unsynchronized_answers(&server) >= before + 2);
     server.publish_clock(synchronized_state(), Timescale::IDENTITY);
     let out = waiting.wait_with_output().unwrap();
+    // Held open until now: its later progress lines must not meet a closed pipe.
+    drop(progress);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("synchronized: offset"), "{stdout}");
