@@ -53,31 +53,17 @@ PIDS+=($!)
 # write_config REVISION SHIFT: every tenant's ranges moved by SHIFT, so a new revision changes
 # every tenant's allow list. Written aside and renamed: the agent never reads half a file.
 write_config() {
-python3 - "$WORK/agent.json.new" "$TENANTS" "$PREFIXES" "$BASE_PORT" "$CHRONY_PORT" "$1" "$2" <<'PY'
+PYTHONPATH="$(dirname "$0")" python3 - "$WORK/agent.json.new" "$TENANTS" "$PREFIXES" "$BASE_PORT" "$CHRONY_PORT" "$1" "$2" <<'PY'
 import json, sys
+from agent_config import agent_config, tenant
 path, revision = sys.argv[1], sys.argv[6]
 n, prefixes, base, upstream, shift = map(int, sys.argv[2:6] + sys.argv[7:8])
 def allowed(i):
     # Distinct ranges per tenant, as pods of different namespaces would give.
     first = i * prefixes + shift
     return [f"10.{(first + k) // 256 % 256}.{(first + k) % 256}.0/24" for k in range(prefixes)] + ["127.0.0.0/8"]
-tenant = lambda i: {
-    "id": f"ns{i}/ntp", "port": base + i, "allowed": allowed(i), "denied": [],
-    "rateLimit": {"clientIntervalSeconds": 0.001, "clientBurst": 1000, "kissOfDeath": True},
-}
-json.dump({
-    "version": 1, "revision": revision, "timeService": "bench",
-    "clock": {"backend": "simulated"},
-    "upstreams": [{"host": "127.0.0.1", "kind": "server", "port": upstream, "iburst": True,
-                   "minPoll": 4, "maxPoll": 4, "maxSources": 1}],
-    "selection": {"minSources": 1, "maxDistanceSeconds": 1.5},
-    "discipline": {"makeStepThresholdSeconds": 0.1, "makeStepLimit": 3, "maxSlewPpm": 500,
-                   "panicStartupSeconds": 86400, "panicRuntimeSeconds": 1000,
-                   "rtcSync": False, "driftFile": "/nonexistent/drift.json"},
-    "leap": {"mode": "kernel", "smearWindowSeconds": 86400},
-    "serving": {"holdoverSeconds": 3600, "tenants": [tenant(i) for i in range(n)]},
-    "reporting": {"heartbeatSeconds": 30},
-}, open(path, "w"))
+tenants = [tenant(f"ns{i}/ntp", base + i, allowed(i)) for i in range(n)]
+json.dump(agent_config(revision, upstream, tenants), open(path, "w"))
 PY
 mv "$WORK/agent.json.new" "$WORK/agent.json"
 }

@@ -47,6 +47,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent_config import agent_config, tenant
+
 ROOT = Path(__file__).resolve().parent.parent
 NO_SYS_TIME = ["setpriv", "--bounding-set=-sys_time", "--inh-caps=-sys_time"]
 
@@ -290,22 +292,9 @@ def start_ntpd_rs(work: Path) -> Server | None:
 def start_agent(work: Path, upstream_port: int) -> Server:
     check_release("stratum-agent", AGENT)
     port, status, metrics = free_port(), free_port(), free_port()
-    config = {
-        "version": 1, "revision": "bench", "timeService": "bench",
-        "clock": {"backend": "simulated"},
-        "upstreams": [{"host": "127.0.0.1", "kind": "server", "port": upstream_port, "iburst": True,
-                       "minPoll": 4, "maxPoll": 4, "maxSources": 1}],
-        "selection": {"minSources": 1, "maxDistanceSeconds": 1.5},
-        "discipline": {"makeStepThresholdSeconds": 0.1, "makeStepLimit": 3, "maxSlewPpm": 500,
-                       "panicStartupSeconds": 86400, "panicRuntimeSeconds": 1000, "rtcSync": False,
-                       "driftFile": str(work / "agent-drift.json")},
-        "leap": {"mode": "kernel", "smearWindowSeconds": 86400},
-        "serving": {"holdoverSeconds": 0, "tenants": [{
-            "id": "bench/ntp", "port": port, "allowed": ALLOWED,
-            "rateLimit": {"clientIntervalSeconds": 0.001, "clientBurst": 1000, "kissOfDeath": True},
-        }]},
-        "reporting": {"heartbeatSeconds": 60},
-    }
+    # Rate limiting on: 1000 requests/s per client, burst 1000 (see ALLOWED).
+    config = agent_config("bench", upstream_port, [tenant("bench/ntp", port, ALLOWED)],
+                          drift_file=str(work / "agent-drift.json"), holdover_seconds=0, heartbeat_seconds=60)
     (work / "agent.json").write_text(json.dumps(config))
     process = start("stratum-agent", [
         str(AGENT), "run", "--config", str(work / "agent.json"), "--node-name", "bench",
@@ -495,18 +484,9 @@ def accuracy(work: Path) -> dict:
                     str(CTL), "delay-proxy", "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream}",
                     "--scenario", scenario, "--seed", str(ACCURACY_SEED),
                     "--route-change-after", str(ACCURACY_WARMUP + ACCURACY_SECONDS / 2), "--duration", str(total + 60)])
-            config = {
-                "version": 1, "revision": "q1", "timeService": "q1", "clock": {"backend": "simulated"},
-                "upstreams": [{"host": "127.0.0.1", "kind": "server", "port": relay_agent, "iburst": True,
-                               "minPoll": ACCURACY_POLL, "maxPoll": ACCURACY_POLL, "maxSources": 1}],
-                "selection": {"minSources": 1, "maxDistanceSeconds": 1.5},
-                "discipline": {"makeStepThresholdSeconds": 0.1, "makeStepLimit": 3, "maxSlewPpm": 500,
-                               "panicStartupSeconds": 86400, "panicRuntimeSeconds": 1000, "rtcSync": False,
-                               "driftFile": str(work / f"q1-{scenario}-drift.json")},
-                "leap": {"mode": "kernel", "smearWindowSeconds": 86400},
-                "serving": {"holdoverSeconds": 0, "tenants": []},
-                "reporting": {"heartbeatSeconds": 60},
-            }
+            config = agent_config("q1", relay_agent, [], poll=(ACCURACY_POLL, ACCURACY_POLL),
+                                  drift_file=str(work / f"q1-{scenario}-drift.json"), holdover_seconds=0,
+                                  heartbeat_seconds=60)
             config_path = work / f"q1-{scenario}-agent.json"
             config_path.write_text(json.dumps(config))
             state = work / f"q1-{scenario}"

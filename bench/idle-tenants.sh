@@ -17,26 +17,13 @@ BASE_PORT=40000
 WORK=$(mktemp -d)
 trap 'kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
-python3 - "$WORK/agent.json" "$TENANTS" "$BASE_PORT" <<'PY'
+PYTHONPATH="$(dirname "$0")" python3 - "$WORK/agent.json" "$TENANTS" "$BASE_PORT" <<'PY'
 import json, sys
+from agent_config import agent_config, tenant
 path, n, base = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-tenant = lambda i: {
-    "id": f"ns/t{i}", "port": base + i, "allowed": ["127.0.0.0/8"], "denied": [],
-    "rateLimit": {"clientIntervalSeconds": 2.0, "clientBurst": 8, "kissOfDeath": True},
-}
-json.dump({
-    "version": 1, "revision": "idle-1", "timeService": "bench",
-    "clock": {"backend": "simulated"},
-    "upstreams": [{"host": "127.0.0.1", "kind": "server", "port": 9, "iburst": True,
-                   "minPoll": 4, "maxPoll": 6, "maxSources": 1}],
-    "selection": {"minSources": 1, "maxDistanceSeconds": 1.5},
-    "discipline": {"makeStepThresholdSeconds": 0.1, "makeStepLimit": 3, "maxSlewPpm": 500,
-                   "panicStartupSeconds": 86400, "panicRuntimeSeconds": 1000,
-                   "rtcSync": False, "driftFile": "/nonexistent/drift.json"},
-    "leap": {"mode": "kernel", "smearWindowSeconds": 86400},
-    "serving": {"holdoverSeconds": 3600, "tenants": [tenant(i) for i in range(n)]},
-    "reporting": {"heartbeatSeconds": 30},
-}, open(path, "w"))
+tenants = [tenant(f"ns/t{i}", base + i, ["127.0.0.0/8"], interval=2.0, burst=8) for i in range(n)]
+# Upstream 127.0.0.1:9 (discard): nothing answers, only the agent's own timers run.
+json.dump(agent_config("idle-1", 9, tenants, poll=(4, 6)), open(path, "w"))
 PY
 
 STATUS_PORT=$((BASE_PORT - 1))
