@@ -163,7 +163,6 @@ struct Pending {
     due: Instant,
     direction: Direction,
     datagram: Vec<u8>,
-    to: Option<SocketAddr>,
 }
 
 impl PartialEq for Pending {
@@ -276,7 +275,6 @@ fn read_side(
                     due: now + delay,
                     direction,
                     datagram: buffer[..length].to_vec(),
-                    to: (direction == Direction::Out).then_some(from),
                 }));
                 shared.ready.notify_one();
             }
@@ -325,7 +323,7 @@ fn send_due(
             }
             Direction::Back => {
                 let client = *shared.client.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(client) = client.or(due.to)
+                if let Some(client) = client
                     && client_side.send_to(&due.datagram, client).is_ok()
                 {
                     back += 1;
