@@ -453,7 +453,11 @@ impl Source {
                     self.good_streak = 0;
                 }
             }
-            FilterVerdict::Spike | FilterVerdict::JumpFollowed => {
+            FilterVerdict::Spike
+            | FilterVerdict::JumpFollowed
+            | FilterVerdict::PathHeld
+            | FilterVerdict::PathCalibrated
+            | FilterVerdict::Restarted => {
                 self.good_streak = 0;
                 self.poll = (self.poll - 1).max(self.min_poll);
             }

@@ -62,6 +62,9 @@ pub struct ServerSpec {
     /// Answers every request with this kiss code instead of time.
     pub kiss: Option<KissCode>,
     pub network: NetworkSpec,
+    /// (seconds after start, path) changes of the network path, in time order: a route
+    /// change replaces `network` from that moment on.
+    pub network_changes: Vec<(f64, NetworkSpec)>,
 }
 
 impl ServerSpec {
@@ -76,7 +79,16 @@ impl ServerSpec {
             announces_leap: true,
             kiss: None,
             network,
+            network_changes: Vec::new(),
         }
+    }
+
+    fn network_at(&self, since_start: f64) -> NetworkSpec {
+        self.network_changes
+            .iter()
+            .rev()
+            .find(|(at, _)| since_start >= *at)
+            .map_or(self.network, |(_, path)| *path)
     }
 
     fn offset_at(&self, since_start: f64) -> f64 {
@@ -424,8 +436,8 @@ impl Scenario {
                     let Some(server) = self.servers.get(index) else {
                         continue;
                     };
-                    let net = server.network;
                     let sent = clock.true_time();
+                    let net = server.network_at(sent.secs_since(self.start));
                     let up =
                         net.round_trip / 2.0 + net.asymmetry + exponential(&mut rng, net.jitter);
                     let down = net.round_trip / 2.0 + exponential(&mut rng, net.jitter);

@@ -154,3 +154,42 @@ pub fn rough_network() -> Scenario {
     s.seed = 107;
     s
 }
+
+/// The delay proxy's route change (issue 19, Q1) on simulated time: one source polled every
+/// 4 s over a 1 ms loopback-like path; at 180 s the way back gains 20 ms, which biases every
+/// later measured offset by −10 ms. Nothing happened to anybody's clock, so a good client
+/// keeps its time. `restore_at` puts the old route back.
+pub fn route_change(restore_at: Option<f64>) -> Scenario {
+    let mut s = Scenario::new("route-change", 1);
+    s.duration = 600.0;
+    let before = NetworkSpec {
+        round_trip: 1e-3,
+        jitter: 20e-6,
+        asymmetry: 0.0,
+        loss: 0.0,
+    };
+    // `asymmetry` lengthens the request leg; 40 ms more round trip minus 20 ms on the way
+    // out leaves the request leg as it was and puts all 20 ms on the way back.
+    let after = NetworkSpec {
+        round_trip: before.round_trip + 40e-3,
+        asymmetry: -20e-3,
+        ..before
+    };
+    s.servers[0].network = before;
+    s.servers[0].network_changes.push((180.0, after));
+    if let Some(at) = restore_at {
+        s.servers[0].network_changes.push((at, before));
+    }
+    s.clock = SimulatedClockConfig {
+        initial_offset: 0.0,
+        frequency_error_ppm: 30.0,
+        wander_ppm_per_sqrt_s: 0.01,
+        seed: 19,
+    };
+    s.system.min_sources = 1;
+    s.source_template.min_poll = 2;
+    s.source_template.max_poll = 2;
+    s.sample_interval = 1.0;
+    s.seed = 119;
+    s
+}
