@@ -127,6 +127,16 @@ pub struct SourceView {
     pub frequency_ppm: Option<f64>,
     /// Skew (frequency error bound), ppm.
     pub skew_ppm: Option<f64>,
+    /// Samples in the source's regression (chronyc's NP).
+    #[serde(default)]
+    pub samples: usize,
+    /// Runs of residuals of one sign (chronyc's NR): few for many samples, the line no
+    /// longer fits.
+    #[serde(default)]
+    pub residual_runs: Option<usize>,
+    /// Seconds the regression spans.
+    #[serde(default)]
+    pub span_seconds: Option<f64>,
 }
 
 /// The lowercase name of a source state.
@@ -174,11 +184,121 @@ pub fn source_views(state: &SystemState) -> Vec<SourceView> {
             jitter_seconds: s.jitter,
             frequency_ppm: s.frequency_ppm,
             skew_ppm: s.skew_ppm,
+            samples: s.samples,
+            residual_runs: s.residual_runs,
+            span_seconds: s.span,
         })
         .collect()
+}
+
+/// `stratumctl sourcestats`: each source's regression as chronyc shows it. `Freq` is what the
+/// source says the frequency correction should change by (its estimate minus the applied
+/// `frequency_ppm`), `Skew` that estimate's standard error, `Std Dev` the samples' RMS residual.
+pub fn sourcestats_table(sources: &[SourceView], applied_frequency_ppm: f64) -> String {
+    let mut out = format!(
+        "{:<32} {:>3} {:>3} {:>6} {:>10} {:>10} {:>10} {:>10}\n",
+        "Source", "NP", "NR", "Span", "Freq ppm", "Skew ppm", "Offset", "Std Dev"
+    );
+    let seconds = |v: Option<f64>| v.map_or_else(|| "-".into(), fmt_seconds);
+    let ppm = |v: Option<f64>| {
+        v.filter(|v| v.is_finite())
+            .map_or_else(|| "-".into(), |v| format!("{v:.3}"))
+    };
+    for source in sources {
+        out += &format!(
+            "{:<32} {:>3} {:>3} {:>6} {:>10} {:>10} {:>10} {:>10}\n",
+            format!("{} {}", source.name, source.address),
+            source.samples,
+            source
+                .residual_runs
+                .map_or_else(|| "-".into(), |r| r.to_string()),
+            source.span_seconds.map_or_else(|| "-".into(), fmt_span),
+            ppm(source.frequency_ppm.map(|f| f - applied_frequency_ppm)),
+            ppm(source.skew_ppm),
+            seconds(source.offset_seconds),
+            seconds(source.jitter_seconds).trim_start_matches('+'),
+        );
+    }
+    out
+}
+
+/// A span as chronyc prints it: seconds, minutes, hours or days, whichever fits.
+fn fmt_span(seconds: f64) -> String {
+    let s = seconds.max(0.0).round();
+    if s < 600.0 {
+        format!("{s:.0}s")
+    } else if s < 36_000.0 {
+        format!("{:.0}m", s / 60.0)
+    } else if s < 864_000.0 {
+        format!("{:.0}h", s / 3600.0)
+    } else {
+        format!("{:.0}d", s / 86_400.0)
+    }
 }
 
 /// Formats seconds with a unit matching their size, signed: "+12.3us", "-1.50ms".
 pub fn fmt_seconds(s: f64) -> String {
     stratum_api::node_clock::format_offset((s * 1e9).round() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(name: &str, frequency_ppm: Option<f64>) -> SourceView {
+        SourceView {
+            name: name.into(),
+            address: "192.0.2.1:123".into(),
+            state: "selected".into(),
+            offset_seconds: Some(-12e-6),
+            jitter_seconds: Some(3e-6),
+            frequency_ppm,
+            skew_ppm: Some(0.05),
+            samples: 12,
+            residual_runs: Some(7),
+            span_seconds: Some(3.0 * 3600.0 + 5.0),
+            ..SourceView::default()
+        }
+    }
+
+    #[test]
+    fn sourcestats_shows_each_regression_relative_to_the_applied_frequency() {
+        let table = sourcestats_table(&[source("ntp1", Some(-48.75)), source("ntp2", None)], -50.0);
+        let rows: Vec<Vec<&str>> = table
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows[0],
+            [
+                "Source", "NP", "NR", "Span", "Freq", "ppm", "Skew", "ppm", "Offset", "Std", "Dev"
+            ]
+        );
+        // Name, address, NP, NR, span, residual frequency, skew, offset, standard deviation.
+        assert_eq!(
+            rows[1],
+            [
+                "ntp1",
+                "192.0.2.1:123",
+                "12",
+                "7",
+                "180m",
+                "1.250",
+                "0.050",
+                "-12.0µs",
+                "3.0µs"
+            ]
+        );
+        // No estimate yet: a dash, never a made-up zero.
+        assert_eq!(rows[2][5], "-");
+    }
+
+    #[test]
+    fn spans_are_printed_in_the_largest_unit_that_keeps_them_readable() {
+        assert_eq!(fmt_span(42.4), "42s");
+        assert_eq!(fmt_span(1200.0), "20m");
+        assert_eq!(fmt_span(7.0 * 3600.0), "420m");
+        assert_eq!(fmt_span(20.0 * 3600.0), "20h");
+        assert_eq!(fmt_span(12.0 * 86_400.0), "12d");
+    }
 }

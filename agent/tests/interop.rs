@@ -176,6 +176,23 @@ fn stratumctl_views_and_query_agree_with_chrony_and_ntpsec() {
         table.lines().any(|l| l.starts_with('*')),
         "a selected source is marked: {table}"
     );
+    // sourcestats: every source's regression, its sample count in the JSON and the table.
+    let stats = agent.ctl(&["sourcestats"]);
+    let stats_table = String::from_utf8_lossy(&stats.stdout).to_string();
+    assert!(stats.status.success(), "{stats_table}");
+    assert!(stats_table.starts_with("Source "), "{stats_table}");
+    for source in sources.as_array().unwrap() {
+        let samples = source["samples"].as_u64().unwrap();
+        assert!(samples >= 1, "{source}");
+        let address = source["address"].as_str().unwrap();
+        let row = stats_table
+            .lines()
+            .find(|l| l.contains(address))
+            .unwrap_or_else(|| panic!("no row for {address}: {stats_table}"));
+        let np: u64 = row.split_whitespace().nth(2).unwrap().parse().unwrap();
+        assert_eq!(np, samples, "{row}");
+        assert!(source["residualRuns"].as_u64().unwrap() >= 1, "{source}");
+    }
 
     // `query` agrees with ntpsec's ntpdig and chronyd -Q on the same server within their
     // combined error (all on loopback: tens of microseconds). ntpdig only speaks to port 123,

@@ -105,6 +105,11 @@ pub struct SourceEstimate {
     pub jitter: f64,
     /// Samples in the regression.
     pub samples: usize,
+    /// Runs of residuals of one sign around the regression line (chronyc's NR): few runs for
+    /// many samples mean the line no longer fits them.
+    pub residual_runs: usize,
+    /// Seconds from the oldest to the newest sample in the regression.
+    pub span: f64,
     /// Time of the newest accepted sample.
     pub last_sample: ClockTime,
 }
@@ -135,6 +140,14 @@ struct PathLevel {
     delay_shift: f64,
     bias: f64,
     last_seen: ClockTime,
+}
+
+/// How the residuals' signs fall: counts and runs of one sign.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ResidualSigns {
+    positive: usize,
+    negative: usize,
+    runs: usize,
 }
 
 /// The base path's usual round trip and how far it wanders, from recent accepted points.
@@ -454,23 +467,11 @@ impl ClockFilter {
         let Some(fit) = self.fit() else {
             return false;
         };
-        let reference = self.reference_time();
-        let mut positive = 0usize;
-        let mut negative = 0usize;
-        let mut runs = 0usize;
-        let mut last_sign = None;
-        for p in &self.points {
-            let sign = p.uncorrected_offset >= fit.predict(p.time, reference);
-            if sign {
-                positive += 1;
-            } else {
-                negative += 1;
-            }
-            if last_sign != Some(sign) {
-                runs += 1;
-                last_sign = Some(sign);
-            }
-        }
+        let ResidualSigns {
+            positive,
+            negative,
+            runs,
+        } = self.residual_signs(&fit);
         if positive == 0 || negative == 0 {
             return self.points.len() >= 8;
         }
@@ -479,6 +480,26 @@ impl ClockFilter {
         let expected = 2.0 * np * nn / n + 1.0;
         let variance = (expected - 1.0) * (expected - 2.0) / (n - 1.0);
         (runs as f64) < expected - 2.0 * variance.max(0.0).sqrt()
+    }
+
+    /// The residuals' signs around `fit`, oldest point first.
+    fn residual_signs(&self, fit: &Fit) -> ResidualSigns {
+        let reference = self.reference_time();
+        let mut signs = ResidualSigns::default();
+        let mut last_sign = None;
+        for p in &self.points {
+            let sign = p.uncorrected_offset >= fit.predict(p.time, reference);
+            if sign {
+                signs.positive += 1;
+            } else {
+                signs.negative += 1;
+            }
+            if last_sign != Some(sign) {
+                signs.runs += 1;
+                last_sign = Some(sign);
+            }
+        }
+        signs
     }
 
     /// The smallest delay on the base path over the last [`FILTER_STAGES`] accepted points
@@ -625,6 +646,11 @@ impl ClockFilter {
             dispersion: self.peer_dispersion(now),
             jitter: self.jitter.max(fit.jitter),
             samples: n,
+            residual_runs: self.residual_signs(&fit).runs,
+            span: self
+                .points
+                .first()
+                .map_or(0.0, |oldest| reference.secs_since(oldest.time)),
             last_sample: reference,
         })
     }

@@ -199,6 +199,12 @@ pub struct SourceStatus {
     pub skew_ppm: Option<f64>,
     pub root_distance: Option<f64>,
     pub samples: usize,
+    /// Runs of residuals of one sign in the source's regression.
+    #[serde(default)]
+    pub residual_runs: Option<usize>,
+    /// Seconds the source's regression spans.
+    #[serde(default)]
+    pub span: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -781,6 +787,8 @@ impl System {
                     skew_ppm: estimate.map(|e| e.skew_ppm),
                     root_distance,
                     samples: s.sample_count(),
+                    residual_runs: estimate.map(|e| e.residual_runs),
+                    span: estimate.map(|e| e.span),
                 }
             })
             .collect();

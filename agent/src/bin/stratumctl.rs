@@ -15,7 +15,7 @@ use stratum_agent::delay_proxy::{self, DelayPlan};
 use stratum_agent::loadgen::{self, LatencySummary, LoadReport, LoadSpec};
 use stratum_agent::query::{SyncBound, Verdict, WaitStep, query, resolve_target};
 use stratum_agent::server::{ServerStats, TenantClients};
-use stratum_agent::status::{AgentStatus, fmt_seconds};
+use stratum_agent::status::{AgentStatus, fmt_seconds, sourcestats_table};
 use stratum_agent::wire_tap::{self, TapReport};
 
 #[derive(Parser)]
@@ -46,6 +46,9 @@ enum Command {
     Tracking,
     /// Every source with its role, reachability, offset, delay and jitter.
     Sources,
+    /// Every source's regression, as chronyc sourcestats shows it: samples (NP), residual
+    /// runs (NR), span, frequency and skew, offset and standard deviation.
+    Sourcestats,
     /// The most active clients of each tenant: requests, drops, KoDs, last seen.
     Clients {
         /// Only this tenant (`namespace/name`).
@@ -548,6 +551,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .as_deref()
                         .map(|e| format!(" (latest change rejected: {e})"))
                         .unwrap_or_default()
+                );
+            }
+        }
+        Command::Sourcestats => {
+            let s = fetch(&cli.agent).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&s.sources)?);
+            } else {
+                print!(
+                    "{}",
+                    sourcestats_table(&s.sources, s.tracking.frequency_ppm)
                 );
             }
         }
