@@ -198,14 +198,24 @@ fn main() {
         "max |offset| 1 s .. 60 s, with drift file",
         us(with_drift.max_abs_error(1.0, 60.0)),
     );
-    let public = scenarios::startup_default_poll().run();
+    // One seed of a slow-polling scenario says little (a handful of samples an hour), so
+    // this figure is the median over 20 seeds.
+    let mut public: Vec<(f64, f64)> = (0..20u64)
+        .map(|seed| {
+            let mut scenario = scenarios::startup_default_poll();
+            scenario.seed = 1000 + seed;
+            scenario.clock.seed = 2000 + seed;
+            let trace = scenario.run();
+            (
+                trace.rms_error(3600.0, 10_800.0),
+                trace.max_abs_error(3600.0, 10_800.0),
+            )
+        })
+        .collect();
+    public.sort_by(|a, b| a.0.total_cmp(&b.0));
     row(
-        "(extra) default polls 2^6..2^10: RMS / max |offset| 1 h .. 3 h",
-        format!(
-            "{} / {}",
-            us(public.rms_error(3600.0, 10_800.0)),
-            us(public.max_abs_error(3600.0, 10_800.0))
-        ),
+        "(extra) default polls 2^6..2^10, 20 seeds: median RMS / its max",
+        format!("{} / {}", us(public[10].0), us(public[10].1)),
     );
 
     println!("6. all sources lost after 1 h");

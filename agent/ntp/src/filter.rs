@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 /// Number of clock-filter stages (RFC 5905 NSTAGE).
 pub const FILTER_STAGES: usize = 8;
 /// Number of samples kept for the frequency regression.
-pub const REGRESSION_POINTS: usize = 16;
+pub const REGRESSION_POINTS: usize = 32;
 /// Popcorn-spike gate in multiples of the jitter (RFC 5905 SGATE).
 pub const SPIKE_GATE: f64 = 3.0;
 /// Dispersion of an empty stage (RFC 5905 MAXDISP), seconds.
