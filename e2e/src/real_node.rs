@@ -179,6 +179,28 @@ pub async fn run_client_pod(
     env: &[(&str, &str)],
     script: &str,
 ) -> ClientRun {
+    let env: Vec<serde_json::Value> = env
+        .iter()
+        .map(|(k, v)| serde_json::json!({"name": k, "value": v}))
+        .collect();
+    run_pod_container(
+        client,
+        namespace,
+        name,
+        serde_json::json!({"name": "client", "image": CLIENT_IMAGE, "imagePullPolicy": "Never",
+                           "command": ["sh", "-c", script], "env": env}),
+    )
+    .await
+}
+
+/// Runs `container` once in a new pod `name` on the real node and waits for it to end, as
+/// [`run_client_pod`] does, for containers that need more than a script and plain variables.
+pub async fn run_pod_container(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    container: serde_json::Value,
+) -> ClientRun {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     if pods.get_opt(name).await.ok().flatten().is_some() {
         let _ = pods.delete(name, &Default::default()).await;
@@ -189,20 +211,9 @@ pub async fn run_client_pod(
         )
         .await;
     }
-    let env: Vec<serde_json::Value> = env
-        .iter()
-        .map(|(k, v)| serde_json::json!({"name": k, "value": v}))
-        .collect();
     apply(
         &pods,
-        pod_on_real_node(
-            namespace,
-            name,
-            "ntp-client",
-            serde_json::json!({"name": "client", "image": CLIENT_IMAGE, "imagePullPolicy": "Never",
-                               "command": ["sh", "-c", script], "env": env}),
-            "Never",
-        ),
+        pod_on_real_node(namespace, name, "ntp-client", container, "Never"),
     )
     .await;
     let (run, took) = wait_for(
