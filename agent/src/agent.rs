@@ -770,9 +770,13 @@ fn publish(
         sources: source_views(state),
         failed_ports: shared.server.failed_ports(),
     };
-    shared
-        .metrics
-        .observe(state, node_offset, agreeing, min_sources);
+    shared.metrics.observe(
+        state,
+        node_offset,
+        agreeing,
+        min_sources,
+        status.tracking.last_update_ago_seconds,
+    );
     shared.beat();
     shared.status.store(Arc::new(status.clone()));
     let _ = outputs.snapshots.send(status);

@@ -2,6 +2,9 @@
 //! comes from the config's upstreams, `tenant` from its tenants, `state`/`outcome`/`code`/`result`
 //! from closed sets.
 
+use std::collections::{BTreeMap, BTreeSet};
+
+use prometheus::core::Collector;
 use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use stratum_ntp::system::{SourceState, SystemState};
 
@@ -11,12 +14,15 @@ use crate::host_daemons::{Detection, Evidence};
 /// Every metric the agent exports.
 pub struct Metrics {
     registry: Registry,
+    /// Every registered metric's name and label names, for the contract test.
+    registered: BTreeMap<String, BTreeSet<String>>,
     /// Identity.
     pub info: IntGaugeVec,
     synchronized: IntGauge,
     offset: prometheus::Gauge,
     frequency: prometheus::Gauge,
     jitter: prometheus::Gauge,
+    last_update: prometheus::Gauge,
     stratum: IntGauge,
     root_delay: prometheus::Gauge,
     root_dispersion: prometheus::Gauge,
@@ -68,12 +74,24 @@ fn state_label(state: SourceState) -> &'static str {
 }
 
 impl Metrics {
+    /// Every registered metric's name and label names.
+    pub fn registered(&self) -> &BTreeMap<String, BTreeSet<String>> {
+        &self.registered
+    }
+
     /// Creates and registers every metric.
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
+        let mut registered = BTreeMap::new();
         macro_rules! reg {
             ($m:expr) => {{
                 let m = $m;
+                for desc in m.desc() {
+                    registered.insert(
+                        desc.fq_name.clone(),
+                        desc.variable_labels.iter().cloned().collect(),
+                    );
+                }
                 registry.register(Box::new(m.clone()))?;
                 m
             }};
@@ -118,6 +136,10 @@ impl Metrics {
                 "Frequency correction in force, ppm."
             )?),
             jitter: reg!(g("stratum_agent_jitter_seconds", "System jitter.")?),
+            last_update: reg!(g(
+                "stratum_agent_last_update_timestamp_seconds",
+                "Unix time of the last clock update from the sources (0: none yet)."
+            )?),
             stratum: reg!(IntGauge::new(
                 "stratum_agent_stratum",
                 "Stratum served (16 = unsynchronized)."
@@ -206,6 +228,7 @@ impl Metrics {
                 "Configured tenant ports that could not be bound and are being retried.",
             )?),
             registry,
+            registered,
         })
         .inspect(|m| {
             m.set_config_origin(ConfigOrigin::None);
@@ -234,14 +257,20 @@ impl Metrics {
 
     /// Mirrors a system snapshot into the gauges. `node_offset` is the node clock's offset
     /// (which differs from the core's estimate for the readonly backend).
+    /// `last_update_ago` is how long ago the clock was last updated from the sources.
     pub fn observe(
         &self,
         state: &SystemState,
         node_offset: f64,
         agreeing: usize,
         min_sources: usize,
+        last_update_ago: Option<f64>,
     ) {
         self.synchronized.set(i64::from(state.synchronized));
+        // On the host's clock, which is what Prometheus compares it with (`time() - …`).
+        self.last_update.set(last_update_ago.map_or(0.0, |ago| {
+            crate::clock::host_realtime().unix_nanos() as f64 * 1e-9 - ago
+        }));
         self.offset.set(node_offset);
         self.frequency.set(state.frequency_ppm);
         self.jitter.set(state.jitter);
@@ -288,5 +317,24 @@ impl Metrics {
         encoder
             .encode_to_string(&self.registry.gather())
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn docs_contracts_lists_exactly_the_metrics_the_agent_exposes() {
+        let documented = stratum_api::contracts::documented_metrics(
+            include_str!("../../docs/contracts.md"),
+            "stratum_agent_",
+        );
+        let problems = stratum_api::contracts::metric_differences(
+            Metrics::new().unwrap().registered(),
+            &documented,
+        );
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
     }
 }

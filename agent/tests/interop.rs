@@ -79,6 +79,20 @@ fn agent_converges_on_four_chronyd_and_becomes_ready() {
         metrics.contains("clock=\"simulated\""),
         "the system clock backend is never used in tests"
     );
+    // The last update is recent on the host's clock, which is what alerts compare it with.
+    let last_update: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("stratum_agent_last_update_timestamp_seconds "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("stratum_agent_last_update_timestamp_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (0.0..120.0).contains(&(now - last_update)),
+        "last update {last_update}, now {now}"
+    );
     assert_eq!(agent.get_metrics_port("/healthz").unwrap().0, 200);
 }
 

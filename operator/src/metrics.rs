@@ -1,17 +1,24 @@
 //! Operator metrics. Labels are bounded: controller name and error category, never object
 //! names.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
+use prometheus::core::Collector;
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 // Names and labels are docs/contracts.md's: the chart's dashboard and alerts query them.
+
+/// Prefix of every operator metric name.
+const PREFIX: &str = "stratum_operator";
 
 /// Every metric the operator exports.
 #[derive(Clone, Debug)]
 pub struct Metrics {
     /// The registry `/metrics` renders.
     pub registry: Registry,
+    /// Every registered metric's full name and label names, for the contract test.
+    registered: BTreeMap<String, BTreeSet<String>>,
     reconciles: IntCounterVec,
     failures: IntCounterVec,
     duration: HistogramVec,
@@ -31,7 +38,7 @@ pub struct Metrics {
 impl Metrics {
     /// Registers every metric in a fresh registry.
     pub fn new() -> Result<Self, prometheus::Error> {
-        let registry = Registry::new_custom(Some("stratum_operator".into()), None)?;
+        let registry = Registry::new_custom(Some(PREFIX.into()), None)?;
         let reconciles = IntCounterVec::new(
             Opts::new("reconciliations_total", "Reconciliations run"),
             &["controller"],
@@ -71,16 +78,29 @@ impl Metrics {
             .buckets(vec![0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
         )?;
         let leader = IntGauge::new("leader", "1 while this replica is the leader")?;
-        registry.register(Box::new(reconciles.clone()))?;
-        registry.register(Box::new(failures.clone()))?;
-        registry.register(Box::new(duration.clone()))?;
-        registry.register(Box::new(tenants.clone()))?;
-        registry.register(Box::new(allow_list_size.clone()))?;
-        registry.register(Box::new(config_writes.clone()))?;
-        registry.register(Box::new(config_propagation.clone()))?;
-        registry.register(Box::new(leader.clone()))?;
+        let collectors: [Box<dyn Collector>; 8] = [
+            Box::new(reconciles.clone()),
+            Box::new(failures.clone()),
+            Box::new(duration.clone()),
+            Box::new(tenants.clone()),
+            Box::new(allow_list_size.clone()),
+            Box::new(config_writes.clone()),
+            Box::new(config_propagation.clone()),
+            Box::new(leader.clone()),
+        ];
+        let mut registered = BTreeMap::new();
+        for collector in collectors {
+            for desc in collector.desc() {
+                registered.insert(
+                    format!("{PREFIX}_{}", desc.fq_name),
+                    desc.variable_labels.iter().cloned().collect(),
+                );
+            }
+            registry.register(collector)?;
+        }
         Ok(Self {
             registry,
+            registered,
             reconciles,
             failures,
             duration,
@@ -90,6 +110,11 @@ impl Metrics {
             config_propagation,
             leader,
         })
+    }
+
+    /// Every registered metric's full name and label names.
+    pub fn registered(&self) -> &BTreeMap<String, BTreeSet<String>> {
+        &self.registered
     }
 
     /// Counts a reconcile of `controller` and times it until the guard drops.
@@ -136,6 +161,19 @@ impl Drop for ReconcileTimer {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn docs_contracts_lists_exactly_the_metrics_the_operator_exposes() {
+        let documented = stratum_api::contracts::documented_metrics(
+            include_str!("../../docs/contracts.md"),
+            "stratum_operator_",
+        );
+        let problems = stratum_api::contracts::metric_differences(
+            Metrics::new().unwrap().registered(),
+            &documented,
+        );
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
 
     #[test]
     fn errors_are_counted_by_bounded_category() {
