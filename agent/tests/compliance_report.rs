@@ -800,3 +800,258 @@ fn the_report_time_fields_are_rfc3339() {
         t.parse::<Timestamp>().unwrap();
     }
 }
+
+// ---- the chart's audit policy -------------------------------------------------------------
+
+/// One request as an audit policy sees it.
+struct Req<'a> {
+    user: &'a str,
+    verb: &'a str,
+    group: &'a str,
+    resource: &'a str,
+    namespace: &'a str,
+    name: &'a str,
+}
+
+/// The level the policy's first matching rule gives `r` (the API server's semantics: empty
+/// lists match everything; a GroupResources without resources matches the whole group).
+fn level(policy: &Value, r: &Req) -> String {
+    let has = |list: &Value, v: &str| {
+        list.as_array()
+            .is_none_or(|l| l.is_empty() || l.iter().any(|x| x == v))
+    };
+    for rule in policy["rules"].as_array().unwrap() {
+        let resources_match = rule["resources"].as_array().is_none_or(|gs| {
+            gs.iter().any(|g| {
+                g["group"].as_str().unwrap_or("") == r.group
+                    && has(&g["resources"], r.resource)
+                    && has(&g["resourceNames"], r.name)
+            })
+        });
+        if has(&rule["users"], r.user)
+            && has(&rule["verbs"], r.verb)
+            && has(&rule["namespaces"], r.namespace)
+            && resources_match
+        {
+            return rule["level"].as_str().unwrap().to_owned();
+        }
+    }
+    "None".to_owned()
+}
+
+#[test]
+fn the_chart_audit_policy_records_time_configuration_and_never_secret_content() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../charts/stratum/files/audit-policy.yaml");
+    let policy: Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(policy["apiVersion"], "audit.k8s.io/v1");
+    assert_eq!(policy["kind"], "Policy");
+    assert!(
+        policy["omitStages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s == "RequestReceived")
+    );
+    let operator = "system:serviceaccount:stratum-system:stratum-operator";
+    let req = |user, verb, group, resource, namespace, name| Req {
+        user,
+        verb,
+        group,
+        resource,
+        namespace,
+        name,
+    };
+    let cases = [
+        // The configuration, by anyone, with the objects: what `report --audit-log` diffs.
+        (
+            req(
+                "alice",
+                "patch",
+                "stratum.io",
+                "timeservices",
+                "",
+                "cluster",
+            ),
+            "RequestResponse",
+        ),
+        (
+            req(
+                "bob",
+                "create",
+                "stratum.io",
+                "tenanttimepolicies",
+                "team-a",
+                "ntp",
+            ),
+            "RequestResponse",
+        ),
+        (
+            req(
+                "mallory",
+                "update",
+                "stratum.io",
+                "tenanttimepolicies",
+                "team-a",
+                "ntp",
+            ),
+            "RequestResponse",
+        ),
+        (
+            req(
+                "alice",
+                "delete",
+                "stratum.io",
+                "timeservices",
+                "",
+                "cluster",
+            ),
+            "RequestResponse",
+        ),
+        // The operator's children in its namespace, whoever writes them.
+        (
+            req(
+                operator,
+                "patch",
+                "apps",
+                "daemonsets",
+                "stratum-system",
+                "cluster-agent",
+            ),
+            "RequestResponse",
+        ),
+        (
+            req(
+                "alice",
+                "update",
+                "",
+                "configmaps",
+                "stratum-system",
+                "cluster-agent-config",
+            ),
+            "RequestResponse",
+        ),
+        (
+            req(operator, "patch", "", "services", "team-a", "ntp"),
+            "RequestResponse",
+        ),
+        (
+            req(
+                operator,
+                "patch",
+                "networking.k8s.io",
+                "networkpolicies",
+                "stratum-system",
+                "x",
+            ),
+            "RequestResponse",
+        ),
+        (
+            req("alice", "patch", "", "configmaps", "team-a", "time-config"),
+            "RequestResponse",
+        ),
+        (
+            req(
+                "alice",
+                "patch",
+                "rbac.authorization.k8s.io",
+                "clusterrolebindings",
+                "",
+                "x",
+            ),
+            "RequestResponse",
+        ),
+        // Churn: who and when only.
+        (
+            req(
+                operator,
+                "patch",
+                "discovery.k8s.io",
+                "endpointslices",
+                "team-a",
+                "ntp-stratum-ipv4",
+            ),
+            "Metadata",
+        ),
+        // Secrets: never their content.
+        (
+            req("alice", "update", "", "secrets", "team-a", "ntp-keys"),
+            "Metadata",
+        ),
+        (
+            req("alice", "get", "", "secrets", "team-a", "ntp-keys"),
+            "None",
+        ),
+        // Noise and state.
+        (
+            req(
+                "system:serviceaccount:stratum-system:cluster-agent",
+                "patch",
+                "stratum.io",
+                "nodeclocks/status",
+                "",
+                "node-a",
+            ),
+            "None",
+        ),
+        (
+            req(
+                operator,
+                "patch",
+                "stratum.io",
+                "timeservices/status",
+                "",
+                "cluster",
+            ),
+            "None",
+        ),
+        (
+            req(
+                operator,
+                "create",
+                "events.k8s.io",
+                "events",
+                "default",
+                "x",
+            ),
+            "None",
+        ),
+        (
+            req(
+                operator,
+                "update",
+                "coordination.k8s.io",
+                "leases",
+                "stratum-system",
+                "stratum-operator-leader",
+            ),
+            "None",
+        ),
+        (
+            req("alice", "list", "stratum.io", "timeservices", "", ""),
+            "None",
+        ),
+        (
+            req("alice", "watch", "", "configmaps", "stratum-system", ""),
+            "None",
+        ),
+        // Other people's objects.
+        (
+            req("carol", "patch", "", "configmaps", "team-b", "app-config"),
+            "None",
+        ),
+    ];
+    for (r, want) in cases {
+        assert_eq!(
+            level(&policy, &r),
+            want,
+            "{} {} {}/{} {}/{}",
+            r.user,
+            r.verb,
+            r.group,
+            r.resource,
+            r.namespace,
+            r.name
+        );
+    }
+}

@@ -14,8 +14,8 @@ use k8s_openapi::jiff::Timestamp;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::diff;
 use super::model::{Baseline, ChangeOutcome, ChangeRecord, LineProblem};
+use stratum_api::diff;
 
 /// Longest audit line read; longer ones are reported and skipped. An object of Stratum's kinds
 /// is bounded by the API server's request limit (3 MiB) and, in practice, far smaller.
@@ -574,9 +574,9 @@ mod tests {
                 ("metadata.name".into(), None, Some("\"p\"".into())),
                 ("metadata.namespace".into(), None, Some("\"a\"".into())),
                 (
-                    "spec.allowedClients[0].ipBlock.cidr".into(),
+                    "spec.allowedClients[0]".into(),
                     None,
-                    Some("\"10.0.0.0/24\"".into())
+                    Some("{\"ipBlock\":{\"cidr\":\"10.0.0.0/24\"}}".into())
                 ),
             ]
         );

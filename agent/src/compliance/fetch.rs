@@ -239,7 +239,7 @@ pub fn event_record(e: Event) -> Option<ChangeRecord> {
         baseline: Baseline::Unknown,
         fields: Vec::new(),
         fields_omitted: 0,
-        note: e.message.map(|m| super::diff::cut(&m, 1000)),
+        note: e.message.map(|m| stratum_api::diff::cut(&m, 1000)),
         source_line: None,
         audit_id: None,
     })

@@ -9,7 +9,6 @@
 
 pub mod audit_log;
 pub mod builder;
-pub mod diff;
 pub mod fetch;
 pub mod markdown;
 pub mod model;

@@ -4,7 +4,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use super::diff::FieldChange;
+pub use stratum_api::diff::FieldChange;
 
 /// Version of the report's JSON shape; bumped on any incompatible change.
 pub const REPORT_VERSION: u32 = 1;

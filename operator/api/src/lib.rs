@@ -8,6 +8,7 @@
 
 pub mod agent_config;
 pub mod common;
+pub mod diff;
 pub mod node_clock;
 pub mod tenant_time_policy;
 pub mod time_service;

@@ -1,7 +1,10 @@
-//! Field-level differences between two versions of a Kubernetes object, as a reviewer reads
-//! them (`spec.upstreams[0].host: "a" → "b"`), with secrets redacted and bookkeeping fields
-//! (status, managedFields, resourceVersion, …) left out: they change on every write and say
-//! nothing about who changed what.
+//! Field-level differences between two versions of a Kubernetes object or of the agent config,
+//! as a reviewer reads them (`spec.upstreams[0].host: "a" → "b"`), with secrets redacted and
+//! bookkeeping fields (status, managedFields, resourceVersion, …) left out: they change on
+//! every write and say nothing about who changed what.
+//!
+//! One notation for the whole audit trail: the operator's change Events and `stratumctl
+//! report`'s diffs of audit log records both use it.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -110,6 +113,16 @@ fn walk<'a>(
     if old == new || ignored(path) {
         return;
     }
+    // An array element that appears or goes is one change with its whole (redacted) value:
+    // `upstreams[2]: {"host":"c.example",...}` reads better than each of its leaves.
+    if matches!(path.last(), Some(Segment::Index(_))) && (old.is_none() || new.is_none()) {
+        out.push(FieldChange {
+            path: render_path(path),
+            old: old.map(|v| render_value(v, secret)),
+            new: new.map(|v| render_value(v, secret)),
+        });
+        return;
+    }
     let mut descend = |path: &mut Vec<Segment<'a>>, seg, o, n, secret| {
         path.push(seg);
         walk(path, o, n, secret, out);
@@ -199,13 +212,34 @@ fn render_path(path: &[Segment<'_>]) -> String {
     out
 }
 
-/// Compact JSON of a value, redacted when secret, cut at [`MAX_VALUE_CHARS`].
+/// Compact JSON of a value, redacted when secret (and, inside it, under every secret-looking
+/// key), cut at [`MAX_VALUE_CHARS`].
 pub fn render_value(value: &Value, secret: bool) -> String {
     if secret {
         return REDACTED.to_owned();
     }
-    let text = value.to_string();
+    let text = redacted(value).to_string();
     cut(&text, MAX_VALUE_CHARS)
+}
+
+/// `value` with the value of every secret-looking key replaced by [`REDACTED`].
+pub fn redacted(value: &Value) -> Value {
+    match value {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| {
+                    let v = if is_sensitive(k) {
+                        Value::String(REDACTED.to_owned())
+                    } else {
+                        redacted(v)
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(redacted).collect()),
+        other => other.clone(),
+    }
 }
 
 /// `text` cut to at most `max` characters, the cut marked with how much was left out.
@@ -239,7 +273,7 @@ mod tests {
             [
                 ("spec.gone", Some("true"), None),
                 ("spec.upstreams[0].host", Some("\"a\""), Some("\"b\"")),
-                ("spec.upstreams[1].host", None, Some("\"c\"")),
+                ("spec.upstreams[1]", None, Some("{\"host\":\"c\"}")),
             ]
         );
     }
@@ -276,6 +310,21 @@ mod tests {
                 "{secret} leaked: {text}"
             );
         }
+    }
+
+    #[test]
+    fn a_whole_array_element_is_shown_with_its_secrets_redacted() {
+        let old = json!({"spec": {"peers": []}});
+        let new = json!({"spec": {"peers": [{"host": "a", "auth": {"keyData": "hunter2"}}]}});
+        let d = diff(Some(&old), Some(&new));
+        assert_eq!(
+            paths(&d),
+            [(
+                "spec.peers[0]",
+                None,
+                Some("{\"auth\":{\"keyData\":\"<redacted>\"},\"host\":\"a\"}")
+            )]
+        );
     }
 
     #[test]
