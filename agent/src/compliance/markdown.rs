@@ -306,7 +306,9 @@ fn render_into(o: &mut String, r: &Report) -> std::fmt::Result {
         };
         let outcome = match &rec.outcome {
             ChangeOutcome::Applied => "applied".to_owned(),
-            ChangeOutcome::Refused { code, reason } => format!("**REFUSED** {code} {reason}"),
+            ChangeOutcome::Refused { code, reason } => {
+                format!("**REFUSED** {code} {reason}").trim_end().to_owned()
+            }
             ChangeOutcome::Observed => "observed".to_owned(),
         };
         let head = format!(
