@@ -16,6 +16,9 @@
 #          image.tag move both images; pull secrets reach the operator pods and the agents;
 #          agent.priorityClassName reaches the operator's --agent-priority-class
 #       7. shellcheck of the chart's scripts (when shellcheck is installed)
+#       8. audit policy: files/audit-policy.yaml is an audit.k8s.io/v1 Policy that records
+#          stratum.io changes at RequestResponse and secrets at Metadata at most (its rules are
+#          evaluated request by request in `cargo test -p stratum-agent --test compliance_report`)
 #   scripts/chart-check.sh metrics URL|FILE...
 #       promtool check metrics on real /metrics output (an agent's or the operator's)
 #   scripts/chart-check.sh dashboard-queries PROMETHEUS_URL
@@ -283,6 +286,11 @@ agent_priority_class() {
     die "agent.priorityClassName empty"
 }
 
+audit_policy() {
+  step "audit policy: files/audit-policy.yaml"
+  python3 "$TOOLS" audit-policy "$CHART/files/audit-policy.yaml" || die "files/audit-policy.yaml"
+}
+
 cmd_all() {
   local check=0 helm
   case ${1:-} in
@@ -303,6 +311,7 @@ cmd_all() {
   dashboard
   dashboard_fixtures
   shellchecks
+  audit_policy
   printf '\nchart-check: all checks passed\n'
 }
 

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod clock;
+pub mod compliance;
 pub mod config_cache;
 pub mod config_source;
 pub mod delay_proxy;

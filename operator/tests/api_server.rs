@@ -397,6 +397,9 @@ async fn tenant_service_slices_and_time_config_are_applied_in_its_namespace_with
             json!({}),
         )
         .await;
+        // The first pass reads the time zone in force: the baseline of TimezoneChanged Events.
+        v.expect_get_not_found("/api/v1/namespaces/team-a/configmaps/time-config")
+            .await;
         let cm = v
             .expect_apply(
                 "/api/v1/namespaces/team-a/configmaps/time-config",

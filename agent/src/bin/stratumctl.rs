@@ -156,6 +156,38 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// A compliance report of time synchronization for a period (PCI DSS 10.6.1-10.6.3, ISO
+    /// 27001:2022 A.8.17), from the cluster (your kubeconfig), optionally Prometheus and the
+    /// API server's audit log. Missing evidence makes a control "not evidenced", never a pass.
+    Report {
+        /// Start of the period, RFC 3339 (default: --period before --until).
+        #[arg(long)]
+        since: Option<k8s_openapi::jiff::Timestamp>,
+        /// End of the period, RFC 3339 (default: now).
+        #[arg(long)]
+        until: Option<k8s_openapi::jiff::Timestamp>,
+        /// Length of the period when --since is not given, a Go duration ("24h", "168h").
+        #[arg(long, default_value = "24h")]
+        period: kube::core::Duration,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = ReportFormat::Markdown)]
+        output: ReportFormat,
+        /// Prometheus base URL (http://HOST:PORT) for accuracy over the period; without it,
+        /// accuracy is the NodeClocks' at this point in time.
+        #[arg(long)]
+        prometheus: Option<String>,
+        /// The API server's audit log (JSON lines, audit.k8s.io/v1) for who changed what;
+        /// without it, the operator's Events (no user, short-lived).
+        #[arg(long)]
+        audit_log: Option<std::path::PathBuf>,
+        /// Time a node may be unsynchronized (or unreported) in the period and still pass, a Go
+        /// duration.
+        #[arg(long, default_value = "0s")]
+        allowed_unsynchronized: kube::core::Duration,
+        /// Print the JSON Schema of `-o json` and exit.
+        #[arg(long)]
+        schema: bool,
+    },
     /// Query an NTP server once: offset, delay, stratum, reference, leap.
     Query {
         /// HOST[:PORT], port 123 by default.
@@ -181,10 +213,72 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Report {
+            since,
+            until,
+            period,
+            output,
+            prometheus,
+            audit_log,
+            allowed_unsynchronized,
+            schema,
+        } => {
+            use stratum_agent::compliance;
+            if schema {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&compliance::json_schema())?
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            anyhow::ensure!(
+                !period.is_negative() && !allowed_unsynchronized.is_negative(),
+                "--period and --allowed-unsynchronized must not be negative"
+            );
+            let until = until.unwrap_or_else(k8s_openapi::jiff::Timestamp::now);
+            let since = match since {
+                Some(s) => s,
+                None => until
+                    .checked_sub(k8s_openapi::jiff::SignedDuration::try_from(
+                        std::time::Duration::from(period),
+                    )?)
+                    .context("--period reaches before the year -9999")?,
+            };
+            anyhow::ensure!(
+                since < until,
+                "--since ({since}) must be before --until ({until})"
+            );
+            let request = compliance::fetch::Request {
+                since,
+                until,
+                prometheus,
+                audit_log,
+                allowed_unsynchronized_seconds: std::time::Duration::from(allowed_unsynchronized)
+                    .as_secs_f64(),
+            };
+            let evidence = compliance::fetch::gather(&request).await?;
+            for e in [
+                &evidence.metrics.as_ref().err(),
+                &evidence.rbac.as_ref().err(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                eprintln!("report: missing evidence: {e}");
+            }
+            let report = compliance::build(&evidence);
+            match output {
+                ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                ReportFormat::Markdown => print!("{}", compliance::markdown::render(&report)),
+            }
+        }
         Command::Clients { tenant, limit } => {
             let mut path = format!("/clients?limit={limit}");
             if let Some(t) = &tenant {
-                path.push_str(&format!("&tenant={}", percent_encode(t)));
+                path.push_str(&format!(
+                    "&tenant={}",
+                    stratum_agent::compliance::prometheus::percent_encode(t)
+                ));
             }
             let tenants: Vec<TenantClients> = fetch_json(&cli.agent, &path).await?;
             if cli.json {
@@ -602,6 +696,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `report -o`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ReportFormat {
+    /// For people.
+    Markdown,
+    /// For SIEM pipelines; its schema is `report --schema`.
+    Json,
+}
+
 /// `bench --json`: the load report, plus the tap's when `--in-server` asked for it.
 #[derive(serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -666,17 +769,6 @@ fn print_load_report(r: &LoadReport) {
         r.loss_ratio * 100.0
     );
     println!("Latency         : {}", quantiles_us(&r.latency));
-}
-
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// GETs the agent's status over plain HTTP/1.1 on loopback.

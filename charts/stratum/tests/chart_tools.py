@@ -22,6 +22,9 @@
                                     in MANIFESTS (e.g. `kubectl get ... -o yaml`): a Prometheus
                                     config OUT discovering pods from the file_sd file TARGETS,
                                     and the rule groups in RULES (the e2e stack's Prometheus)
+  audit-policy FILE                 fail unless FILE is an audit.k8s.io/v1 Policy that omits
+                                    RequestReceived, records stratum.io time configuration at
+                                    RequestResponse and never records Secrets above Metadata
 
 Only the standard library and PyYAML (Debian: python3-yaml).
 """
@@ -325,6 +328,39 @@ def cmd_prometheus_config(manifests, targets, rules_out, out):
     print(f"  {len(jobs)} scrape jobs, {len(groups)} rule groups")
 
 
+def cmd_audit_policy(path):
+    with open(path) as f:
+        policy = yaml.safe_load(f)
+    if not isinstance(policy, dict):
+        fail(f"{path}: not a YAML mapping")
+    if policy.get("apiVersion") != "audit.k8s.io/v1" or policy.get("kind") != "Policy":
+        fail(f"{path}: not an audit.k8s.io/v1 Policy")
+    if "RequestReceived" not in (policy.get("omitStages") or []):
+        fail(f"{path}: RequestReceived is not omitted")
+    rules = policy.get("rules") or []
+    levels = {"None", "Metadata", "Request", "RequestResponse"}
+    for i, rule in enumerate(rules):
+        if rule.get("level") not in levels:
+            fail(f"{path}: rule {i} has level {rule.get('level')!r}")
+    def first_level(group, resource):
+        for rule in rules:
+            res = rule.get("resources")
+            if rule.get("users") or rule.get("namespaces") or rule.get("verbs") and "patch" not in rule["verbs"]:
+                continue
+            if res is None or any(
+                r.get("group", "") == group and (not r.get("resources") or resource in r["resources"]) and not r.get("resourceNames")
+                for r in res
+            ):
+                return rule["level"]
+        return "None"
+    for resource in ("timeservices", "tenanttimepolicies"):
+        if first_level("stratum.io", resource) != "RequestResponse":
+            fail(f"{path}: a patch of {resource} is not recorded at RequestResponse")
+    if first_level("", "secrets") not in ("None", "Metadata"):
+        fail(f"{path}: Secrets would be recorded with their content")
+    print(f"{path}: {len(rules)} rules")
+
+
 COMMANDS = {
     "manifests": cmd_manifests,
     "rule-file": cmd_rule_file,
@@ -336,6 +372,7 @@ COMMANDS = {
     "dashboard-rules": cmd_dashboard_rules,
     "dashboard-check": cmd_dashboard_check,
     "prometheus-config": cmd_prometheus_config,
+    "audit-policy": cmd_audit_policy,
 }
 
 if __name__ == "__main__":

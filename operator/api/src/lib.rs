@@ -9,6 +9,7 @@
 pub mod agent_config;
 pub mod common;
 pub mod contracts;
+pub mod diff;
 pub mod node_clock;
 pub mod tenant_time_policy;
 pub mod time_service;

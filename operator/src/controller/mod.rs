@@ -81,6 +81,9 @@ pub struct Context {
     pub coalescer: Mutex<Coalescer>,
     /// Last agent config written per TimeService: the baseline of the audit trail.
     pub last_config: Mutex<HashMap<String, AgentConfig>>,
+    /// Last `TZ` applied per tenant (`namespace/name`; `None`: unset): the baseline of its
+    /// time zone Events.
+    pub last_timezone: Mutex<HashMap<String, Option<String>>>,
     /// Revision written per TimeService and when, until every agent reports it.
     pub propagation: Mutex<HashMap<String, (String, Instant)>>,
     /// Consecutive transient failures per object, for exponential backoff.
@@ -110,6 +113,7 @@ impl Context {
             recorder,
             coalescer: Mutex::new(Coalescer::new(Duration::from_secs(1))),
             last_config: Mutex::new(HashMap::new()),
+            last_timezone: Mutex::new(HashMap::new()),
             propagation: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
             network_policies: Mutex::new(HashMap::new()),

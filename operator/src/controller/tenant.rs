@@ -13,7 +13,10 @@ use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use stratum_api::TenantTimePolicy;
 
+use k8s_openapi::api::core::v1::ConfigMap;
+
 use super::{Context, RESYNC, apply_namespaced, apply_params, delete_child, lock};
+use crate::build::audit;
 use crate::build::status::{TenantObservation, tenant_status};
 use crate::error::{Error, Result};
 
@@ -62,8 +65,27 @@ pub async fn reconcile(
             apply_namespaced(&ctx.client, slice).await?;
         }
         if let Some(time_config) = &plan.time_config {
+            let id = crate::names::tenant_id(&ns, &name);
+            let before = timezone_baseline(&ctx, &id, time_config).await?;
             apply_namespaced(&ctx.client, time_config).await?;
+            let after = time_config.data.as_ref().and_then(|d| d.get("TZ")).cloned();
+            if let Some(change) =
+                audit::timezone_change(&id, before.as_ref().map(Option::as_deref), after.as_deref())
+            {
+                tracing::info!(tenant = %id, note = %change.note(), "time zone changed");
+                ctx.event(
+                    &tenant.object_ref(&()),
+                    EventType::Normal,
+                    change.reason(),
+                    change.note(),
+                )
+                .await;
+            }
+            lock(&ctx.last_timezone).insert(id, after);
         }
+    }
+    if plan.refused.is_some() || plan.time_config.is_none() {
+        lock(&ctx.last_timezone).remove(&crate::names::tenant_id(&ns, &name));
     }
     // After the apply: what this tenant had and its plan no longer has (a refusal, a lost
     // TimeService, a renamed Service) goes, so nothing routes to a port that is not its own.
@@ -127,6 +149,28 @@ pub async fn reconcile(
     } else {
         Action::requeue(RESYNC)
     })
+}
+
+/// The `TZ` the tenant's `time-config` had before this pass: the last one applied, or on the
+/// first pass since start the one in the cluster (`None`: no `time-config` yet).
+async fn timezone_baseline(
+    ctx: &Context,
+    id: &str,
+    time_config: &ConfigMap,
+) -> Result<Option<Option<String>>> {
+    if let Some(known) = lock(&ctx.last_timezone).get(id) {
+        return Ok(Some(known.clone()));
+    }
+    let ns = time_config
+        .metadata
+        .namespace
+        .as_deref()
+        .unwrap_or_default();
+    let name = time_config.metadata.name.as_deref().unwrap_or_default();
+    let current = Api::<ConfigMap>::namespaced(ctx.client.clone(), ns)
+        .get_opt(name)
+        .await?;
+    Ok(current.map(|cm| cm.data.and_then(|mut d| d.remove("TZ"))))
 }
 
 /// Error policy: user errors wait for a change; transient ones back off.

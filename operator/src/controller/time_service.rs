@@ -239,8 +239,10 @@ async fn write_config(
     for change in audit::changes(previous.as_ref(), config) {
         let reference = match &change {
             Change::TenantClients { id, .. }
+            | Change::TenantSettings { id, .. }
             | Change::TenantAdded { id, .. }
-            | Change::TenantRemoved { id } => match tenants.get(id) {
+            | Change::TenantRemoved { id }
+            | Change::Timezone { id, .. } => match tenants.get(id) {
                 Some((ns, tenant, uid)) => tenant_reference(ns, tenant, uid.as_deref()),
                 None => ts_ref.clone(),
             },
