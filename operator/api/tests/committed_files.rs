@@ -147,12 +147,36 @@ fn every_example_parses_and_passes_the_crd_rules() {
     assert_eq!(
         files,
         [
+            // Client-side recipes: run as written by the e2e test `client_recipes`.
+            "clients",
             "tenant-cross-namespace.yaml",
             "tenant-own-namespace.yaml",
             "timeservice.yaml"
         ],
         "an example has no test"
     );
+}
+
+#[test]
+fn every_client_recipe_is_listed_in_its_readme_and_its_yaml_parses() {
+    let dir = repo_root().join("examples/clients");
+    let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name == "README.md" {
+            continue;
+        }
+        assert!(
+            readme.contains(&format!("[`{name}`]({name})")),
+            "examples/clients/README.md does not list {name}"
+        );
+        if name.ends_with(".yaml") {
+            let text = std::fs::read_to_string(dir.join(&name)).unwrap();
+            let doc: serde_yaml::Value = serde_yaml::from_str(&text)
+                .unwrap_or_else(|e| panic!("examples/clients/{name}: {e}"));
+            assert!(doc["kind"].is_string(), "{name} names no kind");
+        }
+    }
 }
 
 #[test]
