@@ -248,6 +248,34 @@ pub async fn run_pod_container(
     run
 }
 
+/// What a client pod that ran ntpdig and then `chronyd -Q` left in its termination message:
+/// ntpdig's JSON report on the first line, chronyd's "System clock wrong by X seconds" on the
+/// next. Panics, naming what is missing, when either is absent; asserts that ntpdig got valid
+/// time (a real stratum, |offset| < 50 ms).
+pub fn ntpdig_and_chrony_offset(run: &ClientRun) -> (serde_json::Value, f64) {
+    let mut lines = run.message.lines().filter(|l| !l.trim().is_empty());
+    let dig: serde_json::Value = lines
+        .next()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no ntpdig report: {}", run.message));
+    assert!(
+        dig["stratum"]
+            .as_u64()
+            .is_some_and(|s| (2..16).contains(&s))
+            && dig["offset"].as_f64().is_some_and(|o| o.abs() < 0.05),
+        "ntpdig got no valid time: {dig}"
+    );
+    let chrony = lines
+        .next()
+        .unwrap_or_else(|| panic!("no chronyd -Q output: {}", run.message));
+    let offset = chrony
+        .strip_prefix("System clock wrong by ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|o| o.parse().ok())
+        .unwrap_or_else(|| panic!("chronyd -Q measured nothing: {chrony}"));
+    (dig, offset)
+}
+
 /// Why the kubelet failed a pod before any container ran (admission refused it or evicted it:
 /// disk or memory pressure, no room), if it did. A container that ran and exited leaves
 /// `reason` unset, so a client pod's own exit code is not mistaken for this.

@@ -65,26 +65,7 @@ chronyd -d -Q -t 20 -u root -f /tmp/chrony.conf >/tmp/chrony 2>&1
     )
     .await;
     assert_eq!(run.exit_code, 0, "recipes pod: {}", run.message);
-    let mut lines = run.message.lines().filter(|l| !l.trim().is_empty());
-    let dig: serde_json::Value = lines
-        .next()
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| panic!("no ntpdig report: {}", run.message));
-    assert!(
-        dig["stratum"]
-            .as_u64()
-            .is_some_and(|s| (2..16).contains(&s))
-            && dig["offset"].as_f64().is_some_and(|o| o.abs() < 0.05),
-        "ntpdig at ntp.conf's server got no valid time: {dig}"
-    );
-    let chrony = lines
-        .next()
-        .unwrap_or_else(|| panic!("no chronyd output: {}", run.message));
-    let offset: f64 = chrony
-        .strip_prefix("System clock wrong by ")
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|o| o.parse().ok())
-        .unwrap_or_else(|| panic!("chronyd with chrony.conf measured nothing: {chrony}"));
+    let (dig, offset) = ntpdig_and_chrony_offset(&run);
     assert!(offset.abs() < 0.05, "chronyd with chrony.conf: {offset} s");
     eprintln!("recipes: ntpdig {dig}; chronyd -Q with chrony.conf: offset {offset:+.6} s");
 
