@@ -201,6 +201,8 @@ cmd_up() {
   # --bind-address: the host's address on the test bridge (in the serving cert), reachable from the
   # host itself and from every namespace on the bridge: the real node's kubelet, kube-proxy and
   # CoreDNS, and pods through the `kubernetes` Service. Never a real interface's address.
+  # --audit-policy-file: the chart's policy, as users install it (issue 18); the log is
+  # $RUN/logs/audit.log, which e2e/tests/compliance.rs reads through `stratumctl report`.
   # --advertise-address: the apiserver wants a non-loopback address for the `kubernetes` Service's
   # endpoints; the host's own bridge address in the (blackholed) node range keeps that inside the
   # test ranges and makes the apiserver independent of a default route.
@@ -220,7 +222,9 @@ cmd_up() {
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
     --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
     --service-cluster-ip-range="$E2E_SVC_RANGE" \
-    --authorization-mode=Node,RBAC --allow-privileged=true --profiling=false
+    --authorization-mode=Node,RBAC --allow-privileged=true --profiling=false \
+    --audit-policy-file="$E2E_SCRIPTS_DIR/../../charts/stratum/files/audit-policy.yaml" \
+    --audit-log-path="$RUN/logs/audit.log" --audit-log-maxsize=200 --audit-log-maxbackup=1
   wait_ready kube-apiserver "kube-apiserver /readyz" 90 kc get --raw=/readyz
 
   local common=(--bind-address=127.0.0.1 --leader-elect=false --profiling=false)
