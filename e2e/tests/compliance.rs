@@ -64,6 +64,27 @@ async fn client_as(token: &str) -> Client {
     Client::try_from(config).unwrap()
 }
 
+/// Deletes this test's TimeService and RBAC objects when the test ends, passed or failed: a
+/// second TimeService makes every tenant without a `timeServiceRef` ambiguous, so the tests
+/// after this one would find their tenants unserved. Blocking, so it also runs while a failed
+/// assertion unwinds.
+struct Cleanup;
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for (kind, name) in [
+            ("timeservice", TS),
+            ("clusterrolebinding", EDITOR),
+            ("clusterrole", EDITOR),
+        ] {
+            let _ = std::process::Command::new("kubectl")
+                .args(["delete", kind, name, "--ignore-not-found", "--wait=true"])
+                .args(["--timeout=60s"])
+                .status();
+        }
+    }
+}
+
 fn merge(value: serde_json::Value) -> Patch<serde_json::Value> {
     Patch::Merge(value)
 }
@@ -83,9 +104,11 @@ async fn the_report_names_who_changed_what_and_the_refused_attempt_from_the_audi
     apply_tenant(
         &client,
         NS,
-        serde_json::json!({"allowedClients": [{"ipBlock": {"cidr": "192.0.2.0/24"}}]}),
+        serde_json::json!({"timeServiceRef": SHARED_TIME_SERVICE,
+                           "allowedClients": [{"ipBlock": {"cidr": "192.0.2.0/24"}}]}),
     )
     .await;
+    let _cleanup = Cleanup;
     let time_services: Api<TimeService> = Api::all(client.clone());
     apply(
         &time_services,
