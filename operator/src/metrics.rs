@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use prometheus::core::Collector;
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 // Names and labels are docs/contracts.md's: the chart's dashboard and alerts query them.
 
@@ -78,7 +80,16 @@ impl Metrics {
             .buckets(vec![0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
         )?;
         let leader = IntGauge::new("leader", "1 while this replica is the leader")?;
-        let collectors: [Box<dyn Collector>; 8] = [
+        // Always 1; the version is in the label, so dashboards can join on it.
+        let build_info = IntGaugeVec::new(
+            Opts::new("build_info", "The operator's version (always 1)"),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let collectors: [Box<dyn Collector>; 9] = [
+            Box::new(build_info),
             Box::new(reconciles.clone()),
             Box::new(failures.clone()),
             Box::new(duration.clone()),
@@ -161,6 +172,16 @@ impl Drop for ReconcileTimer {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn build_info_carries_the_version() {
+        let text = Metrics::new().unwrap().render();
+        let line = format!(
+            "stratum_operator_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&line), "{text}");
+    }
 
     #[test]
     fn docs_contracts_lists_exactly_the_metrics_the_operator_exposes() {
