@@ -151,7 +151,7 @@ pub async fn ensure_shared_time_service(client: &Client) -> TimeService {
     apply(&api, shared_time_service(&[])).await;
     wait_for(
         Duration::from_secs(120),
-        "shared TimeService Ready with every node synchronized",
+        "shared TimeService Ready with every node of the stack synchronized",
         || async {
             let ts = api.get(SHARED_TIME_SERVICE).await.ok()?;
             let status = ts.status.clone()?;
@@ -159,8 +159,11 @@ pub async fn ensure_shared_time_service(client: &Client) -> TimeService {
                 .conditions
                 .iter()
                 .any(|c| c.type_ == "Ready" && c.status == "True");
-            (ready && status.nodes.desired > 0 && status.nodes.synchronized == status.nodes.desired)
-                .then_some(ts)
+            // Every node of the stack counted: the real node registers a little after the kwok
+            // nodes, and a fresh stack's first test must not see the TimeService without it.
+            let every_node = usize::try_from(status.nodes.desired)
+                .is_ok_and(|desired| desired >= agent_nodes().len());
+            (ready && every_node && status.nodes.synchronized == status.nodes.desired).then_some(ts)
         },
     )
     .await
