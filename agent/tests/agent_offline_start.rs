@@ -26,7 +26,25 @@ const CONFIG_MAP: (&str, &str) = ("stratum-system", "cluster-agent-config");
 /// An API server that is "down": it holds connections open and never answers.
 struct HungApiServer {
     _listener: TcpListener,
+    port: u16,
     kubeconfig: std::path::PathBuf,
+}
+
+impl HungApiServer {
+    /// Connections the agent opened that sit in the listener's queue, never accepted: its
+    /// API calls, hanging (`/proc/net/tcp`, state ESTABLISHED on the listening port).
+    fn hanging_connections(&self) -> usize {
+        let local = format!(":{:04X}", self.port);
+        std::fs::read_to_string("/proc/net/tcp")
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .filter(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields.get(1).is_some_and(|a| a.ends_with(&local)) && fields.get(3) == Some(&"01")
+            })
+            .count()
+    }
 }
 
 impl HungApiServer {
@@ -47,6 +65,7 @@ impl HungApiServer {
         .unwrap();
         Self {
             _listener: listener,
+            port,
             kubeconfig,
         }
     }
@@ -162,8 +181,13 @@ fn with_a_cached_config_the_agent_serves_and_syncs_without_the_api_server_and_ex
         "{metrics}"
     );
     assert!(metrics.contains("stratum_agent_config_source{source=\"source\"} 0"));
-    // Still live after the reporter's writes have been hanging for a while.
-    std::thread::sleep(Duration::from_secs(2));
+    // Still live while its API calls hang: wait until the config watch and the reporter's
+    // NodeClock write both sit in the never-accepting server's queue.
+    assert!(
+        wait_until(Duration::from_secs(30), || api.hanging_connections() >= 2),
+        "the agent's API calls never reached the hung server: {}",
+        api.hanging_connections()
+    );
     assert_eq!(
         http_get(agent.metrics_port, "/healthz").map(|(c, _)| c),
         Some(200)
