@@ -240,10 +240,9 @@ fn main() {
     println!("6c. rough network (20 ms, 2 ms jitter, 20 % loss), 48 seeds");
     let rms: Vec<f64> = (0..48u64)
         .map(|seed| {
-            let mut rough = scenarios::rough_network();
-            rough.seed = 3000 + seed;
-            rough.clock.seed = 4000 + seed;
-            rough.run().rms_error(3600.0, 10_800.0)
+            scenarios::rough_network_seeded(seed)
+                .run()
+                .rms_error(3600.0, 10_800.0)
         })
         .collect();
     let mut sorted = rms.clone();

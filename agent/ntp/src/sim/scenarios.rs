@@ -130,6 +130,15 @@ pub fn holdover() -> Scenario {
     s
 }
 
+/// [`rough_network`] with its network and clock seeded by `n`: the many-seed robustness
+/// check (`tests/path_changes.rs`) and `make sim`'s figure use the same family of runs.
+pub fn rough_network_seeded(n: u64) -> Scenario {
+    let mut s = rough_network();
+    s.seed = 3000 + n;
+    s.clock.seed = 4000 + n;
+    s
+}
+
 /// A lossy, asymmetric, jittery path (not a must-show; used to check robustness).
 pub fn rough_network() -> Scenario {
     let mut s = Scenario::new("rough-network", 4);
