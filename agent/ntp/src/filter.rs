@@ -220,27 +220,16 @@ impl ClockFilter {
     /// Whether the refused run lies on a line of its own, within the jitter the source has
     /// shown so far.
     fn rejected_run_is_consistent(&self) -> bool {
-        let run = &self.rejected_run;
-        let Some(first) = run.first() else {
+        let Some(first) = self.rejected_run.first() else {
             return false;
         };
-        let n = run.len() as f64;
-        let xs: Vec<f64> = run.iter().map(|s| s.time.secs_since(first.time)).collect();
-        let mean_x = xs.iter().sum::<f64>() / n;
-        let mean_y = run.iter().map(|s| s.uncorrected_offset).sum::<f64>() / n;
-        let sxx: f64 = xs.iter().map(|x| (x - mean_x).powi(2)).sum();
-        let sxy: f64 = xs
+        let xyw: Vec<(f64, f64, f64)> = self
+            .rejected_run
             .iter()
-            .zip(run)
-            .map(|(x, s)| (x - mean_x) * (s.uncorrected_offset - mean_y))
-            .sum();
-        let slope = if sxx > 0.0 { sxy / sxx } else { 0.0 };
-        let squares: f64 = xs
-            .iter()
-            .zip(run)
-            .map(|(x, s)| (s.uncorrected_offset - mean_y - slope * (x - mean_x)).powi(2))
-            .sum();
-        let rms = (squares / (n - 2.0).max(1.0)).sqrt();
+            .map(|s| (s.time.secs_since(first.time), s.uncorrected_offset, 1.0))
+            .collect();
+        let line = Line::through(&xyw);
+        let rms = (line.plain_sq / (xyw.len() as f64 - 2.0).max(1.0)).sqrt();
         rms <= SPIKE_GATE * self.jitter.max(self.noise_floor())
     }
 
@@ -550,35 +539,26 @@ impl ClockFilter {
         if n == 0 {
             return None;
         }
-        let mut sum_w = 0.0;
-        let mut sum_wx = 0.0;
-        let mut sum_wy = 0.0;
-        for p in &self.points {
-            let w = self.weight(p, min_delay);
-            sum_w += w;
-            sum_wx += w * p.time.secs_since(reference);
-            sum_wy += w * p.uncorrected_offset;
-        }
-        let mean_x = sum_wx / sum_w;
-        let mean_y = sum_wy / sum_w;
-        let mut sxx = 0.0;
-        let mut sxy = 0.0;
-        for p in &self.points {
-            let w = self.weight(p, min_delay);
-            let dx = p.time.secs_since(reference) - mean_x;
-            sxx += w * dx * dx;
-            sxy += w * dx * (p.uncorrected_offset - mean_y);
-        }
-        let slope = if n >= 2 && sxx > 0.0 { sxy / sxx } else { 0.0 };
-        let mut weighted_sq = 0.0;
-        let mut plain_sq = 0.0;
-        for p in &self.points {
-            let w = self.weight(p, min_delay);
-            let r =
-                p.uncorrected_offset - (mean_y + slope * (p.time.secs_since(reference) - mean_x));
-            weighted_sq += w * r * r;
-            plain_sq += r * r;
-        }
+        let xyw: Vec<(f64, f64, f64)> = self
+            .points
+            .iter()
+            .map(|p| {
+                (
+                    p.time.secs_since(reference),
+                    p.uncorrected_offset,
+                    self.weight(p, min_delay),
+                )
+            })
+            .collect();
+        let Line {
+            mean_x,
+            mean_y,
+            slope,
+            sum_w,
+            sxx,
+            weighted_sq,
+            plain_sq,
+        } = Line::through(&xyw);
         let (residual_scale, jitter) = if n > 2 {
             let dof = (n - 2) as f64;
             (
@@ -667,6 +647,62 @@ fn median(values: &mut [f64]) -> f64 {
         (values[mid - 1] + values[mid]) / 2.0
     } else {
         values[mid]
+    }
+}
+
+/// A weighted least-squares line through `(x, y, weight)` points, with its residuals' sums
+/// of squares (weighted and plain). The slope is 0 below two points.
+#[derive(Debug, Clone, Copy)]
+struct Line {
+    mean_x: f64,
+    mean_y: f64,
+    slope: f64,
+    sum_w: f64,
+    sxx: f64,
+    weighted_sq: f64,
+    plain_sq: f64,
+}
+
+impl Line {
+    fn through(points: &[(f64, f64, f64)]) -> Self {
+        let mut sum_w = 0.0;
+        let mut sum_wx = 0.0;
+        let mut sum_wy = 0.0;
+        for &(x, y, w) in points {
+            sum_w += w;
+            sum_wx += w * x;
+            sum_wy += w * y;
+        }
+        let mean_x = sum_wx / sum_w;
+        let mean_y = sum_wy / sum_w;
+        let mut sxx = 0.0;
+        let mut sxy = 0.0;
+        for &(x, y, w) in points {
+            let dx = x - mean_x;
+            sxx += w * dx * dx;
+            sxy += w * dx * (y - mean_y);
+        }
+        let slope = if points.len() >= 2 && sxx > 0.0 {
+            sxy / sxx
+        } else {
+            0.0
+        };
+        let mut weighted_sq = 0.0;
+        let mut plain_sq = 0.0;
+        for &(x, y, w) in points {
+            let r = y - (mean_y + slope * (x - mean_x));
+            weighted_sq += w * r * r;
+            plain_sq += r * r;
+        }
+        Self {
+            mean_x,
+            mean_y,
+            slope,
+            sum_w,
+            sxx,
+            weighted_sq,
+            plain_sq,
+        }
     }
 }
 
