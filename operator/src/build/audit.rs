@@ -369,6 +369,66 @@ mod tests {
         (got[0].reason(), got[0].note())
     }
 
+    /// The config of TimeService `c` with tenants `a/p` and `b/p`: `a` of `a_spec` allowing
+    /// `a_allowed`, `b` as it always is.
+    fn two_tenants(
+        spec: &TimeServiceSpec,
+        a_spec: serde_json::Value,
+        a_allowed: &[IpNet],
+    ) -> AgentConfig {
+        let a = fixtures::tenant("a", "p", a_spec);
+        let b = fixtures::tenant("b", "p", serde_json::json!({}));
+        let a_sets = [std::sync::Arc::new(a_allowed.to_vec())];
+        let b_sets = [std::sync::Arc::new(nets(&["10.1.0.1/32"]))];
+        let inputs = [
+            TenantInput {
+                id: "a/p",
+                port: 12300,
+                allowed: &[],
+                sets: &a_sets,
+                denied: &[],
+                spec: &a.spec,
+                revision: None,
+            },
+            TenantInput {
+                id: "b/p",
+                port: 12301,
+                allowed: &[],
+                sets: &b_sets,
+                denied: &[],
+                spec: &b.spec,
+                revision: None,
+            },
+        ];
+        build_agent_config("c", spec, None, &inputs, &FleetInput::default())
+    }
+
+    #[test]
+    fn one_tenants_changes_are_audited_against_that_tenant_alone() {
+        // Tenant a widens its allow list and its rate limit; b's Events must not name it, nor
+        // show b anything of a's.
+        let s = spec(serde_json::json!({}));
+        let before = two_tenants(&s, serde_json::json!({}), &nets(&["10.0.0.1/32"]));
+        let after = two_tenants(
+            &s,
+            serde_json::json!({"rateLimit": {"perClient": {"interval": "2s", "burst": 4}}}),
+            &nets(&["10.0.0.0/16"]),
+        );
+        let got = changes(Some(&before), &after);
+        assert!(!got.is_empty());
+        for change in &got {
+            let id = match change {
+                Change::TenantClients { id, .. }
+                | Change::TenantSettings { id, .. }
+                | Change::TenantAdded { id, .. }
+                | Change::TenantRemoved { id } => id.as_str(),
+                other => panic!("a tenant's change became a TimeService Event: {other:?}"),
+            };
+            assert_eq!(id, "a/p", "{change:?}");
+            assert!(!change.note().contains("b/p") && !change.note().contains("10.1.0.1"));
+        }
+    }
+
     #[test]
     fn no_change_no_event() {
         let c = config(
