@@ -17,7 +17,7 @@ use kube::{Api, Resource, ResourceExt};
 use stratum_api::{AgentConfig, TimeService};
 
 use super::{Context, RESYNC, apply_cluster, apply_namespaced, apply_params, lock};
-use crate::build::audit::{self, Change};
+use crate::build::audit;
 use crate::build::status::{Blocked, DaemonSetCounts, time_service_status};
 use crate::coalesce::Decision;
 use crate::error::{Error, Result};
@@ -237,16 +237,9 @@ async fn write_config(
     lock(&ctx.last_config).insert(name.clone(), config.clone());
     let ts_ref = ts.object_ref(&());
     for change in audit::changes(previous.as_ref(), config) {
-        let reference = match &change {
-            Change::TenantClients { id, .. }
-            | Change::TenantSettings { id, .. }
-            | Change::TenantAdded { id, .. }
-            | Change::TenantRemoved { id }
-            | Change::Timezone { id, .. } => match tenants.get(id) {
-                Some((ns, tenant, uid)) => tenant_reference(ns, tenant, uid.as_deref()),
-                None => ts_ref.clone(),
-            },
-            _ => ts_ref.clone(),
+        let reference = match change.tenant_id().and_then(|id| tenants.get(id)) {
+            Some((ns, tenant, uid)) => tenant_reference(ns, tenant, uid.as_deref()),
+            None => ts_ref.clone(),
         };
         tracing::info!(time_service = %name, reason = change.reason(), note = %change.note(), "agent config changed");
         ctx.event(
