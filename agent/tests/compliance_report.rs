@@ -12,10 +12,10 @@ use stratum_agent::compliance::audit_log;
 use stratum_agent::compliance::builder::{
     AgentPod, ChangeEvidence, ClusterNode, Evidence, MetricsEvidence, NodeSeries, TenantCounts,
 };
-use stratum_agent::compliance::markdown;
 use stratum_agent::compliance::model::{AccuracyBasis, Check, Report, Verdict};
 use stratum_agent::compliance::rbac::RbacObjects;
 use stratum_agent::compliance::{build, json_schema};
+use stratum_agent::compliance::{markdown, prometheus};
 
 fn from<T: serde::de::DeserializeOwned>(v: Value) -> T {
     serde_json::from_value(v).unwrap()
@@ -131,9 +131,7 @@ fn audit_log_text() -> String {
 fn metrics(nodes: &[(&str, f64, f64, f64)]) -> MetricsEvidence {
     MetricsEvidence {
         url: "http://prometheus:9090".into(),
-        queries: vec![
-            "max by (node) (max_over_time(abs(stratum_agent_offset_seconds)[86400s]) …)".into(),
-        ],
+        queries: vec![prometheus::max_abs_offset_query(86_400)],
         nodes: nodes
             .iter()
             .map(|(n, off, dist, unsync)| {
@@ -355,6 +353,21 @@ fn accuracy_is_checked_against_the_tightest_tenant_bound() {
         why.contains("root distance 4.000 ms exceeds the bound 3.000 ms")
             || why.contains("node-b (root distance 5.000 ms"),
         "{why}"
+    );
+    // A refused tenant (no port in its status) is served nowhere: its demand binds no node,
+    // as it is in no agent's config.
+    let mut ev = good();
+    let mut refused = tenant("team-c", "refused", Some("1ms"));
+    refused.status.as_mut().unwrap().port = None;
+    ev.tenants.push(refused);
+    let r = build(&ev);
+    assert!(
+        r.accuracy
+            .nodes
+            .iter()
+            .all(|n| !n.bound_from.contains("team-c")),
+        "{:?}",
+        r.accuracy.nodes
     );
     // Without tenant bounds, the TimeService's maxDistance (default 1.5 s) applies.
     let mut ev = good();
@@ -1054,4 +1067,43 @@ fn the_chart_audit_policy_records_time_configuration_and_never_secret_content() 
             r.name
         );
     }
+}
+
+/// Every query the report sends parses as PromQL, by Prometheus' own parser (`promtool check
+/// rules`, from `make deps`): the string tests above cannot tell valid PromQL from not.
+#[test]
+fn every_report_query_is_promql_that_prometheus_parses() {
+    let window = 86_400;
+    let queries = [
+        prometheus::max_abs_offset_query(window),
+        prometheus::max_root_distance_query(window),
+        prometheus::synchronized_query(),
+        prometheus::tenant_requests_query(window),
+    ];
+    let rules: Vec<Value> = queries
+        .iter()
+        .enumerate()
+        .map(|(i, q)| json!({"record": format!("report:query_{i}"), "expr": q}))
+        .collect();
+    let path = std::env::temp_dir().join(format!(
+        "stratum-report-queries-{}.yaml",
+        std::process::id()
+    ));
+    std::fs::write(
+        &path,
+        serde_json::to_string(&json!({"groups": [{"name": "report", "rules": rules}]})).unwrap(),
+    )
+    .unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&path)
+        .output()
+        .expect("promtool (make deps installs Debian's prometheus package)");
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -495,8 +495,10 @@ fn tenant_time_service(
         })
 }
 
-/// The tightest bound on a node of `ts`: the TimeService's selection.maxDistance and its
-/// tenants' requirements.maxRootDistance.
+/// The tightest bound on a node of `ts`: the TimeService's selection.maxDistance and the
+/// requirements.maxRootDistance of the tenants it serves (status with a port): a refused
+/// tenant's demand binds no node, and each agent's `stratum_agent_offset_bound_seconds` is
+/// this same figure from its config.
 fn bound(
     ev: &Evidence,
     ts_name: &str,
@@ -509,7 +511,9 @@ fn bound(
         )
     });
     for t in &ev.tenants {
-        if tenant_time_service(t, time_services).as_deref() != Some(ts_name) {
+        if tenant_time_service(t, time_services).as_deref() != Some(ts_name)
+            || t.status.as_ref().and_then(|s| s.port).is_none()
+        {
             continue;
         }
         if let Some(d) = &t.spec.requirements.max_root_distance {

@@ -15,11 +15,17 @@ fn info_over(window: &str) -> String {
     format!("max by (job, instance, node) (max_over_time(stratum_agent_info[{window}]))")
 }
 
-/// Per node, the largest |offset| over the window ending at the evaluation time.
+/// Per node, the largest |offset| over the window ending at the evaluation time, over every
+/// raw sample: the larger of the window's maximum and its negated minimum (PromQL takes no
+/// range of `abs(...)`, and a subquery's step could miss a short peak).
 pub fn max_abs_offset_query(window_seconds: u64) -> String {
     let w = format!("{window_seconds}s");
+    let (high, low) = (
+        format!("max_over_time(stratum_agent_offset_seconds[{w}])"),
+        format!("-min_over_time(stratum_agent_offset_seconds[{w}])"),
+    );
     format!(
-        "max by (node) (max_over_time(abs(stratum_agent_offset_seconds)[{w}]) * on(job, instance) group_left(node) {})",
+        "max by (node) ((({high} >= {low}) or {low}) * on(job, instance) group_left(node) {})",
         info_over(&w)
     )
 }
@@ -208,10 +214,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_offset_query_is_a_max_over_time_of_the_absolute_offset_per_node() {
+    fn the_offset_query_takes_the_larger_of_the_windows_maximum_and_negated_minimum() {
         let q = max_abs_offset_query(86_400);
         assert!(
-            q.contains("max_over_time(abs(stratum_agent_offset_seconds)[86400s])"),
+            q.contains("(max_over_time(stratum_agent_offset_seconds[86400s]) >= -min_over_time(stratum_agent_offset_seconds[86400s])) or -min_over_time(stratum_agent_offset_seconds[86400s])"),
             "{q}"
         );
         assert!(q.starts_with("max by (node) ("), "{q}");
