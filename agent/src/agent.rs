@@ -775,6 +775,7 @@ fn publish(
         node_offset,
         agreeing,
         min_sources,
+        config.offset_bound_seconds(),
         status.tracking.last_update_ago_seconds,
     );
     shared.beat();

@@ -29,6 +29,7 @@ pub struct Metrics {
     leap: IntGauge,
     agreeing: IntGauge,
     min_sources: IntGauge,
+    offset_bound: prometheus::Gauge,
     /// Steps applied.
     pub steps: IntCounter,
     /// Corrections refused beyond a panic threshold.
@@ -161,6 +162,10 @@ impl Metrics {
                 "stratum_agent_min_sources",
                 "Configured minimum of agreeing sources."
             )?),
+            offset_bound: reg!(prometheus::Gauge::new(
+                "stratum_agent_offset_bound_seconds",
+                "Tightest configured bound on the clock error: selection.maxDistance and the tenants' maxRootDistance."
+            )?),
             steps: reg!(IntCounter::new(
                 "stratum_agent_clock_steps_total",
                 "Clock steps applied."
@@ -257,13 +262,15 @@ impl Metrics {
 
     /// Mirrors a system snapshot into the gauges. `node_offset` is the node clock's offset
     /// (which differs from the core's estimate for the readonly backend).
-    /// `last_update_ago` is how long ago the clock was last updated from the sources.
+    /// `last_update_ago` is how long ago the clock was last updated from the sources;
+    /// `offset_bound` the config's [`stratum_api::AgentConfig::offset_bound_seconds`].
     pub fn observe(
         &self,
         state: &SystemState,
         node_offset: f64,
         agreeing: usize,
         min_sources: usize,
+        offset_bound: f64,
         last_update_ago: Option<f64>,
     ) {
         self.synchronized.set(i64::from(state.synchronized));
@@ -280,6 +287,7 @@ impl Metrics {
         self.leap.set(state.leap as i64);
         self.agreeing.set(agreeing as i64);
         self.min_sources.set(min_sources as i64);
+        self.offset_bound.set(offset_bound);
         // Sources come and go with config and pool re-resolution: rebuild the per-source series
         // so removed sources do not linger.
         self.source_reach.reset();

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub config_propagation: Histogram,
     /// 1 while this replica holds the leader Lease.
     pub leader: IntGauge,
+    /// Nodes, across TimeServices, whose agent reports a source its TimeService does not
+    /// designate (set by the leader's TimeService reconciles).
+    pub nodes_off_designated: IntGauge,
 }
 
 impl Metrics {
@@ -80,6 +83,10 @@ impl Metrics {
             .buckets(vec![0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
         )?;
         let leader = IntGauge::new("leader", "1 while this replica is the leader")?;
+        let nodes_off_designated = IntGauge::new(
+            "nodes_off_designated_sources",
+            "Nodes whose agent reports a source their TimeService does not designate",
+        )?;
         // Always 1; the version is in the label, so dashboards can join on it.
         let build_info = IntGaugeVec::new(
             Opts::new("build_info", "The operator's version (always 1)"),
@@ -88,7 +95,7 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        let collectors: [Box<dyn Collector>; 9] = [
+        let collectors: [Box<dyn Collector>; 10] = [
             Box::new(build_info),
             Box::new(reconciles.clone()),
             Box::new(failures.clone()),
@@ -98,6 +105,7 @@ impl Metrics {
             Box::new(config_writes.clone()),
             Box::new(config_propagation.clone()),
             Box::new(leader.clone()),
+            Box::new(nodes_off_designated.clone()),
         ];
         let mut registered = BTreeMap::new();
         for collector in collectors {
@@ -120,6 +128,7 @@ impl Metrics {
             config_writes,
             config_propagation,
             leader,
+            nodes_off_designated,
         })
     }
 

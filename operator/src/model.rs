@@ -171,6 +171,9 @@ pub struct ClockInfo {
     pub root_distance_nanos: i64,
     /// The agent config revision in force.
     pub config_revision: Option<String>,
+    /// Its sources' configured hosts (`status.sources[].name`), to check against the
+    /// upstreams its TimeService designates.
+    pub sources: Vec<String>,
 }
 
 impl ClockInfo {
@@ -185,6 +188,7 @@ impl ClockInfo {
             root_distance_nanos: status.root_delay_nanos.saturating_abs() / 2
                 + status.root_dispersion_nanos.saturating_abs(),
             config_revision: status.config_revision,
+            sources: status.sources.into_iter().map(|s| s.name).collect(),
         }
     }
 
@@ -194,14 +198,16 @@ impl ClockInfo {
             && max_root_distance_nanos.is_none_or(|max| self.root_distance_nanos <= max)
     }
 
-    /// The part of a clock report that TimeService status and endpoint readiness track; other
-    /// changes (offset drift, heartbeats) are picked up at the next periodic reconcile.
-    pub fn summary(&self) -> (&str, bool, i32, Option<&str>) {
+    /// The part of a clock report that TimeService status, endpoint readiness and the
+    /// designated-sources check track; other changes (offset drift, heartbeats) are picked up
+    /// at the next periodic reconcile.
+    pub fn summary(&self) -> (&str, bool, i32, Option<&str>, &[String]) {
         (
             &self.time_service,
             self.synchronized,
             self.stratum,
             self.config_revision.as_deref(),
+            &self.sources,
         )
     }
 }

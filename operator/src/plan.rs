@@ -70,6 +70,10 @@ pub struct TimeServicePlan {
     pub config_map: Option<ConfigMap>,
     /// Clocks of this TimeService's nodes.
     pub clocks: Vec<ClockInfo>,
+    /// Nodes whose fresh NodeClock names this TimeService and lists a source its config does
+    /// not give that node (placed or not: an agent run by hand counts too). Empty without a
+    /// valid config.
+    pub off_designated: Vec<String>,
     /// Nodes the placement selects that run no agent.
     pub uncovered: Uncovered,
     /// Served tenants, for audit events.
@@ -331,6 +335,8 @@ pub struct TimeServiceDraft {
     capped: bool,
     fleet: FleetInput,
     clocks: Vec<ClockInfo>,
+    /// Every fresh clock naming this TimeService, placed or not: node and source hosts.
+    reporting: Vec<(String, Vec<String>)>,
     uncovered: Uncovered,
     time_services: BTreeSet<String>,
     cache: PlanCache,
@@ -583,6 +589,12 @@ impl Planner {
             )
             .collect();
         let uncovered = Uncovered::find(&index.placed_nodes(&ts.spec), &running);
+        let reporting = index
+            .clocks()
+            .iter()
+            .filter(|(node, c)| c.time_service == name && fresh.contains(*node))
+            .map(|(node, c)| (node.clone(), c.sources.clone()))
+            .collect();
         let mut time_services: BTreeSet<String> = index.time_services().keys().cloned().collect();
         time_services.insert(name.clone());
         TimeServiceDraft {
@@ -594,6 +606,7 @@ impl Planner {
             capped,
             fleet,
             clocks,
+            reporting,
             uncovered,
             time_services,
             cache,
@@ -638,6 +651,7 @@ impl TimeServiceDraft {
             capped,
             fleet,
             clocks,
+            reporting,
             uncovered,
             time_services,
             cache,
@@ -776,6 +790,18 @@ impl TimeServiceDraft {
             (!capped).then_some(roster.epoch),
             peer_port,
         )?;
+        let off_designated = config
+            .as_ref()
+            .map(|config| {
+                reporting
+                    .iter()
+                    .filter(|(node, sources)| {
+                        !config.undesignated_sources(node, sources).is_empty()
+                    })
+                    .map(|(node, _)| node.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
         Ok(TimeServicePlan {
             blocked,
             daemonset,
@@ -784,6 +810,7 @@ impl TimeServiceDraft {
             config,
             config_map,
             clocks: clocks.clone(),
+            off_designated,
             uncovered: uncovered.clone(),
             allow_list_sizes,
             tenants: roster.tenants.clone(),
@@ -1177,6 +1204,70 @@ mod tests {
         // Nothing is written that agents would run: the last good config stays.
         assert!(plan.config.is_none());
         assert!(plan.config_map.is_none());
+    }
+
+    #[test]
+    fn nodes_reporting_sources_their_time_service_does_not_designate_are_named_for_it_alone() {
+        use stratum_api::node_clock::{SourceState, SourceStatus};
+        use stratum_api::{NodeClock, NodeClockSpec, NodeClockStatus};
+
+        let mut index = index_with(&[]);
+        let clock = |node: &str, ts: &str, sources: &[&str]| {
+            let mut clock = NodeClock::new(
+                node,
+                NodeClockSpec {
+                    time_service: ts.into(),
+                },
+            );
+            clock.status = Some(NodeClockStatus {
+                sources: sources
+                    .iter()
+                    .map(|name| SourceStatus {
+                        name: (*name).into(),
+                        address: "192.0.2.1:123".into(),
+                        state: SourceState::Selected,
+                        ..SourceStatus::default()
+                    })
+                    .collect(),
+                ..NodeClockStatus::default()
+            });
+            clock
+        };
+        // The fixture designates pool.ntp.org. Node placement does not matter: an agent run
+        // by hand on a node no TimeService selects counts too.
+        let _ = index.apply_clock(&clock(
+            "honest",
+            "cluster",
+            &["pool.ntp.org", "POOL.ntp.org."],
+        ));
+        let _ = index.apply_clock(&clock(
+            "rogue",
+            "cluster",
+            &["pool.ntp.org", "ntp.rogue.example"],
+        ));
+        let _ = index.apply_clock(&clock("other", "another", &["ntp.rogue.example"]));
+        let _ = index.apply_clock(&clock("silent", "cluster", &[]));
+
+        let plan = Planner::new()
+            .plan_time_service(
+                &index,
+                &fixtures::time_service("cluster"),
+                &fixtures::settings(),
+            )
+            .unwrap();
+        assert_eq!(
+            plan.off_designated,
+            ["rogue"],
+            "another TimeService's node is its own business, never this one's"
+        );
+        let plan = Planner::new()
+            .plan_time_service(
+                &index,
+                &fixtures::time_service("another"),
+                &fixtures::settings(),
+            )
+            .unwrap();
+        assert_eq!(plan.off_designated, ["other"]);
     }
 
     #[test]

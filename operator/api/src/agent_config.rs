@@ -693,6 +693,36 @@ impl AgentConfig {
         }
     }
 
+    /// The sources an agent on `node` reports (`NodeClock` `sources[].name`, the configured
+    /// host) that this config does not give that node: its upstreams, or its egress tier and,
+    /// where the tier allows fallback, the upstreams. Host names compare without case and a
+    /// trailing dot. Non-empty means the node takes (or may take) time from a server its
+    /// TimeService does not designate: an agent run by hand, or with a config of its own.
+    pub fn undesignated_sources<'a>(&self, node: &str, reported: &'a [String]) -> Vec<&'a str> {
+        let normal = |h: &str| h.trim_end_matches('.').to_ascii_lowercase();
+        let designated: std::collections::BTreeSet<String> = self
+            .upstreams_for_node(node, true)
+            .iter()
+            .map(|u| normal(&u.host))
+            .collect();
+        reported
+            .iter()
+            .filter(|name| !designated.contains(&normal(name)))
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// The tightest bound on the clock error of this config's nodes: `selection.maxDistance`
+    /// and every tenant's `maxRootDistance`, the figure `stratumctl report` checks a node's
+    /// largest |offset| against.
+    pub fn offset_bound_seconds(&self) -> f64 {
+        self.serving
+            .tenants
+            .iter()
+            .filter_map(|t| t.max_root_distance_seconds)
+            .fold(self.selection.max_distance_seconds, f64::min)
+    }
+
     /// The egress agents the agent on `node` polls; empty on an egress node or without a tier.
     pub fn tier_for_node(&self, node: &str) -> &[UpstreamConfig] {
         match &self.egress {
@@ -903,6 +933,53 @@ mod tests {
             .into_iter()
             .map(|p| p.path)
             .collect()
+    }
+
+    #[test]
+    fn sources_outside_the_nodes_upstreams_are_undesignated() {
+        let mut config = sample();
+        let reported = vec![
+            "POOL.example.org.".to_owned(),
+            "rogue.example.com".to_owned(),
+            "10.0.0.9".to_owned(),
+        ];
+        assert_eq!(
+            config.undesignated_sources("node-a", &reported),
+            ["rogue.example.com", "10.0.0.9"]
+        );
+        // Behind a tier: the tier's agents are designated, the upstreams only where the tier
+        // allows fallback, and the egress node itself polls the upstreams.
+        let mut tier = config.upstreams[0].clone();
+        tier.host = "10.0.0.9".into();
+        config.egress = Some(EgressConfig {
+            nodes: vec!["egress-0".into()],
+            tier_upstreams: vec![tier],
+            fallback_to_upstreams: false,
+        });
+        assert_eq!(
+            config.undesignated_sources("node-a", &reported),
+            ["POOL.example.org.", "rogue.example.com"]
+        );
+        assert_eq!(
+            config.undesignated_sources("egress-0", &reported),
+            ["rogue.example.com", "10.0.0.9"]
+        );
+        config.egress.as_mut().unwrap().fallback_to_upstreams = true;
+        assert_eq!(
+            config.undesignated_sources("node-a", &reported),
+            ["rogue.example.com"]
+        );
+    }
+
+    #[test]
+    fn the_offset_bound_is_the_tightest_of_max_distance_and_the_tenants() {
+        let mut config = sample();
+        config.serving.tenants[0].max_root_distance_seconds = None;
+        assert_eq!(config.offset_bound_seconds(), 1.5);
+        config.serving.tenants[0].max_root_distance_seconds = Some(0.05);
+        assert_eq!(config.offset_bound_seconds(), 0.05);
+        config.serving.tenants[0].max_root_distance_seconds = Some(3.0);
+        assert_eq!(config.offset_bound_seconds(), 1.5);
     }
 
     pub(crate) fn sample() -> AgentConfig {

@@ -206,6 +206,7 @@ mod tests {
             stratum: 3,
             root_distance_nanos: distance_ms * 1_000_000,
             config_revision: None,
+            sources: vec![],
         }
     }
 

@@ -356,6 +356,7 @@ mod tests {
             stratum,
             root_distance_nanos: 0,
             config_revision: None,
+            sources: vec![],
         }
     }
 

@@ -90,6 +90,9 @@ pub struct Context {
     pub failures: Mutex<HashMap<String, u32>>,
     /// NetworkPolicies applied per TimeService, to delete the ones a smaller plan drops.
     pub network_policies: Mutex<HashMap<String, usize>>,
+    /// Nodes off the designated sources per TimeService, as last planned: the baseline of
+    /// their Events and the sum behind `stratum_operator_nodes_off_designated_sources`.
+    pub off_designated: Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
     /// Where a reconciler sends the triggers it causes (tenants a TimeService plan shed or
     /// took back); set once the wiring runs, unset in tests that call a reconciler directly.
     pub triggers: OnceLock<TriggerSenders>,
@@ -117,6 +120,7 @@ impl Context {
             propagation: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
             network_policies: Mutex::new(HashMap::new()),
+            off_designated: Mutex::new(HashMap::new()),
             triggers: OnceLock::new(),
         }
     }

@@ -2,6 +2,7 @@
 //! (`plan`), apply agent children with server-side apply, write the agent config (coalesced,
 //! audited), write status when it changed.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -106,6 +107,7 @@ pub async fn reconcile(
         &now,
     );
     observe_propagation(&ctx, &name, &plan.clocks, status.nodes.desired);
+    observe_off_designated(&ctx, ts, &plan.off_designated).await;
     if ts.status.as_ref() != Some(&status) {
         announce_transitions(&ctx, ts, ts.status.as_ref(), &plan.blocked).await;
         let body = serde_json::json!({
@@ -251,6 +253,46 @@ async fn write_config(
         .await;
     }
     Ok(None)
+}
+
+/// Keeps the count of nodes off their designated sources (TimeServices gone from the index
+/// drop out), and records a Warning when a node newly is, and a Normal Event when it is back.
+async fn observe_off_designated(ctx: &Context, ts: &TimeService, nodes: &[String]) {
+    let name = ts.name_any();
+    let now: BTreeSet<String> = nodes.iter().cloned().collect();
+    let (before, total) = {
+        let existing: BTreeSet<String> = lock(&ctx.index).time_services().keys().cloned().collect();
+        let mut all = lock(&ctx.off_designated);
+        let before = all.insert(name.clone(), now.clone()).unwrap_or_default();
+        all.retain(|ts, _| *ts == name || existing.contains(ts));
+        (before, all.values().map(BTreeSet::len).sum::<usize>())
+    };
+    ctx.metrics
+        .nodes_off_designated
+        .set(i64::try_from(total).unwrap_or(i64::MAX));
+    let reference = ts.object_ref(&());
+    for node in now.difference(&before) {
+        tracing::warn!(time_service = %name, %node, "a node reports sources its TimeService does not designate");
+        ctx.event(
+            &reference,
+            EventType::Warning,
+            "SourcesNotDesignated",
+            format!(
+                "node {node} reports time sources this TimeService does not designate (see \
+                 its NodeClock); its agent does not run this TimeService's config"
+            ),
+        )
+        .await;
+    }
+    for node in before.difference(&now) {
+        ctx.event(
+            &reference,
+            EventType::Normal,
+            "SourcesDesignated",
+            format!("node {node} reports only designated sources again, or no longer reports"),
+        )
+        .await;
+    }
 }
 
 fn tenant_reference(
