@@ -36,10 +36,12 @@ import urllib.request
 
 import yaml
 
-# Dashboard variables as a query sees them with "All" selected, and a rate window that works
-# with scrape intervals up to 30s.
+# Dashboard variables as a query sees them with "All" selected, a rate window that works with
+# scrape intervals up to 30s, and a one-hour time range.
 QUERY_VARIABLES = {
     "$__rate_interval": "2m",
+    "$__range_s": "3600",
+    "$__range": "1h",
     "$time_service": ".*",
     "$node": ".*",
     "$tenant": ".*",
