@@ -133,8 +133,8 @@ impl Metrics {
                 "Estimated offset of the node clock from true time (positive: ahead)."
             )?),
             frequency: reg!(g(
-                "stratum_agent_frequency_ppm",
-                "Frequency correction in force, ppm."
+                "stratum_agent_frequency_adjustment_ratio",
+                "Frequency adjustment in force as a ratio, as node_exporter's node_timex_frequency_adjustment_ratio: 1 + the correction (above 1: the clock runs faster)."
             )?),
             jitter: reg!(g("stratum_agent_jitter_seconds", "System jitter.")?),
             last_update: reg!(g(
@@ -279,7 +279,8 @@ impl Metrics {
             crate::clock::host_realtime().unix_nanos() as f64 * 1e-9 - ago
         }));
         self.offset.set(node_offset);
-        self.frequency.set(state.frequency_ppm);
+        // A base unit, comparable with node_exporter's timex series: 12.5 ppm is 1.0000125.
+        self.frequency.set(1.0 + state.frequency_ppm * 1e-6);
         self.jitter.set(state.jitter);
         self.stratum.set(i64::from(state.stratum));
         self.root_delay.set(state.root_delay);
