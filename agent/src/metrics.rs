@@ -106,6 +106,18 @@ impl Metrics {
         let icv = |name: &str, help: &str, labels: &[&str]| {
             IntCounterVec::new(Opts::new(name, help), labels)
         };
+        // CPU, memory, descriptors and threads under the names every exporter uses.
+        #[cfg(target_os = "linux")]
+        {
+            let process = prometheus::process_collector::ProcessCollector::for_self();
+            for desc in process.desc() {
+                registered.insert(
+                    desc.fq_name.clone(),
+                    desc.variable_labels.iter().cloned().collect(),
+                );
+            }
+            registry.register(Box::new(process))?;
+        }
         Ok(Self {
             config_source: reg!(igv(
                 "stratum_agent_config_source",
@@ -334,12 +346,23 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// The process_* table of docs/contracts.md, which both binaries export.
+    fn process_metrics() -> BTreeMap<String, BTreeSet<String>> {
+        stratum_api::contracts::documented_metrics(
+            include_str!("../../docs/contracts.md"),
+            "process_",
+        )
+    }
+
     #[test]
     fn docs_contracts_lists_exactly_the_metrics_the_agent_exposes() {
         let documented = stratum_api::contracts::documented_metrics(
             include_str!("../../docs/contracts.md"),
             "stratum_agent_",
-        );
+        )
+        .into_iter()
+        .chain(process_metrics())
+        .collect();
         let problems = stratum_api::contracts::metric_differences(
             Metrics::new().unwrap().registered(),
             &documented,

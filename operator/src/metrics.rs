@@ -19,6 +19,8 @@ const PREFIX: &str = "stratum_operator";
 pub struct Metrics {
     /// The registry `/metrics` renders.
     pub registry: Registry,
+    /// The process_* metrics, unprefixed (the main registry prefixes every name).
+    process: Registry,
     /// Every registered metric's full name and label names, for the contract test.
     registered: BTreeMap<String, BTreeSet<String>>,
     reconciles: IntCounterVec,
@@ -108,6 +110,18 @@ impl Metrics {
             Box::new(nodes_off_designated.clone()),
         ];
         let mut registered = BTreeMap::new();
+        let process = Registry::new();
+        #[cfg(target_os = "linux")]
+        {
+            let collector = prometheus::process_collector::ProcessCollector::for_self();
+            for desc in collector.desc() {
+                registered.insert(
+                    desc.fq_name.clone(),
+                    desc.variable_labels.iter().cloned().collect(),
+                );
+            }
+            process.register(Box::new(collector))?;
+        }
         for collector in collectors {
             for desc in collector.desc() {
                 registered.insert(
@@ -119,6 +133,7 @@ impl Metrics {
         }
         Ok(Self {
             registry,
+            process,
             registered,
             reconciles,
             failures,
@@ -156,9 +171,9 @@ impl Metrics {
     /// Renders the registry in the text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        if let Err(e) =
-            prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out)
-        {
+        let mut families = self.registry.gather();
+        families.extend(self.process.gather());
+        if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&families, &mut out) {
             tracing::warn!(error = %e, "rendering metrics failed");
         }
         out
@@ -197,12 +212,28 @@ mod tests {
         let documented = stratum_api::contracts::documented_metrics(
             include_str!("../../docs/contracts.md"),
             "stratum_operator_",
-        );
+        )
+        .into_iter()
+        .chain(stratum_api::contracts::documented_metrics(
+            include_str!("../../docs/contracts.md"),
+            "process_",
+        ))
+        .collect();
         let problems = stratum_api::contracts::metric_differences(
             Metrics::new().unwrap().registered(),
             &documented,
         );
         assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn process_metrics_are_rendered_under_their_standard_names() {
+        let text = Metrics::new().unwrap().render();
+        assert!(text.contains("\nprocess_resident_memory_bytes "), "{text}");
+        assert!(text.contains("\nprocess_threads "), "{text}");
+        assert!(!text.contains("stratum_operator_process_"), "{text}");
+        assert!(text.contains("stratum_operator_leader "), "{text}");
     }
 
     #[test]
