@@ -95,11 +95,7 @@ async fn the_report_names_who_changed_what_and_the_refused_attempt_from_the_audi
     let client = client().await;
     ensure_shared_time_service(&client).await;
     // Whole seconds: the report's period is RFC 3339, and the API server stamps microseconds.
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        - 1;
+    let since = unix_now() - 1;
     namespace(&client, NS, serde_json::json!({})).await;
     apply_tenant(
         &client,
@@ -203,37 +199,15 @@ async fn the_report_names_who_changed_what_and_the_refused_attempt_from_the_audi
     )
     .await;
 
-    let target = std::env::var("STRATUM_E2E_TARGET").expect("STRATUM_E2E_TARGET");
-    let until = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 1;
-    let rfc3339 = |secs: u64| {
-        k8s_openapi::jiff::Timestamp::from_second(secs as i64)
-            .unwrap()
-            .to_string()
-    };
-    let out = std::process::Command::new(format!("{target}/stratumctl"))
-        .args([
-            "report",
-            "--since",
-            &rfc3339(since),
-            "--until",
-            &rfc3339(until),
-            "--audit-log",
-            audit_log.to_str().unwrap(),
-            "-o",
-            "json",
-        ])
-        .output()
-        .expect("stratumctl report runs");
-    assert!(
-        out.status.success(),
-        "stratumctl report: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let until = unix_now() + 1;
+    let report = stratumctl_report(&[
+        "--since",
+        &rfc3339(since),
+        "--until",
+        &rfc3339(until),
+        "--audit-log",
+        audit_log.to_str().unwrap(),
+    ]);
     let records = report["changes"]["records"].as_array().expect("records");
     let ours = |user: &str, kind: &str| -> Vec<&serde_json::Value> {
         records
