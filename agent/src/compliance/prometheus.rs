@@ -233,6 +233,24 @@ mod tests {
         assert_eq!(got, BTreeMap::from([("a".to_owned(), 0.0012)]));
     }
 
+    /// The report promises Prometheus' own figures, and SIEM pipelines read its JSON back:
+    /// every value must survive Prometheus' text, the report's JSON and a JSON parser bit for
+    /// bit. serde_json's default float parser is off by one ulp on values like this one (seen
+    /// in e2e), hence its `float_roundtrip` feature in the workspace.
+    #[test]
+    fn a_figure_survives_prometheus_text_and_the_reports_json_bit_for_bit() {
+        let text = "1.0097209886812359e-05";
+        let body = format!(
+            r#"{{"status":"success","data":{{"resultType":"vector","result":[
+            {{"metric":{{"node":"a"}},"value":[1700000000,"{text}"]}}]}}}}"#
+        );
+        let read = parse_vector(body.as_bytes(), "node").unwrap()["a"];
+        assert_eq!(read.to_bits(), text.parse::<f64>().unwrap().to_bits());
+        let json = serde_json::to_string(&read).unwrap();
+        let back: f64 = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.to_bits(), read.to_bits(), "{text} -> {json} -> {back}");
+    }
+
     #[test]
     fn errors_and_wrong_result_types_are_typed() {
         let err = parse_vector(
