@@ -415,3 +415,44 @@ pub async fn endpoint_readiness(
     out.sort();
     Some(out)
 }
+
+/// An instant query through Prometheus' HTTP API (curl encodes it), at `time` or now.
+pub fn prometheus_query(base: &str, query: &str, time: Option<u64>) -> Option<serde_json::Value> {
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["-fsS", "--max-time", "10", "-G"])
+        .arg(format!("{base}/api/v1/query"))
+        .arg("--data-urlencode")
+        .arg(format!("query={query}"));
+    if let Some(t) = time {
+        curl.arg("--data-urlencode").arg(format!("time={t}"));
+    }
+    let out = curl.output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// The queries of the chart dashboard's panel titled `title`, in target order.
+pub fn dashboard_queries(title: &str) -> Vec<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/stratum/files/dashboard.json"
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_default())
+            .unwrap_or_default();
+    let queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["title"] == title)
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        !queries.is_empty(),
+        "no dashboard panel {title:?} with queries"
+    );
+    queries
+}

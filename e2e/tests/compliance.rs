@@ -346,23 +346,6 @@ fn stratumctl_report(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("JSON report")
 }
 
-/// An instant query through Prometheus' HTTP API (curl encodes it), at `time` or now.
-fn prometheus_query(base: &str, query: &str, time: Option<u64>) -> Option<serde_json::Value> {
-    let mut curl = std::process::Command::new("curl");
-    curl.args(["-fsS", "--max-time", "10", "-G"])
-        .arg(format!("{base}/api/v1/query"))
-        .arg("--data-urlencode")
-        .arg(format!("query={query}"));
-    if let Some(t) = time {
-        curl.arg("--data-urlencode").arg(format!("time={t}"));
-    }
-    let out = curl.output().ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
-}
-
 fn control<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     report["controls"]
         .as_array()
@@ -514,7 +497,7 @@ async fn a_node_whose_agent_follows_a_non_designated_server_fails_10_6_2_and_is_
     // The operator sees it too: the dashboard's count (its panel's query) and a Warning
     // Event on the TimeService naming the node.
     let prometheus = std::env::var("STRATUM_E2E_PROMETHEUS").expect("STRATUM_E2E_PROMETHEUS");
-    let panel = dashboard_query("Nodes off designated sources");
+    let panel = dashboard_queries("Nodes off designated sources").remove(0);
     let off = |want: f64| {
         let (prometheus, panel) = (prometheus.clone(), panel.clone());
         move || {
@@ -564,24 +547,6 @@ async fn a_node_whose_agent_follows_a_non_designated_server_fails_10_6_2_and_is_
         off(0.0),
     )
     .await;
-}
-
-/// The query of the chart dashboard's panel titled `title`.
-fn dashboard_query(title: &str) -> String {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../charts/stratum/files/dashboard.json"
-    );
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    dashboard["panels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["title"] == title)
-        .and_then(|p| p["targets"][0]["expr"].as_str())
-        .unwrap_or_else(|| panic!("no dashboard panel {title}"))
-        .to_owned()
 }
 
 /// Issue 18, must-show 3: with the stack's Prometheus, the report's largest |offset| per node
