@@ -764,6 +764,7 @@ fn publish(
             refusal: state.refusal.as_ref().map(refusal_text),
             other_time_daemon: host_daemons.detection.describe(),
             clock_yielded: host_daemons.yielded.clone(),
+            host_daemon: host_daemons.clock.clone(),
             last_update_ago_seconds: state.last_update.map(|t| backend.now().secs_since(t)),
             simulated_error_seconds: backend.simulated_error(),
         },

@@ -223,9 +223,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::warn!(detail = %seen, "another time daemon seems to run");
     }
     shared.metrics.set_host_daemons(&detection);
-    shared
-        .host_daemons
-        .store(Arc::new(HostDaemonView { detection, yielded }));
+    shared.host_daemons.store(Arc::new(HostDaemonView {
+        detection,
+        yielded,
+        clock: None,
+    }));
     let sim = SimulationParams {
         initial_offset: args.sim_offset,
         frequency_error_ppm: args.sim_frequency_ppm,
@@ -330,41 +332,59 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// How often the node is looked at for other time daemons.
 const HOST_DAEMON_INTERVAL: Duration = Duration::from_secs(60);
+/// How often the clock is read as a daemon found there sees it: about one Prometheus scrape,
+/// so the dashboard draws it beside the agent's offset.
+const DAEMON_CLOCK_INTERVAL: Duration = Duration::from_secs(15);
 
-/// Looks for other time daemons every [`HOST_DAEMON_INTERVAL`], publishes what it sees, and
-/// stops the agent (the kubelet restarts it) when the backend it should run changes.
+/// Looks for other time daemons every [`HOST_DAEMON_INTERVAL`] and reads the clock as the one
+/// found sees it every [`DAEMON_CLOCK_INTERVAL`] (from the start), publishes both, and stops
+/// the agent (the kubelet restarts it) when the backend it should run changes.
 async fn watch_host_daemons(
     shared: Arc<Shared>,
     (configured, running): (ClockBackend, ClockBackend),
     take_over: Arc<AtomicBool>,
     shutdown: Arc<watch::Sender<bool>>,
 ) {
-    let mut tick = tokio::time::interval(HOST_DAEMON_INTERVAL);
-    tick.tick().await; // the start looked already
+    let mut look = tokio::time::interval(HOST_DAEMON_INTERVAL);
+    look.tick().await; // the start looked already
+    let mut read_clock = tokio::time::interval(DAEMON_CLOCK_INTERVAL);
+    read_clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        // Only the sockets this agent holds: a tenant port it failed to bind (say 123, held by
-        // chronyd) is another daemon's evidence, not ours.
-        let ports: BTreeSet<u16> = shared
-            .server
-            .served_ports()
-            .into_iter()
-            .map(|(port, ..)| port)
-            .collect();
-        let detection = tokio::task::spawn_blocking(move || host_daemons::observe(&ports))
+        let view = shared.host_daemons.load_full();
+        let (detection, restart) = tokio::select! {
+            _ = look.tick() => {
+                // Only the sockets this agent holds: a tenant port it failed to bind (say 123,
+                // held by chronyd) is another daemon's evidence, not ours.
+                let ports: BTreeSet<u16> = shared
+                    .server
+                    .served_ports()
+                    .into_iter()
+                    .map(|(port, ..)| port)
+                    .collect();
+                let detection = tokio::task::spawn_blocking(move || host_daemons::observe(&ports))
+                    .await
+                    .unwrap_or_default();
+                shared.metrics.set_host_daemons(&detection);
+                let restart = host_daemons::restart_reason(
+                    running,
+                    configured,
+                    &detection,
+                    take_over.load(Ordering::Relaxed),
+                );
+                (detection, restart)
+            }
+            _ = read_clock.tick() => (view.detection.clone(), None),
+        };
+        let looked = detection.clone();
+        let clock = tokio::task::spawn_blocking(move || host_daemons::observe_clock(&looked))
             .await
             .unwrap_or_default();
-        shared.metrics.set_host_daemons(&detection);
-        let restart = host_daemons::restart_reason(
-            running,
-            configured,
-            &detection,
-            take_over.load(Ordering::Relaxed),
-        );
-        let yielded = shared.host_daemons.load().yielded.clone();
-        shared
-            .host_daemons
-            .store(Arc::new(HostDaemonView { detection, yielded }));
+        shared.metrics.set_host_daemon_clock(clock.as_ref());
+        shared.host_daemons.store(Arc::new(HostDaemonView {
+            detection,
+            yielded: view.yielded.clone(),
+            clock,
+        }));
         if let Some(why) = restart {
             tracing::warn!(reason = %why, "stopping so that the restart runs the right clock backend");
             let _ = shutdown.send(true);

@@ -10,6 +10,7 @@ use stratum_ntp::system::{SourceState, SystemState};
 
 use crate::config_cache::ConfigOrigin;
 use crate::host_daemons::{Detection, Evidence};
+use crate::status::HostDaemonClock;
 
 /// Every metric the agent exports.
 pub struct Metrics {
@@ -49,6 +50,7 @@ pub struct Metrics {
     pub tenant_kod: IntCounterVec,
     config_source: IntGaugeVec,
     other_time_daemon: IntGaugeVec,
+    host_daemon_offset: GaugeVec,
     /// Upstream name lookups by result.
     pub upstream_lookups: IntCounterVec,
     /// Upstream addresses dropped, by reason.
@@ -130,6 +132,13 @@ impl Metrics {
                 "1 for each sign of another time daemon on the node: the kernel PLL or FLL on, \
                  chronyd's command port, or the NTP port bound by another program.",
                 &["evidence"]
+            )?),
+            host_daemon_offset: reg!(gv(
+                "stratum_agent_host_daemon_offset_seconds",
+                "The node clock's offset as another time daemon on the node estimates it (chronyd \
+                 asked on its command port, or the correction ntpd or systemd-timesyncd left in \
+                 the kernel), beside stratum_agent_offset_seconds. Absent when none is seen.",
+                &["daemon"]
             )?),
             info: reg!(igv(
                 "stratum_agent_info",
@@ -260,6 +269,17 @@ impl Metrics {
             self.other_time_daemon
                 .with_label_values(&[label])
                 .set(i64::from(seen));
+        }
+    }
+
+    /// Mirrors the other daemon's view of the clock: one series for the daemon read, none when
+    /// no daemon is seen or its view could not be read.
+    pub fn set_host_daemon_clock(&self, clock: Option<&HostDaemonClock>) {
+        self.host_daemon_offset.reset();
+        if let Some((daemon, offset)) = clock.and_then(|c| Some((&c.daemon, c.offset_seconds?))) {
+            self.host_daemon_offset
+                .with_label_values(&[daemon.as_str()])
+                .set(offset);
         }
     }
 

@@ -12,8 +12,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use stratum_api::node_clock::{
-    ClockStep, LeapStatus, NodeClock, NodeClockStatus, SourceState as ApiSourceState, SourceStatus,
-    format_offset,
+    ClockStep, HostDaemonClock, LeapStatus, NodeClock, NodeClockStatus,
+    SourceState as ApiSourceState, SourceStatus, format_offset,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -188,6 +188,15 @@ pub fn node_clock_status(status: &AgentStatus, now: Time) -> NodeClockStatus {
         config_revision: Some(status.identity.config_revision.clone()),
         agent_version: Some(status.identity.version.clone()),
         last_update: Some(now.clone()),
+        host_daemon: t.host_daemon.as_ref().map(|d| HostDaemonClock {
+            daemon: d.daemon.clone(),
+            offset: d.offset_seconds.map(|s| format_offset(nanos(s))),
+            offset_nanos: d.offset_seconds.map(nanos),
+            error_bound_nanos: d.error_bound_seconds.map(nanos),
+            synchronized: d.synchronized,
+            reference: d.reference.clone(),
+            error: d.error.clone(),
+        }),
         conditions: vec![
             condition(
                 "ConfigValid",

@@ -91,6 +91,10 @@ pub struct Tracking {
     /// Why the system clock is only observed (another daemon steers it), when it is.
     #[serde(default)]
     pub clock_yielded: Option<String>,
+    /// The node clock as the other time daemon sees it, when one is seen: its own estimate
+    /// beside `offsetSeconds`, for comparing while migrating in `Monitor` mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_daemon: Option<HostDaemonClock>,
     /// Seconds since the last clock update.
     pub last_update_ago_seconds: Option<f64>,
     /// `simulated` backend only: the steered clock's actual error against true time (this
@@ -98,6 +102,26 @@ pub struct Tracking {
     /// comparison; `offsetSeconds` is the agent's estimate of the same quantity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub simulated_error_seconds: Option<f64>,
+}
+
+/// The node clock as another time daemon on the node sees it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostDaemonClock {
+    /// `chronyd` (asked on its command port) or `kernel` (what ntpd or systemd-timesyncd left
+    /// in the kernel's discipline).
+    pub daemon: String,
+    /// The daemon's estimate of the clock's offset (local − its time), seconds.
+    pub offset_seconds: Option<f64>,
+    /// The daemon's bound on its error, seconds: chronyd's root distance, or the kernel's
+    /// estimated error.
+    pub error_bound_seconds: Option<f64>,
+    /// The daemon claims to be synchronized.
+    pub synchronized: bool,
+    /// chronyd's selected source.
+    pub reference: Option<String>,
+    /// Why the daemon could not be read.
+    pub error: Option<String>,
 }
 
 /// chrony's `sources` plus `sourcestats`, one row.
@@ -236,6 +260,41 @@ fn fmt_span(seconds: f64) -> String {
     }
 }
 
+/// `stratumctl tracking`'s line for another time daemon on the node: its view of the clock
+/// beside the agent's, and what the agent measures minus what the daemon believes (the gap an
+/// admin checks before handing the clock over); `None` when no daemon is seen.
+pub fn host_daemon_line(t: &Tracking) -> Option<String> {
+    let Some(d) = &t.host_daemon else {
+        return t
+            .other_time_daemon
+            .as_ref()
+            .map(|seen| format!("seen, its view not readable ({seen})"));
+    };
+    let Some(offset) = d.offset_seconds else {
+        let why = d.error.as_deref().unwrap_or("no figures");
+        return Some(format!("{}, its view not readable: {why}", d.daemon));
+    };
+    let mut line = format!("{} says {}", d.daemon, fmt_seconds(offset));
+    if let Some(bound) = d.error_bound_seconds {
+        line.push_str(&format!(
+            " (± {})",
+            fmt_seconds(bound).trim_start_matches('+')
+        ));
+    }
+    if let Some(reference) = &d.reference {
+        line.push_str(&format!(", following {reference}"));
+    }
+    if !d.synchronized {
+        line.push_str(", unsynchronized");
+    }
+    line.push_str(&format!(
+        "; agent − {}: {}",
+        d.daemon,
+        fmt_seconds(t.offset_seconds - offset)
+    ));
+    Some(line)
+}
+
 /// Formats seconds with a unit matching their size, signed: "+12.3us", "-1.50ms".
 pub fn fmt_seconds(s: f64) -> String {
     stratum_api::node_clock::format_offset((s * 1e9).round() as i64)
@@ -243,6 +302,7 @@ pub fn fmt_seconds(s: f64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn source(name: &str, frequency_ppm: Option<f64>) -> SourceView {
@@ -259,6 +319,41 @@ mod tests {
             span_seconds: Some(3.0 * 3600.0 + 5.0),
             ..SourceView::default()
         }
+    }
+
+    #[test]
+    fn the_host_daemon_line_sets_its_view_beside_the_agents_with_the_difference() {
+        let mut t = Tracking {
+            offset_seconds: 15e-6,
+            ..Tracking::default()
+        };
+        assert_eq!(host_daemon_line(&t), None, "no daemon, no line");
+        t.other_time_daemon = Some("UDP 0.0.0.0:123 is bound by another program".into());
+        assert_eq!(
+            host_daemon_line(&t).unwrap(),
+            "seen, its view not readable (UDP 0.0.0.0:123 is bound by another program)"
+        );
+        t.host_daemon = Some(HostDaemonClock {
+            daemon: "chronyd".into(),
+            offset_seconds: Some(12e-6),
+            error_bound_seconds: Some(4.2e-6),
+            synchronized: true,
+            reference: Some("192.0.2.1".into()),
+            error: None,
+        });
+        assert_eq!(
+            host_daemon_line(&t).unwrap(),
+            "chronyd says +12.0µs (± 4.2µs), following 192.0.2.1; agent − chronyd: +3.0µs"
+        );
+        t.host_daemon = Some(HostDaemonClock {
+            daemon: "chronyd".into(),
+            error: Some("asking chronyd on 127.0.0.1:323: no answer within 500 ms".into()),
+            ..HostDaemonClock::default()
+        });
+        assert_eq!(
+            host_daemon_line(&t).unwrap(),
+            "chronyd, its view not readable: asking chronyd on 127.0.0.1:323: no answer within 500 ms"
+        );
     }
 
     #[test]

@@ -77,30 +77,43 @@ fn a_chronyd_beside_the_agent_is_reported_with_its_evidence() {
         return;
     };
     let dir = TempDir::new("hostdaemons");
-    // chronyd as a node runs it: NTP on 123, its command port 323 on loopback.
+    // chronyd as a node runs it: NTP on 123, its command port 323 on loopback, following an
+    // upstream (a second chronyd on 11123), so its tracking report holds real figures.
+    std::fs::write(
+        dir.path("upstream.conf"),
+        format!(
+            "port 11123\ncmdport 0\nlocal stratum 1\nallow 127.0.0.0/8\npidfile {}\n",
+            dir.path("upstream.pid").display()
+        ),
+    )
+    .unwrap();
     std::fs::write(
         dir.path("chrony.conf"),
         format!(
             "port 123\nlocal stratum 2\nallow 127.0.0.0/8\nbindcmdaddress 127.0.0.1\n\
-             pidfile {}\n",
+             server 127.0.0.1 port 11123 iburst minpoll 0 maxpoll 0\npidfile {}\n",
             dir.path("chronyd.pid").display()
         ),
     )
     .unwrap();
     let chrony_path = chronyd.to_string_lossy().into_owned();
-    let conf = dir.path("chrony.conf").to_string_lossy().into_owned();
-    let _chronyd = Child(
-        ns.exec(&[
-            "setpriv",
-            "--bounding-set=-sys_time",
-            "--inh-caps=-sys_time",
-        ])
-        .args([&chrony_path, "-x", "-d", "-u", "root", "-f", &conf])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting chronyd"),
-    );
+    let chronyd_with = |conf: &str| {
+        let conf = dir.path(conf).to_string_lossy().into_owned();
+        Child(
+            ns.exec(&[
+                "setpriv",
+                "--bounding-set=-sys_time",
+                "--inh-caps=-sys_time",
+            ])
+            .args([&chrony_path, "-x", "-d", "-u", "root", "-f", &conf])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting chronyd"),
+        )
+    };
+    let _upstream = chronyd_with("upstream.conf");
+    let _chronyd = chronyd_with("chrony.conf");
     assert!(
         wait_until(Duration::from_secs(10), || {
             let out = ns.exec(&["ss", "-ulnH"]).output().unwrap();
@@ -177,6 +190,80 @@ fn a_chronyd_beside_the_agent_is_reported_with_its_evidence() {
     assert!(!seen.contains(":124"), "{seen}");
     assert!(status["tracking"]["clockYielded"].is_null(), "{status}");
 
+    // chronyd's own view, read on its command port, beside the agent's; the same report
+    // `chronyc tracking` prints (its CSV form: reference id, name, stratum, reference time,
+    // system time, ...).
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            status = ns
+                .http_get(9124, "/status")
+                .and_then(|s| serde_json::from_str(&s).ok())
+                .unwrap_or_default();
+            !status["tracking"]["hostDaemon"].is_null()
+        }),
+        "the agent never read chronyd's view: {status}"
+    );
+    // The agent reads chronyd every 15 s: wait for a read after chronyd took its upstream.
+    assert!(
+        wait_until(Duration::from_secs(40), || {
+            status = ns
+                .http_get(9124, "/status")
+                .and_then(|s| serde_json::from_str(&s).ok())
+                .unwrap_or_default();
+            status["tracking"]["hostDaemon"]["reference"] == "127.0.0.1"
+        }),
+        "the agent never read chronyd following its upstream: {}",
+        status["tracking"]["hostDaemon"]
+    );
+    let view = &status["tracking"]["hostDaemon"];
+    assert_eq!(view["daemon"], "chronyd", "{status}");
+    assert_eq!(view["synchronized"], true, "{view}");
+    assert!(view["error"].is_null(), "{view}");
+    let chronyc = ns
+        .exec(&["chronyc", "-h", "127.0.0.1", "-c", "tracking"])
+        .output()
+        .unwrap();
+    let csv = String::from_utf8_lossy(&chronyc.stdout).into_owned();
+    let fields: Vec<&str> = csv.trim().split(',').collect();
+    assert!(fields.len() >= 13, "chronyc -c tracking: {csv:?}");
+    eprintln!("agent read chronyd: {view}\nchronyc -c tracking now: {csv}");
+    assert_eq!(fields[1], "127.0.0.1", "{csv}");
+    // chronyc's "System time" (field 4) is the correction still to apply: the clock's offset
+    // is its negation. chronyd updates every second and the agent's read is up to 15 s old,
+    // so the two agree to the microseconds that loopback allows, not exactly; a field read
+    // from the wrong place (the frequency in ppm, the update interval of 1 s) would not.
+    let chrony_offset = -fields[4].parse::<f64>().unwrap();
+    let read = view["offsetSeconds"].as_f64().unwrap();
+    assert!(
+        (read - chrony_offset).abs() <= 50e-6,
+        "agent read {read}, chronyc says {chrony_offset}"
+    );
+    // Root delay / 2 + root dispersion (fields 10 and 11).
+    let root_distance =
+        fields[10].parse::<f64>().unwrap() / 2.0 + fields[11].parse::<f64>().unwrap();
+    let bound = view["errorBoundSeconds"].as_f64().unwrap();
+    assert!(
+        bound > 0.0 && (bound - root_distance).abs() <= 100e-6,
+        "agent read {bound}, chronyc's root distance {root_distance}"
+    );
+
+    // `stratumctl tracking` sets chronyd's view beside the agent's.
+    let tracking = ns
+        .exec(&[env!("CARGO_BIN_EXE_stratumctl"), "tracking"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&tracking.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Host daemon"))
+        .unwrap_or_else(|| panic!("no host daemon line:\n{text}"));
+    assert!(
+        line.contains("chronyd says ")
+            && line.contains("following 127.0.0.1")
+            && line.contains("agent − chronyd: "),
+        "{line}"
+    );
+
     let metrics = ns.http_get(9123, "/metrics").unwrap();
     // The kernel's state is the machine's, whatever the namespace: expect what it is.
     let kernel = stratum_agent::clock::system::kernel_state().unwrap();
@@ -189,4 +276,8 @@ fn a_chronyd_beside_the_agent_is_reported_with_its_evidence() {
         let series = format!("stratum_agent_other_time_daemon{{evidence=\"{evidence}\"}} {value}");
         assert!(metrics.contains(&series), "{series} missing:\n{metrics}");
     }
+    assert!(
+        metrics.contains("stratum_agent_host_daemon_offset_seconds{daemon=\"chronyd\"}"),
+        "chronyd's offset missing:\n{metrics}"
+    );
 }

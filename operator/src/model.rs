@@ -159,6 +159,8 @@ impl std::fmt::Display for ServerVersion {
 /// A NodeClock as the operator sees it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClockInfo {
+    /// The node (the NodeClock's name).
+    pub node: String,
     /// The TimeService whose agent wrote it.
     pub time_service: String,
     /// The agent reports a synchronized clock.
@@ -174,13 +176,20 @@ pub struct ClockInfo {
     /// Its sources' configured hosts (`status.sources[].name`), to check against the
     /// upstreams its TimeService designates.
     pub sources: Vec<String>,
+    /// The agent sees another time daemon on the node (its `OtherTimeDaemon` condition).
+    pub other_time_daemon: bool,
 }
 
 impl ClockInfo {
     /// Trims a NodeClock.
     pub fn from_node_clock(clock: &NodeClock) -> ClockInfo {
         let status = clock.status.clone().unwrap_or_default();
+        let other_time_daemon = status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "OtherTimeDaemon" && c.status == "True");
         ClockInfo {
+            node: clock.metadata.name.clone().unwrap_or_default(),
             time_service: clock.spec.time_service.clone(),
             synchronized: status.synchronized,
             offset_nanos: status.offset_nanos,
@@ -189,6 +198,7 @@ impl ClockInfo {
                 + status.root_dispersion_nanos.saturating_abs(),
             config_revision: status.config_revision,
             sources: status.sources.into_iter().map(|s| s.name).collect(),
+            other_time_daemon,
         }
     }
 
@@ -201,13 +211,14 @@ impl ClockInfo {
     /// The part of a clock report that TimeService status, endpoint readiness and the
     /// designated-sources check track; other changes (offset drift, heartbeats) are picked up
     /// at the next periodic reconcile.
-    pub fn summary(&self) -> (&str, bool, i32, Option<&str>, &[String]) {
+    pub fn summary(&self) -> (&str, bool, i32, Option<&str>, &[String], bool) {
         (
             &self.time_service,
             self.synchronized,
             self.stratum,
             self.config_revision.as_deref(),
             &self.sources,
+            self.other_time_daemon,
         )
     }
 }

@@ -616,6 +616,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "System offset   : {} (node clock − true time)",
                     fmt_seconds(t.offset_seconds)
                 );
+                if let Some(line) = stratum_agent::status::host_daemon_line(t) {
+                    println!("Host daemon     : {line}");
+                }
+                if let Some(why) = &t.clock_yielded {
+                    println!("Clock yielded   : {why}");
+                }
                 println!(
                     "Frequency       : {:+.3} ppm (± {:.3} ppm)",
                     t.frequency_ppm, t.frequency_error_ppm

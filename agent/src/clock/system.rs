@@ -125,6 +125,11 @@ pub struct KernelClockState {
     pub fll: bool,
     /// Whether STA_UNSYNC is clear (someone claims synchronization).
     pub claims_sync: bool,
+    /// The phase correction the kernel PLL still has to apply, ns (positive: the clock is
+    /// behind and will be advanced); a daemon steering through the PLL sets it.
+    pub pending_offset_nanos: i64,
+    /// The estimated error a daemon set, µs.
+    pub estimated_error_us: i64,
 }
 
 /// Reads the kernel clock state; works without CAP_SYS_TIME.
@@ -136,6 +141,13 @@ pub fn kernel_state() -> Result<KernelClockState, ClockError> {
         pll: tx.status & libc::STA_PLL != 0,
         fll: tx.status & libc::STA_FLL != 0,
         claims_sync: tx.status & libc::STA_UNSYNC == 0,
+        // In µs unless the daemon switched the kernel to ns (STA_NANO).
+        pending_offset_nanos: if tx.status & libc::STA_NANO != 0 {
+            tx.offset
+        } else {
+            tx.offset.saturating_mul(1000)
+        },
+        estimated_error_us: tx.esterror,
     })
 }
 

@@ -9,13 +9,22 @@
 //!
 //! What it cannot see: a timesyncd that left the PLL off, and, with a pod network, sockets of
 //! the node. The parsing and the judgement are pure; [`observe`] does the reading.
+//!
+//! Beside a daemon, the agent also reads that daemon's own view of the clock ([`daemon_clock`]):
+//! chronyd answers `tracking` on its command port ([`chrony`]); ntpd and systemd-timesyncd
+//! leave their correction and error estimate in the kernel. Set beside the agent's own
+//! measurement, it is what an admin compares before handing the clock over.
+
+pub mod chrony;
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::time::Duration;
 
 use stratum_api::agent_config::ClockBackend;
 
 use crate::clock::system::KernelClockState;
+use crate::status::HostDaemonClock;
 
 /// chronyd's command port (`cmdport`), bound on loopback by default.
 const CHRONY_COMMAND_PORT: u16 = 323;
@@ -103,12 +112,14 @@ impl Detection {
 }
 
 /// What the agent knows about other daemons, for status and metrics.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct HostDaemonView {
     /// The last look.
     pub detection: Detection,
     /// Why the system clock is only observed, when the agent yielded it at start.
     pub yielded: Option<String>,
+    /// The clock as that daemon sees it, read last.
+    pub clock: Option<HostDaemonClock>,
 }
 
 /// Judges the kernel state and the bound UDP sockets; `own_ports` are this agent's.
@@ -198,6 +209,112 @@ pub fn observe(own_ports: &BTreeSet<u16>) -> Detection {
     detect(kernel, &bound, own_ports)
 }
 
+/// How long chronyd has to answer on loopback.
+const CHRONY_TIMEOUT: Duration = Duration::from_millis(500);
+/// The kernel's "no estimate" error (NTP_PHASE_LIMIT, 16 s, in µs): what it holds until a
+/// daemon sets one.
+const KERNEL_NO_ESTIMATE_US: i64 = 16_000_000;
+
+/// The clock as the daemon that `detection` found sees it: chronyd asked on the command port
+/// it was seen on; otherwise what a daemon steering through the kernel PLL or FLL left there;
+/// `None` when neither (no daemon, or one that only shows by the NTP port).
+pub fn daemon_clock(
+    detection: &Detection,
+    kernel: Option<KernelClockState>,
+) -> Option<HostDaemonClock> {
+    let chronyd = detection.evidence.iter().find_map(|e| match e {
+        Evidence::ChronyCommandPort(a) => Some(*a),
+        _ => None,
+    });
+    if let Some(address) = chronyd {
+        return Some(match ask_chronyd(address) {
+            Ok(tracking) => chrony_view(&tracking),
+            Err(why) => HostDaemonClock {
+                daemon: "chronyd".into(),
+                error: Some(format!("asking chronyd on {address}: {why}")),
+                ..Default::default()
+            },
+        });
+    }
+    let kernel_discipline = detection
+        .evidence
+        .iter()
+        .any(|e| matches!(e, Evidence::KernelPll | Evidence::KernelFll));
+    kernel_discipline.then(|| kernel.map(kernel_view)).flatten()
+}
+
+/// chronyd's tracking report as the agent shows it.
+pub fn chrony_view(t: &chrony::ChronyTracking) -> HostDaemonClock {
+    HostDaemonClock {
+        daemon: "chronyd".into(),
+        offset_seconds: Some(t.system_offset_seconds),
+        error_bound_seconds: Some(t.root_distance_seconds()),
+        synchronized: t.synchronized,
+        reference: Some(t.reference()),
+        error: None,
+    }
+}
+
+/// What a daemon left in the kernel's discipline: the correction still pending (the clock is
+/// behind by what it will be advanced) and the error it estimated.
+pub fn kernel_view(k: KernelClockState) -> HostDaemonClock {
+    let estimate = (k.claims_sync && (0..KERNEL_NO_ESTIMATE_US).contains(&k.estimated_error_us))
+        .then(|| k.estimated_error_us as f64 / 1e6);
+    HostDaemonClock {
+        daemon: "kernel".into(),
+        offset_seconds: Some(-(k.pending_offset_nanos as f64) / 1e9),
+        error_bound_seconds: estimate,
+        synchronized: k.claims_sync,
+        reference: None,
+        error: None,
+    }
+}
+
+/// One `tracking` round trip to chronyd's command port.
+fn ask_chronyd(address: SocketAddr) -> Result<chrony::ChronyTracking, String> {
+    let local: SocketAddr = match address {
+        SocketAddr::V4(_) => (Ipv4Addr::LOCALHOST, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::LOCALHOST, 0).into(),
+    };
+    let socket = UdpSocket::bind(local).map_err(|e| e.to_string())?;
+    socket.connect(address).map_err(|e| e.to_string())?;
+    socket
+        .set_read_timeout(Some(CHRONY_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    // Any value the reply must echo; the connected socket already filters the sender.
+    let sequence = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id();
+    socket
+        .send(&chrony::tracking_request(sequence))
+        .map_err(|e| e.to_string())?;
+    let mut reply = [0u8; 512];
+    // A late answer to an earlier request is skipped, a few at most: whatever holds the port
+    // cannot keep this thread waiting.
+    let mut last = String::new();
+    for _ in 0..4 {
+        let n = socket.recv(&mut reply).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                format!("no answer within {} ms", CHRONY_TIMEOUT.as_millis())
+            }
+            _ => e.to_string(),
+        })?;
+        match chrony::parse_tracking_reply(&reply[..n], sequence) {
+            Err(e @ chrony::ChronyError::NotOurs { .. }) => last = e.to_string(),
+            other => return other.map_err(|e| e.to_string()),
+        }
+    }
+    Err(last)
+}
+
+/// Reads the clock as the daemon `detection` found sees it (see [`daemon_clock`]); blocks for
+/// up to half a second on chronyd.
+pub fn observe_clock(detection: &Detection) -> Option<HostDaemonClock> {
+    let kernel = crate::clock::system::kernel_state().ok();
+    daemon_clock(detection, kernel)
+}
+
 /// The backend to run: the configured one, except that the system clock is not steered while
 /// another daemon does unless the TimeService takes over; then it is only observed (readonly),
 /// and the reason says why.
@@ -265,6 +382,8 @@ mod tests {
             pll,
             fll,
             claims_sync: true,
+            pending_offset_nanos: 0,
+            estimated_error_us: 0,
         }
     }
 
@@ -311,6 +430,61 @@ mod tests {
         // 323 on a routable address is not chronyd's command socket.
         let other = detect(None, &["10.0.0.5:323".parse().unwrap()], &BTreeSet::new());
         assert!(!other.found());
+    }
+
+    #[test]
+    fn a_daemon_steering_through_the_kernel_is_read_from_its_pending_correction() {
+        // ntpd set 25 µs to apply (the clock is 25 µs behind) and a 40 µs error estimate.
+        let steered = KernelClockState {
+            pending_offset_nanos: 25_000,
+            estimated_error_us: 40,
+            ..kernel(true, false)
+        };
+        let found = detect(Some(steered), &[], &BTreeSet::new());
+        let view = daemon_clock(&found, Some(steered)).unwrap();
+        assert_eq!(view.daemon, "kernel");
+        assert!(
+            (view.offset_seconds.unwrap() + 25e-6).abs() < 1e-15,
+            "{view:?}"
+        );
+        assert_eq!(view.error_bound_seconds, Some(40e-6));
+        assert!(view.synchronized);
+        // Unsynchronized, or the kernel's 16 s placeholder: no error estimate.
+        for k in [
+            KernelClockState {
+                claims_sync: false,
+                ..steered
+            },
+            KernelClockState {
+                estimated_error_us: 16_000_000,
+                ..steered
+            },
+        ] {
+            assert_eq!(kernel_view(k).error_bound_seconds, None, "{k:?}");
+        }
+        // A daemon seen only by its NTP port has no view to read, and no daemon none at all.
+        let port_only = detect(None, &["0.0.0.0:123".parse().unwrap()], &BTreeSet::new());
+        assert_eq!(daemon_clock(&port_only, Some(steered)), None);
+        assert_eq!(daemon_clock(&Detection::default(), Some(steered)), None);
+    }
+
+    #[test]
+    fn a_chronyd_that_does_not_answer_is_reported_with_the_reason() {
+        // A loopback port nothing listens on: the send is refused or the wait times out.
+        let closed = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let address = closed.local_addr().unwrap();
+        drop(closed);
+        let found = Detection {
+            evidence: vec![Evidence::ChronyCommandPort(address)],
+        };
+        let view = daemon_clock(&found, None).unwrap();
+        assert_eq!(view.daemon, "chronyd");
+        assert_eq!(view.offset_seconds, None);
+        let why = view.error.unwrap();
+        assert!(
+            why.starts_with(&format!("asking chronyd on {address}: ")),
+            "{why}"
+        );
     }
 
     #[test]

@@ -33,6 +33,19 @@ use crate::common::Condition;
         type_ = "string",
         json_path = ".spec.timeService"
     ),
+    // While migrating: the host daemon's own view beside the agent's (`-o wide`).
+    printcolumn(
+        name = "Daemon",
+        type_ = "string",
+        json_path = ".status.hostDaemon.daemon",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Daemon Offset",
+        type_ = "string",
+        json_path = ".status.hostDaemon.offset",
+        priority = 1
+    ),
     // How long ago the agent last wrote: a stale agent's NodeClock looks healthy otherwise.
     printcolumn(name = "Updated", type_ = "date", json_path = ".status.lastUpdate"),
     printcolumn(
@@ -96,10 +109,42 @@ pub struct NodeClockStatus {
     /// When the agent last wrote this status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_update: Option<Time>,
+    /// The node clock as another time daemon on the node sees it, when one runs: its own
+    /// estimate beside the agent's (`offsetNanos`), to compare before handing the clock over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_daemon: Option<HostDaemonClock>,
     /// Conditions: ConfigValid, ClockControl, OtherTimeDaemon (another time daemon seen on the
     /// node) and TenantPorts (every tenant port bound).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// The node clock as another time daemon sees it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HostDaemonClock {
+    /// `chronyd` (asked on its command port, as `chronyc tracking` asks) or `kernel` (what
+    /// ntpd or systemd-timesyncd left in the kernel's clock discipline).
+    pub daemon: String,
+    /// The daemon's estimate of the node clock's offset, for display ("-12.3µs").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<String>,
+    /// The same, in nanoseconds (positive: ahead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset_nanos: Option<i64>,
+    /// The daemon's bound on its clock's error, in nanoseconds (chronyd: its root distance;
+    /// kernel: the estimated error the daemon set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_bound_nanos: Option<i64>,
+    /// The daemon claims to be synchronized.
+    #[serde(default)]
+    pub synchronized: bool,
+    /// The daemon's reference: chronyd's selected source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// Why the daemon's view could not be read, when it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 fn unsynchronized_stratum() -> i32 {

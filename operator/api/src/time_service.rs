@@ -566,7 +566,8 @@ pub struct EgressTier {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TimeServiceStatus {
-    /// Ready, Progressing, Degraded and Conflict.
+    /// Ready, Progressing, Degraded, Conflict and OtherTimeDaemon (agents that see another time
+    /// daemon on their node, named).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The generation this status describes.

@@ -82,10 +82,21 @@ fn crds_have_status_subresources_short_names_and_printer_columns() {
             "Stratum",
             "Source",
             "TimeService",
+            // While migrating (`-o wide`): the host daemon's view beside the agent's.
+            "Daemon",
+            "Daemon Offset",
             "Updated",
             "Age"
         ]
     );
+    let wide: Vec<_> = node_clock.spec.versions[0]
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .filter(|c| c.priority == Some(1))
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(wide, ["Daemon", "Daemon Offset"], "shown only with -o wide");
 }
 
 /// Parses an example into its typed kind and checks it against the CRD's rules.
@@ -149,12 +160,59 @@ fn every_example_parses_and_passes_the_crd_rules() {
         [
             // Client-side recipes: run as written by the e2e test `client_recipes`.
             "clients",
+            // Patches applied as written by the e2e test `migration`, and below.
+            "migration",
             "tenant-cross-namespace.yaml",
             "tenant-own-namespace.yaml",
             "timeservice.yaml"
         ],
         "an example has no test"
     );
+}
+
+/// RFC 7396 JSON merge patch, as `kubectl patch --type merge` applies it.
+fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    match (target, patch) {
+        (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
+            for (key, value) in p {
+                if value.is_null() {
+                    t.remove(key);
+                } else {
+                    merge_patch(
+                        t.entry(key.clone()).or_insert(serde_json::Value::Null),
+                        value,
+                    );
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+#[test]
+fn the_migration_patches_turn_the_example_time_service_to_monitor_and_back() {
+    use stratum_api::time_service::DisciplineMode;
+    let text = std::fs::read_to_string(repo_root().join("examples/timeservice.yaml")).unwrap();
+    let mut service: serde_json::Value = serde_yaml::from_str(&text).unwrap();
+    let dir = repo_root().join("examples/migration");
+    for (file, mode) in [
+        ("1-monitor.yaml", DisciplineMode::Monitor),
+        ("2-discipline.yaml", DisciplineMode::Discipline),
+    ] {
+        let patch: serde_json::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(dir.join(file)).unwrap()).unwrap();
+        merge_patch(&mut service, &patch);
+        let typed: TimeService = serde_json::from_value(service.clone()).unwrap();
+        assert_eq!(typed.spec.discipline.mode, mode, "{file}");
+        if let Err(errors) = stratum_api::validate_object::<TimeService>(&service) {
+            panic!("{file} on examples/timeservice.yaml breaks a CRD rule: {errors:?}");
+        }
+        let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
+        assert!(
+            readme.contains(file),
+            "examples/migration/README.md names {file}"
+        );
+    }
 }
 
 #[test]

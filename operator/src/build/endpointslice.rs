@@ -200,6 +200,8 @@ mod tests {
 
     fn clock(ts: &str, synced: bool, distance_ms: i64) -> ClockInfo {
         ClockInfo {
+            node: String::new(),
+            other_time_daemon: false,
             time_service: ts.into(),
             synchronized: synced,
             offset_nanos: 0,

@@ -108,20 +108,65 @@ impl Uncovered {
     }
 
     fn message(&self) -> String {
-        let more = self.count - self.first.len();
         format!(
             "{} of {} nodes the placement selects run no agent (no ready agent pod, no fresh \
-             NodeClock): {}{}",
+             NodeClock): {}",
             self.count,
             self.placed,
-            self.first.join(", "),
-            if more > 0 {
-                format!(" and {more} more")
-            } else {
-                String::new()
-            }
+            name_a_few(&self.first, self.count)
         )
     }
+}
+
+/// "a, b, c" of `count` names, the first [`UNCOVERED_NAMED`] given, and "and 2 more".
+fn name_a_few<S: AsRef<str>>(first: &[S], count: usize) -> String {
+    let shown: Vec<&str> = first
+        .iter()
+        .take(UNCOVERED_NAMED)
+        .map(AsRef::as_ref)
+        .collect();
+    let more = count.saturating_sub(shown.len());
+    let mut text = shown.join(", ");
+    if more > 0 {
+        text.push_str(&format!(" and {more} more"));
+    }
+    text
+}
+
+/// The TimeService's `OtherTimeDaemon` condition: True, naming a few, when any of its agents
+/// sees another time daemon on its node (from their NodeClocks' condition of that name).
+fn other_time_daemon_condition(clocks: &[&ClockInfo]) -> Cond {
+    let nodes: Vec<&str> = clocks
+        .iter()
+        .filter(|c| c.other_time_daemon)
+        .map(|c| c.node.as_str())
+        .collect();
+    if nodes.is_empty() {
+        return Cond::new(
+            "OtherTimeDaemon",
+            false,
+            "NoneDetected",
+            format!(
+                "none of the {} reporting agents sees another time daemon on its node",
+                clocks.len()
+            ),
+        );
+    }
+    Cond::new(
+        "OtherTimeDaemon",
+        true,
+        "Detected",
+        format!(
+            "{} of {} reporting agents see another time daemon on their node: {}. Expected \
+             while migrating in mode Monitor: compare (stratumctl tracking, kubectl get \
+             nodeclocks -o wide), stop the daemon, then switch to Discipline. Under Discipline \
+             these agents only observe the clock until it stops, unless \
+             spec.discipline.takeOver is set",
+            nodes.len(),
+            clocks.len(),
+            name_a_few(&nodes, nodes.len())
+        ),
+    )
 }
 
 /// Why a TimeService runs no agents.
@@ -240,6 +285,7 @@ pub fn time_service_status(
             ));
         }
     }
+    wanted.push(other_time_daemon_condition(clocks));
     let existing = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
     TimeServiceStatus {
         conditions: conditions(existing, wanted, generation, now),
@@ -350,6 +396,8 @@ mod tests {
 
     fn clock(synced: bool, offset: i64, stratum: i32) -> ClockInfo {
         ClockInfo {
+            node: format!("n-{offset}"),
+            other_time_daemon: false,
             time_service: "ts".into(),
             synchronized: synced,
             offset_nanos: offset,
@@ -521,6 +569,48 @@ mod tests {
             "{}",
             cond(&s, "Ready").message
         );
+    }
+
+    #[test]
+    fn agents_that_see_another_time_daemon_are_counted_and_named_in_a_condition() {
+        let ds = Some(DaemonSetCounts {
+            desired: 7,
+            ready: 7,
+            updated: 7,
+        });
+        let clocks: Vec<ClockInfo> = (1..=7)
+            .map(|i| ClockInfo {
+                other_time_daemon: i != 4,
+                ..clock(true, i, 2)
+            })
+            .collect();
+        let refs: Vec<&ClockInfo> = clocks.iter().collect();
+        let none = Uncovered::default();
+        let s = time_service_status(None, Some(1), None, ds, &refs, &none, &at(1));
+        let c = cond(&s, "OtherTimeDaemon");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Detected"));
+        assert!(
+            c.message.starts_with(
+                "6 of 7 reporting agents see another time daemon on their node: \
+                 n-1, n-2, n-3, n-5, n-6 and 1 more. Expected while migrating in mode Monitor"
+            ),
+            "{}",
+            c.message
+        );
+        // Another daemon is a migration step, not a failure: Ready and Degraded ignore it.
+        assert_eq!(cond(&s, "Ready").status, "True");
+        assert_eq!(cond(&s, "Degraded").status, "False");
+
+        // Once every daemon is stopped, the condition turns False.
+        let quiet: Vec<ClockInfo> = (1..=7).map(|i| clock(true, i, 2)).collect();
+        let refs: Vec<&ClockInfo> = quiet.iter().collect();
+        let later = time_service_status(Some(&s), Some(1), None, ds, &refs, &none, &at(2));
+        let c = cond(&later, "OtherTimeDaemon");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "NoneDetected")
+        );
+        assert_eq!(c.last_transition_time, at(2));
     }
 
     #[test]
