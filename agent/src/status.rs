@@ -218,6 +218,81 @@ pub fn source_views(state: &SystemState) -> Vec<SourceView> {
 /// `stratumctl sourcestats`: each source's regression as chronyc shows it. `Freq` is what the
 /// source says the frequency correction should change by (its estimate minus the applied
 /// `frequency_ppm`), `Skew` that estimate's standard error, `Std Dev` the samples' RMS residual.
+/// `stratumctl sources`: chronyc's marks (`*` selected, `+` combined, `-` candidate, `x`
+/// falseticker, `?` unreachable), role, stratum, poll, reach (octal), offset, delay, jitter.
+/// `wide` gives the configured name and the address their own columns and adds the
+/// regression's samples, frequency and skew.
+pub fn sources_table(sources: &[SourceView], wide: bool) -> String {
+    let seconds = |v: Option<f64>| v.map_or_else(|| "-".into(), fmt_seconds);
+    let mut out = if wide {
+        format!(
+            "{:<2} {:<24} {:<28} {:<12} {:>3} {:>4} {:>5} {:>12} {:>12} {:>12} {:>3} {:>10} {:>10}\n",
+            "",
+            "Name",
+            "Address",
+            "State",
+            "St",
+            "Poll",
+            "Reach",
+            "Offset",
+            "Delay",
+            "Jitter",
+            "NP",
+            "Freq ppm",
+            "Skew ppm"
+        )
+    } else {
+        format!(
+            "{:<2} {:<28} {:<12} {:>3} {:>4} {:>5} {:>12} {:>12} {:>12}\n",
+            "", "Source", "State", "St", "Poll", "Reach", "Offset", "Delay", "Jitter"
+        )
+    };
+    let ppm = |v: Option<f64>| {
+        v.filter(|v| v.is_finite())
+            .map_or_else(|| "-".into(), |v| format!("{v:.3}"))
+    };
+    for src in sources {
+        let mark = match src.state.as_str() {
+            "selected" => "*",
+            "combined" => "+",
+            "candidate" => "-",
+            "falseticker" => "x",
+            "unreachable" => "?",
+            _ => " ",
+        };
+        let stratum = src.stratum.map_or("-".into(), |s| s.to_string());
+        let (offset, delay, jitter) = (
+            seconds(src.offset_seconds),
+            seconds(src.delay_seconds),
+            seconds(src.jitter_seconds),
+        );
+        out += &if wide {
+            format!(
+                "{mark:<2} {:<24} {:<28} {:<12} {:>3} {:>4} {:>5o} {offset:>12} {delay:>12} {jitter:>12} {:>3} {:>10} {:>10}\n",
+                src.name,
+                src.address,
+                src.state,
+                stratum,
+                src.poll,
+                src.reach,
+                src.samples,
+                ppm(src.frequency_ppm),
+                ppm(src.skew_ppm),
+            )
+        } else {
+            format!(
+                "{mark:<2} {:<28} {:<12} {:>3} {:>4} {:>5o} {offset:>12} {delay:>12} {jitter:>12}\n",
+                format!("{} {}", src.name, src.address),
+                src.state,
+                stratum,
+                src.poll,
+                src.reach,
+            )
+        };
+    }
+    out
+}
+
 pub fn sourcestats_table(sources: &[SourceView], applied_frequency_ppm: f64) -> String {
     let mut out = format!(
         "{:<32} {:>3} {:>3} {:>6} {:>10} {:>10} {:>10} {:>10}\n",
@@ -354,6 +429,35 @@ mod tests {
             host_daemon_line(&t).unwrap(),
             "chronyd, its view not readable: asking chronyd on 127.0.0.1:323: no answer within 500 ms"
         );
+    }
+
+    #[test]
+    fn the_sources_table_marks_roles_and_wide_adds_the_regression() {
+        let mut unreachable = source("ntp2", None);
+        unreachable.state = "unreachable".into();
+        unreachable.offset_seconds = None;
+        let sources = [source("ntp1", Some(-48.75)), unreachable];
+        let rows = |t: String| -> Vec<Vec<String>> {
+            t.lines()
+                .map(|l| l.split_whitespace().map(str::to_owned).collect())
+                .collect()
+        };
+        let text = rows(sources_table(&sources, false));
+        assert_eq!(
+            text[0],
+            [
+                "Source", "State", "St", "Poll", "Reach", "Offset", "Delay", "Jitter"
+            ]
+        );
+        assert_eq!(text[1][..3], ["*", "ntp1", "192.0.2.1:123"]);
+        assert_eq!(text[2][..4], ["?", "ntp2", "192.0.2.1:123", "unreachable"]);
+        assert_eq!(text[2][8], "-", "no offset: {:?}", text[2]);
+        let wide = rows(sources_table(&sources, true));
+        assert_eq!(wide[0].len(), 14, "{:?}", wide[0]);
+        assert_eq!(wide[0][9..], ["NP", "Freq", "ppm", "Skew", "ppm"]);
+        assert_eq!(wide[1][0..3], ["*", "ntp1", "192.0.2.1:123"]);
+        assert_eq!(wide[1][10..], ["12", "-48.750", "0.050"]);
+        assert_eq!(wide[2][10..], ["12", "-", "0.050"]);
     }
 
     #[test]

@@ -182,9 +182,68 @@ fn stratumctl_views_and_query_agree_with_chrony_and_ntpsec() {
     assert_eq!(tracking["configRevision"], "r1", "{tracking}");
     assert!(tracking["node"].is_string() && tracking["timeService"].is_string());
     assert_eq!(tracking["synchronized"], true);
+    // Every view in JSON and YAML carries the same identity beside its figures (`--json` is
+    // the old spelling of `-o json`).
     let sources: serde_json::Value =
-        serde_json::from_slice(&agent.ctl(&["--json", "sources"]).stdout).unwrap();
+        serde_json::from_slice(&agent.ctl(&["-o", "json", "sources"]).stdout).unwrap();
+    for view in [
+        "tracking",
+        "sources",
+        "sourcestats",
+        "serverstats",
+        "clients",
+    ] {
+        let yaml = agent.ctl(&[view, "-o", "yaml"]);
+        assert!(yaml.status.success(), "{view} -o yaml");
+        let parsed: serde_json::Value =
+            serde_yaml::from_slice(&yaml.stdout).unwrap_or_else(|e| panic!("{view} -o yaml: {e}"));
+        for field in ["node", "timeService", "version", "clock"] {
+            assert_eq!(parsed[field], sources[field], "{view} -o yaml: {field}");
+        }
+        assert_eq!(parsed["configRevision"], "r1", "{view} -o yaml");
+        let json: serde_json::Value =
+            serde_json::from_slice(&agent.ctl(&["--json", view]).stdout).unwrap();
+        assert_eq!(json["configRevision"], "r1", "{view} --json");
+    }
+    let sources = sources["sources"].clone();
     assert_eq!(sources.as_array().unwrap().len(), 3);
+    // `-o wide`: the configured name and the address in columns of their own, plus the
+    // regression's samples; tracking adds root distance, last update and agent lines.
+    let wide = String::from_utf8_lossy(&agent.ctl(&["sources", "-o", "wide"]).stdout).to_string();
+    let header: Vec<&str> = wide
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(header[..2], ["Name", "Address"], "{wide}");
+    assert!(header.contains(&"NP"), "{wide}");
+    for source in sources.as_array().unwrap() {
+        let address = source["address"].as_str().unwrap();
+        let row: Vec<&str> = wide
+            .lines()
+            .find(|l| l.contains(address))
+            .unwrap_or_else(|| panic!("no row for {address}: {wide}"))
+            .split_whitespace()
+            .collect();
+        assert!(row.contains(&address) && row.contains(&source["name"].as_str().unwrap()));
+    }
+    let tracking_wide =
+        String::from_utf8_lossy(&agent.ctl(&["tracking", "-o", "wide"]).stdout).to_string();
+    for line in [
+        "Root distance   : ",
+        "Last update     : ",
+        "Agent           : version ",
+    ] {
+        assert!(
+            tracking_wide.contains(line),
+            "{line:?} in:\n{tracking_wide}"
+        );
+    }
+    assert!(
+        !text.contains("Root distance"),
+        "text stays as it was: {text}"
+    );
     let table = String::from_utf8_lossy(&agent.ctl(&["sources"]).stdout).to_string();
     assert!(
         table.lines().any(|l| l.starts_with('*')),
@@ -244,21 +303,35 @@ fn stratumctl_views_and_query_agree_with_chrony_and_ntpsec() {
     assert_eq!(ours["leap"], "none");
     assert_eq!(ours["server"], server.to_string());
 
-    let ntpdig = std::process::Command::new(require("ntpdig"))
-        .args(["-j", "-t", "2", &reference_ip.to_string()])
-        .output()
+    // ntpdig (Python) takes its own timestamps around the exchange; on a busy machine one of
+    // them can land milliseconds late, which its error bound (`precision`: half its delay plus
+    // dispersion) then shows. Of three one-shot queries the tightest counts, as NTP's clock
+    // filter keeps the least-delayed sample, and its own bound widens the tolerance.
+    let ntpdig = (0..3)
+        .map(|_| {
+            let out = std::process::Command::new(require("ntpdig"))
+                .args(["-j", "-t", "2", &reference_ip.to_string()])
+                .output()
+                .unwrap();
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_else(|e| {
+                panic!(
+                    "ntpdig output: {e}: {}",
+                    String::from_utf8_lossy(&out.stdout)
+                )
+            })
+        })
+        .min_by(|a, b| {
+            let bound = |v: &serde_json::Value| v["precision"].as_f64().unwrap_or(f64::MAX);
+            bound(a).total_cmp(&bound(b))
+        })
         .unwrap();
-    let ntpdig: serde_json::Value = serde_json::from_slice(&ntpdig.stdout).unwrap_or_else(|e| {
-        panic!(
-            "ntpdig output: {e}: {}",
-            String::from_utf8_lossy(&ntpdig.stdout)
-        )
-    });
     let ntpdig_offset = ntpdig["offset"].as_f64().unwrap();
+    let ntpdig_bound = ntpdig["precision"].as_f64().unwrap();
     assert_eq!(ntpdig["stratum"], 2);
     assert!(
-        (our_offset - ntpdig_offset).abs() < tolerance,
-        "stratumctl query {our_offset} vs ntpdig {ntpdig_offset} (tolerance {tolerance})"
+        (our_offset - ntpdig_offset).abs() < tolerance + ntpdig_bound,
+        "stratumctl query {our_offset} vs ntpdig {ntpdig_offset} ± {ntpdig_bound} (tolerance \
+         {tolerance})"
     );
 
     let chrony_q = std::process::Command::new(require("chronyd"))

@@ -1,6 +1,6 @@
 //! `stratumctl`: look at the local agent (`tracking`, `sources`, `clients`, `serverstats`),
 //! query any NTP server (`query HOST[:PORT]`), or load one (`bench`, with `echo-server` as the
-//! baseline). Every view takes `--json`.
+//! baseline). Every view takes `-o text|wide|json|yaml`.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -33,11 +33,55 @@ struct Cli {
         env = "STRATUM_AGENT"
     )]
     agent: String,
-    /// Print JSON instead of a table.
-    #[arg(long, global = true)]
+    /// Output: `text` (tables for people), `wide` (more columns), `json` or `yaml` (every
+    /// field, with the agent's identity: node, TimeService, version, clock, config revision).
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    /// The same as `-o json` (kept for scripts written before `-o`).
+    #[arg(long, global = true, hide = true)]
     json: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `-o`: one choice for every subcommand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    /// Tables and lines for people (`report`: Markdown).
+    #[value(alias = "markdown")]
+    Text,
+    /// As text, with more columns where a view has more to show.
+    Wide,
+    /// JSON, every field.
+    Json,
+    /// YAML, the same fields as JSON.
+    Yaml,
+}
+
+impl Output {
+    /// Whether this is a machine format.
+    fn structured(self) -> bool {
+        matches!(self, Output::Json | Output::Yaml)
+    }
+
+    /// Prints `value` as JSON or YAML (only called for those).
+    fn print<T: serde::Serialize>(self, value: &T) -> anyhow::Result<()> {
+        match self {
+            Output::Yaml => print!("{}", serde_yaml::to_string(value)?),
+            _ => println!("{}", serde_json::to_string_pretty(value)?),
+        }
+        Ok(())
+    }
+}
+
+/// An agent view in JSON or YAML: which node, TimeService and config revision it is of,
+/// beside it, so collected outputs can be told apart.
+#[derive(serde::Serialize)]
+struct WithIdentity<'a, T: serde::Serialize> {
+    #[serde(flatten)]
+    identity: &'a stratum_agent::status::Identity,
+    #[serde(flatten)]
+    view: T,
 }
 
 #[derive(Subcommand)]
@@ -169,9 +213,6 @@ enum Command {
         /// Length of the period when --since is not given, a Go duration ("24h", "168h").
         #[arg(long, default_value = "24h")]
         period: kube::core::Duration,
-        /// Output format.
-        #[arg(short = 'o', long, value_enum, default_value_t = ReportFormat::Markdown)]
-        output: ReportFormat,
         /// Prometheus base URL (http://HOST:PORT) for accuracy over the period; without it,
         /// accuracy is the NodeClocks' at this point in time.
         #[arg(long)]
@@ -184,7 +225,7 @@ enum Command {
         /// duration.
         #[arg(long, default_value = "0s")]
         allowed_unsynchronized: kube::core::Duration,
-        /// Print the JSON Schema of `-o json` and exit.
+        /// Print the JSON Schema of `-o json` (and `-o yaml`) and exit.
         #[arg(long)]
         schema: bool,
     },
@@ -212,12 +253,12 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let output = if cli.json { Output::Json } else { cli.output };
     match cli.command {
         Command::Report {
             since,
             until,
             period,
-            output,
             prometheus,
             audit_log,
             allowed_unsynchronized,
@@ -267,9 +308,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("report: missing evidence: {e}");
             }
             let report = compliance::build(&evidence);
-            match output {
-                ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-                ReportFormat::Markdown => print!("{}", compliance::markdown::render(&report)),
+            if output.structured() {
+                output.print(&report)?;
+            } else {
+                print!("{}", compliance::markdown::render(&report));
             }
         }
         Command::Clients { tenant, limit } => {
@@ -281,8 +323,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ));
             }
             let tenants: Vec<TenantClients> = fetch_json(&cli.agent, &path).await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&tenants)?);
+            if output.structured() {
+                #[derive(serde::Serialize)]
+                struct Clients<'a> {
+                    tenants: &'a [TenantClients],
+                }
+                let status = fetch(&cli.agent).await?;
+                output.print(&WithIdentity {
+                    identity: &status.identity,
+                    view: Clients { tenants: &tenants },
+                })?;
             } else {
                 let now = stratum_agent::clock::host_realtime();
                 for t in &tenants {
@@ -308,8 +358,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Serverstats => {
             let stats: ServerStats = fetch_json(&cli.agent, "/serverstats").await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&stats)?);
+            if output.structured() {
+                let status = fetch(&cli.agent).await?;
+                output.print(&WithIdentity {
+                    identity: &status.identity,
+                    view: &stats,
+                })?;
             } else {
                 println!(
                     "Serving {} (stratum {}), {} worker(s) for all ports",
@@ -407,9 +461,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 anyhow::Ok((load, in_server))
             })
             .await??;
-            if cli.json {
-                let output = BenchOutput { load, in_server };
-                println!("{}", serde_json::to_string_pretty(&output)?);
+            if output.structured() {
+                output.print(&BenchOutput { load, in_server })?;
             } else {
                 print_load_report(&load);
                 if let Some(tap) = &in_server {
@@ -511,8 +564,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         answered = true;
                         match r.wait_step(bound) {
                             WaitStep::Done => {
-                                if cli.json {
-                                    println!("{}", serde_json::to_string_pretty(&r)?);
+                                if output.structured() {
+                                    output.print(&r)?;
                                 } else if !quiet {
                                     println!(
                                         "synchronized: offset {}, root distance {}",
@@ -552,8 +605,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("resolving {target}"))?;
             let r = query(addr, Duration::from_secs_f64(timeout)).await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+            if output.structured() {
+                output.print(&r)?;
             } else {
                 println!("Server          : {}", r.server);
                 if let Some(code) = &r.kiss_code {
@@ -579,21 +632,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Tracking => {
             let s = fetch(&cli.agent).await?;
-            if cli.json {
-                // Which node, TimeService and config revision these figures are of, beside
-                // them: a tracking line without them cannot be told apart in a collection.
-                #[derive(serde::Serialize)]
-                struct TrackingJson<'a> {
-                    #[serde(flatten)]
-                    identity: &'a stratum_agent::status::Identity,
-                    #[serde(flatten)]
-                    tracking: &'a stratum_agent::status::Tracking,
-                }
-                let view = TrackingJson {
+            if output.structured() {
+                output.print(&WithIdentity {
                     identity: &s.identity,
-                    tracking: &s.tracking,
-                };
-                println!("{}", serde_json::to_string_pretty(&view)?);
+                    view: &s.tracking,
+                })?;
             } else {
                 let t = &s.tracking;
                 println!(
@@ -633,6 +676,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     fmt_seconds(t.root_dispersion_seconds)
                 );
                 println!("Leap status     : {}", t.leap);
+                if output == Output::Wide {
+                    println!(
+                        "Root distance   : {}",
+                        fmt_seconds(t.root_distance_seconds).trim_start_matches('+')
+                    );
+                    println!(
+                        "Last update     : {}",
+                        t.last_update_ago_seconds
+                            .map_or("never".into(), |ago| format!("{ago:.1} s ago"))
+                    );
+                    println!(
+                        "Agent           : version {}, config from {}",
+                        s.identity.version,
+                        s.identity.config_source.name()
+                    );
+                }
                 println!(
                     "Steps           : {}{}",
                     t.steps,
@@ -656,8 +715,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Sourcestats => {
             let s = fetch(&cli.agent).await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&s.sources)?);
+            if output.structured() {
+                output.print(&WithIdentity {
+                    identity: &s.identity,
+                    view: SourcesView {
+                        sources: &s.sources,
+                    },
+                })?;
             } else {
                 print!(
                     "{}",
@@ -667,48 +731,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Sources => {
             let s = fetch(&cli.agent).await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&s.sources)?);
+            if output.structured() {
+                output.print(&WithIdentity {
+                    identity: &s.identity,
+                    view: SourcesView {
+                        sources: &s.sources,
+                    },
+                })?;
             } else {
-                println!(
-                    "{:<2} {:<28} {:<12} {:>3} {:>4} {:>4} {:>12} {:>12} {:>12}",
-                    "", "Source", "State", "St", "Poll", "Reach", "Offset", "Delay", "Jitter"
+                print!(
+                    "{}",
+                    stratum_agent::status::sources_table(&s.sources, output == Output::Wide)
                 );
-                for src in &s.sources {
-                    let mark = match src.state.as_str() {
-                        "selected" => "*",
-                        "combined" => "+",
-                        "candidate" => "-",
-                        "falseticker" => "x",
-                        "unreachable" => "?",
-                        _ => " ",
-                    };
-                    let opt = |v: Option<f64>| v.map(fmt_seconds).unwrap_or_else(|| "-".into());
-                    println!(
-                        "{mark:<2} {:<28} {:<12} {:>3} {:>4} {:>4o} {:>12} {:>12} {:>12}",
-                        format!("{} {}", src.name, src.address),
-                        src.state,
-                        src.stratum.map_or("-".into(), |s| s.to_string()),
-                        src.poll,
-                        src.reach,
-                        opt(src.offset_seconds),
-                        opt(src.delay_seconds),
-                        opt(src.jitter_seconds),
-                    );
-                }
             }
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// `report -o`.
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum ReportFormat {
-    /// For people.
-    Markdown,
-    /// For SIEM pipelines; its schema is `report --schema`.
-    Json,
+/// `sources` and `sourcestats` in JSON or YAML.
+#[derive(serde::Serialize)]
+struct SourcesView<'a> {
+    sources: &'a [stratum_agent::status::SourceView],
 }
 
 /// `bench --json`: the load report, plus the tap's when `--in-server` asked for it.
