@@ -3,6 +3,7 @@
 //! from closed sets.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 
 use prometheus::core::Collector;
 use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
@@ -42,6 +43,8 @@ pub struct Metrics {
     source_delay: GaugeVec,
     source_jitter: GaugeVec,
     source_state: IntGaugeVec,
+    /// The `member` label of each source address, kept stable between observations.
+    members: std::sync::Mutex<MemberIndex>,
     /// Config changes by result.
     pub config_reloads: IntCounterVec,
     /// Tenant packets by outcome.
@@ -57,6 +60,52 @@ pub struct Metrics {
     pub upstream_drops: IntCounterVec,
     /// Configured tenant ports not bound (retried with backoff).
     pub tenant_port_bind_failures: IntGauge,
+}
+
+/// The `member` label of the per-source series: the configured name (`source`) stays, and
+/// each address resolved from it gets the lowest index free among that name's members,
+/// which it keeps while it stays. A pool whose members churn reuses the same few series
+/// (at most its `maxSources` at a time) instead of adding one per address ever seen.
+#[derive(Debug, Default)]
+pub struct MemberIndex {
+    slots: BTreeMap<String, Vec<Option<SocketAddr>>>,
+}
+
+impl MemberIndex {
+    /// The member index of each `(name, address)`, in order. Addresses no longer listed
+    /// free their index first.
+    pub fn assign(&mut self, sources: &[(&str, SocketAddr)]) -> Vec<usize> {
+        for (name, slots) in self.slots.iter_mut() {
+            for slot in slots.iter_mut() {
+                if slot.is_some_and(|a| !sources.contains(&(name.as_str(), a))) {
+                    *slot = None;
+                }
+            }
+            while slots.last().is_some_and(Option::is_none) {
+                slots.pop();
+            }
+        }
+        self.slots.retain(|_, slots| !slots.is_empty());
+        sources
+            .iter()
+            .map(|(name, address)| {
+                let slots = self.slots.entry((*name).to_owned()).or_default();
+                if let Some(i) = slots.iter().position(|s| *s == Some(*address)) {
+                    return i;
+                }
+                match slots.iter().position(Option::is_none) {
+                    Some(i) => {
+                        slots[i] = Some(*address);
+                        i
+                    }
+                    None => {
+                        slots.push(Some(*address));
+                        slots.len() - 1
+                    }
+                }
+            })
+            .collect()
+    }
 }
 
 const SOURCE_STATES: [&str; 6] = [
@@ -202,27 +251,27 @@ impl Metrics {
             source_reach: reg!(igv(
                 "stratum_agent_source_reach",
                 "8-bit reachability register of a source.",
-                &["source"]
+                &["source", "member"]
             )?),
             source_offset: reg!(gv(
                 "stratum_agent_source_offset_seconds",
                 "Offset of a source.",
-                &["source"]
+                &["source", "member"]
             )?),
             source_delay: reg!(gv(
                 "stratum_agent_source_delay_seconds",
                 "Round-trip delay to a source.",
-                &["source"]
+                &["source", "member"]
             )?),
             source_jitter: reg!(gv(
                 "stratum_agent_source_jitter_seconds",
                 "Jitter of a source.",
-                &["source"]
+                &["source", "member"]
             )?),
             source_state: reg!(igv(
                 "stratum_agent_source_state",
                 "1 for the source's current selection role.",
-                &["source", "state"]
+                &["source", "member", "state"]
             )?),
             config_reloads: reg!(icv(
                 "stratum_agent_config_reloads_total",
@@ -253,6 +302,7 @@ impl Metrics {
                 "stratum_agent_tenant_port_bind_failures",
                 "Configured tenant ports that could not be bound and are being retried.",
             )?),
+            members: std::sync::Mutex::new(MemberIndex::default()),
             registry,
             registered,
         })
@@ -328,9 +378,19 @@ impl Metrics {
         self.source_delay.reset();
         self.source_jitter.reset();
         self.source_state.reset();
-        for s in &state.sources {
-            let label = s.address.to_string();
-            let l = [label.as_str()];
+        let named: Vec<(&str, SocketAddr)> = state
+            .sources
+            .iter()
+            .map(|s| (s.name.as_str(), s.address))
+            .collect();
+        let members = self
+            .members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .assign(&named);
+        for (s, member) in state.sources.iter().zip(members) {
+            let member = member.to_string();
+            let l = [s.name.as_str(), member.as_str()];
             self.source_reach
                 .with_label_values(&l)
                 .set(i64::from(s.reach));
@@ -346,7 +406,7 @@ impl Metrics {
             let current = state_label(s.state);
             for candidate in SOURCE_STATES {
                 self.source_state
-                    .with_label_values(&[label.as_str(), candidate])
+                    .with_label_values(&[s.name.as_str(), member.as_str(), candidate])
                     .set(i64::from(candidate == current));
             }
         }
@@ -372,6 +432,34 @@ mod tests {
             include_str!("../../docs/contracts.md"),
             "process_",
         )
+    }
+
+    #[test]
+    fn pool_members_reuse_the_few_member_indexes_as_addresses_churn() {
+        let a = |last: u8| SocketAddr::from(([192, 0, 2, last], 123));
+        let mut index = MemberIndex::default();
+        let pool = "0.pool.ntp.org";
+        assert_eq!(
+            index.assign(&[(pool, a(1)), (pool, a(2)), ("ntp.example", a(9))]),
+            [0, 1, 0]
+        );
+        // Order does not matter, an address keeps its index.
+        assert_eq!(index.assign(&[(pool, a(2)), (pool, a(1))]), [1, 0]);
+        // .1 replaced by .3 (pool re-resolution): .3 takes the freed 0, .2 keeps 1.
+        assert_eq!(index.assign(&[(pool, a(3)), (pool, a(2))]), [0, 1]);
+        // A thousand churning members of a 4-member pool use indexes 0..4 only.
+        let mut seen = BTreeSet::new();
+        for round in 0..250u16 {
+            let members: Vec<SocketAddr> = (0..4)
+                .map(|i| SocketAddr::from(([10, 0, (round >> 8) as u8, (round as u8)], 100 + i)))
+                .collect();
+            let named: Vec<(&str, SocketAddr)> = members.iter().map(|m| (pool, *m)).collect();
+            seen.extend(index.assign(&named));
+        }
+        assert_eq!(seen, BTreeSet::from([0, 1, 2, 3]));
+        // Names gone are forgotten.
+        assert_eq!(index.assign(&[]), Vec::<usize>::new());
+        assert!(index.slots.is_empty());
     }
 
     #[test]

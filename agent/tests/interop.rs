@@ -153,9 +153,21 @@ fn falseticker_server_is_marked_and_never_selected() {
         seen = s["sources"].clone();
     }
     let (_, metrics) = agent.get_metrics_port("/metrics").unwrap();
-    assert!(metrics.contains(&format!(
-        "stratum_agent_source_state{{source=\"{liar}\",state=\"falseticker\"}} 1"
-    )));
+    // Labelled by the configured name and a member index, not the address.
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("stratum_agent_source_state{")
+                && l.contains(&format!("source=\"{liar_ip}\""))
+                && l.contains("member=\"0\"")
+                && l.contains("state=\"falseticker\"")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(&liar),
+        "no series names an address: {metrics}"
+    );
 }
 
 #[test]

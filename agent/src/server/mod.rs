@@ -123,8 +123,42 @@ struct Ports {
     /// What the last apply asked for, for [`Server::retry_failed`].
     desired: BTreeMap<u16, TenantConfig>,
     stats: BTreeMap<String, Arc<TenantStats>>,
-    /// Tenant ids whose series are in the metrics registry.
+    /// Series labels (tenant ids, or [`ALL_TENANTS`]) in the metrics registry.
     exported: BTreeSet<String>,
+    /// `serving.metricsPerTenant: false`: request metrics as totals over every tenant.
+    totals_only: bool,
+    /// Each tenant's totals at the last export, to carry a removed tenant's counts on.
+    last_totals: BTreeMap<String, TenantTotals>,
+    /// What tenants removed since the start had counted, so the totals never go down.
+    retired: TenantTotals,
+}
+
+/// The `tenant` label of the request metrics' totals (`serving.metrics.perTenant: false`): no
+/// tenant id looks like it, ids being `namespace/name`.
+pub const ALL_TENANTS: &str = "_all";
+
+/// The request metrics' series, by `tenant` label: each tenant's own (`totals_only` false), or
+/// one [`ALL_TENANTS`] series summing every tenant and `retired`. The fleet's peer port is
+/// infrastructure, not a tenant: it keeps its own series either way.
+pub fn tenant_series(
+    current: &BTreeMap<String, TenantTotals>,
+    totals_only: bool,
+    retired: &TenantTotals,
+) -> BTreeMap<String, TenantTotals> {
+    if !totals_only {
+        return current.clone();
+    }
+    let mut all = *retired;
+    let mut series = BTreeMap::new();
+    for (id, totals) in current {
+        if id == tenants::PEER_TENANT_ID {
+            series.insert(id.clone(), *totals);
+        } else {
+            all.add(totals);
+        }
+    }
+    series.insert(ALL_TENANTS.to_owned(), all);
+    series
 }
 
 /// What one [`Server::apply`] did.
@@ -230,6 +264,7 @@ impl Server {
         let desired = tenants::desired_ports(serving);
         let mut ports = self.ports();
         ports.desired = desired;
+        ports.totals_only = !serving.metrics_per_tenant;
         let report = self.reconcile(&mut ports, None);
         drop(ports);
         log_report(&report);
@@ -517,17 +552,34 @@ impl Server {
     }
 
     /// Brings `stratum_agent_tenant_requests_total` and `..._kod_sent_total` up to the
-    /// workers' counters (called on every scrape). Series of configured tenants exist from
-    /// the start, at 0; series of removed tenants are dropped.
+    /// workers' counters (called on every scrape): per tenant, or as totals (see
+    /// [`tenant_series`]). Series of configured tenants exist from the start, at 0; series no
+    /// longer wanted (a removed tenant, the other mode's) are dropped.
     pub fn export_metrics(&self, metrics: &Metrics) {
         let mut ports = self.ports();
         metrics
             .tenant_port_bind_failures
             .set(i64::try_from(ports.failed.len()).unwrap_or(i64::MAX));
         let Ports {
-            stats, exported, ..
+            stats,
+            exported,
+            totals_only,
+            last_totals,
+            retired,
+            ..
         } = &mut *ports;
-        for gone in exported.iter().filter(|id| !stats.contains_key(*id)) {
+        let current: BTreeMap<String, TenantTotals> = stats
+            .iter()
+            .map(|(id, t)| (id.clone(), t.totals()))
+            .collect();
+        for (id, last) in last_totals.iter() {
+            if !current.contains_key(id) && id != tenants::PEER_TENANT_ID {
+                retired.add(last);
+            }
+        }
+        let series = tenant_series(&current, *totals_only, retired);
+        *last_totals = current;
+        for gone in exported.iter().filter(|label| !series.contains_key(*label)) {
             for outcome in OUTCOME_LABELS {
                 let _ = metrics
                     .tenant_requests
@@ -539,16 +591,15 @@ impl Server {
                     .remove_label_values(&[gone.as_str(), code]);
             }
         }
-        exported.retain(|id| stats.contains_key(id));
-        for (id, tenant) in stats.iter() {
-            let totals = tenant.totals();
+        exported.retain(|label| series.contains_key(label));
+        for (label, totals) in &series {
             for (outcome, total) in OUTCOME_LABELS.iter().zip(totals.outcomes()) {
-                catch_up(&metrics.tenant_requests, [id.as_str(), outcome], total);
+                catch_up(&metrics.tenant_requests, [label.as_str(), outcome], total);
             }
             for (code, total) in KOD_LABELS.iter().zip(totals.kods()) {
-                catch_up(&metrics.tenant_kod, [id.as_str(), code], total);
+                catch_up(&metrics.tenant_kod, [label.as_str(), code], total);
             }
-            exported.insert(id.clone());
+            exported.insert(label.clone());
         }
     }
 }
@@ -604,5 +655,46 @@ fn catch_up(vec: &prometheus::IntCounterVec, labels: [&str; 2], total: u64) {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn totals(served: u64, kod_rate: u64) -> TenantTotals {
+        TenantTotals {
+            received: served + kod_rate,
+            served,
+            kod_rate,
+            ..TenantTotals::default()
+        }
+    }
+
+    #[test]
+    fn totals_only_sums_the_tenants_and_what_removed_ones_counted_but_not_the_peers() {
+        let current = BTreeMap::from([
+            ("ns/a".to_owned(), totals(2, 1)),
+            ("ns/b".to_owned(), totals(3, 0)),
+            (tenants::PEER_TENANT_ID.to_owned(), totals(7, 0)),
+        ]);
+        assert_eq!(
+            tenant_series(&current, false, &totals(100, 100)),
+            current,
+            "per tenant: each its own, nothing retired added"
+        );
+        let series = tenant_series(&current, true, &totals(10, 4));
+        assert_eq!(
+            series,
+            BTreeMap::from([
+                (ALL_TENANTS.to_owned(), totals(15, 5)),
+                (tenants::PEER_TENANT_ID.to_owned(), totals(7, 0)),
+            ])
+        );
+        // No tenants yet: the totals exist at what was retired (0 at the start).
+        assert_eq!(
+            tenant_series(&BTreeMap::new(), true, &TenantTotals::default()),
+            BTreeMap::from([(ALL_TENANTS.to_owned(), TenantTotals::default())])
+        );
     }
 }

@@ -131,6 +131,19 @@ pub struct TenantTotals {
 }
 
 impl TenantTotals {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &TenantTotals) {
+        self.received += other.received;
+        self.served += other.served;
+        self.served_unsynchronized += other.served_unsynchronized;
+        self.denied += other.denied;
+        self.rate_limited += other.rate_limited;
+        self.malformed += other.malformed;
+        self.ignored += other.ignored;
+        self.kod_rate += other.kod_rate;
+        self.kod_deny += other.kod_deny;
+    }
+
     /// Values in [`OUTCOME_LABELS`] order.
     pub fn outcomes(&self) -> [u64; 6] {
         [

@@ -158,6 +158,7 @@ mod tests {
             peer_allowed: vec![],
             tenants,
             cidr_sets: vec![],
+            metrics_per_tenant: true,
         }
     }
 

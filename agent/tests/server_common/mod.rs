@@ -52,6 +52,7 @@ pub fn serving(tenants: Vec<TenantConfig>) -> ServingConfig {
         peer_allowed: vec![],
         tenants,
         cidr_sets: vec![],
+        metrics_per_tenant: true,
     }
 }
 

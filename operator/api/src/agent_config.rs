@@ -212,6 +212,18 @@ pub struct ServingConfig {
     /// `tenants[].allowedSets`: a set selected by many tenants is written once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cidr_sets: Vec<Vec<IpNet>>,
+    /// Request metrics per tenant (true), or totals over every tenant under `tenant="_all"`.
+    /// Written only when false, so agents that predate it read every other config.
+    #[serde(default = "per_tenant_metrics", skip_serializing_if = "is_true")]
+    pub metrics_per_tenant: bool,
+}
+
+fn per_tenant_metrics() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// One tenant as an agent serves it.
@@ -1043,6 +1055,7 @@ mod tests {
                     max_root_distance_seconds: Some(0.1),
                 }],
                 cidr_sets: vec![vec!["10.244.7.0/24".parse().unwrap()]],
+                metrics_per_tenant: true,
             },
             reporting: ReportingConfig {
                 heartbeat_seconds: 60.0,

@@ -491,6 +491,9 @@ pub struct Serving {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = kube::core::Rule::new("self >= 1 && self <= 15").message("localStratum must be between 1 and 15"))]
     pub local_stratum: Option<i32>,
+    /// How the agents' request metrics break down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<ServingMetrics>,
 }
 
 impl Default for Serving {
@@ -499,7 +502,30 @@ impl Default for Serving {
             tenant_ports: PortRange::default(),
             holdover: default_holdover(),
             local_stratum: None,
+            metrics: None,
         }
+    }
+}
+
+/// The agents' request metrics (`stratum_agent_tenant_requests_total`,
+/// `stratum_agent_tenant_kod_sent_total`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServingMetrics {
+    /// One series per tenant (the default), or, when false, totals over every tenant under
+    /// `tenant="_all"`: 8 series per node instead of 8 per tenant and node, for clusters with
+    /// many tenants. `stratumctl serverstats` keeps the per-tenant counts either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_tenant: Option<bool>,
+}
+
+impl Serving {
+    /// Whether request metrics carry one series per tenant.
+    pub fn metrics_per_tenant(&self) -> bool {
+        self.metrics
+            .as_ref()
+            .and_then(|m| m.per_tenant)
+            .unwrap_or(true)
     }
 }
 

@@ -198,6 +198,7 @@ fn build_agent_config_unrevised(
             peer_allowed,
             tenants: tenant_configs,
             cidr_sets,
+            metrics_per_tenant: spec.serving.metrics_per_tenant(),
         },
         reporting: ReportingConfig {
             heartbeat_seconds: spec.reporting.interval.as_secs_f64(),
@@ -777,6 +778,23 @@ mod tests {
         let config = build_agent_config("cluster", &ts.spec, None, &[], &FleetInput::default());
         assert_eq!(config.log_level, LogLevel::Debug);
         assert_eq!(config.log_level.as_str(), "debug");
+    }
+
+    #[test]
+    fn per_tenant_metrics_are_the_default_and_totals_only_reach_the_agent_config() {
+        let mut ts = fixtures::time_service("cluster");
+        let config = build_agent_config("cluster", &ts.spec, None, &[], &FleetInput::default());
+        assert!(config.serving.metrics_per_tenant);
+        // Left out when true, so agents that predate the field read the config.
+        assert!(!config.to_json().contains("metricsPerTenant"));
+        ts.spec.serving.metrics = Some(ts_api::ServingMetrics {
+            per_tenant: Some(false),
+        });
+        let config = build_agent_config("cluster", &ts.spec, None, &[], &FleetInput::default());
+        assert!(!config.serving.metrics_per_tenant);
+        assert!(config.to_json().contains(r#""metricsPerTenant": false"#));
+        let back = AgentConfig::from_json(&config.to_json()).unwrap();
+        assert!(!back.serving.metrics_per_tenant);
     }
 
     #[test]
