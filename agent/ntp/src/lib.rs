@@ -13,6 +13,7 @@
 //! - [`discipline`]: the clock loop (step window, slews, panic thresholds, drift, meddling).
 //! - [`leap`]: scheduling leap seconds for the kernel, or smearing them.
 //! - [`system`]: the client facade the agent drives, and its status snapshot.
+//! - [`nts`]: Network Time Security: NTS-KE records, the AEAD, cookies, NTS extension fields.
 //! - [`server`]: access policy, rate limiting and reply building for the NTP server.
 //! - [`clock`]: the clock trait, the actions, and a simulated clock.
 //! - [`sim`]: a deterministic network simulator and the must-show scenarios.
@@ -22,6 +23,7 @@ pub mod clock;
 pub mod discipline;
 pub mod filter;
 pub mod leap;
+pub mod nts;
 pub mod packet;
 pub mod refid;
 pub mod select;
