@@ -14,6 +14,7 @@ pub mod driver;
 pub mod host_daemons;
 pub mod loadgen;
 pub mod metrics;
+pub mod nts_ke;
 pub mod ops;
 pub mod query;
 pub mod report;

@@ -1,0 +1,267 @@
+//! NTS against a real server: chronyd from Debian (`-x`, never adjusting the clock) with an NTS
+//! certificate signed by a CA made in the test. Stratum's key exchange (TLS 1.3 over rustls,
+//! the RFC 8915 records, the exporter) and its NTS extension fields must interoperate with
+//! chrony's own implementation, byte for byte, or these fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Proc, TempDir, free_udp_port, require, wait_for};
+use stratum_agent::nts_ke::{KeError, client_config, key_exchange, roots_from_pem_file};
+use stratum_ntp::nts::ef::{ClientRequest, ResponseError, verify_response};
+use stratum_ntp::nts::{AeadKey, CookieJar, SessionKeys};
+use stratum_ntp::packet::{LeapIndicator, Mode, Packet, ReferenceId};
+use stratum_ntp::time::{NtpShort, NtpTimestamp};
+
+const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+/// A CA and a server certificate for 127.0.0.1 and localhost it signed, made with openssl.
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new(require("openssl"))
+        .current_dir(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn make_pki(dir: &Path, name: &str) -> Pki {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let ca_key = format!("{name}-ca.key");
+    let ca = format!("{name}-ca.pem");
+    let mut args = vec!["req", "-x509"];
+    args.extend(ec);
+    args.extend(["-keyout", &ca_key, "-out", &ca, "-days", "2", "-subj"]);
+    let ca_subject = format!("/CN=stratum test CA {name}");
+    args.push(&ca_subject);
+    openssl(dir, &args);
+    let key = format!("{name}-server.key");
+    let csr = format!("{name}-server.csr");
+    let mut args = vec!["req"];
+    args.extend(ec);
+    args.extend(["-keyout", &key, "-out", &csr, "-subj", "/CN=localhost"]);
+    openssl(dir, &args);
+    let ext = format!("{name}-ext.cnf");
+    std::fs::write(
+        dir.join(&ext),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let cert = format!("{name}-server.pem");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &cert,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ],
+    );
+    // chronyd may read them after dropping to its own user.
+    for file in [&key, &cert] {
+        let path = dir.join(file);
+        let mut perms = std::fs::metadata(&path).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+        std::fs::set_permissions(&path, perms).unwrap();
+    }
+    Pki {
+        ca: dir.join(ca),
+        cert: dir.join(cert),
+        key: dir.join(key),
+    }
+}
+
+fn free_tcp_port() -> u16 {
+    TcpListener::bind((LOOPBACK, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// chronyd `-x` serving NTP on `ntp_port` and NTS-KE on `ke_port` with `pki`'s certificate.
+fn chronyd_nts(dir: &Path, pki: &Pki, ntp_port: u16, ke_port: u16) -> Proc {
+    let conf = dir.join("chrony-nts.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {ntp_port}\nntsport {ke_port}\nbindaddress 127.0.0.1\ncmdport 0\n\
+             local stratum 2\nallow 127.0.0.0/8\nntsserverkey {key}\nntsservercert {cert}\n\
+             pidfile {pid}\ndriftfile {drift}\n",
+            key = pki.key.display(),
+            cert = pki.cert.display(),
+            pid = dir.join("chronyd-nts.pid").display(),
+            drift = dir.join("chronyd-nts.drift").display(),
+        ),
+    )
+    .unwrap();
+    let log = dir.join("chronyd-nts.log");
+    let child = Command::new(require("chronyd"))
+        .arg("-x")
+        .arg("-d")
+        .arg("-f")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn chronyd");
+    let proc = Proc {
+        child,
+        name: format!("chronyd NTS-KE :{ke_port} NTP :{ntp_port}"),
+        log,
+    };
+    wait_for(Duration::from_secs(10), "chronyd's NTS-KE port", || {
+        TcpStream::connect((LOOPBACK, ke_port)).is_ok()
+    });
+    proc
+}
+
+fn client_header(transmit: u64) -> Packet {
+    Packet {
+        leap: LeapIndicator::Unknown,
+        version: 4,
+        mode: Mode::Client,
+        stratum: 0,
+        poll: 4,
+        precision: -20,
+        root_delay: NtpShort::ZERO,
+        root_dispersion: NtpShort::ZERO,
+        reference_id: ReferenceId([0; 4]),
+        reference_timestamp: NtpTimestamp::ZERO,
+        origin_timestamp: NtpTimestamp::ZERO,
+        receive_timestamp: NtpTimestamp::ZERO,
+        transmit_timestamp: NtpTimestamp::from_bits(transmit),
+    }
+}
+
+/// Sends one datagram and returns the answer, if any comes within a second.
+fn exchange_udp(server: SocketAddr, datagram: &[u8]) -> Option<Vec<u8>> {
+    let socket = UdpSocket::bind((LOOPBACK, 0)).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    socket.send_to(datagram, server).unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, _) = socket.recv_from(&mut buf).ok()?;
+    Some(buf[..n].to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stratum_exchanges_keys_with_chronyd_and_its_time_authenticates_under_them() {
+    let dir = TempDir::new("nts-chrony");
+    let pki = make_pki(dir.path(), "good");
+    let (ntp_port, ke_port) = (free_udp_port(LOOPBACK), free_tcp_port());
+    let chrony = chronyd_nts(dir.path(), &pki, ntp_port, ke_port);
+
+    let config = client_config(roots_from_pem_file(&pki.ca).unwrap()).unwrap();
+    let exchange = key_exchange("127.0.0.1", ke_port, config, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("key exchange: {e}\n{}", chrony.log_text()));
+    let agreement = &exchange.agreement;
+    assert_eq!(agreement.cookies.len(), 8, "chrony hands out eight cookies");
+    assert_eq!(
+        agreement.ntp_port,
+        Some(ntp_port),
+        "chrony names its non-default NTP port"
+    );
+    let server = SocketAddr::from((LOOPBACK, agreement.ntp_port.unwrap_or(123)));
+
+    let mut jar = CookieJar::new(exchange.keys.clone(), agreement.cookies.clone());
+    let mut rng = rand::rng();
+    // More requests than cookies: each response must refill the jar, or this runs dry.
+    for round in 0..12u64 {
+        let transmit = 0xe000_0000_0000_0000 | round;
+        let request = ClientRequest::build(&client_header(transmit), &mut jar, &mut rng)
+            .unwrap_or_else(|| panic!("jar empty at round {round}"));
+        let response = exchange_udp(server, &request.datagram)
+            .unwrap_or_else(|| panic!("no answer at round {round}\n{}", chrony.log_text()));
+        let verified = verify_response(&response, &request.unique_id, &exchange.keys.s2c)
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(verified.header.mode, Mode::Server);
+        assert_eq!(verified.header.origin_timestamp.to_bits(), transmit);
+        assert_eq!(verified.header.stratum, 2);
+        assert!(
+            !verified.cookies.is_empty(),
+            "round {round} brought no cookie"
+        );
+        jar.add(verified.cookies);
+        assert_eq!(jar.len(), 8, "round {round} did not refill the jar");
+    }
+
+    // A request under the wrong C2S key (the cookie itself is chrony's) is not answered with
+    // time: chrony drops it, and nothing it might send would verify.
+    let forged_keys = SessionKeys {
+        c2s: AeadKey::from_bytes([0x5a; 32]),
+        s2c: exchange.keys.s2c.clone(),
+    };
+    let mut forged_jar = CookieJar::new(forged_keys, vec![jar.take().unwrap()]);
+    let request = ClientRequest::build(&client_header(7), &mut forged_jar, &mut rng).unwrap();
+    if let Some(answer) = exchange_udp(server, &request.datagram) {
+        let verdict = verify_response(&answer, &request.unique_id, &exchange.keys.s2c);
+        assert!(verdict.is_err(), "a forged request got authenticated time");
+    }
+
+    // A cookie chrony never issued gets its NTS NAK, which the client recognizes.
+    let mut stranger = CookieJar::new(exchange.keys.clone(), vec![vec![0x42; 100]]);
+    let request = ClientRequest::build(&client_header(8), &mut stranger, &mut rng).unwrap();
+    let answer = exchange_udp(server, &request.datagram).expect("chrony answers a bad cookie");
+    assert_eq!(
+        verify_response(&answer, &request.unique_id, &exchange.keys.s2c),
+        Err(ResponseError::Nak)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_certificate_the_trust_anchors_do_not_vouch_for_gives_no_keys() {
+    let dir = TempDir::new("nts-chrony-untrusted");
+    let served = make_pki(dir.path(), "served");
+    let other = make_pki(dir.path(), "other");
+    let (ntp_port, ke_port) = (free_udp_port(LOOPBACK), free_tcp_port());
+    let _chrony = chronyd_nts(dir.path(), &served, ntp_port, ke_port);
+
+    let config = client_config(roots_from_pem_file(&other.ca).unwrap()).unwrap();
+    let error = key_exchange("127.0.0.1", ke_port, config, Duration::from_secs(10))
+        .await
+        .expect_err("a certificate from an untrusted CA was accepted");
+    assert!(matches!(error, KeError::Tls { .. }), "{error}");
+    assert_eq!(error.metric_label(), "tls");
+
+    // A bundle without certificates is an error, not an empty trust store that fails later.
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    assert!(roots_from_pem_file(&empty).is_err());
+}
