@@ -19,7 +19,7 @@ use stratum_api::agent_config::{
 use stratum_ntp::clock::{ClockAction, Refusal, apply_action};
 use stratum_ntp::leap::LeapMode;
 use stratum_ntp::packet::LeapIndicator;
-use stratum_ntp::source::{PollRequest, SourceConfig};
+use stratum_ntp::source::{SourceConfig, SourceId};
 use stratum_ntp::system::{SourceState, System, SystemConfig, SystemState};
 use stratum_ntp::time::ClockTime;
 use tokio::sync::{mpsc, watch};
@@ -30,6 +30,9 @@ use crate::config_source::ConfigUpdate;
 use crate::driver::{Driver, DriverEvent, Fault, Now};
 use crate::host_daemons::HostDaemonView;
 use crate::metrics::Metrics;
+use crate::nts_upstreams::{
+    NtsUpstreams, Outgoing, ReplyCheck, failure_label as nts_failure_label,
+};
 use crate::report::AgentEvent;
 use crate::resolver::{self, Resolver, SystemResolver};
 use crate::server::{Server, ServerOptions};
@@ -277,10 +280,32 @@ pub struct Outputs {
     pub heartbeat: watch::Sender<Duration>,
 }
 
-struct Reply {
-    source: stratum_ntp::source::SourceId,
-    reply: upstream::Reply,
+/// What a poll's task hands back to the loop.
+enum Reply {
+    /// A reply for the core; for an NTS upstream, one that authenticated, with its header
+    /// only and the cookies it brought.
+    Time {
+        source: stratum_ntp::source::SourceId,
+        reply: upstream::Reply,
+        nts: Option<(ReplyCheck, Vec<Vec<u8>>)>,
+    },
+    /// A reply from an NTS upstream that did not authenticate: dropped, counted, and for a
+    /// NAK, a reason to exchange keys again.
+    NtsRefused {
+        upstream: String,
+        source: String,
+        error: stratum_ntp::nts::ResponseError,
+    },
 }
+
+/// A key exchange the loop started for an NTS upstream's "lookup".
+struct KeyExchangeDone {
+    request: resolver::LookupRequest,
+    result: Result<crate::nts_ke::NtsSession, crate::nts_ke::KeError>,
+}
+
+/// The longest a key exchange (TCP, TLS and the records) may take.
+const KEY_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs until `shutdown` fires; persists drift on the way out. Names are resolved by the
 /// host's resolver.
@@ -377,6 +402,9 @@ pub async fn run_with_resolver(
         .set(1);
 
     let (reply_tx, mut reply_rx) = mpsc::channel::<Reply>(256);
+    let (key_exchange_tx, mut key_exchange_rx) = mpsc::channel::<KeyExchangeDone>(16);
+    let mut nts = NtsUpstreams::default();
+    let mut nts_trust = NtsTrust::default();
     let mut last_drift_write = tokio::time::Instant::now();
     let mut was_synchronized = false;
     let mut known_falsetickers = BTreeSet::new();
@@ -384,11 +412,46 @@ pub async fn run_with_resolver(
     loop {
         let now = Now::read(backend.clock());
         for request in driver.lookups_due(now) {
-            // The resolver task lives as long as this loop holds its sender.
-            let _ = lookup_tx.send(request);
+            match request.nts_port {
+                // An NTS upstream's lookup is its key exchange.
+                Some(ke_port) => {
+                    let tls = nts_trust.get(driver.config().nts_ca_bundle.as_deref());
+                    spawn_key_exchange(request, ke_port, tls, &key_exchange_tx);
+                }
+                // The resolver task lives as long as this loop holds its sender.
+                None => {
+                    let _ = lookup_tx.send(request);
+                }
+            }
         }
         while let Some(request) = driver.poll_due(backend.clock().now()) {
-            send_poll(request, &reply_tx);
+            match nts.outgoing(request.address, &request.bytes, &mut rand::rng()) {
+                Outgoing::Plain => send_poll(
+                    request.source,
+                    request.address,
+                    &request.bytes,
+                    None,
+                    &reply_tx,
+                ),
+                Outgoing::Nts { datagram, check } => {
+                    send_poll(
+                        request.source,
+                        request.address,
+                        &datagram,
+                        Some(check),
+                        &reply_tx,
+                    );
+                }
+                Outgoing::Withheld { upstream, source } => {
+                    shared
+                        .metrics
+                        .nts_polls_withheld
+                        .with_label_values(&[source.as_str()])
+                        .inc();
+                    tracing::debug!(%upstream, "NTS poll withheld: no cookie; exchanging keys again");
+                    driver.rekey(&upstream, Now::read(backend.clock()));
+                }
+            }
         }
         let wait = Duration::from_secs_f64(driver.next_wake(now).min(MAX_SLEEP.as_secs_f64()));
         tokio::select! {
@@ -396,14 +459,50 @@ pub async fn run_with_resolver(
                 let actions = driver.on_timer(Now::read(backend.clock()));
                 apply_all(&mut backend, &actions, &shared, &outputs);
             }
-            Some(Reply { source, reply }) = reply_rx.recv() => {
-                // The kernel stamped the reply on the host clock: carry it onto the clock the
-                // core steers by the host time elapsed since.
-                let now = Now::read(backend.clock());
-                let elapsed = crate::clock::host_realtime().secs_since(reply.host_rx).max(0.0);
-                let received_at = now.clock.add_secs(-elapsed);
-                let outcome = driver.on_reply(source, &reply.bytes, received_at, now);
-                apply_all(&mut backend, &outcome.actions, &shared, &outputs);
+            Some(reply) = reply_rx.recv() => match reply {
+                Reply::Time { source, reply, nts: authenticated } => {
+                    if let Some((check, cookies)) = authenticated {
+                        nts.add_cookies(&check, cookies);
+                    }
+                    // The kernel stamped the reply on the host clock: carry it onto the clock
+                    // the core steers by the host time elapsed since.
+                    let now = Now::read(backend.clock());
+                    let elapsed = crate::clock::host_realtime().secs_since(reply.host_rx).max(0.0);
+                    let received_at = now.clock.add_secs(-elapsed);
+                    let outcome = driver.on_reply(source, &reply.bytes, received_at, now);
+                    apply_all(&mut backend, &outcome.actions, &shared, &outputs);
+                }
+                Reply::NtsRefused { upstream, source, error } => {
+                    let reason = nts_failure_label(&error);
+                    shared.metrics.nts_reply_failures.with_label_values(&[source.as_str(), reason]).inc();
+                    tracing::debug!(%upstream, %error, "NTS reply dropped");
+                    if error == stratum_ntp::nts::ResponseError::Nak {
+                        driver.rekey(&upstream, Now::read(backend.clock()));
+                    }
+                }
+            },
+            Some(KeyExchangeDone { request, result }) = key_exchange_rx.recv() => {
+                let outcome = match &result {
+                    Ok(_) => "ok",
+                    Err(e) => e.metric_label(),
+                };
+                shared.metrics.nts_key_exchanges.with_label_values(&[request.host.as_str(), outcome]).inc();
+                let result = match result {
+                    Ok(session) => {
+                        let address = session.address;
+                        tracing::info!(upstream = %request.key, %address, cookies = session.jar.len(), "NTS key exchange done");
+                        nts.install(&request.key, &request.host, address, session.jar);
+                        nts.retain(&nts_upstream_keys(driver.config()));
+                        Ok(vec![address])
+                    }
+                    Err(source) => {
+                        tracing::warn!(upstream = %request.key, error = %source, "NTS key exchange failed; retrying with backoff, never polling it unauthenticated");
+                        Err(resolver::ResolveError::KeyExchange { host: request.host.clone(), source })
+                    }
+                };
+                let resolution = resolver::Resolution { key: request.key, result };
+                let events = driver.on_resolution(resolution, Now::read(backend.clock()));
+                log_driver_events(&events, &shared.metrics);
             }
             Some(resolution) = resolution_rx.recv() => {
                 let events = driver.on_resolution(resolution, Now::read(backend.clock()));
@@ -415,6 +514,7 @@ pub async fn run_with_resolver(
                     match driver.on_config(new, Now::read(backend.clock())) {
                         Ok(()) => {
                             tracing::info!(%revision, source = origin.name(), "config applied");
+                            nts.retain(&nts_upstream_keys(driver.config()));
                             shared.server.apply(&driver.config().serving);
                             shared.metrics.config_reloads.with_label_values(&["applied"]).inc();
                             keep_config(&opts, driver.config(), origin, &shared);
@@ -480,6 +580,14 @@ pub async fn run_with_resolver(
                 known_falsetickers.remove(&s.address);
             }
         }
+        shared.metrics.nts_cookies.reset();
+        for (source, held) in nts.cookies_held() {
+            shared
+                .metrics
+                .nts_cookies
+                .with_label_values(&[source])
+                .set(i64::try_from(held).unwrap_or(i64::MAX));
+        }
         publish(
             &opts,
             driver.config(),
@@ -532,10 +640,17 @@ fn publish_stopping(shared: &Shared, outputs: &Outputs) {
     );
 }
 
-/// Sends `request` at once (synchronously, right after the core stamped it) and waits for
-/// the reply in a task of its own.
-fn send_poll(request: PollRequest, reply_tx: &mpsc::Sender<Reply>) {
-    let in_flight = match upstream::send(request.address, &request.bytes) {
+/// Sends `datagram` at once (synchronously, right after the core stamped it) and waits for
+/// the reply in a task of its own. With `check`, the reply must authenticate under NTS to
+/// reach the core, and only its header does.
+fn send_poll(
+    source: SourceId,
+    address: SocketAddr,
+    datagram: &[u8],
+    check: Option<ReplyCheck>,
+    reply_tx: &mpsc::Sender<Reply>,
+) {
+    let in_flight = match upstream::send(address, datagram) {
         Ok(f) => f,
         Err(e) => {
             tracing::debug!(error = %e, "request not sent");
@@ -544,18 +659,94 @@ fn send_poll(request: PollRequest, reply_tx: &mpsc::Sender<Reply>) {
     };
     let tx = reply_tx.clone();
     tokio::spawn(async move {
-        match in_flight.reply(REPLY_TIMEOUT).await {
-            Ok(reply) => {
-                let _ = tx
-                    .send(Reply {
-                        source: request.source,
-                        reply,
-                    })
-                    .await;
+        let mut reply = match in_flight.reply(REPLY_TIMEOUT).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                tracing::debug!(error = %e, "no reply");
+                return;
             }
-            Err(e) => tracing::debug!(error = %e, "no reply"),
-        }
+        };
+        let message = match check {
+            None => Reply::Time {
+                source,
+                reply,
+                nts: None,
+            },
+            Some(check) => match check.check(&reply.bytes) {
+                Ok(authenticated) => {
+                    reply.bytes = authenticated.header.to_vec();
+                    Reply::Time {
+                        source,
+                        reply,
+                        nts: Some((check, authenticated.cookies)),
+                    }
+                }
+                Err(error) => Reply::NtsRefused {
+                    upstream: check.upstream,
+                    source: check.source,
+                    error,
+                },
+            },
+        };
+        let _ = tx.send(message).await;
     });
+}
+
+/// Runs an NTS upstream's key exchange in a task of its own and hands the outcome back.
+fn spawn_key_exchange(
+    request: resolver::LookupRequest,
+    ke_port: u16,
+    tls: TlsConfig,
+    done: &mpsc::Sender<KeyExchangeDone>,
+) {
+    let done = done.clone();
+    tokio::spawn(async move {
+        let result = match tls {
+            Ok(config) => {
+                crate::nts_ke::establish(&request.host, ke_port, config, KEY_EXCHANGE_TIMEOUT).await
+            }
+            Err(why) => Err(crate::nts_ke::KeError::Trust(why)),
+        };
+        let _ = done.send(KeyExchangeDone { request, result }).await;
+    });
+}
+
+/// The keys of the upstreams configured with NTS (the egress tier never is).
+fn nts_upstream_keys(config: &AgentConfig) -> Vec<String> {
+    config
+        .upstreams
+        .iter()
+        .filter(|u| u.nts)
+        .map(upstream_key)
+        .collect()
+}
+
+/// The NTS-KE TLS configuration, built again only when the CA bundle changes. A bundle that
+/// does not parse fails every key exchange with its reason (counted as `trust`) until the
+/// config brings a good one.
+#[derive(Default)]
+struct NtsTrust {
+    /// The bundle the configuration was built from, and what came of it.
+    built: Option<(Option<String>, TlsConfig)>,
+}
+
+/// A TLS configuration for NTS-KE, or why there is none.
+type TlsConfig = Result<Arc<rustls::ClientConfig>, String>;
+
+impl NtsTrust {
+    fn get(&mut self, ca_bundle: Option<&str>) -> TlsConfig {
+        match &self.built {
+            Some((bundle, built)) if bundle.as_deref() == ca_bundle => built.clone(),
+            _ => {
+                let built = crate::nts_ke::trust(ca_bundle).map_err(|e| e.to_string());
+                if let Err(why) = &built {
+                    tracing::error!(error = %why, "no trust anchors for NTS key exchanges");
+                }
+                self.built = Some((ca_bundle.map(str::to_owned), built.clone()));
+                built
+            }
+        }
+    }
 }
 
 fn log_driver_events(events: &[DriverEvent], metrics: &Metrics) {

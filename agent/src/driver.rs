@@ -17,6 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use stratum_api::agent_config::{AgentConfig, UpstreamConfig, UpstreamKind};
 use stratum_ntp::clock::ClockAction;
+use stratum_ntp::nts::ke::DEFAULT_KE_PORT;
 use stratum_ntp::packet::KissCode;
 use stratum_ntp::source::{PollRequest, SourceId};
 use stratum_ntp::system::{ConfigError, ResponseOutcome, SourceState, System, SystemState};
@@ -143,7 +144,10 @@ struct Name {
 
 impl Name {
     fn new(upstream: UpstreamConfig, now: Now) -> Self {
-        let literal = upstream.host.parse::<IpAddr>().ok();
+        // An NTS upstream's NTP address comes from its key exchange, even for an IP literal.
+        let literal = (!upstream.nts)
+            .then(|| upstream.host.parse::<IpAddr>().ok())
+            .flatten();
         Self {
             literal: literal.is_some(),
             addresses: literal
@@ -321,9 +325,12 @@ impl Driver {
         // Let the answer replace bad members and fill gaps before judging it.
         events.extend(self.refresh(now));
         if let Some(name) = self.names.get_mut(&resolution.key) {
+            // A failed NTS key exchange is retried even while the name has its member: that
+            // member is polled with nothing but the old session's cookies, if any.
+            let rekey_failed = !succeeded && name.upstream.nts;
             if succeeded && !name.needs_lookup() {
                 name.failures = 0;
-            } else if name.needs_lookup() {
+            } else if name.needs_lookup() || rekey_failed {
                 name.failures = name.failures.saturating_add(1);
                 let delay = retry_delay(name.failures, self.rng.random()).as_secs_f64();
                 name.lookup = Lookup::Due(now.mono.add_secs(delay));
@@ -331,6 +338,18 @@ impl Driver {
         }
         self.schedule_lookups(now);
         events
+    }
+
+    /// Handler: an NTS upstream needs a new key exchange (out of cookies, or its server sent
+    /// an NTS NAK). Asks at once unless one is running or waiting out its backoff, so a
+    /// withheld poll at every interval cannot turn into a key exchange at every interval.
+    pub fn rekey(&mut self, key: &str, now: Now) {
+        if let Some(name) = self.names.get_mut(key)
+            && name.upstream.nts
+            && name.lookup == Lookup::Idle
+        {
+            name.lookup = Lookup::Due(now.mono);
+        }
     }
 
     /// The lookups to start now; each is outstanding until its [`Resolution`] comes back.
@@ -348,6 +367,10 @@ impl Driver {
                     key: key.clone(),
                     host: name.upstream.host.clone(),
                     port: name.upstream.port,
+                    nts_port: name
+                        .upstream
+                        .nts
+                        .then(|| name.upstream.nts_port.unwrap_or(DEFAULT_KE_PORT)),
                 });
             }
         }

@@ -58,6 +58,14 @@ pub struct Metrics {
     pub upstream_lookups: IntCounterVec,
     /// Upstream addresses dropped, by reason.
     pub upstream_drops: IntCounterVec,
+    /// NTS key exchanges by upstream and result.
+    pub nts_key_exchanges: IntCounterVec,
+    /// NTS replies refused before the core saw them, by upstream and reason.
+    pub nts_reply_failures: IntCounterVec,
+    /// Polls of NTS upstreams not sent for want of a cookie.
+    pub nts_polls_withheld: IntCounterVec,
+    /// Cookies held per NTS upstream.
+    pub nts_cookies: IntGaugeVec,
     /// Configured tenant ports not bound (retried with backoff).
     pub tenant_port_bind_failures: IntGauge,
 }
@@ -297,6 +305,26 @@ impl Metrics {
                 "stratum_agent_upstream_drops_total",
                 "Upstream addresses dropped (and replaced where the name had a spare), by reason.",
                 &["reason"]
+            )?),
+            nts_key_exchanges: reg!(icv(
+                "stratum_agent_nts_key_exchanges_total",
+                "NTS key exchanges with upstreams, by configured name and result (ok or why not).",
+                &["source", "result"]
+            )?),
+            nts_reply_failures: reg!(icv(
+                "stratum_agent_nts_reply_failures_total",
+                "Replies from NTS upstreams dropped unauthenticated, by configured name and reason.",
+                &["source", "reason"]
+            )?),
+            nts_polls_withheld: reg!(icv(
+                "stratum_agent_nts_polls_withheld_total",
+                "Polls of NTS upstreams not sent for want of a cookie (never sent unauthenticated).",
+                &["source"]
+            )?),
+            nts_cookies: reg!(igv(
+                "stratum_agent_nts_cookies",
+                "Cookies held for each NTS upstream (8 when healthy).",
+                &["source"]
             )?),
             tenant_port_bind_failures: reg!(IntGauge::new(
                 "stratum_agent_tenant_port_bind_failures",

@@ -18,10 +18,13 @@ use stratum_ntp::nts::aead::KEY_LEN;
 use stratum_ntp::nts::ke::{
     self, ALPN, Agreement, EXPORTER_LABEL, KeFailure, MAX_MESSAGE_LEN, RecordError,
 };
-use stratum_ntp::nts::{AeadKey, SessionKeys};
+use stratum_ntp::nts::{AeadKey, CookieJar, SessionKeys};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+
+/// The NTP port when the key exchange names none.
+const NTP_PORT: u16 = 123;
 
 /// What a key exchange gives: the server's agreement and the two session keys.
 #[derive(Debug, Clone)]
@@ -63,6 +66,14 @@ pub enum KeError {
     Export(rustls::Error),
     #[error("no NTS-KE answer within {0:?}")]
     Timeout(Duration),
+    #[error("the NTP server {name} the key exchange named does not resolve: {source}")]
+    NtpServer {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no trust anchors for NTS-KE: {0}")]
+    Trust(String),
 }
 
 impl KeError {
@@ -77,6 +88,8 @@ impl KeError {
             Self::Refused(_) => "refused",
             Self::Export(_) => "export",
             Self::Timeout(_) => "timeout",
+            Self::NtpServer { .. } => "ntp_server",
+            Self::Trust(_) => "trust",
         }
     }
 }
@@ -88,24 +101,85 @@ pub enum TrustError {
     Bundle { path: String, reason: String },
     #[error("CA bundle {0} holds no certificate")]
     EmptyBundle(String),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
 }
 
-/// Trust anchors from a PEM bundle (a CA named in the TimeService, mounted from a ConfigMap or
-/// Secret).
-pub fn roots_from_pem_file(path: &Path) -> Result<RootCertStore, TrustError> {
+/// The TLS configuration for NTS-KE: trust anchors from `ca_bundle` (PEM), or the public web
+/// PKI. The agent image is a static binary with no system trust store, and the node's is not
+/// mounted, so "the system's roots" are Mozilla's, as the `webpki-roots` crate ships them.
+pub fn trust(ca_bundle: Option<&str>) -> Result<Arc<ClientConfig>, TrustError> {
+    let roots = match ca_bundle {
+        Some(pem) => roots_from_pem(pem.as_bytes(), "ntsCaBundle")?,
+        None => RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    };
+    Ok(client_config(roots)?)
+}
+
+/// What the run loop keeps from a key exchange: where to send NTP, and the cookie jar.
+#[derive(Debug)]
+pub struct NtsSession {
+    pub address: SocketAddr,
+    pub jar: CookieJar,
+}
+
+/// A key exchange with `host:ke_port`, then the NTP address it named: the server record's
+/// name (resolved) or the key exchange's own peer, and the port record or 123.
+pub async fn establish(
+    host: &str,
+    ke_port: u16,
+    config: Arc<ClientConfig>,
+    timeout: Duration,
+) -> Result<NtsSession, KeError> {
+    let exchange = key_exchange(host, ke_port, config, timeout).await?;
+    let port = exchange.agreement.ntp_port.unwrap_or(NTP_PORT);
+    let ip = match &exchange.agreement.ntp_server {
+        None => exchange.ke_peer.ip(),
+        Some(name) => {
+            let resolved = tokio::time::timeout(timeout, crate::upstream::resolve(name, port, 1))
+                .await
+                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+            let ntp_server_error = |source| KeError::NtpServer {
+                name: name.clone(),
+                source,
+            };
+            match resolved.map_err(ntp_server_error)?.first() {
+                Some(address) => address.ip(),
+                None => return Err(ntp_server_error(std::io::ErrorKind::NotFound.into())),
+            }
+        }
+    };
+    Ok(NtsSession {
+        address: SocketAddr::new(ip, port),
+        jar: CookieJar::new(exchange.keys, exchange.agreement.cookies),
+    })
+}
+
+/// Trust anchors from PEM text (the TimeService's `spec.nts.caBundle`); `origin` names it in
+/// errors.
+pub fn roots_from_pem(pem: &[u8], origin: &str) -> Result<RootCertStore, TrustError> {
     let bundle_error = |reason: String| TrustError::Bundle {
-        path: path.display().to_string(),
+        path: origin.to_owned(),
         reason,
     };
     let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(path).map_err(|e| bundle_error(e.to_string()))? {
+    for cert in CertificateDer::pem_slice_iter(pem) {
         let cert = cert.map_err(|e| bundle_error(e.to_string()))?;
         roots.add(cert).map_err(|e| bundle_error(e.to_string()))?;
     }
     if roots.is_empty() {
-        return Err(TrustError::EmptyBundle(path.display().to_string()));
+        return Err(TrustError::EmptyBundle(origin.to_owned()));
     }
     Ok(roots)
+}
+
+/// Trust anchors from a PEM file.
+pub fn roots_from_pem_file(path: &Path) -> Result<RootCertStore, TrustError> {
+    let pem = std::fs::read(path).map_err(|e| TrustError::Bundle {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    roots_from_pem(&pem, &path.display().to_string())
 }
 
 /// The TLS client configuration NTS-KE needs: TLS 1.3 only (RFC 8915 §3), ALPN `ntske/1`.

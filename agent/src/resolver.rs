@@ -41,6 +41,15 @@ pub enum ResolveError {
         /// The name.
         host: String,
     },
+    /// An NTS upstream's key exchange failed; its NTP address stays unknown.
+    #[error("NTS key exchange with {host}: {source}")]
+    KeyExchange {
+        /// The NTS-KE server.
+        host: String,
+        /// Why.
+        #[source]
+        source: crate::nts_ke::KeError,
+    },
     /// No answer within the timeout.
     #[error("resolving {host}: no answer within {after:?}")]
     TimedOut {
@@ -90,6 +99,9 @@ pub struct LookupRequest {
     pub host: String,
     /// The port the addresses get.
     pub port: u16,
+    /// For an NTS upstream, the NTS-KE port: the "lookup" is then a key exchange, whose
+    /// answer names the NTP address (the run loop routes it; [`serve`] never sees it).
+    pub nts_port: Option<u16>,
 }
 
 /// The outcome of one lookup.
@@ -208,6 +220,7 @@ mod tests {
             key: format!("{host}:123"),
             host: host.into(),
             port: 123,
+            nts_port: None,
         }
     }
 

@@ -15,8 +15,9 @@ use stratum_ntp::time::ClockTime;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-/// Largest reply we accept: a header plus generous extension fields.
-const MAX_REPLY: usize = 1024;
+/// Largest reply we accept: a header plus generous extension fields (an NTS reply with eight
+/// of the largest cookies a key exchange may hand out is about 2.2 KiB).
+const MAX_REPLY: usize = 4096;
 
 /// A reply and when the kernel received it (host realtime).
 #[derive(Debug)]

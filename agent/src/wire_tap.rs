@@ -205,37 +205,19 @@ impl Tap {
     /// (which inherits the caller's CPU affinity: `make bench` keeps it on the load
     /// generator's core, off the server's). Needs CAP_NET_RAW.
     pub fn start(server_port: u16) -> io::Result<Self> {
-        let loopback = nix::net::if_::if_nametoindex("lo").map_err(io::Error::from)? as usize;
-        let socket = socket(
-            AddressFamily::Packet,
-            SockType::Datagram,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::EthAll,
-        )
-        .map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!("cannot open a packet socket (needs CAP_NET_RAW): {e}"),
-            )
-        })?;
-        setsockopt(&socket, sockopt::ReceiveTimestampns, &true).map_err(io::Error::from)?;
-        // A few seconds of 40k/s each way fit; without FORCE (no CAP_NET_ADMIN) the kernel
-        // caps it at rmem_max, and any loss shows as unanswered requests.
-        if setsockopt(&socket, sockopt::RcvBufForce, &(64 << 20)).is_err() {
-            setsockopt(&socket, sockopt::RcvBuf, &(64 << 20)).map_err(io::Error::from)?;
-        }
-        setsockopt(
-            &socket,
-            sockopt::ReceiveTimeout,
-            &TimeVal::new(0, 50_000), // how often the stop flag is looked at
-        )
-        .map_err(io::Error::from)?;
+        let (socket, loopback) = open_loopback_tap()?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("wire-tap".into())
-                .spawn(move || tap_loop(&socket, loopback, server_port, &stop))?
+                .spawn(move || {
+                    let mut pairing = Pairing::new(server_port);
+                    read_loopback(&socket, loopback, &stop, |packet, at_ns| {
+                        pairing.observe(packet, at_ns);
+                    })?;
+                    Ok(pairing.report())
+                })?
         };
         Ok(Self { stop, thread })
     }
@@ -249,14 +231,112 @@ impl Tap {
     }
 }
 
-fn tap_loop(
+/// One UDP datagram seen on loopback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Datagram {
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// Most datagrams a [`Recorder`] keeps; later ones are counted, not kept.
+const MAX_RECORDED: usize = 100_000;
+
+/// Records the UDP datagrams to or from some ports on loopback, for tests that assert on
+/// what went over the wire (an NTS upstream is never polled in the clear). Needs CAP_NET_RAW.
+#[derive(Debug)]
+pub struct Recorder {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<io::Result<(Vec<Datagram>, usize)>>,
+}
+
+impl Recorder {
+    /// Starts recording datagrams whose source or destination port is one of `ports`.
+    pub fn start(ports: &[u16]) -> io::Result<Self> {
+        let (socket, loopback) = open_loopback_tap()?;
+        let ports = ports.to_vec();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("wire-recorder".into())
+                .spawn(move || {
+                    let mut kept = Vec::new();
+                    let mut dropped = 0;
+                    read_loopback(&socket, loopback, &stop, |packet, _| {
+                        let Some((source, destination, payload)) = udp_datagram(packet) else {
+                            return;
+                        };
+                        if !ports.contains(&source.port()) && !ports.contains(&destination.port()) {
+                            return;
+                        }
+                        if kept.len() < MAX_RECORDED {
+                            kept.push(Datagram {
+                                source,
+                                destination,
+                                payload: payload.to_vec(),
+                            });
+                        } else {
+                            dropped += 1;
+                        }
+                    })?;
+                    Ok((kept, dropped))
+                })?
+        };
+        Ok(Self { stop, thread })
+    }
+
+    /// Stops after reading what the kernel already queued: the datagrams in the order seen,
+    /// and how many more were seen than kept.
+    pub fn finish(self) -> io::Result<(Vec<Datagram>, usize)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| io::Error::other("the recorder thread panicked"))?
+    }
+}
+
+/// A packet socket seeing every IP packet on loopback once, with kernel timestamps, and the
+/// loopback interface index.
+fn open_loopback_tap() -> io::Result<(OwnedFd, usize)> {
+    let loopback = nix::net::if_::if_nametoindex("lo").map_err(io::Error::from)? as usize;
+    let socket = socket(
+        AddressFamily::Packet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::EthAll,
+    )
+    .map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("cannot open a packet socket (needs CAP_NET_RAW): {e}"),
+        )
+    })?;
+    setsockopt(&socket, sockopt::ReceiveTimestampns, &true).map_err(io::Error::from)?;
+    // A few seconds of 40k/s each way fit; without FORCE (no CAP_NET_ADMIN) the kernel
+    // caps it at rmem_max, and any loss shows as unanswered requests.
+    if setsockopt(&socket, sockopt::RcvBufForce, &(64 << 20)).is_err() {
+        setsockopt(&socket, sockopt::RcvBuf, &(64 << 20)).map_err(io::Error::from)?;
+    }
+    setsockopt(
+        &socket,
+        sockopt::ReceiveTimeout,
+        &TimeVal::new(0, 50_000), // how often the stop flag is looked at
+    )
+    .map_err(io::Error::from)?;
+    Ok((socket, loopback))
+}
+
+/// Hands every packet addressed to loopback (IP header on, no link header) and its kernel
+/// timestamp to `observe`, until `stop` is set and the queue is drained.
+fn read_loopback(
     socket: &OwnedFd,
     loopback: usize,
-    server_port: u16,
     stop: &AtomicBool,
-) -> io::Result<TapReport> {
-    let mut pairing = Pairing::new(server_port);
-    let mut buffer = [0u8; 2048];
+    mut observe: impl FnMut(&[u8], i128),
+) -> io::Result<()> {
+    // Room for an NTS datagram with the largest cookies.
+    let mut buffer = [0u8; 4096];
     let mut control = nix::cmsg_space!(nix::sys::time::TimeSpec);
     loop {
         let mut iov = [IoSliceMut::new(&mut buffer)];
@@ -271,7 +351,7 @@ fn tap_loop(
             // The receive timeout: stop once the queue is drained and the run is over.
             Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {
                 if stop.load(Ordering::Relaxed) {
-                    return Ok(pairing.report());
+                    return Ok(());
                 }
                 continue;
             }
@@ -290,7 +370,7 @@ fn tap_loop(
         });
         let length = message.bytes;
         if let (true, Some(at_ns)) = (on_loopback, at_ns) {
-            pairing.observe(&buffer[..length.min(buffer.len())], at_ns);
+            observe(&buffer[..length.min(buffer.len())], at_ns);
         }
     }
 }

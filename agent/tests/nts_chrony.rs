@@ -1,7 +1,9 @@
 //! NTS against a real server: chronyd from Debian (`-x`, never adjusting the clock) with an NTS
 //! certificate signed by a CA made in the test. Stratum's key exchange (TLS 1.3 over rustls,
 //! the RFC 8915 records, the exporter) and its NTS extension fields must interoperate with
-//! chrony's own implementation, byte for byte, or these fail.
+//! chrony's own implementation, byte for byte, or these fail. The agent binary then syncs
+//! through NTS, and a packet capture on loopback shows that nothing it sends to or receives
+//! from the server is plain NTP, even when the key exchange fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -11,9 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Proc, TempDir, free_udp_port, require, wait_for};
+use common::{Agent, Proc, TempDir, agent_config, free_udp_port, require, wait_for};
 use stratum_agent::nts_ke::{KeError, client_config, key_exchange, roots_from_pem_file};
-use stratum_ntp::nts::ef::{ClientRequest, ResponseError, verify_response};
+use stratum_agent::wire_tap::Recorder;
+use stratum_ntp::nts::ef::{ClientRequest, ResponseError, field_type, verify_response};
 use stratum_ntp::nts::{AeadKey, CookieJar, SessionKeys};
 use stratum_ntp::packet::{LeapIndicator, Mode, Packet, ReferenceId};
 use stratum_ntp::time::{NtpShort, NtpTimestamp};
@@ -264,4 +267,147 @@ async fn a_server_whose_certificate_the_trust_anchors_do_not_vouch_for_gives_no_
     let empty = dir.path().join("empty.pem");
     std::fs::write(&empty, "not a certificate\n").unwrap();
     assert!(roots_from_pem_file(&empty).is_err());
+}
+
+/// The agent's config for one NTS upstream: the KE server on `ke_port`, trust from `ca`.
+fn nts_agent_config(dir: &Path, ke_port: u16, ca: &Path) -> serde_json::Value {
+    let mut config = agent_config("nts-1", &[SocketAddr::from((LOOPBACK, 123))], 1, dir);
+    let upstream = &mut config["upstreams"][0];
+    upstream["nts"] = true.into();
+    upstream["ntsPort"] = ke_port.into();
+    config["ntsCaBundle"] = std::fs::read_to_string(ca).unwrap().into();
+    config
+}
+
+/// Whether a datagram is an NTS packet: NTPv4 with a unique identifier and an authenticator.
+fn carries_nts(payload: &[u8]) -> bool {
+    Packet::parse(payload).is_ok_and(|view| {
+        let types: Vec<u16> = view.extension_fields().map(|f| f.field_type).collect();
+        types.contains(&field_type::UNIQUE_IDENTIFIER)
+            && types.last() == Some(&field_type::AUTHENTICATOR)
+    })
+}
+
+fn metric_line(agent: &Agent, prefix: &str) -> Option<f64> {
+    let (_, body) = agent.get_metrics_port("/metrics")?;
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn the_agent_syncs_from_chronyd_through_nts_and_every_packet_on_the_wire_is_authenticated() {
+    let dir = TempDir::new("nts-agent");
+    let pki = make_pki(dir.path(), "good");
+    let (ntp_port, ke_port) = (free_udp_port(LOOPBACK), free_tcp_port());
+    let chrony = chronyd_nts(dir.path(), &pki, ntp_port, ke_port);
+    let wire = Recorder::start(&[ntp_port, 123]).expect("packet capture (needs CAP_NET_RAW)");
+
+    let agent = Agent::start(
+        dir.path(),
+        41,
+        &nts_agent_config(dir.path(), ke_port, &pki.ca),
+        0.2,
+        20.0,
+    );
+    // Synchronized, and the initial burst's samples in: more exchanges than one cookie jar's
+    // worth would show a jar that does not refill.
+    wait_for(
+        Duration::from_secs(60),
+        "the agent synchronized over NTS with four samples",
+        || {
+            agent.status().is_some_and(|s| {
+                s["tracking"]["synchronized"] == true
+                    && s["sources"][0]["samples"].as_u64() >= Some(4)
+            })
+        },
+    );
+    eprintln!(
+        "synchronized through NTS, four samples in, {:.3} s after start",
+        agent.started.elapsed().as_secs_f64()
+    );
+    let key_exchanges = metric_line(
+        &agent,
+        r#"stratum_agent_nts_key_exchanges_total{result="ok",source="127.0.0.1"}"#,
+    );
+    assert!(
+        key_exchanges >= Some(1.0),
+        "{key_exchanges:?}\n{}",
+        agent.proc.log_text()
+    );
+    let cookies = metric_line(&agent, r#"stratum_agent_nts_cookies{source="127.0.0.1"}"#);
+    assert_eq!(cookies, Some(8.0), "each response refills the jar");
+    let status = agent.status().unwrap_or_default();
+    drop(agent);
+
+    let (datagrams, dropped) = wire.finish().unwrap();
+    assert_eq!(dropped, 0);
+    let to_chrony: Vec<_> = datagrams
+        .iter()
+        .filter(|d| d.destination.port() == ntp_port)
+        .collect();
+    let from_chrony = datagrams
+        .iter()
+        .filter(|d| d.source.port() == ntp_port)
+        .count();
+    assert!(
+        to_chrony.len() >= 4,
+        "only {} requests seen: {datagrams:?}\n{status:#}",
+        to_chrony.len()
+    );
+    for d in &to_chrony {
+        assert!(carries_nts(&d.payload), "a plain request went out: {d:?}");
+    }
+    for d in datagrams.iter().filter(|d| d.source.port() == ntp_port) {
+        assert!(
+            carries_nts(&d.payload),
+            "chronyd answered without NTS: {d:?}"
+        );
+    }
+    assert!(from_chrony >= 4, "{}", chrony.log_text());
+    assert!(
+        datagrams.iter().all(|d| d.destination.port() != 123),
+        "something polled port 123, which the key exchange did not name"
+    );
+}
+
+#[test]
+fn without_a_trusted_key_exchange_the_agent_never_polls_the_upstream_in_the_clear() {
+    let dir = TempDir::new("nts-agent-refused");
+    let served = make_pki(dir.path(), "served");
+    let other = make_pki(dir.path(), "other");
+    let (ntp_port, ke_port) = (free_udp_port(LOOPBACK), free_tcp_port());
+    let _chrony = chronyd_nts(dir.path(), &served, ntp_port, ke_port);
+    let closed_ke_port = free_tcp_port();
+    let wire = Recorder::start(&[ntp_port, 123]).expect("packet capture (needs CAP_NET_RAW)");
+
+    // An untrusted certificate, and no NTS-KE server at all: each is retried with backoff
+    // (the second attempt comes ~2 s after the first), and neither ever sends NTP.
+    let cases = [
+        ("tls", nts_agent_config(dir.path(), ke_port, &other.ca), 42),
+        (
+            "connect",
+            nts_agent_config(dir.path(), closed_ke_port, &served.ca),
+            43,
+        ),
+    ];
+    for (failure, config, block) in cases {
+        let agent = Agent::start(dir.path(), block, &config, 0.2, 20.0);
+        let series = format!(
+            r#"stratum_agent_nts_key_exchanges_total{{result="{failure}",source="127.0.0.1"}}"#
+        );
+        wait_for(
+            Duration::from_secs(30),
+            &format!("two failed key exchanges ({failure})"),
+            || metric_line(&agent, &series) >= Some(2.0),
+        );
+        let status = agent.status().unwrap();
+        assert_eq!(status["tracking"]["synchronized"], false, "{status}");
+        drop(agent);
+    }
+    let (datagrams, _) = wire.finish().unwrap();
+    assert!(
+        datagrams.is_empty(),
+        "NTP went out without a key exchange: {datagrams:?}"
+    );
 }

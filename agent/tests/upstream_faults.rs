@@ -99,6 +99,7 @@ fn upstream(host: &str, kind: UpstreamKind, max_sources: u8) -> UpstreamConfig {
         max_poll: 6,
         max_sources,
         nts: false,
+        nts_port: None,
     }
 }
 

@@ -63,6 +63,10 @@ pub struct AgentConfig {
     /// Log verbosity.
     #[serde(default)]
     pub log_level: LogLevel,
+    /// PEM certificates of the CAs that NTS-KE servers' certificates must chain to; the public
+    /// web PKI (Mozilla's root program, built into the agent) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nts_ca_bundle: Option<String>,
     /// Serving tenants. Last, and `cidrSets` last within it, so a writer can append the
     /// (large, mostly unchanged) sets to the rest of the document without re-serializing them.
     pub serving: ServingConfig,
@@ -106,9 +110,13 @@ pub struct UpstreamConfig {
     pub max_poll: i8,
     /// Most sources taken from a pool.
     pub max_sources: u8,
-    /// Authenticate with NTS.
+    /// Authenticate with NTS (RFC 8915): `host` is then the NTS-KE server, and the NTP
+    /// address and port are the ones its key exchange names.
     #[serde(default)]
     pub nts: bool,
+    /// NTS-KE TCP port; 4460 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nts_port: Option<u16>,
 }
 
 /// Server or pool.
@@ -873,14 +881,8 @@ fn check_upstream(p: &mut Problems, at: &str, u: &UpstreamConfig) {
     if u.max_sources == 0 {
         p.add(format!("{at}.maxSources"), "must be at least 1");
     }
-    // Until the agent speaks NTS, an upstream asking for it is refused rather than synced over
-    // plain NTP: an admin who asked for authenticated time must not get spoofable time silently.
-    if u.nts {
-        p.add(
-            format!("{at}.nts"),
-            "NTS is not supported by this version of the agent; it would sync from this \
-             upstream over plain, unauthenticated NTP, so the config is refused",
-        );
+    if u.nts_port == Some(0) {
+        p.add(format!("{at}.ntsPort"), "must not be 0");
     }
 }
 
@@ -1011,6 +1013,7 @@ mod tests {
                 max_poll: 10,
                 max_sources: 4,
                 nts: false,
+                nts_port: None,
             }],
             egress: None,
             selection: SelectionConfig {
@@ -1061,6 +1064,7 @@ mod tests {
                 heartbeat_seconds: 60.0,
             },
             log_level: LogLevel::Info,
+            nts_ca_bundle: None,
         }
     }
 
@@ -1232,12 +1236,13 @@ mod tests {
     }
 
     #[test]
-    fn an_nts_upstream_is_refused_until_the_agent_authenticates_it() {
+    fn an_nts_upstream_is_valid_and_its_key_exchange_port_is_not_zero() {
         let mut config = sample();
         config.upstreams[0].nts = true;
-        assert_eq!(problem_paths(&config), ["upstreams[0].nts"]);
-        config.upstreams[0].nts = false;
-        assert!(config.validate().is_ok());
+        config.upstreams[0].nts_port = Some(0);
+        assert_eq!(problem_paths(&config), ["upstreams[0].ntsPort"]);
+        config.upstreams[0].nts_port = None;
+        assert!(config.validate().is_ok(), "the agent speaks NTS");
     }
 
     #[test]
