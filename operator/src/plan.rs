@@ -681,7 +681,7 @@ impl TimeServiceDraft {
             fleet,
             &mut cache.document,
         );
-        let config_problems = config.validate().err();
+        let config_problems = crate::build::agent_config::validate_for_operator(&config).err();
         let mut config_map = match &config_problems {
             None => Some(build_agent_config_map(
                 ts,
@@ -1190,20 +1190,47 @@ mod tests {
     }
 
     #[test]
-    fn an_nts_upstream_blocks_the_config_instead_of_serving_unauthenticated_time() {
+    fn an_nts_upstream_reaches_agents_with_its_ca_bundle_and_a_bundle_without_certificates_blocks()
+    {
+        const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
         let index = index_with(&[]);
         let mut ts = fixtures::time_service("cluster");
         ts.spec.upstreams[0].nts = true;
+        ts.spec.upstreams[0].nts_port = Some(4461);
+        ts.spec.nts = Some(stratum_api::time_service::NtsSettings {
+            ca_bundle: Some(CA.into()),
+        });
+        let plan = Planner::new()
+            .plan_time_service(&index, &ts, &fixtures::settings())
+            .unwrap();
+        assert!(plan.blocked.is_none(), "{:?}", plan.blocked);
+        let config = plan.config.as_ref().unwrap();
+        assert!(config.upstreams[0].nts);
+        assert_eq!(config.upstreams[0].nts_port, Some(4461));
+        assert_eq!(config.nts_ca_bundle.as_deref(), Some(CA));
+
+        // A bundle agents could not use blocks the config: the last good one stays in force,
+        // rather than every node losing its NTS upstreams.
+        ts.spec.nts = Some(stratum_api::time_service::NtsSettings {
+            ca_bundle: Some("not a certificate".into()),
+        });
         let plan = Planner::new()
             .plan_time_service(&index, &ts, &fixtures::settings())
             .unwrap();
         match &plan.blocked {
-            Some(Blocked::Invalid(why)) => assert!(why.contains("upstreams[0].nts"), "{why}"),
+            Some(Blocked::Invalid(why)) => assert!(why.contains("nts.caBundle"), "{why}"),
             other => panic!("expected InvalidSpec, got {other:?}"),
         }
-        // Nothing is written that agents would run: the last good config stays.
         assert!(plan.config.is_none());
         assert!(plan.config_map.is_none());
+
+        // Without an nts upstream the bundle is not written at all.
+        ts.spec.upstreams[0].nts = false;
+        let plan = Planner::new()
+            .plan_time_service(&index, &ts, &fixtures::settings())
+            .unwrap();
+        assert!(plan.blocked.is_none(), "{:?}", plan.blocked);
+        assert_eq!(plan.config.as_ref().unwrap().nts_ca_bundle, None);
     }
 
     #[test]

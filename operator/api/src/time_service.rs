@@ -86,6 +86,9 @@ pub struct TimeServiceSpec {
     /// other agent synchronizes from them, one stratum lower.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_tier: Option<EgressTier>,
+    /// Network Time Security for the upstreams marked `nts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nts: Option<NtsSettings>,
 }
 
 /// One upstream: a single server, or a pool name that resolves to several servers.
@@ -123,11 +126,29 @@ pub struct Upstream {
     #[serde(default = "default_pool_sources")]
     #[x_kube(validation = kube::core::Rule::new("self >= 1 && self <= 16").message("maxSources must be between 1 and 16"))]
     pub max_sources: i32,
-    /// Authenticate this upstream with Network Time Security (RFC 8915). Not supported yet: a
-    /// TimeService asking for it is refused (condition `Degraded`, reason `InvalidSpec`) and
-    /// its agents keep their last config, rather than syncing over unauthenticated NTP.
+    /// Authenticate this upstream with Network Time Security (RFC 8915). `host` is then the
+    /// NTS-KE server (TCP `ntsPort`), whose key exchange names the NTP server and port; `port`
+    /// is not used. Agents never poll it unauthenticated: until a key exchange succeeds (its
+    /// certificate chaining to `spec.nts.caBundle`, or to the public web PKI), it is not polled.
     #[serde(default)]
     pub nts: bool,
+    /// NTS-KE TCP port of an `nts` upstream (4460 when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self >= 1 && self <= 65535").message("ntsPort must be between 1 and 65535"))]
+    pub nts_port: Option<i32>,
+}
+
+/// Network Time Security settings shared by a TimeService's `nts` upstreams.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NtsSettings {
+    /// PEM certificates of the CAs that the NTS-KE servers' certificates must chain to, inline
+    /// as in Kubernetes' own `caBundle` fields (cert-manager's CA injector can fill it). CA
+    /// certificates are public: the operator copies them into the agents' config. Without it,
+    /// agents trust the public web PKI (Mozilla's root program, built into the agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 262144))]
+    pub ca_bundle: Option<String>,
 }
 
 /// Whether an upstream names one server or a pool of servers.

@@ -14,9 +14,9 @@ use ipnet::IpNet;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
 use stratum_api::agent_config::{
-    AGENT_CONFIG_GZIP_KEY, AGENT_CONFIG_VERSION, ClockBackend, ClockConfig, DisciplineConfig,
-    EgressConfig, LeapConfig, LeapMode, LogLevel, ReportingConfig, SelectionConfig, ServingConfig,
-    TenantConfig, UpstreamConfig, UpstreamKind,
+    AGENT_CONFIG_GZIP_KEY, AGENT_CONFIG_VERSION, ClockBackend, ClockConfig, ConfigProblem,
+    DisciplineConfig, EgressConfig, LeapConfig, LeapMode, LogLevel, ReportingConfig,
+    SelectionConfig, ServingConfig, TenantConfig, UpstreamConfig, UpstreamKind,
 };
 use stratum_api::tenant_time_policy::TenantTimePolicySpec;
 use stratum_api::time_service::{self as ts_api, ClockSource, DisciplineMode};
@@ -135,6 +135,7 @@ fn build_agent_config_unrevised(
                     max_poll: TIER_MAX_POLL,
                     max_sources: 1,
                     nts: false,
+                    nts_port: None,
                 })
                 .collect(),
             fallback_to_upstreams: tier.fallback_to_upstreams,
@@ -210,6 +211,12 @@ fn build_agent_config_unrevised(
             ts_api::LogLevel::Debug => LogLevel::Debug,
             ts_api::LogLevel::Trace => LogLevel::Trace,
         },
+        // Written only when some upstream uses it: the bundle may be large.
+        nts_ca_bundle: spec
+            .nts
+            .as_ref()
+            .and_then(|n| n.ca_bundle.clone())
+            .filter(|_| spec.upstreams.iter().any(|u| u.nts)),
     };
     (config, addresses)
 }
@@ -506,6 +513,40 @@ pub(crate) fn fingerprint(bytes: &[u8]) -> u64 {
     hash ^ (hash >> 29)
 }
 
+/// [`AgentConfig::validate`], and what only the operator can check: that the NTS CA bundle
+/// holds certificates. A bundle agents could not parse would leave every NTS upstream without
+/// keys on every node, so it is refused here, where the admin sees it on the TimeService.
+pub fn validate_for_operator(config: &AgentConfig) -> std::result::Result<(), Vec<ConfigProblem>> {
+    let mut problems = config.validate().err().unwrap_or_default();
+    if let Some(bundle) = &config.nts_ca_bundle
+        && let Some(why) = ca_bundle_problem(bundle)
+    {
+        problems.push(ConfigProblem {
+            path: "nts.caBundle".into(),
+            message: why,
+        });
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
+/// Why a PEM CA bundle is unusable: not PEM, or no certificate in it.
+fn ca_bundle_problem(bundle: &str) -> Option<String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut certificates = 0;
+    for cert in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
+        match cert {
+            Ok(_) => certificates += 1,
+            Err(e) => return Some(format!("not valid PEM: {e}")),
+        }
+    }
+    (certificates == 0).then(|| "holds no PEM certificate".to_owned())
+}
+
 fn clamp_u8(v: i32) -> u8 {
     u8::try_from(v.clamp(0, 255)).unwrap_or(u8::MAX)
 }
@@ -530,6 +571,10 @@ fn upstream_config(u: &ts_api::Upstream) -> UpstreamConfig {
             ts_api::UpstreamKind::Pool => clamp_u8(u.max_sources),
         },
         nts: u.nts,
+        nts_port: u
+            .nts_port
+            .filter(|_| u.nts)
+            .map(|p| u16::try_from(p).unwrap_or(0)),
     }
 }
 

@@ -240,7 +240,7 @@ pub fn build_network_policies(
             upstream_ports.push(p);
         }
         if u.nts {
-            let ke = port("TCP", NTS_KE_PORT);
+            let ke = port("TCP", u.nts_port.unwrap_or(NTS_KE_PORT));
             if !upstream_ports.contains(&ke) {
                 upstream_ports.push(ke);
             }

@@ -1,0 +1,267 @@
+//! Issue 16's NTS upstreams through the whole product: a TimeService names an NTS server and a
+//! private CA (`spec.nts.caBundle`); the operator passes both to the agents; the agent on the
+//! real node exchanges keys with chronyd's NTS-KE server (a CA and a certificate made by this
+//! test with openssl) and polls it with authenticated NTP only. NodeClock shows the source at
+//! the address the key exchange named, and the stack's Prometheus shows the key exchange and a
+//! full cookie jar.
+//!
+//! chronyd runs `-x` (never adjusts a clock) without CAP_SYS_TIME in the real node's network
+//! namespace, on that namespace's loopback, where the host-network agent reaches it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::Api;
+use stratum_api::node_clock::SourceState;
+use stratum_api::{NodeClock, TimeService};
+use stratum_e2e::harness::*;
+use stratum_e2e::real_node::real_node;
+
+/// NTS-KE and NTP ports of the test's chronyd: unprivileged, unused by the stack.
+const KE_PORT: u16 = 24460;
+const NTP_PORT: u16 = 24123;
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl (make deps installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, and a server certificate for 127.0.0.1 it signed: (CA PEM, cert path, key path).
+fn make_pki(dir: &Path) -> (String, String, String) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut args = vec!["req", "-x509"];
+    args.extend(ec);
+    args.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=stratum e2e NTS CA",
+    ]);
+    openssl(dir, &args);
+    let mut args = vec!["req"];
+    args.extend(ec);
+    args.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    openssl(dir, &args);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    (
+        std::fs::read_to_string(dir.join("ca.pem")).unwrap(),
+        dir.join("server.pem").display().to_string(),
+        dir.join("server.key").display().to_string(),
+    )
+}
+
+/// chronyd serving NTS in the real node's network namespace; stopped on drop, and the shared
+/// TimeService put back as every other test expects it.
+struct Restore {
+    chronyd: Child,
+}
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.chronyd.id().to_string()])
+            .status();
+        let _ = self.chronyd.wait();
+    }
+}
+
+fn nts_chronyd(dir: &Path, cert: &str, key: &str) -> Child {
+    let conf = dir.join("chrony.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {NTP_PORT}\nntsport {KE_PORT}\nbindaddress 127.0.0.1\ncmdport 0\n\
+             local stratum 2\nallow 127.0.0.0/8\nntsserverkey {key}\nntsservercert {cert}\n\
+             pidfile {}\ndriftfile {}\n",
+            dir.join("chronyd.pid").display(),
+            dir.join("chrony.drift").display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("chronyd.log")).unwrap();
+    Command::new("ip")
+        .args(["netns", "exec", &format!("e2e-{}", real_node())])
+        .args([
+            "setpriv",
+            "--bounding-set=-sys_time",
+            "--inh-caps=-sys_time",
+        ])
+        .args(["chronyd", "-x", "-d", "-u", "root", "-f"])
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("chronyd (make deps installs chrony)")
+}
+
+fn prometheus_value(base: &str, query: &str) -> Option<f64> {
+    let response = prometheus_query(base, query, None)?;
+    response["data"]["result"][0]["value"][1]
+        .as_str()?
+        .parse()
+        .ok()
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster: make e2e"]
+async fn the_real_nodes_agent_syncs_from_an_nts_server_through_the_time_services_ca_bundle() {
+    let client = client().await;
+    ensure_shared_time_service(&client).await;
+    let node = real_node();
+    let prometheus = std::env::var("STRATUM_E2E_PROMETHEUS").expect("STRATUM_E2E_PROMETHEUS");
+    let dir = run_dir().join("e2e-nts-upstream");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = make_pki(&dir);
+    let _restore = Restore {
+        chronyd: nts_chronyd(&dir, &cert, &key),
+    };
+
+    // The shared TimeService with one more upstream: chronyd's NTS-KE server, trusted through
+    // the test's CA. The NTP port is not in the spec: the key exchange names it.
+    let mut spec = shared_time_service(&[]);
+    spec["spec"]["upstreams"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "host": "127.0.0.1", "nts": true, "ntsPort": KE_PORT, "minPoll": 3, "maxPoll": 3
+        }));
+    spec["spec"]["nts"] = serde_json::json!({ "caBundle": ca });
+    let time_services: Api<TimeService> = Api::all(client.clone());
+    apply(&time_services, spec).await;
+
+    // The agent's key exchange, then NTS polls at the address it named.
+    let clocks: Api<NodeClock> = Api::all(client.clone());
+    let expected = format!("127.0.0.1:{NTP_PORT}");
+    let (source, took) = wait_for(
+        Duration::from_secs(120),
+        "the real node's NodeClock to list the NTS source as reachable and usable",
+        || async {
+            let status = clocks.get(&node).await.ok()?.status?;
+            status
+                .sources
+                .into_iter()
+                .find(|s| s.name == "127.0.0.1" && s.address == expected)
+                .filter(|s| {
+                    s.reach > 0 && matches!(s.state, SourceState::Selected | SourceState::Candidate)
+                })
+        },
+    )
+    .await;
+    eprintln!(
+        "NTS source usable on {node} after {:.1} s: {source:?}",
+        took.as_secs_f64()
+    );
+    assert_eq!(
+        source.stratum, 2,
+        "chronyd's local stratum through NTS: {source:?}"
+    );
+
+    // The stack's Prometheus: the key exchange succeeded, and every reply refilled the jar.
+    let (cookies, _) = wait_for(
+        Duration::from_secs(90),
+        "Prometheus to show the NTS key exchange and eight cookies on the real node",
+        || async {
+            // Only the real node's namespace has the server on its loopback; the other
+            // agents' key exchanges fail, and they never poll it.
+            let exchanged = prometheus_value(
+                &prometheus,
+                r#"sum(stratum_agent_nts_key_exchanges_total{source="127.0.0.1",result="ok"})"#,
+            )?;
+            let cookies = prometheus_value(
+                &prometheus,
+                r#"max(stratum_agent_nts_cookies{source="127.0.0.1"})"#,
+            )?;
+            (exchanged >= 1.0 && cookies == 8.0).then_some(cookies)
+        },
+    )
+    .await;
+    eprintln!("Prometheus: {cookies} cookies held for the NTS upstream");
+
+    // The TimeService is served, not refused, and its NetworkPolicy lets agents reach the
+    // NTS-KE port it names.
+    let ts = time_services.get(SHARED_TIME_SERVICE).await.unwrap();
+    let conditions = ts.status.unwrap().conditions;
+    assert!(
+        conditions
+            .iter()
+            .all(|c| c.reason != "InvalidSpec" || c.status != "True"),
+        "{conditions:?}"
+    );
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
+    let policy = policies
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|p| {
+            p.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with(SHARED_TIME_SERVICE))
+        })
+        .expect("the shared TimeService's NetworkPolicy");
+    let egress = serde_json::to_string(&policy.spec.unwrap().egress).unwrap();
+    assert!(
+        egress.contains(&format!(r#""port":{KE_PORT},"protocol":"TCP""#)),
+        "{egress}"
+    );
+
+    // Back to the shared spec for the tests after this one.
+    apply(&time_services, shared_time_service(&[])).await;
+}
