@@ -197,7 +197,11 @@ async fn the_real_nodes_agent_syncs_from_an_nts_server_through_the_time_services
                 .into_iter()
                 .find(|s| s.name == "127.0.0.1" && s.address == expected)
                 .filter(|s| {
-                    s.reach > 0 && matches!(s.state, SourceState::Selected | SourceState::Candidate)
+                    s.reach > 0
+                        && matches!(
+                            s.state,
+                            SourceState::Selected | SourceState::Combined | SourceState::Candidate
+                        )
                 })
         },
     )
