@@ -613,7 +613,11 @@ fn adopt(
         let name = names
             .entry(key.clone())
             .or_insert_with(|| Name::new(upstream.clone(), now));
-        if name.upstream != *upstream {
+        // NTS on or off (or another key exchange port) changes where the addresses come from:
+        // start over, so no address learned one way is ever polled the other way.
+        if (name.upstream.nts, name.upstream.nts_port) != (upstream.nts, upstream.nts_port) {
+            *name = Name::new(upstream.clone(), now);
+        } else if name.upstream != *upstream {
             name.upstream = upstream.clone();
             let wanted = name.wanted();
             name.members.truncate(wanted);
@@ -738,6 +742,44 @@ mod tests {
         assert_eq!(due[0].host, "b.example");
         let kept: Vec<SourceId> = driver.system().sources().iter().map(|s| s.id()).collect();
         assert_eq!(kept, ids, "known sources keep their state");
+    }
+
+    #[test]
+    fn turning_nts_on_drops_the_plain_address_and_asks_for_a_key_exchange() {
+        let mut driver = Driver::new("n", config(&["192.0.2.1"]), at(0.0), [1; 32]).unwrap();
+        let plain = vec!["192.0.2.1:123".parse().unwrap()];
+        assert_eq!(driver.members().get("192.0.2.1:123"), Some(&plain));
+        assert!(
+            driver.lookups_due(at(0.0)).is_empty(),
+            "an IP literal needs no lookup"
+        );
+
+        let mut nts = config(&["192.0.2.1"]);
+        nts.upstreams[0].nts = true;
+        driver.on_config(nts.clone(), at(1.0)).unwrap();
+        assert_eq!(driver.members().get("192.0.2.1:123"), Some(&vec![]));
+        assert!(
+            driver.system().sources().is_empty(),
+            "nothing is polled in the clear"
+        );
+        let due = driver.lookups_due(at(1.0));
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].nts_port, Some(DEFAULT_KE_PORT));
+
+        // The key exchange names another address; turning NTS off forgets it again.
+        driver.on_resolution(
+            Resolution {
+                key: due[0].key.clone(),
+                result: Ok(vec!["192.0.2.7:4123".parse().unwrap()]),
+            },
+            at(1.5),
+        );
+        assert_eq!(
+            driver.members().get("192.0.2.1:123"),
+            Some(&vec!["192.0.2.7:4123".parse().unwrap()])
+        );
+        driver.on_config(config(&["192.0.2.1"]), at(2.0)).unwrap();
+        assert_eq!(driver.members().get("192.0.2.1:123"), Some(&plain));
     }
 
     #[test]
