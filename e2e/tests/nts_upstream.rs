@@ -247,18 +247,10 @@ async fn the_real_nodes_agent_syncs_from_an_nts_server_through_the_time_services
         "{conditions:?}"
     );
     let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
+    // The agents' NetworkPolicy carries the TimeService's agent name (`<name>-agent`).
     let policy = policies
-        .list(&Default::default())
+        .get(&format!("{SHARED_TIME_SERVICE}-agent"))
         .await
-        .unwrap()
-        .items
-        .into_iter()
-        .find(|p| {
-            p.metadata
-                .name
-                .as_deref()
-                .is_some_and(|n| n.starts_with(SHARED_TIME_SERVICE))
-        })
         .expect("the shared TimeService's NetworkPolicy");
     let egress = serde_json::to_string(&policy.spec.unwrap().egress).unwrap();
     assert!(
