@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use stratum_agent::metrics::Metrics;
@@ -28,6 +28,19 @@ fn served(server: &Server, metrics: &Metrics) -> BTreeMap<String, u64> {
             Some((tenant.to_owned(), value.trim().parse().ok()?))
         })
         .collect()
+}
+
+/// [`served`] once it counts `answered` requests in all: a worker counts a request after
+/// sending its reply, so a read the instant the last answer arrives can be one short.
+fn served_after(server: &Server, metrics: &Metrics, answered: u64) -> BTreeMap<String, u64> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let counts = served(server, metrics);
+        if counts.values().sum::<u64>() >= answered || Instant::now() >= deadline {
+            return counts;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 fn series_count(metrics: &Metrics) -> usize {
@@ -73,7 +86,7 @@ fn totals_only_sums_every_tenant_keeps_counting_and_switches_back() {
     server.apply(&serving(both.clone()));
     ask_on(a, 2);
     ask_on(b, 3);
-    let per_tenant = served(&server, &metrics);
+    let per_tenant = served_after(&server, &metrics, 5);
     assert_eq!(
         per_tenant,
         BTreeMap::from([("ns/a".into(), 2), ("ns/b".into(), 3)])
@@ -85,7 +98,7 @@ fn totals_only_sums_every_tenant_keeps_counting_and_switches_back() {
     totals.metrics_per_tenant = false;
     server.apply(&totals);
     assert_eq!(
-        served(&server, &metrics),
+        served_after(&server, &metrics, 5),
         BTreeMap::from([("_all".into(), 5)])
     );
     assert_eq!(series_count(&metrics), 8);
@@ -95,14 +108,18 @@ fn totals_only_sums_every_tenant_keeps_counting_and_switches_back() {
     let mut only_a = serving(vec![both[0].clone()]);
     only_a.metrics_per_tenant = false;
     server.apply(&only_a);
-    assert_eq!(served(&server, &metrics)["_all"], 5, "the totals went down");
+    assert_eq!(
+        served_after(&server, &metrics, 5)["_all"],
+        5,
+        "the totals went down"
+    );
     ask_on(a, 1);
-    assert_eq!(served(&server, &metrics)["_all"], 6);
+    assert_eq!(served_after(&server, &metrics, 6)["_all"], 6);
 
     // And back: per tenant again, the totals' series gone.
     server.apply(&serving(vec![both[0].clone()]));
     assert_eq!(
-        served(&server, &metrics),
+        served_after(&server, &metrics, 3),
         BTreeMap::from([("ns/a".into(), 3)])
     );
     assert_eq!(series_count(&metrics), 8);
