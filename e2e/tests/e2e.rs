@@ -286,17 +286,18 @@ async fn adding_an_upstream_reaches_every_agent_without_restart() {
         took.as_secs_f64()
     );
 
-    // An upstream asking for NTS, which the agents cannot speak yet, is refused on the
-    // TimeService; the agents keep the config they have instead of syncing unauthenticated.
+    // An NTS upstream whose CA bundle holds no certificate is refused on the TimeService:
+    // the agents keep the config they have rather than one with no usable trust anchors.
     apply(&ts, {
         let mut spec = shared_time_service(&[]);
         spec["spec"]["upstreams"][0]["nts"] = true.into();
+        spec["spec"]["nts"] = serde_json::json!({"caBundle": "not a certificate"});
         spec
     })
     .await;
     let (why, _) = wait_for(
         Duration::from_secs(30),
-        "Degraded=True, InvalidSpec, naming the nts upstream",
+        "Degraded=True, InvalidSpec, naming the CA bundle",
         || async {
             let t = ts.get(SHARED_TIME_SERVICE).await.ok()?;
             t.status?
@@ -304,11 +305,11 @@ async fn adding_an_upstream_reaches_every_agent_without_restart() {
                 .into_iter()
                 .find(|c| c.type_ == "Degraded" && c.status == "True" && c.reason == "InvalidSpec")
                 .map(|c| c.message)
-                .filter(|m| m.contains("upstreams[0].nts"))
+                .filter(|m| m.contains("nts.caBundle"))
         },
     )
     .await;
-    eprintln!("nts upstream refused: {why}");
+    eprintln!("NTS upstream with an unusable CA bundle refused: {why}");
     let c = cm
         .get(&format!("{SHARED_TIME_SERVICE}-agent-config"))
         .await

@@ -191,8 +191,12 @@ async fn tainted_and_control_plane_nodes_get_agents_windows_none_and_status_name
                 .iter()
                 .find(|c| c.type_ == "Ready")?
                 .clone();
-            (status.nodes.without_agent == 1 && ready.reason == "NodesWithoutAgent")
-                .then_some(ready)
+            // The full node by name: a status written before the tainted node's agent was
+            // counted can name that node instead, for a moment.
+            (status.nodes.without_agent == 1
+                && ready.reason == "NodesWithoutAgent"
+                && ready.message.ends_with(&format!(": {FULL}")))
+            .then_some(ready)
         },
     )
     .await;
