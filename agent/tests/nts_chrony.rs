@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Agent, Proc, TempDir, agent_config, free_udp_port, require, wait_for};
+use common::{Agent, Proc, TempDir, agent_config, chronyd_with, free_udp_port, require, wait_for};
 use stratum_agent::nts_ke::{KeError, client_config, key_exchange, roots_from_pem_file};
 use stratum_agent::wire_tap::Recorder;
 use stratum_ntp::nts::ef::{ClientRequest, ResponseError, field_type, verify_response};
@@ -118,35 +118,12 @@ fn free_tcp_port() -> u16 {
 
 /// chronyd `-x` serving NTP on `ntp_port` and NTS-KE on `ke_port` with `pki`'s certificate.
 fn chronyd_nts(dir: &Path, pki: &Pki, ntp_port: u16, ke_port: u16) -> Proc {
-    let conf = dir.join("chrony-nts.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "port {ntp_port}\nntsport {ke_port}\nbindaddress 127.0.0.1\ncmdport 0\n\
-             local stratum 2\nallow 127.0.0.0/8\nntsserverkey {key}\nntsservercert {cert}\n\
-             pidfile {pid}\ndriftfile {drift}\n",
-            key = pki.key.display(),
-            cert = pki.cert.display(),
-            pid = dir.join("chronyd-nts.pid").display(),
-            drift = dir.join("chronyd-nts.drift").display(),
-        ),
-    )
-    .unwrap();
-    let log = dir.join("chronyd-nts.log");
-    let child = Command::new(require("chronyd"))
-        .arg("-x")
-        .arg("-d")
-        .arg("-f")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("spawn chronyd");
-    let proc = Proc {
-        child,
-        name: format!("chronyd NTS-KE :{ke_port} NTP :{ntp_port}"),
-        log,
-    };
+    let nts = format!(
+        "ntsport {ke_port}\nntsserverkey {}\nntsservercert {}\n",
+        pki.key.display(),
+        pki.cert.display()
+    );
+    let proc = chronyd_with(dir, LOOPBACK, ntp_port, None, &nts);
     wait_for(Duration::from_secs(10), "chronyd's NTS-KE port", || {
         TcpStream::connect((LOOPBACK, ke_port)).is_ok()
     });

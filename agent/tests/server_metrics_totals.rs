@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use stratum_agent::metrics::Metrics;
@@ -33,14 +33,10 @@ fn served(server: &Server, metrics: &Metrics) -> BTreeMap<String, u64> {
 /// [`served`] once it counts `answered` requests in all: a worker counts a request after
 /// sending its reply, so a read the instant the last answer arrives can be one short.
 fn served_after(server: &Server, metrics: &Metrics, answered: u64) -> BTreeMap<String, u64> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let counts = served(server, metrics);
-        if counts.values().sum::<u64>() >= answered || Instant::now() >= deadline {
-            return counts;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until(Duration::from_secs(5), || {
+        served(server, metrics).values().sum::<u64>() >= answered
+    });
+    served(server, metrics)
 }
 
 fn series_count(metrics: &Metrics) -> usize {

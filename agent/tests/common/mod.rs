@@ -98,11 +98,22 @@ impl Drop for Proc {
 /// chronyd serving its (never adjusted) clock at `local stratum 2`, optionally shifted by
 /// libfaketime (`"+10s"`) to play a falseticker.
 pub fn chronyd(dir: &Path, ip: Ipv4Addr, port: u16, fake_offset: Option<&str>) -> Proc {
+    chronyd_with(dir, ip, port, fake_offset, "")
+}
+
+/// [`chronyd`] with `extra` lines appended to its configuration (NTS server keys, say).
+pub fn chronyd_with(
+    dir: &Path,
+    ip: Ipv4Addr,
+    port: u16,
+    fake_offset: Option<&str>,
+    extra: &str,
+) -> Proc {
     let conf = dir.join(format!("chrony-{ip}-{port}.conf"));
     std::fs::write(
         &conf,
         format!(
-            "port {port}\nbindaddress {ip}\ncmdport 0\nlocal stratum 2\nallow 127.0.0.0/8\npidfile {pid}\ndriftfile {drift}\n",
+            "port {port}\nbindaddress {ip}\ncmdport 0\nlocal stratum 2\nallow 127.0.0.0/8\npidfile {pid}\ndriftfile {drift}\n{extra}",
             pid = dir.join(format!("chronyd-{port}.pid")).display(),
             drift = dir.join(format!("chronyd-{port}.drift")).display(),
         ),
