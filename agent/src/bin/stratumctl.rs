@@ -713,7 +713,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        Command::Sourcestats => {
+        Command::Sourcestats | Command::Sources => {
             let s = fetch(&cli.agent).await?;
             if output.structured() {
                 output.print(&WithIdentity {
@@ -722,26 +722,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         sources: &s.sources,
                     },
                 })?;
+            } else if matches!(cli.command, Command::Sources) {
+                print!(
+                    "{}",
+                    stratum_agent::status::sources_table(&s.sources, output == Output::Wide)
+                );
             } else {
                 print!(
                     "{}",
                     sourcestats_table(&s.sources, s.tracking.frequency_ppm)
-                );
-            }
-        }
-        Command::Sources => {
-            let s = fetch(&cli.agent).await?;
-            if output.structured() {
-                output.print(&WithIdentity {
-                    identity: &s.identity,
-                    view: SourcesView {
-                        sources: &s.sources,
-                    },
-                })?;
-            } else {
-                print!(
-                    "{}",
-                    stratum_agent::status::sources_table(&s.sources, output == Output::Wide)
                 );
             }
         }
