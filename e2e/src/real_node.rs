@@ -8,7 +8,7 @@
 //!   report: where a reply came from (`e2e/node/ntp_probe.py`), many probes in a loop.
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, PodStatus, Service};
@@ -501,4 +501,23 @@ pub async fn cluster_ip(client: &Client, namespace: &str, name: &str) -> String 
     )
     .await
     .0
+}
+
+/// chronyd with config `conf` in the real node's network namespace, where its host-network
+/// agent sees that namespace's loopback: `-x` (never adjusts a clock), without CAP_SYS_TIME,
+/// as root (so it reads the test's key files), stderr to `log`.
+pub fn chronyd_in_real_node(conf: &std::path::Path, log: std::fs::File) -> Child {
+    Command::new("ip")
+        .args(["netns", "exec", &format!("e2e-{}", real_node())])
+        .args([
+            "setpriv",
+            "--bounding-set=-sys_time",
+            "--inh-caps=-sys_time",
+        ])
+        .args(["chronyd", "-x", "-d", "-u", "root", "-f"])
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("chronyd (make deps installs chrony)")
 }

@@ -14,14 +14,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use kube::api::Api;
 use stratum_api::{NodeClock, TimeService};
 use stratum_e2e::harness::*;
-use stratum_e2e::real_node::real_node;
+use stratum_e2e::real_node::{chronyd_in_real_node, real_node};
 
 fn kubectl(args: &[&str]) -> Output {
     let bin = std::env::var("STRATUM_E2E_BIN").expect("STRATUM_E2E_BIN from e2e/stack.sh env");
@@ -98,19 +98,7 @@ fn host_chronyd(dir: &std::path::Path) -> std::process::Child {
     )
     .unwrap();
     let log = std::fs::File::create(dir.join("chronyd.log")).unwrap();
-    Command::new("ip")
-        .args(["netns", "exec", &format!("e2e-{}", real_node())])
-        .args([
-            "setpriv",
-            "--bounding-set=-sys_time",
-            "--inh-caps=-sys_time",
-        ])
-        .args(["chronyd", "-x", "-d", "-u", "root", "-f"])
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("chronyd (make deps installs chrony)")
+    chronyd_in_real_node(&conf, log)
 }
 
 /// Whether the agents' DaemonSet has rolled out its current template, every pod ready, and

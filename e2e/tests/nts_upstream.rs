@@ -18,7 +18,7 @@ use kube::api::Api;
 use stratum_api::node_clock::SourceState;
 use stratum_api::{NodeClock, TimeService};
 use stratum_e2e::harness::*;
-use stratum_e2e::real_node::real_node;
+use stratum_e2e::real_node::{chronyd_in_real_node, real_node};
 
 /// NTS-KE and NTP ports of the test's chronyd: unprivileged, unused by the stack.
 const KE_PORT: u16 = 24460;
@@ -133,19 +133,7 @@ fn nts_chronyd(dir: &Path, cert: &str, key: &str) -> Child {
     )
     .unwrap();
     let log = std::fs::File::create(dir.join("chronyd.log")).unwrap();
-    Command::new("ip")
-        .args(["netns", "exec", &format!("e2e-{}", real_node())])
-        .args([
-            "setpriv",
-            "--bounding-set=-sys_time",
-            "--inh-caps=-sys_time",
-        ])
-        .args(["chronyd", "-x", "-d", "-u", "root", "-f"])
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("chronyd (make deps installs chrony)")
+    chronyd_in_real_node(&conf, log)
 }
 
 fn prometheus_value(base: &str, query: &str) -> Option<f64> {
