@@ -90,7 +90,7 @@ CONF
 # bridge and the blackholes are kernel objects that outlive their processes. Only touched when
 # no cluster of ours answers, so a running stack is never disturbed.
 reset_stale() {
-  if curl -sk --max-time 2 "https://$E2E_HOST_IP:$E2E_APISERVER_PORT/readyz" >/dev/null 2>&1; then
+  if e2e_bridge_up && curl -sk --max-time 2 "https://$E2E_HOST_IP:$E2E_APISERVER_PORT/readyz" >/dev/null 2>&1; then
     return 0
   fi
   local ns link r
@@ -207,7 +207,7 @@ cmd_down() {
   stop_pid prometheus
   for name in e2e-falseticker e2e-upstream-1 e2e-upstream-2 e2e-upstream-3; do
     stop_pid "$name"
-    [[ -f $E2E_NETNS_STATE/$name ]] && netns_del "$name"
+    if [[ -f $E2E_NETNS_STATE/$name ]]; then netns_del "$name"; fi
   done
   "$SCRIPTS/node.sh" down
   "$SCRIPTS/cluster.sh" down

@@ -86,6 +86,13 @@ e2e_in_test_ranges() {
   return 1
 }
 
+# e2e_bridge_up -> exit 0 if the stack's bridge exists and holds E2E_HOST_IP. Only then is a packet
+# to E2E_HOST_IP (the API server's address) ours: without the bridge, and with the blackholes gone
+# after `down`, the main table would route it off this machine through the default gateway.
+e2e_bridge_up() {
+  ip -4 -o addr show dev "$E2E_BRIDGE" 2>/dev/null | grep -qF " $E2E_HOST_IP/"
+}
+
 # PKI of a run (openssl, ECDSA P-256, 30 days), shared by cluster.sh and node.sh.
 # e2e_pki_cert DIR NAME SUBJECT EKU [SAN]: DIR/NAME.{key,crt} signed by DIR/${PKI_CA:-ca}.{crt,key}
 # (client certs map to users: CN = user, O = groups).

@@ -80,6 +80,9 @@ netns_host_down() {
 # Host-side veth name for an address: e2e + 8 hex digits (fits IFNAMSIZ, unique per address).
 _netns_veth() { printf 'e2e%08x' "$(e2e_ip2int "$1")"; }
 
+# netns_exists NAME -> exit 0 if network namespace NAME exists.
+netns_exists() { ip netns list | awk '{print $1}' | grep -qx "$1"; }
+
 # netns_add NAME ADDR
 netns_add() {
   _netns_need_root
@@ -88,7 +91,7 @@ netns_add() {
   [[ $addr =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$ ]] || e2e_die "netns: '$addr' is not an IPv4 address"
   e2e_in_test_ranges "$addr" || e2e_die "netns: $addr is outside the test ranges ($E2E_TEST_RANGES)"
   [[ $addr != "$E2E_HOST_IP" ]] || e2e_die "netns: $addr is the host's own bridge address"
-  if ip netns list | awk '{print $1}' | grep -qx "$name"; then
+  if netns_exists "$name"; then
     e2e_die "netns: namespace $name already exists"
   fi
   if ip -4 route show exact "$addr/32" table main | grep -q .; then
@@ -162,7 +165,7 @@ netns_del() {
     local p
     for p in $(ip netns pids "$name"); do kill "$p" 2>/dev/null || true; done
   fi
-  if ip netns list | awk '{print $1}' | grep -qx "$name"; then ip netns del "$name"; fi
+  if netns_exists "$name"; then ip netns del "$name"; fi
   # Deleting the namespace removes its veth pair asynchronously: tolerate it being gone.
   if [[ -n $veth ]] && ip link show "$veth" >/dev/null 2>&1; then ip link del "$veth" 2>/dev/null || true; fi
   rm -f "$f"

@@ -576,7 +576,7 @@ cmd_down() {
   # nftables rules, cni0 and the pods' veths lived in the node's namespaces and go with them.
   if [[ -f $E2E_NETNS_STATE/$NODE_NS ]]; then netns_del "$NODE_NS"; fi
   cgroups_down
-  if [[ -f $RUN/kubeconfig ]] && kc get --raw=/readyz >/dev/null 2>&1; then
+  if [[ -f $RUN/kubeconfig ]] && e2e_bridge_up && kc get --raw=/readyz >/dev/null 2>&1; then
     kc delete node "$NODE_NAME" --ignore-not-found --wait=false >/dev/null 2>&1 || true
   fi
   # Nothing of a run carries over: containers, snapshots, pod and IPAM state (images are
@@ -589,8 +589,10 @@ cmd_down() {
 kill_pod_processes() {
   local d i pids
   for ((i = 0; i < 50; i++)); do
+    # Every hierarchy may lack the node's cgroup (a down after a down, a crashed up): that is
+    # no process, not a failure (pipefail would otherwise end `down` here).
     pids=$(for d in $(cgroup_controllers) /sys/fs/cgroup/unified; do
-      [[ -d $d$CGROUP_ROOT ]] && find "$d$CGROUP_ROOT" -name cgroup.procs -exec cat {} + 2>/dev/null
+      if [[ -d $d$CGROUP_ROOT ]]; then find "$d$CGROUP_ROOT" -name cgroup.procs -exec cat {} + 2>/dev/null || true; fi
     done | sort -u)
     [[ -n $pids ]] || return 0
     # shellcheck disable=SC2086 # a list of PIDs
@@ -629,7 +631,7 @@ cmd_status() {
       rc=1
     fi
   done
-  kc get node "$NODE_NAME" -o wide 2>/dev/null || true
+  if e2e_bridge_up; then kc get node "$NODE_NAME" -o wide 2>/dev/null || true; fi
   return $rc
 }
 

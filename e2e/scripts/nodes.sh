@@ -69,7 +69,10 @@ status:
   - {type: Hostname, address: $name}
 EOF
     fi
-    if [[ $with_netns == --netns && ! -f $E2E_NETNS_STATE/e2e-$name ]]; then
+    # The namespace itself decides, not its state file: a file left by a run whose namespaces
+    # went away (a crash, a reboot) must not leave the node's agents without their address.
+    if [[ $with_netns == --netns ]] && ! netns_exists "e2e-$name"; then
+      if [[ -f $E2E_NETNS_STATE/e2e-$name ]]; then netns_del "e2e-$name"; fi
       netns_add "e2e-$name" "$ip"
     fi
   done

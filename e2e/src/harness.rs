@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
-use stratum_api::{TenantTimePolicy, TimeService};
+use stratum_api::{NodeClock, TenantTimePolicy, TimeService};
 
 /// Field manager of objects the tests create.
 pub const TEST_MANAGER: &str = "stratum-e2e";
@@ -82,8 +82,46 @@ pub async fn poll_until<T, F, Fut>(
     timeout: Duration,
     interval: Duration,
     what: &str,
-    mut check: F,
+    check: F,
 ) -> (T, Duration)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    poll_within(timeout, interval, check)
+        .await
+        .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
+}
+
+/// As [`wait_for`]; on timeout the panic also carries what `explain` reads from the cluster
+/// then, so a CI log says which part of the state never came (no rerun needed to find out).
+pub async fn wait_for_explained<T, F, Fut, E, EFut>(
+    timeout: Duration,
+    what: &str,
+    check: F,
+    explain: E,
+) -> (T, Duration)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+    E: FnOnce() -> EFut,
+    EFut: Future<Output = String>,
+{
+    match poll_within(timeout, Duration::from_millis(200), check).await {
+        Some(found) => found,
+        None => {
+            let state = explain().await;
+            panic!("timed out after {timeout:?} waiting for {what}; the cluster then:\n{state}")
+        }
+    }
+}
+
+/// `check`'s first `Some` and when it came, or `None` once `timeout` has passed.
+async fn poll_within<T, F, Fut>(
+    timeout: Duration,
+    interval: Duration,
+    mut check: F,
+) -> Option<(T, Duration)>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -91,12 +129,11 @@ where
     let start = Instant::now();
     loop {
         if let Some(v) = check().await {
-            return (v, start.elapsed());
+            return Some((v, start.elapsed()));
         }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        if start.elapsed() >= timeout {
+            return None;
+        }
         tokio::time::sleep(interval).await;
     }
 }
@@ -149,7 +186,7 @@ pub fn shared_time_service(extra_upstreams: &[&str]) -> serde_json::Value {
 pub async fn ensure_shared_time_service(client: &Client) -> TimeService {
     let api: Api<TimeService> = Api::all(client.clone());
     apply(&api, shared_time_service(&[])).await;
-    wait_for(
+    wait_for_explained(
         Duration::from_secs(120),
         "shared TimeService Ready with every node of the stack synchronized",
         || async {
@@ -165,9 +202,55 @@ pub async fn ensure_shared_time_service(client: &Client) -> TimeService {
                 .is_ok_and(|desired| desired >= agent_nodes().len());
             (ready && every_node && status.nodes.synchronized == status.nodes.desired).then_some(ts)
         },
+        || describe_shared_time_service(client),
     )
     .await
     .0
+}
+
+/// The shared TimeService's status and each of its NodeClocks (synchronized, last report,
+/// sources and their states), one line each: what a failed wait on it prints.
+pub async fn describe_shared_time_service(client: &Client) -> String {
+    let mut lines = Vec::new();
+    match Api::<TimeService>::all(client.clone())
+        .get(SHARED_TIME_SERVICE)
+        .await
+    {
+        Ok(ts) => lines.push(format!(
+            "TimeService {SHARED_TIME_SERVICE}: {}",
+            serde_json::to_string(&ts.status).unwrap_or_default()
+        )),
+        Err(e) => lines.push(format!("TimeService {SHARED_TIME_SERVICE}: {e}")),
+    }
+    match Api::<NodeClock>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+    {
+        Ok(clocks) => {
+            for clock in clocks {
+                let Some(status) = clock.status.as_ref() else {
+                    lines.push(format!("NodeClock {}: no status", clock.name_any()));
+                    continue;
+                };
+                let sources: Vec<String> = status
+                    .sources
+                    .iter()
+                    .map(|s| serde_json::to_string(s).unwrap_or_default())
+                    .collect();
+                lines.push(format!(
+                    "NodeClock {}: synchronized {}, offset {:?}, last update {:?}, conditions {}, sources [{}]",
+                    clock.name_any(),
+                    status.synchronized,
+                    status.offset,
+                    status.last_update.as_ref().map(|t| t.0.to_string()),
+                    serde_json::to_string(&status.conditions).unwrap_or_default(),
+                    sources.join(", "),
+                ));
+            }
+        }
+        Err(e) => lines.push(format!("NodeClocks: {e}")),
+    }
+    lines.join("\n")
 }
 
 /// Creates (or replaces) a tenant policy.
