@@ -6,6 +6,10 @@
 //! agents of a TimeService (the operator keeps them in a Secret), so a cookie sealed by one
 //! agent opens at any other the Service routes to. Keys rotate: the current one seals, the
 //! current and the previous one open, so a cookie lives between one and two rotation periods.
+//!
+//! A server may bind its keys to a context ([`CookieKeys::bound_to`], the agent uses the
+//! tenant's id): the context joins the associated data, so a cookie issued for one tenant does
+//! not open on another tenant's port even though both share the TimeService's master keys.
 
 use super::aead::{AEAD_AES_SIV_CMAC_256, AeadKey, KEY_LEN, NONCE_LEN, TAG_LEN};
 use super::ke::{COOKIES_PER_EXCHANGE, MAX_COOKIE_LEN};
@@ -40,6 +44,8 @@ pub struct MasterKey {
 pub struct CookieKeys {
     current: MasterKey,
     previous: Option<MasterKey>,
+    /// Joins the associated data after the key id: cookies open only under the same context.
+    context: Vec<u8>,
 }
 
 /// Why a cookie does not open. The server answers each with an NTS NAK.
@@ -60,7 +66,28 @@ impl CookieKeys {
     /// `previous` with the current id is dropped.
     pub fn new(current: MasterKey, previous: Option<MasterKey>) -> Self {
         let previous = previous.filter(|p| p.id != current.id);
-        Self { current, previous }
+        Self {
+            current,
+            previous,
+            context: Vec::new(),
+        }
+    }
+
+    /// The same keys, sealing and opening only cookies of `context` (a tenant's id).
+    pub fn bound_to(&self, context: &[u8]) -> Self {
+        Self {
+            context: context.to_vec(),
+            ..self.clone()
+        }
+    }
+
+    /// The id of the key cookies are sealed with before a rotation, if still held.
+    pub fn previous_id(&self) -> Option<u32> {
+        self.previous.as_ref().map(|p| p.id)
+    }
+
+    fn associated_data(&self, id: &[u8]) -> Vec<u8> {
+        [id, &self.context].concat()
     }
 
     /// The id of the key new cookies are sealed with.
@@ -81,7 +108,8 @@ impl CookieKeys {
         let mut cookie = Vec::with_capacity(COOKIE_LEN);
         cookie.extend_from_slice(&id);
         cookie.extend_from_slice(&nonce);
-        cookie.extend_from_slice(&self.current.key.seal(&nonce, &id, &plaintext));
+        let associated = self.associated_data(&id);
+        cookie.extend_from_slice(&self.current.key.seal(&nonce, &associated, &plaintext));
         cookie
     }
 
@@ -99,7 +127,7 @@ impl CookieKeys {
             .ok_or(CookieError::UnknownKey(id))?;
         let plaintext = master
             .key
-            .open(nonce, id_bytes, sealed)
+            .open(nonce, &self.associated_data(id_bytes), sealed)
             .map_err(|_| CookieError::Forged)?;
         let (aead, keys) = plaintext.split_at(4);
         let aead = u16::from_be_bytes([aead[0], aead[1]]);
@@ -220,6 +248,29 @@ mod tests {
         assert_eq!(after_one.current_id(), 2);
         let after_two = CookieKeys::new(master(3), Some(master(2)));
         assert_eq!(after_two.open(&cookie), Err(CookieError::UnknownKey(1)));
+    }
+
+    #[test]
+    fn a_cookie_bound_to_one_tenant_does_not_open_for_another() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let keys = CookieKeys::new(master(1), None);
+        let tenant_a = keys.bound_to(b"team-a/ntp");
+        let cookie = tenant_a.seal(&session(7), &mut rng);
+        // Another agent serving tenant a opens it; tenant b (same master keys) does not, nor
+        // does the unbound set.
+        assert_eq!(
+            keys.bound_to(b"team-a/ntp").open(&cookie).unwrap(),
+            session(7)
+        );
+        assert_eq!(
+            keys.bound_to(b"team-b/ntp").open(&cookie),
+            Err(CookieError::Forged)
+        );
+        assert_eq!(keys.open(&cookie), Err(CookieError::Forged));
+        // Rotation keeps the binding.
+        let rotated = CookieKeys::new(master(2), Some(master(1))).bound_to(b"team-a/ntp");
+        assert_eq!(rotated.open(&cookie).unwrap(), session(7));
+        assert_eq!(rotated.previous_id(), Some(1));
     }
 
     #[test]
