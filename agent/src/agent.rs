@@ -363,6 +363,9 @@ pub async fn run_with_resolver(
     // Tenants are served from the first valid config on, as unsynchronized until the clock
     // is (LI=3, stratum 16: clients reject the answers rather than trust them).
     shared.server.apply(&config.serving);
+    // Tenants' NTS-KE endpoints and the cookie keys; after the ports, whose policies gate them.
+    let mut nts_endpoints = crate::nts_server::NtsEndpoints::new(shared.clone());
+    nts_endpoints.apply(&config.serving);
     let (lookup_tx, mut resolution_rx) = resolver::spawn(
         resolver,
         resolver::DEFAULT_CONCURRENCY,
@@ -516,6 +519,7 @@ pub async fn run_with_resolver(
                             tracing::info!(%revision, source = origin.name(), "config applied");
                             nts.retain(&nts_upstream_keys(driver.config()));
                             shared.server.apply(&driver.config().serving);
+                            nts_endpoints.apply(&driver.config().serving);
                             shared.metrics.config_reloads.with_label_values(&["applied"]).inc();
                             keep_config(&opts, driver.config(), origin, &shared);
                             config_origin = origin;
@@ -559,6 +563,8 @@ pub async fn run_with_resolver(
         // Ports that could not be bound are tried again on their backoff (a no-op while none
         // failed), so a port freed by another process is served without a config change.
         shared.server.retry_failed();
+        // Rotated cookie keys, a renewed certificate, an endpoint that could not bind.
+        nts_endpoints.refresh();
         if state.synchronized != was_synchronized {
             let _ = outputs.events.try_send(if state.synchronized {
                 AgentEvent::SyncRegained
@@ -607,6 +613,7 @@ pub async fn run_with_resolver(
     // Unsynchronized first, so the NodeClock the reporter writes on its way out takes this
     // node's endpoints out of the tenants' ready sets before the sockets close.
     publish_stopping(&shared, &outputs);
+    nts_endpoints.stop_all();
     shared.server.stop_all();
     let now = backend.clock().now();
     save_drift(&drift_path(driver.config()), driver.system(), now);

@@ -15,6 +15,7 @@ pub mod host_daemons;
 pub mod loadgen;
 pub mod metrics;
 pub mod nts_ke;
+pub mod nts_server;
 pub mod nts_upstreams;
 pub mod ops;
 pub mod query;

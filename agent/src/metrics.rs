@@ -66,6 +66,13 @@ pub struct Metrics {
     pub nts_polls_withheld: IntCounterVec,
     /// Cookies held per NTS upstream.
     pub nts_cookies: IntGaugeVec,
+    /// Key exchanges at tenants' NTS-KE endpoints, by tenant and result.
+    pub tenant_nts_key_exchanges: IntCounterVec,
+    /// NTS-authenticated replies per tenant (also counted as served).
+    pub tenant_nts_authenticated: IntCounterVec,
+    /// Whether the TimeService's NTS cookie master keys are loaded (1) or not (0; every
+    /// cookie then gets the NTS NAK).
+    pub nts_cookie_keys_loaded: IntGauge,
     /// Configured tenant ports not bound (retried with backoff).
     pub tenant_port_bind_failures: IntGauge,
 }
@@ -310,6 +317,20 @@ impl Metrics {
                 "stratum_agent_nts_key_exchanges_total",
                 "NTS key exchanges with upstreams, by configured name and result (ok or why not).",
                 &["source", "result"]
+            )?),
+            tenant_nts_key_exchanges: reg!(icv(
+                "stratum_agent_tenant_nts_key_exchanges_total",
+                "Connections to tenants' NTS-KE endpoints, by tenant and result (ok, or why not: not_allowed, rate_limited, busy, tls, alpn, bad_request, no_keys, timeout, io).",
+                &["tenant", "result"]
+            )?),
+            tenant_nts_authenticated: reg!(icv(
+                "stratum_agent_tenant_nts_authenticated_total",
+                "NTS-authenticated replies per tenant (also counted as served in stratum_agent_tenant_requests_total).",
+                &["tenant"]
+            )?),
+            nts_cookie_keys_loaded: reg!(IntGauge::new(
+                "stratum_agent_nts_cookie_keys_loaded",
+                "1 when the TimeService's NTS cookie master keys are loaded; 0 when an NTS tenant waits for them (its cookies get the NTS NAK)."
             )?),
             nts_reply_failures: reg!(icv(
                 "stratum_agent_nts_reply_failures_total",

@@ -7,13 +7,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "pki/mod.rs"]
+mod pki;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
-use common::{Agent, Proc, TempDir, agent_config, chronyd_with, free_udp_port, require, wait_for};
+use common::{Agent, Proc, TempDir, agent_config, chronyd_with, free_udp_port, wait_for};
+use pki::{Pki, make_pki};
 use stratum_agent::nts_ke::{KeError, client_config, key_exchange, roots_from_pem_file};
 use stratum_agent::wire_tap::Recorder;
 use stratum_ntp::nts::ef::{ClientRequest, ResponseError, field_type, verify_response};
@@ -22,91 +24,6 @@ use stratum_ntp::packet::{LeapIndicator, Mode, Packet, ReferenceId};
 use stratum_ntp::time::{NtpShort, NtpTimestamp};
 
 const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
-
-/// A CA and a server certificate for 127.0.0.1 and localhost it signed, made with openssl.
-struct Pki {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new(require("openssl"))
-        .current_dir(dir)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn make_pki(dir: &Path, name: &str) -> Pki {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let ca_key = format!("{name}-ca.key");
-    let ca = format!("{name}-ca.pem");
-    let mut args = vec!["req", "-x509"];
-    args.extend(ec);
-    args.extend(["-keyout", &ca_key, "-out", &ca, "-days", "2", "-subj"]);
-    let ca_subject = format!("/CN=stratum test CA {name}");
-    args.push(&ca_subject);
-    openssl(dir, &args);
-    let key = format!("{name}-server.key");
-    let csr = format!("{name}-server.csr");
-    let mut args = vec!["req"];
-    args.extend(ec);
-    args.extend(["-keyout", &key, "-out", &csr, "-subj", "/CN=localhost"]);
-    openssl(dir, &args);
-    let ext = format!("{name}-ext.cnf");
-    std::fs::write(
-        dir.join(&ext),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    let cert = format!("{name}-server.pem");
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &ca,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-out",
-            &cert,
-            "-days",
-            "2",
-            "-extfile",
-            &ext,
-        ],
-    );
-    // chronyd may read them after dropping to its own user.
-    for file in [&key, &cert] {
-        let path = dir.join(file);
-        let mut perms = std::fs::metadata(&path).unwrap().permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
-        std::fs::set_permissions(&path, perms).unwrap();
-    }
-    Pki {
-        ca: dir.join(ca),
-        cert: dir.join(cert),
-        key: dir.join(key),
-    }
-}
 
 fn free_tcp_port() -> u16 {
     TcpListener::bind((LOOPBACK, 0))
@@ -387,4 +304,137 @@ fn without_a_trusted_key_exchange_the_agent_never_polls_the_upstream_in_the_clea
         datagrams.is_empty(),
         "NTP went out without a key exchange: {datagrams:?}"
     );
+}
+
+/// `chronyd -Q` as an NTS client of `127.0.0.1:port` through `ke_port`, trusting `ca`; the
+/// offset it measured, or `None` without authenticated time.
+fn chronyd_nts_client(dir: &Path, port: u16, ke_port: u16, ca: &Path) -> Option<f64> {
+    let conf = dir.join(format!("client-{ke_port}.conf"));
+    std::fs::write(
+        &conf,
+        format!(
+            "server 127.0.0.1 port {port} nts ntsport {ke_port} iburst maxsamples 4\n\
+             ntstrustedcerts {}\ncmdport 0\npidfile {}\n",
+            ca.display(),
+            dir.join(format!("client-{ke_port}.pid")).display()
+        ),
+    )
+    .unwrap();
+    let output = std::process::Command::new("setpriv")
+        .args(["--bounding-set=-sys_time", "--inh-caps=-sys_time"])
+        .arg(common::require("chronyd"))
+        .args(["-Q", "-t", "8", "-u", "root", "-f"])
+        .arg(&conf)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stderr).into_owned()
+        + &String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .find_map(|l| l.split("System clock wrong by ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+}
+
+#[test]
+fn the_agent_binary_serves_a_tenant_over_nts_and_picks_up_rotated_cookie_keys() {
+    let dir = TempDir::new("nts-tenant-agent");
+    let pki = make_pki(dir.path(), "tenant");
+    let upstream_port = free_udp_port(LOOPBACK);
+    let _upstream = common::chronyd(dir.path(), LOOPBACK, upstream_port, None);
+    let (tenant_port, ke_port) = (free_udp_port(LOOPBACK), free_tcp_port());
+    let keys = dir.path().join("cookie-keys.json");
+    let write_keys = |current: u8, previous: Option<u8>| {
+        let entry = |id: u8| serde_json::json!({"id": id, "key": format!("{id:02x}").repeat(32)});
+        let mut doc = serde_json::json!({"current": entry(current)});
+        if let Some(previous) = previous {
+            doc["previous"] = entry(previous);
+        }
+        let tmp = keys.with_extension("tmp");
+        std::fs::write(&tmp, doc.to_string()).unwrap();
+        std::fs::rename(&tmp, &keys).unwrap();
+    };
+    write_keys(1, None);
+    let mut config = agent_config(
+        "nts-tenant",
+        &[SocketAddr::from((LOOPBACK, upstream_port))],
+        1,
+        dir.path(),
+    );
+    config["serving"]["ntsCookieKeysFile"] = keys.display().to_string().into();
+    config["serving"]["tenants"] = serde_json::json!([{
+        "id": "team-a/ntp", "port": tenant_port, "allowed": ["127.0.0.0/8"],
+        "rateLimit": {"clientIntervalSeconds": 0.001, "clientBurst": 100, "kissOfDeath": true},
+        "nts": {"kePort": ke_port, "certificateFile": pki.cert.display().to_string(),
+                "keyFile": pki.key.display().to_string(), "ntpPort": tenant_port,
+                "unauthenticated": "Deny"}
+    }]);
+    let agent = Agent::start(dir.path(), 44, &config, 0.0, 0.0);
+    wait_for(Duration::from_secs(60), "the agent synchronized", || {
+        agent
+            .status()
+            .is_some_and(|s| s["tracking"]["synchronized"] == true)
+    });
+
+    let offset = chronyd_nts_client(dir.path(), tenant_port, ke_port, &pki.ca);
+    eprintln!("chronyd -Q through the agent binary's NTS endpoint: offset {offset:?}");
+    assert!(
+        offset.is_some_and(|o| o.abs() < 0.05),
+        "{offset:?}\n{}",
+        agent.proc.log_text()
+    );
+    let authenticated = r#"stratum_agent_tenant_nts_authenticated_total{tenant="team-a/ntp"}"#;
+    assert!(metric_line(&agent, authenticated) >= Some(1.0));
+    assert_eq!(
+        metric_line(&agent, "stratum_agent_nts_cookie_keys_loaded"),
+        Some(1.0)
+    );
+    // `stratumctl serverstats` adds the NTS table for the tenant: authenticated answers, none
+    // refused.
+    let table = String::from_utf8_lossy(&agent.ctl(&["serverstats"]).stdout).into_owned();
+    let nts_row = table
+        .split("NTS tenant")
+        .nth(1)
+        .and_then(|rest| rest.lines().find(|l| l.starts_with("team-a/ntp")))
+        .map(|l| l.split_whitespace().skip(2).collect::<Vec<_>>());
+    assert!(
+        nts_row
+            .as_ref()
+            .is_some_and(|r| r[0] != "0" && r[1..] == ["0", "0", "0"]),
+        "{table}"
+    );
+
+    // Two rotations, as the operator writes them: the run loop re-reads the file, and a new
+    // client is served under the new keys (its cookies sealed with key 3).
+    write_keys(2, Some(1));
+    write_keys(3, Some(2));
+    wait_for(
+        Duration::from_secs(10),
+        "the rotated keys in the log",
+        || {
+            agent.proc.log_text().contains("\"current\":3")
+                || agent.proc.log_text().contains("current=3")
+        },
+    );
+    let offset = chronyd_nts_client(dir.path(), tenant_port, ke_port, &pki.ca);
+    assert!(offset.is_some(), "{}", agent.proc.log_text());
+    for id in 1..=3u8 {
+        assert!(
+            !agent
+                .proc
+                .log_text()
+                .contains(&format!("{id:02x}").repeat(32)),
+            "key material in the log"
+        );
+    }
+    // A plain request is refused (the tenant requires NTS).
+    let plain = UdpSocket::bind((LOOPBACK, 0)).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    plain
+        .send_to(&client_header(7).to_bytes(), (LOOPBACK, tenant_port))
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let (n, _) = plain.recv_from(&mut buf).expect("a KoD");
+    assert_eq!((n, &buf[12..16], buf[1]), (48, &b"DENY"[..], 0));
 }

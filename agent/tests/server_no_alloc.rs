@@ -62,6 +62,7 @@ fn the_per_packet_path_does_not_allocate() {
             kiss_of_death: true,
         },
         max_root_distance_seconds: Some(0.5),
+        nts: None,
     };
     let port = PortPolicy::new(
         core_tenant(&config),
@@ -131,6 +132,8 @@ fn the_per_packet_path_does_not_allocate() {
             Outcome::RateLimited { kod: true } => 5,
             Outcome::Malformed => 6,
             Outcome::Ignored => 7,
+            // NTS outcomes: a port without NTS never has them (NTS replies allocate).
+            Outcome::NtsNak | Outcome::NtsFailed | Outcome::Unauthenticated { .. } => 8,
         };
         SEEN.with(|s| s.set(s.get() | (1 << index)));
     }

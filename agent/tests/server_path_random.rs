@@ -33,6 +33,7 @@ fn random_datagrams_sources_and_clock_states_never_break_the_per_packet_path() {
             kiss_of_death: true,
         },
         max_root_distance_seconds: Some(0.05),
+        nts: None,
     };
     let port = PortPolicy::new(
         core_tenant(&config),

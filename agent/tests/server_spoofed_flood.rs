@@ -52,6 +52,7 @@ fn port() -> PortPolicy {
             kiss_of_death: true,
         },
         max_root_distance_seconds: None,
+        nts: None,
     };
     let mut core = core_tenant(&config);
     if let Some(limit) = core.client_rate_limit.as_mut() {
@@ -127,7 +128,7 @@ fn a_million_spoofed_sources_get_refusals_only_within_budget_and_real_clients_ke
     const SPACING_NS: i64 = 100_000; // 10^6 packets over 100 simulated seconds
     let window = f64::from(FLOOD) * SPACING_NS as f64 * 1e-9;
     let port = port();
-    let budget = port.config.refusals;
+    let budget = port.config().refusals;
     let mut state = PortState::new(4096, 0x15);
     let clock = clock();
     let polite_ip: IpAddr = "10.0.0.1".parse().unwrap();

@@ -38,6 +38,7 @@ fn port() -> &'static PortPolicy {
                 kiss_of_death: true,
             },
             max_root_distance_seconds: Some(0.05),
+            nts: None,
         };
         PortPolicy::new(core_tenant(&config), Arc::new(TenantStats::new("ns/fuzz".into(), 1)))
     })

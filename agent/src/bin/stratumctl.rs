@@ -406,6 +406,34 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         n.ignored
                     );
                 }
+                // NTS tenants' authentication, only for ports that saw NTS (or its absence
+                // refused): the plain majority keeps the one table.
+                let nts: Vec<_> = stats
+                    .tenants
+                    .iter()
+                    .filter(|t| {
+                        let n = &t.totals;
+                        n.authenticated + n.nts_nak + n.nts_failed + n.unauthenticated > 0
+                    })
+                    .collect();
+                if !nts.is_empty() {
+                    println!(
+                        "\n{:<32} {:>6} {:>13} {:>9} {:>9} {:>15}",
+                        "NTS tenant", "Port", "Authenticated", "NAK", "Failed", "Unauthenticated"
+                    );
+                    for t in nts {
+                        let n = &t.totals;
+                        println!(
+                            "{:<32} {:>6} {:>13} {:>9} {:>9} {:>15}",
+                            t.tenant,
+                            t.port,
+                            n.authenticated,
+                            n.nts_nak,
+                            n.nts_failed,
+                            n.unauthenticated
+                        );
+                    }
+                }
                 for f in &stats.failed {
                     println!(
                         "{:<32} {:>6} NOT SERVED after {} attempt(s): {}",

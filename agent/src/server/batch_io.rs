@@ -27,8 +27,9 @@ pub const BATCH: usize = 32;
 /// Largest datagram read whole. NTP requests with extension fields (NTS) stay well below;
 /// longer ones arrive truncated and are counted malformed.
 pub const MAX_DATAGRAM: usize = 1024;
-/// Largest datagram sent: NTP replies are one 48-byte header (never larger than requests).
-pub const MAX_SEND: usize = 48;
+/// Largest datagram sent: a plain reply is one 48-byte header, an NTS reply (never longer
+/// than its request, so no amplification) up to the longest request read.
+pub const MAX_SEND: usize = MAX_DATAGRAM;
 /// Control-message space per datagram, in 8-byte words (one SCM_TIMESTAMPNS needs 32 bytes,
 /// one IP_PKTINFO 28; keep room for both).
 const CONTROL_WORDS: usize = 12;
@@ -471,6 +472,17 @@ impl SendBatch {
         }
         let len = self.lens[index];
         self.payloads.get_mut(index).map(|p| &mut p[..len])
+    }
+
+    /// Replaces the payload of queued datagram `index` (an NTS reply sealed after the transmit
+    /// time was stamped); `false`, and nothing changed, when it does not fit.
+    pub fn set_payload(&mut self, index: usize, payload: &[u8]) -> bool {
+        if index >= self.queued || payload.len() > MAX_SEND {
+            return false;
+        }
+        self.payloads[index][..payload.len()].copy_from_slice(payload);
+        self.lens[index] = payload.len();
+        true
     }
 
     /// Sends everything queued and empties the batch. A datagram the kernel refuses is

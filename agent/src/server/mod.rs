@@ -42,15 +42,16 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use stratum_api::agent_config::ServingConfig;
-use stratum_ntp::server::{ServerClockState, TenantConfig};
+use stratum_ntp::nts::CookieKeys;
+use stratum_ntp::server::ServerClockState;
 
 use crate::clock::Timescale;
 use crate::metrics::Metrics;
 use batch_io::SocketOptions;
 use clients::ClientRow;
 use path::{ClockSnapshot, PortPolicy};
-use stats::{KOD_LABELS, OUTCOME_LABELS, TenantStats, TenantTotals};
-use tenants::PortChange;
+use stats::{ALWAYS_EXPORTED_OUTCOMES, KOD_LABELS, OUTCOME_LABELS, TenantStats, TenantTotals};
+use tenants::{PortChange, PortRules};
 use worker::{Command, PortShared, Worker};
 
 /// Server settings fixed for the life of the process.
@@ -121,7 +122,11 @@ struct Ports {
     running: BTreeMap<u16, RunningPort>,
     failed: BTreeMap<u16, Failure>,
     /// What the last apply asked for, for [`Server::retry_failed`].
-    desired: BTreeMap<u16, TenantConfig>,
+    desired: BTreeMap<u16, PortRules>,
+    /// The last serving config applied, to rebuild `desired` when the cookie keys change.
+    serving: Option<ServingConfig>,
+    /// The TimeService's NTS cookie master keys, once loaded.
+    cookie_keys: Option<CookieKeys>,
     stats: BTreeMap<String, Arc<TenantStats>>,
     /// Series labels (tenant ids, or [`ALL_TENANTS`]) in the metrics registry.
     exported: BTreeSet<String>,
@@ -261,14 +266,42 @@ impl Server {
     /// Brings the running ports in line with `serving`, touching only what changed; ports
     /// that failed before are tried again.
     pub fn apply(&self, serving: &ServingConfig) -> ApplyReport {
-        let desired = tenants::desired_ports(serving);
         let mut ports = self.ports();
-        ports.desired = desired;
+        ports.desired = tenants::desired_ports(serving, ports.cookie_keys.as_ref());
+        ports.serving = Some(serving.clone());
         ports.totals_only = !serving.metrics_per_tenant;
         let report = self.reconcile(&mut ports, None);
         drop(ports);
         log_report(&report);
         report
+    }
+
+    /// Puts new NTS cookie master keys in force on every NTS port (a rotation, or the first
+    /// load); plain ports are not touched. `None` forgets them: cookies then get the NAK.
+    pub fn set_cookie_keys(&self, keys: Option<CookieKeys>) -> ApplyReport {
+        let mut ports = self.ports();
+        if ports.cookie_keys == keys {
+            return ApplyReport::default();
+        }
+        ports.cookie_keys = keys;
+        let Some(serving) = ports.serving.take() else {
+            return ApplyReport::default();
+        };
+        ports.desired = tenants::desired_ports(&serving, ports.cookie_keys.as_ref());
+        ports.serving = Some(serving);
+        let report = self.reconcile(&mut ports, None);
+        drop(ports);
+        log_report(&report);
+        report
+    }
+
+    /// Whether `source` may use tenant port `port` (its deny and allow lists), for the
+    /// tenant's NTS-KE endpoint: the same gate as its NTP port, from the same policy.
+    pub fn allowed(&self, port: u16, source: IpAddr) -> bool {
+        self.ports()
+            .running
+            .get(&port)
+            .is_some_and(|running| running.shared.policy.load().allowed(source))
     }
 
     /// Binds again the failed ports whose backoff has passed (the agent loop calls this every
@@ -311,7 +344,7 @@ impl Server {
                 .map(|(port, running)| (*port, running.shared.policy.load_full()))
                 .collect::<Vec<_>>()
                 .iter()
-                .map(|(port, policy)| (*port, &policy.config)),
+                .map(|(port, policy)| (*port, &policy.rules)),
             desired,
         );
         let mut report = ApplyReport::default();
@@ -328,7 +361,7 @@ impl Server {
                     if let (Some(config), Some(running)) = (desired.get(&port), running.get(&port))
                     {
                         let stats = running.shared.policy.load().stats.clone();
-                        let policy = PortPolicy::new(config.clone(), stats);
+                        let policy = PortPolicy::with_rules(config.clone(), stats);
                         running.shared.policy.store(Arc::new(policy));
                         report.updated.push(port);
                     }
@@ -373,15 +406,18 @@ impl Server {
                 )),
             };
             let tenant_stats = stats
-                .entry(config.name.clone())
+                .entry(config.core.name.clone())
                 .or_insert_with(|| {
-                    Arc::new(TenantStats::new(config.name.clone(), self.options.workers))
+                    Arc::new(TenantStats::new(
+                        config.core.name.clone(),
+                        self.options.workers,
+                    ))
                 })
                 .clone();
             match bound {
                 Ok((sockets, local)) => {
                     let shared = Arc::new(PortShared {
-                        policy: ArcSwap::from_pointee(PortPolicy::new(
+                        policy: ArcSwap::from_pointee(PortPolicy::with_rules(
                             config.clone(),
                             tenant_stats,
                         )),
@@ -411,7 +447,7 @@ impl Server {
                         Failure {
                             report: FailedPort {
                                 port,
-                                tenant: config.name.clone(),
+                                tenant: config.core.name.clone(),
                                 error: e.to_string(),
                                 attempts,
                             },
@@ -430,7 +466,7 @@ impl Server {
             }
         }
         // Counters of tenants gone from the config go with them.
-        let live: BTreeSet<&String> = desired.values().map(|c| &c.name).collect();
+        let live: BTreeSet<&String> = desired.values().map(|c| &c.core.name).collect();
         stats.retain(|id, _| live.contains(id));
         report
     }
@@ -488,7 +524,7 @@ impl Server {
         self.ports()
             .running
             .iter()
-            .map(|(port, r)| (*port, r.shared.policy.load().config.name.clone(), r.local))
+            .map(|(port, r)| (*port, r.shared.policy.load().config().name.clone(), r.local))
             .collect()
     }
 
@@ -530,7 +566,7 @@ impl Server {
             .running
             .iter()
             .filter_map(|(port, running)| {
-                let id = running.shared.policy.load().config.name.clone();
+                let id = running.shared.policy.load().config().name.clone();
                 if tenant.is_some_and(|wanted| wanted != id) {
                     return None;
                 }
@@ -590,14 +626,27 @@ impl Server {
                     .tenant_kod
                     .remove_label_values(&[gone.as_str(), code]);
             }
+            let _ = metrics
+                .tenant_nts_authenticated
+                .remove_label_values(&[gone.as_str()]);
         }
         exported.retain(|label| series.contains_key(label));
         for (label, totals) in &series {
-            for (outcome, total) in OUTCOME_LABELS.iter().zip(totals.outcomes()) {
-                catch_up(&metrics.tenant_requests, [label.as_str(), outcome], total);
+            for (i, (outcome, total)) in OUTCOME_LABELS.iter().zip(totals.outcomes()).enumerate() {
+                if i < ALWAYS_EXPORTED_OUTCOMES || total > 0 {
+                    catch_up(&metrics.tenant_requests, &[label.as_str(), outcome], total);
+                }
             }
             for (code, total) in KOD_LABELS.iter().zip(totals.kods()) {
-                catch_up(&metrics.tenant_kod, [label.as_str(), code], total);
+                catch_up(&metrics.tenant_kod, &[label.as_str(), code], total);
+            }
+            // A series only for tenants that served NTS: the others would all sit at 0.
+            if totals.authenticated > 0 {
+                catch_up(
+                    &metrics.tenant_nts_authenticated,
+                    &[label.as_str()],
+                    totals.authenticated,
+                );
             }
             exported.insert(label.clone());
         }
@@ -641,14 +690,14 @@ fn log_report(report: &ApplyReport) {
 
 /// Moves a Prometheus counter up to `total`; a smaller total means the tenant was removed and
 /// re-added between scrapes, which is a counter reset.
-fn catch_up(vec: &prometheus::IntCounterVec, labels: [&str; 2], total: u64) {
-    let counter = vec.with_label_values(&labels);
+fn catch_up(vec: &prometheus::IntCounterVec, labels: &[&str], total: u64) {
+    let counter = vec.with_label_values(labels);
     let current = counter.get();
     if total >= current {
         counter.inc_by(total - current);
     } else {
-        let _ = vec.remove_label_values(&labels);
-        vec.with_label_values(&labels).inc_by(total);
+        let _ = vec.remove_label_values(labels);
+        vec.with_label_values(labels).inc_by(total);
     }
 }
 

@@ -6,11 +6,20 @@
 //! Only sources past the deny and allow lists are logged for `stratumctl clients` (and only
 //! they reach the rate table): strangers, spoofed or not, are counted in the tenant's
 //! `denied` counter and nowhere else, so they cannot push real clients out of either table.
+//!
+//! On an NTS tenant's port the NTS fields are checked only after the allow list and the rate
+//! limits, so a stranger or a flood costs no AES work. A request that authenticates is
+//! answered with its plain header and an [`NtsSeal`]: the worker seals it after stamping the
+//! transmit time, which the authenticator covers. That branch allocates (AES-SIV, cookies);
+//! plain requests still do not.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use stratum_ntp::packet::{KissCode, Mode, Packet};
+use stratum_api::agent_config::Unauthenticated;
+use stratum_ntp::nts::ef::{AuthenticatedRequest, build_nak, build_response, verify_request};
+use stratum_ntp::nts::{CookieKeys, ServerVerdict};
+use stratum_ntp::packet::{HEADER_LEN, KissCode, Mode, Packet, PacketView};
 use stratum_ntp::server::{
     Decision, DropReason, RateLimiter, ServerClockState, ServerPolicy, TenantConfig, build_kod,
     build_reply,
@@ -19,6 +28,7 @@ use stratum_ntp::time::ClockTime;
 
 use super::clients::{ClientLog, ClientOutcome, address_key};
 use super::stats::{Outcome, TenantStats};
+use super::tenants::{PortNts, PortRules};
 use crate::clock::Timescale;
 
 /// The only tenant of a port's policy: each port serves exactly one tenant.
@@ -50,19 +60,50 @@ pub struct PortPolicy {
     /// The tenant's counters (kept across generations and port moves).
     pub stats: Arc<TenantStats>,
     /// The rules as configured, to tell whether a new config changes them.
-    pub config: TenantConfig,
+    pub rules: PortRules,
     policy: ServerPolicy,
 }
 
 impl PortPolicy {
-    /// Builds the tries for `config`.
+    /// Builds the tries for `config`, a port without NTS.
     pub fn new(config: TenantConfig, stats: Arc<TenantStats>) -> Self {
-        let policy = ServerPolicy::new(std::slice::from_ref(&config));
+        Self::with_rules(PortRules::plain(config), stats)
+    }
+
+    /// Builds the tries for `rules`.
+    pub fn with_rules(rules: PortRules, stats: Arc<TenantStats>) -> Self {
+        let policy = ServerPolicy::new(std::slice::from_ref(&rules.core));
         Self {
             stats,
-            config,
+            rules,
             policy,
         }
+    }
+
+    /// The tenant's core rules.
+    pub fn config(&self) -> &TenantConfig {
+        &self.rules.core
+    }
+
+    /// Whether `source` passes the deny and allow lists (the NTS-KE endpoint's gate).
+    pub fn allowed(&self, source: IpAddr) -> bool {
+        self.policy.allowed(PORT_TENANT, source.to_canonical())
+    }
+}
+
+/// An authenticated NTS request whose reply the worker seals once the transmit time is in.
+#[derive(Debug)]
+pub struct NtsSeal {
+    /// The request's identifier, session keys and how many cookies it asked for.
+    pub request: AuthenticatedRequest,
+    /// The keys the fresh cookies are sealed with (the port's, bound to its tenant).
+    pub cookie_keys: Arc<CookieKeys>,
+}
+
+impl NtsSeal {
+    /// The datagram to send: `reply`, the finished 48-byte header, with the NTS fields.
+    pub fn seal(&self, reply: &[u8; HEADER_LEN], rng: &mut impl rand::CryptoRng) -> Vec<u8> {
+        build_response(reply, &self.request, &self.cookie_keys, rng)
     }
 }
 
@@ -101,7 +142,9 @@ pub struct Request<'a> {
 /// Handles one request. Writes the answer, if any, into `out` and returns its length with the
 /// outcome. A served reply's transmit timestamp is provisional (the receive time): the worker
 /// overwrites it just before sending with `patch_transmit_timestamp`, which leaves KoDs
-/// (`Denied { kod: true }`, `RateLimited { kod: true }`) without time.
+/// (`Denied { kod: true }`, `RateLimited { kod: true }`) without time. For an authenticated
+/// NTS request `seal` is set: the worker seals the reply after that ([`NtsSeal::seal`]).
+/// `out` must hold the request's length for an NTS port's NAK; a plain reply needs 48 bytes.
 pub fn handle_request(
     port: &PortPolicy,
     state: &mut PortState,
@@ -109,16 +152,34 @@ pub fn handle_request(
     request: Request<'_>,
     out: &mut [u8],
 ) -> (Outcome, usize) {
+    handle_request_nts(port, state, clock, request, out, &mut None)
+}
+
+/// [`handle_request`] that also hands back what an authenticated NTS reply needs sealed.
+pub fn handle_request_nts(
+    port: &PortPolicy,
+    state: &mut PortState,
+    clock: &ServerClockState,
+    request: Request<'_>,
+    out: &mut [u8],
+    seal: &mut Option<NtsSeal>,
+) -> (Outcome, usize) {
     let Request {
         source,
         received_at,
         ..
     } = request;
-    let (outcome, len) = decide_and_build(port, state, clock, request, out);
+    let (outcome, len) = decide_and_build(port, state, clock, request, out, seal);
     let logged = match outcome {
         // Denied covers the deny list and sources outside the allow list: not clients.
         Outcome::Malformed | Outcome::Ignored | Outcome::Denied { .. } => None,
-        Outcome::Served | Outcome::ServedUnsynchronized => Some(ClientOutcome::Answered),
+        Outcome::Served | Outcome::ServedUnsynchronized | Outcome::NtsNak => {
+            Some(ClientOutcome::Answered)
+        }
+        Outcome::Unauthenticated { kod: true } => Some(ClientOutcome::Kod),
+        Outcome::NtsFailed | Outcome::Unauthenticated { kod: false } => {
+            Some(ClientOutcome::Dropped)
+        }
         Outcome::RateLimited { kod: true } => Some(ClientOutcome::Kod),
         Outcome::RateLimited { kod: false } => Some(ClientOutcome::Dropped),
     };
@@ -138,6 +199,7 @@ fn decide_and_build(
     clock: &ServerClockState,
     request: Request<'_>,
     out: &mut [u8],
+    seal: &mut Option<NtsSeal>,
 ) -> (Outcome, usize) {
     let Request {
         source,
@@ -162,12 +224,18 @@ fn decide_and_build(
         .decide(&mut state.limiter, PORT_TENANT, source, received_at);
     match decision {
         Decision::Serve => {
+            if let Some(nts) = &port.rules.nts {
+                match nts_step(nts, &view, bytes, out) {
+                    NtsStep::Answer(sealing) => *seal = sealing,
+                    NtsStep::Done(outcome, len) => return (outcome, len),
+                }
+            }
             match build_reply(
                 &view,
                 received_at,
                 received_at,
                 clock,
-                port.config.max_root_distance,
+                port.rules.core.max_root_distance,
                 out,
             ) {
                 Some(len) => {
@@ -181,7 +249,10 @@ fn decide_and_build(
                     };
                     (outcome, len)
                 }
-                None => (Outcome::Ignored, 0),
+                None => {
+                    *seal = None;
+                    (Outcome::Ignored, 0)
+                }
             }
         }
         Decision::Kod(code) => {
@@ -201,6 +272,65 @@ fn decide_and_build(
             (Outcome::RateLimited { kod: false }, 0)
         }
         Decision::Drop(DropReason::UnknownTenant) => (Outcome::Ignored, 0),
+    }
+}
+
+/// What NTS makes of an allowed, in-rate request on an NTS port.
+enum NtsStep {
+    /// Answer with the served clock; sealed when `Some`.
+    Answer(Option<NtsSeal>),
+    /// Already decided (and written into `out` when answered).
+    Done(Outcome, usize),
+}
+
+/// The keys of a port whose TimeService keys are not loaded yet: random, held by no one, so
+/// every cookie gets the NAK (re-key later) and nothing is ever served unauthenticated.
+static UNLOADED_KEYS: std::sync::LazyLock<Arc<CookieKeys>> = std::sync::LazyLock::new(|| {
+    let mut key = [0u8; stratum_ntp::nts::aead::KEY_LEN];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut key);
+    Arc::new(CookieKeys::new(
+        stratum_ntp::nts::MasterKey {
+            id: 0,
+            key: stratum_ntp::nts::AeadKey::from_bytes(key),
+        },
+        None,
+    ))
+});
+
+fn nts_step(nts: &PortNts, view: &PacketView<'_>, bytes: &[u8], out: &mut [u8]) -> NtsStep {
+    let keys = nts.keys.as_ref().unwrap_or(&UNLOADED_KEYS);
+    match verify_request(bytes, keys) {
+        ServerVerdict::Plain => match nts.unauthenticated {
+            Unauthenticated::Serve => NtsStep::Answer(None),
+            Unauthenticated::Ignore => NtsStep::Done(Outcome::Unauthenticated { kod: false }, 0),
+            Unauthenticated::Deny => match build_kod(view, KissCode::Deny, out) {
+                Some(len) => NtsStep::Done(Outcome::Unauthenticated { kod: true }, len),
+                None => NtsStep::Done(Outcome::Ignored, 0),
+            },
+        },
+        ServerVerdict::Authenticated(request) => NtsStep::Answer(Some(NtsSeal {
+            request,
+            cookie_keys: keys.clone(),
+        })),
+        ServerVerdict::Nak { unique_id, .. } => {
+            let mut kod = [0u8; HEADER_LEN];
+            match build_kod(view, KissCode::Ntsn, &mut kod) {
+                Some(HEADER_LEN) => {
+                    let nak = build_nak(&kod, &unique_id);
+                    // Never longer than the request (its identifier came from it), and `out`
+                    // holds a whole request.
+                    match out.get_mut(..nak.len()) {
+                        Some(slot) if nak.len() <= bytes.len() => {
+                            slot.copy_from_slice(&nak);
+                            NtsStep::Done(Outcome::NtsNak, nak.len())
+                        }
+                        _ => NtsStep::Done(Outcome::NtsFailed, 0),
+                    }
+                }
+                _ => NtsStep::Done(Outcome::Ignored, 0),
+            }
+        }
+        ServerVerdict::Drop(_) => NtsStep::Done(Outcome::NtsFailed, 0),
     }
 }
 
@@ -405,5 +535,224 @@ mod tests {
             &mut out,
         );
         assert_eq!((outcome, len), (Outcome::Malformed, 0));
+    }
+
+    mod nts {
+        use super::*;
+        use crate::server::tenants::PortNts;
+        use rand::SeedableRng;
+        use rand::rngs::StdRng;
+        use stratum_ntp::nts::ef::{ClientRequest, verify_response};
+        use stratum_ntp::nts::{AeadKey, CookieJar, MasterKey, ResponseError, SessionKeys};
+
+        fn master(id: u32) -> MasterKey {
+            MasterKey {
+                id,
+                key: AeadKey::from_bytes([id as u8; 32]),
+            }
+        }
+
+        fn session() -> SessionKeys {
+            SessionKeys {
+                c2s: AeadKey::from_bytes([1; 32]),
+                s2c: AeadKey::from_bytes([2; 32]),
+            }
+        }
+
+        /// Tenant `ns/a`'s port (allow 10/8, kod on) with NTS under `keys`.
+        fn nts_port(keys: Option<&CookieKeys>, unauthenticated: Unauthenticated) -> PortPolicy {
+            let plain = port(true);
+            PortPolicy::with_rules(
+                PortRules {
+                    core: plain.rules.core.clone(),
+                    nts: Some(PortNts {
+                        keys: keys.map(|k| Arc::new(k.bound_to(b"ns/a"))),
+                        unauthenticated,
+                    }),
+                },
+                plain.stats.clone(),
+            )
+        }
+
+        /// What a client holds after a key exchange with tenant `tenant` under `keys`.
+        fn jar(keys: &CookieKeys, tenant: &[u8], rng: &mut StdRng) -> CookieJar {
+            let bound = keys.bound_to(tenant);
+            CookieJar::new(
+                session(),
+                (0..8).map(|_| bound.seal(&session(), rng)).collect(),
+            )
+        }
+
+        fn client_header() -> Packet {
+            Packet::parse(&request(V4_CLIENT)).unwrap().header
+        }
+
+        struct Answer {
+            outcome: Outcome,
+            datagram: Vec<u8>,
+            sealed: bool,
+        }
+
+        /// Runs one request through the path and, as the worker does, seals the reply.
+        fn ask(port: &PortPolicy, state: &mut PortState, src: &str, bytes: &[u8]) -> Answer {
+            let mut out = [0u8; 1024];
+            let mut seal = None;
+            let (outcome, len) = handle_request_nts(
+                port,
+                state,
+                &synced(),
+                req(src, bytes, false),
+                &mut out,
+                &mut seal,
+            );
+            let mut rng = StdRng::seed_from_u64(9);
+            let sealed = seal.is_some();
+            let datagram = match seal {
+                Some(seal) => seal.seal(out[..48].try_into().unwrap(), &mut rng),
+                None => out[..len].to_vec(),
+            };
+            Answer {
+                outcome,
+                datagram,
+                sealed,
+            }
+        }
+
+        #[test]
+        fn an_nts_request_is_answered_authenticated_with_fresh_cookies() {
+            let keys = CookieKeys::new(master(1), None);
+            let port = nts_port(Some(&keys), Unauthenticated::Deny);
+            let mut state = PortState::new(64, 1);
+            let mut rng = StdRng::seed_from_u64(1);
+            let mut jar = jar(&keys, b"ns/a", &mut rng);
+            let request = ClientRequest::build(&client_header(), &mut jar, &mut rng).unwrap();
+            let answer = ask(&port, &mut state, "10.0.0.1", &request.datagram);
+            assert_eq!(answer.outcome, Outcome::Served);
+            assert!(answer.sealed);
+            assert!(
+                answer.datagram.len() <= request.datagram.len(),
+                "no amplification"
+            );
+            let verified =
+                verify_response(&answer.datagram, &request.unique_id, &session().s2c).unwrap();
+            assert_eq!(verified.cookies.len(), 1, "one back for the one spent");
+            // The new cookie opens on this tenant's port: it authenticates the next request.
+            jar.add(verified.cookies);
+            let next = ClientRequest::build(&client_header(), &mut jar, &mut rng).unwrap();
+            assert_eq!(
+                ask(&port, &mut state, "10.0.0.1", &next.datagram).outcome,
+                Outcome::Served
+            );
+        }
+
+        #[test]
+        fn a_tenant_that_requires_nts_refuses_plain_requests_with_deny_or_silence() {
+            let keys = CookieKeys::new(master(1), None);
+            let mut state = PortState::new(64, 1);
+            let deny = ask(
+                &nts_port(Some(&keys), Unauthenticated::Deny),
+                &mut state,
+                "10.0.0.2",
+                &request(V4_CLIENT),
+            );
+            assert_eq!(deny.outcome, Outcome::Unauthenticated { kod: true });
+            assert_eq!(
+                (&deny.datagram[12..16], deny.datagram[1]),
+                (&b"DENY"[..], 0)
+            );
+            let silent = ask(
+                &nts_port(Some(&keys), Unauthenticated::Ignore),
+                &mut state,
+                "10.0.0.3",
+                &request(V4_CLIENT),
+            );
+            assert_eq!(
+                (silent.outcome, silent.datagram.len()),
+                (Outcome::Unauthenticated { kod: false }, 0)
+            );
+            let offered = ask(
+                &nts_port(Some(&keys), Unauthenticated::Serve),
+                &mut state,
+                "10.0.0.4",
+                &request(V4_CLIENT),
+            );
+            assert_eq!((offered.outcome, offered.sealed), (Outcome::Served, false));
+        }
+
+        #[test]
+        fn another_tenants_cookie_an_expired_key_or_no_keys_get_the_nak() {
+            let keys = CookieKeys::new(master(1), None);
+            let mut rng = StdRng::seed_from_u64(2);
+            // A client per request: the port allows a burst of two per client.
+            let mut state = PortState::new(64, 1);
+            // Tenant b's cookie, same TimeService keys, presented on tenant a's port.
+            let mut foreign = jar(&keys, b"ns/b", &mut rng);
+            let request = ClientRequest::build(&client_header(), &mut foreign, &mut rng).unwrap();
+            let answer = ask(
+                &nts_port(Some(&keys), Unauthenticated::Deny),
+                &mut state,
+                "10.0.5.1",
+                &request.datagram,
+            );
+            assert_eq!(answer.outcome, Outcome::NtsNak);
+            assert_eq!(&answer.datagram[12..16], b"NTSN");
+            assert_eq!(
+                verify_response(&answer.datagram, &request.unique_id, &session().s2c),
+                Err(ResponseError::Nak),
+                "the client reads it as a NAK and re-keys"
+            );
+            // Two rotations later the cookie's key is gone.
+            let mut old = jar(&keys, b"ns/a", &mut rng);
+            let rotated_twice = CookieKeys::new(master(3), Some(master(2)));
+            let request = ClientRequest::build(&client_header(), &mut old, &mut rng).unwrap();
+            let port = nts_port(Some(&rotated_twice), Unauthenticated::Deny);
+            assert_eq!(
+                ask(&port, &mut state, "10.0.5.2", &request.datagram).outcome,
+                Outcome::NtsNak
+            );
+            // One rotation later it still works.
+            let rotated_once = CookieKeys::new(master(2), Some(master(1)));
+            let request = ClientRequest::build(&client_header(), &mut old, &mut rng).unwrap();
+            let port = nts_port(Some(&rotated_once), Unauthenticated::Deny);
+            assert_eq!(
+                ask(&port, &mut state, "10.0.5.3", &request.datagram).outcome,
+                Outcome::Served
+            );
+            // Keys not loaded: a NAK, never an unauthenticated answer.
+            let request = ClientRequest::build(&client_header(), &mut old, &mut rng).unwrap();
+            let answer = ask(
+                &nts_port(None, Unauthenticated::Serve),
+                &mut state,
+                "10.0.5.4",
+                &request.datagram,
+            );
+            assert_eq!((answer.outcome, answer.sealed), (Outcome::NtsNak, false));
+        }
+
+        #[test]
+        fn tampered_requests_are_dropped_and_strangers_never_reach_the_crypto() {
+            let keys = CookieKeys::new(master(1), None);
+            let port = nts_port(Some(&keys), Unauthenticated::Deny);
+            let mut state = PortState::new(64, 1);
+            let mut rng = StdRng::seed_from_u64(3);
+            let mut jar = jar(&keys, b"ns/a", &mut rng);
+            let request = ClientRequest::build(&client_header(), &mut jar, &mut rng).unwrap();
+            let mut tampered = request.datagram.clone();
+            tampered[47] ^= 1; // the transmit timestamp, covered by the authenticator
+            let answer = ask(&port, &mut state, "10.0.0.6", &tampered);
+            assert_eq!(
+                (answer.outcome, answer.datagram.len()),
+                (Outcome::NtsFailed, 0)
+            );
+            // A valid NTS request from outside the allow list is denied like any other: the
+            // cookie is never opened (a DENY KoD without the NTS fields, as kod is on).
+            let request = ClientRequest::build(&client_header(), &mut jar, &mut rng).unwrap();
+            let answer = ask(&port, &mut state, "192.0.2.9", &request.datagram);
+            assert_eq!(
+                (answer.outcome, answer.sealed),
+                (Outcome::Denied { kod: true }, false)
+            );
+            assert_eq!(answer.datagram.len(), 48);
+        }
     }
 }

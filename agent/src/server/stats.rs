@@ -24,6 +24,13 @@ pub enum Outcome {
     /// An NTP packet we never answer: modes other than client (6/7 control included), or a
     /// version other than 3 and 4.
     Ignored,
+    /// NTS port: the cookie did not open (expired master key, another tenant's or cluster's
+    /// cookie, keys not loaded); answered with the NTS NAK (KoD NTSN) so the client re-keys.
+    NtsNak,
+    /// NTS port: NTS fields that are malformed or do not authenticate; not answered.
+    NtsFailed,
+    /// NTS port that requires NTS: a request without it; `kod` when answered with KoD DENY.
+    Unauthenticated { kod: bool },
 }
 
 impl Outcome {
@@ -35,19 +42,29 @@ impl Outcome {
                 | Outcome::ServedUnsynchronized
                 | Outcome::Denied { kod: true }
                 | Outcome::RateLimited { kod: true }
+                | Outcome::NtsNak
+                | Outcome::Unauthenticated { kod: true }
         )
     }
 }
 
 /// The `outcome` label values, in export order.
-pub const OUTCOME_LABELS: [&str; 6] = [
+pub const OUTCOME_LABELS: [&str; 9] = [
     "served",
     "served_unsynchronized",
     "denied",
     "rate_limited",
     "malformed",
     "ignored",
+    "nts_nak",
+    "nts_failed",
+    "unauthenticated",
 ];
+
+/// Outcomes whose series every tenant has from the start, at 0: the first six. The NTS ones
+/// after them (only an NTS tenant's port has them) appear with their first count, so tenants
+/// without NTS keep eight series.
+pub const ALWAYS_EXPORTED_OUTCOMES: usize = 6;
 
 /// The `code` label values of `stratum_agent_tenant_kod_sent_total`.
 pub const KOD_LABELS: [&str; 2] = ["RATE", "DENY"];
@@ -58,9 +75,15 @@ const DENIED: usize = 2;
 const RATE_LIMITED: usize = 3;
 const MALFORMED: usize = 4;
 const IGNORED: usize = 5;
-const KOD_RATE: usize = 6;
-const KOD_DENY: usize = 7;
-const SLOTS: usize = 8;
+const NTS_NAK: usize = 6;
+const NTS_FAILED: usize = 7;
+const UNAUTHENTICATED: usize = 8;
+/// Slots from here on count again packets already counted in an outcome slot.
+const KOD_RATE: usize = 9;
+const KOD_DENY: usize = 10;
+/// Served replies (synchronized or not) that were NTS-authenticated.
+const AUTHENTICATED: usize = 11;
+const SLOTS: usize = 12;
 
 /// A worker's running tally for one batch (plain integers, flushed once per batch).
 #[derive(Clone, Copy, Debug, Default)]
@@ -76,11 +99,19 @@ impl Tally {
             Outcome::RateLimited { kod } => (RATE_LIMITED, kod.then_some(KOD_RATE)),
             Outcome::Malformed => (MALFORMED, None),
             Outcome::Ignored => (IGNORED, None),
+            Outcome::NtsNak => (NTS_NAK, None),
+            Outcome::NtsFailed => (NTS_FAILED, None),
+            Outcome::Unauthenticated { kod } => (UNAUTHENTICATED, kod.then_some(KOD_DENY)),
         };
         self.0[slot] += 1;
         if let Some(kod) = kod {
             self.0[kod] += 1;
         }
+    }
+
+    /// Counts one served reply as NTS-authenticated too (it was counted as served already).
+    pub fn record_authenticated(&mut self) {
+        self.0[AUTHENTICATED] += 1;
     }
 
     /// Whether nothing was counted.
@@ -128,6 +159,19 @@ pub struct TenantTotals {
     pub kod_rate: u64,
     /// KoD DENY sent.
     pub kod_deny: u64,
+    /// NTS NAKs sent (cookie not accepted).
+    #[serde(default)]
+    pub nts_nak: u64,
+    /// NTS requests dropped: malformed NTS fields or a failed authenticator.
+    #[serde(default)]
+    pub nts_failed: u64,
+    /// Requests without NTS refused by a tenant that requires it.
+    #[serde(default)]
+    pub unauthenticated: u64,
+    /// Served replies that were NTS-authenticated (part of `served` and
+    /// `servedUnsynchronized`).
+    #[serde(default)]
+    pub authenticated: u64,
 }
 
 impl TenantTotals {
@@ -142,10 +186,14 @@ impl TenantTotals {
         self.ignored += other.ignored;
         self.kod_rate += other.kod_rate;
         self.kod_deny += other.kod_deny;
+        self.nts_nak += other.nts_nak;
+        self.nts_failed += other.nts_failed;
+        self.unauthenticated += other.unauthenticated;
+        self.authenticated += other.authenticated;
     }
 
     /// Values in [`OUTCOME_LABELS`] order.
-    pub fn outcomes(&self) -> [u64; 6] {
+    pub fn outcomes(&self) -> [u64; 9] {
         [
             self.served,
             self.served_unsynchronized,
@@ -153,6 +201,9 @@ impl TenantTotals {
             self.rate_limited,
             self.malformed,
             self.ignored,
+            self.nts_nak,
+            self.nts_failed,
+            self.unauthenticated,
         ]
     }
 
@@ -205,6 +256,10 @@ impl TenantStats {
             ignored: sum[IGNORED],
             kod_rate: sum[KOD_RATE],
             kod_deny: sum[KOD_DENY],
+            nts_nak: sum[NTS_NAK],
+            nts_failed: sum[NTS_FAILED],
+            unauthenticated: sum[UNAUTHENTICATED],
+            authenticated: sum[AUTHENTICATED],
         }
     }
 }
@@ -225,16 +280,22 @@ mod tests {
             Outcome::RateLimited { kod: true },
             Outcome::Malformed,
             Outcome::Ignored,
+            Outcome::NtsNak,
+            Outcome::NtsFailed,
+            Outcome::Unauthenticated { kod: true },
+            Outcome::Unauthenticated { kod: false },
         ] {
             tally.record(outcome);
         }
         stats.worker(0).flush(&mut tally);
         assert!(tally.is_empty());
         tally.record(Outcome::Served);
+        tally.record_authenticated();
         stats.worker(1).flush(&mut tally);
         let totals = stats.totals();
-        assert_eq!(totals.received, 8);
-        assert_eq!(totals.outcomes(), [2, 1, 2, 1, 1, 1]);
-        assert_eq!(totals.kods(), [1, 1]);
+        assert_eq!(totals.received, 12, "authenticated is not a second receipt");
+        assert_eq!(totals.outcomes(), [2, 1, 2, 1, 1, 1, 1, 1, 2]);
+        assert_eq!(totals.kods(), [1, 2], "a DENY for a missing NTS is a DENY");
+        assert_eq!(totals.authenticated, 1);
     }
 }

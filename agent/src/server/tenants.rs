@@ -7,8 +7,10 @@
 //! log and rate table belong to another tenant.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use stratum_api::agent_config::{ServingConfig, TenantConfig as ApiTenant};
+use stratum_api::agent_config::{ServingConfig, TenantConfig as ApiTenant, Unauthenticated};
+use stratum_ntp::nts::CookieKeys;
 use stratum_ntp::server::{ClientRateLimit, DenyAction, RefusalLimit, TenantBudget, TenantConfig};
 
 /// Tenant id under which `serving.peerPort` (the fleet's other agents) is counted. Tenant ids
@@ -56,22 +58,56 @@ pub fn core_tenant(tenant: &ApiTenant) -> TenantConfig {
     }
 }
 
-/// Every port the config asks for, with its rules.
-pub fn desired_ports(serving: &ServingConfig) -> BTreeMap<u16, TenantConfig> {
-    let mut ports: BTreeMap<u16, TenantConfig> = serving
+/// What an NTS tenant's port does with NTS (RFC 8915).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PortNts {
+    /// The TimeService's cookie keys bound to this tenant (a cookie of another tenant does not
+    /// open here); `None` until the agent has loaded them, when every cookie gets an NTS NAK.
+    pub keys: Option<Arc<CookieKeys>>,
+    /// What requests without NTS fields get.
+    pub unauthenticated: Unauthenticated,
+}
+
+/// Everything a port's policy generation is made of.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PortRules {
+    /// Allow and deny lists, rate limits, accuracy requirement.
+    pub core: TenantConfig,
+    /// NTS, for a tenant that has it.
+    pub nts: Option<PortNts>,
+}
+
+impl PortRules {
+    /// Rules of a port without NTS.
+    pub fn plain(core: TenantConfig) -> Self {
+        Self { core, nts: None }
+    }
+}
+
+/// Every port the config asks for, with its rules; NTS tenants get `cookie_keys` bound to
+/// their id.
+pub fn desired_ports(
+    serving: &ServingConfig,
+    cookie_keys: Option<&CookieKeys>,
+) -> BTreeMap<u16, PortRules> {
+    let mut ports: BTreeMap<u16, PortRules> = serving
         .tenants
         .iter()
         .map(|t| {
             let mut core = core_tenant(t);
             core.allow = stratum_api::AgentConfig::tenant_allowed(serving, t);
-            (t.port, core)
+            let nts = t.nts.as_ref().map(|nts| PortNts {
+                keys: cookie_keys.map(|keys| Arc::new(keys.bound_to(t.id.as_bytes()))),
+                unauthenticated: nts.unauthenticated,
+            });
+            (t.port, PortRules { core, nts })
         })
         .collect();
     if let Some(port) = serving.peer_port {
         // Other agents poll at their own configured rate: no limit, no KoD, no requirement.
         ports.insert(
             port,
-            TenantConfig {
+            PortRules::plain(TenantConfig {
                 name: PEER_TENANT_ID.into(),
                 allow: serving.peer_allowed.clone(),
                 allow_except: Vec::new(),
@@ -81,7 +117,7 @@ pub fn desired_ports(serving: &ServingConfig) -> BTreeMap<u16, TenantConfig> {
                 budget: None,
                 max_root_distance: None,
                 refusals: RefusalLimit::default(),
-            },
+            }),
         );
     }
     ports
@@ -103,15 +139,15 @@ pub enum PortChange {
 /// The changes that turn `running` (port → rules in force) into `desired`; ports whose rules
 /// are unchanged do not appear.
 pub fn plan<'a>(
-    running: impl IntoIterator<Item = (u16, &'a TenantConfig)>,
-    desired: &BTreeMap<u16, TenantConfig>,
+    running: impl IntoIterator<Item = (u16, &'a PortRules)>,
+    desired: &BTreeMap<u16, PortRules>,
 ) -> Vec<PortChange> {
-    let running: BTreeMap<u16, &TenantConfig> = running.into_iter().collect();
+    let running: BTreeMap<u16, &PortRules> = running.into_iter().collect();
     let mut changes = Vec::new();
     for (port, current) in &running {
         match desired.get(port) {
             None => changes.push(PortChange::Close(*port)),
-            Some(wanted) if wanted.name != current.name => {
+            Some(wanted) if wanted.core.name != current.core.name => {
                 changes.push(PortChange::Reopen(*port));
             }
             Some(wanted) if wanted != *current => changes.push(PortChange::Update(*port)),
@@ -147,6 +183,7 @@ mod tests {
                 kiss_of_death: true,
             },
             max_root_distance_seconds: Some(0.1),
+            nts: None,
         }
     }
 
@@ -159,6 +196,7 @@ mod tests {
             tenants,
             cidr_sets: vec![],
             metrics_per_tenant: true,
+            nts_cookie_keys_file: None,
         }
     }
 
@@ -186,8 +224,9 @@ mod tests {
             vec!["192.0.2.0/24".parse().unwrap()],
             vec!["fd00::/64".parse().unwrap()],
         ];
-        let ports = desired_ports(&s);
+        let ports = desired_ports(&s, None);
         let allow: Vec<String> = ports[&12300]
+            .core
             .allow
             .iter()
             .map(ToString::to_string)
@@ -204,8 +243,8 @@ mod tests {
         let mut s = serving(vec![api_tenant("ns/a", 12300)]);
         s.peer_port = Some(12399);
         s.peer_allowed = vec!["10.77.0.0/16".parse().unwrap()];
-        let ports = desired_ports(&s);
-        let peers = &ports[&12399];
+        let ports = desired_ports(&s, None);
+        let peers = &ports[&12399].core;
         assert_eq!(peers.name, PEER_TENANT_ID);
         assert_eq!(peers.allow, s.peer_allowed);
         assert!(peers.client_rate_limit.is_none());
@@ -213,20 +252,26 @@ mod tests {
 
     #[test]
     fn plan_touches_only_what_changed() {
-        let running = desired_ports(&serving(vec![
-            api_tenant("ns/a", 1),
-            api_tenant("ns/b", 2),
-            api_tenant("ns/c", 3),
-            api_tenant("ns/d", 4),
-        ]));
+        let running = desired_ports(
+            &serving(vec![
+                api_tenant("ns/a", 1),
+                api_tenant("ns/b", 2),
+                api_tenant("ns/c", 3),
+                api_tenant("ns/d", 4),
+            ]),
+            None,
+        );
         let mut b = api_tenant("ns/b", 2);
         b.allowed.push("192.0.2.0/24".parse().unwrap());
-        let desired = desired_ports(&serving(vec![
-            api_tenant("ns/a", 1),
-            b,
-            api_tenant("ns/other", 3),
-            api_tenant("ns/e", 5),
-        ]));
+        let desired = desired_ports(
+            &serving(vec![
+                api_tenant("ns/a", 1),
+                b,
+                api_tenant("ns/other", 3),
+                api_tenant("ns/e", 5),
+            ]),
+            None,
+        );
         let changes = plan(running.iter().map(|(p, c)| (*p, c)), &desired);
         assert_eq!(
             changes,
@@ -237,5 +282,54 @@ mod tests {
                 PortChange::Open(5)
             ]
         );
+    }
+
+    fn nts_tenant(id: &str, port: u16) -> ApiTenant {
+        ApiTenant {
+            nts: Some(stratum_api::agent_config::TenantNtsConfig {
+                ke_port: port + 1000,
+                certificate_file: "/keys/tls.crt".into(),
+                key_file: "/keys/tls.key".into(),
+                ntp_server: None,
+                ntp_port: None,
+                unauthenticated: Unauthenticated::Deny,
+            }),
+            ..api_tenant(id, port)
+        }
+    }
+
+    #[test]
+    fn nts_tenants_get_the_keys_bound_to_their_id_and_a_rotation_updates_only_them() {
+        use stratum_ntp::nts::{AeadKey, MasterKey};
+        let key = |id: u32| MasterKey {
+            id,
+            key: AeadKey::from_bytes([id as u8; 32]),
+        };
+        let config = serving(vec![
+            api_tenant("ns/plain", 1),
+            nts_tenant("ns/a", 2),
+            nts_tenant("ns/b", 3),
+        ]);
+        let before = desired_ports(&config, None);
+        assert_eq!(before[&1].nts, None);
+        let a = before[&2].nts.as_ref().unwrap();
+        assert_eq!(
+            (a.keys.as_deref(), a.unauthenticated),
+            (None, Unauthenticated::Deny),
+            "no keys loaded yet: NTS stays on (and fails closed)"
+        );
+        let keys = CookieKeys::new(key(1), None);
+        let loaded = desired_ports(&config, Some(&keys));
+        assert_eq!(
+            loaded[&2].nts.as_ref().unwrap().keys.as_deref(),
+            Some(&keys.bound_to(b"ns/a"))
+        );
+        assert_ne!(
+            loaded[&2].nts.as_ref().unwrap().keys,
+            loaded[&3].nts.as_ref().unwrap().keys,
+            "each tenant its own binding"
+        );
+        let changes = plan(before.iter().map(|(p, r)| (*p, r)), &loaded);
+        assert_eq!(changes, [PortChange::Update(2), PortChange::Update(3)]);
     }
 }

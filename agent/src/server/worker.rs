@@ -30,7 +30,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use stratum_ntp::server::patch_transmit_timestamp;
 
 use super::batch_io::{BATCH, RecvBatch, SendBatch};
-use super::path::{ClockSnapshot, PortPolicy, PortState, Request, handle_request};
+use super::path::{ClockSnapshot, NtsSeal, PortPolicy, PortState, Request, handle_request_nts};
 use super::stats::Tally;
 use crate::clock::host_realtime;
 
@@ -152,6 +152,8 @@ struct Member {
 struct Buffers {
     received: RecvBatch,
     replies: SendBatch,
+    /// Per queued reply: the NTS sealing it still needs (authenticated requests only).
+    seals: Vec<Option<NtsSeal>>,
     tally: Tally,
 }
 
@@ -160,6 +162,7 @@ fn run(epoll: &Epoll, control: &Control, clock: &ArcSwap<ClockSnapshot>, index: 
     let mut buffers = Buffers {
         received: RecvBatch::new(),
         replies: SendBatch::new(),
+        seals: (0..BATCH).map(|_| None).collect(),
         tally: Tally::default(),
     };
     let mut events = [EpollEvent::empty(); EVENTS];
@@ -254,6 +257,7 @@ fn serve_batch(member: &Member, clock: &ArcSwap<ClockSnapshot>, index: usize, b:
     let Buffers {
         received,
         replies,
+        seals,
         tally,
     } = b;
     let port = &member.shared;
@@ -283,19 +287,36 @@ fn serve_batch(member: &Member, clock: &ArcSwap<ClockSnapshot>, index: usize, b:
             let Some(out) = replies.next_buffer() else {
                 break;
             };
-            let (outcome, len) = handle_request(&policy, state, &clock.state, request, out);
+            let mut seal = None;
+            let (outcome, len) =
+                handle_request_nts(&policy, state, &clock.state, request, out, &mut seal);
             tally.record(outcome);
             if outcome.answered() && datagram.source.is_some() {
-                replies.push_reply(received, i, len);
+                let slot = replies.len();
+                if replies.push_reply(received, i, len) {
+                    seals[slot] = seal;
+                }
             }
         }
     }
     if !replies.is_empty() {
-        // Transmit timestamp as late as possible: one reading right before the syscall.
+        // Transmit timestamp as late as possible: one reading right before the syscall. An
+        // NTS reply is sealed after it, since the authenticator covers the whole header.
         let transmit_at = clock.timescale.to_clock(host_realtime());
-        for j in 0..replies.len() {
-            if let Some(reply) = replies.payload_mut(j) {
-                patch_transmit_timestamp(reply, transmit_at);
+        let mut rng = rand::rng();
+        for (j, seal) in seals.iter_mut().enumerate().take(replies.len()) {
+            let Some(reply) = replies.payload_mut(j) else {
+                continue;
+            };
+            patch_transmit_timestamp(reply, transmit_at);
+            if let Some(seal) = seal.take() {
+                let header: Option<[u8; 48]> = reply.get(..48).and_then(|h| h.try_into().ok());
+                if let Some(header) = header {
+                    let sealed = seal.seal(&header, &mut rng);
+                    if replies.set_payload(j, &sealed) {
+                        tally.record_authenticated();
+                    }
+                }
             }
         }
         replies.send(member.socket.as_fd());

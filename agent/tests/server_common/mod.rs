@@ -41,6 +41,7 @@ pub fn tenant(id: &str, port: u16, allowed: &[&str], kod: bool) -> TenantConfig 
             kiss_of_death: kod,
         },
         max_root_distance_seconds: None,
+        nts: None,
     }
 }
 
@@ -53,6 +54,7 @@ pub fn serving(tenants: Vec<TenantConfig>) -> ServingConfig {
         tenants,
         cidr_sets: vec![],
         metrics_per_tenant: true,
+        nts_cookie_keys_file: None,
     }
 }
 

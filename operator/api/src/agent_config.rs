@@ -224,6 +224,11 @@ pub struct ServingConfig {
     /// Written only when false, so agents that predate it read every other config.
     #[serde(default = "per_tenant_metrics", skip_serializing_if = "is_true")]
     pub metrics_per_tenant: bool,
+    /// File holding the TimeService's NTS cookie master keys (current and previous, JSON, see
+    /// the agent's `nts_server` module), from the Secret the operator manages. Needed when a
+    /// tenant has `nts`; a path and never the keys, so this config carries no key material.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nts_cookie_keys_file: Option<String>,
 }
 
 fn per_tenant_metrics() -> bool {
@@ -256,6 +261,43 @@ pub struct TenantConfig {
     /// Answer "unsynchronized" above this root distance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_root_distance_seconds: Option<f64>,
+    /// NTS (RFC 8915) for this tenant: a key-exchange endpoint and authenticated NTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nts: Option<TenantNtsConfig>,
+}
+
+/// One tenant's NTS endpoint on an agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TenantNtsConfig {
+    /// TCP port of the tenant's NTS-KE endpoint on the agent.
+    pub ke_port: u16,
+    /// PEM certificate chain of the endpoint (a file from the Secret the operator gathers).
+    pub certificate_file: String,
+    /// PEM private key of the endpoint.
+    pub key_file: String,
+    /// NTP server the key exchange hands out (the tenant's Service name); none: the host the
+    /// client ran the key exchange with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ntp_server: Option<String>,
+    /// NTP port the key exchange hands out (the Service's); none: 123.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ntp_port: Option<u16>,
+    /// What requests without NTS get on the tenant's port.
+    #[serde(default)]
+    pub unauthenticated: Unauthenticated,
+}
+
+/// What an NTS tenant's port does with a request that carries no NTS fields.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Unauthenticated {
+    /// Served as any request (NTS is offered, not required).
+    #[default]
+    Serve,
+    /// Answered with a Kiss-o'-Death DENY.
+    Deny,
+    /// Not answered.
+    Ignore,
 }
 
 /// Rate limits of one tenant.
@@ -385,6 +427,7 @@ impl TenantConfig {
                 kiss_of_death: rate.kiss_of_death,
             },
             max_root_distance_seconds: spec.requirements.max_root_distance.map(|d| d.as_secs_f64()),
+            nts: None,
         }
     }
 
@@ -671,6 +714,8 @@ impl AgentConfig {
         // Ids in ascending order, as the operator writes them, are unique without a set.
         let ascending = s.tenants.windows(2).all(|w| w[0].id < w[1].id);
         let mut ids = BTreeSet::new();
+        // NTS-KE ports are TCP: apart from the UDP ports, unique among themselves.
+        let mut ke_ports = BTreeSet::new();
         for (i, t) in s.tenants.iter().enumerate() {
             let at = |field: &str| format!("serving.tenants[{i}].{field}");
             if !t.id.is_empty() && !ascending && !ids.insert(t.id.as_str()) {
@@ -688,6 +733,43 @@ impl AgentConfig {
             // The entry on its own, as the operator checks it before writing it.
             for problem in t.problems(s.cidr_sets.len()) {
                 p.add(at(&problem.field.config_path()), problem.message);
+            }
+            if let Some(nts) = &t.nts {
+                if nts.ke_port == 0 {
+                    p.add(at("nts.kePort"), "must not be 0");
+                } else if !ke_ports.insert(nts.ke_port) {
+                    p.add(
+                        at("nts.kePort"),
+                        format!("port {} is already another tenant's", nts.ke_port),
+                    );
+                }
+                for (field, path) in [
+                    ("nts.certificateFile", &nts.certificate_file),
+                    ("nts.keyFile", &nts.key_file),
+                ] {
+                    if !path.starts_with('/') {
+                        p.add(at(field), "must be an absolute path");
+                    }
+                }
+                // RFC 8915 §4.1.7: an ASCII host name or address, which a DNS name fits.
+                if let Some(server) = &nts.ntp_server
+                    && !(1..=253).contains(&server.len())
+                {
+                    p.add(at("nts.ntpServer"), "must be 1 to 253 characters");
+                }
+                if nts.ntp_port == Some(0) {
+                    p.add(at("nts.ntpPort"), "must not be 0");
+                }
+                if !s
+                    .nts_cookie_keys_file
+                    .as_deref()
+                    .is_some_and(|f| f.starts_with('/'))
+                {
+                    p.add(
+                        at("nts"),
+                        "needs serving.ntsCookieKeysFile (an absolute path)",
+                    );
+                }
             }
         }
         p.positive(
@@ -1056,9 +1138,11 @@ mod tests {
                         kiss_of_death: true,
                     },
                     max_root_distance_seconds: Some(0.1),
+                    nts: None,
                 }],
                 cidr_sets: vec![vec!["10.244.7.0/24".parse().unwrap()]],
                 metrics_per_tenant: true,
+                nts_cookie_keys_file: None,
             },
             reporting: ReportingConfig {
                 heartbeat_seconds: 60.0,
@@ -1243,6 +1327,57 @@ mod tests {
         assert_eq!(problem_paths(&config), ["upstreams[0].ntsPort"]);
         config.upstreams[0].nts_port = None;
         assert!(config.validate().is_ok(), "the agent speaks NTS");
+    }
+
+    #[test]
+    fn a_tenants_nts_needs_its_files_the_key_file_and_a_port_of_its_own() {
+        let mut config = sample();
+        let nts = TenantNtsConfig {
+            ke_port: 4460,
+            certificate_file: "/nts/a.crt".into(),
+            key_file: "/nts/a.key".into(),
+            ntp_server: Some("ntp.team-a.svc".into()),
+            ntp_port: Some(123),
+            unauthenticated: Unauthenticated::Deny,
+        };
+        config.serving.tenants[0].nts = Some(nts.clone());
+        assert_eq!(
+            problem_paths(&config),
+            ["serving.tenants[0].nts"],
+            "no cookie key file"
+        );
+        config.serving.nts_cookie_keys_file = Some("/nts/cookie-keys.json".into());
+        assert!(config.validate().is_ok());
+        let mut second = config.serving.tenants[0].clone();
+        second.id = "zz/other".into();
+        second.port += 1;
+        second.nts = Some(TenantNtsConfig {
+            certificate_file: "relative.crt".into(),
+            ntp_server: Some(String::new()),
+            ntp_port: Some(0),
+            ..nts
+        });
+        config.serving.tenants.push(second);
+        assert_eq!(
+            problem_paths(&config),
+            [
+                "serving.tenants[1].nts.kePort",
+                "serving.tenants[1].nts.certificateFile",
+                "serving.tenants[1].nts.ntpServer",
+                "serving.tenants[1].nts.ntpPort",
+            ]
+        );
+        // The document's JSON names the fields as this contract does; no key material.
+        let json: serde_json::Value = serde_json::from_str(&config.to_json()).unwrap();
+        let entry = &json["serving"]["tenants"][0]["nts"];
+        assert_eq!(
+            (&entry["kePort"], &entry["unauthenticated"]),
+            (&4460.into(), &"Deny".into())
+        );
+        assert_eq!(
+            json["serving"]["ntsCookieKeysFile"],
+            "/nts/cookie-keys.json"
+        );
     }
 
     #[test]

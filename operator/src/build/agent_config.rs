@@ -200,6 +200,9 @@ fn build_agent_config_unrevised(
             tenants: tenant_configs,
             cidr_sets,
             metrics_per_tenant: spec.serving.metrics_per_tenant(),
+            // Tenant NTS is refused by validation until the operator gathers its key
+            // material (certificates, cookie master keys) for the agents.
+            nts_cookie_keys_file: None,
         },
         reporting: ReportingConfig {
             heartbeat_seconds: spec.reporting.interval.as_secs_f64(),
