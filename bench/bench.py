@@ -26,6 +26,12 @@ Method (the README's "Performance" section shows the last run and says how to re
 - Max rate: the highest rate with < 0.1% loss, searched around the previous round's result.
   A single generator core caps it; a server that answers all the generator can send is
   reported as "≥" that rate.
+- NTS (BENCH_NTS=0 leaves it out): chronyd -x with an NTS server certificate (`chronyd-nts`)
+  and the agent's second tenant with an NTS endpoint (`stratum-agent-nts`, same process), both
+  with a certificate from a CA made with openssl for the run. The generator runs one key
+  exchange, checks one authenticated answer, then sends requests built and sealed per batch
+  with a full cookie jar (no placeholders: a client's steady state); the same cost and
+  max-rate measurements, and the agent's NTS rate as a multiple of chronyd's.
 
 Nothing runs with CAP_SYS_TIME, every load step is bounded in count and time, and nothing
 here fails on a number: benchmarks are not tests. Writes bench/results.md and
@@ -98,7 +104,8 @@ SCENARIOS = ["symmetric", "asymmetric", "jitter", "loss", "route-change"]
 # 2,048 sources about 20/s at 40k/s, and under 1000/s even at 2M/s.
 ALLOWED = [f"10.{i // 256}.{i % 256}.0/24" for i in range(9999)] + [SOURCES]
 
-SERVER_ORDER = ["udp-echo", "chronyd", "ntpd-rs", "stratum-agent"]
+SERVER_ORDER = ["udp-echo", "chronyd", "ntpd-rs", "stratum-agent", "chronyd-nts", "stratum-agent-nts"]
+NTS = os.environ.get("BENCH_NTS", "1") != "0"
 
 
 def log(message: str) -> None:
@@ -109,6 +116,29 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_pki(work: Path) -> dict:
+    """A CA and a server certificate for 127.0.0.1 it signed (ECDSA P-256), for the NTS rows."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=work, check=True, capture_output=True, stdin=subprocess.DEVNULL)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=stratum bench CA")
+    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (work / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+                                  "keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
+    for name in ("server.key", "server.pem"):
+        (work / name).chmod(0o644)
+    return {"ca": work / "ca.pem", "cert": work / "server.pem", "key": work / "server.key"}
 
 
 # --- peers: release builds only ---------------------------------------------------------------
@@ -230,6 +260,8 @@ class Server:
     note: str = ""
     best_rate: int = 0
     results: list[dict] = field(default_factory=list)
+    # (NTS-KE port, CA file) for a server loaded with NTS requests.
+    nts: tuple[int, Path] | None = None
 
 
 def pinned(command: list[str]) -> list[str]:
@@ -248,15 +280,23 @@ def start_echo(work: Path) -> Server:
     return Server("udp-echo", port, process, "stratumctl echo-server (same socket options and batching as the agent)")
 
 
-def start_chronyd(work: Path) -> Server:
+def start_chronyd(work: Path, pki: dict | None = None) -> Server:
+    """chronyd -x serving; with `pki`, also NTS (its own instance, files and NTS-KE port)."""
     port = free_port()
-    conf = work / "chrony.conf"
-    lines = [
+    name = "chronyd-nts" if pki else "chronyd"
+    conf = work / f"{name}.conf"
+    nts: tuple[int, Path] | None = None
+    nts_lines: list[str] = []
+    if pki:
+        nts = (free_tcp_port(), pki["ca"])
+        nts_lines = [f"ntsport {nts[0]}", f"ntsserverkey {pki['key']}", f"ntsservercert {pki['cert']}",
+                     f"ntsdumpdir {work}/{name}-nts"]
+    lines = nts_lines + [
         f"port {port}",
         "local stratum 2",
         "cmdport 0",
-        f"pidfile {work}/chronyd.pid",
-        f"driftfile {work}/chrony.drift",
+        f"pidfile {work}/{name}.pid",
+        f"driftfile {work}/{name}.drift",
         # chrony.conf(5): the client log must hold every client for rate limiting to work;
         # 2,048 sources need ~260 kB, the default is 512 kB; 16 MB leaves no doubt.
         "clientloglimit 16777216",
@@ -264,8 +304,8 @@ def start_chronyd(work: Path) -> Server:
         "ratelimit interval -10 burst 255",
     ] + [f"allow {cidr}" for cidr in ALLOWED]
     conf.write_text("\n".join(lines) + "\n")
-    process = start("chronyd", ["chronyd", "-x", "-d", "-u", "root", "-f", str(conf)], work)
-    return Server("chronyd", port, process, version(["chronyd", "-v"]) + " -x")
+    process = start(name, ["chronyd", "-x", "-d", "-u", "root", "-f", str(conf)], work)
+    return Server(name, port, process, version(["chronyd", "-v"]) + " -x" + (", NTS server" if pki else ""), nts=nts)
 
 
 def start_ntpd_rs(work: Path) -> Server | None:
@@ -289,12 +329,27 @@ def start_ntpd_rs(work: Path) -> Server | None:
     return Server("ntpd-rs", port, process, version([str(NTPD_RS), "--version"]) + " (release, crates.io)")
 
 
-def start_agent(work: Path, upstream_port: int) -> Server:
+def start_agent(work: Path, upstream_port: int, pki: dict | None = None) -> list[Server]:
+    """The agent; with `pki`, a second tenant with an NTS endpoint (the same process), as its
+    own Server after the plain one."""
     check_release("stratum-agent", AGENT)
     port, status, metrics = free_port(), free_port(), free_port()
     # Rate limiting on: 1000 requests/s per client, burst 1000 (see ALLOWED).
-    config = agent_config("bench", upstream_port, [tenant("bench/ntp", port, ALLOWED)],
+    tenants = [tenant("bench/ntp", port, ALLOWED)]
+    nts: tuple[int, Path] | None = None
+    nts_port = free_port()
+    if pki:
+        nts = (free_tcp_port(), pki["ca"])
+        nts_tenant = tenant("bench/nts", nts_port, ALLOWED)
+        nts_tenant["nts"] = {"kePort": nts[0], "certificateFile": str(pki["cert"]), "keyFile": str(pki["key"]),
+                             "ntpPort": nts_port, "unauthenticated": "Deny"}
+        tenants.append(nts_tenant)
+    config = agent_config("bench", upstream_port, tenants,
                           drift_file=str(work / "agent-drift.json"), holdover_seconds=0, heartbeat_seconds=60)
+    if pki:
+        keys = work / "cookie-keys.json"
+        keys.write_text(json.dumps({"current": {"id": 1, "key": os.urandom(32).hex()}}))
+        config["serving"]["ntsCookieKeysFile"] = str(keys)
     (work / "agent.json").write_text(json.dumps(config))
     process = start("stratum-agent", [
         str(AGENT), "run", "--config", str(work / "agent.json"), "--node-name", "bench",
@@ -312,19 +367,24 @@ def start_agent(work: Path, upstream_port: int) -> Server:
         time.sleep(0.5)
     else:
         server.note = "NOT synchronized (answers LI=3)"
-    return server
+    servers = [server]
+    if pki:
+        servers.append(Server("stratum-agent-nts", nts_port, process, server.version + ", NTS tenant", server.note, nts=nts))
+    return servers
 
 
 # --- load -------------------------------------------------------------------------------------
 
 
-def load(port: int, rate: float, seconds: float, in_server: bool = False) -> dict:
+def load(port: int, rate: float, seconds: float, in_server: bool = False,
+         nts: tuple[int, Path] | None = None) -> dict:
     command = (["nice", "-n", "-19"] if os.geteuid() == 0 else []) + [
         "taskset", "-c", str(LOAD_CPU), *NO_SYS_TIME, str(CTL), "--json", "bench", "--quiet",
         "--target", f"127.0.0.1:{port}", "--rate", str(rate), "--duration", str(seconds),
         "--max-requests", str(int(rate * seconds) + 1), "--sources", SOURCES,
         "--source-count", str(SOURCE_COUNT), "--wait", "0.3",
-    ] + (["--in-server"] if in_server else [])
+    ] + (["--in-server"] if in_server else []) + (
+        ["--nts-ke", f"127.0.0.1:{nts[0]}", "--nts-ca", str(nts[1])] if nts else [])
     out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30)
     if out.returncode != 0:
         raise RuntimeError(f"stratumctl bench failed: {out.stderr.strip()}")
@@ -335,7 +395,7 @@ def wait_answering(server: Server) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         try:
-            if load(server.port, 100, 0.2)["answered"] > 0:
+            if load(server.port, 100, 0.2, nts=server.nts)["answered"] > 0:
                 return
         except RuntimeError:
             pass
@@ -355,7 +415,7 @@ def cost(server: Server, rate: int, softirqd: int | None) -> dict:
     idle_to, idle_window = used(), time.monotonic() - t0
     idle_rates = [(idle_to[i] - idle_from[i]) / idle_window for i in (0, 1)]
     before, ticks_before, t0 = used(), user_system_ticks(pid), time.monotonic()
-    report = load(server.port, rate, COST_SECONDS)
+    report = load(server.port, rate, COST_SECONDS, nts=server.nts)
     after, ticks_after, window = used(), user_system_ticks(pid), time.monotonic() - t0
     server_ns, softirq_ns = (after[i] - before[i] - idle_rates[i] * window for i in (0, 1))
     user, system = (ticks_after[i] - ticks_before[i] for i in (0, 1))
@@ -380,7 +440,7 @@ def max_rate(server: Server) -> dict:
     steps = []
 
     def step(rate: int) -> dict:
-        report = load(server.port, rate, STEP_SECONDS)
+        report = load(server.port, rate, STEP_SECONDS, nts=server.nts)
         steps.append({"rate": rate, "sentRate": report["sentRate"], "lossRatio": report["lossRatio"],
                       "generatorLimited": report["generatorLimited"]})
         return report
@@ -562,9 +622,11 @@ def summarize(servers: list[Server], host: dict) -> tuple[dict, str]:
             entry.setdefault("userCost", {})[str(rate)] = spread([r["cost"][str(rate)]["userNsPerRequest"] for r in s.results])
             entry["inServer"][str(rate)] = {q: spread([r["latency"][str(rate)]["inServer"][q] for r in s.results]) for q in ("p50Ns", "p99Ns", "p999Ns")}
             entry["roundTrip"][str(rate)] = {q: spread([r["latency"][str(rate)]["roundTrip"][q] for r in s.results]) for q in ("p50Ns", "p99Ns")}
-            if agent is not None:
+            # NTS rows are compared with the agent's NTS tenant, the others with its plain one.
+            reference = by.get("stratum-agent-nts") if s.nts else agent
+            if reference is not None:
                 ratios = [a["cost"][str(rate)]["nsPerRequest"] / r["cost"][str(rate)]["nsPerRequest"]
-                          for a, r in zip(agent.results, s.results) if r["cost"][str(rate)]["nsPerRequest"] > 0]
+                          for a, r in zip(reference.results, s.results) if r["cost"][str(rate)]["nsPerRequest"] > 0]
                 entry["ratioToAgent"][str(rate)] = spread(ratios)
         entry["maxRate"] = spread([r["maxRate"]["maxRate"] for r in s.results])
         entry["maxRateGeneratorLimited"] = any(r["maxRate"]["generatorLimited"] for r in s.results)
@@ -612,6 +674,20 @@ def summarize(servers: list[Server], host: dict) -> tuple[dict, str]:
     if agent is not None:
         lines += ["", "Goals: CPU per request at 40k/s ≤ 0.5x chronyd and ≤ 0.33x ntpd-rs; in-server p99 ≤ 20 µs at 40k/s; "
                   "max rate ≥ 90% of udp-echo."]
+    agent_nts, chronyd_nts = by.get("stratum-agent-nts"), by.get("chronyd-nts")
+    if agent_nts is not None and chronyd_nts is not None and agent_nts.results and chronyd_nts.results:
+        pairs = list(zip(agent_nts.results, chronyd_nts.results))
+        rate_ratio = spread([a["maxRate"]["maxRate"] / c["maxRate"]["maxRate"] for a, c in pairs if c["maxRate"]["maxRate"] > 0])
+        cost_ratio = {str(r): spread([c["cost"][str(r)]["nsPerRequest"] / a["cost"][str(r)]["nsPerRequest"]
+                                      for a, c in pairs if a["cost"][str(r)]["nsPerRequest"] > 0]) for r in RATES}
+        summary["nts"] = {"maxRateRatio": rate_ratio, "chronydCostRatio": cost_ratio}
+        bound = "≥ " if summary["servers"]["stratum-agent-nts"]["maxRateGeneratorLimited"] else ""
+        lines += ["", "**NTS** (requests authenticated with NTS, AES-SIV-CMAC-256; the rows `chronyd-nts` and "
+                  "`stratum-agent-nts` above)", "",
+                  "| | " + " | ".join(f"chronyd ÷ agent CPU at {r // 1000}k/s" for r in RATES) + " | agent ÷ chronyd max rate |",
+                  "|---|" + "---:|" * (len(RATES) + 1),
+                  "| NTS | " + " | ".join(fmt(cost_ratio[str(r)]) for r in RATES) + f" | {bound}{fmt(rate_ratio)} |",
+                  "", "Goal: the agent's NTS max rate ≥ 2x chronyd's."]
     return summary, "\n".join(lines) + "\n"
 
 
@@ -709,16 +785,21 @@ def main() -> None:
         try:
             if os.environ.get("BENCH_SERVING", "1") == "0":
                 raise SkipServing
+            pki = make_pki(work) if NTS else None
             servers.append(start_echo(work))
             chronyd = start_chronyd(work)
             servers.append(chronyd)
             ntpd_rs = start_ntpd_rs(work)
             if ntpd_rs:
                 servers.append(ntpd_rs)
+            if pki:
+                servers.append(start_chronyd(work, pki))
             for s in servers:
                 wait_answering(s)
-            servers.append(start_agent(work, chronyd.port))
-            wait_answering(servers[-1])
+            agents = start_agent(work, chronyd.port, pki)
+            for s in agents:
+                wait_answering(s)
+            servers += agents
             servers.sort(key=lambda s: SERVER_ORDER.index(s.name))
             for round_no in range(1, ROUNDS + 1):
                 for s in servers:
@@ -726,7 +807,7 @@ def main() -> None:
                     for rate in RATES:
                         result["cost"][str(rate)] = cost(s, rate, softirqd)
                     for rate in RATES:
-                        report = load(s.port, rate, LATENCY_SECONDS, in_server=True)
+                        report = load(s.port, rate, LATENCY_SECONDS, in_server=True, nts=s.nts)
                         tap = report.get("inServer") or {}
                         result["latency"][str(rate)] = {"inServer": tap.get("latency", {}), "roundTrip": report["latency"],
                                                         "paired": tap.get("paired", 0), "requests": tap.get("requests", 0)}

@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use stratum_ntp::nts::CookieJar;
+use stratum_ntp::nts::ef::ClientRequest;
+use stratum_ntp::packet::Packet;
 use stratum_ntp::time::{ClockTime, NtpTimestamp};
 
 use crate::clock::host_realtime;
@@ -364,9 +367,60 @@ struct Received {
     histogram: LatencyHistogram,
 }
 
+/// What each batch sends: the plain 48-byte request, or an NTS-authenticated one.
+enum Requests {
+    Plain,
+    /// A request built and sealed per batch with the send time (the authenticator covers it),
+    /// spending a cookie of `jar` and putting `spare` back, so the jar stays full and asks
+    /// for no placeholders: the steady state of a real NTS client.
+    Nts {
+        jar: CookieJar,
+        spare: Vec<u8>,
+    },
+}
+
+impl Requests {
+    /// The datagram to send at `sent_at`.
+    fn at(&mut self, sent_at: ClockTime) -> Vec<u8> {
+        match self {
+            Requests::Plain => request(sent_at).to_vec(),
+            Requests::Nts { jar, spare } => {
+                let plain = request(sent_at);
+                // `request` builds a valid header; the jar always holds a cookie (see above).
+                let built = Packet::parse(&plain)
+                    .ok()
+                    .and_then(|view| ClientRequest::build(&view.header, jar, &mut rand::rng()));
+                jar.add([spare.clone()]);
+                built.map_or_else(|| plain.to_vec(), |r| r.datagram)
+            }
+        }
+    }
+}
+
 /// Runs one load; `on_progress` is called about once a second from the sending thread.
-pub fn run(
+pub fn run(spec: &LoadSpec, on_progress: impl FnMut(&Progress)) -> Result<LoadReport, LoadError> {
+    run_requests(spec, Requests::Plain, on_progress)
+}
+
+/// [`run`] with NTS-authenticated requests, using the cookies and keys of `jar` (from a key
+/// exchange with the target's NTS-KE endpoint). Each batch's request is built and sealed at
+/// its send time; answers are counted as in [`run`], without checking their authenticator
+/// (check one exchange before, as `stratumctl bench --nts-ke` does).
+pub fn run_nts(
     spec: &LoadSpec,
+    mut jar: CookieJar,
+    on_progress: impl FnMut(&Progress),
+) -> Result<LoadReport, LoadError> {
+    let Some(spare) = jar.take() else {
+        return Err(LoadError::Invalid("no NTS cookie to send with".into()));
+    };
+    jar.add([spare.clone()]);
+    run_requests(spec, Requests::Nts { jar, spare }, on_progress)
+}
+
+fn run_requests(
+    spec: &LoadSpec,
+    mut requests: Requests,
     mut on_progress: impl FnMut(&Progress),
 ) -> Result<LoadReport, LoadError> {
     if !(spec.rate.is_finite() && spec.rate > 0.0) {
@@ -406,8 +460,8 @@ pub fn run(
     let start = Instant::now();
     let mut sent = 0u64;
     let mut send_failures = 0u64;
-    // Built once: per batch only the timestamp and the sources change, nothing is copied.
-    let mut batch = FanOutBatch::new(&request(run_start), spec.target, LOAD_BATCH);
+    // Built once: per batch only the request (its timestamp) and the sources change.
+    let mut batch = FanOutBatch::new(&requests.at(run_start), spec.target, LOAD_BATCH);
     let mut next_source = 0usize;
     let mut next_progress = Duration::from_secs(1);
     loop {
@@ -435,14 +489,26 @@ pub fn run(
             continue;
         }
         let count = ((due - sent) as usize).min(LOAD_BATCH);
+        // The send time, taken last: the latency of a request runs from here to its answer.
+        let sent_at = host_realtime();
+        if let Requests::Plain = requests {
+            // Nothing copied but the timestamp.
+            batch.payload_mut()[40..48].copy_from_slice(&transmit_bits(sent_at));
+        } else {
+            let payload = requests.at(sent_at);
+            if payload.len() == batch.payload_mut().len() {
+                batch.payload_mut().copy_from_slice(&payload);
+            } else {
+                // An NTS request changes length only when the server's cookies do.
+                batch = FanOutBatch::new(&payload, spec.target, LOAD_BATCH);
+            }
+        }
         if !spec.sources.is_empty() {
             for i in 0..count {
                 next_source = (next_source + 1) % spec.sources.len();
                 batch.set_source(i, spec.sources[next_source]);
             }
         }
-        // The send time, taken last: the latency of a request runs from here to its answer.
-        batch.payload_mut()[40..48].copy_from_slice(&transmit_bits(host_realtime()));
         let outcome = batch.send(socket.as_fd(), count);
         sent += count as u64;
         send_failures += outcome.failed as u64;

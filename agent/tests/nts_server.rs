@@ -498,3 +498,51 @@ async fn ntpd_rs_gets_authenticated_time_from_a_tenants_nts_endpoint() {
     assert!(totals.authenticated >= 1, "{totals:?}");
     assert_eq!(totals.unauthenticated, 0, "ntpd-rs never asked without NTS");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bench_generator_loads_an_nts_port_with_requests_that_authenticate() {
+    let dir = TempDir::new("nts-load");
+    let pki = make_pki(&dir.0, "tenant");
+    let keys = dir.path("cookie-keys.json");
+    write_keys(&keys, 1, None);
+    let (port, ke) = (free_udp_port(), free_tcp_port());
+    let serving = serving_with_keys(
+        vec![nts_tenant(
+            "team-a/ntp",
+            port,
+            ke,
+            &["127.0.0.0/8"],
+            &pki,
+            Unauthenticated::Deny,
+        )],
+        &keys,
+    );
+    let agent = NtsAgent::start("127.0.0.1".parse().unwrap(), &serving);
+    let jar = cookies_from(SocketAddr::from(([127, 0, 0, 1], ke)), &pki.ca).await;
+    let spec = stratum_agent::loadgen::LoadSpec {
+        target: SocketAddr::from(([127, 0, 0, 1], port)),
+        rate: 2000.0,
+        duration: Duration::from_millis(500),
+        max_requests: 1000,
+        sources: stratum_agent::loadgen::source_addresses("127.0.0.0/16".parse().unwrap(), 64),
+        wait: Duration::from_millis(500),
+    };
+    let report =
+        tokio::task::spawn_blocking(move || stratum_agent::loadgen::run_nts(&spec, jar, |_| {}))
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(report.sent >= 900, "{report:?}");
+    assert_eq!(report.answered, report.sent, "{report:?}");
+    // Every answer was an authenticated one: none refused as plain, none NAKed or dropped.
+    assert!(wait_until(Duration::from_secs(2), || agent
+        .tenant_totals("team-a/ntp")
+        .authenticated
+        == report.sent));
+    let totals = agent.tenant_totals("team-a/ntp");
+    assert_eq!(
+        (totals.unauthenticated, totals.nts_nak, totals.nts_failed),
+        (0, 0, 0),
+        "{totals:?}"
+    );
+}

@@ -137,6 +137,14 @@ enum Command {
         /// must be on this host's loopback).
         #[arg(long)]
         in_server: bool,
+        /// Send NTS-authenticated requests: run the key exchange with this NTS-KE endpoint
+        /// first (ADDR:PORT), check one authenticated answer from --target, then load it
+        /// with requests built and sealed per batch.
+        #[arg(long)]
+        nts_ke: Option<SocketAddr>,
+        /// PEM CA bundle that vouches for the NTS-KE endpoint (default: the public web PKI).
+        #[arg(long, requires = "nts_ke")]
+        nts_ca: Option<std::path::PathBuf>,
     },
     /// Relay UDP between clients on --listen and --upstream, holding back (and, in the
     /// `loss` scenario, dropping) each datagram by a seeded plan: every relay with the same
@@ -452,10 +460,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             wait,
             quiet,
             in_server,
+            nts_ke,
+            nts_ca,
         } => {
             if in_server && !target.ip().is_loopback() {
                 anyhow::bail!("--in-server taps loopback: the target must be a loopback address");
             }
+            let nts_jar = match nts_ke {
+                Some(ke) => Some(nts_cookies(ke, nts_ca.as_deref(), target).await?),
+                None => None,
+            };
             let spec = LoadSpec {
                 target,
                 rate,
@@ -472,7 +486,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .then(|| wire_tap::Tap::start(spec.target.port()))
                     .transpose()
                     .context("starting the loopback tap")?;
-                let load = loadgen::run(&spec, |p| {
+                let progress = |p: &loadgen::Progress| {
                     if !quiet {
                         eprintln!(
                             "{:>5.1}s  sent {:>10}  replies {:>10}",
@@ -481,7 +495,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             p.replies
                         );
                     }
-                })?;
+                };
+                let load = match nts_jar {
+                    Some(jar) => loadgen::run_nts(&spec, jar, progress)?,
+                    None => loadgen::run(&spec, progress)?,
+                };
                 let in_server = tap
                     .map(wire_tap::Tap::finish)
                     .transpose()
@@ -868,4 +886,60 @@ async fn fetch_json<T: serde::de::DeserializeOwned>(agent: &str, path: &str) -> 
         head.lines().next().unwrap_or("")
     );
     serde_json::from_str(body).with_context(|| format!("decoding the agent's {path}"))
+}
+
+/// Cookies for `stratumctl bench --nts-ke`: a key exchange with `ke`, then one authenticated
+/// exchange with `target`, so a load never measures a server that answers without NTS.
+async fn nts_cookies(
+    ke: SocketAddr,
+    ca: Option<&std::path::Path>,
+    target: SocketAddr,
+) -> anyhow::Result<stratum_ntp::nts::CookieJar> {
+    use stratum_agent::nts_ke;
+    use stratum_ntp::nts::ef::{ClientRequest, verify_response};
+    let trust = match ca {
+        Some(path) => nts_ke::client_config(nts_ke::roots_from_pem_file(path)?)?,
+        None => nts_ke::trust(None)?,
+    };
+    let exchange = nts_ke::key_exchange(
+        &ke.ip().to_string(),
+        ke.port(),
+        trust,
+        Duration::from_secs(5),
+    )
+    .await
+    .with_context(|| format!("NTS key exchange with {ke}"))?;
+    let mut jar = stratum_ntp::nts::CookieJar::new(exchange.keys, exchange.agreement.cookies);
+    let header = stratum_ntp::packet::Packet {
+        leap: stratum_ntp::packet::LeapIndicator::Unknown,
+        version: 4,
+        mode: stratum_ntp::packet::Mode::Client,
+        stratum: 0,
+        poll: 6,
+        precision: -20,
+        root_delay: stratum_ntp::time::NtpShort::ZERO,
+        root_dispersion: stratum_ntp::time::NtpShort::ZERO,
+        reference_id: stratum_ntp::packet::ReferenceId([0; 4]),
+        reference_timestamp: stratum_ntp::time::NtpTimestamp::ZERO,
+        origin_timestamp: stratum_ntp::time::NtpTimestamp::ZERO,
+        receive_timestamp: stratum_ntp::time::NtpTimestamp::ZERO,
+        transmit_timestamp: stratum_ntp::time::NtpTimestamp::from_bits(rand::random()),
+    };
+    let request = ClientRequest::build(&header, &mut jar, &mut rand::rng())
+        .context("the key exchange gave no cookie")?;
+    let socket = tokio::net::UdpSocket::bind(if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })
+    .await?;
+    socket.send_to(&request.datagram, target).await?;
+    let mut buf = [0u8; 2048];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), socket.recv_from(&mut buf))
+        .await
+        .with_context(|| format!("no answer from {target} to an NTS request"))??;
+    let answer = verify_response(&buf[..n], &request.unique_id, &jar.keys().s2c)
+        .with_context(|| format!("{target} did not answer with authenticated NTS"))?;
+    jar.add(answer.cookies);
+    Ok(jar)
 }
