@@ -966,7 +966,11 @@ fn publish(
             last_update_ago_seconds: state.last_update.map(|t| backend.now().secs_since(t)),
             simulated_error_seconds: backend.simulated_error(),
         },
-        sources: source_views(state),
+        sources: {
+            let mut views = source_views(state);
+            crate::status::mark_authentication(&mut views, config);
+            views
+        },
         failed_ports: shared.server.failed_ports(),
     };
     shared.metrics.observe(

@@ -161,6 +161,9 @@ pub struct SourceView {
     /// Seconds the regression spans.
     #[serde(default)]
     pub span_seconds: Option<f64>,
+    /// How the source's time is authenticated: `NTS`, or absent for plain NTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authentication: Option<String>,
 }
 
 /// The lowercase name of a source state.
@@ -211,15 +214,34 @@ pub fn source_views(state: &SystemState) -> Vec<SourceView> {
             samples: s.samples,
             residual_runs: s.residual_runs,
             span_seconds: s.span,
+            authentication: None,
         })
         .collect()
+}
+
+/// Marks the sources of NTS upstreams (by configured name, `upstreams` and the egress tier's):
+/// the agent polls those only with NTS, so their time is authenticated.
+pub fn mark_authentication(views: &mut [SourceView], config: &stratum_api::AgentConfig) {
+    let nts: std::collections::BTreeSet<&str> = config
+        .upstreams
+        .iter()
+        .chain(config.egress.iter().flat_map(|e| &e.tier_upstreams))
+        .filter(|u| u.nts)
+        .map(|u| u.host.as_str())
+        .collect();
+    for view in views {
+        if nts.contains(view.name.as_str()) {
+            view.authentication = Some("NTS".into());
+        }
+    }
 }
 
 /// `stratumctl sourcestats`: each source's regression as chronyc shows it. `Freq` is what the
 /// source says the frequency correction should change by (its estimate minus the applied
 /// `frequency_ppm`), `Skew` that estimate's standard error, `Std Dev` the samples' RMS residual.
 /// `stratumctl sources`: chronyc's marks (`*` selected, `+` combined, `-` candidate, `x`
-/// falseticker, `?` unreachable), role, stratum, poll, reach (octal), offset, delay, jitter.
+/// falseticker, `?` unreachable) followed by `A` for a source authenticated with NTS, role,
+/// stratum, poll, reach (octal), offset, delay, jitter.
 /// `wide` gives the configured name and the address their own columns and adds the
 /// regression's samples, frequency and skew.
 pub fn sources_table(sources: &[SourceView], wide: bool) -> String {
@@ -260,6 +282,15 @@ pub fn sources_table(sources: &[SourceView], wide: bool) -> String {
             "unreachable" => "?",
             _ => " ",
         };
+        // chronyc's second column: here `A` for an authenticated (NTS) source.
+        let mark = format!(
+            "{mark}{}",
+            if src.authentication.is_some() {
+                "A"
+            } else {
+                ""
+            }
+        );
         let stratum = src.stratum.map_or("-".into(), |s| s.to_string());
         let (offset, delay, jitter) = (
             seconds(src.offset_seconds),
@@ -458,6 +489,43 @@ mod tests {
         assert_eq!(wide[1][0..3], ["*", "ntp1", "192.0.2.1:123"]);
         assert_eq!(wide[1][10..], ["12", "-48.750", "0.050"]);
         assert_eq!(wide[2][10..], ["12", "-", "0.050"]);
+    }
+
+    #[test]
+    fn sources_of_nts_upstreams_are_marked_authenticated_by_configured_name() {
+        let config: stratum_api::AgentConfig = serde_json::from_value(serde_json::json!({
+            "version": 1, "revision": "r", "timeService": "ts",
+            "clock": {"backend": "simulated"},
+            "upstreams": [
+                {"host": "nts.example", "kind": "server", "port": 123, "iburst": true,
+                 "minPoll": 4, "maxPoll": 6, "maxSources": 1, "nts": true},
+                {"host": "ntp1", "kind": "server", "port": 123, "iburst": true,
+                 "minPoll": 4, "maxPoll": 6, "maxSources": 1}
+            ],
+            "selection": {"minSources": 1, "maxDistanceSeconds": 1.5},
+            "discipline": {"makeStepThresholdSeconds": 0.1, "makeStepLimit": 3, "maxSlewPpm": 500,
+                "panicStartupSeconds": 86400, "panicRuntimeSeconds": 1000, "rtcSync": false,
+                "driftFile": "/d.json"},
+            "leap": {"mode": "kernel", "smearWindowSeconds": 86400},
+            "serving": {"holdoverSeconds": 0, "tenants": []},
+            "reporting": {"heartbeatSeconds": 30}
+        }))
+        .unwrap();
+        let mut views = [source("nts.example", None), source("ntp1", None)];
+        mark_authentication(&mut views, &config);
+        assert_eq!(views[0].authentication.as_deref(), Some("NTS"));
+        assert_eq!(views[1].authentication, None);
+        let table = sources_table(&views, false);
+        let marks: Vec<&str> = table
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().next().unwrap())
+            .collect();
+        assert_eq!(marks, ["*A", "*"], "{table}");
+        // JSON names it only when there is one.
+        let json = serde_json::to_value(&views).unwrap();
+        assert_eq!(json[0]["authentication"], "NTS");
+        assert!(json[1].get("authentication").is_none());
     }
 
     #[test]

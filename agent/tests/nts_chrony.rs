@@ -232,6 +232,16 @@ fn the_agent_syncs_from_chronyd_through_nts_and_every_packet_on_the_wire_is_auth
     let cookies = metric_line(&agent, r#"stratum_agent_nts_cookies{source="127.0.0.1"}"#);
     assert_eq!(cookies, Some(8.0), "each response refills the jar");
     let status = agent.status().unwrap_or_default();
+    // Shown as authenticated: the status, and `stratumctl sources`' `A` mark.
+    assert_eq!(status["sources"][0]["authentication"], "NTS", "{status:#}");
+    let table = String::from_utf8_lossy(&agent.ctl(&["sources"]).stdout).into_owned();
+    assert!(
+        table.lines().skip(1).all(|l| l
+            .split_whitespace()
+            .next()
+            .is_some_and(|m| m.ends_with('A'))),
+        "{table}"
+    );
     drop(agent);
 
     let (datagrams, dropped) = wire.finish().unwrap();
