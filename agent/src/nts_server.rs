@@ -209,6 +209,17 @@ struct Endpoint {
     shared: Arc<Shared>,
 }
 
+impl Endpoint {
+    /// Counts one connection's `result` (a fixed label).
+    fn count(&self, result: &str) {
+        self.shared
+            .metrics
+            .tenant_nts_key_exchanges
+            .with_label_values(&[self.tenant.as_str(), result])
+            .inc();
+    }
+}
+
 /// Why a key exchange at an endpoint ended without cookies. Labels are bounded.
 #[derive(Debug, thiserror::Error)]
 enum ServeError {
@@ -526,17 +537,9 @@ async fn accept_loop(listener: TcpListener, endpoint: Arc<Endpoint>) {
                 continue;
             }
         };
-        let count = |result: &str| {
-            endpoint
-                .shared
-                .metrics
-                .tenant_nts_key_exchanges
-                .with_label_values(&[endpoint.tenant.as_str(), result])
-                .inc();
-        };
         // The gates, cheapest first; a refused connection is closed without a TLS byte.
         if !endpoint.shared.server.allowed(endpoint.ntp_port, peer.ip()) {
-            count("not_allowed");
+            endpoint.count("not_allowed");
             continue;
         }
         let within_budget = endpoint
@@ -545,11 +548,11 @@ async fn accept_loop(listener: TcpListener, endpoint: Arc<Endpoint>) {
             .unwrap_or_else(|e| e.into_inner())
             .take(Instant::now());
         if !within_budget {
-            count("rate_limited");
+            endpoint.count("rate_limited");
             continue;
         }
         let Ok(permit) = endpoint.sessions.clone().try_acquire_owned() else {
-            count("busy");
+            endpoint.count("busy");
             continue;
         };
         let endpoint = endpoint.clone();
@@ -564,12 +567,7 @@ async fn accept_loop(listener: TcpListener, endpoint: Arc<Endpoint>) {
                 }
                 Err(_) => "timeout",
             };
-            endpoint
-                .shared
-                .metrics
-                .tenant_nts_key_exchanges
-                .with_label_values(&[endpoint.tenant.as_str(), result])
-                .inc();
+            endpoint.count(result);
         });
     }
 }

@@ -127,6 +127,46 @@ fn serving_with_keys(tenants: Vec<TenantConfig>, keys: &Path) -> ServingConfig {
     }
 }
 
+/// Tenant `team-a/ntp` (loopback allowed, NTS required) with its PKI, key file (key 1) and
+/// ports: what most tests here serve.
+struct TeamA {
+    dir: TempDir,
+    pki: Pki,
+    keys: std::path::PathBuf,
+    port: u16,
+    ke: u16,
+    serving: ServingConfig,
+}
+
+impl TeamA {
+    fn new(tag: &str) -> Self {
+        let dir = TempDir::new(tag);
+        let pki = make_pki(&dir.0, "tenant");
+        let keys = dir.path("cookie-keys.json");
+        write_keys(&keys, 1, None);
+        let (port, ke) = (free_udp_port(), free_tcp_port());
+        let serving = serving_with_keys(
+            vec![nts_tenant(
+                "team-a/ntp",
+                port,
+                ke,
+                &["127.0.0.0/8"],
+                &pki,
+                Unauthenticated::Deny,
+            )],
+            &keys,
+        );
+        Self {
+            dir,
+            pki,
+            keys,
+            port,
+            ke,
+            serving,
+        }
+    }
+}
+
 /// chronyd -Q against `127.0.0.1:port`, with NTS through `ke_port` and `ca` when given.
 fn chronyd_measure(chronyd: &Path, port: u16, nts: Option<(u16, &Path)>) -> Option<f64> {
     let dir = TempDir::new("chronyq-nts");
@@ -285,24 +325,17 @@ fn nts_exchange(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cookie_from_one_agent_works_at_another_for_one_rotation_then_gets_the_nak() {
-    let dir = TempDir::new("nts-rotation");
-    let pki = make_pki(&dir.0, "tenant");
-    let keys = dir.path("cookie-keys.json");
-    write_keys(&keys, 1, None);
     // Two agents of the TimeService, on their own loopback addresses, behind one Service in a
     // cluster: same tenant, same port numbers, same key file.
-    let (port, ke) = (free_udp_port(), free_tcp_port());
-    let serving = serving_with_keys(
-        vec![nts_tenant(
-            "team-a/ntp",
-            port,
-            ke,
-            &["127.0.0.0/8"],
-            &pki,
-            Unauthenticated::Deny,
-        )],
-        &keys,
-    );
+    let TeamA {
+        dir: _dir,
+        pki,
+        keys,
+        port,
+        ke,
+        serving,
+        ..
+    } = TeamA::new("nts-rotation");
     let mut agent_1 = NtsAgent::start("127.0.0.1".parse().unwrap(), &serving);
     let mut agent_2 = NtsAgent::start("127.0.0.2".parse().unwrap(), &serving);
     let client: IpAddr = "127.0.0.1".parse().unwrap();
@@ -349,22 +382,13 @@ async fn a_cookie_from_one_agent_works_at_another_for_one_rotation_then_gets_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_stall_the_key_exchange_lose_their_slot_and_never_block_others() {
-    let dir = TempDir::new("nts-stall");
-    let pki = make_pki(&dir.0, "tenant");
-    let keys = dir.path("cookie-keys.json");
-    write_keys(&keys, 1, None);
-    let (port, ke) = (free_udp_port(), free_tcp_port());
-    let serving = serving_with_keys(
-        vec![nts_tenant(
-            "team-a/ntp",
-            port,
-            ke,
-            &["127.0.0.0/8"],
-            &pki,
-            Unauthenticated::Deny,
-        )],
-        &keys,
-    );
+    let TeamA {
+        dir: _dir,
+        pki,
+        ke,
+        serving,
+        ..
+    } = TeamA::new("nts-stall");
     let agent = NtsAgent::start("127.0.0.1".parse().unwrap(), &serving);
     let endpoint = SocketAddr::from(([127, 0, 0, 1], ke));
 
@@ -417,43 +441,17 @@ async fn clients_that_stall_the_key_exchange_lose_their_slot_and_never_block_oth
     assert_eq!(agent.key_exchanges("team-a/ntp", "ok"), 1);
 }
 
-/// `ntp-ctl force-sync` (ntpd-rs' one-shot client, under a pseudo-terminal, which it insists
-/// on) with one NTS source: the key exchange at `127.0.0.1:ke_port` trusting `ca`. It answers
-/// "no" to the offer to set the clock, runs without CAP_SYS_TIME, and returns what it printed.
+/// `ntp-ctl force-sync` with one NTS source: the key exchange at `127.0.0.1:ke_port`,
+/// trusting `ca`; what it printed.
 fn ntpd_rs_nts_measure(ctl: &Path, ke_port: u16, ca: &Path) -> String {
-    let dir = TempDir::new("ntpdrs-nts");
-    let conf = dir.path("ntp.toml");
-    std::fs::write(
-        &conf,
-        format!(
+    ntp_ctl_force_sync(
+        ctl,
+        &format!(
             "[observability]\nlog-level = \"warn\"\n\n[[source]]\nmode = \"nts\"\n\
              address = \"127.0.0.1:{ke_port}\"\ncertificate-authority = \"{}\"\n\n\
              [synchronization]\nminimum-agreeing-sources = 1\n",
             ca.display()
         ),
-    )
-    .unwrap();
-    let mut child = Command::new("setpriv")
-        .args(["--bounding-set=-sys_time", "--inh-caps=-sys_time"])
-        .args(["timeout", "20", "script", "-qec"])
-        .arg(format!(
-            "{} force-sync -c {}",
-            ctl.display(),
-            conf.display()
-        ))
-        .arg("/dev/null")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running ntp-ctl force-sync");
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"n\n").unwrap();
-    let out = child.wait_with_output().unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     )
 }
 
@@ -467,22 +465,13 @@ async fn ntpd_rs_gets_authenticated_time_from_a_tenants_nts_endpoint() {
         return;
     }
     let ctl = daemon.with_file_name("ntp-ctl");
-    let dir = TempDir::new("nts-ntpd-rs");
-    let pki = make_pki(&dir.0, "tenant");
-    let keys = dir.path("cookie-keys.json");
-    write_keys(&keys, 1, None);
-    let (port, ke) = (free_udp_port(), free_tcp_port());
-    let serving = serving_with_keys(
-        vec![nts_tenant(
-            "team-a/ntp",
-            port,
-            ke,
-            &["127.0.0.0/8"],
-            &pki,
-            Unauthenticated::Deny,
-        )],
-        &keys,
-    );
+    let TeamA {
+        dir: _dir,
+        pki,
+        ke,
+        serving,
+        ..
+    } = TeamA::new("nts-ntpd-rs");
     let agent = NtsAgent::start("127.0.0.1".parse().unwrap(), &serving);
     let ca = pki.ca.clone();
     let said = tokio::task::spawn_blocking(move || ntpd_rs_nts_measure(&ctl, ke, &ca))
@@ -501,22 +490,14 @@ async fn ntpd_rs_gets_authenticated_time_from_a_tenants_nts_endpoint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bench_generator_loads_an_nts_port_with_requests_that_authenticate() {
-    let dir = TempDir::new("nts-load");
-    let pki = make_pki(&dir.0, "tenant");
-    let keys = dir.path("cookie-keys.json");
-    write_keys(&keys, 1, None);
-    let (port, ke) = (free_udp_port(), free_tcp_port());
-    let serving = serving_with_keys(
-        vec![nts_tenant(
-            "team-a/ntp",
-            port,
-            ke,
-            &["127.0.0.0/8"],
-            &pki,
-            Unauthenticated::Deny,
-        )],
-        &keys,
-    );
+    let TeamA {
+        dir: _dir,
+        pki,
+        port,
+        ke,
+        serving,
+        ..
+    } = TeamA::new("nts-load");
     let agent = NtsAgent::start("127.0.0.1".parse().unwrap(), &serving);
     let jar = cookies_from(SocketAddr::from(([127, 0, 0, 1], ke)), &pki.ca).await;
     let spec = stratum_agent::loadgen::LoadSpec {

@@ -94,46 +94,13 @@ fn ntpdig_gets_our_time_on_port_123_of_a_loopback_address() {
     assert_eq!(report["stratum"].as_i64(), Some(2), "{report}");
 }
 
-/// Runs `ntp-ctl force-sync` (ntpd-rs' one-shot client) against 127.0.0.1:`port` under a
-/// pseudo-terminal (it insists on one), answers "no" to its offer to set the clock, and
-/// returns what it printed. It runs without CAP_SYS_TIME whatever this test has.
+/// `ntp-ctl force-sync` with one plain source, 127.0.0.1:`port`; what it printed.
 fn ntpd_rs_measure(ctl: &std::path::Path, port: u16) -> String {
-    let dir = TempDir::new("ntpdrs");
-    let conf = dir.path("ntp.toml");
-    std::fs::write(
-        &conf,
-        format!(
+    ntp_ctl_force_sync(
+        ctl,
+        &format!(
             "[observability]\nlog-level = \"warn\"\n\n[[source]]\nmode = \"server\"\naddress = \"127.0.0.1:{port}\"\n\n[synchronization]\nminimum-agreeing-sources = 1\n"
         ),
-    )
-    .unwrap();
-    let mut child = Command::new("setpriv")
-        .args([
-            "--bounding-set=-sys_time",
-            "--inh-caps=-sys_time",
-            "timeout",
-            "20",
-            "script",
-            "-qec",
-        ])
-        .arg(format!(
-            "{} force-sync -c {}",
-            ctl.display(),
-            conf.display()
-        ))
-        .arg("/dev/null")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running ntp-ctl force-sync");
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"n\n").unwrap();
-    let out = child.wait_with_output().unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     )
 }
 

@@ -279,3 +279,34 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let body = text.split_once("\r\n\r\n")?.1.to_string();
     Some((code, body))
 }
+
+/// Runs `ntp-ctl force-sync` (ntpd-rs' one-shot client) with the config `toml` under a
+/// pseudo-terminal (it insists on one), answers "no" to its offer to set the clock, and
+/// returns what it printed. It runs without CAP_SYS_TIME whatever the caller has.
+pub fn ntp_ctl_force_sync(ctl: &std::path::Path, toml: &str) -> String {
+    let dir = TempDir::new("ntpdrs");
+    let conf = dir.path("ntp.toml");
+    std::fs::write(&conf, toml).unwrap();
+    let mut child = std::process::Command::new("setpriv")
+        .args(["--bounding-set=-sys_time", "--inh-caps=-sys_time"])
+        .args(["timeout", "20", "script", "-qec"])
+        .arg(format!(
+            "{} force-sync -c {}",
+            ctl.display(),
+            conf.display()
+        ))
+        .arg("/dev/null")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running ntp-ctl force-sync");
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"n\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
