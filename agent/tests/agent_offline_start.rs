@@ -96,7 +96,7 @@ fn start_agent(state_dir: &std::path::Path, api: &HungApiServer) -> Agent {
         .env("STRATUM_DENY_SYSTEM_CLOCK", "1")
         .env_remove("KUBERNETES_SERVICE_HOST")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(state_dir.join("agent.log")).expect("the agent's log"))
         .spawn()
         .expect("starting the agent");
     Agent {
@@ -245,8 +245,16 @@ fn without_a_usable_cached_config_the_agent_stays_live_and_serves_nothing() {
     assert!(wait_until(Duration::from_secs(10), || {
         http_get(agent.metrics_port, "/healthz").is_some_and(|(code, _)| code == 200)
     }));
-    // Past the cache grace: still no config, still live, not ready, nothing served.
-    std::thread::sleep(Duration::from_secs(2));
+    // The cache refused and the agent waiting on its (hung) source: still no config, still
+    // live, not ready, nothing served.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            std::fs::read_to_string(state.join("agent.log"))
+                .is_ok_and(|log| log.contains("ignoring the cached config"))
+                && api.hanging_connections() >= 1
+        }),
+        "the agent never refused the truncated cache while waiting on the API server"
+    );
     assert_eq!(
         http_get(agent.metrics_port, "/healthz").map(|(c, _)| c),
         Some(200)
