@@ -564,7 +564,7 @@ pub async fn run_with_resolver(
         // failed), so a port freed by another process is served without a config change.
         shared.server.retry_failed();
         // Rotated cookie keys, a renewed certificate, an endpoint that could not bind.
-        nts_endpoints.refresh();
+        nts_endpoints.refresh(&driver.config().serving);
         if state.synchronized != was_synchronized {
             let _ = outputs.events.try_send(if state.synchronized {
                 AgentEvent::SyncRegained

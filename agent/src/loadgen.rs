@@ -227,7 +227,8 @@ pub fn source_addresses(net: IpNet, count: usize) -> Vec<IpAddr> {
 }
 
 /// A client request whose transmit timestamp is `sent_at`.
-fn request(sent_at: ClockTime) -> [u8; 48] {
+/// The bench's client request (NTPv4, mode 3) sent at `sent_at`: what every load sends.
+pub fn client_request(sent_at: ClockTime) -> [u8; 48] {
     let mut bytes = [0u8; 48];
     bytes[0] = (4 << 3) | 3; // LI 0, version 4, mode 3 (client)
     bytes[2] = 6; // poll 2^6 s
@@ -328,7 +329,7 @@ pub fn flood(spec: &FloodSpec) -> Result<FloodReport, LoadError> {
     // The kernel's minimum: answers are dropped on arrival, nothing reads them.
     socket.set_recv_buffer_size(0)?;
     socket.bind(&bind.into())?;
-    let mut batch = FanOutBatch::new(&request(host_realtime()), spec.target, FAN_OUT_MAX);
+    let mut batch = FanOutBatch::new(&client_request(host_realtime()), spec.target, FAN_OUT_MAX);
     let mut next_source = 0usize;
     let (mut sent, mut failures) = (0u64, 0u64);
     let start = Instant::now();
@@ -383,9 +384,9 @@ impl Requests {
     /// The datagram to send at `sent_at`.
     fn at(&mut self, sent_at: ClockTime) -> Vec<u8> {
         match self {
-            Requests::Plain => request(sent_at).to_vec(),
+            Requests::Plain => client_request(sent_at).to_vec(),
             Requests::Nts { jar, spare } => {
-                let plain = request(sent_at);
+                let plain = client_request(sent_at);
                 // `request` builds a valid header; the jar always holds a cookie (see above).
                 let built = Packet::parse(&plain)
                     .ok()

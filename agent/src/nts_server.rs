@@ -304,7 +304,7 @@ impl NtsEndpoints {
         if keys_file != self.keys_file {
             self.keys_file = keys_file;
             self.keys_seen = None;
-            self.reload_keys();
+            self.reload_keys(serving);
         }
         self.running.retain(|port, running| {
             let keep = self
@@ -326,9 +326,10 @@ impl NtsEndpoints {
     }
 
     /// Run-loop housekeeping, at most every [`FILE_CHECK_INTERVAL`]: a changed key file is
-    /// read and put in force on the NTP ports too; a changed certificate is loaded for new
-    /// connections; endpoints that failed to start are tried again.
-    pub fn refresh(&mut self) {
+    /// read and put in force on the NTP ports of `serving` (the config in force) too; a
+    /// changed certificate is loaded for new connections; endpoints that failed to start are
+    /// tried again.
+    pub fn refresh(&mut self, serving: &ServingConfig) {
         let now = Instant::now();
         if self
             .last_check
@@ -337,15 +338,15 @@ impl NtsEndpoints {
             return;
         }
         self.last_check = Some(now);
-        self.check_files();
+        self.check_files(serving);
     }
 
     /// [`Self::refresh`] now, whenever it last ran.
-    pub fn check_files(&mut self) {
+    pub fn check_files(&mut self, serving: &ServingConfig) {
         if let Some(path) = &self.keys_file
             && modified(path) != self.keys_seen
         {
-            self.reload_keys();
+            self.reload_keys(serving);
         }
         for (port, running) in &mut self.running {
             let settings = &running.endpoint.settings;
@@ -388,7 +389,7 @@ impl NtsEndpoints {
         }
     }
 
-    fn reload_keys(&mut self) {
+    fn reload_keys(&mut self, serving: &ServingConfig) {
         let keys = match &self.keys_file {
             None => None,
             Some(path) => {
@@ -421,7 +422,9 @@ impl NtsEndpoints {
             .metrics
             .nts_cookie_keys_loaded
             .set(i64::from(self.keys.is_some()));
-        self.shared.server.set_cookie_keys(self.keys.clone());
+        self.shared
+            .server
+            .set_cookie_keys(self.keys.clone(), serving);
         for running in self.running.values() {
             running.endpoint.keys.store(Arc::new(
                 self.keys

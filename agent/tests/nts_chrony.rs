@@ -319,30 +319,16 @@ fn without_a_trusted_key_exchange_the_agent_never_polls_the_upstream_in_the_clea
 /// `chronyd -Q` as an NTS client of `127.0.0.1:port` through `ke_port`, trusting `ca`; the
 /// offset it measured, or `None` without authenticated time.
 fn chronyd_nts_client(dir: &Path, port: u16, ke_port: u16, ca: &Path) -> Option<f64> {
-    let conf = dir.join(format!("client-{ke_port}.conf"));
-    std::fs::write(
-        &conf,
-        format!(
+    common::chronyd_query(
+        &[],
+        &common::require("chronyd"),
+        dir,
+        &format!(
             "server 127.0.0.1 port {port} nts ntsport {ke_port} iburst maxsamples 4\n\
-             ntstrustedcerts {}\ncmdport 0\npidfile {}\n",
-            ca.display(),
-            dir.join(format!("client-{ke_port}.pid")).display()
+             ntstrustedcerts {}\n",
+            ca.display()
         ),
     )
-    .unwrap();
-    let output = std::process::Command::new("setpriv")
-        .args(["--bounding-set=-sys_time", "--inh-caps=-sys_time"])
-        .arg(common::require("chronyd"))
-        .args(["-Q", "-t", "8", "-u", "root", "-f"])
-        .arg(&conf)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stderr).into_owned()
-        + &String::from_utf8_lossy(&output.stdout);
-    text.lines()
-        .find_map(|l| l.split("System clock wrong by ").nth(1))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
 #[test]

@@ -12,7 +12,6 @@ mod pki;
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -78,6 +77,17 @@ struct NtsAgent {
 
 impl NtsAgent {
     fn start(bind: IpAddr, serving: &ServingConfig) -> Self {
+        let agent = Self::start_as_it_goes(bind, serving);
+        assert!(
+            agent.endpoints.failed().is_empty(),
+            "{:?}",
+            agent.endpoints.failed()
+        );
+        agent
+    }
+
+    /// [`Self::start`] that lets endpoints fail (to be looked at by the test).
+    fn start_as_it_goes(bind: IpAddr, serving: &ServingConfig) -> Self {
         let shared = Shared::with_server(
             Metrics::new().unwrap(),
             ServerOptions {
@@ -94,7 +104,6 @@ impl NtsAgent {
         assert!(report.failed.is_empty(), "{:?}", report.failed);
         let mut endpoints = NtsEndpoints::new(shared.clone());
         endpoints.apply(serving);
-        assert!(endpoints.failed().is_empty(), "{:?}", endpoints.failed());
         Self { shared, endpoints }
     }
 
@@ -170,31 +179,15 @@ impl TeamA {
 /// chronyd -Q against `127.0.0.1:port`, with NTS through `ke_port` and `ca` when given.
 fn chronyd_measure(chronyd: &Path, port: u16, nts: Option<(u16, &Path)>) -> Option<f64> {
     let dir = TempDir::new("chronyq-nts");
-    let (nts_options, trust) = match nts {
-        Some((ke_port, ca)) => (
-            format!(" nts ntsport {ke_port}"),
-            format!("ntstrustedcerts {}\n", ca.display()),
+    let config = match nts {
+        Some((ke_port, ca)) => format!(
+            "server 127.0.0.1 port {port} nts ntsport {ke_port} iburst maxsamples 4\n\
+             ntstrustedcerts {}\n",
+            ca.display()
         ),
-        None => (String::new(), String::new()),
+        None => format!("server 127.0.0.1 port {port} iburst maxsamples 4\n"),
     };
-    let conf = dir.path("chrony.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "server 127.0.0.1 port {port}{nts_options} iburst maxsamples 4\n{trust}cmdport 0\npidfile {}\n",
-            dir.path("chronyd.pid").display()
-        ),
-    )
-    .unwrap();
-    let output = Command::new("setpriv")
-        .args(["--bounding-set=-sys_time", "--inh-caps=-sys_time"])
-        .arg(chronyd)
-        .args(["-Q", "-t", "8", "-u", "root", "-f"])
-        .arg(&conf)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running chronyd");
-    chrony_wrong_by(&output)
+    chronyd_query(&[], chronyd, &dir.0, &config)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,13 +346,13 @@ async fn a_cookie_from_one_agent_works_at_another_for_one_rotation_then_gets_the
 
     // A rotation: key 2 seals, key 1 still opens. Cookies from before keep working.
     write_keys(&keys, 2, Some(1));
-    agent_1.endpoints.check_files();
-    agent_2.endpoints.check_files();
+    agent_1.endpoints.check_files(&serving);
+    agent_2.endpoints.check_files(&serving);
     nts_exchange(&mut jar, client, at_2).expect("a cookie of key 1 after one rotation");
     // A second rotation retires key 1: the NAK, which the client takes as "exchange keys again".
     write_keys(&keys, 3, Some(2));
-    agent_1.endpoints.check_files();
-    agent_2.endpoints.check_files();
+    agent_1.endpoints.check_files(&serving);
+    agent_2.endpoints.check_files(&serving);
     assert_eq!(
         nts_exchange(&mut jar, client, at_2).map(|_| ()),
         Err(ResponseError::Nak)
@@ -375,7 +368,7 @@ async fn a_cookie_from_one_agent_works_at_another_for_one_rotation_then_gets_the
 
     // A key file that does not parse leaves the keys in force.
     std::fs::write(&keys, "{ half written").unwrap();
-    agent_1.endpoints.check_files();
+    agent_1.endpoints.check_files(&serving);
     nts_exchange(&mut fresh, client, SocketAddr::from(([127, 0, 0, 1], port)))
         .expect("the last good keys still in force");
 }

@@ -8,7 +8,7 @@
 #[path = "server_common/mod.rs"]
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::*;
 
@@ -18,22 +18,12 @@ const MAX_OFFSET_SECS: f64 = 0.05;
 /// Runs chronyd -Q against 127.0.0.1:`port`; the measured offset, or None without an answer.
 fn chronyd_measure(chronyd: &std::path::Path, port: u16) -> Option<f64> {
     let dir = TempDir::new("chronyq");
-    let conf = dir.path("chrony.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "server 127.0.0.1 port {port} iburst maxsamples 4\ncmdport 0\npidfile {}\n",
-            dir.path("chronyd.pid").display()
-        ),
+    chronyd_query(
+        &[],
+        chronyd,
+        &dir.0,
+        &format!("server 127.0.0.1 port {port} iburst maxsamples 4\n"),
     )
-    .unwrap();
-    let output = Command::new(chronyd)
-        .args(["-Q", "-t", "8", "-u", "root", "-f"])
-        .arg(&conf)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running chronyd");
-    chrony_wrong_by(&output)
 }
 
 #[test]

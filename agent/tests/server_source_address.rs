@@ -185,26 +185,16 @@ fn chronyd_measure(
     target: SocketAddr,
 ) -> Option<f64> {
     let dir = TempDir::new("srcaddr");
-    let conf = dir.path("chrony.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "server {} port {} iburst maxsamples 1\ncmdport 0\npidfile {}\n",
+    chronyd_query(
+        &["ip", "netns", "exec", &namespaces.client],
+        chronyd,
+        &dir.0,
+        &format!(
+            "server {} port {} iburst maxsamples 1\n",
             target.ip(),
-            target.port(),
-            dir.path("chronyd.pid").display()
+            target.port()
         ),
     )
-    .unwrap();
-    let output = Command::new("ip")
-        .args(["netns", "exec", &namespaces.client])
-        .arg(chronyd)
-        .args(["-Q", "-t", "8", "-u", "root", "-f"])
-        .arg(&conf)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running chronyd");
-    chrony_wrong_by(&output)
 }
 
 #[test]

@@ -9,8 +9,13 @@
 //! namespace, on that namespace's loopback, where the host-network agent reaches it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+// The agent's test PKI (openssl: a CA and a server certificate for 127.0.0.1), the same one
+// its NTS tests use.
+#[path = "../../agent/tests/pki/mod.rs"]
+mod pki;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -23,86 +28,6 @@ use stratum_e2e::real_node::{chronyd_in_real_node, real_node};
 /// NTS-KE and NTP ports of the test's chronyd: unprivileged, unused by the stack.
 const KE_PORT: u16 = 24460;
 const NTP_PORT: u16 = 24123;
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("openssl (make deps installs it)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA, and a server certificate for 127.0.0.1 it signed: (CA PEM, cert path, key path).
-fn make_pki(dir: &Path) -> (String, String, String) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut args = vec!["req", "-x509"];
-    args.extend(ec);
-    args.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=stratum e2e NTS CA",
-    ]);
-    openssl(dir, &args);
-    let mut args = vec!["req"];
-    args.extend(ec);
-    args.extend([
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    openssl(dir, &args);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-    );
-    (
-        std::fs::read_to_string(dir.join("ca.pem")).unwrap(),
-        dir.join("server.pem").display().to_string(),
-        dir.join("server.key").display().to_string(),
-    )
-}
 
 /// chronyd serving NTS in the real node's network namespace; stopped on drop, and the shared
 /// TimeService put back as every other test expects it.
@@ -154,7 +79,12 @@ async fn the_real_nodes_agent_syncs_from_an_nts_server_through_the_time_services
     let dir = run_dir().join("e2e-nts-upstream");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let (ca, cert, key) = make_pki(&dir);
+    let made = pki::make_pki(&dir, "e2e");
+    let ca = std::fs::read_to_string(&made.ca).unwrap();
+    let (cert, key) = (
+        made.cert.display().to_string(),
+        made.key.display().to_string(),
+    );
     let _restore = Restore {
         chronyd: nts_chronyd(&dir, &cert, &key),
     };

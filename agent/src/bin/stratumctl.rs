@@ -910,21 +910,11 @@ async fn nts_cookies(
     .await
     .with_context(|| format!("NTS key exchange with {ke}"))?;
     let mut jar = stratum_ntp::nts::CookieJar::new(exchange.keys, exchange.agreement.cookies);
-    let header = stratum_ntp::packet::Packet {
-        leap: stratum_ntp::packet::LeapIndicator::Unknown,
-        version: 4,
-        mode: stratum_ntp::packet::Mode::Client,
-        stratum: 0,
-        poll: 6,
-        precision: -20,
-        root_delay: stratum_ntp::time::NtpShort::ZERO,
-        root_dispersion: stratum_ntp::time::NtpShort::ZERO,
-        reference_id: stratum_ntp::packet::ReferenceId([0; 4]),
-        reference_timestamp: stratum_ntp::time::NtpTimestamp::ZERO,
-        origin_timestamp: stratum_ntp::time::NtpTimestamp::ZERO,
-        receive_timestamp: stratum_ntp::time::NtpTimestamp::ZERO,
-        transmit_timestamp: stratum_ntp::time::NtpTimestamp::from_bits(rand::random()),
-    };
+    // The request the load will send, so the check exercises exactly that.
+    let header = stratum_ntp::packet::Packet::parse(&loadgen::client_request(
+        stratum_agent::clock::host_realtime(),
+    ))?
+    .header;
     let request = ClientRequest::build(&header, &mut jar, &mut rand::rng())
         .context("the key exchange gave no cookie")?;
     let socket = tokio::net::UdpSocket::bind(if target.is_ipv4() {

@@ -123,8 +123,6 @@ struct Ports {
     failed: BTreeMap<u16, Failure>,
     /// What the last apply asked for, for [`Server::retry_failed`].
     desired: BTreeMap<u16, PortRules>,
-    /// The last serving config applied, to rebuild `desired` when the cookie keys change.
-    serving: Option<ServingConfig>,
     /// The TimeService's NTS cookie master keys, once loaded.
     cookie_keys: Option<CookieKeys>,
     stats: BTreeMap<String, Arc<TenantStats>>,
@@ -268,7 +266,6 @@ impl Server {
     pub fn apply(&self, serving: &ServingConfig) -> ApplyReport {
         let mut ports = self.ports();
         ports.desired = tenants::desired_ports(serving, ports.cookie_keys.as_ref());
-        ports.serving = Some(serving.clone());
         ports.totals_only = !serving.metrics_per_tenant;
         let report = self.reconcile(&mut ports, None);
         drop(ports);
@@ -276,19 +273,20 @@ impl Server {
         report
     }
 
-    /// Puts new NTS cookie master keys in force on every NTS port (a rotation, or the first
-    /// load); plain ports are not touched. `None` forgets them: cookies then get the NAK.
-    pub fn set_cookie_keys(&self, keys: Option<CookieKeys>) -> ApplyReport {
+    /// Puts new NTS cookie master keys in force on every NTS port of `serving` (the config
+    /// in force; a rotation, or the first load); plain ports are not touched. `None` forgets
+    /// them: cookies then get the NAK.
+    pub fn set_cookie_keys(
+        &self,
+        keys: Option<CookieKeys>,
+        serving: &ServingConfig,
+    ) -> ApplyReport {
         let mut ports = self.ports();
         if ports.cookie_keys == keys {
             return ApplyReport::default();
         }
         ports.cookie_keys = keys;
-        let Some(serving) = ports.serving.take() else {
-            return ApplyReport::default();
-        };
-        ports.desired = tenants::desired_ports(&serving, ports.cookie_keys.as_ref());
-        ports.serving = Some(serving);
+        ports.desired = tenants::desired_ports(serving, ports.cookie_keys.as_ref());
         let report = self.reconcile(&mut ports, None);
         drop(ports);
         log_report(&report);

@@ -17,8 +17,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use stratum_api::agent_config::Unauthenticated;
-use stratum_ntp::nts::ef::{AuthenticatedRequest, build_nak, build_response, verify_request};
-use stratum_ntp::nts::{CookieKeys, ServerVerdict};
+use stratum_ntp::nts::ef::{AuthenticatedRequest, build_nak, build_response, verify_request_with};
+use stratum_ntp::nts::{CookieError, CookieKeys, ServerVerdict};
 use stratum_ntp::packet::{HEADER_LEN, KissCode, Mode, Packet, PacketView};
 use stratum_ntp::server::{
     Decision, DropReason, RateLimiter, ServerClockState, ServerPolicy, TenantConfig, build_kod,
@@ -283,23 +283,13 @@ enum NtsStep {
     Done(Outcome, usize),
 }
 
-/// The keys of a port whose TimeService keys are not loaded yet: random, held by no one, so
-/// every cookie gets the NAK (re-key later) and nothing is ever served unauthenticated.
-static UNLOADED_KEYS: std::sync::LazyLock<Arc<CookieKeys>> = std::sync::LazyLock::new(|| {
-    let mut key = [0u8; stratum_ntp::nts::aead::KEY_LEN];
-    rand::RngCore::fill_bytes(&mut rand::rng(), &mut key);
-    Arc::new(CookieKeys::new(
-        stratum_ntp::nts::MasterKey {
-            id: 0,
-            key: stratum_ntp::nts::AeadKey::from_bytes(key),
-        },
-        None,
-    ))
-});
-
 fn nts_step(nts: &PortNts, view: &PacketView<'_>, bytes: &[u8], out: &mut [u8]) -> NtsStep {
-    let keys = nts.keys.as_ref().unwrap_or(&UNLOADED_KEYS);
-    match verify_request(bytes, keys) {
+    // Without the TimeService's keys no cookie opens: the NAK, never a plain answer.
+    let verdict = verify_request_with(bytes, |cookie| match &nts.keys {
+        Some(keys) => keys.open(cookie),
+        None => Err(CookieError::NoKeys),
+    });
+    match verdict {
         ServerVerdict::Plain => match nts.unauthenticated {
             Unauthenticated::Serve => NtsStep::Answer(None),
             Unauthenticated::Ignore => NtsStep::Done(Outcome::Unauthenticated { kod: false }, 0),
@@ -308,10 +298,14 @@ fn nts_step(nts: &PortNts, view: &PacketView<'_>, bytes: &[u8], out: &mut [u8]) 
                 None => NtsStep::Done(Outcome::Ignored, 0),
             },
         },
-        ServerVerdict::Authenticated(request) => NtsStep::Answer(Some(NtsSeal {
-            request,
-            cookie_keys: keys.clone(),
-        })),
+        // Authenticated implies a cookie opened, so the keys are there; fail closed anyway.
+        ServerVerdict::Authenticated(request) => match nts.keys.clone() {
+            Some(cookie_keys) => NtsStep::Answer(Some(NtsSeal {
+                request,
+                cookie_keys,
+            })),
+            None => NtsStep::Done(Outcome::NtsFailed, 0),
+        },
         ServerVerdict::Nak { unique_id, .. } => {
             let mut kod = [0u8; HEADER_LEN];
             match build_kod(view, KissCode::Ntsn, &mut kod) {

@@ -3,7 +3,10 @@
 //! Waits are on conditions with a deadline, never blind sleeps.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+mod chronyd_query;
 mod poll;
+#[allow(unused_imports)]
+pub use chronyd_query::chronyd_query;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};

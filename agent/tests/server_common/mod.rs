@@ -4,8 +4,12 @@
 //! when one is missing (`bench/setup.sh` installs them).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../common/chronyd_query.rs"]
+mod chronyd_query;
 #[path = "../common/poll.rs"]
 mod poll;
+#[allow(unused_imports)]
+pub use chronyd_query::chronyd_query;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
@@ -239,19 +243,6 @@ pub fn chronyd_serving(dir: &TempDir, port: u16) -> Option<Child> {
         .spawn()
         .expect("starting chronyd");
     Some(Child(child))
-}
-
-/// The offset `chronyd -Q` printed ("System clock wrong by -0.000001 seconds (ignored)").
-pub fn chrony_wrong_by(output: &std::process::Output) -> Option<f64> {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    text.lines()
-        .find_map(|l| l.split("System clock wrong by ").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
 }
 
 /// A TCP port free on loopback right now.

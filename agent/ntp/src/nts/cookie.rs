@@ -59,6 +59,8 @@ pub enum CookieError {
     Forged,
     #[error("the cookie names AEAD algorithm {0}")]
     UnsupportedAead(u16),
+    #[error("this server holds no cookie keys yet")]
+    NoKeys,
 }
 
 impl CookieKeys {

@@ -285,6 +285,15 @@ pub enum ServerVerdict {
 
 /// Checks a request against the TimeService's cookie keys.
 pub fn verify_request(datagram: &[u8], cookie_keys: &CookieKeys) -> ServerVerdict {
+    verify_request_with(datagram, |cookie| cookie_keys.open(cookie))
+}
+
+/// [`verify_request`] with the cookie opened by `open_cookie`: a server without keys yet
+/// passes one that always fails (`CookieError::NoKeys`), so its clients get the NAK.
+pub fn verify_request_with(
+    datagram: &[u8],
+    open_cookie: impl FnOnce(&[u8]) -> Result<SessionKeys, CookieError>,
+) -> ServerVerdict {
     let Ok((header, fields)) = fields(datagram) else {
         return ServerVerdict::Drop(DropReason::Malformed);
     };
@@ -322,7 +331,7 @@ pub fn verify_request(datagram: &[u8], cookie_keys: &CookieKeys) -> ServerVerdic
         return ServerVerdict::Drop(DropReason::BadAuthenticatorPlacement);
     };
     let unique_id = id.value.to_vec();
-    let keys = match cookie_keys.open(cookie.value) {
+    let keys = match open_cookie(cookie.value) {
         Ok(keys) => keys,
         Err(reason) => return ServerVerdict::Nak { unique_id, reason },
     };
