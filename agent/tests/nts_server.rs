@@ -20,7 +20,7 @@ use pki::{Pki, make_pki};
 use stratum_agent::agent::Shared;
 use stratum_agent::metrics::Metrics;
 use stratum_agent::nts_ke::{client_config, key_exchange, roots_from_pem_file};
-use stratum_agent::nts_server::{KE_DEADLINE, NtsEndpoints};
+use stratum_agent::nts_server::{KE_DEADLINE, MAX_SESSIONS, NtsEndpoints};
 use stratum_agent::server::{ServerOptions, ServerStats};
 use stratum_api::agent_config::{ServingConfig, TenantConfig, TenantNtsConfig, Unauthenticated};
 use stratum_ntp::nts::CookieJar;
@@ -519,4 +519,152 @@ async fn the_bench_generator_loads_an_nts_port_with_requests_that_authenticate()
         (0, 0, 0),
         "{totals:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_whose_certificate_is_missing_fails_alone_and_starts_once_it_is_there() {
+    let dir = TempDir::new("nts-missing-cert");
+    let pki = make_pki(&dir.0, "tenant");
+    let keys = dir.path("cookie-keys.json");
+    write_keys(&keys, 1, None);
+    let (a_port, a_ke) = (free_udp_port(), free_tcp_port());
+    let (b_port, b_ke) = (free_udp_port(), free_tcp_port());
+    // Team b's Secret has not reached the node yet: its certificate file is missing.
+    let b_pki = Pki {
+        cert: dir.path("b.pem"),
+        key: dir.path("b.key"),
+        ca: pki.ca.clone(),
+    };
+    let serving = serving_with_keys(
+        vec![
+            nts_tenant(
+                "team-a/ntp",
+                a_port,
+                a_ke,
+                &["127.0.0.0/8"],
+                &pki,
+                Unauthenticated::Deny,
+            ),
+            nts_tenant(
+                "team-b/ntp",
+                b_port,
+                b_ke,
+                &["127.0.0.0/8"],
+                &b_pki,
+                Unauthenticated::Deny,
+            ),
+        ],
+        &keys,
+    );
+    let mut agent = NtsAgent::start_as_it_goes("127.0.0.1".parse().unwrap(), &serving);
+    let failed: Vec<u16> = agent.endpoints.failed().keys().copied().collect();
+    assert_eq!(failed, [b_ke], "only team b's endpoint fails");
+    // Team a is served through NTS meanwhile; team b's NTP port still refuses plain requests.
+    let mut jar = cookies_from(SocketAddr::from(([127, 0, 0, 1], a_ke)), &pki.ca).await;
+    nts_exchange(
+        &mut jar,
+        "127.0.0.1".parse().unwrap(),
+        SocketAddr::from(([127, 0, 0, 1], a_port)),
+    )
+    .expect("team a served");
+    let answer = ask(
+        "127.0.0.1".parse().unwrap(),
+        SocketAddr::from(([127, 0, 0, 1], b_port)),
+        Duration::from_secs(1),
+    )
+    .expect("a KoD");
+    assert_eq!(
+        &answer[12..16],
+        b"DENY",
+        "team b requires NTS, certificate or not"
+    );
+    // The Secret arrives: the next check starts team b's endpoint.
+    std::fs::copy(&pki.cert, &b_pki.cert).unwrap();
+    std::fs::copy(&pki.key, &b_pki.key).unwrap();
+    agent.endpoints.check_files(&serving);
+    assert!(
+        agent.endpoints.failed().is_empty(),
+        "{:?}",
+        agent.endpoints.failed()
+    );
+    let mut jar = cookies_from(SocketAddr::from(([127, 0, 0, 1], b_ke)), &pki.ca).await;
+    nts_exchange(
+        &mut jar,
+        "127.0.0.1".parse().unwrap(),
+        SocketAddr::from(([127, 0, 0, 1], b_port)),
+    )
+    .expect("team b served once its certificate is there");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_exchange_flood_on_one_tenant_is_refused_there_and_never_reaches_another() {
+    let dir = TempDir::new("nts-ke-flood");
+    let pki = make_pki(&dir.0, "tenant");
+    let keys = dir.path("cookie-keys.json");
+    write_keys(&keys, 1, None);
+    let (a_port, a_ke) = (free_udp_port(), free_tcp_port());
+    let (b_port, b_ke) = (free_udp_port(), free_tcp_port());
+    let serving = serving_with_keys(
+        vec![
+            nts_tenant(
+                "team-a/ntp",
+                a_port,
+                a_ke,
+                &["127.0.0.0/8"],
+                &pki,
+                Unauthenticated::Deny,
+            ),
+            nts_tenant(
+                "team-b/ntp",
+                b_port,
+                b_ke,
+                &["127.0.0.0/8"],
+                &pki,
+                Unauthenticated::Deny,
+            ),
+        ],
+        &keys,
+    );
+    let agent = NtsAgent::start("127.0.0.1".parse().unwrap(), &serving);
+    // A noisy client of team a opens 300 connections and never speaks: the first 64 hold the
+    // sessions, the rest find them busy, and past the burst the handshake budget says no.
+    const FLOOD: u64 = 300;
+    let flood: Vec<TcpStream> = (0..FLOOD)
+        .map(|_| TcpStream::connect(("127.0.0.1", a_ke)).unwrap())
+        .collect();
+    let counted = |result: &str| agent.key_exchanges("team-a/ntp", result);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            counted("busy") + counted("rate_limited") + MAX_SESSIONS as u64 >= FLOOD
+        }),
+        "busy {} rate_limited {}",
+        counted("busy"),
+        counted("rate_limited")
+    );
+    assert!(counted("busy") >= 1 && counted("rate_limited") >= 1);
+    // Team b's endpoint, same agent, same certificate: untouched.
+    let mut jar = cookies_from(SocketAddr::from(([127, 0, 0, 1], b_ke)), &pki.ca).await;
+    nts_exchange(
+        &mut jar,
+        "127.0.0.1".parse().unwrap(),
+        SocketAddr::from(([127, 0, 0, 1], b_port)),
+    )
+    .expect("team b served during team a's flood");
+    assert_eq!(agent.key_exchanges("team-b/ntp", "ok"), 1);
+    // Team a recovers: the flood's sessions end as its connections close, and the budget
+    // refills.
+    drop(flood);
+    let ended = || ["tls", "io", "timeout"].map(counted).iter().sum::<u64>();
+    assert!(
+        wait_until(KE_DEADLINE * 2, || ended() >= MAX_SESSIONS as u64),
+        "{} of the flood's sessions ended",
+        ended()
+    );
+    let mut jar = cookies_from(SocketAddr::from(([127, 0, 0, 1], a_ke)), &pki.ca).await;
+    nts_exchange(
+        &mut jar,
+        "127.0.0.1".parse().unwrap(),
+        SocketAddr::from(([127, 0, 0, 1], a_port)),
+    )
+    .expect("team a served after its flood");
 }

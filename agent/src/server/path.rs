@@ -724,6 +724,39 @@ mod tests {
         }
 
         #[test]
+        fn a_flood_of_valid_nts_requests_from_strangers_or_over_the_rate_opens_no_cookie() {
+            let keys = CookieKeys::new(master(1), None);
+            let port = nts_port(Some(&keys), Unauthenticated::Deny);
+            let mut state = PortState::new(64, 1);
+            let mut rng = StdRng::seed_from_u64(4);
+            let mut jar = jar(&keys, b"ns/a", &mut rng);
+            let request = ClientRequest::build(&client_header(), &mut jar, &mut rng).unwrap();
+            // Spoofed sources outside the allow list: denied, no table entry, no log row.
+            for i in 0..1000u32 {
+                let source = IpAddr::V4((0xC000_0200u32 + i).into()).to_string();
+                let answer = ask(&port, &mut state, &source, &request.datagram);
+                assert!(matches!(answer.outcome, Outcome::Denied { .. }), "{source}");
+                assert!(!answer.sealed);
+            }
+            assert_eq!((state.limiter.occupied(), state.clients.occupied()), (0, 0));
+            // One allowed client replaying its request: its burst (2) is served, the rest is
+            // rate limited before the NTS fields are looked at.
+            let outcomes: Vec<(Outcome, bool)> = (0..6)
+                .map(|_| {
+                    let a = ask(&port, &mut state, "10.0.9.1", &request.datagram);
+                    (a.outcome, a.sealed)
+                })
+                .collect();
+            assert_eq!(outcomes[..2], [(Outcome::Served, true); 2]);
+            assert!(
+                outcomes[2..]
+                    .iter()
+                    .all(|(o, sealed)| matches!(o, Outcome::RateLimited { .. }) && !sealed),
+                "{outcomes:?}"
+            );
+        }
+
+        #[test]
         fn tampered_requests_are_dropped_and_strangers_never_reach_the_crypto() {
             let keys = CookieKeys::new(master(1), None);
             let port = nts_port(Some(&keys), Unauthenticated::Deny);
