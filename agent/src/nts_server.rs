@@ -10,7 +10,8 @@
 //!
 //! The master keys come from a file (the Secret the operator manages, mounted), read again
 //! when it changes: the current key seals, the current and the previous open, so a rotation
-//! never cuts off a client that holds cookies from just before it. Until the file is read,
+//! never cuts off a client that holds cookies from just before it, and the next one opens
+//! too, so an agent that reads the rotated file later than another still opens its cookies. Until the file is read,
 //! key exchanges are refused with an internal-error record and NTS requests get the NAK;
 //! nothing is ever served unauthenticated in their place.
 //!
@@ -63,6 +64,10 @@ struct KeyFile {
     current: KeyEntry,
     #[serde(default)]
     previous: Option<KeyEntry>,
+    /// The key the coming rotation makes current: opens, never seals (see
+    /// [`CookieKeys::with_next`]).
+    #[serde(default)]
+    next: Option<KeyEntry>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,7 +93,8 @@ pub enum NtsFileError {
     Certificate { path: String, reason: String },
 }
 
-/// Parses a cookie key file: `{"current": {"id": N, "key": "<64 hex>"}, "previous": {...}}`.
+/// Parses a cookie key file: `{"current": {"id": N, "key": "<64 hex>"}, "previous": {...},
+/// "next": {...}}`; `previous` and `next` are optional.
 pub fn parse_cookie_keys(text: &[u8], path: &str) -> Result<CookieKeys, NtsFileError> {
     let bad = |reason: String| NtsFileError::Keys {
         path: path.to_owned(),
@@ -116,7 +122,8 @@ pub fn parse_cookie_keys(text: &[u8], path: &str) -> Result<CookieKeys, NtsFileE
         .as_ref()
         .map(|p| master(p, "previous"))
         .transpose()?;
-    Ok(CookieKeys::new(current, previous))
+    let next = file.next.as_ref().map(|n| master(n, "next")).transpose()?;
+    Ok(CookieKeys::new(current, previous).with_next(next))
 }
 
 fn decode_key(hex: &str) -> Option<[u8; KEY_LEN]> {
@@ -402,7 +409,7 @@ impl NtsEndpoints {
                     .and_then(|text| parse_cookie_keys(&text, &path.display().to_string()))
                 {
                     Ok(keys) => {
-                        tracing::info!(current = keys.current_id(), previous = ?keys.previous_id(), "NTS cookie keys loaded");
+                        tracing::info!(current = keys.current_id(), previous = ?keys.previous_id(), next = ?keys.next_id(), "NTS cookie keys loaded");
                         Some(keys)
                     }
                     Err(e) => {
@@ -684,6 +691,18 @@ mod tests {
         );
         let keys = parse_cookie_keys(text.as_bytes(), "/keys/cookie-keys.json").unwrap();
         assert_eq!((keys.current_id(), keys.previous_id()), (7, Some(6)));
+        assert_eq!(keys.next_id(), None);
+        let with_next = format!(
+            r#"{{"current": {{"id": 7, "key": "{KEY_A}"}}, "next": {{"id": 8, "key": "{}"}}}}"#,
+            "ee".repeat(32)
+        );
+        let keys = parse_cookie_keys(with_next.as_bytes(), "f").unwrap();
+        assert_eq!((keys.current_id(), keys.next_id()), (7, Some(8)));
+        let bad_next = format!(
+            r#"{{"current": {{"id": 7, "key": "{KEY_A}"}}, "next": {{"id": 8, "key": "ee"}}}}"#
+        );
+        let error = parse_cookie_keys(bad_next.as_bytes(), "f").unwrap_err();
+        assert!(error.to_string().contains("next.key"), "{error}");
         let only_current = format!(r#"{{"current": {{"id": 1, "key": "{KEY_A}"}}}}"#);
         assert_eq!(
             parse_cookie_keys(only_current.as_bytes(), "f")

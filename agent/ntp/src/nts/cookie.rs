@@ -44,6 +44,9 @@ pub struct MasterKey {
 pub struct CookieKeys {
     current: MasterKey,
     previous: Option<MasterKey>,
+    /// Published one rotation ahead: servers that learn of a rotation later than others still
+    /// open the cookies those others already seal with it.
+    next: Option<MasterKey>,
     /// Joins the associated data after the key id: cookies open only under the same context.
     context: Vec<u8>,
 }
@@ -71,8 +74,21 @@ impl CookieKeys {
         Self {
             current,
             previous,
+            next: None,
             context: Vec::new(),
         }
+    }
+
+    /// The same keys, also opening cookies sealed with `next`, the key the coming rotation
+    /// makes current (dropped when its id is the current's or the previous').
+    pub fn with_next(self, next: Option<MasterKey>) -> Self {
+        let next = next.filter(|n| n.id != self.current.id && Some(n.id) != self.previous_id());
+        Self { next, ..self }
+    }
+
+    /// The id of the key the coming rotation makes current, if published.
+    pub fn next_id(&self) -> Option<u32> {
+        self.next.as_ref().map(|n| n.id)
     }
 
     /// The same keys, sealing and opening only cookies of `context` (a tenant's id).
@@ -115,7 +131,7 @@ impl CookieKeys {
         cookie
     }
 
-    /// Opens a cookie sealed with the current or the previous key.
+    /// Opens a cookie sealed with the current, the previous or the next key.
     pub fn open(&self, cookie: &[u8]) -> Result<SessionKeys, CookieError> {
         if cookie.len() != COOKIE_LEN {
             return Err(CookieError::WrongLength(cookie.len()));
@@ -125,6 +141,7 @@ impl CookieKeys {
         let id = u32::from_be_bytes([id_bytes[0], id_bytes[1], id_bytes[2], id_bytes[3]]);
         let master = std::iter::once(&self.current)
             .chain(&self.previous)
+            .chain(&self.next)
             .find(|k| k.id == id)
             .ok_or(CookieError::UnknownKey(id))?;
         let plaintext = master
@@ -250,6 +267,25 @@ mod tests {
         assert_eq!(after_one.current_id(), 2);
         let after_two = CookieKeys::new(master(3), Some(master(2)));
         assert_eq!(after_two.open(&cookie), Err(CookieError::UnknownKey(1)));
+    }
+
+    #[test]
+    fn an_agent_that_rotated_first_is_understood_by_one_that_has_not_yet() {
+        // Rotation reaches agents at different times (a Secret volume updates within a
+        // minute or so): the key about to become current is published one rotation ahead.
+        let mut rng = StdRng::seed_from_u64(5);
+        let rotated = CookieKeys::new(master(2), Some(master(1))).with_next(Some(master(3)));
+        let lagging = CookieKeys::new(master(1), None).with_next(Some(master(2)));
+        let cookie = rotated.seal(&session(9), &mut rng);
+        assert_eq!(lagging.open(&cookie).unwrap(), session(9));
+        assert_eq!(lagging.next_id(), Some(2));
+        // The next key never seals, and one equal to a held key is not a third key.
+        assert_eq!(cookie[..4], 2u32.to_be_bytes());
+        let dup = CookieKeys::new(master(2), Some(master(1))).with_next(Some(master(1)));
+        assert_eq!(dup.next_id(), None);
+        // Without `next`, the lagging agent refuses the cookie: what the publication prevents.
+        let unpublished = CookieKeys::new(master(1), None);
+        assert_eq!(unpublished.open(&cookie), Err(CookieError::UnknownKey(2)));
     }
 
     #[test]
