@@ -627,7 +627,7 @@ async fn a_key_exchange_flood_on_one_tenant_is_refused_there_and_never_reaches_a
     );
     let agent = NtsAgent::start("127.0.0.1".parse().unwrap(), &serving);
     // A noisy client of team a opens 300 connections and never speaks: the first 64 hold the
-    // sessions, the rest find them busy, and past the burst the handshake budget says no.
+    // sessions, and every other one is refused, busy or (past the burst) over budget.
     const FLOOD: u64 = 300;
     let flood: Vec<TcpStream> = (0..FLOOD)
         .map(|_| TcpStream::connect(("127.0.0.1", a_ke)).unwrap())
@@ -641,7 +641,10 @@ async fn a_key_exchange_flood_on_one_tenant_is_refused_there_and_never_reaches_a
         counted("busy"),
         counted("rate_limited")
     );
-    assert!(counted("busy") >= 1 && counted("rate_limited") >= 1);
+    // Which of the two refuses a given connection depends on how fast the flood arrives (the
+    // budget refills at 100/s while it does); the budget's own arithmetic is pinned on a
+    // simulated clock by `the_handshake_budget_allows_its_burst_then_its_rate`.
+    assert!(counted("busy") >= 1, "the session bound never refused");
     // Team b's endpoint, same agent, same certificate: untouched.
     let mut jar = cookies_from(SocketAddr::from(([127, 0, 0, 1], b_ke)), &pki.ca).await;
     nts_exchange(
