@@ -335,7 +335,9 @@ async fn helm_install_runs_every_operator_pod_with_the_charts_service_account_an
             ("create", "stratum.io", "nodeclocks", false),
             ("delete", "stratum.io", "nodeclocks", true),
             ("update", "stratum.io", "timeservices", false),
-            ("get", "", "secrets", false),
+            // NTS tenants' certificates are read by name, never listed.
+            ("get", "", "secrets", true),
+            ("list", "", "secrets", false),
             ("create", "rbac.authorization.k8s.io", "clusterroles", false),
         ] {
             let (resource, subresource) = match resource.split_once('/') {
@@ -518,6 +520,17 @@ async fn prometheus_scrapes_agents_and_operators_and_every_dashboard_query_retur
                 // and checks this query there.
                 "--may-be-empty",
                 "panel 'Offset (and the host daemon's own view)' B",
+                // Only with NTS tenant traffic: the nts_tenant test makes some and checks
+                // both queries there.
+                "--may-be-empty",
+                "panel 'NTS: authenticated replies and key exchanges' A",
+                "--may-be-empty",
+                "panel 'NTS: authenticated replies and key exchanges' B",
+                // Only with an NTS upstream: the nts_upstream test has one and checks both.
+                "--may-be-empty",
+                "panel 'NTS upstreams: cookies and key exchanges' A",
+                "--may-be-empty",
+                "panel 'NTS upstreams: cookies and key exchanges' B",
             ],
             None,
         );

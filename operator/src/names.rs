@@ -24,6 +24,16 @@ pub const TIME_CONFIG_NAME: &str = "time-config";
 pub const NTP_PORT_NAME: &str = "ntp";
 /// Port the tenant Service exposes.
 pub const NTP_SERVICE_PORT: i32 = 123;
+/// Port name of an NTS tenant's key exchange on its Service and EndpointSlices.
+pub const NTS_KE_PORT_NAME: &str = "nts-ke";
+/// TCP port an NTS tenant's Service exposes its key exchange on (RFC 8915's default).
+pub const NTS_KE_SERVICE_PORT: i32 = 4460;
+
+/// The Secret in the operator's namespace holding a TimeService's NTS key material (cookie
+/// master keys, tenants' certificates), which its agents mount.
+pub fn nts_secret_name(time_service: &str) -> String {
+    format!("{}-nts", agent_name(time_service))
+}
 /// Agent metrics/health port (contract: `--metrics-addr 0.0.0.0:9123`).
 pub const AGENT_METRICS_PORT: i32 = 9123;
 /// Agent local status port (contract: `--status-addr 127.0.0.1:9124`).

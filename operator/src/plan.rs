@@ -31,6 +31,7 @@ use crate::build::endpointslice::{
 };
 use crate::build::gzip::MemberCache;
 use crate::build::networkpolicy::{PolicyCache, TenantRule, build_network_policies_cached};
+use crate::build::nts_material::NtsTenant;
 use crate::build::rbac::{AgentRbac, build_rbac};
 use crate::build::service::build_service;
 use crate::build::status::{Blocked, Uncovered};
@@ -78,6 +79,9 @@ pub struct TimeServicePlan {
     pub uncovered: Uncovered,
     /// Served tenants, for audit events.
     pub tenants: Arc<ServedTenants>,
+    /// Tenants in the agent config with NTS, oldest first: whose certificates the key
+    /// material Secret holds while they fit.
+    pub nts_tenants: Vec<NtsTenant>,
     /// Allow-list size of each served tenant.
     pub allow_list_sizes: Vec<usize>,
 }
@@ -778,6 +782,7 @@ impl TimeServiceDraft {
                 namespace: &s.key.0,
                 peers: &s.entry.spec.allowed_clients,
                 port: s.port,
+                nts: s.entry.spec.nts().is_some(),
             })
             .collect();
         // The rules come from the roster alone (an unchanged roster, unchanged rules) unless pods
@@ -790,6 +795,25 @@ impl TimeServiceDraft {
             (!capped).then_some(roster.epoch),
             peer_port,
         )?;
+        let mut nts_served: Vec<&&ServedTenant> = served
+            .iter()
+            .filter(|s| s.entry.spec.nts().is_some() && !cache.shed.contains(&s.key))
+            .collect();
+        nts_served.sort_by(|a, b| {
+            age(&a.entry)
+                .cmp(&age(&b.entry))
+                .then_with(|| a.key.cmp(&b.key))
+        });
+        let nts_tenants = nts_served
+            .into_iter()
+            .filter_map(|s| {
+                Some(NtsTenant {
+                    key: s.key.clone(),
+                    port: s.port,
+                    secret: s.entry.spec.nts()?.nts_certificate_secret.clone()?,
+                })
+            })
+            .collect();
         let off_designated = config
             .as_ref()
             .map(|config| {
@@ -814,6 +838,7 @@ impl TimeServiceDraft {
             uncovered: uncovered.clone(),
             allow_list_sizes,
             tenants: roster.tenants.clone(),
+            nts_tenants,
         })
     }
 }

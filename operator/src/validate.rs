@@ -2,7 +2,7 @@
 //! agents would refuse in the tenant's entry (`stratum_api::agent_config::policy_problems`, the
 //! same check `AgentConfig::validate` runs on every entry), what the operator cannot build
 //! (peers that do not compile, too many prefixes), and what this version does not serve
-//! (timezone, authentication). A tenant failing any of it is refused alone: it claims no port
+//! (timezone, symmetric keys). A tenant failing any of it is refused alone: it claims no port
 //! and no Service name, and is left out of the agent config and the NetworkPolicy, so it can
 //! never make its TimeService's config invalid or change another tenant's output.
 
@@ -36,6 +36,7 @@ pub fn spec_refusal(
         namespace: &policy.namespace,
         peers: &spec.allowed_clients,
         port: u16::MAX,
+        nts: spec.nts().is_some(),
     });
     let rule_bytes = json_bytes(&rule);
     if rule_bytes > MAX_TENANT_RULE_BYTES {
@@ -55,15 +56,24 @@ pub fn spec_refusal(
             format!("spec.timezone: {tz:?} is not a time zone of the IANA database"),
         ));
     }
-    if let Some(auth) = &spec.authentication
-        && (auth.nts || auth.symmetric_keys_secret.is_some())
-    {
-        return Some((
-            "AuthenticationUnsupported",
-            "spec.authentication: client authentication (NTS, symmetric keys) is not supported \
-             by this version's agents"
-                .into(),
-        ));
+    if let Some(auth) = &spec.authentication {
+        if auth.symmetric_keys_secret.is_some() {
+            return Some((
+                "AuthenticationUnsupported",
+                "spec.authentication.symmetricKeysSecret: symmetric keys (RFC 8573) are not \
+                 supported by this version; use nts"
+                    .into(),
+            ));
+        }
+        // The schema says the same; kept for objects stored before it.
+        if auth.nts && auth.nts_certificate_secret.is_none() {
+            return Some((
+                "InvalidSpec",
+                "spec.authentication.ntsCertificateSecret: must name the kubernetes.io/tls \
+                 Secret of the NTS-KE endpoint when nts is true"
+                    .into(),
+            ));
+        }
     }
     None
 }
@@ -151,10 +161,30 @@ mod tests {
         let (reason, message) = refusal(serde_json::json!({ "timezone": "Mars/Olympus" })).unwrap();
         assert_eq!(reason, "InvalidTimezone");
         assert!(message.starts_with("spec.timezone: "), "{message}");
-        let (reason, _) =
-            refusal(serde_json::json!({ "authentication": { "nts": true } })).unwrap();
+        let (reason, message) = refusal(
+            serde_json::json!({ "authentication": { "symmetricKeysSecret": "device-keys" } }),
+        )
+        .unwrap();
         assert_eq!(reason, "AuthenticationUnsupported");
+        assert!(message.contains("symmetricKeysSecret"), "{message}");
         assert!(refusal(serde_json::json!({ "timezone": "Europe/Berlin" })).is_none());
+    }
+
+    #[test]
+    fn nts_is_served_and_needs_its_certificate_secret() {
+        let (reason, message) =
+            refusal(serde_json::json!({ "authentication": { "nts": true } })).unwrap();
+        assert_eq!(reason, "InvalidSpec");
+        assert!(message.contains("ntsCertificateSecret"), "{message}");
+        for unauthenticated in ["Serve", "Deny", "Ignore"] {
+            assert!(
+                refusal(serde_json::json!({ "authentication": {
+                    "nts": true, "ntsCertificateSecret": "ntp-tls",
+                    "unauthenticated": unauthenticated } }))
+                .is_none(),
+                "{unauthenticated}"
+            );
+        }
     }
 
     #[test]

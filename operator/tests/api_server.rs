@@ -227,6 +227,24 @@ async fn time_service_children_are_applied_then_status_once_and_not_again_when_u
 
     let verifier = tokio::spawn(async move {
         expect_agent_rbac(&mut v, "cluster").await;
+        // The NTS key material Secret, before the config that names its files: read for the
+        // cookie keys' age, then applied (cookie keys only: no tenant asks for NTS).
+        v.expect_get_not_found(&format!(
+            "/api/v1/namespaces/{NS}/secrets/cluster-agent-nts"
+        ))
+        .await;
+        let secret = v
+            .expect_apply(
+                &format!("/api/v1/namespaces/{NS}/secrets/cluster-agent-nts"),
+                json!({}),
+            )
+            .await;
+        let members: Vec<&String> = secret["data"].as_object().unwrap().keys().collect();
+        assert_eq!(members, ["cookie-keys.json"]);
+        assert_eq!(
+            secret["metadata"]["ownerReferences"][0]["uid"],
+            "uid-cluster"
+        );
         v.expect_get_not_found(&format!(
             "/api/v1/namespaces/{NS}/configmaps/cluster-agent-config"
         ))
@@ -278,6 +296,15 @@ async fn time_service_children_are_applied_then_status_once_and_not_again_when_u
     ts.status = Some(serde_json::from_value(status["status"].clone()).unwrap());
     let verifier = tokio::spawn(async move {
         expect_agent_rbac(&mut v, "cluster").await;
+        v.expect_get_not_found(&format!(
+            "/api/v1/namespaces/{NS}/secrets/cluster-agent-nts"
+        ))
+        .await;
+        v.expect_apply(
+            &format!("/api/v1/namespaces/{NS}/secrets/cluster-agent-nts"),
+            json!({}),
+        )
+        .await;
         v.expect_apply(
             &format!("/apis/apps/v1/namespaces/{NS}/daemonsets/cluster-agent"),
             json!({ "status": { "desiredNumberScheduled": 1, "numberReady": 1, "updatedNumberScheduled": 1,

@@ -1,6 +1,7 @@
 //! One tenant can never hurt another. Random sequences of tenant, pod and namespace events,
 //! with tenants that are invalid in every way the operator knows (values the agents refuse,
-//! prefix explosions, unknown time zones, broken selectors, unsupported authentication), are
+//! prefix explosions, unknown time zones, broken selectors, NTS without its certificate Secret,
+//! unsupported symmetric keys), are
 //! fed to two indexes: one gets every event, the other the same run with the invalid tenants
 //! removed. Every valid tenant's output (its agent-config entry and allow list, its port, its
 //! Service, EndpointSlices and time-config) and everything shared (the agent config, the
@@ -72,10 +73,15 @@ fn invalid_spec(kind: u64, rng: &mut Rng) -> (Value, &'static str, &'static str)
             "InvalidClients",
             "spec.allowedClients[0].podSelector",
         ),
-        5 => (
+        5 if rng.chance(50) => (
             json!({ "service": service, "authentication": { "nts": true } }),
+            "InvalidSpec",
+            "spec.authentication.ntsCertificateSecret",
+        ),
+        5 => (
+            json!({ "service": service, "authentication": { "symmetricKeysSecret": "keys" } }),
             "AuthenticationUnsupported",
-            "spec.authentication",
+            "spec.authentication.symmetricKeysSecret",
         ),
         6 => (
             json!({ "service": service, "rateLimit": { "perClient": { "burst": -3 } } }),
@@ -113,6 +119,11 @@ fn valid_spec(rng: &mut Rng) -> Value {
     });
     if rng.chance(40) {
         spec["requirements"] = json!({ "maxRootDistance": format!("{}ms", 5 + 10 * rng.below(3)) });
+    }
+    if rng.chance(30) {
+        let unauthenticated = ["Serve", "Deny", "Ignore"][rng.below(3) as usize];
+        spec["authentication"] = json!({ "nts": true, "ntsCertificateSecret": "ntp-tls",
+                                         "unauthenticated": unauthenticated });
     }
     spec
 }

@@ -721,8 +721,17 @@ fn tenant_rows(ev: &Evidence, time_services: &BTreeMap<String, &TimeService>) ->
             let status = t.status.clone().unwrap_or_default();
             let auth = t.spec.authentication.as_ref();
             let mut methods = Vec::new();
+            // Whether time without authentication is still served matters to an auditor.
+            let required = auth.is_some_and(|a| {
+                a.unauthenticated
+                    .is_some_and(|u| u != stratum_api::agent_config::Unauthenticated::Serve)
+            });
             if auth.is_some_and(|a| a.nts) {
-                methods.push("NTS");
+                methods.push(if required {
+                    "NTS (required)"
+                } else {
+                    "NTS (offered)"
+                });
             }
             if auth.is_some_and(|a| a.symmetric_keys_secret.is_some()) {
                 methods.push("symmetric keys");

@@ -221,7 +221,8 @@ pub struct TenantRow {
     /// Its accuracy requirement, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_root_distance_seconds: Option<f64>,
-    /// Client authentication: `none`, `NTS` or `symmetric keys`.
+    /// Client authentication: `none`, `NTS (required)` or `NTS (offered)` (whether requests
+    /// without it are still answered), `symmetric keys`.
     pub authentication: String,
     /// Requests answered in the period (from Prometheus).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The chart's RBAC on a real API server, after `helm install`: the operator can do what its
-# reconcilers need and nothing the design forbids (NodeClock writes, secrets, binding roles
+# reconcilers need and nothing the design forbids (NodeClock writes, listing or writing
+# tenants' secrets, binding roles
 # other than stratum-agent, children outside its namespace), and the agents' ClusterRole is
 # as narrow as documented. Uses impersonation (`--as`), so it needs an admin kubeconfig.
 #
@@ -102,8 +103,14 @@ check yes "$OP" watch nodes
 check yes "$OP" create services -n "$TENANT_NS"
 check yes "$OP" patch endpointslices.discovery.k8s.io -n "$TENANT_NS"
 check yes "$OP" patch configmaps -n "$TENANT_NS"
-check no "$OP" get secrets -n "$NS"
-check no "$OP" get secrets -n "$TENANT_NS"
+# NTS tenants' kubernetes.io/tls Secrets, read by name only (rbac.readTenantCertificates):
+# never listed, watched or written outside the operator's namespace.
+check yes "$OP" get secrets -n "$TENANT_NS"
+check no "$OP" list secrets -n "$TENANT_NS"
+check no "$OP" watch secrets -A
+check no "$OP" create secrets -n "$TENANT_NS"
+check no "$OP" patch secrets -n "$TENANT_NS"
+check no "$OP" delete secrets -n "$TENANT_NS"
 check no "$OP" patch nodes
 check no "$OP" delete pods -n "$TENANT_NS"
 echo "operator, agent children only in its namespace:"
@@ -113,6 +120,12 @@ check yes "$OP" create roles.rbac.authorization.k8s.io -n "$NS"
 check no "$OP" create daemonsets.apps -n "$TENANT_NS"
 check no "$OP" create networkpolicies.networking.k8s.io -n "$TENANT_NS"
 check no "$OP" create roles.rbac.authorization.k8s.io -n "$TENANT_NS"
+# Each TimeService's NTS key material Secret: written by server-side apply, never deleted
+# (its owner reference does that) or listed.
+check yes "$OP" get secrets -n "$NS"
+check yes "$OP" patch secrets -n "$NS"
+check no "$OP" delete secrets -n "$NS"
+check no "$OP" list secrets -n "$NS"
 check no "$OP" create clusterroles
 check yes "$OP" patch clusterrolebindings/stratum-agent
 check no "$OP" create clusterrolebindings
@@ -136,8 +149,9 @@ outcome forbidden "binds its agents to cluster-admin" \
 outcome allowed "creates the agents' Role to read their ConfigMap" \
   kubectl --as="$OP" -n "$NS" create role rbace2e-agent --verb=get,list,watch --resource=configmaps \
   --resource-name=rbace2e-agent-config
-outcome forbidden "creates a Role granting secrets" \
-  kubectl --as="$OP" -n "$NS" create role rbace2e-escalate --verb=get --resource=secrets
+# It may read a Secret by name, so it could grant that; never listing them, it cannot grant it.
+outcome forbidden "creates a Role granting a list of secrets" \
+  kubectl --as="$OP" -n "$NS" create role rbace2e-escalate --verb=list --resource=secrets
 
 echo "operator, tenant objects (admission policy $RELEASE-operator-writes):"
 # The policy is loaded asynchronously after install: wait until it refuses a system namespace.

@@ -266,6 +266,28 @@ pub struct TenantConfig {
     pub nts: Option<TenantNtsConfig>,
 }
 
+/// Where agents find the key material Secret the operator gathers for their TimeService
+/// (`<timeService>-nts` in the operator's namespace, mounted read-only).
+pub const NTS_MATERIAL_DIR: &str = "/etc/stratum/nts";
+/// The Secret's member holding the cookie master keys (see `serving.ntsCookieKeysFile`).
+pub const NTS_COOKIE_KEYS_KEY: &str = "cookie-keys.json";
+
+/// The Secret's member holding the certificate chain of the tenant served on `port`: ports
+/// are unique within a TimeService and, unlike namespace and name, always a valid key.
+pub fn nts_certificate_key(port: u16) -> String {
+    format!("tenant-{port}.crt")
+}
+
+/// The Secret's member holding the private key of the tenant served on `port`.
+pub fn nts_private_key_key(port: u16) -> String {
+    format!("tenant-{port}.key")
+}
+
+/// Where an agent reads the Secret's member `key`.
+pub fn nts_material_path(key: &str) -> String {
+    format!("{NTS_MATERIAL_DIR}/{key}")
+}
+
 /// One tenant's NTS endpoint on an agent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -289,7 +311,9 @@ pub struct TenantNtsConfig {
 }
 
 /// What an NTS tenant's port does with a request that carries no NTS fields.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 pub enum Unauthenticated {
     /// Served as any request (NTS is offered, not required).
     #[default]
@@ -427,7 +451,18 @@ impl TenantConfig {
                 kiss_of_death: rate.kiss_of_death,
             },
             max_root_distance_seconds: spec.requirements.max_root_distance.map(|d| d.as_secs_f64()),
-            nts: None,
+            // The key exchange runs on TCP at the tenant's UDP port number (separate spaces,
+            // and unique per agent by construction). It names no server or port: clients use
+            // the address they reached the key exchange at, which is the tenant's Service
+            // however they name it (cluster DNS, the VIP, a load balancer), and port 123.
+            nts: spec.nts().map(|auth| TenantNtsConfig {
+                ke_port: port,
+                certificate_file: nts_material_path(&nts_certificate_key(port)),
+                key_file: nts_material_path(&nts_private_key_key(port)),
+                ntp_server: None,
+                ntp_port: None,
+                unauthenticated: auth.unauthenticated.unwrap_or_default(),
+            }),
         }
     }
 

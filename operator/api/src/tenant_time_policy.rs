@@ -9,6 +9,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::agent_config::Unauthenticated;
 use crate::common::{Condition, Duration, IpBlock, PolicyPeer};
 use crate::duration_rule;
 
@@ -212,15 +213,41 @@ pub struct Requirements {
 }
 
 /// Client authentication.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    cel,
+    validation = kube::core::Rule::new("!self.nts || has(self.ntsCertificateSecret)").message("authentication.ntsCertificateSecret must name the kubernetes.io/tls Secret of the NTS-KE endpoint when nts is true"),
+    validation = kube::core::Rule::new("!has(self.unauthenticated) || self.unauthenticated == 'Serve' || self.nts || has(self.symmetricKeysSecret)").message("authentication.unauthenticated: Deny and Ignore need an authentication method (nts or symmetricKeysSecret)")
+)]
 pub struct Authentication {
-    /// Require Network Time Security (RFC 8915).
+    /// Offer Network Time Security (RFC 8915): an NTS-KE endpoint on the tenant's Service
+    /// (TCP 4460) and authenticated NTP on its UDP port.
     #[serde(default)]
     pub nts: bool,
+    /// Name of a `kubernetes.io/tls` Secret in this namespace with the NTS-KE endpoint's
+    /// certificate chain (`tls.crt`) and key (`tls.key`), usually written by a cert-manager
+    /// Certificate for the Service's DNS name. The operator copies it into its own namespace
+    /// for the agents, which never read tenant namespaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$')").message("authentication.ntsCertificateSecret must be a Secret name: lowercase letters, digits, '-' and '.', at most 253 characters"))]
+    #[schemars(length(max = 253))]
+    pub nts_certificate_secret: Option<String>,
+    /// What a request without authentication gets on the tenant's UDP port: `Serve` (the
+    /// default: authentication is offered, not required), `Deny` (a Kiss-o'-Death DENY) or
+    /// `Ignore` (no answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unauthenticated: Option<Unauthenticated>,
     /// Symmetric keys (RFC 8573) from a Secret in this namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symmetric_keys_secret: Option<String>,
+}
+
+impl TenantTimePolicySpec {
+    /// The NTS settings when the tenant asks for NTS.
+    pub fn nts(&self) -> Option<&Authentication> {
+        self.authentication.as_ref().filter(|a| a.nts)
+    }
 }
 
 /// Observed state of a TenantTimePolicy.

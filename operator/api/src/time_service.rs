@@ -515,6 +515,13 @@ pub struct Serving {
     /// How the agents' request metrics break down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<ServingMetrics>,
+    /// How often the NTS cookie master keys shared by the agents are rotated (24h when
+    /// unset). A cookie opens while its key is current or previous, so for one to two periods.
+    /// At least 5m: each new key is published one period before it seals, which covers a
+    /// Secret volume reaching the agents at different times.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = duration_rule!("serving.ntsCookieKeyRotation", " && duration(self) >= duration('5m')", " must be a duration of at least 5m, such as \"24h\""))]
+    pub nts_cookie_key_rotation: Option<Duration>,
 }
 
 impl Default for Serving {
@@ -524,6 +531,7 @@ impl Default for Serving {
             holdover: default_holdover(),
             local_stratum: None,
             metrics: None,
+            nts_cookie_key_rotation: None,
         }
     }
 }
@@ -540,7 +548,25 @@ pub struct ServingMetrics {
     pub per_tenant: Option<bool>,
 }
 
+/// Cookie master key rotation period when `serving.ntsCookieKeyRotation` is unset.
+pub const DEFAULT_NTS_COOKIE_KEY_ROTATION: std::time::Duration =
+    std::time::Duration::from_secs(24 * 3600);
+
+/// Shortest cookie master key rotation period (see `serving.ntsCookieKeyRotation`).
+pub const MIN_NTS_COOKIE_KEY_ROTATION: std::time::Duration = std::time::Duration::from_secs(300);
+
 impl Serving {
+    /// The cookie master key rotation period, never under [`MIN_NTS_COOKIE_KEY_ROTATION`]
+    /// (the schema's bound, held here too for objects stored before it).
+    pub fn nts_cookie_key_rotation(&self) -> std::time::Duration {
+        self.nts_cookie_key_rotation
+            .as_ref()
+            .map_or(DEFAULT_NTS_COOKIE_KEY_ROTATION, |d| {
+                std::time::Duration::from_secs_f64(d.as_secs_f64())
+            })
+            .max(MIN_NTS_COOKIE_KEY_ROTATION)
+    }
+
     /// Whether request metrics carry one series per tenant.
     pub fn metrics_per_tenant(&self) -> bool {
         self.metrics

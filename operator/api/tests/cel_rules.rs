@@ -455,3 +455,45 @@ fn the_system_clock_needs_the_discipline_mode() {
         "clock System steers the node clock, which mode Monitor never does",
     );
 }
+
+#[test]
+fn nts_names_its_certificate_secret_and_requiring_authentication_needs_a_method() {
+    let auth = |a: Value| tenant(json!({ "authentication": a })).validate_cel();
+    accepted(auth(
+        json!({"nts": true, "ntsCertificateSecret": "ntp-tls"}),
+    ));
+    accepted(auth(
+        json!({"nts": true, "ntsCertificateSecret": "ntp-tls", "unauthenticated": "Deny"}),
+    ));
+    refused_with(
+        auth(json!({"nts": true})),
+        "authentication.ntsCertificateSecret must name the kubernetes.io/tls Secret",
+    );
+    refused_with(
+        auth(json!({"nts": true, "ntsCertificateSecret": "Not_A_Name"})),
+        "authentication.ntsCertificateSecret must be a Secret name",
+    );
+    // Requiring authentication with none offered would refuse every client.
+    accepted(auth(json!({"unauthenticated": "Serve"})));
+    refused_with(
+        auth(json!({"unauthenticated": "Ignore"})),
+        "Deny and Ignore need an authentication method",
+    );
+}
+
+#[test]
+fn cookie_keys_rotate_no_faster_than_a_secret_volume_reaches_every_agent() {
+    let serving = |rotation: &str| {
+        time_service(json!({
+            "upstreams": [upstream(json!({}))],
+            "serving": {"ntsCookieKeyRotation": rotation}
+        }))
+        .validate_cel()
+    };
+    accepted(serving("24h"));
+    accepted(serving("5m"));
+    refused_with(
+        serving("1m"),
+        "serving.ntsCookieKeyRotation must be a duration of at least 5m",
+    );
+}

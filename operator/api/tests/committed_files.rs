@@ -150,6 +150,38 @@ fn every_example_parses_and_passes_the_crd_rules() {
             .any(|p| p.ip_block.is_some())
     );
 
+    // NTS: a cert-manager Certificate, then the policy naming the Secret it writes.
+    let text = std::fs::read_to_string(repo_root().join("examples/tenant-nts.yaml")).unwrap();
+    let documents: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let [certificate, policy] = &documents[..] else {
+        panic!("tenant-nts.yaml: a Certificate and a TenantTimePolicy")
+    };
+    assert_eq!(certificate["kind"], "Certificate");
+    if let Err(errors) = stratum_api::validate_object::<TenantTimePolicy>(policy) {
+        panic!("tenant-nts.yaml breaks a CRD rule: {errors:?}");
+    }
+    let nts: TenantTimePolicy = serde_json::from_value(policy.clone()).unwrap();
+    let auth = nts.spec.nts().expect("the example asks for NTS");
+    assert_eq!(
+        auth.nts_certificate_secret.as_deref(),
+        certificate["spec"]["secretName"].as_str(),
+        "the policy names the Secret the Certificate writes"
+    );
+    let service_name = format!(
+        "{}.{}.svc.cluster.local",
+        nts.spec.service.name,
+        policy["metadata"]["namespace"].as_str().unwrap()
+    );
+    assert!(
+        certificate["spec"]["dnsNames"]
+            .as_array()
+            .unwrap()
+            .contains(&service_name.into()),
+        "the certificate names the Service clients use"
+    );
+
     let mut files: Vec<_> = std::fs::read_dir(repo_root().join("examples"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -163,6 +195,7 @@ fn every_example_parses_and_passes_the_crd_rules() {
             // Patches applied as written by the e2e test `migration`, and below.
             "migration",
             "tenant-cross-namespace.yaml",
+            "tenant-nts.yaml",
             "tenant-own-namespace.yaml",
             "timeservice.yaml"
         ],

@@ -15,8 +15,9 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
 use stratum_api::agent_config::{
     AGENT_CONFIG_GZIP_KEY, AGENT_CONFIG_VERSION, ClockBackend, ClockConfig, ConfigProblem,
-    DisciplineConfig, EgressConfig, LeapConfig, LeapMode, LogLevel, ReportingConfig,
-    SelectionConfig, ServingConfig, TenantConfig, UpstreamConfig, UpstreamKind,
+    DisciplineConfig, EgressConfig, LeapConfig, LeapMode, LogLevel, NTS_COOKIE_KEYS_KEY,
+    ReportingConfig, SelectionConfig, ServingConfig, TenantConfig, UpstreamConfig, UpstreamKind,
+    nts_material_path,
 };
 use stratum_api::tenant_time_policy::TenantTimePolicySpec;
 use stratum_api::time_service::{self as ts_api, ClockSource, DisciplineMode};
@@ -113,6 +114,7 @@ fn build_agent_config_unrevised(
         tenant_texts.push(entry);
     }
     // Texts of sets and tenants no longer used are dropped here.
+    let has_nts = tenant_configs.iter().any(|t| t.nts.is_some());
     let (cidr_sets, addresses, texts) = numbering.finish();
     cache.sets = texts;
     cache.tenants = tenant_texts;
@@ -200,9 +202,9 @@ fn build_agent_config_unrevised(
             tenants: tenant_configs,
             cidr_sets,
             metrics_per_tenant: spec.serving.metrics_per_tenant(),
-            // Tenant NTS is refused by validation until the operator gathers its key
-            // material (certificates, cookie master keys) for the agents.
-            nts_cookie_keys_file: None,
+            // The member of the key material Secret every agent mounts; named only when a
+            // tenant has NTS, so configs without it read as before.
+            nts_cookie_keys_file: has_nts.then(|| nts_material_path(NTS_COOKIE_KEYS_KEY)),
         },
         reporting: ReportingConfig {
             heartbeat_seconds: spec.reporting.interval.as_secs_f64(),

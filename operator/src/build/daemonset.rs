@@ -6,14 +6,18 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
     HostPathVolumeSource, Lifecycle, LifecycleHandler, LocalObjectReference, ObjectFieldSelector,
-    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
-    SleepAction, Volume, VolumeMount,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+    SecurityContext, SleepAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use stratum_api::TimeService;
+use stratum_api::agent_config::NTS_MATERIAL_DIR;
 use stratum_api::time_service::{DisciplineMode, PullPolicy};
+
+/// The agents' volume of the TimeService's NTS key material Secret.
+const NTS_VOLUME: &str = "nts";
 
 use super::{OperatorSettings, agent_meta};
 use crate::error::{Error, Result};
@@ -188,11 +192,19 @@ pub fn build_daemonset(
             }),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "state".into(),
-            mount_path: names::AGENT_STATE_DIR.into(),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "state".into(),
+                mount_path: names::AGENT_STATE_DIR.into(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: NTS_VOLUME.into(),
+                mount_path: NTS_MATERIAL_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+        ]),
         ..Container::default()
     };
     let host_network = spec.agent.host_network;
@@ -252,14 +264,30 @@ pub fn build_daemonset(
                     node_selector: Some(spec.placement.agent_node_selector()),
                     tolerations: Some(spec.placement.agent_tolerations()),
                     containers: vec![container],
-                    volumes: Some(vec![Volume {
-                        name: "state".into(),
-                        host_path: Some(HostPathVolumeSource {
-                            path: spec.discipline.drift_directory.clone(),
-                            type_: Some("DirectoryOrCreate".into()),
-                        }),
-                        ..Volume::default()
-                    }]),
+                    volumes: Some(vec![
+                        Volume {
+                            name: "state".into(),
+                            host_path: Some(HostPathVolumeSource {
+                                path: spec.discipline.drift_directory.clone(),
+                                type_: Some("DirectoryOrCreate".into()),
+                            }),
+                            ..Volume::default()
+                        },
+                        // Always mounted, so the first NTS tenant restarts no agent: the
+                        // kubelet fills in and updates the files as the operator writes the
+                        // Secret, and the agents read them again when they change. Owner-only:
+                        // it holds private keys.
+                        Volume {
+                            name: NTS_VOLUME.into(),
+                            secret: Some(SecretVolumeSource {
+                                secret_name: Some(names::nts_secret_name(name)),
+                                optional: Some(true),
+                                default_mode: Some(0o400),
+                                ..SecretVolumeSource::default()
+                            }),
+                            ..Volume::default()
+                        },
+                    ]),
                     termination_grace_period_seconds: Some(AGENT_GRACE_SECONDS),
                     ..PodSpec::default()
                 }),
@@ -620,6 +648,25 @@ mod tests {
         assert_eq!(
             volume.host_path.as_ref().unwrap().type_.as_deref(),
             Some("DirectoryOrCreate")
+        );
+        // The NTS key material: the operator's Secret of this TimeService, optional (the pods
+        // start before it exists), owner-read-only, mounted read-only where the config's
+        // paths point.
+        let nts = &pod.volumes.as_ref().unwrap()[1];
+        let secret = nts.secret.as_ref().unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("cluster-agent-nts"));
+        assert_eq!(
+            (secret.optional, secret.default_mode),
+            (Some(true), Some(0o400))
+        );
+        let mount = &c.volume_mounts.as_ref().unwrap()[1];
+        assert_eq!(
+            (
+                mount.name.as_str(),
+                mount.mount_path.as_str(),
+                mount.read_only
+            ),
+            ("nts", NTS_MATERIAL_DIR, Some(true))
         );
     }
 }

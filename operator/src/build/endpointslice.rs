@@ -159,15 +159,30 @@ pub fn build_endpoint_slices(
             metadata: meta,
             address_type: family.address_type().into(),
             endpoints: Some(list),
-            ports: Some(vec![EndpointPort {
-                name: Some(names::NTP_PORT_NAME.into()),
-                protocol: Some("UDP".into()),
-                port: Some(i32::from(port)),
-                ..EndpointPort::default()
-            }]),
+            ports: Some(endpoint_ports(tenant, port)),
         });
     }
     Ok(slices)
+}
+
+/// The slices' ports: NTP on UDP, and for an NTS tenant its key exchange on TCP at the same
+/// port number (the agent listens on both).
+fn endpoint_ports(tenant: &TenantTimePolicy, port: u16) -> Vec<EndpointPort> {
+    let mut ports = vec![EndpointPort {
+        name: Some(names::NTP_PORT_NAME.into()),
+        protocol: Some("UDP".into()),
+        port: Some(i32::from(port)),
+        ..EndpointPort::default()
+    }];
+    if tenant.spec.nts().is_some() {
+        ports.push(EndpointPort {
+            name: Some(names::NTS_KE_PORT_NAME.into()),
+            protocol: Some("TCP".into()),
+            port: Some(i32::from(port)),
+            ..EndpointPort::default()
+        });
+    }
+    ports
 }
 
 /// Number of ready endpoints across slices.
@@ -371,5 +386,40 @@ mod tests {
         assert_eq!(v6e.len(), 1);
         assert_eq!(v6e[0].addresses, ["fd00::1"]);
         assert_eq!(ready_endpoints(&slices), 2, "n1 in both families");
+        assert_eq!(v4.ports.as_ref().unwrap().len(), 1, "no NTS, no TCP port");
+    }
+
+    #[test]
+    fn an_nts_tenants_slices_route_its_key_exchange_to_the_agent_port_over_tcp() {
+        let tenant = fixtures::tenant(
+            "team-a",
+            "p",
+            serde_json::json!({ "authentication": { "nts": true, "ntsCertificateSecret": "tls" } }),
+        );
+        let agents = [agent("n1", &["10.0.0.1"])];
+        let refs: Vec<&PodInfo> = agents.iter().collect();
+        let eps = agent_endpoints(
+            &refs,
+            &BTreeMap::new(),
+            &fresh(&[]),
+            &BTreeMap::new(),
+            "cluster",
+            None,
+        );
+        let slices = build_endpoint_slices(&tenant, "cluster", 12345, &eps).unwrap();
+        let ports: Vec<_> = slices[0]
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| (p.name.as_deref(), p.protocol.as_deref(), p.port))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (Some("ntp"), Some("UDP"), Some(12345)),
+                (Some("nts-ke"), Some("TCP"), Some(12345))
+            ]
+        );
     }
 }

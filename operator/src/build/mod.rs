@@ -7,6 +7,7 @@ pub mod daemonset;
 pub mod endpointslice;
 pub mod gzip;
 pub mod networkpolicy;
+pub mod nts_material;
 pub mod rbac;
 pub mod service;
 pub mod status;

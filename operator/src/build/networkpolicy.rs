@@ -30,6 +30,8 @@ pub struct TenantRule<'a> {
     pub peers: &'a [PolicyPeer],
     /// The tenant's port.
     pub port: u16,
+    /// Whether the tenant has NTS: its key exchange listens on TCP at the same port number.
+    pub nts: bool,
 }
 
 /// NTS key exchange (RFC 8915).
@@ -86,7 +88,7 @@ pub const MAX_POLICY_BYTES: usize = 512 * 1024;
 /// (`validate`), so every policy holds at least eight tenants.
 pub const MAX_TENANT_RULE_BYTES: usize = 64 * 1024;
 
-/// The ingress rule admitting one tenant's peers to its port.
+/// The ingress rule admitting one tenant's peers to its port (UDP, and TCP for NTS-KE).
 pub fn tenant_rule(t: &TenantRule<'_>) -> NetworkPolicyIngressRule {
     let peers: Vec<NetworkPolicyPeer> = if t.peers.is_empty() {
         vec![to_network_peer(
@@ -102,9 +104,13 @@ pub fn tenant_rule(t: &TenantRule<'_>) -> NetworkPolicyIngressRule {
             .map(|p| to_network_peer(t.namespace, p))
             .collect()
     };
+    let mut ports = vec![port("UDP", i32::from(t.port))];
+    if t.nts {
+        ports.push(port("TCP", i32::from(t.port)));
+    }
     NetworkPolicyIngressRule {
         from: Some(peers),
-        ports: Some(vec![port("UDP", i32::from(t.port))]),
+        ports: Some(ports),
     }
 }
 
@@ -125,7 +131,7 @@ pub struct PolicyCache {
     owner: (Option<String>, Option<String>),
     spec: TimeServiceSpec,
     settings: OperatorSettings,
-    tenants: Vec<(String, Vec<PolicyPeer>, u16)>,
+    tenants: Vec<(String, Vec<PolicyPeer>, u16, bool)>,
     tenants_revision: Option<u64>,
     peer_port: Option<u16>,
     policies: Arc<[NetworkPolicy]>,
@@ -155,8 +161,8 @@ impl PolicyCache {
                 .tenants
                 .iter()
                 .zip(tenants)
-                .all(|((ns, peers, port), t)| {
-                    ns == t.namespace && peers == t.peers && *port == t.port
+                .all(|((ns, peers, port, nts), t)| {
+                    ns == t.namespace && peers == t.peers && *port == t.port && *nts == t.nts
                 })
     }
 }
@@ -186,7 +192,7 @@ pub fn build_network_policies_cached(
         settings: settings.clone(),
         tenants: tenants
             .iter()
-            .map(|t| (t.namespace.to_owned(), t.peers.to_vec(), t.port))
+            .map(|t| (t.namespace.to_owned(), t.peers.to_vec(), t.port, t.nts))
             .collect(),
         tenants_revision,
         peer_port,
@@ -329,11 +335,13 @@ mod tests {
                 namespace: "vms",
                 peers: &vm_peers,
                 port: 12300,
+                nts: false,
             },
             TenantRule {
                 namespace: "plain",
                 peers: &[],
                 port: 12301,
+                nts: true,
             },
         ];
         let mut policies =
@@ -368,6 +376,13 @@ mod tests {
         let plain = &ingress[2].from.as_ref().unwrap()[0];
         assert_eq!(plain.namespace_selector, Some(namespace_is("plain")));
         assert_eq!(plain.pod_selector, Some(LabelSelector::default()));
+        // The NTS tenant's peers reach its key exchange (TCP, same port number); the other
+        // tenant opens UDP only.
+        assert_eq!(
+            ingress[2].ports.as_deref(),
+            Some(&[port("UDP", 12301), port("TCP", 12301)][..])
+        );
+        assert_eq!(vms.ports.as_deref(), Some(&[port("UDP", 12300)][..]));
         let egress = spec.egress.unwrap();
         assert_eq!(egress[0].ports.as_ref().unwrap()[0], port("UDP", 123));
         assert_eq!(
@@ -401,6 +416,7 @@ mod tests {
                 namespace: ns,
                 peers: &peers,
                 port: 20000 + i as u16,
+                nts: false,
             })
             .collect();
         let policies =

@@ -9,7 +9,7 @@ use super::tenant_meta;
 use crate::error::Result;
 use crate::names;
 
-/// The tenant's Service: port 123/UDP named `ntp`. Routing `NodeLocal` uses
+/// The tenant's Service: port 123/UDP named `ntp` (and 4460/TCP `nts-ke` with NTS). Routing `NodeLocal` uses
 /// `internalTrafficPolicy: Local`; `Closest` uses `trafficDistribution: PreferSameNode` (the
 /// agent on the client's node, else another), with node and zone hints on our EndpointSlices
 /// since no EndpointSlice controller writes them for a selector-less Service. NodePort and
@@ -29,15 +29,7 @@ pub fn build_service(tenant: &TenantTimePolicy, time_service: &str, port: u16) -
                 }
                 .into(),
             ),
-            ports: Some(vec![ServicePort {
-                name: Some(names::NTP_PORT_NAME.into()),
-                protocol: Some("UDP".into()),
-                port: names::NTP_SERVICE_PORT,
-                // Unused for a selector-less Service (the EndpointSlice port is what proxies
-                // use); set to the agent port so `kubectl describe` tells the truth.
-                target_port: Some(IntOrString::Int(i32::from(port))),
-                ..ServicePort::default()
-            }]),
+            ports: Some(service_ports(tenant, port)),
             ip_family_policy: Some("PreferDualStack".into()),
             internal_traffic_policy: (settings.routing == Routing::NodeLocal)
                 .then(|| "Local".into()),
@@ -48,6 +40,29 @@ pub fn build_service(tenant: &TenantTimePolicy, time_service: &str, port: u16) -
         }),
         status: None,
     })
+}
+
+/// `ntp` 123/UDP, and for an NTS tenant `nts-ke` 4460/TCP, both to the agents' `port`. Target
+/// ports are unused for a selector-less Service (the EndpointSlice ports are what proxies
+/// use); they are the agent port so `kubectl describe` tells the truth.
+fn service_ports(tenant: &TenantTimePolicy, port: u16) -> Vec<ServicePort> {
+    let mut ports = vec![ServicePort {
+        name: Some(names::NTP_PORT_NAME.into()),
+        protocol: Some("UDP".into()),
+        port: names::NTP_SERVICE_PORT,
+        target_port: Some(IntOrString::Int(i32::from(port))),
+        ..ServicePort::default()
+    }];
+    if tenant.spec.nts().is_some() {
+        ports.push(ServicePort {
+            name: Some(names::NTS_KE_PORT_NAME.into()),
+            protocol: Some("TCP".into()),
+            port: names::NTS_KE_SERVICE_PORT,
+            target_port: Some(IntOrString::Int(i32::from(port))),
+            ..ServicePort::default()
+        });
+    }
+    ports
 }
 
 #[cfg(test)]
@@ -89,5 +104,43 @@ mod tests {
         assert_eq!(spec.traffic_distribution.as_deref(), Some("PreferSameNode"));
         assert_eq!(spec.internal_traffic_policy, None);
         assert_eq!(spec.external_traffic_policy.as_deref(), Some("Local"));
+    }
+
+    #[test]
+    fn an_nts_tenant_gets_its_key_exchange_on_4460_tcp_to_the_same_agent_port() {
+        let tenant = fixtures::tenant(
+            "team-a",
+            "policy",
+            serde_json::json!({ "authentication": { "nts": true, "ntsCertificateSecret": "ntp-tls" } }),
+        );
+        let ports = build_service(&tenant, "cluster", 12300)
+            .unwrap()
+            .spec
+            .unwrap()
+            .ports
+            .unwrap();
+        let seen: Vec<_> = ports
+            .iter()
+            .map(|p| {
+                (
+                    p.name.as_deref(),
+                    p.protocol.as_deref(),
+                    p.port,
+                    p.target_port.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (Some("ntp"), Some("UDP"), 123, Some(IntOrString::Int(12300))),
+                (
+                    Some("nts-ke"),
+                    Some("TCP"),
+                    4460,
+                    Some(IntOrString::Int(12300))
+                ),
+            ]
+        );
     }
 }

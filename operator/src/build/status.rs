@@ -9,6 +9,7 @@ use stratum_api::node_clock::format_offset;
 use stratum_api::tenant_time_policy::TenantTimePolicyStatus;
 use stratum_api::time_service::{NodeCounts, StratumRange, TimeServiceStatus};
 
+use crate::build::nts_material::CertificateProblem;
 use crate::model::ClockInfo;
 
 /// A condition to set: type, status, reason, message.
@@ -318,6 +319,9 @@ pub struct TenantObservation {
     pub allow_list_size: i32,
     /// An object where a child would go that Stratum did not create (`Kind namespace/name`).
     pub conflict: Option<String>,
+    /// For a tenant with NTS: its certificate's outcome at the TimeService's last key
+    /// material write (`None` inside: not written yet).
+    pub nts: Option<Option<std::result::Result<(), CertificateProblem>>>,
 }
 
 /// TenantTimePolicy status; `refused` carries the Accepted=False reason and message.
@@ -372,6 +376,28 @@ pub fn tenant_status(
         ],
     };
     wanted.push(conflict);
+    if refused.is_none()
+        && let Some(nts) = &seen.nts
+    {
+        wanted.push(match nts {
+            None => Cond::new(
+                "NTSReady",
+                false,
+                "Pending",
+                "waiting for the TimeService to copy the key exchange certificate to its agents",
+            ),
+            Some(Ok(())) => Cond::new(
+                "NTSReady",
+                true,
+                "CertificateDistributed",
+                "the key exchange certificate is with the agents; NTS-KE on the Service's TCP \
+                 port 4460",
+            ),
+            Some(Err(problem)) => {
+                Cond::new("NTSReady", false, problem.reason(), problem.to_string())
+            }
+        });
+    }
     let existing = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
     TenantTimePolicyStatus {
         conditions: conditions(existing, wanted, generation, now),
@@ -659,5 +685,54 @@ mod tests {
             "{}",
             conflict.message
         );
+    }
+
+    #[test]
+    fn an_nts_tenant_says_whether_its_certificate_reached_the_agents() {
+        let nts = |outcome| TenantObservation {
+            port: Some(12300),
+            nts: Some(outcome),
+            ..Default::default()
+        };
+        let find = |s: &TenantTimePolicyStatus| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "NTSReady")
+                .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+        };
+        let pending = tenant_status(None, Some(1), None, nts(None), &at(1));
+        assert_eq!(find(&pending).unwrap().1, "Pending");
+        let ready = tenant_status(None, Some(1), None, nts(Some(Ok(()))), &at(1));
+        assert_eq!(find(&ready).unwrap().0, "True");
+        let missing = CertificateProblem::Missing {
+            secret: "ntp-tls".into(),
+        };
+        let (status, reason, message) = find(&tenant_status(
+            None,
+            Some(1),
+            None,
+            nts(Some(Err(missing))),
+            &at(1),
+        ))
+        .unwrap();
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "CertificateSecretMissing")
+        );
+        assert!(message.contains("ntp-tls"), "{message}");
+        // No NTS, no condition; refused, no condition either (Accepted says why).
+        let plain = TenantObservation::default();
+        assert_eq!(
+            find(&tenant_status(None, Some(1), None, plain, &at(1))),
+            None
+        );
+        let refused = tenant_status(
+            None,
+            Some(1),
+            Some(("InvalidSpec", "x".into())),
+            nts(None),
+            &at(1),
+        );
+        assert_eq!(find(&refused), None);
     }
 }

@@ -93,10 +93,20 @@ pub struct Context {
     /// Nodes off the designated sources per TimeService, as last planned: the baseline of
     /// their Events and the sum behind `stratum_operator_nodes_off_designated_sources`.
     pub off_designated: Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
+    /// What became of each NTS tenant's certificate at the last key material write of its
+    /// TimeService, per TimeService: read by the tenant reconcile for its `NTSReady`
+    /// condition (a tenant not listed is still waiting for that write).
+    pub nts_outcomes: Mutex<HashMap<String, NtsOutcomes>>,
     /// Where a reconciler sends the triggers it causes (tenants a TimeService plan shed or
     /// took back); set once the wiring runs, unset in tests that call a reconciler directly.
     pub triggers: OnceLock<TriggerSenders>,
 }
+
+/// Each NTS tenant's certificate outcome at its TimeService's last key material write.
+pub type NtsOutcomes = std::collections::BTreeMap<
+    crate::ports::TenantKey,
+    std::result::Result<(), crate::build::nts_material::CertificateProblem>,
+>;
 
 impl Context {
     /// A context with the default coalescing interval (1 s).
@@ -121,6 +131,7 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             network_policies: Mutex::new(HashMap::new()),
             off_designated: Mutex::new(HashMap::new()),
+            nts_outcomes: Mutex::new(HashMap::new()),
             triggers: OnceLock::new(),
         }
     }

@@ -55,6 +55,14 @@ pub async fn reconcile(
         allow_list_size: plan.allow_list_size,
         service_ips: Vec::new(),
         conflict: plan.conflict.as_ref().map(ToString::to_string),
+        nts: tenant.spec.nts().map(|_| {
+            let key = (ns.clone(), name.clone());
+            plan.time_service.as_ref().and_then(|ts| {
+                lock(&ctx.nts_outcomes)
+                    .get(ts)
+                    .and_then(|outcomes| outcomes.get(&key).cloned())
+            })
+        }),
     };
     if plan.refused.is_none() {
         if let Some(service) = &plan.service {

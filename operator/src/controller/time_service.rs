@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, Preconditions};
@@ -19,6 +19,10 @@ use stratum_api::{AgentConfig, TimeService};
 
 use super::{Context, RESYNC, apply_cluster, apply_namespaced, apply_params, lock};
 use crate::build::audit;
+use crate::build::nts_material::{
+    COOKIE_KEY_LEN, CertificateProblem, NtsTenant, build_nts_secret, check_certificate,
+    plan_cookie_keys,
+};
 use crate::build::status::{Blocked, DaemonSetCounts, time_service_status};
 use crate::coalesce::Decision;
 use crate::error::{Error, Result};
@@ -73,6 +77,14 @@ pub async fn reconcile(
     // largest child) come last, so they can never hold back the agents or the status.
     let mut requeue = RESYNC;
     let mut failed: Option<Error> = None;
+    // The key material first: the config names its files, and agents wait for files that
+    // are not there yet rather than for a config.
+    if plan.config.is_some() && plan.daemonset.is_some() {
+        match write_nts_material(&ctx, ts, &plan.nts_tenants).await {
+            Ok(wait) => requeue = requeue.min(wait),
+            Err(e) => failed = Some(e),
+        }
+    }
     if let (Some(config), Some(config_map)) = (&plan.config, &plan.config_map) {
         match write_config(&ctx, ts, config, config_map, &plan.tenants).await {
             Ok(Some(wait)) => requeue = requeue.min(wait),
@@ -162,6 +174,111 @@ async fn apply_network_policies(
     }
     Ok(())
 }
+
+/// Writes the TimeService's NTS key material Secret (`nts_material`): cookie master keys,
+/// rotated when their period is over, and the certificate of each NTS tenant read from the
+/// tenant's own Secret. Records each tenant's outcome for its status, triggering the tenants
+/// whose outcome changed. Returns the time until the next rotation.
+async fn write_nts_material(
+    ctx: &Context,
+    ts: &TimeService,
+    tenants: &[NtsTenant],
+) -> Result<std::time::Duration> {
+    let name = ts.name_any();
+    let own = Api::<Secret>::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    let existing = own.get_opt(&names::nts_secret_name(&name)).await?;
+    if let Some(existing) = &existing
+        && !is_stratums(&existing.metadata)
+    {
+        tracing::warn!(time_service = %name, secret = %names::nts_secret_name(&name), "a Secret of the NTS key material's name exists that Stratum did not create; left alone, so NTS tenants get no key exchange");
+        return Ok(RESYNC);
+    }
+    let mut certificates = Vec::with_capacity(tenants.len());
+    for tenant in tenants {
+        let read = Api::<Secret>::namespaced(ctx.client.clone(), &tenant.key.0)
+            .get_opt(&tenant.secret)
+            .await;
+        let checked = match read {
+            Ok(secret) => check_certificate(&tenant.secret, secret.as_ref()),
+            Err(kube::Error::Api(s)) if s.code == 403 => Err(CertificateProblem::Forbidden {
+                secret: tenant.secret.clone(),
+            }),
+            Err(e) => return Err(e.into()),
+        };
+        certificates.push((tenant.clone(), checked));
+    }
+    let period = ts.spec.serving.nts_cookie_key_rotation();
+    let mut fresh_key = || {
+        let mut key = [0u8; COOKIE_KEY_LEN];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut key);
+        key
+    };
+    let cookie_keys = plan_cookie_keys(existing.as_ref(), Timestamp::now(), period, &mut fresh_key);
+    let material = build_nts_secret(ts, &ctx.settings, &cookie_keys, certificates)?;
+    apply_namespaced(&ctx.client, &material.secret).await?;
+    if cookie_keys.rotated {
+        tracing::info!(time_service = %name, current = cookie_keys.file.current.id, next_rotation_in = ?cookie_keys.rotate_in, "NTS cookie master keys rotated");
+        if existing.is_some() {
+            ctx.event(
+                &ts.object_ref(&()),
+                EventType::Normal,
+                "NtsCookieKeysRotated",
+                format!(
+                    "NTS cookie master key {} now seals new cookies; cookies of key {} still \
+                     open until the next rotation, in {}",
+                    cookie_keys.file.current.id,
+                    cookie_keys
+                        .file
+                        .previous
+                        .as_ref()
+                        .map_or_else(|| "-".to_owned(), |k| k.id.to_string()),
+                    humantime_secs(cookie_keys.rotate_in)
+                ),
+            )
+            .await;
+        }
+    }
+    let changed: std::collections::BTreeSet<_> = {
+        let mut outcomes = lock(&ctx.nts_outcomes);
+        let before = outcomes.insert(name.clone(), material.outcomes.clone());
+        let before = before.unwrap_or_default();
+        before
+            .keys()
+            .chain(material.outcomes.keys())
+            .filter(|key| before.get(*key) != material.outcomes.get(*key))
+            .cloned()
+            .collect()
+    };
+    if !changed.is_empty()
+        && let Some(senders) = ctx.triggers.get()
+    {
+        senders.send(crate::index::Triggers {
+            tenants: changed,
+            ..Default::default()
+        });
+    }
+    // A certificate that is not there yet (cert-manager still issuing) is looked for again
+    // soon; renewals of one that is are picked up at the resync.
+    let waiting = material.outcomes.values().any(Result::is_err);
+    Ok(if waiting {
+        cookie_keys.rotate_in.min(NTS_RETRY)
+    } else {
+        cookie_keys.rotate_in
+    })
+}
+
+/// `d` as hours, minutes or seconds, whichever reads best.
+fn humantime_secs(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        s if s >= 3600 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// How soon a TimeService whose NTS tenants miss a usable certificate looks again.
+const NTS_RETRY: std::time::Duration = std::time::Duration::from_secs(15);
 
 fn counts(ds: &DaemonSet) -> DaemonSetCounts {
     let s = ds.status.clone().unwrap_or_default();

@@ -1,0 +1,674 @@
+//! The NTS key material of a TimeService's agents: one Secret in the operator's namespace
+//! (`<ts>-agent-nts`), mounted by every agent, holding the cookie master keys the operator
+//! generates and rotates and a copy of each NTS tenant's certificate and key. Agents never
+//! read tenant namespaces; the operator reads each tenant's `kubernetes.io/tls` Secret by the
+//! name its TenantTimePolicy gives and copies what checks out.
+//!
+//! Everything here is pure: the controller reads the Secrets, passes them in with the time
+//! and a source of fresh keys, and applies what comes out. Key material stays out of every
+//! message: problems name Secrets and members, never their contents, and [`CookieKeyFile`]
+//! does not print its keys.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use rustls_pki_types::pem::SectionKind;
+use serde::{Deserialize, Serialize};
+use stratum_api::TimeService;
+use stratum_api::agent_config::{NTS_COOKIE_KEYS_KEY, nts_certificate_key, nts_private_key_key};
+
+use super::{OperatorSettings, agent_meta};
+use crate::error::{Error, Result};
+use crate::names;
+use crate::ports::TenantKey;
+
+/// The Secret type cert-manager and `kubectl create secret tls` write.
+pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";
+/// Member of a TLS Secret holding the certificate chain.
+pub const TLS_CERT: &str = "tls.crt";
+/// Member of a TLS Secret holding the private key.
+pub const TLS_KEY: &str = "tls.key";
+/// Largest certificate chain plus key copied for one tenant: an RSA-4096 chain of three with
+/// its key is about 10 KiB.
+pub const MAX_TENANT_MATERIAL_BYTES: usize = 32 * 1024;
+/// Largest total copied into the Secret: the API server takes objects up to about 1.5 MiB
+/// and a Secret's data travels base64-encoded (4/3), so this leaves room to spare.
+pub const MAX_SECRET_MATERIAL_BYTES: usize = 700 * 1024;
+/// Annotation on the Secret: when the cookie keys last rotated (RFC 3339).
+pub const ROTATED_AT_ANNOTATION: &str = "stratum.io/cookie-keys-rotated-at";
+/// Length of an AES-SIV-CMAC-256 master key.
+pub const COOKIE_KEY_LEN: usize = 32;
+
+/// Why an NTS tenant's key exchange has no certificate. Each is the tenant's own: the others'
+/// endpoints and the cookie keys are unaffected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CertificateProblem {
+    /// The Secret does not exist (yet: cert-manager may still be issuing).
+    Missing { secret: String },
+    /// The operator may not read it.
+    Forbidden { secret: String },
+    /// It is not a `kubernetes.io/tls` Secret.
+    WrongType { secret: String, found: String },
+    /// A member is absent or empty.
+    MissingMember {
+        secret: String,
+        member: &'static str,
+    },
+    /// A member holds no PEM of the kind it should.
+    NotPem {
+        secret: String,
+        member: &'static str,
+    },
+    /// Chain and key together are over [`MAX_TENANT_MATERIAL_BYTES`].
+    TooLarge { secret: String, bytes: usize },
+    /// Older tenants' certificates fill the Secret (see [`MAX_SECRET_MATERIAL_BYTES`]).
+    NoRoom { secret: String },
+}
+
+impl CertificateProblem {
+    /// Condition reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Missing { .. } => "CertificateSecretMissing",
+            Self::Forbidden { .. } => "CertificateSecretForbidden",
+            Self::WrongType { .. } | Self::MissingMember { .. } | Self::NotPem { .. } => {
+                "CertificateSecretInvalid"
+            }
+            Self::TooLarge { .. } => "CertificateTooLarge",
+            Self::NoRoom { .. } => "KeyMaterialFull",
+        }
+    }
+}
+
+impl fmt::Display for CertificateProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Missing { secret } => write!(
+                f,
+                "Secret {secret} does not exist in this namespace; create it (a cert-manager \
+                 Certificate, or kubectl create secret tls) and the key exchange starts"
+            ),
+            Self::Forbidden { secret } => write!(
+                f,
+                "the operator may not read Secret {secret}; its ClusterRole needs get on secrets"
+            ),
+            Self::WrongType { secret, found } => write!(
+                f,
+                "Secret {secret} has type {found:?}; the key exchange needs a {TLS_SECRET_TYPE} \
+                 Secret"
+            ),
+            Self::MissingMember { secret, member } => {
+                write!(f, "Secret {secret} has no {member} (or it is empty)")
+            }
+            Self::NotPem { secret, member } => write!(
+                f,
+                "Secret {secret}: {member} holds no PEM {}",
+                if *member == TLS_CERT {
+                    "certificate"
+                } else {
+                    "private key"
+                }
+            ),
+            Self::TooLarge { secret, bytes } => write!(
+                f,
+                "Secret {secret}: certificate chain and key are {bytes} bytes, over the limit of \
+                 {MAX_TENANT_MATERIAL_BYTES}"
+            ),
+            Self::NoRoom { secret } => write!(
+                f,
+                "Secret {secret} is not distributed: the certificates of older NTS tenants of \
+                 this TimeService fill its key material Secret ({MAX_SECRET_MATERIAL_BYTES} bytes)"
+            ),
+        }
+    }
+}
+
+/// A tenant's certificate chain and key as copied to the agents. Debug never shows the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TenantCertificate {
+    chain: Vec<u8>,
+    key: Vec<u8>,
+}
+
+impl fmt::Debug for TenantCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TenantCertificate")
+            .field("chain_bytes", &self.chain.len())
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl TenantCertificate {
+    fn bytes(&self) -> usize {
+        self.chain.len() + self.key.len()
+    }
+}
+
+/// Checks a tenant's Secret named `name` (`None`: it does not exist) and takes its chain and
+/// key: a `kubernetes.io/tls` Secret whose `tls.crt` holds PEM certificates and whose
+/// `tls.key` a PEM private key, both within [`MAX_TENANT_MATERIAL_BYTES`]. Whether key and
+/// certificate match is for the agent's TLS stack to say (it refuses that tenant's endpoint
+/// alone).
+pub fn check_certificate(
+    name: &str,
+    secret: Option<&Secret>,
+) -> std::result::Result<TenantCertificate, CertificateProblem> {
+    let secret_name = name.to_owned();
+    let Some(secret) = secret else {
+        return Err(CertificateProblem::Missing {
+            secret: secret_name,
+        });
+    };
+    let found = secret.type_.as_deref().unwrap_or("Opaque");
+    if found != TLS_SECRET_TYPE {
+        return Err(CertificateProblem::WrongType {
+            secret: secret_name,
+            found: found.to_owned(),
+        });
+    }
+    let member = |member: &'static str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(member))
+            .map(|b| b.0.as_slice())
+            .filter(|b| !b.is_empty())
+            .ok_or_else(|| CertificateProblem::MissingMember {
+                secret: name.to_owned(),
+                member,
+            })
+    };
+    let (chain, key) = (member(TLS_CERT)?, member(TLS_KEY)?);
+    let bytes = chain.len() + key.len();
+    if bytes > MAX_TENANT_MATERIAL_BYTES {
+        return Err(CertificateProblem::TooLarge {
+            secret: secret_name,
+            bytes,
+        });
+    }
+    if !has_pem(chain, |k| k == SectionKind::Certificate) {
+        return Err(CertificateProblem::NotPem {
+            secret: secret_name,
+            member: TLS_CERT,
+        });
+    }
+    let is_key = |k| {
+        matches!(
+            k,
+            SectionKind::PrivateKey | SectionKind::RsaPrivateKey | SectionKind::EcPrivateKey
+        )
+    };
+    if !has_pem(key, is_key) {
+        return Err(CertificateProblem::NotPem {
+            secret: secret_name,
+            member: TLS_KEY,
+        });
+    }
+    Ok(TenantCertificate {
+        chain: chain.to_vec(),
+        key: key.to_vec(),
+    })
+}
+
+fn has_pem(bytes: &[u8], wanted: impl Fn(SectionKind) -> bool) -> bool {
+    let mut reader = bytes;
+    std::iter::from_fn(|| rustls_pki_types::pem::from_buf(&mut reader).transpose())
+        .take(64)
+        .any(|section| matches!(section, Ok((kind, _)) if wanted(kind)))
+}
+
+/// One master key as the agents read it: an id and 32 bytes in hex.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CookieKey {
+    pub id: u32,
+    key: String,
+}
+
+impl CookieKey {
+    fn new(id: u32, key: [u8; COOKIE_KEY_LEN]) -> Self {
+        Self {
+            id,
+            key: key.iter().map(|b| format!("{b:02x}")).collect(),
+        }
+    }
+
+    fn is_well_formed(&self) -> bool {
+        self.key.len() == 2 * COOKIE_KEY_LEN && self.key.bytes().all(|b| b.is_ascii_hexdigit())
+    }
+}
+
+impl fmt::Debug for CookieKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CookieKey {{ id: {}, key: <redacted> }}", self.id)
+    }
+}
+
+/// The cookie key file (`cookie-keys.json`): the current key seals, all three open; `next`
+/// becomes current at the next rotation, published a period ahead so that every agent holds
+/// it before any seals with it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CookieKeyFile {
+    pub current: CookieKey,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<CookieKey>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<CookieKey>,
+}
+
+/// The cookie keys to write and when they next rotate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CookieKeyPlan {
+    pub file: CookieKeyFile,
+    /// When `file.current` became current.
+    pub rotated_at: Timestamp,
+    /// Time left until the next rotation.
+    pub rotate_in: Duration,
+    /// Whether this plan rotated (or made the first keys): worth a log line.
+    pub rotated: bool,
+}
+
+/// The cookie keys after `now`: those in `existing` (the Secret as last written) while their
+/// period runs, rotated once it is over (previous ← current ← next ← fresh), fresh ones when
+/// there are none or they do not read. Key ids count up, so an agent can tell keys apart.
+pub fn plan_cookie_keys(
+    existing: Option<&Secret>,
+    now: Timestamp,
+    period: Duration,
+    fresh_key: &mut dyn FnMut() -> [u8; COOKIE_KEY_LEN],
+) -> CookieKeyPlan {
+    let period_signed = SignedDuration::try_from(period).unwrap_or(SignedDuration::MAX);
+    let held = existing.and_then(|s| {
+        let file: CookieKeyFile =
+            serde_json::from_slice(&s.data.as_ref()?.get(NTS_COOKIE_KEYS_KEY)?.0).ok()?;
+        let rotated_at: Timestamp = s
+            .metadata
+            .annotations
+            .as_ref()?
+            .get(ROTATED_AT_ANNOTATION)?
+            .parse()
+            .ok()?;
+        let keys = std::iter::once(&file.current)
+            .chain(&file.previous)
+            .chain(&file.next);
+        keys.clone()
+            .all(CookieKey::is_well_formed)
+            .then_some((file, rotated_at))
+    });
+    let Some((file, rotated_at)) = held else {
+        let current = CookieKey::new(1, fresh_key());
+        return CookieKeyPlan {
+            file: CookieKeyFile {
+                current,
+                previous: None,
+                next: Some(CookieKey::new(2, fresh_key())),
+            },
+            rotated_at: now,
+            rotate_in: period,
+            rotated: true,
+        };
+    };
+    let due = rotated_at.saturating_add(period_signed).unwrap_or(now);
+    if now < due {
+        let left = now.duration_until(due).unsigned_abs();
+        return CookieKeyPlan {
+            file,
+            rotated_at,
+            rotate_in: left,
+            rotated: false,
+        };
+    }
+    // A rotated_at in the future (a clock step back) is not waited for: `now < due` holds
+    // only until one period after it, never longer.
+    let current = file
+        .next
+        .unwrap_or_else(|| CookieKey::new(file.current.id.wrapping_add(1), fresh_key()));
+    let next = CookieKey::new(current.id.wrapping_add(1), fresh_key());
+    CookieKeyPlan {
+        file: CookieKeyFile {
+            previous: Some(file.current),
+            current,
+            next: Some(next),
+        },
+        rotated_at: now,
+        rotate_in: period,
+        rotated: true,
+    }
+}
+
+/// An NTS tenant of the TimeService, as the key material needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NtsTenant {
+    pub key: TenantKey,
+    /// Its port: names its members in the Secret.
+    pub port: u16,
+    /// Its `kubernetes.io/tls` Secret, in its namespace.
+    pub secret: String,
+}
+
+/// The Secret to apply and what became of each tenant's certificate.
+#[derive(Debug)]
+pub struct NtsMaterial {
+    pub secret: Secret,
+    pub outcomes: BTreeMap<TenantKey, std::result::Result<(), CertificateProblem>>,
+}
+
+/// The key material Secret of `ts`: the cookie keys, then tenants' certificates in the order
+/// given (oldest tenant first) while they fit [`MAX_SECRET_MATERIAL_BYTES`], so a newcomer
+/// can never push out an older tenant's certificate.
+pub fn build_nts_secret(
+    ts: &TimeService,
+    settings: &OperatorSettings,
+    cookie_keys: &CookieKeyPlan,
+    tenants: Vec<(
+        NtsTenant,
+        std::result::Result<TenantCertificate, CertificateProblem>,
+    )>,
+) -> Result<NtsMaterial> {
+    let name = ts.metadata.name.clone().unwrap_or_default();
+    let mut meta = agent_meta(ts, names::nts_secret_name(&name), Some(&settings.namespace))?;
+    meta.annotations = Some(BTreeMap::from([(
+        ROTATED_AT_ANNOTATION.to_owned(),
+        cookie_keys.rotated_at.to_string(),
+    )]));
+    let mut data = BTreeMap::from([(
+        NTS_COOKIE_KEYS_KEY.to_owned(),
+        ByteString(
+            serde_json::to_vec(&cookie_keys.file).map_err(|source| Error::Serialize {
+                what: "the NTS cookie key file",
+                source,
+            })?,
+        ),
+    )]);
+    let mut used = 0;
+    let mut outcomes = BTreeMap::new();
+    for (tenant, certificate) in tenants {
+        let outcome = certificate.and_then(|c| {
+            if used + c.bytes() > MAX_SECRET_MATERIAL_BYTES {
+                return Err(CertificateProblem::NoRoom {
+                    secret: tenant.secret.clone(),
+                });
+            }
+            used += c.bytes();
+            data.insert(nts_certificate_key(tenant.port), ByteString(c.chain));
+            data.insert(nts_private_key_key(tenant.port), ByteString(c.key));
+            Ok(())
+        });
+        outcomes.insert(tenant.key, outcome);
+    }
+    Ok(NtsMaterial {
+        secret: Secret {
+            metadata: meta,
+            type_: Some("Opaque".into()),
+            data: Some(data),
+            immutable: Some(false),
+            ..Secret::default()
+        },
+        outcomes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::build::fixtures;
+
+    // A real chain and key are not needed here: the checks read PEM framing, not DER.
+    const CERT: &str =
+        "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUAA==\n-----END CERTIFICATE-----\n";
+    const KEY: &str =
+        "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgE=\n-----END PRIVATE KEY-----\n";
+
+    fn tls_secret(type_: &str, members: &[(&str, &[u8])]) -> Secret {
+        Secret {
+            type_: Some(type_.into()),
+            data: Some(
+                members
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), ByteString(v.to_vec())))
+                    .collect(),
+            ),
+            ..Secret::default()
+        }
+    }
+
+    fn good() -> Secret {
+        tls_secret(
+            TLS_SECRET_TYPE,
+            &[(TLS_CERT, CERT.as_bytes()), (TLS_KEY, KEY.as_bytes())],
+        )
+    }
+
+    #[test]
+    fn a_tls_secret_with_pem_chain_and_key_is_taken_and_every_fault_is_named() {
+        let cert = check_certificate("ntp-tls", Some(&good())).unwrap();
+        assert_eq!(cert.chain, CERT.as_bytes());
+        assert!(!format!("{cert:?}").contains("MIGH"), "Debug hides the key");
+
+        let problem = |s: Option<&Secret>| check_certificate("ntp-tls", s).unwrap_err();
+        assert_eq!(problem(None).reason(), "CertificateSecretMissing");
+        let opaque = tls_secret(
+            "Opaque",
+            &[(TLS_CERT, CERT.as_bytes()), (TLS_KEY, KEY.as_bytes())],
+        );
+        assert_eq!(
+            problem(Some(&opaque)),
+            CertificateProblem::WrongType {
+                secret: "ntp-tls".into(),
+                found: "Opaque".into()
+            }
+        );
+        let no_key = tls_secret(
+            TLS_SECRET_TYPE,
+            &[(TLS_CERT, CERT.as_bytes()), (TLS_KEY, b"")],
+        );
+        assert_eq!(
+            problem(Some(&no_key)),
+            CertificateProblem::MissingMember {
+                secret: "ntp-tls".into(),
+                member: TLS_KEY
+            }
+        );
+        // A key where the chain goes, garbage, a certificate where the key goes.
+        for (chain, key, member) in [
+            (KEY, KEY, TLS_CERT),
+            ("not pem", KEY, TLS_CERT),
+            (CERT, CERT, TLS_KEY),
+        ] {
+            let s = tls_secret(
+                TLS_SECRET_TYPE,
+                &[(TLS_CERT, chain.as_bytes()), (TLS_KEY, key.as_bytes())],
+            );
+            let p = problem(Some(&s));
+            assert_eq!(
+                p,
+                CertificateProblem::NotPem {
+                    secret: "ntp-tls".into(),
+                    member
+                }
+            );
+            // Messages name the Secret and member, never the contents.
+            assert!(p.to_string().contains("ntp-tls") && !p.to_string().contains("MIGH"));
+        }
+        let huge = "A".repeat(MAX_TENANT_MATERIAL_BYTES);
+        let big = tls_secret(
+            TLS_SECRET_TYPE,
+            &[
+                (TLS_CERT, (CERT.to_owned() + &huge).as_bytes()),
+                (TLS_KEY, KEY.as_bytes()),
+            ],
+        );
+        assert_eq!(problem(Some(&big)).reason(), "CertificateTooLarge");
+    }
+
+    fn counter() -> impl FnMut() -> [u8; COOKIE_KEY_LEN] {
+        let mut n = 0u8;
+        move || {
+            n += 1;
+            [n; COOKIE_KEY_LEN]
+        }
+    }
+
+    fn written(plan: &CookieKeyPlan) -> Secret {
+        let ts = fixtures::time_service("cluster");
+        build_nts_secret(&ts, &fixtures::settings(), plan, Vec::new())
+            .unwrap()
+            .secret
+    }
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    #[test]
+    fn cookie_keys_are_made_once_kept_for_a_period_then_rotated_through_next() {
+        let t0: Timestamp = "2026-12-03T00:00:00Z".parse().unwrap();
+        let mut keys = counter();
+        let first = plan_cookie_keys(None, t0, DAY, &mut keys);
+        assert!(first.rotated);
+        assert_eq!(
+            (
+                first.file.current.id,
+                first.file.previous.as_ref().map(|k| k.id),
+                first.file.next.as_ref().map(|k| k.id)
+            ),
+            (1, None, Some(2))
+        );
+        // Read back from the Secret it writes: kept while the period runs.
+        let later = t0 + SignedDuration::from_hours(20);
+        let kept = plan_cookie_keys(Some(&written(&first)), later, DAY, &mut keys);
+        assert!(!kept.rotated);
+        assert_eq!(kept.file, first.file);
+        assert_eq!(kept.rotated_at, t0);
+        assert_eq!(kept.rotate_in, Duration::from_secs(4 * 3600));
+        // Period over: the published next key seals now, the old current still opens, and a
+        // fresh key is published for the rotation after.
+        let due = t0 + SignedDuration::from_hours(24);
+        let rotated = plan_cookie_keys(Some(&written(&kept)), due, DAY, &mut keys);
+        assert!(rotated.rotated);
+        assert_eq!(rotated.file.current, first.file.next.clone().unwrap());
+        assert_eq!(rotated.file.previous, Some(first.file.current.clone()));
+        assert_eq!(rotated.file.next.as_ref().unwrap().id, 3);
+        assert_eq!((rotated.rotated_at, rotated.rotate_in), (due, DAY));
+        // Two rotations on, the first key is gone: its cookies get the NAK.
+        let again = plan_cookie_keys(
+            Some(&written(&rotated)),
+            due + SignedDuration::from_hours(24),
+            DAY,
+            &mut keys,
+        );
+        let held: Vec<u32> = [
+            Some(&again.file.current),
+            again.file.previous.as_ref(),
+            again.file.next.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|k| k.id)
+        .collect();
+        assert_eq!(held, [3, 2, 4]);
+        // No two keys ever alike.
+        let mut material: Vec<&str> = [&first.file, &rotated.file, &again.file]
+            .iter()
+            .flat_map(|f| [Some(&f.current), f.previous.as_ref(), f.next.as_ref()])
+            .flatten()
+            .map(|k| k.key.as_str())
+            .collect();
+        material.sort_unstable();
+        material.dedup();
+        assert_eq!(material.len(), 4);
+    }
+
+    #[test]
+    fn a_tampered_or_unreadable_key_file_is_replaced_not_trusted() {
+        let t0: Timestamp = "2026-12-03T00:00:00Z".parse().unwrap();
+        let mut keys = counter();
+        let first = plan_cookie_keys(None, t0, DAY, &mut keys);
+        let mut secret = written(&first);
+        let data = secret.data.as_mut().unwrap();
+        data.insert(
+            NTS_COOKIE_KEYS_KEY.into(),
+            ByteString(br#"{"current": {"id": 1, "key": "00"}}"#.to_vec()),
+        );
+        let replaced = plan_cookie_keys(Some(&secret), t0, DAY, &mut keys);
+        assert!(replaced.rotated);
+        assert!(replaced.file.current.is_well_formed());
+        // Without its annotation the age is unknown: fresh keys too.
+        let mut unannotated = written(&first);
+        unannotated.metadata.annotations = None;
+        assert!(plan_cookie_keys(Some(&unannotated), t0, DAY, &mut keys).rotated);
+    }
+
+    #[test]
+    fn the_secret_holds_keys_and_certificates_oldest_tenants_first_and_never_prints_them() {
+        let t0: Timestamp = "2026-12-03T00:00:00Z".parse().unwrap();
+        let cookie = plan_cookie_keys(None, t0, DAY, &mut counter());
+        let cert = |bytes: usize| TenantCertificate {
+            chain: vec![b'c'; bytes],
+            key: vec![b'k'; 10],
+        };
+        let tenant = |ns: &str, port: u16| NtsTenant {
+            key: (ns.into(), "p".into()),
+            port,
+            secret: "tls".into(),
+        };
+        let ts = fixtures::time_service("cluster");
+        // Oldest first: a and b fit, c (younger, large) does not; d (broken) fails alone.
+        let half = MAX_SECRET_MATERIAL_BYTES / 2;
+        let material = build_nts_secret(
+            &ts,
+            &fixtures::settings(),
+            &cookie,
+            vec![
+                (tenant("a", 12300), Ok(cert(half - 100))),
+                (tenant("b", 12302), Ok(cert(1000))),
+                (tenant("c", 12301), Ok(cert(half))),
+                (
+                    tenant("d", 12303),
+                    Err(CertificateProblem::Missing {
+                        secret: "tls".into(),
+                    }),
+                ),
+            ],
+        )
+        .unwrap();
+        let outcome = |ns: &str| material.outcomes[&(ns.to_owned(), "p".to_owned())].clone();
+        assert_eq!(outcome("a"), Ok(()));
+        assert_eq!(outcome("b"), Ok(()));
+        assert_eq!(outcome("c").unwrap_err().reason(), "KeyMaterialFull");
+        assert_eq!(
+            outcome("d").unwrap_err().reason(),
+            "CertificateSecretMissing"
+        );
+        let secret = &material.secret;
+        assert_eq!(secret.metadata.name.as_deref(), Some("cluster-agent-nts"));
+        assert_eq!(secret.metadata.namespace.as_deref(), Some("stratum-system"));
+        let members: Vec<&str> = secret
+            .data
+            .as_ref()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            members,
+            [
+                "cookie-keys.json",
+                "tenant-12300.crt",
+                "tenant-12300.key",
+                "tenant-12302.crt",
+                "tenant-12302.key"
+            ]
+        );
+        // The members hold what the agents read: the key file round-trips.
+        let file: CookieKeyFile =
+            serde_json::from_slice(&secret.data.as_ref().unwrap()["cookie-keys.json"].0).unwrap();
+        assert_eq!(file, cookie.file);
+        assert!(!format!("{:?}", cookie.file).contains(&"01".repeat(8)));
+    }
+}
