@@ -324,6 +324,12 @@ impl RealPod {
     /// `chronyd -Q` (measure once, never set the clock) against `host`: the offset it measured,
     /// in seconds, when it got one.
     pub fn chronyd_offset(&self, host: &str) -> Option<f64> {
+        self.chronyd_query(&[&format!("server {host} iburst maxsamples 4")])
+    }
+
+    /// `chronyd -Q` with `config` (one directive per item, e.g. a recipe's lines; a pidfile
+    /// and `cmdport 0` are added): the offset it measured, in seconds, when it got one.
+    pub fn chronyd_query(&self, config: &[&str]) -> Option<f64> {
         let pidfile = std::env::temp_dir().join(format!(
             "stratum-e2e-chronyd-{}-{}.pid",
             self.namespace, self.name
@@ -338,10 +344,12 @@ impl RealPod {
                     "10",
                     "-u",
                     "root",
-                    &format!("server {host} iburst maxsamples 4"),
                     &format!("pidfile {}", pidfile.display()),
                     "cmdport 0",
-                ],
+                ]
+                .into_iter()
+                .chain(config.iter().copied())
+                .collect::<Vec<_>>(),
             )
             .output()
             .ok()?;

@@ -154,6 +154,32 @@ async fn the_real_nodes_agent_syncs_from_an_nts_server_through_the_time_services
     .await;
     eprintln!("Prometheus: {cookies} cookies held for the NTS upstream");
 
+    // The dashboard's NTS upstream panel shows the real node's NTS source in both queries.
+    let queries = dashboard_queries("NTS upstreams: cookies and key exchanges");
+    assert_eq!(queries.len(), 2, "{queries:?}");
+    for query in &queries {
+        let q = query
+            .replace("$time_service", ".*")
+            .replace("$node", ".*")
+            .replace("$__rate_interval", "10m");
+        let (series, _) = wait_for(
+            Duration::from_secs(60),
+            "the NTS upstream panel's data",
+            || async {
+                let v = prometheus_query(&prometheus, &q, None)?;
+                let found = v["data"]["result"].as_array()?.iter().any(|s| {
+                    s["metric"]["node"] == node.as_str() && s["metric"]["source"] == "127.0.0.1"
+                });
+                found.then_some(v)
+            },
+        )
+        .await;
+        eprintln!(
+            "dashboard NTS upstream panel: {q}: {}",
+            series["data"]["result"]
+        );
+    }
+
     // The TimeService is served, not refused, and its NetworkPolicy lets agents reach the
     // NTS-KE port it names.
     let ts = time_services.get(SHARED_TIME_SERVICE).await.unwrap();

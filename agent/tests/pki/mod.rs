@@ -28,6 +28,12 @@ fn openssl(dir: &Path, args: &[&str]) {
 }
 
 pub fn make_pki(dir: &Path, name: &str) -> Pki {
+    make_pki_for(dir, name, "DNS:localhost,IP:127.0.0.1,IP:127.0.0.2")
+}
+
+/// As [`make_pki`], the server certificate naming `subject_alt_names` (openssl's syntax:
+/// `DNS:ntp.team-a.svc.cluster.local,IP:10.79.0.12`).
+pub fn make_pki_for(dir: &Path, name: &str, subject_alt_names: &str) -> Pki {
     let ec = [
         "-newkey",
         "ec",
@@ -52,8 +58,10 @@ pub fn make_pki(dir: &Path, name: &str) -> Pki {
     let ext = format!("{name}-ext.cnf");
     std::fs::write(
         dir.join(&ext),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:127.0.0.2\nbasicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+        format!(
+            "subjectAltName={subject_alt_names}\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"
+        ),
     )
     .unwrap();
     let cert = format!("{name}-server.pem");
