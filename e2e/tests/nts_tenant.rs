@@ -215,9 +215,29 @@ async fn a_real_pod_gets_nts_time_from_its_tenants_service_and_others_are_refuse
     let plain = pod_a.probe(&vip, 123).expect("a reply to a plain request");
     assert_eq!(plain["kissCode"], "DENY", "{plain}");
 
-    // Tenant B's pod is refused at the key exchange (closed before TLS) and at NTP.
+    // Tenant B's pod with A's cookies (the recipe's ntsdumpdir, where A's chronyd left them:
+    // stolen cookies, valid ones): chronyd skips the key exchange and sends NTS requests that
+    // would authenticate, but the allow list comes first. No time.
+    let dump = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".nts"))
+        .collect::<Vec<_>>();
+    assert!(!dump.is_empty(), "chronyd dumped no NTS cookies in {dir:?}");
     assert_eq!(
         pod_b.chronyd_query(&recipe),
+        None,
+        "tenant B's pod got NTS time from A's Service with A's cookies"
+    );
+    // With a dump directory of its own it runs the key exchange, and is refused there
+    // (closed before TLS), then at NTP.
+    let dir_b = dir.join("tenant-b");
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let recipe_b = nts_recipe(a, &made.ca, &dir_b);
+    let recipe_b: Vec<&str> = recipe_b.iter().map(String::as_str).collect();
+    assert_eq!(
+        pod_b.chronyd_query(&recipe_b),
         None,
         "tenant B's pod got NTS time from A's Service"
     );
