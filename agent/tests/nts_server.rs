@@ -147,12 +147,27 @@ struct TeamA {
     serving: ServingConfig,
 }
 
-impl TeamA {
+/// A temporary directory with the test PKI and a cookie key file (key 1): what every test
+/// here starts from.
+struct Material {
+    dir: TempDir,
+    pki: Pki,
+    keys: std::path::PathBuf,
+}
+
+impl Material {
     fn new(tag: &str) -> Self {
         let dir = TempDir::new(tag);
         let pki = make_pki(&dir.0, "tenant");
         let keys = dir.path("cookie-keys.json");
         write_keys(&keys, 1, None);
+        Self { dir, pki, keys }
+    }
+}
+
+impl TeamA {
+    fn new(tag: &str) -> Self {
+        let Material { dir, pki, keys } = Material::new(tag);
         let (port, ke) = (free_udp_port(), free_tcp_port());
         let serving = serving_with_keys(
             vec![nts_tenant(
@@ -196,10 +211,11 @@ async fn chronyd_gets_authenticated_time_and_is_refused_where_the_tenant_says_so
     else {
         return;
     };
-    let dir = TempDir::new("nts-server");
-    let pki = make_pki(&dir.0, "tenant");
-    let keys = dir.path("cookie-keys.json");
-    write_keys(&keys, 1, None);
+    let Material {
+        dir: _dir,
+        pki,
+        keys,
+    } = Material::new("nts-server");
     let (a_port, a_ke) = (free_udp_port(), free_tcp_port());
     let (b_port, b_ke) = (free_udp_port(), free_tcp_port());
     let (open_port, open_ke) = (free_udp_port(), free_tcp_port());
@@ -523,10 +539,7 @@ async fn the_bench_generator_loads_an_nts_port_with_requests_that_authenticate()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_whose_certificate_is_missing_fails_alone_and_starts_once_it_is_there() {
-    let dir = TempDir::new("nts-missing-cert");
-    let pki = make_pki(&dir.0, "tenant");
-    let keys = dir.path("cookie-keys.json");
-    write_keys(&keys, 1, None);
+    let Material { dir, pki, keys } = Material::new("nts-missing-cert");
     let (a_port, a_ke) = (free_udp_port(), free_tcp_port());
     let (b_port, b_ke) = (free_udp_port(), free_tcp_port());
     // Team b's Secret has not reached the node yet: its certificate file is missing.
@@ -598,10 +611,11 @@ async fn a_tenant_whose_certificate_is_missing_fails_alone_and_starts_once_it_is
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_exchange_flood_on_one_tenant_is_refused_there_and_never_reaches_another() {
-    let dir = TempDir::new("nts-ke-flood");
-    let pki = make_pki(&dir.0, "tenant");
-    let keys = dir.path("cookie-keys.json");
-    write_keys(&keys, 1, None);
+    let Material {
+        dir: _dir,
+        pki,
+        keys,
+    } = Material::new("nts-ke-flood");
     let (a_port, a_ke) = (free_udp_port(), free_tcp_port());
     let (b_port, b_ke) = (free_udp_port(), free_tcp_port());
     let serving = serving_with_keys(

@@ -21,18 +21,27 @@ fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").unwrap().count()
 }
 
+/// `/proc/self/task/<tid>` of each of the server's worker threads (named `ntp-worker-N`).
+fn worker_tasks() -> Vec<std::path::PathBuf> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("ntp-worker-"))
+        })
+        .map(|t| t.path())
+        .collect()
+}
+
 /// Context switches (voluntary and not) of the server's worker threads: a thread that is
 /// never woken does not switch.
 fn worker_switches() -> (usize, u64) {
     let mut workers = 0;
     let mut switches = 0;
-    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if !comm.starts_with("ntp-worker-") {
-            continue;
-        }
+    for task in worker_tasks() {
         workers += 1;
-        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
         switches += status
             .lines()
             .filter(|l| l.contains("ctxt_switches:"))
@@ -46,15 +55,10 @@ fn worker_switches() -> (usize, u64) {
 /// infinite timeout (`-1`), or `epoll_pwait2` with none (a null timespec), as the kernel shows
 /// it in `/proc/self/task/*/syscall` (x86_64 numbers; elsewhere the test names the syscall).
 fn idle_waits() -> Vec<bool> {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm"))
-                .is_ok_and(|c| c.starts_with("ntp-worker-"))
-        })
+    worker_tasks()
+        .into_iter()
         .map(|t| {
-            let line = std::fs::read_to_string(t.path().join("syscall")).unwrap_or_default();
+            let line = std::fs::read_to_string(t.join("syscall")).unwrap_or_default();
             let fields: Vec<&str> = line.split_whitespace().collect();
             let arg = |i: usize| {
                 fields
@@ -75,18 +79,11 @@ fn idle_waits() -> Vec<bool> {
 /// Whether every worker thread is asleep (state `S` in /proc: blocked in `epoll_wait`, the
 /// only place a worker waits).
 fn workers_sleeping() -> bool {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm"))
-                .is_ok_and(|c| c.starts_with("ntp-worker-"))
-        })
-        .all(|t| {
-            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-            stat.rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('S'))
-        })
+    worker_tasks().into_iter().all(|t| {
+        let stat = std::fs::read_to_string(t.join("stat")).unwrap_or_default();
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('S'))
+    })
 }
 
 /// `count` distinct UDP ports free on every address right now (held together while the
