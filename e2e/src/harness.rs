@@ -516,6 +516,26 @@ pub fn prometheus_query(base: &str, query: &str, time: Option<u64>) -> Option<se
     serde_json::from_slice(&out.stdout).ok()
 }
 
+/// The first sample's value of an instant query to the stack's Prometheus at `base`.
+pub fn prometheus_value(base: &str, query: &str) -> Option<f64> {
+    let response = prometheus_query(base, query, None)?;
+    response["data"]["result"][0]["value"][1]
+        .as_str()?
+        .parse()
+        .ok()
+}
+
+/// Status, reason and message of the condition `type_` among `conditions`.
+pub fn condition_of(
+    conditions: &[stratum_api::common::Condition],
+    type_: &str,
+) -> Option<(String, String, String)> {
+    conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
 /// The queries of the chart dashboard's panel titled `title`, in target order.
 pub fn dashboard_queries(title: &str) -> Vec<String> {
     let path = concat!(

@@ -130,12 +130,7 @@ async fn rolled_out(client: &kube::Client, sys_time: bool) -> Option<()> {
 }
 
 fn condition(ts: &TimeService, type_: &str) -> Option<(String, String, String)> {
-    ts.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+    condition_of(&ts.status.as_ref()?.conditions, type_)
 }
 
 #[tokio::test]

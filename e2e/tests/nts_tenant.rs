@@ -26,14 +26,6 @@ use stratum_api::TenantTimePolicy;
 use stratum_e2e::harness::*;
 use stratum_e2e::real_node::*;
 
-fn prometheus_value(base: &str, query: &str) -> Option<f64> {
-    let response = prometheus_query(base, query, None)?;
-    response["data"]["result"][0]["value"][1]
-        .as_str()?
-        .parse()
-        .ok()
-}
-
 /// `examples/clients/chrony-nts.conf` for tenant `namespace`, its directives one per item,
 /// with the test's CA and a run directory of its own for cookies and drift.
 fn nts_recipe(namespace: &str, ca: &std::path::Path, dir: &std::path::Path) -> Vec<String> {
@@ -62,12 +54,7 @@ fn nts_recipe(namespace: &str, ca: &std::path::Path, dir: &std::path::Path) -> V
 }
 
 fn condition(t: &TenantTimePolicy, type_: &str) -> Option<(String, String, String)> {
-    t.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+    condition_of(&t.status.as_ref()?.conditions, type_)
 }
 
 #[tokio::test]

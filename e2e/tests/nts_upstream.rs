@@ -61,14 +61,6 @@ fn nts_chronyd(dir: &Path, cert: &str, key: &str) -> Child {
     chronyd_in_real_node(&conf, log)
 }
 
-fn prometheus_value(base: &str, query: &str) -> Option<f64> {
-    let response = prometheus_query(base, query, None)?;
-    response["data"]["result"][0]["value"][1]
-        .as_str()?
-        .parse()
-        .ok()
-}
-
 #[tokio::test]
 #[ignore = "needs the e2e cluster: make e2e"]
 async fn the_real_nodes_agent_syncs_from_an_nts_server_through_the_time_services_ca_bundle() {
