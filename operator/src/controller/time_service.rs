@@ -232,7 +232,7 @@ async fn write_nts_material(
                         .previous
                         .as_ref()
                         .map_or_else(|| "-".to_owned(), |k| k.id.to_string()),
-                    humantime_secs(cookie_keys.rotate_in)
+                    kube::core::Duration::from(cookie_keys.rotate_in)
                 ),
             )
             .await;
@@ -265,16 +265,6 @@ async fn write_nts_material(
     } else {
         cookie_keys.rotate_in
     })
-}
-
-/// `d` as hours, minutes or seconds, whichever reads best.
-fn humantime_secs(d: std::time::Duration) -> String {
-    let secs = d.as_secs();
-    match secs {
-        s if s >= 3600 && s % 3600 == 0 => format!("{}h", s / 3600),
-        s if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
-        s => format!("{s}s"),
-    }
 }
 
 /// How soon a TimeService whose NTS tenants miss a usable certificate looks again.
