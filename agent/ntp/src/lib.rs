@@ -30,6 +30,7 @@ pub mod select;
 pub mod server;
 pub mod sim;
 pub mod source;
+pub mod symmetric;
 pub mod system;
 pub mod time;
 
