@@ -366,6 +366,13 @@ pub async fn run_with_resolver(
     // Tenants' NTS-KE endpoints and the cookie keys; after the ports, whose policies gate them.
     let mut nts_endpoints = crate::nts_server::NtsEndpoints::new(shared.clone());
     nts_endpoints.apply(&config.serving);
+    // Tenants' symmetric keys, put in force on their ports whenever a file changes.
+    let mut symmetric_keys = crate::symmetric_keys::SymmetricKeyFiles::new();
+    if symmetric_keys.apply(&config.serving) {
+        shared
+            .server
+            .set_symmetric_keys(symmetric_keys.loaded(), &config.serving);
+    }
     let (lookup_tx, mut resolution_rx) = resolver::spawn(
         resolver,
         resolver::DEFAULT_CONCURRENCY,
@@ -520,6 +527,9 @@ pub async fn run_with_resolver(
                             nts.retain(&nts_upstream_keys(driver.config()));
                             shared.server.apply(&driver.config().serving);
                             nts_endpoints.apply(&driver.config().serving);
+                            // Always: the ports were rebuilt from the new config.
+                            symmetric_keys.apply(&driver.config().serving);
+                            shared.server.set_symmetric_keys(symmetric_keys.loaded(), &driver.config().serving);
                             shared.metrics.config_reloads.with_label_values(&["applied"]).inc();
                             keep_config(&opts, driver.config(), origin, &shared);
                             config_origin = origin;
@@ -565,6 +575,15 @@ pub async fn run_with_resolver(
         shared.server.retry_failed();
         // Rotated cookie keys, a renewed certificate, an endpoint that could not bind.
         nts_endpoints.refresh(&driver.config().serving);
+        if symmetric_keys.refresh() {
+            shared
+                .server
+                .set_symmetric_keys(symmetric_keys.loaded(), &driver.config().serving);
+        }
+        shared
+            .metrics
+            .symmetric_key_files_failed
+            .set(i64::try_from(symmetric_keys.failed_count()).unwrap_or(i64::MAX));
         if state.synchronized != was_synchronized {
             let _ = outputs.events.try_send(if state.synchronized {
                 AgentEvent::SyncRegained

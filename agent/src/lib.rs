@@ -24,6 +24,7 @@ pub mod resolver;
 pub mod server;
 pub mod state_file;
 pub mod status;
+pub mod symmetric_keys;
 pub mod upstream;
 pub mod wire_tap;
 

@@ -73,6 +73,10 @@ pub struct Metrics {
     /// Whether the TimeService's NTS cookie master keys are loaded (1) or not (0; every
     /// cookie then gets the NTS NAK).
     pub nts_cookie_keys_loaded: IntGauge,
+    /// Replies signed with a tenant's symmetric key, per tenant (also counted as served).
+    pub tenant_symmetric_authenticated: IntCounterVec,
+    /// Tenants' symmetric key files that did not read at their last change.
+    pub symmetric_key_files_failed: IntGauge,
     /// Configured tenant ports not bound (retried with backoff).
     pub tenant_port_bind_failures: IntGauge,
 }
@@ -327,6 +331,15 @@ impl Metrics {
                 "stratum_agent_tenant_nts_authenticated_total",
                 "NTS-authenticated replies per tenant (also counted as served in stratum_agent_tenant_requests_total).",
                 &["tenant"]
+            )?),
+            tenant_symmetric_authenticated: reg!(icv(
+                "stratum_agent_tenant_symmetric_authenticated_total",
+                "Replies signed with the tenant's symmetric key (RFC 8573 AES-CMAC or a legacy digest), per tenant (also counted as served in stratum_agent_tenant_requests_total).",
+                &["tenant"]
+            )?),
+            symmetric_key_files_failed: reg!(IntGauge::new(
+                "stratum_agent_symmetric_key_files_failed",
+                "Tenants' symmetric key files that did not read (missing or invalid); their tenants keep the keys last read, or fail every MAC."
             )?),
             nts_cookie_keys_loaded: reg!(IntGauge::new(
                 "stratum_agent_nts_cookie_keys_loaded",

@@ -63,6 +63,7 @@ fn the_per_packet_path_does_not_allocate() {
         },
         max_root_distance_seconds: Some(0.5),
         nts: None,
+        symmetric_keys: None,
     };
     let port = PortPolicy::new(
         core_tenant(&config),
@@ -132,8 +133,13 @@ fn the_per_packet_path_does_not_allocate() {
             Outcome::RateLimited { kod: true } => 5,
             Outcome::Malformed => 6,
             Outcome::Ignored => 7,
-            // NTS outcomes: a port without NTS never has them (NTS replies allocate).
-            Outcome::NtsNak | Outcome::NtsFailed | Outcome::Unauthenticated { .. } => 8,
+            // Authentication outcomes: a port without NTS or keys never has them (sealed
+            // replies allocate).
+            Outcome::NtsNak
+            | Outcome::NtsFailed
+            | Outcome::Unauthenticated { .. }
+            | Outcome::MacNak
+            | Outcome::MacFailed => 8,
         };
         SEEN.with(|s| s.set(s.get() | (1 << index)));
     }

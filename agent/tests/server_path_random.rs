@@ -34,6 +34,7 @@ fn random_datagrams_sources_and_clock_states_never_break_the_per_packet_path() {
         },
         max_root_distance_seconds: Some(0.05),
         nts: None,
+        symmetric_keys: None,
     };
     let port = PortPolicy::new(
         core_tenant(&config),

@@ -53,6 +53,7 @@ fn port() -> PortPolicy {
         },
         max_root_distance_seconds: None,
         nts: None,
+        symmetric_keys: None,
     };
     let mut core = core_tenant(&config);
     if let Some(limit) = core.client_rate_limit.as_mut() {

@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use stratum_agent::server::path::{PortPolicy, PortState, Request, handle_request_nts};
+use stratum_agent::server::path::{PortPolicy, PortState, Request, handle_request_sealing};
 use stratum_agent::server::stats::{Outcome, TenantStats};
 use stratum_agent::server::tenants::{PortNts, PortRules, core_tenant};
 use stratum_api::agent_config::{RateLimitConfig, TenantConfig, Unauthenticated};
@@ -63,6 +63,7 @@ fn port(unauthenticated: Unauthenticated) -> PortPolicy {
         },
         max_root_distance_seconds: None,
         nts: None,
+        symmetric_keys: None,
     };
     PortPolicy::with_rules(
         PortRules {
@@ -126,7 +127,7 @@ fuzz_target!(|data: &[u8]| {
     let mut out = [0u8; 1024];
     let mut seal = None;
     let (outcome, len) = STATE.with(|state| {
-        handle_request_nts(&ports()[which], &mut state.borrow_mut(), &clock, request, &mut out, &mut seal)
+        handle_request_sealing(&ports()[which], &mut state.borrow_mut(), &clock, request, &mut out, &mut seal)
     });
     assert!(len <= datagram.len(), "answer {len} longer than request {}", datagram.len());
     if !outcome.answered() {

@@ -39,6 +39,7 @@ fn port() -> &'static PortPolicy {
             },
             max_root_distance_seconds: Some(0.05),
             nts: None,
+            symmetric_keys: None,
         };
         PortPolicy::new(core_tenant(&config), Arc::new(TenantStats::new("ns/fuzz".into(), 1)))
     })

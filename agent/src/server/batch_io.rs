@@ -485,19 +485,31 @@ impl SendBatch {
         true
     }
 
-    /// Sends everything queued and empties the batch. A datagram the kernel refuses is
+    /// Takes queued datagram `index` back: it is not sent (an authenticated reply that could
+    /// not be sealed must not go out plain).
+    pub fn withdraw(&mut self, index: usize) {
+        if index < self.queued {
+            self.lens[index] = 0;
+        }
+    }
+
+    /// Sends everything queued (but withdrawn datagrams) and empties the batch. A datagram the kernel refuses is
     /// skipped so one bad destination cannot hold back the rest.
     pub fn send(&mut self, socket: BorrowedFd<'_>) -> SendOutcome {
+        let mut kept = 0;
         for i in 0..self.queued {
-            self.iovecs[i] = libc::iovec {
+            if self.lens[i] == 0 {
+                continue;
+            }
+            self.iovecs[kept] = libc::iovec {
                 iov_base: self.payloads[i].as_mut_ptr().cast(),
                 iov_len: self.lens[i],
             };
-            let header = &mut self.headers[i];
+            let header = &mut self.headers[kept];
             header.msg_len = 0;
             header.msg_hdr.msg_name = (&raw mut self.names[i]).cast();
             header.msg_hdr.msg_namelen = self.name_lens[i];
-            header.msg_hdr.msg_iov = &raw mut self.iovecs[i];
+            header.msg_hdr.msg_iov = &raw mut self.iovecs[kept];
             header.msg_hdr.msg_iovlen = 1;
             header.msg_hdr.msg_control = if self.control_lens[i] > 0 {
                 self.controls[i].as_mut_ptr().cast()
@@ -506,10 +518,11 @@ impl SendBatch {
             };
             header.msg_hdr.msg_controllen = self.control_lens[i] as _;
             header.msg_hdr.msg_flags = 0;
+            kept += 1;
         }
-        // Entries 0..queued were just pointed at buffers this batch owns, with the lengths
+        // Entries 0..kept were just pointed at buffers this batch owns, with the lengths
         // recorded when they were queued.
-        let outcome = send_headers(socket, &mut self.headers[..self.queued]);
+        let outcome = send_headers(socket, &mut self.headers[..kept]);
         self.queued = 0;
         outcome
     }
@@ -808,6 +821,35 @@ mod tests {
         let (n, from) = client.recv_from(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"pong");
         assert_eq!(from.port(), port);
+    }
+
+    #[test]
+    fn a_withdrawn_datagram_is_never_sent_and_the_others_are() {
+        let server = bind_udp("127.0.0.1:0".parse().unwrap(), options()).unwrap();
+        let target = server.local_addr().unwrap();
+        let client = bind_udp("0.0.0.0:0".parse().unwrap(), options()).unwrap();
+        let mut out = SendBatch::new();
+        for i in 0..4u8 {
+            assert!(out.push_to(&[i; 48], target, None));
+        }
+        out.withdraw(1);
+        out.withdraw(3);
+        out.withdraw(9);
+        assert_eq!(out.send(client.as_fd()).sent, 2);
+        assert!(out.is_empty());
+        let mut batch = RecvBatch::new();
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let n = batch.receive(server.as_fd()).unwrap();
+            seen.extend((0..n).map(|i| batch.get(i).unwrap().bytes[0]));
+        }
+        seen.sort();
+        assert_eq!(seen, [0, 2]);
+        // Nothing else arrives: the withdrawn ones were not sent late either.
+        server
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        assert!(batch.receive(server.as_fd()).is_err());
     }
 
     /// A reply leaves from the address its request was sent to, although the route to the

@@ -44,6 +44,7 @@ use serde::{Deserialize, Serialize};
 use stratum_api::agent_config::ServingConfig;
 use stratum_ntp::nts::CookieKeys;
 use stratum_ntp::server::ServerClockState;
+use stratum_ntp::symmetric::SymmetricKeys;
 
 use crate::clock::Timescale;
 use crate::metrics::Metrics;
@@ -51,7 +52,7 @@ use batch_io::SocketOptions;
 use clients::ClientRow;
 use path::{ClockSnapshot, PortPolicy};
 use stats::{ALWAYS_EXPORTED_OUTCOMES, KOD_LABELS, OUTCOME_LABELS, TenantStats, TenantTotals};
-use tenants::{PortChange, PortRules};
+use tenants::{KeyMaterial, PortChange, PortRules};
 use worker::{Command, PortShared, Worker};
 
 /// Server settings fixed for the life of the process.
@@ -123,8 +124,8 @@ struct Ports {
     failed: BTreeMap<u16, Failure>,
     /// What the last apply asked for, for [`Server::retry_failed`].
     desired: BTreeMap<u16, PortRules>,
-    /// The TimeService's NTS cookie master keys, once loaded.
-    cookie_keys: Option<CookieKeys>,
+    /// The NTS cookie master keys and tenants' symmetric keys loaded so far.
+    material: KeyMaterial,
     stats: BTreeMap<String, Arc<TenantStats>>,
     /// Series labels (tenant ids, or [`ALL_TENANTS`]) in the metrics registry.
     exported: BTreeSet<String>,
@@ -265,7 +266,7 @@ impl Server {
     /// that failed before are tried again.
     pub fn apply(&self, serving: &ServingConfig) -> ApplyReport {
         let mut ports = self.ports();
-        ports.desired = tenants::desired_ports(serving, ports.cookie_keys.as_ref());
+        ports.desired = tenants::desired_ports(serving, &ports.material);
         ports.totals_only = !serving.metrics_per_tenant;
         let report = self.reconcile(&mut ports, None);
         drop(ports);
@@ -282,11 +283,31 @@ impl Server {
         serving: &ServingConfig,
     ) -> ApplyReport {
         let mut ports = self.ports();
-        if ports.cookie_keys == keys {
+        if ports.material.cookie_keys == keys {
             return ApplyReport::default();
         }
-        ports.cookie_keys = keys;
-        ports.desired = tenants::desired_ports(serving, ports.cookie_keys.as_ref());
+        ports.material.cookie_keys = keys;
+        ports.desired = tenants::desired_ports(serving, &ports.material);
+        let report = self.reconcile(&mut ports, None);
+        drop(ports);
+        log_report(&report);
+        report
+    }
+
+    /// Puts the symmetric keys read from each tenant's key file (by path) in force on the
+    /// ports of `serving` (the config in force); a tenant whose file is not in `keys` fails
+    /// every MAC until it is.
+    pub fn set_symmetric_keys(
+        &self,
+        keys: BTreeMap<String, Arc<SymmetricKeys>>,
+        serving: &ServingConfig,
+    ) -> ApplyReport {
+        let mut ports = self.ports();
+        if ports.material.symmetric == keys {
+            return ApplyReport::default();
+        }
+        ports.material.symmetric = keys;
+        ports.desired = tenants::desired_ports(serving, &ports.material);
         let report = self.reconcile(&mut ports, None);
         drop(ports);
         log_report(&report);
@@ -627,6 +648,9 @@ impl Server {
             let _ = metrics
                 .tenant_nts_authenticated
                 .remove_label_values(&[gone.as_str()]);
+            let _ = metrics
+                .tenant_symmetric_authenticated
+                .remove_label_values(&[gone.as_str()]);
         }
         exported.retain(|label| series.contains_key(label));
         for (label, totals) in &series {
@@ -644,6 +668,13 @@ impl Server {
                     &metrics.tenant_nts_authenticated,
                     &[label.as_str()],
                     totals.authenticated,
+                );
+            }
+            if totals.mac_authenticated > 0 {
+                catch_up(
+                    &metrics.tenant_symmetric_authenticated,
+                    &[label.as_str()],
+                    totals.mac_authenticated,
                 );
             }
             exported.insert(label.clone());

@@ -7,11 +7,11 @@
 //! they reach the rate table): strangers, spoofed or not, are counted in the tenant's
 //! `denied` counter and nowhere else, so they cannot push real clients out of either table.
 //!
-//! On an NTS tenant's port the NTS fields are checked only after the allow list and the rate
-//! limits, so a stranger or a flood costs no AES work. A request that authenticates is
-//! answered with its plain header and an [`NtsSeal`]: the worker seals it after stamping the
-//! transmit time, which the authenticator covers. That branch allocates (AES-SIV, cookies);
-//! plain requests still do not.
+//! On an NTS or symmetric-key tenant's port the NTS fields and the MAC are checked only after
+//! the allow list and the rate limits, so a stranger or a flood costs no AES work. A request
+//! that authenticates is answered with its plain header and a [`Seal`]: the worker seals it
+//! after stamping the transmit time, which the authenticator (or MAC) covers. That branch
+//! allocates (AES-SIV, cookies, the signed copy); plain requests still do not.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -24,11 +24,13 @@ use stratum_ntp::server::{
     Decision, DropReason, RateLimiter, ServerClockState, ServerPolicy, TenantConfig, build_kod,
     build_reply,
 };
+use stratum_ntp::symmetric::{CRYPTO_NAK_KISS, MacCheck, SymmetricKeys, crypto_nak};
 use stratum_ntp::time::ClockTime;
 
 use super::clients::{ClientLog, ClientOutcome, address_key};
+use super::stats::AuthMethod;
 use super::stats::{Outcome, TenantStats};
-use super::tenants::{PortNts, PortRules};
+use super::tenants::{PortNts, PortRules, PortSymmetric};
 use crate::clock::Timescale;
 
 /// The only tenant of a port's policy: each port serves exactly one tenant.
@@ -107,6 +109,52 @@ impl NtsSeal {
     }
 }
 
+/// A request that authenticated with a symmetric key: its reply is signed with the same key.
+#[derive(Debug)]
+pub struct MacSeal {
+    /// The key the request's MAC verified with.
+    pub key_id: u32,
+    /// The port's keys (holding `key_id`).
+    pub keys: Arc<SymmetricKeys>,
+}
+
+/// What an authenticated reply still needs once its transmit time is stamped.
+#[derive(Debug)]
+pub enum Seal {
+    /// NTS extension fields.
+    Nts(NtsSeal),
+    /// A MAC.
+    Mac(MacSeal),
+}
+
+impl Seal {
+    /// The datagram to send: `reply`, the finished 48-byte header, authenticated. `None` only
+    /// if the key vanished, which [`MacSeal`] holding the keys rules out.
+    pub fn seal(
+        &self,
+        reply: &[u8; HEADER_LEN],
+        rng: &mut impl rand::CryptoRng,
+    ) -> Option<Vec<u8>> {
+        match self {
+            Seal::Nts(nts) => Some(nts.seal(reply, rng)),
+            Seal::Mac(mac) => {
+                let mut datagram = [0u8; HEADER_LEN + stratum_ntp::packet::MAX_MAC_LEN];
+                datagram[..HEADER_LEN].copy_from_slice(reply);
+                let len = mac.keys.sign(mac.key_id, &mut datagram, HEADER_LEN)?;
+                Some(datagram[..len].to_vec())
+            }
+        }
+    }
+
+    /// How the reply is authenticated, for the counters.
+    pub fn method(&self) -> AuthMethod {
+        match self {
+            Seal::Nts(_) => AuthMethod::Nts,
+            Seal::Mac(_) => AuthMethod::SymmetricKey,
+        }
+    }
+}
+
 /// A port's mutable state: the rate-limit table and the client log, both bounded.
 #[derive(Debug)]
 pub struct PortState {
@@ -143,8 +191,9 @@ pub struct Request<'a> {
 /// outcome. A served reply's transmit timestamp is provisional (the receive time): the worker
 /// overwrites it just before sending with `patch_transmit_timestamp`, which leaves KoDs
 /// (`Denied { kod: true }`, `RateLimited { kod: true }`) without time. For an authenticated
-/// NTS request `seal` is set: the worker seals the reply after that ([`NtsSeal::seal`]).
-/// `out` must hold the request's length for an NTS port's NAK; a plain reply needs 48 bytes.
+/// request `seal` is set: the worker seals the reply after that ([`Seal::seal`]). `out` must
+/// hold the request's length for an NTS port's NAK; a plain reply needs 48 bytes, a
+/// crypto-NAK 52.
 pub fn handle_request(
     port: &PortPolicy,
     state: &mut PortState,
@@ -152,17 +201,17 @@ pub fn handle_request(
     request: Request<'_>,
     out: &mut [u8],
 ) -> (Outcome, usize) {
-    handle_request_nts(port, state, clock, request, out, &mut None)
+    handle_request_sealing(port, state, clock, request, out, &mut None)
 }
 
-/// [`handle_request`] that also hands back what an authenticated NTS reply needs sealed.
-pub fn handle_request_nts(
+/// [`handle_request`] that also hands back what an authenticated reply needs sealed.
+pub fn handle_request_sealing(
     port: &PortPolicy,
     state: &mut PortState,
     clock: &ServerClockState,
     request: Request<'_>,
     out: &mut [u8],
-    seal: &mut Option<NtsSeal>,
+    seal: &mut Option<Seal>,
 ) -> (Outcome, usize) {
     let Request {
         source,
@@ -173,11 +222,11 @@ pub fn handle_request_nts(
     let logged = match outcome {
         // Denied covers the deny list and sources outside the allow list: not clients.
         Outcome::Malformed | Outcome::Ignored | Outcome::Denied { .. } => None,
-        Outcome::Served | Outcome::ServedUnsynchronized | Outcome::NtsNak => {
+        Outcome::Served | Outcome::ServedUnsynchronized | Outcome::NtsNak | Outcome::MacNak => {
             Some(ClientOutcome::Answered)
         }
         Outcome::Unauthenticated { kod: true } => Some(ClientOutcome::Kod),
-        Outcome::NtsFailed | Outcome::Unauthenticated { kod: false } => {
+        Outcome::NtsFailed | Outcome::MacFailed | Outcome::Unauthenticated { kod: false } => {
             Some(ClientOutcome::Dropped)
         }
         Outcome::RateLimited { kod: true } => Some(ClientOutcome::Kod),
@@ -199,7 +248,7 @@ fn decide_and_build(
     clock: &ServerClockState,
     request: Request<'_>,
     out: &mut [u8],
-    seal: &mut Option<NtsSeal>,
+    seal: &mut Option<Seal>,
 ) -> (Outcome, usize) {
     let Request {
         source,
@@ -224,11 +273,19 @@ fn decide_and_build(
         .decide(&mut state.limiter, PORT_TENANT, source, received_at);
     match decision {
         Decision::Serve => {
-            if let Some(nts) = &port.rules.nts {
-                match nts_step(nts, &view, bytes, out) {
-                    NtsStep::Answer(sealing) => *seal = sealing,
-                    NtsStep::Done(outcome, len) => return (outcome, len),
+            // A MAC is the client's choice of symmetric keys; NTS fields or none, the port's
+            // NTS (which refuses plain requests as the tenant chose) decides.
+            let step = match (&port.rules.symmetric, &port.rules.nts) {
+                (Some(symmetric), _) if view.mac.is_some() => {
+                    mac_step(symmetric, &view, bytes, out)
                 }
+                (_, Some(nts)) => nts_step(nts, &view, bytes, out),
+                (Some(symmetric), None) => unauthenticated(symmetric.unauthenticated, &view, out),
+                (None, None) => AuthStep::Answer(None),
+            };
+            match step {
+                AuthStep::Answer(sealing) => *seal = sealing,
+                AuthStep::Done(outcome, len) => return (outcome, len),
             }
             match build_reply(
                 &view,
@@ -275,36 +332,72 @@ fn decide_and_build(
     }
 }
 
-/// What NTS makes of an allowed, in-rate request on an NTS port.
-enum NtsStep {
+/// What authentication makes of an allowed, in-rate request.
+enum AuthStep {
     /// Answer with the served clock; sealed when `Some`.
-    Answer(Option<NtsSeal>),
+    Answer(Option<Seal>),
     /// Already decided (and written into `out` when answered).
     Done(Outcome, usize),
 }
 
-fn nts_step(nts: &PortNts, view: &PacketView<'_>, bytes: &[u8], out: &mut [u8]) -> NtsStep {
+/// A request without authentication on a port that has it.
+fn unauthenticated(policy: Unauthenticated, view: &PacketView<'_>, out: &mut [u8]) -> AuthStep {
+    match policy {
+        Unauthenticated::Serve => AuthStep::Answer(None),
+        Unauthenticated::Ignore => AuthStep::Done(Outcome::Unauthenticated { kod: false }, 0),
+        Unauthenticated::Deny => match build_kod(view, KissCode::Deny, out) {
+            Some(len) => AuthStep::Done(Outcome::Unauthenticated { kod: true }, len),
+            None => AuthStep::Done(Outcome::Ignored, 0),
+        },
+    }
+}
+
+fn mac_step(
+    symmetric: &PortSymmetric,
+    view: &PacketView<'_>,
+    bytes: &[u8],
+    out: &mut [u8],
+) -> AuthStep {
+    let check = match &symmetric.keys {
+        Some(keys) => keys.check(bytes, view.mac),
+        None => MacCheck::Malformed,
+    };
+    match (check, &symmetric.keys) {
+        (MacCheck::Valid { key_id }, Some(keys)) => AuthStep::Answer(Some(Seal::Mac(MacSeal {
+            key_id,
+            keys: keys.clone(),
+        }))),
+        (MacCheck::Absent, _) => unauthenticated(symmetric.unauthenticated, view, out),
+        // Unknown key id, a digest that does not verify, keys not read yet: never served.
+        _ if symmetric.crypto_nak => {
+            let mut header = [0u8; HEADER_LEN];
+            match build_kod(view, CRYPTO_NAK_KISS, &mut header) {
+                Some(HEADER_LEN) => match crypto_nak(&header, out) {
+                    Some(len) => AuthStep::Done(Outcome::MacNak, len),
+                    None => AuthStep::Done(Outcome::MacFailed, 0),
+                },
+                _ => AuthStep::Done(Outcome::Ignored, 0),
+            }
+        }
+        _ => AuthStep::Done(Outcome::MacFailed, 0),
+    }
+}
+
+fn nts_step(nts: &PortNts, view: &PacketView<'_>, bytes: &[u8], out: &mut [u8]) -> AuthStep {
     // Without the TimeService's keys no cookie opens: the NAK, never a plain answer.
     let verdict = verify_request_with(bytes, |cookie| match &nts.keys {
         Some(keys) => keys.open(cookie),
         None => Err(CookieError::NoKeys),
     });
     match verdict {
-        ServerVerdict::Plain => match nts.unauthenticated {
-            Unauthenticated::Serve => NtsStep::Answer(None),
-            Unauthenticated::Ignore => NtsStep::Done(Outcome::Unauthenticated { kod: false }, 0),
-            Unauthenticated::Deny => match build_kod(view, KissCode::Deny, out) {
-                Some(len) => NtsStep::Done(Outcome::Unauthenticated { kod: true }, len),
-                None => NtsStep::Done(Outcome::Ignored, 0),
-            },
-        },
+        ServerVerdict::Plain => unauthenticated(nts.unauthenticated, view, out),
         // Authenticated implies a cookie opened, so the keys are there; fail closed anyway.
         ServerVerdict::Authenticated(request) => match nts.keys.clone() {
-            Some(cookie_keys) => NtsStep::Answer(Some(NtsSeal {
+            Some(cookie_keys) => AuthStep::Answer(Some(Seal::Nts(NtsSeal {
                 request,
                 cookie_keys,
-            })),
-            None => NtsStep::Done(Outcome::NtsFailed, 0),
+            }))),
+            None => AuthStep::Done(Outcome::NtsFailed, 0),
         },
         ServerVerdict::Nak { unique_id, .. } => {
             let mut kod = [0u8; HEADER_LEN];
@@ -316,15 +409,15 @@ fn nts_step(nts: &PortNts, view: &PacketView<'_>, bytes: &[u8], out: &mut [u8]) 
                     match out.get_mut(..nak.len()) {
                         Some(slot) if nak.len() <= bytes.len() => {
                             slot.copy_from_slice(&nak);
-                            NtsStep::Done(Outcome::NtsNak, nak.len())
+                            AuthStep::Done(Outcome::NtsNak, nak.len())
                         }
-                        _ => NtsStep::Done(Outcome::NtsFailed, 0),
+                        _ => AuthStep::Done(Outcome::NtsFailed, 0),
                     }
                 }
-                _ => NtsStep::Done(Outcome::Ignored, 0),
+                _ => AuthStep::Done(Outcome::Ignored, 0),
             }
         }
-        ServerVerdict::Drop(_) => NtsStep::Done(Outcome::NtsFailed, 0),
+        ServerVerdict::Drop(_) => AuthStep::Done(Outcome::NtsFailed, 0),
     }
 }
 
@@ -563,6 +656,7 @@ mod tests {
                         keys: keys.map(|k| Arc::new(k.bound_to(b"ns/a"))),
                         unauthenticated,
                     }),
+                    symmetric: None,
                 },
                 plain.stats.clone(),
             )
@@ -591,7 +685,7 @@ mod tests {
         fn ask(port: &PortPolicy, state: &mut PortState, src: &str, bytes: &[u8]) -> Answer {
             let mut out = [0u8; 1024];
             let mut seal = None;
-            let (outcome, len) = handle_request_nts(
+            let (outcome, len) = handle_request_sealing(
                 port,
                 state,
                 &synced(),
@@ -602,7 +696,7 @@ mod tests {
             let mut rng = StdRng::seed_from_u64(9);
             let sealed = seal.is_some();
             let datagram = match seal {
-                Some(seal) => seal.seal(out[..48].try_into().unwrap(), &mut rng),
+                Some(seal) => seal.seal(out[..48].try_into().unwrap(), &mut rng).unwrap(),
                 None => out[..len].to_vec(),
             };
             Answer {
@@ -780,6 +874,182 @@ mod tests {
                 (Outcome::Denied { kod: true }, false)
             );
             assert_eq!(answer.datagram.len(), 48);
+        }
+    }
+
+    mod symmetric {
+        use super::*;
+        use stratum_ntp::symmetric::{CRYPTO_NAK_KISS, is_crypto_nak};
+
+        const KEYS: &str = "\
+1 AES128 HEX:000102030405060708090a0b0c0d0e0f
+2 SHA1 ASCII:switch-secret
+3 MD5 ASCII:old-device
+";
+
+        /// Tenant `ns/a`'s port (allow 10/8; `kod` sends KoDs and crypto-NAKs) with `keys`.
+        fn mac_port(keys: Option<&str>, unauthenticated: Unauthenticated, kod: bool) -> PortPolicy {
+            let plain = port(kod);
+            PortPolicy::with_rules(
+                PortRules {
+                    core: plain.rules.core.clone(),
+                    nts: None,
+                    symmetric: Some(PortSymmetric {
+                        keys: keys.map(|k| Arc::new(SymmetricKeys::parse(k).unwrap())),
+                        unauthenticated,
+                        crypto_nak: kod,
+                    }),
+                },
+                plain.stats.clone(),
+            )
+        }
+
+        /// A v4 client request signed with key `id` of `keys`.
+        fn signed(keys: &str, id: u32) -> Vec<u8> {
+            let keys = SymmetricKeys::parse(keys).unwrap();
+            let mut buffer = [0u8; 72];
+            buffer[..48].copy_from_slice(&request(V4_CLIENT));
+            let len = keys.sign(id, &mut buffer, 48).unwrap();
+            buffer[..len].to_vec()
+        }
+
+        /// Runs one request as the worker does: decide, stamp, seal.
+        fn ask(
+            port: &PortPolicy,
+            state: &mut PortState,
+            src: &str,
+            bytes: &[u8],
+        ) -> (Outcome, Vec<u8>) {
+            let mut out = [0u8; 1024];
+            let mut seal = None;
+            let (outcome, len) = handle_request_sealing(
+                port,
+                state,
+                &synced(),
+                req(src, bytes, false),
+                &mut out,
+                &mut seal,
+            );
+            let datagram = match seal {
+                Some(seal) => {
+                    assert_eq!(seal.method(), AuthMethod::SymmetricKey);
+                    let header: [u8; 48] = out[..48].try_into().unwrap();
+                    seal.seal(&header, &mut rand::rng()).unwrap()
+                }
+                None => out[..len].to_vec(),
+            };
+            (outcome, datagram)
+        }
+
+        #[test]
+        fn a_request_signed_with_any_tenant_key_is_answered_signed_with_that_key() {
+            let port = mac_port(Some(KEYS), Unauthenticated::Deny, true);
+            let keys = SymmetricKeys::parse(KEYS).unwrap();
+            let mut state = PortState::new(64, 1);
+            for (n, id) in [1u32, 2, 3].into_iter().enumerate() {
+                let source = format!("10.0.0.{}", n + 1);
+                let (outcome, reply) = ask(&port, &mut state, &source, &signed(KEYS, id));
+                assert_eq!(outcome, Outcome::Served);
+                let view = Packet::parse(&reply).unwrap();
+                assert_eq!(view.header.mode, Mode::Server);
+                assert_eq!(keys.check(&reply, view.mac), MacCheck::Valid { key_id: id });
+            }
+        }
+
+        #[test]
+        fn wrong_keys_and_unknown_ids_get_a_crypto_nak_or_silence_never_time() {
+            let other = "1 AES128 HEX:ffffffffffffffffffffffffffffffff\n9 MD5 ASCII:x\n";
+            for kod in [true, false] {
+                let port = mac_port(Some(KEYS), Unauthenticated::Serve, kod);
+                let mut state = PortState::new(64, 1);
+                for (source, forged) in [
+                    ("10.0.1.1", signed(other, 1)),
+                    ("10.0.1.2", signed(other, 9)),
+                ] {
+                    let (outcome, reply) = ask(&port, &mut state, source, &forged);
+                    if kod {
+                        assert_eq!(outcome, Outcome::MacNak);
+                        assert!(is_crypto_nak(&reply), "{reply:?}");
+                        let header = Packet::parse(&reply).unwrap().header;
+                        assert_eq!(header.kiss_code(), Some(CRYPTO_NAK_KISS));
+                        assert_eq!(header.transmit_timestamp.to_bits(), 0, "no time in a NAK");
+                    } else {
+                        assert_eq!((outcome, reply.len()), (Outcome::MacFailed, 0));
+                    }
+                }
+            }
+            // Keys not read yet: every MAC fails; the tenant's devices are never served plain.
+            let port = mac_port(None, Unauthenticated::Serve, false);
+            let mut state = PortState::new(64, 1);
+            let (outcome, _) = ask(&port, &mut state, "10.0.1.3", &signed(KEYS, 1));
+            assert_eq!(outcome, Outcome::MacFailed);
+        }
+
+        #[test]
+        fn requests_without_a_mac_get_what_the_tenant_chose() {
+            let mut state = PortState::new(64, 1);
+            let plain = request(V4_CLIENT);
+            let (outcome, _) = ask(
+                &mac_port(Some(KEYS), Unauthenticated::Serve, true),
+                &mut state,
+                "10.0.2.1",
+                &plain,
+            );
+            assert_eq!(outcome, Outcome::Served);
+            let (outcome, reply) = ask(
+                &mac_port(Some(KEYS), Unauthenticated::Deny, true),
+                &mut state,
+                "10.0.2.2",
+                &plain,
+            );
+            assert_eq!(outcome, Outcome::Unauthenticated { kod: true });
+            assert_eq!(
+                Packet::parse(&reply).unwrap().header.kiss_code(),
+                Some(KissCode::Deny)
+            );
+            let (outcome, reply) = ask(
+                &mac_port(Some(KEYS), Unauthenticated::Ignore, true),
+                &mut state,
+                "10.0.2.3",
+                &plain,
+            );
+            assert_eq!(
+                (outcome, reply.len()),
+                (Outcome::Unauthenticated { kod: false }, 0)
+            );
+        }
+
+        /// Isolation: another tenant's key does not open this port, a stranger's signed
+        /// request is refused before any MAC work, and a flood of forgeries is rate limited
+        /// like any traffic (so a crypto-NAK never amplifies).
+        #[test]
+        fn strangers_and_floods_are_stopped_before_the_mac() {
+            let port = mac_port(Some(KEYS), Unauthenticated::Deny, true);
+            let mut state = PortState::new(64, 1);
+            let (outcome, reply) = ask(&port, &mut state, "192.0.2.9", &signed(KEYS, 1));
+            assert_eq!(outcome, Outcome::Denied { kod: true });
+            assert_eq!(
+                reply.len(),
+                48,
+                "a plain DENY: the stranger learns nothing of the keys"
+            );
+            let forged = signed("1 AES128 HEX:ffffffffffffffffffffffffffffffff", 1);
+            let outcomes: Vec<Outcome> = (0..4)
+                .map(|_| ask(&port, &mut state, "10.0.3.1", &forged).0)
+                .collect();
+            assert_eq!(
+                outcomes[..2],
+                [Outcome::MacNak, Outcome::MacNak],
+                "burst of 2"
+            );
+            assert!(
+                outcomes[2..]
+                    .iter()
+                    .all(|o| matches!(o, Outcome::RateLimited { .. })),
+                "{outcomes:?}"
+            );
+            // A crypto-NAK is never longer than the forged request that caused it.
+            assert!(stratum_ntp::symmetric::CRYPTO_NAK_LEN < forged.len());
         }
     }
 }

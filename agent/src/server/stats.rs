@@ -29,8 +29,14 @@ pub enum Outcome {
     NtsNak,
     /// NTS port: NTS fields that are malformed or do not authenticate; not answered.
     NtsFailed,
-    /// NTS port that requires NTS: a request without it; `kod` when answered with KoD DENY.
+    /// Port that requires authentication (NTS or a symmetric key): a request without it;
+    /// `kod` when answered with KoD DENY.
     Unauthenticated { kod: bool },
+    /// Symmetric-key port: a MAC naming an unknown key id or not verifying, answered with a
+    /// crypto-NAK (the tenant sends KoDs).
+    MacNak,
+    /// Symmetric-key port: a MAC that fails as for [`Outcome::MacNak`], not answered.
+    MacFailed,
 }
 
 impl Outcome {
@@ -44,12 +50,13 @@ impl Outcome {
                 | Outcome::RateLimited { kod: true }
                 | Outcome::NtsNak
                 | Outcome::Unauthenticated { kod: true }
+                | Outcome::MacNak
         )
     }
 }
 
 /// The `outcome` label values, in export order.
-pub const OUTCOME_LABELS: [&str; 9] = [
+pub const OUTCOME_LABELS: [&str; 11] = [
     "served",
     "served_unsynchronized",
     "denied",
@@ -59,11 +66,13 @@ pub const OUTCOME_LABELS: [&str; 9] = [
     "nts_nak",
     "nts_failed",
     "unauthenticated",
+    "mac_nak",
+    "mac_failed",
 ];
 
-/// Outcomes whose series every tenant has from the start, at 0: the first six. The NTS ones
-/// after them (only an NTS tenant's port has them) appear with their first count, so tenants
-/// without NTS keep eight series.
+/// Outcomes whose series every tenant has from the start, at 0: the first six. The
+/// authentication ones after them (only an NTS or symmetric-key tenant's port has them)
+/// appear with their first count, so tenants without authentication keep eight series.
 pub const ALWAYS_EXPORTED_OUTCOMES: usize = 6;
 
 /// The `code` label values of `stratum_agent_tenant_kod_sent_total`.
@@ -78,12 +87,25 @@ const IGNORED: usize = 5;
 const NTS_NAK: usize = 6;
 const NTS_FAILED: usize = 7;
 const UNAUTHENTICATED: usize = 8;
+const MAC_NAK: usize = 9;
+const MAC_FAILED: usize = 10;
 /// Slots from here on count again packets already counted in an outcome slot.
-const KOD_RATE: usize = 9;
-const KOD_DENY: usize = 10;
+const KOD_RATE: usize = 11;
+const KOD_DENY: usize = 12;
 /// Served replies (synchronized or not) that were NTS-authenticated.
-const AUTHENTICATED: usize = 11;
-const SLOTS: usize = 12;
+const AUTHENTICATED: usize = 13;
+/// Served replies (synchronized or not) signed with a symmetric key.
+const MAC_AUTHENTICATED: usize = 14;
+const SLOTS: usize = 15;
+
+/// How a served reply was authenticated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// NTS (RFC 8915).
+    Nts,
+    /// A symmetric key (RFC 8573 or a legacy digest).
+    SymmetricKey,
+}
 
 /// A worker's running tally for one batch (plain integers, flushed once per batch).
 #[derive(Clone, Copy, Debug, Default)]
@@ -102,6 +124,8 @@ impl Tally {
             Outcome::NtsNak => (NTS_NAK, None),
             Outcome::NtsFailed => (NTS_FAILED, None),
             Outcome::Unauthenticated { kod } => (UNAUTHENTICATED, kod.then_some(KOD_DENY)),
+            Outcome::MacNak => (MAC_NAK, None),
+            Outcome::MacFailed => (MAC_FAILED, None),
         };
         self.0[slot] += 1;
         if let Some(kod) = kod {
@@ -109,9 +133,13 @@ impl Tally {
         }
     }
 
-    /// Counts one served reply as NTS-authenticated too (it was counted as served already).
-    pub fn record_authenticated(&mut self) {
-        self.0[AUTHENTICATED] += 1;
+    /// Counts one served reply as authenticated too (it was counted as served already).
+    pub fn record_authenticated(&mut self, method: AuthMethod) {
+        let slot = match method {
+            AuthMethod::Nts => AUTHENTICATED,
+            AuthMethod::SymmetricKey => MAC_AUTHENTICATED,
+        };
+        self.0[slot] += 1;
     }
 
     /// Whether nothing was counted.
@@ -172,6 +200,16 @@ pub struct TenantTotals {
     /// `servedUnsynchronized`).
     #[serde(default)]
     pub authenticated: u64,
+    /// Crypto-NAKs sent (a MAC with an unknown key id or that did not verify).
+    #[serde(default)]
+    pub mac_nak: u64,
+    /// Requests with such a MAC, not answered.
+    #[serde(default)]
+    pub mac_failed: u64,
+    /// Served replies signed with a symmetric key (part of `served` and
+    /// `servedUnsynchronized`).
+    #[serde(default)]
+    pub mac_authenticated: u64,
 }
 
 impl TenantTotals {
@@ -190,10 +228,13 @@ impl TenantTotals {
         self.nts_failed += other.nts_failed;
         self.unauthenticated += other.unauthenticated;
         self.authenticated += other.authenticated;
+        self.mac_nak += other.mac_nak;
+        self.mac_failed += other.mac_failed;
+        self.mac_authenticated += other.mac_authenticated;
     }
 
     /// Values in [`OUTCOME_LABELS`] order.
-    pub fn outcomes(&self) -> [u64; 9] {
+    pub fn outcomes(&self) -> [u64; 11] {
         [
             self.served,
             self.served_unsynchronized,
@@ -204,6 +245,8 @@ impl TenantTotals {
             self.nts_nak,
             self.nts_failed,
             self.unauthenticated,
+            self.mac_nak,
+            self.mac_failed,
         ]
     }
 
@@ -260,6 +303,9 @@ impl TenantStats {
             nts_failed: sum[NTS_FAILED],
             unauthenticated: sum[UNAUTHENTICATED],
             authenticated: sum[AUTHENTICATED],
+            mac_nak: sum[MAC_NAK],
+            mac_failed: sum[MAC_FAILED],
+            mac_authenticated: sum[MAC_AUTHENTICATED],
         }
     }
 }
@@ -284,18 +330,23 @@ mod tests {
             Outcome::NtsFailed,
             Outcome::Unauthenticated { kod: true },
             Outcome::Unauthenticated { kod: false },
+            Outcome::MacNak,
+            Outcome::MacFailed,
         ] {
             tally.record(outcome);
         }
         stats.worker(0).flush(&mut tally);
         assert!(tally.is_empty());
         tally.record(Outcome::Served);
-        tally.record_authenticated();
+        tally.record_authenticated(AuthMethod::Nts);
+        tally.record(Outcome::Served);
+        tally.record_authenticated(AuthMethod::SymmetricKey);
         stats.worker(1).flush(&mut tally);
         let totals = stats.totals();
-        assert_eq!(totals.received, 12, "authenticated is not a second receipt");
-        assert_eq!(totals.outcomes(), [2, 1, 2, 1, 1, 1, 1, 1, 2]);
+        assert_eq!(totals.received, 15, "authenticated is not a second receipt");
+        assert_eq!(totals.outcomes(), [3, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1]);
         assert_eq!(totals.kods(), [1, 2], "a DENY for a missing NTS is a DENY");
-        assert_eq!(totals.authenticated, 1);
+        assert_eq!((totals.authenticated, totals.mac_authenticated), (1, 1));
+        assert!(Outcome::MacNak.answered() && !Outcome::MacFailed.answered());
     }
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use stratum_api::agent_config::{ServingConfig, TenantConfig as ApiTenant, Unauthenticated};
 use stratum_ntp::nts::CookieKeys;
 use stratum_ntp::server::{ClientRateLimit, DenyAction, RefusalLimit, TenantBudget, TenantConfig};
+use stratum_ntp::symmetric::SymmetricKeys;
 
 /// Tenant id under which `serving.peerPort` (the fleet's other agents) is counted. Tenant ids
 /// are `namespace/name`, so this one cannot collide.
@@ -68,6 +69,17 @@ pub struct PortNts {
     pub unauthenticated: Unauthenticated,
 }
 
+/// What a symmetric-key tenant's port does with MACs (RFC 8573).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PortSymmetric {
+    /// The tenant's keys; `None` until the agent has read its key file, when every MAC fails.
+    pub keys: Option<Arc<SymmetricKeys>>,
+    /// What requests without a MAC (and, on an NTS port, without NTS) get.
+    pub unauthenticated: Unauthenticated,
+    /// Answer a failed MAC with a crypto-NAK (the tenant sends KoDs) rather than nothing.
+    pub crypto_nak: bool,
+}
+
 /// Everything a port's policy generation is made of.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PortRules {
@@ -75,21 +87,33 @@ pub struct PortRules {
     pub core: TenantConfig,
     /// NTS, for a tenant that has it.
     pub nts: Option<PortNts>,
+    /// Symmetric keys, for a tenant that has them.
+    pub symmetric: Option<PortSymmetric>,
 }
 
 impl PortRules {
-    /// Rules of a port without NTS.
+    /// Rules of a port without authentication.
     pub fn plain(core: TenantConfig) -> Self {
-        Self { core, nts: None }
+        Self {
+            core,
+            nts: None,
+            symmetric: None,
+        }
     }
 }
 
-/// Every port the config asks for, with its rules; NTS tenants get `cookie_keys` bound to
-/// their id.
-pub fn desired_ports(
-    serving: &ServingConfig,
-    cookie_keys: Option<&CookieKeys>,
-) -> BTreeMap<u16, PortRules> {
+/// The key material loaded from the files the config names.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KeyMaterial {
+    /// The TimeService's NTS cookie master keys.
+    pub cookie_keys: Option<CookieKeys>,
+    /// Each symmetric-key tenant's keys, by the key file they were read from.
+    pub symmetric: BTreeMap<String, Arc<SymmetricKeys>>,
+}
+
+/// Every port the config asks for, with its rules; NTS tenants get the cookie keys bound to
+/// their id, symmetric-key tenants the keys of their own file.
+pub fn desired_ports(serving: &ServingConfig, material: &KeyMaterial) -> BTreeMap<u16, PortRules> {
     let mut ports: BTreeMap<u16, PortRules> = serving
         .tenants
         .iter()
@@ -97,10 +121,25 @@ pub fn desired_ports(
             let mut core = core_tenant(t);
             core.allow = stratum_api::AgentConfig::tenant_allowed(serving, t);
             let nts = t.nts.as_ref().map(|nts| PortNts {
-                keys: cookie_keys.map(|keys| Arc::new(keys.bound_to(t.id.as_bytes()))),
+                keys: material
+                    .cookie_keys
+                    .as_ref()
+                    .map(|keys| Arc::new(keys.bound_to(t.id.as_bytes()))),
                 unauthenticated: nts.unauthenticated,
             });
-            (t.port, PortRules { core, nts })
+            let symmetric = t.symmetric_keys.as_ref().map(|sym| PortSymmetric {
+                keys: material.symmetric.get(&sym.keys_file).cloned(),
+                unauthenticated: sym.unauthenticated,
+                crypto_nak: t.rate_limit.kiss_of_death,
+            });
+            (
+                t.port,
+                PortRules {
+                    core,
+                    nts,
+                    symmetric,
+                },
+            )
         })
         .collect();
     if let Some(port) = serving.peer_port {
@@ -184,6 +223,7 @@ mod tests {
             },
             max_root_distance_seconds: Some(0.1),
             nts: None,
+            symmetric_keys: None,
         }
     }
 
@@ -224,7 +264,7 @@ mod tests {
             vec!["192.0.2.0/24".parse().unwrap()],
             vec!["fd00::/64".parse().unwrap()],
         ];
-        let ports = desired_ports(&s, None);
+        let ports = desired_ports(&s, &KeyMaterial::default());
         let allow: Vec<String> = ports[&12300]
             .core
             .allow
@@ -243,7 +283,7 @@ mod tests {
         let mut s = serving(vec![api_tenant("ns/a", 12300)]);
         s.peer_port = Some(12399);
         s.peer_allowed = vec!["10.77.0.0/16".parse().unwrap()];
-        let ports = desired_ports(&s, None);
+        let ports = desired_ports(&s, &KeyMaterial::default());
         let peers = &ports[&12399].core;
         assert_eq!(peers.name, PEER_TENANT_ID);
         assert_eq!(peers.allow, s.peer_allowed);
@@ -259,7 +299,7 @@ mod tests {
                 api_tenant("ns/c", 3),
                 api_tenant("ns/d", 4),
             ]),
-            None,
+            &KeyMaterial::default(),
         );
         let mut b = api_tenant("ns/b", 2);
         b.allowed.push("192.0.2.0/24".parse().unwrap());
@@ -270,7 +310,7 @@ mod tests {
                 api_tenant("ns/other", 3),
                 api_tenant("ns/e", 5),
             ]),
-            None,
+            &KeyMaterial::default(),
         );
         let changes = plan(running.iter().map(|(p, c)| (*p, c)), &desired);
         assert_eq!(
@@ -310,7 +350,7 @@ mod tests {
             nts_tenant("ns/a", 2),
             nts_tenant("ns/b", 3),
         ]);
-        let before = desired_ports(&config, None);
+        let before = desired_ports(&config, &KeyMaterial::default());
         assert_eq!(before[&1].nts, None);
         let a = before[&2].nts.as_ref().unwrap();
         assert_eq!(
@@ -319,7 +359,13 @@ mod tests {
             "no keys loaded yet: NTS stays on (and fails closed)"
         );
         let keys = CookieKeys::new(key(1), None);
-        let loaded = desired_ports(&config, Some(&keys));
+        let loaded = desired_ports(
+            &config,
+            &KeyMaterial {
+                cookie_keys: Some(keys.clone()),
+                ..KeyMaterial::default()
+            },
+        );
         assert_eq!(
             loaded[&2].nts.as_ref().unwrap().keys.as_deref(),
             Some(&keys.bound_to(b"ns/a"))
@@ -331,5 +377,41 @@ mod tests {
         );
         let changes = plan(before.iter().map(|(p, r)| (*p, r)), &loaded);
         assert_eq!(changes, [PortChange::Update(2), PortChange::Update(3)]);
+    }
+
+    #[test]
+    fn each_symmetric_key_tenant_gets_the_keys_of_its_own_file_only() {
+        let with_keys = |id: &str, port: u16, kod: bool| {
+            let mut t = api_tenant(id, port);
+            t.rate_limit.kiss_of_death = kod;
+            t.symmetric_keys = Some(stratum_api::agent_config::TenantSymmetricKeysConfig {
+                keys_file: format!("/keys/tenant-{port}.keys"),
+                unauthenticated: Unauthenticated::Ignore,
+            });
+            t
+        };
+        let config = serving(vec![
+            api_tenant("ns/plain", 1),
+            with_keys("ns/a", 2, true),
+            with_keys("ns/b", 3, false),
+        ]);
+        let a_keys = Arc::new(SymmetricKeys::parse("1 MD5 ASCII:a").unwrap());
+        let material = KeyMaterial {
+            cookie_keys: None,
+            symmetric: [("/keys/tenant-2.keys".to_owned(), a_keys.clone())].into(),
+        };
+        let ports = desired_ports(&config, &material);
+        assert_eq!(ports[&1].symmetric, None);
+        let a = ports[&2].symmetric.as_ref().unwrap();
+        assert_eq!(
+            (a.keys.as_ref(), a.unauthenticated, a.crypto_nak),
+            (Some(&a_keys), Unauthenticated::Ignore, true)
+        );
+        let b = ports[&3].symmetric.as_ref().unwrap();
+        assert_eq!(
+            (b.keys.as_ref(), b.crypto_nak),
+            (None, false),
+            "b's file is not read yet: never a's keys"
+        );
     }
 }

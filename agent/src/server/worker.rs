@@ -30,7 +30,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use stratum_ntp::server::patch_transmit_timestamp;
 
 use super::batch_io::{BATCH, RecvBatch, SendBatch};
-use super::path::{ClockSnapshot, NtsSeal, PortPolicy, PortState, Request, handle_request_nts};
+use super::path::{ClockSnapshot, PortPolicy, PortState, Request, Seal, handle_request_sealing};
 use super::stats::Tally;
 use crate::clock::host_realtime;
 
@@ -153,7 +153,7 @@ struct Buffers {
     received: RecvBatch,
     replies: SendBatch,
     /// Per queued reply: the NTS sealing it still needs (authenticated requests only).
-    seals: Vec<Option<NtsSeal>>,
+    seals: Vec<Option<Seal>>,
     tally: Tally,
 }
 
@@ -289,7 +289,7 @@ fn serve_batch(member: &Member, clock: &ArcSwap<ClockSnapshot>, index: usize, b:
             };
             let mut seal = None;
             let (outcome, len) =
-                handle_request_nts(&policy, state, &clock.state, request, out, &mut seal);
+                handle_request_sealing(&policy, state, &clock.state, request, out, &mut seal);
             tally.record(outcome);
             if outcome.answered() && datagram.source.is_some() {
                 let slot = replies.len();
@@ -312,9 +312,12 @@ fn serve_batch(member: &Member, clock: &ArcSwap<ClockSnapshot>, index: usize, b:
             if let Some(seal) = seal.take() {
                 let header: Option<[u8; 48]> = reply.get(..48).and_then(|h| h.try_into().ok());
                 if let Some(header) = header {
-                    let sealed = seal.seal(&header, &mut rng);
-                    if replies.set_payload(j, &sealed) {
-                        tally.record_authenticated();
+                    match seal.seal(&header, &mut rng) {
+                        Some(sealed) if replies.set_payload(j, &sealed) => {
+                            tally.record_authenticated(seal.method());
+                        }
+                        // Fail closed: an authenticated client never gets a plain answer.
+                        _ => replies.withdraw(j),
                     }
                 }
             }

@@ -46,6 +46,7 @@ pub fn tenant(id: &str, port: u16, allowed: &[&str], kod: bool) -> TenantConfig 
         },
         max_root_distance_seconds: None,
         nts: None,
+        symmetric_keys: None,
     }
 }
 

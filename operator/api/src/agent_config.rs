@@ -264,6 +264,23 @@ pub struct TenantConfig {
     /// NTS (RFC 8915) for this tenant: a key-exchange endpoint and authenticated NTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nts: Option<TenantNtsConfig>,
+    /// Symmetric keys (RFC 8573, legacy SHA1/MD5) for this tenant's devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symmetric_keys: Option<TenantSymmetricKeysConfig>,
+}
+
+/// One tenant's symmetric keys on an agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TenantSymmetricKeysConfig {
+    /// Key file (`ID TYPE HEX:...` lines) from the Secret the operator gathers; a path and
+    /// never the keys. A request whose MAC names an unknown key id or does not verify gets a
+    /// crypto-NAK when `rateLimit.kissOfDeath` is set, else no answer.
+    pub keys_file: String,
+    /// What requests without a MAC get on the tenant's port (the same as `nts.unauthenticated`
+    /// when the tenant has both).
+    #[serde(default)]
+    pub unauthenticated: Unauthenticated,
 }
 
 /// Where agents find the key material Secret the operator gathers for their TimeService
@@ -281,6 +298,11 @@ pub fn nts_certificate_key(port: u16) -> String {
 /// The Secret's member holding the private key of the tenant served on `port`.
 pub fn nts_private_key_key(port: u16) -> String {
     format!("tenant-{port}.key")
+}
+
+/// The Secret's member holding the symmetric keys of the tenant served on `port`.
+pub fn symmetric_keys_key(port: u16) -> String {
+    format!("tenant-{port}.keys")
 }
 
 /// Where an agent reads the Secret's member `key`.
@@ -461,6 +483,10 @@ impl TenantConfig {
                 key_file: nts_material_path(&nts_private_key_key(port)),
                 ntp_server: None,
                 ntp_port: None,
+                unauthenticated: auth.unauthenticated.unwrap_or_default(),
+            }),
+            symmetric_keys: spec.symmetric_keys().map(|auth| TenantSymmetricKeysConfig {
+                keys_file: nts_material_path(&symmetric_keys_key(port)),
                 unauthenticated: auth.unauthenticated.unwrap_or_default(),
             }),
         }
@@ -1174,6 +1200,7 @@ mod tests {
                     },
                     max_root_distance_seconds: Some(0.1),
                     nts: None,
+                    symmetric_keys: None,
                 }],
                 cidr_sets: vec![vec!["10.244.7.0/24".parse().unwrap()]],
                 metrics_per_tenant: true,

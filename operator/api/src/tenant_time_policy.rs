@@ -238,8 +238,16 @@ pub struct Authentication {
     /// `Ignore` (no answer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unauthenticated: Option<Unauthenticated>,
-    /// Symmetric keys (RFC 8573) from a Secret in this namespace.
+    /// Name of a Secret in this namespace whose `keys` member is a key file, one key per line
+    /// `ID TYPE KEY`: `TYPE` is `AES128` (AES-CMAC, RFC 8573; the one to use) or, for devices
+    /// that know nothing newer, `SHA1` or `MD5`; `KEY` is `HEX:<hex>`, `ASCII:<text>` or bare
+    /// as ntpd reads it. Requests signed with one of these keys are answered signed with it;
+    /// a MAC with an unknown key id or that does not verify gets a crypto-NAK when
+    /// `rateLimit.kissOfDeath` is set, else no answer. The operator copies the keys into its own
+    /// namespace for the agents, which never read tenant namespaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$')").message("authentication.symmetricKeysSecret must be a Secret name: lowercase letters, digits, '-' and '.', at most 253 characters"))]
+    #[schemars(length(max = 253))]
     pub symmetric_keys_secret: Option<String>,
 }
 
@@ -247,6 +255,13 @@ impl TenantTimePolicySpec {
     /// The NTS settings when the tenant asks for NTS.
     pub fn nts(&self) -> Option<&Authentication> {
         self.authentication.as_ref().filter(|a| a.nts)
+    }
+
+    /// The authentication settings when the tenant names a symmetric key Secret.
+    pub fn symmetric_keys(&self) -> Option<&Authentication> {
+        self.authentication
+            .as_ref()
+            .filter(|a| a.symmetric_keys_secret.is_some())
     }
 }
 
