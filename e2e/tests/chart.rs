@@ -520,12 +520,14 @@ async fn prometheus_scrapes_agents_and_operators_and_every_dashboard_query_retur
                 // and checks this query there.
                 "--may-be-empty",
                 "panel 'Offset (and the host daemon's own view)' B",
-                // Only with NTS tenant traffic: the nts_tenant test makes some and checks
-                // both queries there.
+                // Only with authenticated tenant traffic: the nts_tenant test makes some and
+                // checks every query there.
                 "--may-be-empty",
-                "panel 'NTS: authenticated replies and key exchanges' A",
+                "panel 'Authenticated replies (NTS, symmetric keys) and NTS key exchanges' A",
                 "--may-be-empty",
-                "panel 'NTS: authenticated replies and key exchanges' B",
+                "panel 'Authenticated replies (NTS, symmetric keys) and NTS key exchanges' B",
+                "--may-be-empty",
+                "panel 'Authenticated replies (NTS, symmetric keys) and NTS key exchanges' C",
                 // Only with an NTS upstream: the nts_upstream test has one and checks both.
                 "--may-be-empty",
                 "panel 'NTS upstreams: cookies and key exchanges' A",

@@ -6,7 +6,9 @@
 //! `examples/clients/chrony-nts.conf`, in a real pod resolves the tenant's Service by name and gets authenticated time through the
 //! ClusterIP: key exchange on TCP 4460, NTP on UDP 123, both DNATed by kube-proxy to the
 //! agent's tenant port. A request without NTS gets DENY; another tenant's pod is refused at
-//! the key exchange and at NTP. The stack's Prometheus shows the authenticated requests.
+//! the key exchange and at NTP. Then symmetric keys on the same tenant: a key Secret the
+//! operator copies, `chronyd -Q` with a keyfile served signed through the Service, a wrong key
+//! and another tenant's pod not. The stack's Prometheus shows the authenticated requests.
 //!
 //! Only the real node's agent has a kubelet that mounts Secrets (the kwok nodes' agents are
 //! processes of the stand-in, with hostPath volumes only), so the tenant uses NodeLocal
@@ -231,8 +233,127 @@ async fn a_real_pod_gets_nts_time_from_its_tenants_service_and_others_are_refuse
     let b_on_a = pod_b.probe(&vip, 123).expect("KoD for tenant B's pod");
     assert_eq!(b_on_a["kissCode"], "DENY", "{b_on_a}");
 
+    // Symmetric keys on the same tenant, for its devices: a key Secret in its namespace, the
+    // policy naming it. The operator checks the key file and copies it next to the
+    // certificate; the agent answers chronyd's signed requests signed with the same key.
+    let keys = "# the lab's switches\n1 AES128 HEX:5a1e0c3b9d8f7e6a5b4c3d2e1f001122\n";
+    apply(
+        &secrets,
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": "device-keys", "namespace": a},
+            "stringData": {"keys": keys}
+        }),
+    )
+    .await;
+    apply_tenant(
+        &client,
+        a,
+        serde_json::json!({
+            "authentication": {"nts": true, "ntsCertificateSecret": "ntp-tls",
+                               "symmetricKeysSecret": "device-keys", "unauthenticated": "Deny"},
+            "rateLimit": {"kissOfDeath": true}
+        }),
+    )
+    .await;
+    let (keys_ready, took) = wait_for(
+        Duration::from_secs(60),
+        "SymmetricKeysReady=True",
+        || async {
+            condition(&policies.get("ntp").await.ok()?, "SymmetricKeysReady")
+                .filter(|(status, _, _)| status == "True")
+        },
+    )
+    .await;
+    eprintln!(
+        "SymmetricKeysReady {keys_ready:?} {:.1} s after the policy named the keys",
+        took.as_secs_f64()
+    );
+    let material = Api::<Secret>::namespaced(client.clone(), AGENT_NAMESPACE)
+        .get(&format!("{SHARED_TIME_SERVICE}-agent-nts"))
+        .await
+        .unwrap();
+    assert!(
+        material
+            .data
+            .unwrap_or_default()
+            .iter()
+            .any(|(member, v)| member.ends_with(".keys")
+                && v.0.ends_with(b"HEX:5a1e0c3b9d8f7e6a5b4c3d2e1f001122\n")),
+        "the tenant's keys were copied"
+    );
+    let config_text = serde_json::to_string(
+        &Api::<ConfigMap>::namespaced(client.clone(), AGENT_NAMESPACE)
+            .get(&format!("{SHARED_TIME_SERVICE}-agent-config"))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        !config_text.contains("5a1e0c3b9d8f"),
+        "key material in the agent ConfigMap"
+    );
+    let keyfile = |tag: &str, text: &str| {
+        let path = dir.join(format!("chrony-{tag}.keys"));
+        std::fs::write(&path, text).unwrap();
+        format!("keyfile {}", path.display())
+    };
+    let server = format!("server {name} key 1 iburst maxsamples 4");
+    let right = keyfile("right", keys);
+    let (offset, took) = wait_for(
+        Duration::from_secs(180),
+        "chronyd -Q with the tenant's key in tenant A's pod",
+        || async { pod_a.chronyd_query(&[&right, &server]) },
+    )
+    .await;
+    eprintln!(
+        "chronyd -Q key 1 (AES128) {name} from a real pod: offset {offset:+.6} s ({:.1} s to the first)",
+        took.as_secs_f64()
+    );
+    assert!(offset.abs() < 0.05, "chronyd measured {offset} s");
+    let wrong = keyfile("wrong", "1 AES128 HEX:5a1e0c3b9d8f7e6a5b4c3d2e1f001123\n");
+    assert_eq!(
+        pod_a.chronyd_query(&[&wrong, &server]),
+        None,
+        "a wrong key got time"
+    );
+    assert_eq!(
+        pod_b.chronyd_query(&[&right, &server]),
+        None,
+        "tenant B's pod got time from A's Service with A's key"
+    );
+
     // The agent counted the authenticated requests and the key exchanges it served.
     let tenant = format!("{a}/ntp");
+    let (signed, _) = wait_for(
+        Duration::from_secs(90),
+        "signed replies in Prometheus",
+        || async {
+            prometheus_value(
+                &prometheus,
+                &format!(
+                    r#"sum(stratum_agent_tenant_symmetric_authenticated_total{{tenant="{tenant}"}})"#
+                ),
+            )
+            .filter(|n| *n >= 1.0)
+        },
+    )
+    .await;
+    let (naks, _) = wait_for(
+        Duration::from_secs(90),
+        "the wrong key's crypto-NAKs in Prometheus",
+        || async {
+            prometheus_value(
+                &prometheus,
+                &format!(
+                    r#"sum(stratum_agent_tenant_requests_total{{tenant="{tenant}",outcome="mac_nak"}})"#
+                ),
+            )
+            .filter(|n| *n >= 1.0)
+        },
+    )
+    .await;
+    eprintln!("Prometheus for {tenant}: {signed} signed replies, {naks} crypto-NAKs");
     let (authenticated, _) = wait_for(
         Duration::from_secs(90),
         "authenticated requests in Prometheus",
@@ -268,9 +389,10 @@ async fn a_real_pod_gets_nts_time_from_its_tenants_service_and_others_are_refuse
          {refused} refused as not allowed"
     );
 
-    // The dashboard's NTS panel shows this tenant in both of its queries.
-    let queries = dashboard_queries("NTS: authenticated replies and key exchanges");
-    assert_eq!(queries.len(), 2, "{queries:?}");
+    // The dashboard's authentication panel shows this tenant in each of its queries.
+    let queries =
+        dashboard_queries("Authenticated replies (NTS, symmetric keys) and NTS key exchanges");
+    assert_eq!(queries.len(), 3, "{queries:?}");
     for query in &queries {
         // Over the whole run: the panel's rate window stands for Grafana's.
         let q = query

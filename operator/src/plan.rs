@@ -79,8 +79,8 @@ pub struct TimeServicePlan {
     pub uncovered: Uncovered,
     /// Served tenants, for audit events.
     pub tenants: Arc<ServedTenants>,
-    /// Tenants in the agent config with NTS, oldest first: whose certificates the key
-    /// material Secret holds while they fit.
+    /// Tenants in the agent config with NTS or symmetric keys, oldest first: whose
+    /// certificates and keys the key material Secret holds while they fit.
     pub nts_tenants: Vec<NtsTenant>,
     /// Allow-list size of each served tenant.
     pub allow_list_sizes: Vec<usize>,
@@ -797,7 +797,10 @@ impl TimeServiceDraft {
         )?;
         let mut nts_served: Vec<&&ServedTenant> = served
             .iter()
-            .filter(|s| s.entry.spec.nts().is_some() && !cache.shed.contains(&s.key))
+            .filter(|s| {
+                (s.entry.spec.nts().is_some() || s.entry.spec.symmetric_keys().is_some())
+                    && !cache.shed.contains(&s.key)
+            })
             .collect();
         nts_served.sort_by(|a, b| {
             age(&a.entry)
@@ -806,12 +809,19 @@ impl TimeServiceDraft {
         });
         let nts_tenants = nts_served
             .into_iter()
-            .filter_map(|s| {
-                Some(NtsTenant {
-                    key: s.key.clone(),
-                    port: s.port,
-                    secret: s.entry.spec.nts()?.nts_certificate_secret.clone()?,
-                })
+            .map(|s| NtsTenant {
+                key: s.key.clone(),
+                port: s.port,
+                certificate_secret: s
+                    .entry
+                    .spec
+                    .nts()
+                    .and_then(|a| a.nts_certificate_secret.clone()),
+                keys_secret: s
+                    .entry
+                    .spec
+                    .symmetric_keys()
+                    .and_then(|a| a.symmetric_keys_secret.clone()),
             })
             .collect();
         let off_designated = config

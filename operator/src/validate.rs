@@ -1,8 +1,8 @@
 //! A tenant checked on its own, before it enters anything shared. What is checked is what the
 //! agents would refuse in the tenant's entry (`stratum_api::agent_config::policy_problems`, the
 //! same check `AgentConfig::validate` runs on every entry), what the operator cannot build
-//! (peers that do not compile, too many prefixes), and what this version does not serve
-//! (timezone, symmetric keys). A tenant failing any of it is refused alone: it claims no port
+//! (peers that do not compile, too many prefixes), and what no agent can serve (a timezone
+//! that is not one). A tenant failing any of it is refused alone: it claims no port
 //! and no Service name, and is left out of the agent config and the NetworkPolicy, so it can
 //! never make its TimeService's config invalid or change another tenant's output.
 
@@ -57,14 +57,6 @@ pub fn spec_refusal(
         ));
     }
     if let Some(auth) = &spec.authentication {
-        if auth.symmetric_keys_secret.is_some() {
-            return Some((
-                "AuthenticationUnsupported",
-                "spec.authentication.symmetricKeysSecret: symmetric keys (RFC 8573) are not \
-                 supported by this version; use nts"
-                    .into(),
-            ));
-        }
         // The schema says the same; kept for objects stored before it.
         if auth.nts && auth.nts_certificate_secret.is_none() {
             return Some((
@@ -157,17 +149,20 @@ mod tests {
     }
 
     #[test]
-    fn an_unknown_timezone_and_authentication_are_refused() {
+    fn an_unknown_timezone_is_refused_and_symmetric_keys_are_served() {
         let (reason, message) = refusal(serde_json::json!({ "timezone": "Mars/Olympus" })).unwrap();
         assert_eq!(reason, "InvalidTimezone");
         assert!(message.starts_with("spec.timezone: "), "{message}");
-        let (reason, message) = refusal(
-            serde_json::json!({ "authentication": { "symmetricKeysSecret": "device-keys" } }),
-        )
-        .unwrap();
-        assert_eq!(reason, "AuthenticationUnsupported");
-        assert!(message.contains("symmetricKeysSecret"), "{message}");
         assert!(refusal(serde_json::json!({ "timezone": "Europe/Berlin" })).is_none());
+        for unauthenticated in ["Serve", "Deny", "Ignore"] {
+            assert!(
+                refusal(serde_json::json!({ "authentication": {
+                    "symmetricKeysSecret": "device-keys",
+                    "unauthenticated": unauthenticated } }))
+                .is_none(),
+                "{unauthenticated}"
+            );
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! One tenant can never hurt another. Random sequences of tenant, pod and namespace events,
 //! with tenants that are invalid in every way the operator knows (values the agents refuse,
-//! prefix explosions, unknown time zones, broken selectors, NTS without its certificate Secret,
-//! unsupported symmetric keys), are
+//! prefix explosions, unknown time zones, broken selectors, NTS without its certificate Secret),
+//! among valid ones with NTS, symmetric keys or both, are
 //! fed to two indexes: one gets every event, the other the same run with the invalid tenants
 //! removed. Every valid tenant's output (its agent-config entry and allow list, its port, its
 //! Service, EndpointSlices and time-config) and everything shared (the agent config, the
@@ -73,15 +73,10 @@ fn invalid_spec(kind: u64, rng: &mut Rng) -> (Value, &'static str, &'static str)
             "InvalidClients",
             "spec.allowedClients[0].podSelector",
         ),
-        5 if rng.chance(50) => (
+        5 => (
             json!({ "service": service, "authentication": { "nts": true } }),
             "InvalidSpec",
             "spec.authentication.ntsCertificateSecret",
-        ),
-        5 => (
-            json!({ "service": service, "authentication": { "symmetricKeysSecret": "keys" } }),
-            "AuthenticationUnsupported",
-            "spec.authentication.symmetricKeysSecret",
         ),
         6 => (
             json!({ "service": service, "rateLimit": { "perClient": { "burst": -3 } } }),
@@ -124,6 +119,9 @@ fn valid_spec(rng: &mut Rng) -> Value {
         let unauthenticated = ["Serve", "Deny", "Ignore"][rng.below(3) as usize];
         spec["authentication"] = json!({ "nts": true, "ntsCertificateSecret": "ntp-tls",
                                          "unauthenticated": unauthenticated });
+    }
+    if rng.chance(20) {
+        spec["authentication"]["symmetricKeysSecret"] = json!("device-keys");
     }
     spec
 }
@@ -482,7 +480,6 @@ fn no_valid_tenants_output_depends_on_another_tenants_validity() {
         "TooManyPrefixes",
         "InvalidTimezone",
         "InvalidClients",
-        "AuthenticationUnsupported",
     ] {
         assert!(
             refusals_seen.get(reason).copied().unwrap_or(0) > 10,

@@ -182,6 +182,34 @@ fn every_example_parses_and_passes_the_crd_rules() {
         "the certificate names the Service clients use"
     );
 
+    // Symmetric keys: the Secret with its key file, then the policy naming it.
+    let text =
+        std::fs::read_to_string(repo_root().join("examples/tenant-symmetric-keys.yaml")).unwrap();
+    let documents: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let [secret, policy] = &documents[..] else {
+        panic!("tenant-symmetric-keys.yaml: a Secret and a TenantTimePolicy")
+    };
+    if let Err(errors) = stratum_api::validate_object::<TenantTimePolicy>(policy) {
+        panic!("tenant-symmetric-keys.yaml breaks a CRD rule: {errors:?}");
+    }
+    let keyed: TenantTimePolicy = serde_json::from_value(policy.clone()).unwrap();
+    let auth = keyed
+        .spec
+        .symmetric_keys()
+        .expect("the example names a key Secret");
+    assert_eq!(
+        auth.symmetric_keys_secret.as_deref(),
+        secret["metadata"]["name"].as_str()
+    );
+    let keys = stratum_ntp::symmetric::SymmetricKeys::parse(
+        secret["stringData"]["keys"].as_str().unwrap(),
+    )
+    .expect("the example's key file reads");
+    let algorithms: Vec<_> = keys.algorithms().map(|(id, a)| (id, a.name())).collect();
+    assert_eq!(algorithms, [(1, "AES128"), (2, "SHA1")]);
+
     let mut files: Vec<_> = std::fs::read_dir(repo_root().join("examples"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -197,6 +225,7 @@ fn every_example_parses_and_passes_the_crd_rules() {
             "tenant-cross-namespace.yaml",
             "tenant-nts.yaml",
             "tenant-own-namespace.yaml",
+            "tenant-symmetric-keys.yaml",
             "timeservice.yaml"
         ],
         "an example has no test"

@@ -1,8 +1,9 @@
-//! The NTS key material of a TimeService's agents: one Secret in the operator's namespace
-//! (`<ts>-agent-nts`), mounted by every agent, holding the cookie master keys the operator
-//! generates and rotates and a copy of each NTS tenant's certificate and key. Agents never
-//! read tenant namespaces; the operator reads each tenant's `kubernetes.io/tls` Secret by the
-//! name its TenantTimePolicy gives and copies what checks out.
+//! The key material of a TimeService's agents: one Secret in the operator's namespace
+//! (`<ts>-agent-nts`), mounted by every agent, holding the NTS cookie master keys the operator
+//! generates and rotates, a copy of each NTS tenant's certificate and key, and each
+//! symmetric-key tenant's keys (checked and rewritten in one spelling). Agents never read
+//! tenant namespaces; the operator reads each tenant's Secrets by the names its
+//! TenantTimePolicy gives and copies what checks out.
 //!
 //! Everything here is pure: the controller reads the Secrets, passes them in with the time
 //! and a source of fresh keys, and applies what comes out. Key material stays out of every
@@ -19,7 +20,10 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use rustls_pki_types::pem::SectionKind;
 use serde::{Deserialize, Serialize};
 use stratum_api::TimeService;
-use stratum_api::agent_config::{NTS_COOKIE_KEYS_KEY, nts_certificate_key, nts_private_key_key};
+use stratum_api::agent_config::{
+    NTS_COOKIE_KEYS_KEY, nts_certificate_key, nts_private_key_key, symmetric_keys_key,
+};
+use stratum_ntp::symmetric::{KeyFileError, SymmetricKeys};
 
 use super::{OperatorSettings, agent_meta};
 use crate::error::{Error, Result};
@@ -42,6 +46,139 @@ pub const MAX_SECRET_MATERIAL_BYTES: usize = 700 * 1024;
 pub const ROTATED_AT_ANNOTATION: &str = "stratum.io/cookie-keys-rotated-at";
 /// Length of an AES-SIV-CMAC-256 master key.
 pub const COOKIE_KEY_LEN: usize = 32;
+/// Member of a tenant's symmetric key Secret holding its key file.
+pub const KEYS_MEMBER: &str = "keys";
+
+/// Why a symmetric-key tenant's devices get no authenticated time. Each is the tenant's own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeysProblem {
+    /// The Secret does not exist.
+    Missing { secret: String },
+    /// The operator may not read it.
+    Forbidden { secret: String },
+    /// It has no `keys` member, or an empty one.
+    MissingMember { secret: String },
+    /// The key file does not read (the line and why; never a key).
+    Invalid { secret: String, error: KeyFileError },
+    /// The key file is over [`MAX_TENANT_MATERIAL_BYTES`].
+    TooLarge { secret: String, bytes: usize },
+    /// Older tenants' material fills the Secret (see [`MAX_SECRET_MATERIAL_BYTES`]).
+    NoRoom { secret: String },
+}
+
+impl KeysProblem {
+    /// Condition reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Missing { .. } => "KeysSecretMissing",
+            Self::Forbidden { .. } => "KeysSecretForbidden",
+            Self::MissingMember { .. } | Self::Invalid { .. } => "KeysSecretInvalid",
+            Self::TooLarge { .. } => "KeysTooLarge",
+            Self::NoRoom { .. } => "KeyMaterialFull",
+        }
+    }
+}
+
+impl fmt::Display for KeysProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Missing { secret } => write!(
+                f,
+                "Secret {secret} does not exist in this namespace; create it with a `{KEYS_MEMBER}` \
+                 member holding the key file"
+            ),
+            Self::Forbidden { secret } => write!(
+                f,
+                "the operator may not read Secret {secret}; its ClusterRole needs get on secrets"
+            ),
+            Self::MissingMember { secret } => {
+                write!(f, "Secret {secret} has no {KEYS_MEMBER} (or it is empty)")
+            }
+            Self::Invalid { secret, error } => {
+                write!(f, "Secret {secret}: {KEYS_MEMBER}: {error}")
+            }
+            Self::TooLarge { secret, bytes } => write!(
+                f,
+                "Secret {secret}: the key file is {bytes} bytes, over the limit of \
+                 {MAX_TENANT_MATERIAL_BYTES}"
+            ),
+            Self::NoRoom { secret } => write!(
+                f,
+                "Secret {secret} is not distributed: the key material of older tenants of this \
+                 TimeService fills its key material Secret ({MAX_SECRET_MATERIAL_BYTES} bytes)"
+            ),
+        }
+    }
+}
+
+/// A tenant's symmetric keys as copied to the agents: checked, and written in one spelling
+/// (`ID TYPE HEX:...`). Debug shows the ids' count, never a key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TenantKeys {
+    file: String,
+    keys: usize,
+    legacy: usize,
+}
+
+impl fmt::Debug for TenantKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TenantKeys")
+            .field("keys", &self.keys)
+            .field("legacy", &self.legacy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TenantKeys {
+    /// How many keys, and how many of them SHA1 or MD5.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.keys, self.legacy)
+    }
+}
+
+/// Checks a tenant's symmetric key Secret named `name` (`None`: it does not exist): its
+/// `keys` member must be a key file that reads (see [`stratum_ntp::symmetric`]) within
+/// [`MAX_TENANT_MATERIAL_BYTES`].
+pub fn check_symmetric_keys(
+    name: &str,
+    secret: Option<&Secret>,
+) -> std::result::Result<TenantKeys, KeysProblem> {
+    let secret_name = name.to_owned();
+    let Some(secret) = secret else {
+        return Err(KeysProblem::Missing {
+            secret: secret_name,
+        });
+    };
+    let Some(text) = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(KEYS_MEMBER))
+        .map(|b| b.0.as_slice())
+        .filter(|b| !b.is_empty())
+    else {
+        return Err(KeysProblem::MissingMember {
+            secret: secret_name,
+        });
+    };
+    if text.len() > MAX_TENANT_MATERIAL_BYTES {
+        return Err(KeysProblem::TooLarge {
+            secret: secret_name,
+            bytes: text.len(),
+        });
+    }
+    let keys = std::str::from_utf8(text)
+        .map_err(|_| KeyFileError::Shape { line: 1 })
+        .and_then(SymmetricKeys::parse)
+        .map_err(|error| KeysProblem::Invalid {
+            secret: secret_name,
+            error,
+        })?;
+    Ok(TenantKeys {
+        file: keys.to_key_file(),
+        keys: keys.len(),
+        legacy: keys.algorithms().filter(|(_, a)| a.is_legacy()).count(),
+    })
+}
 
 /// Why an NTS tenant's key exchange has no certificate. Each is the tenant's own: the others'
 /// endpoints and the cookie keys are unaffected.
@@ -342,34 +479,44 @@ pub fn plan_cookie_keys(
     }
 }
 
-/// An NTS tenant of the TimeService, as the key material needs it.
+/// A tenant of the TimeService with key material: NTS, symmetric keys or both.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NtsTenant {
     pub key: TenantKey,
     /// Its port: names its members in the Secret.
     pub port: u16,
-    /// Its `kubernetes.io/tls` Secret, in its namespace.
-    pub secret: String,
+    /// Its `kubernetes.io/tls` Secret, in its namespace, when it has NTS.
+    pub certificate_secret: Option<String>,
+    /// Its symmetric key Secret, in its namespace, when it has one.
+    pub keys_secret: Option<String>,
 }
 
-/// The Secret to apply and what became of each tenant's certificate.
+/// What the operator read of one tenant's Secrets.
+#[derive(Debug)]
+pub struct TenantMaterial {
+    pub tenant: NtsTenant,
+    /// The certificate, when the tenant has NTS.
+    pub certificate: Option<std::result::Result<TenantCertificate, CertificateProblem>>,
+    /// The symmetric keys, when the tenant has them.
+    pub keys: Option<std::result::Result<TenantKeys, KeysProblem>>,
+}
+
+/// The Secret to apply and what became of each tenant's certificate and keys.
 #[derive(Debug)]
 pub struct NtsMaterial {
     pub secret: Secret,
     pub outcomes: BTreeMap<TenantKey, std::result::Result<(), CertificateProblem>>,
+    pub key_outcomes: BTreeMap<TenantKey, std::result::Result<(), KeysProblem>>,
 }
 
-/// The key material Secret of `ts`: the cookie keys, then tenants' certificates in the order
-/// given (oldest tenant first) while they fit [`MAX_SECRET_MATERIAL_BYTES`], so a newcomer
-/// can never push out an older tenant's certificate.
+/// The key material Secret of `ts`: the cookie keys, then tenants' certificates and keys in
+/// the order given (oldest tenant first) while they fit [`MAX_SECRET_MATERIAL_BYTES`], so a
+/// newcomer can never push out an older tenant's material.
 pub fn build_nts_secret(
     ts: &TimeService,
     settings: &OperatorSettings,
     cookie_keys: &CookieKeyPlan,
-    tenants: Vec<(
-        NtsTenant,
-        std::result::Result<TenantCertificate, CertificateProblem>,
-    )>,
+    tenants: Vec<TenantMaterial>,
 ) -> Result<NtsMaterial> {
     let name = ts.metadata.name.clone().unwrap_or_default();
     let mut meta = agent_meta(ts, names::nts_secret_name(&name), Some(&settings.namespace))?;
@@ -388,19 +535,43 @@ pub fn build_nts_secret(
     )]);
     let mut used = 0;
     let mut outcomes = BTreeMap::new();
-    for (tenant, certificate) in tenants {
-        let outcome = certificate.and_then(|c| {
-            if used + c.bytes() > MAX_SECRET_MATERIAL_BYTES {
-                return Err(CertificateProblem::NoRoom {
-                    secret: tenant.secret.clone(),
-                });
-            }
-            used += c.bytes();
-            data.insert(nts_certificate_key(tenant.port), ByteString(c.chain));
-            data.insert(nts_private_key_key(tenant.port), ByteString(c.key));
-            Ok(())
-        });
-        outcomes.insert(tenant.key, outcome);
+    let mut key_outcomes = BTreeMap::new();
+    for TenantMaterial {
+        tenant,
+        certificate,
+        keys,
+    } in tenants
+    {
+        if let Some(certificate) = certificate {
+            let outcome = certificate.and_then(|c| {
+                if used + c.bytes() > MAX_SECRET_MATERIAL_BYTES {
+                    return Err(CertificateProblem::NoRoom {
+                        secret: tenant.certificate_secret.clone().unwrap_or_default(),
+                    });
+                }
+                used += c.bytes();
+                data.insert(nts_certificate_key(tenant.port), ByteString(c.chain));
+                data.insert(nts_private_key_key(tenant.port), ByteString(c.key));
+                Ok(())
+            });
+            outcomes.insert(tenant.key.clone(), outcome);
+        }
+        if let Some(keys) = keys {
+            let outcome = keys.and_then(|k| {
+                if used + k.file.len() > MAX_SECRET_MATERIAL_BYTES {
+                    return Err(KeysProblem::NoRoom {
+                        secret: tenant.keys_secret.clone().unwrap_or_default(),
+                    });
+                }
+                used += k.file.len();
+                data.insert(
+                    symmetric_keys_key(tenant.port),
+                    ByteString(k.file.into_bytes()),
+                );
+                Ok(())
+            });
+            key_outcomes.insert(tenant.key.clone(), outcome);
+        }
     }
     Ok(NtsMaterial {
         secret: Secret {
@@ -411,6 +582,7 @@ pub fn build_nts_secret(
             ..Secret::default()
         },
         outcomes,
+        key_outcomes,
     })
 }
 
@@ -615,7 +787,13 @@ mod tests {
         let tenant = |ns: &str, port: u16| NtsTenant {
             key: (ns.into(), "p".into()),
             port,
-            secret: "tls".into(),
+            certificate_secret: Some("tls".into()),
+            keys_secret: None,
+        };
+        let with_certificate = |tenant, certificate| TenantMaterial {
+            tenant,
+            certificate: Some(certificate),
+            keys: None,
         };
         let ts = fixtures::time_service("cluster");
         // Oldest first: a and b fit, c (younger, large) does not; d (broken) fails alone.
@@ -625,10 +803,10 @@ mod tests {
             &fixtures::settings(),
             &cookie,
             vec![
-                (tenant("a", 12300), Ok(cert(half - 100))),
-                (tenant("b", 12302), Ok(cert(1000))),
-                (tenant("c", 12301), Ok(cert(half))),
-                (
+                with_certificate(tenant("a", 12300), Ok(cert(half - 100))),
+                with_certificate(tenant("b", 12302), Ok(cert(1000))),
+                with_certificate(tenant("c", 12301), Ok(cert(half))),
+                with_certificate(
                     tenant("d", 12303),
                     Err(CertificateProblem::Missing {
                         secret: "tls".into(),
@@ -670,5 +848,114 @@ mod tests {
             serde_json::from_slice(&secret.data.as_ref().unwrap()["cookie-keys.json"].0).unwrap();
         assert_eq!(file, cookie.file);
         assert!(!format!("{:?}", cookie.file).contains(&"01".repeat(8)));
+    }
+
+    fn keys_secret(members: &[(&str, &[u8])]) -> Secret {
+        Secret {
+            data: Some(
+                members
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), ByteString(v.to_vec())))
+                    .collect(),
+            ),
+            ..Secret::default()
+        }
+    }
+
+    #[test]
+    fn a_key_secret_is_checked_rewritten_in_one_spelling_and_every_fault_is_named() {
+        let good = keys_secret(&[(
+            KEYS_MEMBER,
+            b"# lab switches\n10 aes128 HEX:000102030405060708090A0B0C0D0E0F\n11 md5 secret7\n",
+        )]);
+        let keys = check_symmetric_keys("device-keys", Some(&good)).unwrap();
+        assert_eq!(keys.counts(), (2, 1));
+        assert_eq!(
+            keys.file,
+            "10 AES128 HEX:000102030405060708090a0b0c0d0e0f\n11 MD5 HEX:73656372657437\n"
+        );
+        assert!(!format!("{keys:?}").contains("7365"), "{keys:?}");
+        let problem =
+            |secret: Option<&Secret>| check_symmetric_keys("device-keys", secret).unwrap_err();
+        assert_eq!(problem(None).reason(), "KeysSecretMissing");
+        assert_eq!(
+            problem(Some(&keys_secret(&[("other", b"1 MD5 x")]))).reason(),
+            "KeysSecretInvalid"
+        );
+        let invalid = problem(Some(&keys_secret(&[(
+            KEYS_MEMBER,
+            b"1 MD5 x\n2 SHA256 topsecret",
+        )])));
+        assert_eq!(invalid.reason(), "KeysSecretInvalid");
+        let message = invalid.to_string();
+        assert!(
+            message.contains("line 2") && !message.contains("topsecret"),
+            "{message}"
+        );
+        assert_eq!(
+            problem(Some(&keys_secret(&[(KEYS_MEMBER, &[0xff, 0xfe])]))).reason(),
+            "KeysSecretInvalid"
+        );
+        let huge = vec![b'#'; MAX_TENANT_MATERIAL_BYTES + 1];
+        assert_eq!(
+            problem(Some(&keys_secret(&[(KEYS_MEMBER, &huge)]))).reason(),
+            "KeysTooLarge"
+        );
+    }
+
+    /// Certificates and keys share one budget, oldest tenant first: a newcomer's large
+    /// certificate never pushes out an older tenant's keys, and a tenant with both gets both.
+    #[test]
+    fn keys_and_certificates_share_the_room_oldest_tenant_first() {
+        let t0: Timestamp = "2026-12-03T00:00:00Z".parse().unwrap();
+        let cookie = plan_cookie_keys(None, t0, DAY, &mut counter());
+        let keys = check_symmetric_keys("k", Some(&keys_secret(&[(KEYS_MEMBER, b"1 MD5 device")])))
+            .unwrap();
+        let tenant = |ns: &str, port: u16, cert: bool, keys: bool| NtsTenant {
+            key: (ns.into(), "p".into()),
+            port,
+            certificate_secret: cert.then(|| "tls".into()),
+            keys_secret: keys.then(|| "k".into()),
+        };
+        let big = TenantCertificate {
+            chain: vec![b'c'; MAX_SECRET_MATERIAL_BYTES - 10],
+            key: vec![b'k'; 5],
+        };
+        let material = build_nts_secret(
+            &fixtures::time_service("cluster"),
+            &fixtures::settings(),
+            &cookie,
+            vec![
+                TenantMaterial {
+                    tenant: tenant("old", 12300, false, true),
+                    certificate: None,
+                    keys: Some(Ok(keys.clone())),
+                },
+                TenantMaterial {
+                    tenant: tenant("new", 12301, true, true),
+                    certificate: Some(Ok(big)),
+                    keys: Some(Ok(keys)),
+                },
+            ],
+        )
+        .unwrap();
+        let key = |ns: &str| (ns.to_owned(), "p".to_owned());
+        assert_eq!(material.key_outcomes[&key("old")], Ok(()));
+        assert_eq!(
+            material.outcomes[&key("new")].clone().unwrap_err().reason(),
+            "KeyMaterialFull"
+        );
+        assert_eq!(material.key_outcomes[&key("new")], Ok(()));
+        assert!(
+            !material.outcomes.contains_key(&key("old")),
+            "no NTS, no outcome"
+        );
+        let data = material.secret.data.as_ref().unwrap();
+        assert_eq!(
+            data["tenant-12300.keys"].0,
+            b"1 MD5 HEX:646576696365\n".to_vec()
+        );
+        assert!(data.contains_key("tenant-12301.keys"));
+        assert!(!data.contains_key("tenant-12301.crt"));
     }
 }

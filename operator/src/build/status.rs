@@ -9,7 +9,7 @@ use stratum_api::node_clock::format_offset;
 use stratum_api::tenant_time_policy::TenantTimePolicyStatus;
 use stratum_api::time_service::{NodeCounts, StratumRange, TimeServiceStatus};
 
-use crate::build::nts_material::CertificateProblem;
+use crate::build::nts_material::{CertificateProblem, KeysProblem};
 use crate::model::ClockInfo;
 
 /// A condition to set: type, status, reason, message.
@@ -322,6 +322,8 @@ pub struct TenantObservation {
     /// For a tenant with NTS: its certificate's outcome at the TimeService's last key
     /// material write (`None` inside: not written yet).
     pub nts: Option<Option<std::result::Result<(), CertificateProblem>>>,
+    /// For a tenant with symmetric keys: their outcome at the same write.
+    pub symmetric_keys: Option<Option<std::result::Result<(), KeysProblem>>>,
 }
 
 /// TenantTimePolicy status; `refused` carries the Accepted=False reason and message.
@@ -396,6 +398,30 @@ pub fn tenant_status(
             Some(Err(problem)) => {
                 Cond::new("NTSReady", false, problem.reason(), problem.to_string())
             }
+        });
+    }
+    if refused.is_none()
+        && let Some(keys) = &seen.symmetric_keys
+    {
+        wanted.push(match keys {
+            None => Cond::new(
+                "SymmetricKeysReady",
+                false,
+                "Pending",
+                "waiting for the TimeService to copy the keys to its agents",
+            ),
+            Some(Ok(())) => Cond::new(
+                "SymmetricKeysReady",
+                true,
+                "KeysDistributed",
+                "the keys are with the agents; requests signed with them are answered signed",
+            ),
+            Some(Err(problem)) => Cond::new(
+                "SymmetricKeysReady",
+                false,
+                problem.reason(),
+                problem.to_string(),
+            ),
         });
     }
     let existing = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
@@ -734,5 +760,49 @@ mod tests {
             &at(1),
         );
         assert_eq!(find(&refused), None);
+    }
+
+    #[test]
+    fn a_symmetric_key_tenant_says_whether_its_keys_reached_the_agents() {
+        let keys = |outcome| TenantObservation {
+            port: Some(12300),
+            symmetric_keys: Some(outcome),
+            ..Default::default()
+        };
+        let find = |s: &TenantTimePolicyStatus| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "SymmetricKeysReady")
+                .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+        };
+        let pending = tenant_status(None, Some(1), None, keys(None), &at(1));
+        assert_eq!(find(&pending).unwrap().1, "Pending");
+        let ready = tenant_status(None, Some(1), None, keys(Some(Ok(()))), &at(1));
+        assert_eq!(find(&ready).unwrap().0, "True");
+        let invalid = KeysProblem::Invalid {
+            secret: "device-keys".into(),
+            error: stratum_ntp::symmetric::KeyFileError::Type { line: 3 },
+        };
+        let (status, reason, message) = find(&tenant_status(
+            None,
+            Some(1),
+            None,
+            keys(Some(Err(invalid))),
+            &at(1),
+        ))
+        .unwrap();
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "KeysSecretInvalid")
+        );
+        assert!(
+            message.contains("device-keys") && message.contains("line 3"),
+            "{message}"
+        );
+        let plain = TenantObservation::default();
+        assert_eq!(
+            find(&tenant_status(None, Some(1), None, plain, &at(1))),
+            None
+        );
     }
 }

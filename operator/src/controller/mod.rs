@@ -97,6 +97,8 @@ pub struct Context {
     /// TimeService, per TimeService: read by the tenant reconcile for its `NTSReady`
     /// condition (a tenant not listed is still waiting for that write).
     pub nts_outcomes: Mutex<HashMap<String, NtsOutcomes>>,
+    /// The same for each symmetric-key tenant's keys (its `SymmetricKeysReady` condition).
+    pub key_outcomes: Mutex<HashMap<String, KeyOutcomes>>,
     /// Where a reconciler sends the triggers it causes (tenants a TimeService plan shed or
     /// took back); set once the wiring runs, unset in tests that call a reconciler directly.
     pub triggers: OnceLock<TriggerSenders>,
@@ -107,6 +109,13 @@ pub type NtsOutcomes = std::collections::BTreeMap<
     crate::ports::TenantKey,
     std::result::Result<(), crate::build::nts_material::CertificateProblem>,
 >;
+
+/// Each symmetric-key tenant's keys outcome at its TimeService's last key material write.
+pub type KeyOutcomes = MaterialOutcomes<crate::build::nts_material::KeysProblem>;
+
+/// Each tenant's outcome of one kind of key material (`P`: what went wrong).
+pub type MaterialOutcomes<P> =
+    std::collections::BTreeMap<crate::ports::TenantKey, std::result::Result<(), P>>;
 
 impl Context {
     /// A context with the default coalescing interval (1 s).
@@ -132,6 +141,7 @@ impl Context {
             network_policies: Mutex::new(HashMap::new()),
             off_designated: Mutex::new(HashMap::new()),
             nts_outcomes: Mutex::new(HashMap::new()),
+            key_outcomes: Mutex::new(HashMap::new()),
             triggers: OnceLock::new(),
         }
     }

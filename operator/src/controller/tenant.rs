@@ -63,6 +63,14 @@ pub async fn reconcile(
                     .and_then(|outcomes| outcomes.get(&key).cloned())
             })
         }),
+        symmetric_keys: tenant.spec.symmetric_keys().map(|_| {
+            let key = (ns.clone(), name.clone());
+            plan.time_service.as_ref().and_then(|ts| {
+                lock(&ctx.key_outcomes)
+                    .get(ts)
+                    .and_then(|outcomes| outcomes.get(&key).cloned())
+            })
+        }),
     };
     if plan.refused.is_none() {
         if let Some(service) = &plan.service {

@@ -20,8 +20,8 @@ use stratum_api::{AgentConfig, TimeService};
 use super::{Context, RESYNC, apply_cluster, apply_namespaced, apply_params, lock};
 use crate::build::audit;
 use crate::build::nts_material::{
-    COOKIE_KEY_LEN, CertificateProblem, NtsTenant, build_nts_secret, check_certificate,
-    plan_cookie_keys,
+    COOKIE_KEY_LEN, CertificateProblem, KeysProblem, NtsTenant, TenantMaterial, build_nts_secret,
+    check_certificate, check_symmetric_keys, plan_cookie_keys,
 };
 use crate::build::status::{Blocked, DaemonSetCounts, time_service_status};
 use crate::coalesce::Decision;
@@ -175,6 +175,40 @@ async fn apply_network_policies(
     Ok(())
 }
 
+/// Reads Secret `name` in tenant namespace `namespace`: `Err(())` when the operator may not.
+async fn read_tenant_secret(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<std::result::Result<Option<Secret>, ()>> {
+    match Api::<Secret>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(name)
+        .await
+    {
+        Ok(found) => Ok(Ok(found)),
+        Err(kube::Error::Api(s)) if s.code == 403 => Ok(Err(())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Records TimeService `name`'s `outcomes` in `held`; the tenants whose outcome changed.
+fn changed_outcomes<P: PartialEq + Clone>(
+    held: &std::sync::Mutex<std::collections::HashMap<String, super::MaterialOutcomes<P>>>,
+    name: &str,
+    outcomes: &super::MaterialOutcomes<P>,
+) -> std::collections::BTreeSet<crate::ports::TenantKey> {
+    let mut held = lock(held);
+    let before = held
+        .insert(name.to_owned(), outcomes.clone())
+        .unwrap_or_default();
+    before
+        .keys()
+        .chain(outcomes.keys())
+        .filter(|key| before.get(*key) != outcomes.get(*key))
+        .cloned()
+        .collect()
+}
+
 /// Writes the TimeService's NTS key material Secret (`nts_material`): cookie master keys,
 /// rotated when their period is over, and the certificate of each NTS tenant read from the
 /// tenant's own Secret. Records each tenant's outcome for its status, triggering the tenants
@@ -193,19 +227,35 @@ async fn write_nts_material(
         tracing::warn!(time_service = %name, secret = %names::nts_secret_name(&name), "a Secret of the NTS key material's name exists that Stratum did not create; left alone, so NTS tenants get no key exchange");
         return Ok(RESYNC);
     }
-    let mut certificates = Vec::with_capacity(tenants.len());
+    let mut gathered = Vec::with_capacity(tenants.len());
     for tenant in tenants {
-        let read = Api::<Secret>::namespaced(ctx.client.clone(), &tenant.key.0)
-            .get_opt(&tenant.secret)
-            .await;
-        let checked = match read {
-            Ok(secret) => check_certificate(&tenant.secret, secret.as_ref()),
-            Err(kube::Error::Api(s)) if s.code == 403 => Err(CertificateProblem::Forbidden {
-                secret: tenant.secret.clone(),
-            }),
-            Err(e) => return Err(e.into()),
+        let certificate = match &tenant.certificate_secret {
+            None => None,
+            Some(secret) => Some(
+                match read_tenant_secret(ctx, &tenant.key.0, secret).await? {
+                    Ok(found) => check_certificate(secret, found.as_ref()),
+                    Err(()) => Err(CertificateProblem::Forbidden {
+                        secret: secret.clone(),
+                    }),
+                },
+            ),
         };
-        certificates.push((tenant.clone(), checked));
+        let keys = match &tenant.keys_secret {
+            None => None,
+            Some(secret) => Some(
+                match read_tenant_secret(ctx, &tenant.key.0, secret).await? {
+                    Ok(found) => check_symmetric_keys(secret, found.as_ref()),
+                    Err(()) => Err(KeysProblem::Forbidden {
+                        secret: secret.clone(),
+                    }),
+                },
+            ),
+        };
+        gathered.push(TenantMaterial {
+            tenant: tenant.clone(),
+            certificate,
+            keys,
+        });
     }
     let period = ts.spec.serving.nts_cookie_key_rotation();
     let mut fresh_key = || {
@@ -214,7 +264,7 @@ async fn write_nts_material(
         key
     };
     let cookie_keys = plan_cookie_keys(existing.as_ref(), Timestamp::now(), period, &mut fresh_key);
-    let material = build_nts_secret(ts, &ctx.settings, &cookie_keys, certificates)?;
+    let material = build_nts_secret(ts, &ctx.settings, &cookie_keys, gathered)?;
     apply_namespaced(&ctx.client, &material.secret).await?;
     if cookie_keys.rotated {
         tracing::info!(time_service = %name, current = cookie_keys.file.current.id, next_rotation_in = ?cookie_keys.rotate_in, "NTS cookie master keys rotated");
@@ -238,17 +288,12 @@ async fn write_nts_material(
             .await;
         }
     }
-    let changed: std::collections::BTreeSet<_> = {
-        let mut outcomes = lock(&ctx.nts_outcomes);
-        let before = outcomes.insert(name.clone(), material.outcomes.clone());
-        let before = before.unwrap_or_default();
-        before
-            .keys()
-            .chain(material.outcomes.keys())
-            .filter(|key| before.get(*key) != material.outcomes.get(*key))
-            .cloned()
-            .collect()
-    };
+    let mut changed = changed_outcomes(&ctx.nts_outcomes, &name, &material.outcomes);
+    changed.extend(changed_outcomes(
+        &ctx.key_outcomes,
+        &name,
+        &material.key_outcomes,
+    ));
     if !changed.is_empty()
         && let Some(senders) = ctx.triggers.get()
     {
@@ -257,9 +302,10 @@ async fn write_nts_material(
             ..Default::default()
         });
     }
-    // A certificate that is not there yet (cert-manager still issuing) is looked for again
-    // soon; renewals of one that is are picked up at the resync.
-    let waiting = material.outcomes.values().any(Result::is_err);
+    // A certificate or key Secret that is not there yet (cert-manager still issuing) is
+    // looked for again soon; renewals of one that is are picked up at the resync.
+    let waiting = material.outcomes.values().any(Result::is_err)
+        || material.key_outcomes.values().any(Result::is_err);
     Ok(if waiting {
         cookie_keys.rotate_in.min(NTS_RETRY)
     } else {
