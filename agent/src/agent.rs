@@ -289,6 +289,11 @@ enum Reply {
         reply: upstream::Reply,
         nts: Option<(ReplyCheck, Vec<Vec<u8>>)>,
     },
+    /// A reply from a keyed upstream that was not signed with its key: dropped, counted.
+    MacRefused {
+        source: String,
+        error: crate::upstream_keys::MacReplyError,
+    },
     /// A reply from an NTS upstream that did not authenticate: dropped, counted, and for a
     /// NAK, a reason to exchange keys again.
     NtsRefused {
@@ -368,7 +373,7 @@ pub async fn run_with_resolver(
     nts_endpoints.apply(&config.serving);
     // Tenants' symmetric keys, put in force on their ports whenever a file changes.
     let mut symmetric_keys = crate::symmetric_keys::SymmetricKeyFiles::new();
-    if symmetric_keys.apply(&config.serving) {
+    if symmetric_keys.apply(&crate::symmetric_keys::key_files(&config)) {
         shared
             .server
             .set_symmetric_keys(symmetric_keys.loaded(), &config.serving);
@@ -435,6 +440,34 @@ pub async fn run_with_resolver(
             }
         }
         while let Some(request) = driver.poll_due(backend.clock().now()) {
+            // A keyed upstream's polls are signed, or withheld while its key is not there.
+            if let Some(upstream) = driver
+                .upstream_of(request.address)
+                .filter(|u| u.key.is_some())
+            {
+                match crate::upstream_keys::sign_poll(
+                    &request.bytes,
+                    upstream,
+                    &symmetric_keys.loaded(),
+                ) {
+                    Some(signed) => send_poll(
+                        request.source,
+                        request.address,
+                        &signed.datagram,
+                        Some(ReplyAuth::Mac(signed.check)),
+                        &reply_tx,
+                    ),
+                    None => {
+                        shared
+                            .metrics
+                            .upstream_key_polls_withheld
+                            .with_label_values(&[upstream.host.as_str()])
+                            .inc();
+                        tracing::debug!(upstream = %upstream.host, "poll withheld: its key is not loaded");
+                    }
+                }
+                continue;
+            }
             match nts.outgoing(request.address, &request.bytes, &mut rand::rng()) {
                 Outgoing::Plain => send_poll(
                     request.source,
@@ -448,7 +481,7 @@ pub async fn run_with_resolver(
                         request.source,
                         request.address,
                         &datagram,
-                        Some(check),
+                        Some(ReplyAuth::Nts(check)),
                         &reply_tx,
                     );
                 }
@@ -481,6 +514,10 @@ pub async fn run_with_resolver(
                     let received_at = now.clock.add_secs(-elapsed);
                     let outcome = driver.on_reply(source, &reply.bytes, received_at, now);
                     apply_all(&mut backend, &outcome.actions, &shared, &outputs);
+                }
+                Reply::MacRefused { source, error } => {
+                    shared.metrics.upstream_key_reply_failures.with_label_values(&[source.as_str(), error.label()]).inc();
+                    tracing::debug!(%source, reason = error.label(), "reply from a keyed upstream dropped");
                 }
                 Reply::NtsRefused { upstream, source, error } => {
                     let reason = nts_failure_label(&error);
@@ -528,7 +565,7 @@ pub async fn run_with_resolver(
                             shared.server.apply(&driver.config().serving);
                             nts_endpoints.apply(&driver.config().serving);
                             // Always: the ports were rebuilt from the new config.
-                            symmetric_keys.apply(&driver.config().serving);
+                            symmetric_keys.apply(&crate::symmetric_keys::key_files(driver.config()));
                             shared.server.set_symmetric_keys(symmetric_keys.loaded(), &driver.config().serving);
                             shared.metrics.config_reloads.with_label_values(&["applied"]).inc();
                             keep_config(&opts, driver.config(), origin, &shared);
@@ -666,14 +703,22 @@ fn publish_stopping(shared: &Shared, outputs: &Outputs) {
     );
 }
 
+/// How a poll's reply must authenticate to reach the core.
+enum ReplyAuth {
+    /// NTS, under the session of the request.
+    Nts(ReplyCheck),
+    /// Signed with the request's symmetric key.
+    Mac(crate::upstream_keys::MacReplyCheck),
+}
+
 /// Sends `datagram` at once (synchronously, right after the core stamped it) and waits for
-/// the reply in a task of its own. With `check`, the reply must authenticate under NTS to
-/// reach the core, and only its header does.
+/// the reply in a task of its own. With `auth`, the reply must authenticate to reach the
+/// core, and only its header does.
 fn send_poll(
     source: SourceId,
     address: SocketAddr,
     datagram: &[u8],
-    check: Option<ReplyCheck>,
+    auth: Option<ReplyAuth>,
     reply_tx: &mpsc::Sender<Reply>,
 ) {
     let in_flight = match upstream::send(address, datagram) {
@@ -692,13 +737,27 @@ fn send_poll(
                 return;
             }
         };
-        let message = match check {
+        let message = match auth {
             None => Reply::Time {
                 source,
                 reply,
                 nts: None,
             },
-            Some(check) => match check.check(&reply.bytes) {
+            Some(ReplyAuth::Mac(check)) => match check.check(&reply.bytes) {
+                Ok(header) => {
+                    reply.bytes = header.to_vec();
+                    Reply::Time {
+                        source,
+                        reply,
+                        nts: None,
+                    }
+                }
+                Err(error) => Reply::MacRefused {
+                    source: check.source,
+                    error,
+                },
+            },
+            Some(ReplyAuth::Nts(check)) => match check.check(&reply.bytes) {
                 Ok(authenticated) => {
                     reply.bytes = authenticated.header.to_vec();
                     Reply::Time {

@@ -377,6 +377,16 @@ impl Driver {
         due
     }
 
+    /// The configured upstream whose member `address` is (the first in config order, as a
+    /// shared address is polled once).
+    pub fn upstream_of(&self, address: SocketAddr) -> Option<&UpstreamConfig> {
+        self.active
+            .iter()
+            .filter_map(|key| self.names.get(key))
+            .find(|name| name.members.contains(&address))
+            .map(|name| &name.upstream)
+    }
+
     /// The next request to send now; call until `None`.
     pub fn poll_due(&mut self, now: ClockTime) -> Option<PollRequest> {
         self.system.poll_due(now)

@@ -26,6 +26,7 @@ pub mod state_file;
 pub mod status;
 pub mod symmetric_keys;
 pub mod upstream;
+pub mod upstream_keys;
 pub mod wire_tap;
 
 /// This build's version.

@@ -73,6 +73,10 @@ pub struct Metrics {
     /// Whether the TimeService's NTS cookie master keys are loaded (1) or not (0; every
     /// cookie then gets the NTS NAK).
     pub nts_cookie_keys_loaded: IntGauge,
+    /// Replies from keyed upstreams dropped before the core saw them, by upstream and reason.
+    pub upstream_key_reply_failures: IntCounterVec,
+    /// Polls of keyed upstreams not sent for want of their key.
+    pub upstream_key_polls_withheld: IntCounterVec,
     /// Replies signed with a tenant's symmetric key, per tenant (also counted as served).
     pub tenant_symmetric_authenticated: IntCounterVec,
     /// Tenants' symmetric key files that did not read at their last change.
@@ -331,6 +335,16 @@ impl Metrics {
                 "stratum_agent_tenant_nts_authenticated_total",
                 "NTS-authenticated replies per tenant (also counted as served in stratum_agent_tenant_requests_total).",
                 &["tenant"]
+            )?),
+            upstream_key_reply_failures: reg!(icv(
+                "stratum_agent_upstream_key_reply_failures_total",
+                "Replies from upstreams polled with a symmetric key, dropped because they were not signed with it (unsigned, crypto_nak, other_key, bad_mac, malformed), by configured name.",
+                &["source", "reason"]
+            )?),
+            upstream_key_polls_withheld: reg!(icv(
+                "stratum_agent_upstream_key_polls_withheld_total",
+                "Polls of upstreams with a symmetric key not sent because the key is not loaded (never sent unsigned), by configured name.",
+                &["source"]
             )?),
             tenant_symmetric_authenticated: reg!(icv(
                 "stratum_agent_tenant_symmetric_authenticated_total",

@@ -161,7 +161,7 @@ pub struct SourceView {
     /// Seconds the regression spans.
     #[serde(default)]
     pub span_seconds: Option<f64>,
-    /// How the source's time is authenticated: `NTS`, or absent for plain NTP.
+    /// How the source's time is authenticated: `NTS`, `SymmetricKey`, or absent for plain NTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authentication: Option<String>,
 }
@@ -219,19 +219,22 @@ pub fn source_views(state: &SystemState) -> Vec<SourceView> {
         .collect()
 }
 
-/// Marks the sources of NTS upstreams (by configured name, `upstreams` and the egress tier's):
-/// the agent polls those only with NTS, so their time is authenticated.
+/// Marks the sources of NTS and keyed upstreams (by configured name, `upstreams` and the
+/// egress tier's): the agent polls those only authenticated, so their time is.
 pub fn mark_authentication(views: &mut [SourceView], config: &stratum_api::AgentConfig) {
-    let nts: std::collections::BTreeSet<&str> = config
+    let methods: std::collections::BTreeMap<&str, &str> = config
         .upstreams
         .iter()
         .chain(config.egress.iter().flat_map(|e| &e.tier_upstreams))
-        .filter(|u| u.nts)
-        .map(|u| u.host.as_str())
+        .filter_map(|u| match (u.nts, &u.key) {
+            (true, _) => Some((u.host.as_str(), "NTS")),
+            (false, Some(_)) => Some((u.host.as_str(), "SymmetricKey")),
+            (false, None) => None,
+        })
         .collect();
     for view in views {
-        if nts.contains(view.name.as_str()) {
-            view.authentication = Some("NTS".into());
+        if let Some(method) = methods.get(view.name.as_str()) {
+            view.authentication = Some((*method).into());
         }
     }
 }

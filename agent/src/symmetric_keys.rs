@@ -1,16 +1,18 @@
-//! The tenants' symmetric key files (RFC 8573 AES-CMAC, legacy SHA1/MD5), read from the
-//! Secret the operator gathers and mounts, and read again when they change.
+//! The symmetric key files (RFC 8573 AES-CMAC, legacy SHA1/MD5) of tenants and upstreams,
+//! read from the Secret the operator gathers and mounts, and read again when they change.
 //!
-//! Each tenant with `symmetricKeys` names its own file. Until a file reads, the tenant's MACs
-//! all fail (crypto-NAK or silence, as the tenant chose); a file that stops reading (half
-//! written, removed) keeps the keys last read in force, so a bad update never cuts devices
-//! off. Errors name the file and the line, never a key.
+//! Each tenant with `symmetricKeys` and each upstream with a `key` names a file. Until a file
+//! reads, the tenant's MACs all fail (crypto-NAK or silence, as the tenant chose) and the
+//! upstream is not polled; a file that stops reading (half written, removed) keeps the keys
+//! last read in force, so a bad update never cuts devices or upstreams off. Errors name the
+//! file and the line, never a key.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use stratum_api::AgentConfig;
 use stratum_api::agent_config::ServingConfig;
 use stratum_ntp::symmetric::SymmetricKeys;
 
@@ -33,6 +35,29 @@ struct KeyFile {
     error: Option<String>,
 }
 
+/// The key files of the tenants in `serving`.
+pub fn tenant_key_files(serving: &ServingConfig) -> Vec<&str> {
+    serving
+        .tenants
+        .iter()
+        .filter_map(|t| t.symmetric_keys.as_ref().map(|s| s.keys_file.as_str()))
+        .collect()
+}
+
+/// Every key file `config` names: its tenants' and its upstreams' (the egress tier's too).
+pub fn key_files(config: &AgentConfig) -> Vec<&str> {
+    let upstreams = config
+        .upstreams
+        .iter()
+        .chain(config.egress.iter().flat_map(|e| &e.tier_upstreams))
+        .filter_map(|u| u.key.as_ref().map(|k| k.keys_file.as_str()));
+    let mut files = tenant_key_files(&config.serving);
+    files.extend(upstreams);
+    files.sort_unstable();
+    files.dedup();
+    files
+}
+
 /// The key files the config in force names, with what each held when last read. The run loop
 /// hands [`Self::loaded`] to the server whenever a call here says something changed.
 #[derive(Debug, Default)]
@@ -47,19 +72,14 @@ impl SymmetricKeyFiles {
         Self::default()
     }
 
-    /// Follows `serving`: forgets files no tenant names and reads new ones. Whether the keys
-    /// in force changed.
-    pub fn apply(&mut self, serving: &ServingConfig) -> bool {
-        let wanted: Vec<&str> = serving
-            .tenants
-            .iter()
-            .filter_map(|t| t.symmetric_keys.as_ref().map(|s| s.keys_file.as_str()))
-            .collect();
+    /// Follows the config: forgets files no longer `wanted` (see [`key_files`]) and reads new
+    /// ones. Whether the keys in force changed.
+    pub fn apply(&mut self, wanted: &[&str]) -> bool {
         let before = self.files.len();
         self.files.retain(|path, _| wanted.contains(&path.as_str()));
         let mut changed = self.files.len() != before;
         for path in wanted {
-            self.files.entry(path.to_owned()).or_default();
+            self.files.entry((*path).to_owned()).or_default();
         }
         changed |= self.check_files();
         changed
@@ -184,7 +204,7 @@ mod tests {
         std::fs::write(&a, "1 AES128 HEX:000102030405060708090a0b0c0d0e0f\n").unwrap();
         let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
         let mut files = SymmetricKeyFiles::new();
-        assert!(files.apply(&serving(&[a, b])));
+        assert!(files.apply(&tenant_key_files(&serving(&[a, b]))));
         assert_eq!(files.loaded().keys().collect::<Vec<_>>(), [a]);
         let failed: Vec<_> = files.failed().map(|(path, _)| path).collect();
         assert_eq!(failed, [b], "a missing file fails alone");
@@ -204,7 +224,7 @@ mod tests {
             "{error}"
         );
 
-        assert!(files.apply(&serving(&[b])));
+        assert!(files.apply(&tenant_key_files(&serving(&[b]))));
         assert_eq!(files.loaded().keys().collect::<Vec<_>>(), [b]);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -53,7 +53,7 @@ fn keyed_tenant(
 fn keyed_server(bind: IpAddr, serving: &ServingConfig) -> Server {
     let server = start_server_on(bind, 1, serving);
     let mut files = SymmetricKeyFiles::new();
-    assert!(files.apply(serving));
+    assert!(files.apply(&stratum_agent::symmetric_keys::tenant_key_files(serving)));
     assert_eq!(
         files.failed().count(),
         0,

@@ -100,6 +100,7 @@ fn upstream(host: &str, kind: UpstreamKind, max_sources: u8) -> UpstreamConfig {
         max_sources,
         nts: false,
         nts_port: None,
+        key: None,
     }
 }
 

@@ -5,10 +5,15 @@
 //! the test's cookies carry, and then it verifies under them; a plain request is never served
 //! when the tenant requires NTS.
 //!
+//! The ports have symmetric keys too (a tenant may offer both): a reply is signed only for a
+//! request whose MAC verified, with the same key, and verifies under it; a failed MAC gets a
+//! crypto-NAK (no time) and never a plain answer.
+//!
 //! Half the inputs are datagrams as they come; in the other half the input chooses how to
 //! build a valid NTS request (whose cookie: this tenant's, another tenant's, a retired key's;
-//! how many placeholders) and which byte of it to flip, so the checks past the authenticator
-//! are reached without a seed corpus.
+//! how many placeholders) or a signed one (whose key: this tenant's, a wrong one, an unknown
+//! id) and which byte of it to flip, so the checks past the authenticator and the MAC are
+//! reached without a seed corpus.
 #![no_main]
 
 use std::cell::RefCell;
@@ -18,12 +23,14 @@ use std::sync::{Arc, OnceLock};
 use libfuzzer_sys::fuzz_target;
 use stratum_agent::server::path::{PortPolicy, PortState, Request, handle_request_sealing};
 use stratum_agent::server::stats::{Outcome, TenantStats};
-use stratum_agent::server::tenants::{PortNts, PortRules, core_tenant};
+use stratum_agent::server::path::Seal;
+use stratum_agent::server::tenants::{PortNts, PortRules, PortSymmetric, core_tenant};
 use stratum_api::agent_config::{RateLimitConfig, TenantConfig, Unauthenticated};
 use stratum_ntp::nts::ef::verify_response;
 use stratum_ntp::nts::{AeadKey, CookieKeys, MasterKey, SessionKeys};
 use stratum_ntp::packet::{KissCode, LeapIndicator, Packet, ReferenceId};
 use stratum_ntp::server::ServerClockState;
+use stratum_ntp::symmetric::{MacCheck, SymmetricKeys, is_crypto_nak};
 use stratum_ntp::time::{ClockTime, NtpTimestamp};
 
 /// The session keys every cookie of the corpus carries.
@@ -45,6 +52,13 @@ fn keys() -> CookieKeys {
             key: AeadKey::from_bytes([0x44; 32]),
         }),
     )
+}
+
+/// The tenant's symmetric keys.
+const TENANT_KEYS: &str = "1 AES128 HEX:000102030405060708090a0b0c0d0e0f\n2 SHA1 ASCII:sha1-key\n3 MD5 ASCII:md5-key\n";
+
+fn tenant_keys() -> SymmetricKeys {
+    SymmetricKeys::parse(TENANT_KEYS).expect("static")
 }
 
 fn port(unauthenticated: Unauthenticated) -> PortPolicy {
@@ -71,6 +85,11 @@ fn port(unauthenticated: Unauthenticated) -> PortPolicy {
             nts: Some(PortNts {
                 keys: Some(Arc::new(keys().bound_to(b"ns/fuzz"))),
                 unauthenticated,
+            }),
+            symmetric: Some(PortSymmetric {
+                keys: Some(Arc::new(tenant_keys())),
+                unauthenticated,
+                crypto_nak: true,
             }),
         },
         Arc::new(TenantStats::new("ns/fuzz".into(), 1)),
@@ -100,8 +119,11 @@ fuzz_target!(|data: &[u8]| {
     let built;
     let datagram = if meta[0] & 0x80 == 0 {
         rest
-    } else {
+    } else if meta[0] & 0x40 == 0 {
         built = build_request(rest);
+        built.as_slice()
+    } else {
+        built = build_signed(rest);
         built.as_slice()
     };
     let (which, unauthenticated) = match meta[0] % 3 {
@@ -141,17 +163,42 @@ fuzz_target!(|data: &[u8]| {
             let nak = Packet::parse(&out[..len]).expect("a NAK parses").header;
             assert_eq!((nak.stratum, nak.kiss_code()), (0, Some(KissCode::Ntsn)));
         }
+        Outcome::MacNak => {
+            assert!(is_crypto_nak(&out[..len]), "a crypto-NAK is a header and a zero key id");
+            let header = Packet::parse(&out[..len]).expect("a NAK parses").header;
+            assert_eq!(header.stratum, 0, "a crypto-NAK carries no time");
+        }
         Outcome::Served | Outcome::ServedUnsynchronized => match seal {
             Some(seal) => {
                 let header: [u8; 48] = out[..48].try_into().expect("a header");
-                let sealed = seal.seal(&header, &mut rand::rng());
+                let sealed = seal.seal(&header, &mut rand::rng()).expect("a reply seals");
                 assert!(sealed.len() <= datagram.len(), "sealed reply amplifies");
-                verify_response(&sealed, &seal.request.unique_id, &session().s2c)
-                    .expect("a sealed reply verifies under the session's keys");
+                match &seal {
+                    Seal::Nts(nts) => {
+                        verify_response(&sealed, &nts.request.unique_id, &session().s2c)
+                            .expect("a sealed reply verifies under the session's keys");
+                    }
+                    Seal::Mac(mac) => {
+                        let request = Packet::parse(datagram).expect("parsed");
+                        assert_eq!(
+                            tenant_keys().check(datagram, request.mac),
+                            MacCheck::Valid { key_id: mac.key_id },
+                            "signed a reply to a request whose MAC did not verify"
+                        );
+                        let reply = Packet::parse(&sealed).expect("a signed reply parses");
+                        assert_eq!(
+                            tenant_keys().check(&sealed, reply.mac),
+                            MacCheck::Valid { key_id: mac.key_id },
+                            "a signed reply does not verify under the request's key"
+                        );
+                    }
+                }
             }
             None => {
                 assert_eq!(unauthenticated, Unauthenticated::Serve, "served without NTS where it is required");
                 assert!(!has_nts_fields(datagram), "an NTS request answered without NTS");
+                let mac = Packet::parse(datagram).expect("parsed").mac;
+                assert!(mac.is_none(), "a request with a MAC answered unsigned");
             }
         },
         Outcome::Unauthenticated { kod: true } => assert_eq!(unauthenticated, Unauthenticated::Deny),
@@ -173,6 +220,31 @@ fn has_nts_fields(datagram: &[u8]) -> bool {
             )
         })
     })
+}
+
+/// A signed request as `input` chooses it (the tenant's key 1-3, a wrong key under id 1, an id
+/// the tenant lacks), then one byte flipped if it says so.
+fn build_signed(input: &[u8]) -> Vec<u8> {
+    let byte = |i: usize| input.get(i).copied().unwrap_or(0);
+    let (keys, id) = match byte(0) % 5 {
+        0 => (tenant_keys(), 1),
+        1 => (tenant_keys(), 2),
+        2 => (tenant_keys(), 3),
+        3 => (SymmetricKeys::parse("1 AES128 HEX:ffffffffffffffffffffffffffffffff").expect("static"), 1),
+        _ => (SymmetricKeys::parse("9 MD5 ASCII:other").expect("static"), 9),
+    };
+    let mut buffer = [0u8; 72];
+    buffer[0] = 0x23;
+    for (i, slot) in buffer[40..48].iter_mut().enumerate() {
+        *slot = byte(1 + i);
+    }
+    let len = keys.sign(id, &mut buffer, 48).expect("the key exists");
+    let mut datagram = buffer[..len].to_vec();
+    if byte(9) & 1 == 1 {
+        let at = usize::from(byte(10)) % datagram.len();
+        datagram[at] ^= byte(11) | 1;
+    }
+    datagram
 }
 
 /// A valid NTS request as `input` chooses it, then one byte flipped if it says so.

@@ -117,6 +117,19 @@ pub struct UpstreamConfig {
     /// NTS-KE TCP port; 4460 when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nts_port: Option<u16>,
+    /// Sign requests with a symmetric key and take only replies signed with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<UpstreamKeyConfig>,
+}
+
+/// The symmetric key an upstream is polled with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpstreamKeyConfig {
+    /// Key file (`ID TYPE HEX:...` lines) from the key material Secret; a path, never a key.
+    pub keys_file: String,
+    /// The key's id in it.
+    pub key_id: u32,
 }
 
 /// Server or pool.
@@ -303,6 +316,12 @@ pub fn nts_private_key_key(port: u16) -> String {
 /// The Secret's member holding the symmetric keys of the tenant served on `port`.
 pub fn symmetric_keys_key(port: u16) -> String {
     format!("tenant-{port}.keys")
+}
+
+/// The Secret's member holding the key file of upstream key Secret `secret` (a Secret name,
+/// so always a valid member name).
+pub fn upstream_keys_key(secret: &str) -> String {
+    format!("upstream-{secret}.keys")
 }
 
 /// Where an agent reads the Secret's member `key`.
@@ -1027,6 +1046,14 @@ fn check_upstream(p: &mut Problems, at: &str, u: &UpstreamConfig) {
     if u.nts_port == Some(0) {
         p.add(format!("{at}.ntsPort"), "must not be 0");
     }
+    if let Some(key) = &u.key {
+        if key.key_id == 0 {
+            p.add(format!("{at}.key.keyId"), "must not be 0");
+        }
+        if u.nts {
+            p.add(format!("{at}.key"), "an nts upstream takes no key");
+        }
+    }
 }
 
 /// Which ports are taken: one bit each.
@@ -1157,6 +1184,7 @@ mod tests {
                 max_sources: 4,
                 nts: false,
                 nts_port: None,
+                key: None,
             }],
             egress: None,
             selection: SelectionConfig {

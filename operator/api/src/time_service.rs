@@ -96,7 +96,8 @@ pub struct TimeServiceSpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     cel,
-    validation = kube::core::Rule::new("self.minPoll <= self.maxPoll").message("minPoll must be less than or equal to maxPoll")
+    validation = kube::core::Rule::new("self.minPoll <= self.maxPoll").message("minPoll must be less than or equal to maxPoll"),
+    validation = kube::core::Rule::new("!self.nts || !has(self.key)").message("an upstream authenticates with nts or with a key, not both")
 )]
 pub struct Upstream {
     /// Host name or IP address of the server or pool.
@@ -136,6 +137,27 @@ pub struct Upstream {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = kube::core::Rule::new("self >= 1 && self <= 65535").message("ntsPort must be between 1 and 65535"))]
     pub nts_port: Option<i32>,
+    /// Authenticate this upstream with a symmetric key (RFC 8573 AES-CMAC, or SHA1/MD5 for a
+    /// server that knows nothing newer): every request is signed with it and a reply counts
+    /// only if signed with it too. Agents never poll it unauthenticated: while the key is not
+    /// with them, it is not polled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<UpstreamKey>,
+}
+
+/// A symmetric key of an upstream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamKey {
+    /// Secret in the operator's namespace whose `keys` member is a key file (one key per
+    /// line, `ID TYPE KEY`, as chrony's keyfile and ntpd's `ntp.keys`). The operator copies it
+    /// to the agents with the rest of their key material.
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$')").message("upstreams[].key.secretName must be a Secret name: lowercase letters, digits, '-' and '.', at most 253 characters"))]
+    #[schemars(length(max = 253))]
+    pub secret_name: String,
+    /// The key's id in that file (and on the server).
+    #[x_kube(validation = kube::core::Rule::new("self >= 1 && self <= 4294967295").message("upstreams[].key.id must be between 1 and 4294967295"))]
+    pub id: i64,
 }
 
 /// Network Time Security settings shared by a TimeService's `nts` upstreams.

@@ -497,3 +497,34 @@ fn cookie_keys_rotate_no_faster_than_a_secret_volume_reaches_every_agent() {
         "serving.ntsCookieKeyRotation must be a duration of at least 5m",
     );
 }
+
+#[test]
+fn symmetric_keys_name_a_secret_and_an_upstream_key_is_not_nts() {
+    let auth = |a: Value| tenant(json!({ "authentication": a })).validate_cel();
+    accepted(auth(
+        json!({"symmetricKeysSecret": "device-keys", "unauthenticated": "Ignore"}),
+    ));
+    refused_with(
+        auth(json!({"symmetricKeysSecret": "Device_Keys"})),
+        "authentication.symmetricKeysSecret must be a Secret name",
+    );
+    let keyed = |extra: Value| time_service(json!({"upstreams": [upstream(extra)]})).validate_cel();
+    accepted(keyed(
+        json!({"key": {"secretName": "upstream-keys", "id": 1}}),
+    ));
+    accepted(keyed(
+        json!({"key": {"secretName": "upstream-keys", "id": 4294967295u64}}),
+    ));
+    refused_with(
+        keyed(json!({"key": {"secretName": "upstream-keys", "id": 0}})),
+        "upstreams[].key.id must be between 1 and 4294967295",
+    );
+    refused_with(
+        keyed(json!({"key": {"secretName": "Upstream Keys", "id": 1}})),
+        "upstreams[].key.secretName must be a Secret name",
+    );
+    refused_with(
+        keyed(json!({"nts": true, "key": {"secretName": "upstream-keys", "id": 1}})),
+        "an upstream authenticates with nts or with a key, not both",
+    );
+}

@@ -16,8 +16,8 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use stratum_api::agent_config::{
     AGENT_CONFIG_GZIP_KEY, AGENT_CONFIG_VERSION, ClockBackend, ClockConfig, ConfigProblem,
     DisciplineConfig, EgressConfig, LeapConfig, LeapMode, LogLevel, NTS_COOKIE_KEYS_KEY,
-    ReportingConfig, SelectionConfig, ServingConfig, TenantConfig, UpstreamConfig, UpstreamKind,
-    nts_material_path,
+    ReportingConfig, SelectionConfig, ServingConfig, TenantConfig, UpstreamConfig,
+    UpstreamKeyConfig, UpstreamKind, nts_material_path, upstream_keys_key,
 };
 use stratum_api::tenant_time_policy::TenantTimePolicySpec;
 use stratum_api::time_service::{self as ts_api, ClockSource, DisciplineMode};
@@ -138,6 +138,7 @@ fn build_agent_config_unrevised(
                     max_sources: 1,
                     nts: false,
                     nts_port: None,
+                    key: None,
                 })
                 .collect(),
             fallback_to_upstreams: tier.fallback_to_upstreams,
@@ -580,6 +581,14 @@ fn upstream_config(u: &ts_api::Upstream) -> UpstreamConfig {
             .nts_port
             .filter(|_| u.nts)
             .map(|p| u16::try_from(p).unwrap_or(0)),
+        key: u
+            .key
+            .as_ref()
+            .filter(|_| !u.nts)
+            .map(|k| UpstreamKeyConfig {
+                keys_file: nts_material_path(&upstream_keys_key(&k.secret_name)),
+                key_id: u32::try_from(k.id).unwrap_or(0),
+            }),
     }
 }
 

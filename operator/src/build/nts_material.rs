@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use stratum_api::TimeService;
 use stratum_api::agent_config::{
     NTS_COOKIE_KEYS_KEY, nts_certificate_key, nts_private_key_key, symmetric_keys_key,
+    upstream_keys_key,
 };
 use stratum_ntp::symmetric::{KeyFileError, SymmetricKeys};
 
@@ -64,6 +65,8 @@ pub enum KeysProblem {
     TooLarge { secret: String, bytes: usize },
     /// Older tenants' material fills the Secret (see [`MAX_SECRET_MATERIAL_BYTES`]).
     NoRoom { secret: String },
+    /// An upstream names a key id the file does not have.
+    MissingKeyId { secret: String, id: u32 },
 }
 
 impl KeysProblem {
@@ -75,6 +78,7 @@ impl KeysProblem {
             Self::MissingMember { .. } | Self::Invalid { .. } => "KeysSecretInvalid",
             Self::TooLarge { .. } => "KeysTooLarge",
             Self::NoRoom { .. } => "KeyMaterialFull",
+            Self::MissingKeyId { .. } => "KeyIdMissing",
         }
     }
 }
@@ -107,6 +111,9 @@ impl fmt::Display for KeysProblem {
                 "Secret {secret} is not distributed: the key material of older tenants of this \
                  TimeService fills its key material Secret ({MAX_SECRET_MATERIAL_BYTES} bytes)"
             ),
+            Self::MissingKeyId { secret, id } => {
+                write!(f, "Secret {secret}: {KEYS_MEMBER} has no key {id}")
+            }
         }
     }
 }
@@ -118,6 +125,7 @@ pub struct TenantKeys {
     file: String,
     keys: usize,
     legacy: usize,
+    ids: Vec<u32>,
 }
 
 impl fmt::Debug for TenantKeys {
@@ -177,6 +185,7 @@ pub fn check_symmetric_keys(
         file: keys.to_key_file(),
         keys: keys.len(),
         legacy: keys.algorithms().filter(|(_, a)| a.is_legacy()).count(),
+        ids: keys.algorithms().map(|(id, _)| id).collect(),
     })
 }
 
@@ -479,6 +488,24 @@ pub fn plan_cookie_keys(
     }
 }
 
+/// Checks an upstream key Secret `name` in the operator's namespace as
+/// [`check_symmetric_keys`] does, and that it holds every id in `ids` (those the TimeService's
+/// upstreams name).
+pub fn check_upstream_keys(
+    name: &str,
+    ids: &[u32],
+    secret: Option<&Secret>,
+) -> std::result::Result<TenantKeys, KeysProblem> {
+    let keys = check_symmetric_keys(name, secret)?;
+    match ids.iter().find(|id| !keys.ids.contains(id)) {
+        Some(&id) => Err(KeysProblem::MissingKeyId {
+            secret: name.to_owned(),
+            id,
+        }),
+        None => Ok(keys),
+    }
+}
+
 /// A tenant of the TimeService with key material: NTS, symmetric keys or both.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NtsTenant {
@@ -501,21 +528,25 @@ pub struct TenantMaterial {
     pub keys: Option<std::result::Result<TenantKeys, KeysProblem>>,
 }
 
-/// The Secret to apply and what became of each tenant's certificate and keys.
+/// The Secret to apply and what became of each tenant's certificate and keys, and of each
+/// upstream key Secret.
 #[derive(Debug)]
 pub struct NtsMaterial {
     pub secret: Secret,
     pub outcomes: BTreeMap<TenantKey, std::result::Result<(), CertificateProblem>>,
     pub key_outcomes: BTreeMap<TenantKey, std::result::Result<(), KeysProblem>>,
+    pub upstream_outcomes: BTreeMap<String, std::result::Result<(), KeysProblem>>,
 }
 
-/// The key material Secret of `ts`: the cookie keys, then tenants' certificates and keys in
-/// the order given (oldest tenant first) while they fit [`MAX_SECRET_MATERIAL_BYTES`], so a
-/// newcomer can never push out an older tenant's material.
+/// The key material Secret of `ts`: the cookie keys and the upstreams' keys (by Secret name;
+/// the TimeService's own, so first), then tenants' certificates and keys in the order given
+/// (oldest tenant first) while they fit [`MAX_SECRET_MATERIAL_BYTES`], so a newcomer can
+/// never push out an older tenant's material.
 pub fn build_nts_secret(
     ts: &TimeService,
     settings: &OperatorSettings,
     cookie_keys: &CookieKeyPlan,
+    upstream_keys: Vec<(String, std::result::Result<TenantKeys, KeysProblem>)>,
     tenants: Vec<TenantMaterial>,
 ) -> Result<NtsMaterial> {
     let name = ts.metadata.name.clone().unwrap_or_default();
@@ -536,6 +567,20 @@ pub fn build_nts_secret(
     let mut used = 0;
     let mut outcomes = BTreeMap::new();
     let mut key_outcomes = BTreeMap::new();
+    let mut upstream_outcomes = BTreeMap::new();
+    for (secret, keys) in upstream_keys {
+        let outcome = keys.and_then(|k| {
+            if used + k.file.len() > MAX_SECRET_MATERIAL_BYTES {
+                return Err(KeysProblem::NoRoom {
+                    secret: secret.clone(),
+                });
+            }
+            used += k.file.len();
+            data.insert(upstream_keys_key(&secret), ByteString(k.file.into_bytes()));
+            Ok(())
+        });
+        upstream_outcomes.insert(secret, outcome);
+    }
     for TenantMaterial {
         tenant,
         certificate,
@@ -583,6 +628,7 @@ pub fn build_nts_secret(
         },
         outcomes,
         key_outcomes,
+        upstream_outcomes,
     })
 }
 
@@ -690,7 +736,7 @@ mod tests {
 
     fn written(plan: &CookieKeyPlan) -> Secret {
         let ts = fixtures::time_service("cluster");
-        build_nts_secret(&ts, &fixtures::settings(), plan, Vec::new())
+        build_nts_secret(&ts, &fixtures::settings(), plan, Vec::new(), Vec::new())
             .unwrap()
             .secret
     }
@@ -802,6 +848,7 @@ mod tests {
             &ts,
             &fixtures::settings(),
             &cookie,
+            Vec::new(),
             vec![
                 with_certificate(tenant("a", 12300), Ok(cert(half - 100))),
                 with_certificate(tenant("b", 12302), Ok(cert(1000))),
@@ -925,6 +972,7 @@ mod tests {
             &fixtures::time_service("cluster"),
             &fixtures::settings(),
             &cookie,
+            Vec::new(),
             vec![
                 TenantMaterial {
                     tenant: tenant("old", 12300, false, true),
@@ -957,5 +1005,69 @@ mod tests {
         );
         assert!(data.contains_key("tenant-12301.keys"));
         assert!(!data.contains_key("tenant-12301.crt"));
+    }
+
+    /// Upstream keys: checked for the ids the upstreams name, copied first (the TimeService's
+    /// own), and a Secret without one of its ids is named with the id, never a key.
+    #[test]
+    fn upstream_keys_must_hold_every_named_id_and_come_before_tenants() {
+        let secret = keys_secret(&[(
+            KEYS_MEMBER,
+            b"1 AES128 HEX:000102030405060708090a0b0c0d0e0f\n",
+        )]);
+        let keys = check_upstream_keys("upstream-keys", &[1], Some(&secret)).unwrap();
+        let missing = check_upstream_keys("upstream-keys", &[1, 5], Some(&secret)).unwrap_err();
+        assert_eq!(missing.reason(), "KeyIdMissing");
+        assert!(missing.to_string().contains("no key 5"), "{missing}");
+        assert_eq!(
+            check_upstream_keys("upstream-keys", &[1], None)
+                .unwrap_err()
+                .reason(),
+            "KeysSecretMissing"
+        );
+        let t0: Timestamp = "2026-12-03T00:00:00Z".parse().unwrap();
+        let cookie = plan_cookie_keys(None, t0, DAY, &mut counter());
+        let big = TenantCertificate {
+            chain: vec![b'c'; MAX_SECRET_MATERIAL_BYTES - 10],
+            key: vec![b'k'; 5],
+        };
+        let material = build_nts_secret(
+            &fixtures::time_service("cluster"),
+            &fixtures::settings(),
+            &cookie,
+            vec![
+                ("upstream-keys".into(), Ok(keys)),
+                ("gone".into(), Err(missing)),
+            ],
+            vec![TenantMaterial {
+                tenant: NtsTenant {
+                    key: ("t".into(), "p".into()),
+                    port: 12300,
+                    certificate_secret: Some("tls".into()),
+                    keys_secret: None,
+                },
+                certificate: Some(Ok(big)),
+                keys: None,
+            }],
+        )
+        .unwrap();
+        assert_eq!(material.upstream_outcomes["upstream-keys"], Ok(()));
+        assert_eq!(
+            material.upstream_outcomes["gone"]
+                .clone()
+                .unwrap_err()
+                .reason(),
+            "KeyIdMissing"
+        );
+        let data = material.secret.data.as_ref().unwrap();
+        assert!(data.contains_key("upstream-upstream-keys.keys"));
+        assert_eq!(
+            material.outcomes[&("t".to_owned(), "p".to_owned())]
+                .clone()
+                .unwrap_err()
+                .reason(),
+            "KeyMaterialFull",
+            "the tenant's large certificate does not push the upstream key out"
+        );
     }
 }

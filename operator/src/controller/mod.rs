@@ -99,6 +99,9 @@ pub struct Context {
     pub nts_outcomes: Mutex<HashMap<String, NtsOutcomes>>,
     /// The same for each symmetric-key tenant's keys (its `SymmetricKeysReady` condition).
     pub key_outcomes: Mutex<HashMap<String, KeyOutcomes>>,
+    /// Each TimeService's upstream key Secrets at its last key material write, by Secret
+    /// name: the baseline of their Events.
+    pub upstream_key_outcomes: Mutex<HashMap<String, UpstreamKeyOutcomes>>,
     /// Where a reconciler sends the triggers it causes (tenants a TimeService plan shed or
     /// took back); set once the wiring runs, unset in tests that call a reconciler directly.
     pub triggers: OnceLock<TriggerSenders>,
@@ -112,6 +115,12 @@ pub type NtsOutcomes = std::collections::BTreeMap<
 
 /// Each symmetric-key tenant's keys outcome at its TimeService's last key material write.
 pub type KeyOutcomes = MaterialOutcomes<crate::build::nts_material::KeysProblem>;
+
+/// Each upstream key Secret's outcome, by Secret name.
+pub type UpstreamKeyOutcomes = std::collections::BTreeMap<
+    String,
+    std::result::Result<(), crate::build::nts_material::KeysProblem>,
+>;
 
 /// Each tenant's outcome of one kind of key material (`P`: what went wrong).
 pub type MaterialOutcomes<P> =
@@ -142,6 +151,7 @@ impl Context {
             off_designated: Mutex::new(HashMap::new()),
             nts_outcomes: Mutex::new(HashMap::new()),
             key_outcomes: Mutex::new(HashMap::new()),
+            upstream_key_outcomes: Mutex::new(HashMap::new()),
             triggers: OnceLock::new(),
         }
     }

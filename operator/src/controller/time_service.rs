@@ -21,7 +21,7 @@ use super::{Context, RESYNC, apply_cluster, apply_namespaced, apply_params, lock
 use crate::build::audit;
 use crate::build::nts_material::{
     COOKIE_KEY_LEN, CertificateProblem, KeysProblem, NtsTenant, TenantMaterial, build_nts_secret,
-    check_certificate, check_symmetric_keys, plan_cookie_keys,
+    check_certificate, check_symmetric_keys, check_upstream_keys, plan_cookie_keys,
 };
 use crate::build::status::{Blocked, DaemonSetCounts, time_service_status};
 use crate::coalesce::Decision;
@@ -175,6 +175,39 @@ async fn apply_network_policies(
     Ok(())
 }
 
+/// A Warning Event on the TimeService for each upstream key Secret that became unusable (and
+/// a Normal one when it is usable again), once per change: the agents withhold that
+/// upstream's polls meanwhile, so the Event is where an admin learns why.
+async fn announce_upstream_keys(
+    ctx: &Context,
+    ts: &TimeService,
+    outcomes: &std::collections::BTreeMap<String, std::result::Result<(), KeysProblem>>,
+) {
+    let name = ts.name_any();
+    let before = lock(&ctx.upstream_key_outcomes).insert(name.clone(), outcomes.clone());
+    let before = before.unwrap_or_default();
+    for (secret, outcome) in outcomes {
+        if before.get(secret) == Some(outcome) {
+            continue;
+        }
+        let (kind, reason, message) = match outcome {
+            Err(problem) => (
+                EventType::Warning,
+                "UpstreamKeyUnusable",
+                format!("{problem}; the upstreams signed with it are not polled until it is fixed"),
+            ),
+            Ok(()) if before.contains_key(secret) => (
+                EventType::Normal,
+                "UpstreamKeyDistributed",
+                format!("Secret {secret}: the upstream key is with the agents again"),
+            ),
+            Ok(()) => continue,
+        };
+        tracing::info!(time_service = %name, %secret, reason, "{message}");
+        ctx.event(&ts.object_ref(&()), kind, reason, message).await;
+    }
+}
+
 /// Reads Secret `name` in tenant namespace `namespace`: `Err(())` when the operator may not.
 async fn read_tenant_secret(
     ctx: &Context,
@@ -257,6 +290,28 @@ async fn write_nts_material(
             keys,
         });
     }
+    // Upstream keys come from the operator's own namespace, by the Secret names the
+    // TimeService gives, each checked for every key id its upstreams name.
+    let mut upstream_ids: std::collections::BTreeMap<&str, Vec<u32>> = Default::default();
+    for upstream in &ts.spec.upstreams {
+        if let Some(key) = upstream.key.as_ref().filter(|_| !upstream.nts) {
+            upstream_ids
+                .entry(key.secret_name.as_str())
+                .or_default()
+                .push(u32::try_from(key.id).unwrap_or(0));
+        }
+    }
+    let mut upstream_keys = Vec::with_capacity(upstream_ids.len());
+    for (secret, ids) in upstream_ids {
+        let checked = match own.get_opt(secret).await {
+            Ok(found) => check_upstream_keys(secret, &ids, found.as_ref()),
+            Err(kube::Error::Api(s)) if s.code == 403 => Err(KeysProblem::Forbidden {
+                secret: secret.to_owned(),
+            }),
+            Err(e) => return Err(e.into()),
+        };
+        upstream_keys.push((secret.to_owned(), checked));
+    }
     let period = ts.spec.serving.nts_cookie_key_rotation();
     let mut fresh_key = || {
         let mut key = [0u8; COOKIE_KEY_LEN];
@@ -264,8 +319,9 @@ async fn write_nts_material(
         key
     };
     let cookie_keys = plan_cookie_keys(existing.as_ref(), Timestamp::now(), period, &mut fresh_key);
-    let material = build_nts_secret(ts, &ctx.settings, &cookie_keys, gathered)?;
+    let material = build_nts_secret(ts, &ctx.settings, &cookie_keys, upstream_keys, gathered)?;
     apply_namespaced(&ctx.client, &material.secret).await?;
+    announce_upstream_keys(ctx, ts, &material.upstream_outcomes).await;
     if cookie_keys.rotated {
         tracing::info!(time_service = %name, current = cookie_keys.file.current.id, next_rotation_in = ?cookie_keys.rotate_in, "NTS cookie master keys rotated");
         if existing.is_some() {
@@ -305,7 +361,8 @@ async fn write_nts_material(
     // A certificate or key Secret that is not there yet (cert-manager still issuing) is
     // looked for again soon; renewals of one that is are picked up at the resync.
     let waiting = material.outcomes.values().any(Result::is_err)
-        || material.key_outcomes.values().any(Result::is_err);
+        || material.key_outcomes.values().any(Result::is_err)
+        || material.upstream_outcomes.values().any(Result::is_err);
     Ok(if waiting {
         cookie_keys.rotate_in.min(NTS_RETRY)
     } else {
