@@ -282,16 +282,11 @@ impl Server {
         keys: Option<CookieKeys>,
         serving: &ServingConfig,
     ) -> ApplyReport {
-        let mut ports = self.ports();
-        if ports.material.cookie_keys == keys {
-            return ApplyReport::default();
-        }
-        ports.material.cookie_keys = keys;
-        ports.desired = tenants::desired_ports(serving, &ports.material);
-        let report = self.reconcile(&mut ports, None);
-        drop(ports);
-        log_report(&report);
-        report
+        self.update_material(serving, |material| {
+            let changed = material.cookie_keys != keys;
+            material.cookie_keys = keys;
+            changed
+        })
     }
 
     /// Puts the symmetric keys read from each tenant's key file (by path) in force on the
@@ -302,11 +297,24 @@ impl Server {
         keys: BTreeMap<String, Arc<SymmetricKeys>>,
         serving: &ServingConfig,
     ) -> ApplyReport {
+        self.update_material(serving, |material| {
+            let changed = material.symmetric != keys;
+            material.symmetric = keys;
+            changed
+        })
+    }
+
+    /// Applies `change` to the key material and, when it says something changed, puts the
+    /// ports of `serving` in line with it (only ports whose rules changed are touched).
+    fn update_material(
+        &self,
+        serving: &ServingConfig,
+        change: impl FnOnce(&mut KeyMaterial) -> bool,
+    ) -> ApplyReport {
         let mut ports = self.ports();
-        if ports.material.symmetric == keys {
+        if !change(&mut ports.material) {
             return ApplyReport::default();
         }
-        ports.material.symmetric = keys;
         ports.desired = tenants::desired_ports(serving, &ports.material);
         let report = self.reconcile(&mut ports, None);
         drop(ports);
