@@ -9,6 +9,8 @@ use stratum_api::node_clock::format_offset;
 use stratum_api::tenant_time_policy::TenantTimePolicyStatus;
 use stratum_api::time_service::{NodeCounts, StratumRange, TimeServiceStatus};
 
+use std::collections::BTreeMap;
+
 use crate::build::nts_material::{CertificateProblem, KeysProblem};
 use crate::model::ClockInfo;
 
@@ -302,6 +304,51 @@ pub fn time_service_status(
         median_offset_nanos: median,
         stratum_range,
     }
+}
+
+/// Adds the `UpstreamKeysReady` condition to a TimeService's `status` when it has upstreams
+/// with a symmetric key (`outcomes`: each key Secret's at the last key material write, `None`
+/// before the first): `KeysDistributed`, or the first problem's reason with every problem in
+/// the message. The agents do not poll those upstreams while it is False.
+pub fn add_upstream_keys_condition(
+    status: &mut TimeServiceStatus,
+    current: Option<&TimeServiceStatus>,
+    outcomes: Option<&BTreeMap<String, Result<(), KeysProblem>>>,
+    generation: Option<i64>,
+    now: &Time,
+) {
+    let Some(outcomes) = outcomes.filter(|o| !o.is_empty()) else {
+        return;
+    };
+    let problems: Vec<&KeysProblem> = outcomes.values().filter_map(|o| o.as_ref().err()).collect();
+    let wanted = match problems.first() {
+        None => Cond::new(
+            "UpstreamKeysReady",
+            true,
+            "KeysDistributed",
+            format!(
+                "the keys of {} upstream key Secret(s) are with the agents",
+                outcomes.len()
+            ),
+        ),
+        Some(first) => Cond::new(
+            "UpstreamKeysReady",
+            false,
+            first.reason(),
+            format!(
+                "{}; upstreams signed with these keys are not polled",
+                problems
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        ),
+    };
+    let existing = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    status
+        .conditions
+        .extend(conditions(existing, vec![wanted], generation, now));
 }
 
 /// What a tenant reconcile observed.
@@ -804,5 +851,38 @@ mod tests {
             find(&tenant_status(None, Some(1), None, plain, &at(1))),
             None
         );
+    }
+
+    #[test]
+    fn upstream_keys_get_a_condition_only_when_an_upstream_has_one() {
+        let mut status = TimeServiceStatus::default();
+        add_upstream_keys_condition(&mut status, None, None, Some(1), &at(1));
+        add_upstream_keys_condition(&mut status, None, Some(&BTreeMap::new()), Some(1), &at(1));
+        assert!(status.conditions.is_empty());
+        let ok = BTreeMap::from([("upstream-keys".to_owned(), Ok(()))]);
+        add_upstream_keys_condition(&mut status, None, Some(&ok), Some(1), &at(1));
+        assert_eq!(status.conditions[0].status, "True");
+        let bad = BTreeMap::from([
+            ("upstream-keys".to_owned(), Ok(())),
+            (
+                "gone".to_owned(),
+                Err(KeysProblem::Missing {
+                    secret: "gone".into(),
+                }),
+            ),
+        ]);
+        let mut next = TimeServiceStatus::default();
+        add_upstream_keys_condition(&mut next, Some(&status), Some(&bad), Some(2), &at(5));
+        let c = &next.conditions[0];
+        assert_eq!(
+            (c.type_.as_str(), c.status.as_str(), c.reason.as_str()),
+            ("UpstreamKeysReady", "False", "KeysSecretMissing")
+        );
+        assert!(
+            c.message.contains("Secret gone") && c.message.contains("not polled"),
+            "{}",
+            c.message
+        );
+        assert_eq!(c.last_transition_time, at(5));
     }
 }

@@ -23,7 +23,9 @@ use crate::build::nts_material::{
     COOKIE_KEY_LEN, CertificateProblem, KeysProblem, NtsTenant, TenantMaterial, build_nts_secret,
     check_certificate, check_symmetric_keys, check_upstream_keys, plan_cookie_keys,
 };
-use crate::build::status::{Blocked, DaemonSetCounts, time_service_status};
+use crate::build::status::{
+    Blocked, DaemonSetCounts, add_upstream_keys_condition, time_service_status,
+};
 use crate::coalesce::Decision;
 use crate::error::{Error, Result};
 use crate::names;
@@ -109,13 +111,20 @@ pub async fn reconcile(
 
     let now = Time(Timestamp::now());
     let clocks: Vec<_> = plan.clocks.iter().collect();
-    let status = time_service_status(
+    let mut status = time_service_status(
         ts.status.as_ref(),
         ts.metadata.generation,
         plan.blocked.as_ref(),
         daemonset,
         &clocks,
         &plan.uncovered,
+        &now,
+    );
+    add_upstream_keys_condition(
+        &mut status,
+        ts.status.as_ref(),
+        lock(&ctx.upstream_key_outcomes).get(&name),
+        ts.metadata.generation,
         &now,
     );
     observe_propagation(&ctx, &name, &plan.clocks, status.nodes.desired);
