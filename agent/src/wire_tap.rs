@@ -21,7 +21,7 @@ use std::io::IoSliceMut;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use nix::sys::socket::{
@@ -247,6 +247,8 @@ const MAX_RECORDED: usize = 100_000;
 #[derive(Debug)]
 pub struct Recorder {
     stop: Arc<AtomicBool>,
+    /// Datagrams matched so far (kept or not), for tests that wait on traffic.
+    seen: Arc<AtomicUsize>,
     thread: JoinHandle<io::Result<(Vec<Datagram>, usize)>>,
 }
 
@@ -256,8 +258,10 @@ impl Recorder {
         let (socket, loopback) = open_loopback_tap()?;
         let ports = ports.to_vec();
         let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(AtomicUsize::new(0));
         let thread = {
             let stop = stop.clone();
+            let seen = seen.clone();
             std::thread::Builder::new()
                 .name("wire-recorder".into())
                 .spawn(move || {
@@ -270,6 +274,7 @@ impl Recorder {
                         if !ports.contains(&source.port()) && !ports.contains(&destination.port()) {
                             return;
                         }
+                        seen.fetch_add(1, Ordering::Relaxed);
                         if kept.len() < MAX_RECORDED {
                             kept.push(Datagram {
                                 source,
@@ -283,7 +288,12 @@ impl Recorder {
                     Ok((kept, dropped))
                 })?
         };
-        Ok(Self { stop, thread })
+        Ok(Self { stop, seen, thread })
+    }
+
+    /// How many matching datagrams were seen so far.
+    pub fn seen(&self) -> usize {
+        self.seen.load(Ordering::Relaxed)
     }
 
     /// Stops after reading what the kernel already queued: the datagrams in the order seen,

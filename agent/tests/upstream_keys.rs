@@ -63,13 +63,11 @@ fn the_agent_syncs_from_chronyd_with_a_key_and_never_sends_an_unsigned_request()
     // Key 2 (SHA1, a legacy server's): synchronized, shown as authenticated.
     let agent_keys = dir.path().join("upstream.keys");
     std::fs::write(&agent_keys, SERVER_KEYS).unwrap();
-    let agent = Agent::start(
-        dir.path(),
-        44,
-        &keyed_config(dir.path(), port, &agent_keys, 2),
-        0.2,
-        20.0,
-    );
+    let start = |block: u8, keys_file: &Path, key_id: u32| {
+        let config = keyed_config(dir.path(), port, keys_file, key_id);
+        Agent::start(dir.path(), block, &config, 0.2, 20.0)
+    };
+    let agent = start(44, &agent_keys, 2);
     wait_for(
         Duration::from_secs(60),
         "the agent synchronized with a key, four samples in",
@@ -90,14 +88,15 @@ fn the_agent_syncs_from_chronyd_with_a_key_and_never_sends_an_unsigned_request()
     // A wrong key under id 1: chronyd cannot verify it and the agent takes nothing unsigned.
     let wrong = dir.path().join("wrong.keys");
     std::fs::write(&wrong, "1 AES128 HEX:6b1f0e2d3c4b5a69788796a5b4c3d2e2\n").unwrap();
-    let agent = Agent::start(
-        dir.path(),
-        45,
-        &keyed_config(dir.path(), port, &wrong, 1),
-        0.2,
-        20.0,
+    let before = wire.seen();
+    let agent = start(45, &wrong, 1);
+    // Two of its requests on the wire, no answer from chronyd (it drops bad MACs): nothing to
+    // sample, so the agent stays unsynchronized.
+    wait_for(
+        Duration::from_secs(30),
+        "two requests with the wrong key",
+        || wire.seen() >= before + 2,
     );
-    std::thread::sleep(Duration::from_secs(6));
     let status = agent.status().unwrap();
     assert_eq!(status["tracking"]["synchronized"], false, "{status:#}");
     assert_eq!(
@@ -109,13 +108,7 @@ fn the_agent_syncs_from_chronyd_with_a_key_and_never_sends_an_unsigned_request()
 
     // No key file at all: not one request.
     let missing = dir.path().join("missing.keys");
-    let agent = Agent::start(
-        dir.path(),
-        46,
-        &keyed_config(dir.path(), port, &missing, 1),
-        0.2,
-        20.0,
-    );
+    let agent = start(46, &missing, 1);
     wait_for(
         Duration::from_secs(20),
         "polls withheld without the key",
