@@ -445,11 +445,9 @@ pub async fn run_with_resolver(
                 .upstream_of(request.address)
                 .filter(|u| u.key.is_some())
             {
-                match crate::upstream_keys::sign_poll(
-                    &request.bytes,
-                    upstream,
-                    &symmetric_keys.loaded(),
-                ) {
+                match crate::upstream_keys::sign_poll(&request.bytes, upstream, |path| {
+                    symmetric_keys.keys(path)
+                }) {
                     Some(signed) => send_poll(
                         request.source,
                         request.address,
@@ -564,9 +562,11 @@ pub async fn run_with_resolver(
                             nts.retain(&nts_upstream_keys(driver.config()));
                             shared.server.apply(&driver.config().serving);
                             nts_endpoints.apply(&driver.config().serving);
-                            // Always: the ports were rebuilt from the new config.
-                            symmetric_keys.apply(&crate::symmetric_keys::key_files(driver.config()));
-                            shared.server.set_symmetric_keys(symmetric_keys.loaded(), &driver.config().serving);
+                            // The server applied the keys it holds by path; only newly read (or
+                            // forgotten) files change them.
+                            if symmetric_keys.apply(&crate::symmetric_keys::key_files(driver.config())) {
+                                shared.server.set_symmetric_keys(symmetric_keys.loaded(), &driver.config().serving);
+                            }
                             shared.metrics.config_reloads.with_label_values(&["applied"]).inc();
                             keep_config(&opts, driver.config(), origin, &shared);
                             config_origin = origin;

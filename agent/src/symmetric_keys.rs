@@ -133,6 +133,11 @@ impl SymmetricKeyFiles {
         changed
     }
 
+    /// The keys last read from `path`, if any.
+    pub fn keys(&self, path: &str) -> Option<Arc<SymmetricKeys>> {
+        self.files.get(path)?.keys.clone()
+    }
+
     /// The keys of every file read so far, by path.
     pub fn loaded(&self) -> BTreeMap<String, Arc<SymmetricKeys>> {
         self.files

@@ -6,7 +6,6 @@
 //! has not been read (or lacks its key id) the poll is withheld, and an unsigned, NAKed or
 //! badly signed reply is dropped and counted, whatever it says.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use stratum_api::agent_config::UpstreamConfig;
@@ -79,15 +78,16 @@ impl MacReplyCheck {
     }
 }
 
-/// The core's `request` to `upstream` signed with its key, from the key files read so far (by
-/// path); `None` when the upstream has a key that is not there (withhold the poll).
+/// The core's `request` to `upstream` signed with its key, `keys_of` giving the keys read from
+/// a key file (by path); `None` when the upstream has a key that is not there (withhold the
+/// poll).
 pub fn sign_poll(
     request: &[u8; HEADER_LEN],
     upstream: &UpstreamConfig,
-    loaded: &BTreeMap<String, Arc<SymmetricKeys>>,
+    keys_of: impl FnOnce(&str) -> Option<Arc<SymmetricKeys>>,
 ) -> Option<SignedPoll> {
     let key = upstream.key.as_ref()?;
-    let keys = loaded.get(&key.keys_file)?;
+    let keys = keys_of(&key.keys_file)?;
     let mut buffer = [0u8; HEADER_LEN + MAX_MAC_LEN];
     buffer[..HEADER_LEN].copy_from_slice(request);
     let len = keys.sign(key.key_id, &mut buffer, HEADER_LEN)?;
@@ -96,7 +96,7 @@ pub fn sign_poll(
         check: MacReplyCheck {
             source: upstream.host.clone(),
             key_id: key.key_id,
-            keys: keys.clone(),
+            keys,
         },
     })
 }
@@ -105,6 +105,7 @@ pub fn sign_poll(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::collections::BTreeMap;
     use stratum_api::agent_config::{UpstreamKeyConfig, UpstreamKind};
 
     const KEYS: &str = "1 AES128 HEX:000102030405060708090a0b0c0d0e0f\n2 SHA1 ASCII:sha1\n";
@@ -149,7 +150,7 @@ mod tests {
     #[test]
     fn requests_are_signed_and_only_replies_signed_with_the_same_key_reach_the_core() {
         let request = [0x23u8; 48];
-        let poll = sign_poll(&request, &upstream(1), &loaded()).unwrap();
+        let poll = sign_poll(&request, &upstream(1), |p| loaded().get(p).cloned()).unwrap();
         assert_eq!(poll.datagram.len(), 48 + 4 + 16);
         let view = Packet::parse(&poll.datagram).unwrap();
         assert_eq!(
@@ -176,13 +177,13 @@ mod tests {
     #[test]
     fn without_its_key_a_keyed_upstream_is_not_polled() {
         let request = [0x23u8; 48];
-        assert!(sign_poll(&request, &upstream(1), &BTreeMap::new()).is_none());
+        assert!(sign_poll(&request, &upstream(1), |_| None).is_none());
         assert!(
-            sign_poll(&request, &upstream(7), &loaded()).is_none(),
+            sign_poll(&request, &upstream(7), |p| loaded().get(p).cloned()).is_none(),
             "id not in the file"
         );
         let mut plain = upstream(1);
         plain.key = None;
-        assert!(sign_poll(&request, &plain, &loaded()).is_none());
+        assert!(sign_poll(&request, &plain, |p| loaded().get(p).cloned()).is_none());
     }
 }

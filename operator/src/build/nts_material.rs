@@ -984,6 +984,15 @@ mod tests {
                     certificate: Some(Ok(big)),
                     keys: Some(Ok(keys)),
                 },
+                // A clumsy tenant's broken key file fails that tenant alone.
+                TenantMaterial {
+                    tenant: tenant("broken", 12302, false, true),
+                    certificate: None,
+                    keys: Some(check_symmetric_keys(
+                        "k",
+                        Some(&keys_secret(&[(KEYS_MEMBER, b"1 MD5")])),
+                    )),
+                },
             ],
         )
         .unwrap();
@@ -1005,6 +1014,14 @@ mod tests {
         );
         assert!(data.contains_key("tenant-12301.keys"));
         assert!(!data.contains_key("tenant-12301.crt"));
+        assert_eq!(
+            material.key_outcomes[&key("broken")]
+                .clone()
+                .unwrap_err()
+                .reason(),
+            "KeysSecretInvalid"
+        );
+        assert!(!data.contains_key("tenant-12302.keys"));
     }
 
     /// Upstream keys: checked for the ids the upstreams name, copied first (the TimeService's

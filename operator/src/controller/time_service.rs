@@ -217,18 +217,22 @@ async fn announce_upstream_keys(
     }
 }
 
-/// Reads Secret `name` in tenant namespace `namespace`: `Err(())` when the operator may not.
-async fn read_tenant_secret(
+/// Reads Secret `name` in `namespace` and checks it with `check` (`None`: it does not exist);
+/// a Secret the operator may not read is `forbidden`'s problem. Other API errors end the
+/// reconcile, to be retried.
+async fn read_checked<T, P>(
     ctx: &Context,
     namespace: &str,
     name: &str,
-) -> Result<std::result::Result<Option<Secret>, ()>> {
+    check: impl FnOnce(Option<&Secret>) -> std::result::Result<T, P>,
+    forbidden: impl FnOnce() -> P,
+) -> Result<std::result::Result<T, P>> {
     match Api::<Secret>::namespaced(ctx.client.clone(), namespace)
         .get_opt(name)
         .await
     {
-        Ok(found) => Ok(Ok(found)),
-        Err(kube::Error::Api(s)) if s.code == 403 => Ok(Err(())),
+        Ok(found) => Ok(check(found.as_ref())),
+        Err(kube::Error::Api(s)) if s.code == 403 => Ok(Err(forbidden())),
         Err(e) => Err(e.into()),
     }
 }
@@ -271,26 +275,36 @@ async fn write_nts_material(
     }
     let mut gathered = Vec::with_capacity(tenants.len());
     for tenant in tenants {
+        // Only ever in the tenant's own namespace, by the name its policy gives.
+        let namespace = tenant.key.0.as_str();
         let certificate = match &tenant.certificate_secret {
             None => None,
             Some(secret) => Some(
-                match read_tenant_secret(ctx, &tenant.key.0, secret).await? {
-                    Ok(found) => check_certificate(secret, found.as_ref()),
-                    Err(()) => Err(CertificateProblem::Forbidden {
+                read_checked(
+                    ctx,
+                    namespace,
+                    secret,
+                    |found| check_certificate(secret, found),
+                    || CertificateProblem::Forbidden {
                         secret: secret.clone(),
-                    }),
-                },
+                    },
+                )
+                .await?,
             ),
         };
         let keys = match &tenant.keys_secret {
             None => None,
             Some(secret) => Some(
-                match read_tenant_secret(ctx, &tenant.key.0, secret).await? {
-                    Ok(found) => check_symmetric_keys(secret, found.as_ref()),
-                    Err(()) => Err(KeysProblem::Forbidden {
+                read_checked(
+                    ctx,
+                    namespace,
+                    secret,
+                    |found| check_symmetric_keys(secret, found),
+                    || KeysProblem::Forbidden {
                         secret: secret.clone(),
-                    }),
-                },
+                    },
+                )
+                .await?,
             ),
         };
         gathered.push(TenantMaterial {
@@ -312,13 +326,16 @@ async fn write_nts_material(
     }
     let mut upstream_keys = Vec::with_capacity(upstream_ids.len());
     for (secret, ids) in upstream_ids {
-        let checked = match own.get_opt(secret).await {
-            Ok(found) => check_upstream_keys(secret, &ids, found.as_ref()),
-            Err(kube::Error::Api(s)) if s.code == 403 => Err(KeysProblem::Forbidden {
+        let checked = read_checked(
+            ctx,
+            &ctx.settings.namespace,
+            secret,
+            |found| check_upstream_keys(secret, &ids, found),
+            || KeysProblem::Forbidden {
                 secret: secret.to_owned(),
-            }),
-            Err(e) => return Err(e.into()),
-        };
+            },
+        )
+        .await?;
         upstream_keys.push((secret.to_owned(), checked));
     }
     let period = ts.spec.serving.nts_cookie_key_rotation();
