@@ -642,14 +642,7 @@ pub async fn run_with_resolver(
                 known_falsetickers.remove(&s.address);
             }
         }
-        shared.metrics.nts_cookies.reset();
-        for (source, held) in nts.cookies_held() {
-            shared
-                .metrics
-                .nts_cookies
-                .with_label_values(&[source])
-                .set(i64::try_from(held).unwrap_or(i64::MAX));
-        }
+        shared.metrics.set_nts_cookies(nts.cookies_held());
         publish(
             &opts,
             driver.config(),

@@ -45,6 +45,9 @@ pub struct Metrics {
     source_state: IntGaugeVec,
     /// The `member` label of each source address, kept stable between observations.
     members: std::sync::Mutex<MemberIndex>,
+    /// Held while a labelled family is cleared and refilled, and while a scrape gathers: a
+    /// scrape between the clear and the refill would otherwise see sources vanish.
+    rebuilding: std::sync::Mutex<()>,
     /// Config changes by result.
     pub config_reloads: IntCounterVec,
     /// Tenant packets by outcome.
@@ -65,7 +68,7 @@ pub struct Metrics {
     /// Polls of NTS upstreams not sent for want of a cookie.
     pub nts_polls_withheld: IntCounterVec,
     /// Cookies held per NTS upstream.
-    pub nts_cookies: IntGaugeVec,
+    nts_cookies: IntGaugeVec,
     /// Key exchanges at tenants' NTS-KE endpoints, by tenant and result.
     pub tenant_nts_key_exchanges: IntCounterVec,
     /// NTS-authenticated replies per tenant (also counted as served).
@@ -379,6 +382,7 @@ impl Metrics {
                 "Configured tenant ports that could not be bound and are being retried.",
             )?),
             members: std::sync::Mutex::new(MemberIndex::default()),
+            rebuilding: std::sync::Mutex::new(()),
             registry,
             registered,
         })
@@ -401,6 +405,7 @@ impl Metrics {
     /// Mirrors the other daemon's view of the clock: one series for the daemon read, none when
     /// no daemon is seen or its view could not be read.
     pub fn set_host_daemon_clock(&self, clock: Option<&HostDaemonClock>) {
+        let _rebuilding = self.rebuilding();
         self.host_daemon_offset.reset();
         if let Some((daemon, offset)) = clock.and_then(|c| Some((&c.daemon, c.offset_seconds?))) {
             self.host_daemon_offset
@@ -449,6 +454,7 @@ impl Metrics {
         self.offset_bound.set(offset_bound);
         // Sources come and go with config and pool re-resolution: rebuild the per-source series
         // so removed sources do not linger.
+        let _rebuilding = self.rebuilding();
         self.source_reach.reset();
         self.source_offset.reset();
         self.source_delay.reset();
@@ -488,11 +494,30 @@ impl Metrics {
         }
     }
 
-    /// The text exposition of every metric.
+    /// Replaces the cookies-held series with one per NTS upstream in `held`, so upstreams
+    /// removed from the config do not linger.
+    pub fn set_nts_cookies<'a>(&self, held: impl IntoIterator<Item = (&'a str, usize)>) {
+        let _rebuilding = self.rebuilding();
+        self.nts_cookies.reset();
+        for (source, count) in held {
+            self.nts_cookies
+                .with_label_values(&[source])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn rebuilding(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.rebuilding.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The text exposition of every metric, never caught halfway through a rebuild.
     pub fn render(&self) -> String {
-        let encoder = prometheus::TextEncoder::new();
-        encoder
-            .encode_to_string(&self.registry.gather())
+        let families = {
+            let _rebuilding = self.rebuilding();
+            self.registry.gather()
+        };
+        prometheus::TextEncoder::new()
+            .encode_to_string(&families)
             .unwrap_or_default()
     }
 }
@@ -536,6 +561,55 @@ mod tests {
         // Names gone are forgotten.
         assert_eq!(index.assign(&[]), Vec::<usize>::new());
         assert!(index.slots.is_empty());
+    }
+
+    /// A scrape racing the per-source rebuild sees every source or none, never a few: a
+    /// dashboard would otherwise show sources vanishing and a falseticker series missing.
+    #[test]
+    fn a_scrape_never_sees_the_per_source_series_half_rebuilt() {
+        use stratum_ntp::SourceConfig;
+        use stratum_ntp::system::{System, SystemConfig};
+        use stratum_ntp::time::ClockTime;
+        let sources: Vec<SourceConfig> = (1..=4)
+            .map(|i| {
+                serde_json::from_value(serde_json::json!({
+                    "name": format!("s{i}"),
+                    "address": format!("192.0.2.{i}:123"),
+                }))
+                .unwrap()
+            })
+            .collect();
+        let now = ClockTime::from_unix_secs(1_800_000_000);
+        let config = SystemConfig {
+            sources,
+            ..SystemConfig::default()
+        };
+        let state = System::new(config, now, [7; 32]).unwrap().state(now);
+        let metrics = Metrics::new().unwrap();
+        metrics.observe(&state, 0.0, 0, 3, 1.0, None);
+        let per_source = |text: &str, family: &str| {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("{family}{{")))
+                .count()
+        };
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    metrics.observe(&state, 0.0, 0, 3, 1.0, None);
+                    metrics.set_nts_cookies([("nts-a", 3), ("nts-b", 8)]);
+                }
+            });
+            // Every scrape is checked before the writer stops, so a failure cannot hang it.
+            let torn = (0..1000).map(|_| metrics.render()).find(|text| {
+                let cookies = per_source(text, "stratum_agent_nts_cookies");
+                per_source(text, "stratum_agent_source_reach") != 4
+                    || per_source(text, "stratum_agent_source_state") != 4 * SOURCE_STATES.len()
+                    || (cookies != 0 && cookies != 2)
+            });
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(torn, None);
+        });
     }
 
     #[test]
