@@ -204,6 +204,14 @@ operators_ready() {
 
 cmd_down() {
   stop_pid kubelet
+  # Mount targets the stand-in kubelet had to create for Secret volumes (their mounts lived
+  # in the agents' own mount namespaces, gone with them): removed while still empty.
+  if [[ -f $STACK/mount-points ]]; then
+    while read -r top; do
+      [[ -d $top ]] && find "$top" -depth -type d -empty -delete
+    done <"$STACK/mount-points"
+    rm -f "$STACK/mount-points"
+  fi
   stop_pid prometheus
   for name in e2e-falseticker e2e-upstream-1 e2e-upstream-2 e2e-upstream-3; do
     stop_pid "$name"

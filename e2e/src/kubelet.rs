@@ -4,7 +4,10 @@
 //! For every such pod with a node, it runs the binary exactly as the pod spec says — the
 //! container's args with `$(VAR)` expanded from its env (downward API fields resolved as the
 //! kubelet would), hostPath mounts mapped to a per-node directory (one machine plays every
-//! node's filesystem), the pod's service account through a pod-bound token (so the API server
+//! node's filesystem), Secret volumes projected into a directory of the pod's own and
+//! bind-mounted at their mount path in the process's private mount namespace (as the
+//! kubelet does: one `..data` link swapped at each update, so a reader never sees half of
+//! one), the pod's service account through a pod-bound token (so the API server
 //! adds the node claim the admission policy checks), the user and group of its security
 //! context — inside a network namespace that owns the pod's address (the node's for
 //! hostNetwork pods), without CAP_SYS_TIME. Agents get `--clock simulated`. A deleted pod's
@@ -15,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 
 /// Label that tells Stratum's pods apart (`app.kubernetes.io/name`).
 pub const NAME_LABEL: &str = "app.kubernetes.io/name";
@@ -51,10 +54,49 @@ pub struct PodCommand {
     pub env: BTreeMap<String, String>,
     /// Host directories standing in for hostPath volumes (to create before start).
     pub host_dirs: Vec<PathBuf>,
+    /// Secret volumes, to project and bind-mount before start.
+    pub secret_mounts: Vec<SecretMount>,
     /// `runAsUser` of the container (its own security context, else the pod's).
     pub run_as_user: Option<i64>,
     /// `runAsGroup`, likewise.
     pub run_as_group: Option<i64>,
+}
+
+/// A Secret volume of the container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretMount {
+    /// The volume's name (the directory it is projected into is named after it).
+    pub volume: String,
+    /// The Secret, in the pod's namespace.
+    pub secret_name: String,
+    /// Where the container sees it.
+    pub mount_path: String,
+    /// An optional Secret that does not exist is an empty directory; a required one keeps
+    /// the container from starting.
+    pub optional: bool,
+    /// File mode of each member (`defaultMode`, the kubelet's 0644 when unset).
+    pub mode: u32,
+}
+
+/// The files a Secret volume holds: one per data member, named by its key (what the
+/// kubelet writes without `items`). `None` when the Secret is missing and required.
+pub fn secret_volume_files(
+    mount: &SecretMount,
+    secret: Option<&Secret>,
+) -> Option<BTreeMap<String, Vec<u8>>> {
+    let Some(secret) = secret else {
+        return mount.optional.then(BTreeMap::new);
+    };
+    Some(
+        secret
+            .data
+            .iter()
+            .flatten()
+            .map(|(key, value)| (key.clone(), value.0.clone()))
+            // Keys a path could escape with never become files.
+            .filter(|(key, _)| !key.is_empty() && !key.contains('/') && !key.starts_with(".."))
+            .collect(),
+    )
 }
 
 /// The agent's command is a [`PodCommand`] with the clock replaced.
@@ -157,6 +199,30 @@ pub fn pod_command(pod: &Pod, node_root: &Path) -> Result<PodCommand, PodError> 
         }
     }
 
+    let secret_mounts = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter_map(|mount| {
+            let volume = spec
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == mount.name)?;
+            let secret = volume.secret.as_ref()?;
+            Some(SecretMount {
+                volume: volume.name.clone(),
+                secret_name: secret.secret_name.clone()?,
+                mount_path: mount.mount_path.clone(),
+                optional: secret.optional == Some(true),
+                mode: secret
+                    .default_mode
+                    .and_then(|m| u32::try_from(m).ok())
+                    .unwrap_or(0o644),
+            })
+        })
+        .collect();
+
     let args: Vec<String> = container
         .command
         .iter()
@@ -173,6 +239,7 @@ pub fn pod_command(pod: &Pod, node_root: &Path) -> Result<PodCommand, PodError> 
         args,
         env,
         host_dirs,
+        secret_mounts,
         run_as_user: own_context
             .and_then(|c| c.run_as_user)
             .or_else(|| pod_context.and_then(|c| c.run_as_user)),
@@ -282,6 +349,60 @@ mod tests {
         assert_eq!(
             cmd.host_dirs,
             [PathBuf::from("/run/e2e/nodes/kwok-node-1/var/lib/stratum")]
+        );
+    }
+
+    /// The agent pod as the operator's DaemonSet makes it, with its key material volume.
+    #[test]
+    fn a_secret_volume_becomes_a_mount_and_its_members_files() {
+        let mut p = pod();
+        let spec = p.spec.as_mut().unwrap();
+        spec.containers[0].volume_mounts.as_mut().unwrap().push(
+            serde_json::from_value(serde_json::json!(
+                {"name": "nts", "mountPath": "/etc/stratum/nts", "readOnly": true}
+            ))
+            .unwrap(),
+        );
+        spec.volumes.as_mut().unwrap().push(
+            serde_json::from_value(serde_json::json!({"name": "nts", "secret": {
+                "secretName": "cluster-agent-nts", "optional": true, "defaultMode": 0o400}}))
+            .unwrap(),
+        );
+        let cmd = agent_command(&p, Path::new("/x"), 0.0, 0.0).unwrap();
+        let mount = SecretMount {
+            volume: "nts".into(),
+            secret_name: "cluster-agent-nts".into(),
+            mount_path: "/etc/stratum/nts".into(),
+            optional: true,
+            mode: 0o400,
+        };
+        assert_eq!(cmd.secret_mounts, std::slice::from_ref(&mount));
+        assert!(
+            cmd.args.iter().all(|a| !a.contains("/etc/stratum")),
+            "a Secret mount is not remapped like a hostPath: {:?}",
+            cmd.args
+        );
+
+        // Missing: an empty directory when optional, no start when required.
+        assert_eq!(secret_volume_files(&mount, None), Some(BTreeMap::new()));
+        let required = SecretMount {
+            optional: false,
+            ..mount.clone()
+        };
+        assert_eq!(secret_volume_files(&required, None), None);
+        // Each data member is a file; a key that would leave the directory is not.
+        let secret: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "cluster-agent-nts"},
+            "data": {"cookie-keys.json": "e30=", "..data": "eA==", "tenant-4460.crt": "Y2VydA=="}
+        }))
+        .unwrap();
+        let files = secret_volume_files(&mount, Some(&secret)).unwrap();
+        assert_eq!(
+            files,
+            BTreeMap::from([
+                ("cookie-keys.json".to_string(), b"{}".to_vec()),
+                ("tenant-4460.crt".to_string(), b"cert".to_vec()),
+            ])
         );
     }
 

@@ -1,7 +1,7 @@
 //! `stratum-e2e-kubelet`: runs the real binary for every Stratum pod kwok "runs" on a fake
 //! node — `stratum-agent` for agent pods, in their node's network namespace, and
 //! `stratum-operator` for the chart's operator pods, in a namespace that owns the pod's IP
-//! (see `stratum_e2e::kubelet`). Pods on a real node (`--real-node`) are left to its kubelet.
+//! (see `stratum_e2e::kubelet`), with their Secret volumes kept up to date. Pods on a real node (`--real-node`) are left to its kubelet.
 //! When the API server listens on loopback only, it also forwards it onto the test bridge,
 //! where the namespaces can reach it. Restarts a process that exits; stops every process it
 //! started on SIGTERM.
@@ -16,11 +16,13 @@ use anyhow::Context;
 use clap::Parser;
 use futures::StreamExt;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use kube::api::PostParams;
 use kube::runtime::watcher;
 use kube::{Api, Client};
-use stratum_e2e::kubelet::{PodKind, agent_command, pod_command, restart_delay};
+use stratum_e2e::kubelet::{
+    PodKind, SecretMount, agent_command, pod_command, restart_delay, secret_volume_files,
+};
 use tokio::process::{Child, Command};
 
 #[derive(Parser)]
@@ -107,6 +109,9 @@ async fn main() -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut node_index: BTreeMap<String, usize> = BTreeMap::new();
     let mut targets_written = String::new();
+    // The kubelet refreshes Secret volumes at each pod sync (about a minute); a few seconds
+    // here keeps tests short without hammering the API server.
+    let mut volumes_synced = Instant::now();
     // Stratum's pods that a real node's kubelet runs: not ours to start, but Prometheus
     // discovers them like any other pod.
     let mut on_real_nodes: BTreeMap<String, Pod> = BTreeMap::new();
@@ -161,6 +166,14 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         supervise(&client, &args, &mut running).await;
+        if volumes_synced.elapsed() >= VOLUME_SYNC {
+            volumes_synced = Instant::now();
+            for r in running.values().filter(|r| r.child.is_some()) {
+                if let Err(e) = sync_secret_volumes(&client, &args, r).await {
+                    tracing::warn!(pod = ?r.pod.metadata.name, error = format!("{e:#}"), "cannot update Secret volumes");
+                }
+            }
+        }
         if let Some(path) = &args.targets_file {
             let pods = running
                 .values()
@@ -184,6 +197,9 @@ async fn main() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// How often running pods' Secret volumes are brought up to date.
+const VOLUME_SYNC: Duration = Duration::from_secs(3);
 
 /// A pod to run, once it is bound (and, without host networking, has its IP).
 fn admit(
@@ -348,8 +364,24 @@ async fn start(client: &Client, args: &Args, r: &Running) -> anyhow::Result<Chil
     if !identity.is_empty() {
         identity.push("--clear-groups".into());
     }
+    // Secret volumes: projected under the pod's directory, then bind-mounted read-only at
+    // their mount path inside the mount namespace `ip netns exec` gives the process (its `/`
+    // is a slave of the host's, so nothing shows outside it).
+    let mut binds = Vec::new();
+    for mount in &command.secret_mounts {
+        let source = project_secret_volume(client, r, mount).await?;
+        ensure_mount_point(args, Path::new(&mount.mount_path))?;
+        binds.push(source.display().to_string());
+        binds.push(mount.mount_path.clone());
+    }
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &netns, "setpriv"])
+    cmd.args(["netns", "exec", &netns]);
+    if !binds.is_empty() {
+        cmd.args(["sh", "-c", BIND_THEN_EXEC, "sh"])
+            .args(&binds)
+            .arg("--");
+    }
+    cmd.arg("setpriv")
         .args(&identity)
         .args(["--bounding-set=-sys_time", "--inh-caps=-sys_time"])
         .arg(bin)
@@ -366,6 +398,121 @@ async fn start(client: &Client, args: &Args, r: &Running) -> anyhow::Result<Chil
         .kill_on_drop(true);
     cmd.spawn()
         .with_context(|| format!("spawning {} in netns {netns}", bin.display()))
+}
+
+/// `sh -c` script: bind-mounts each `SOURCE TARGET` pair read-only, then after `--` execs
+/// the rest (the arguments stay arguments: nothing is interpolated into the script).
+const BIND_THEN_EXEC: &str = r#"while [ "$1" != -- ]; do
+  mount --bind "$1" "$2" && mount -o remount,bind,ro "$2" || exit 1
+  shift 2
+done
+shift
+exec "$@""#;
+
+/// Brings the pod's Secret volumes up to date with their Secrets.
+async fn sync_secret_volumes(client: &Client, args: &Args, r: &Running) -> anyhow::Result<()> {
+    let command = pod_command(&r.pod, &args.run_dir.join("nodes"))?;
+    for mount in &command.secret_mounts {
+        project_secret_volume(client, r, mount).await?;
+    }
+    Ok(())
+}
+
+/// Writes `mount`'s Secret into the pod's directory for it, as the kubelet lays a Secret
+/// volume out: the members in a fresh `..<time>` directory, the `..data` link swapped to it
+/// in one rename, and each member a link through `..data`. Unchanged content is left alone.
+/// Returns the directory.
+async fn project_secret_volume(
+    client: &Client,
+    r: &Running,
+    mount: &SecretMount,
+) -> anyhow::Result<PathBuf> {
+    let namespace = r.pod.metadata.namespace.as_deref().unwrap_or("default");
+    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+        .get_opt(&mount.secret_name)
+        .await
+        .with_context(|| format!("reading Secret {namespace}/{}", mount.secret_name))?;
+    let files = secret_volume_files(mount, secret.as_ref()).with_context(|| {
+        format!(
+            "Secret {namespace}/{} of volume {} not found",
+            mount.secret_name, mount.volume
+        )
+    })?;
+    let dir = r.dir.join("volumes").join(&mount.volume);
+    project(&dir, &files, mount.mode)
+        .with_context(|| format!("projecting volume {} into {}", mount.volume, dir.display()))?;
+    Ok(dir)
+}
+
+fn project(dir: &Path, files: &BTreeMap<String, Vec<u8>>, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    std::fs::create_dir_all(dir)?;
+    let data = dir.join("..data");
+    let current = std::fs::read_link(&data).ok();
+    if let Some(current) = &current {
+        let held: Option<BTreeMap<String, Vec<u8>>> = std::fs::read_dir(dir.join(current))
+            .ok()
+            .and_then(|entries| {
+                entries
+                    .map(|e| {
+                        let e = e.ok()?;
+                        let name = e.file_name().into_string().ok()?;
+                        Some((name, std::fs::read(e.path()).ok()?))
+                    })
+                    .collect()
+            });
+        if held.as_ref() == Some(files) {
+            return Ok(());
+        }
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let fresh = format!("..{stamp}");
+    std::fs::create_dir(dir.join(&fresh))?;
+    for (name, content) in files {
+        let path = dir.join(&fresh).join(name);
+        std::fs::write(&path, content)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+    }
+    let link = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&link);
+    symlink(&fresh, &link)?;
+    std::fs::rename(&link, &data)?;
+    for name in files.keys() {
+        let member = dir.join(name);
+        if std::fs::symlink_metadata(&member).is_err() {
+            symlink(Path::new("..data").join(name), &member)?;
+        }
+    }
+    // Members gone from the Secret, and the previous generation.
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("..") && !files.contains_key(&name) {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    if let Some(current) = current {
+        std::fs::remove_dir_all(dir.join(current))?;
+    }
+    Ok(())
+}
+
+/// Creates a mount target that the host lacks (one machine plays every node), recording
+/// the topmost directory it made in `<run-dir>/mount-points` for `e2e/stack.sh down`.
+fn ensure_mount_point(args: &Args, target: &Path) -> anyhow::Result<()> {
+    let Some(top) = target.ancestors().filter(|a| !a.exists()).last() else {
+        return Ok(()); // exists already
+    };
+    std::fs::create_dir_all(target).with_context(|| format!("mkdir {}", target.display()))?;
+    use std::io::Write;
+    let mut record = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(args.run_dir.join("mount-points"))?;
+    writeln!(record, "{}", top.display())?;
+    Ok(())
 }
 
 /// A kubeconfig holding only the pod's token, for the API server at its bridge address.
