@@ -10,16 +10,18 @@
 //! operator copies, `chronyd -Q` with a keyfile served signed through the Service, a wrong key
 //! and another tenant's pod not. The stack's Prometheus shows the authenticated requests.
 //!
-//! Only the real node's agent has a kubelet that mounts Secrets (the kwok nodes' agents are
-//! processes of the stand-in, with hostPath volumes only), so the tenant uses NodeLocal
-//! routing: the real pod reaches the real node's agent. Cookies crossing agents are shown by
-//! the agent's own test (`a_cookie_from_one_agent_works_at_another_...`).
+//! The second test shows the shared cookie master keys behind the Service: a tenant with
+//! Closest routing gets its cookies through the real node's agent; with that agent cut off
+//! from its upstreams (not ready), kube-proxy sends the same pod to a kwok node's agent
+//! (whose key material the stand-in kubelet mounts from the same Secret), and chronyd's
+//! saved cookies authenticate there without a new key exchange.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 // The agent's test PKI (openssl: a CA and a server certificate it signed).
 #[path = "../../agent/tests/pki/mod.rs"]
 mod pki;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
@@ -322,6 +324,41 @@ async fn a_real_pod_gets_nts_time_from_its_tenants_service_and_others_are_refuse
         None,
         "tenant B's pod got time from A's Service with A's key"
     );
+    // Tenant B names A's key Secret as its own: it is looked up in B's namespace, where there
+    // is none. B's policy says so, B's Service does not sign with A's key, and A is untouched.
+    apply_tenant(
+        &client,
+        b,
+        serde_json::json!({
+            "authentication": {"symmetricKeysSecret": "device-keys"},
+            "rateLimit": {"kissOfDeath": true}
+        }),
+    )
+    .await;
+    let b_policies: Api<TenantTimePolicy> = Api::namespaced(client.clone(), b);
+    let (b_keys, _) = wait_for(
+        Duration::from_secs(60),
+        "tenant B's SymmetricKeysReady=False KeysSecretMissing",
+        || async {
+            condition(&b_policies.get("ntp").await.ok()?, "SymmetricKeysReady")
+                .filter(|(status, reason, _)| status == "False" && reason == "KeysSecretMissing")
+        },
+    )
+    .await;
+    eprintln!("tenant B naming A's key Secret: SymmetricKeysReady {b_keys:?}");
+    let server_b = format!("server ntp.{b}.svc.cluster.local key 1 iburst maxsamples 4");
+    assert_eq!(
+        pod_b.chronyd_query(&[&right, &server_b]),
+        None,
+        "tenant B's Service signed with A's key"
+    );
+    let (offset, _) = wait_for(
+        Duration::from_secs(60),
+        "tenant A still served with its key",
+        || async { pod_a.chronyd_query(&[&right, &server]) },
+    )
+    .await;
+    assert!(offset.abs() < 0.05, "chronyd measured {offset} s");
 
     // The agent counted the authenticated requests and the key exchanges it served.
     let tenant = format!("{a}/ntp");
@@ -409,4 +446,185 @@ async fn a_real_pod_gets_nts_time_from_its_tenants_service_and_others_are_refuse
         .await;
         eprintln!("dashboard NTS panel: {q}: {}", series["data"]["result"]);
     }
+}
+
+/// One agent's counter for `tenant` from its own /metrics, summed over the other labels
+/// that `extra` (e.g. `result="ok"`) allows; 0 when it has none.
+fn tenant_counter(metrics: &str, family: &str, tenant: &str, extra: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")))
+        .filter(|l| l.contains(&format!("tenant=\"{tenant}\"")) && l.contains(extra))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |sum, v| sum + v) // not sum(): an empty f64 sum is -0
+}
+
+/// Each agent's (key exchanges that succeeded, NTS-authenticated replies) for `tenant`.
+async fn nts_counts(client: &kube::Client, tenant: &str) -> BTreeMap<String, (f64, f64)> {
+    let mut counts = BTreeMap::new();
+    for node in agent_nodes() {
+        let ip = node_ip(client, &node).await;
+        let metrics = http_get(&format!("http://{ip}:9123/metrics"))
+            .unwrap_or_else(|| panic!("{node}'s agent metrics"));
+        counts.insert(
+            node,
+            (
+                tenant_counter(
+                    &metrics,
+                    "stratum_agent_tenant_nts_key_exchanges_total",
+                    tenant,
+                    "result=\"ok\"",
+                ),
+                tenant_counter(
+                    &metrics,
+                    "stratum_agent_tenant_nts_authenticated_total",
+                    tenant,
+                    "",
+                ),
+            ),
+        );
+    }
+    counts
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster: make e2e"]
+async fn cookies_from_one_agent_authenticate_at_another_behind_the_service() {
+    let client = client().await;
+    ensure_shared_time_service(&client).await;
+    let ns = "e2e-nts-cross";
+    namespace(&client, ns, serde_json::json!({})).await;
+    let name = format!("ntp.{ns}.svc.cluster.local");
+    let dir = run_dir().join("e2e-nts-cross");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let made = pki::make_pki_for(&dir, "tenant", &format!("DNS:{name}"));
+    apply(
+        &Api::<Secret>::namespaced(client.clone(), ns),
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": "ntp-tls", "namespace": ns},
+            "stringData": {
+                "tls.crt": std::fs::read_to_string(&made.cert).unwrap(),
+                "tls.key": std::fs::read_to_string(&made.key).unwrap(),
+            }
+        }),
+    )
+    .await;
+    // NTS offered, not required: a plain probe then shows which agent kube-proxy picks (an
+    // unsynchronized one answers with leap 3). chronyd with `nts` never takes plain time.
+    apply_tenant(
+        &client,
+        ns,
+        serde_json::json!({
+            "authentication": {"nts": true, "ntsCertificateSecret": "ntp-tls"},
+            "service": {"routing": "Closest"}
+        }),
+    )
+    .await;
+    let policies: Api<TenantTimePolicy> = Api::namespaced(client.clone(), ns);
+    wait_for(Duration::from_secs(60), "NTSReady=True", || async {
+        condition(&policies.get("ntp").await.ok()?, "NTSReady")
+            .filter(|(status, _, _)| status == "True")
+    })
+    .await;
+    let tenant = format!("{ns}/ntp");
+    let node = real_node();
+    let pod = real_pod(&client, ns, "client").await;
+    let recipe = nts_recipe(ns, &made.ca, &dir);
+    let recipe: Vec<&str> = recipe.iter().map(String::as_str).collect();
+
+    // Closest with every agent ready: the real node's own agent runs the key exchange and
+    // answers; chronyd keeps the cookies it was given in its dump directory.
+    let (offset, took) = wait_for(
+        Duration::from_secs(180),
+        "chronyd -Q nts through the local agent",
+        || async { pod.chronyd_query(&recipe) },
+    )
+    .await;
+    eprintln!(
+        "chronyd -Q nts {name}: offset {offset:+.6} s ({:.1} s to the first)",
+        took.as_secs_f64()
+    );
+    let before = nts_counts(&client, &tenant).await;
+    eprintln!("per agent (key exchanges, authenticated replies) for {tenant}: {before:?}");
+    assert!(
+        before[&node].0 >= 1.0,
+        "the local agent ran the key exchange: {before:?}"
+    );
+    assert!(
+        before[&node].1 >= 1.0,
+        "the local agent authenticated: {before:?}"
+    );
+
+    // The local agent loses its upstreams: unsynchronized, not ready, and Closest sends the
+    // pod's requests to another node's agent.
+    let cut = cut_upstreams(&node);
+    let vip = cluster_ip(&client, ns, "ntp").await;
+    let (_, moved_after) = wait_for(
+        Duration::from_secs(240),
+        "a synchronized answer through the VIP with the local agent not ready",
+        || async {
+            let local_ready = endpoint_readiness(&client, ns)
+                .await?
+                .iter()
+                .any(|(n, ready)| *n == node && *ready);
+            let answer = pod.probe(&vip, 123)?;
+            let synchronized = answer["leap"].as_u64() == Some(0) && answer["kissCode"].is_null();
+            (!local_ready && synchronized).then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "{node}'s agent cut off: another agent answers through the VIP after {:.1} s",
+        moved_after.as_secs_f64()
+    );
+    let cut_at = nts_counts(&client, &tenant).await;
+
+    // The saved cookies, issued by the local agent, authenticate at the other one.
+    let (offset, _) = wait_for(
+        Duration::from_secs(60),
+        "chronyd -Q nts with the saved cookies through another agent",
+        || async { pod.chronyd_query(&recipe) },
+    )
+    .await;
+    let after = nts_counts(&client, &tenant).await;
+    eprintln!("per agent (key exchanges, authenticated replies) after: {after:?}");
+    let exchanges =
+        |c: &BTreeMap<String, (f64, f64)>| c.values().map(|v| v.0).fold(0.0, |s, v| s + v);
+    assert_eq!(
+        exchanges(&after),
+        exchanges(&cut_at),
+        "no new key exchange: the local agent's cookies were used"
+    );
+    let elsewhere: Vec<(&String, f64)> = after
+        .iter()
+        .filter(|(n, _)| **n != node)
+        .map(|(n, (_, authenticated))| (n, authenticated - cut_at[n].1))
+        .filter(|(_, served)| *served >= 1.0)
+        .collect();
+    assert!(
+        !elsewhere.is_empty(),
+        "no other agent authenticated the local agent's cookies: {cut_at:?} -> {after:?}"
+    );
+    assert!(offset.abs() < 0.05, "chronyd measured {offset} s");
+    eprintln!(
+        "cookies from {node}'s agent authenticated at {elsewhere:?} (offset {offset:+.6} s), \
+         with no key exchange"
+    );
+
+    // Back: the local agent resynchronizes, for the tests after this one.
+    drop(cut);
+    wait_for(
+        Duration::from_secs(180),
+        "the real node's endpoint ready again",
+        || async {
+            endpoint_readiness(&client, ns)
+                .await?
+                .iter()
+                .any(|(n, ready)| *n == node && *ready)
+                .then_some(())
+        },
+    )
+    .await;
 }

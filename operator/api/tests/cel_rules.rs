@@ -508,6 +508,22 @@ fn symmetric_keys_name_a_secret_and_an_upstream_key_is_not_nts() {
         auth(json!({"symmetricKeysSecret": "Device_Keys"})),
         "authentication.symmetricKeysSecret must be a Secret name",
     );
+    // A name only: the Secret is read in the policy's own namespace, and no spelling reaches
+    // another tenant's (or the operator's) Secret.
+    for elsewhere in [
+        "team-b/device-keys",
+        "../team-b/device-keys",
+        "/device-keys",
+    ] {
+        refused_with(
+            auth(json!({"symmetricKeysSecret": elsewhere})),
+            "authentication.symmetricKeysSecret must be a Secret name",
+        );
+        refused_with(
+            auth(json!({"nts": true, "ntsCertificateSecret": elsewhere})),
+            "authentication.ntsCertificateSecret must be a Secret name",
+        );
+    }
     let keyed = |extra: Value| time_service(json!({"upstreams": [upstream(extra)]})).validate_cel();
     accepted(keyed(
         json!({"key": {"secretName": "upstream-keys", "id": 1}}),
