@@ -384,18 +384,18 @@ fn the_agent_binary_serves_a_tenant_over_nts_and_picks_up_rotated_cookie_keys() 
         metric_line(&agent, "stratum_agent_nts_cookie_keys_loaded"),
         Some(1.0)
     );
-    // `stratumctl serverstats` adds the NTS table for the tenant: authenticated answers, none
-    // refused.
+    // `stratumctl serverstats` adds the authentication table for the tenant: NTS answers,
+    // nothing refused, no symmetric keys.
     let table = String::from_utf8_lossy(&agent.ctl(&["serverstats"]).stdout).into_owned();
     let nts_row = table
-        .split("NTS tenant")
+        .split("Authenticating tenant")
         .nth(1)
         .and_then(|rest| rest.lines().find(|l| l.starts_with("team-a/ntp")))
         .map(|l| l.split_whitespace().skip(2).collect::<Vec<_>>());
     assert!(
         nts_row
             .as_ref()
-            .is_some_and(|r| r[0] != "0" && r[1..] == ["0", "0", "0"]),
+            .is_some_and(|r| r[0] != "0" && r[1..] == ["0", "0", "0", "0", "0", "0"]),
         "{table}"
     );
 

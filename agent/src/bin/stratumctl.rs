@@ -373,81 +373,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     view: &stats,
                 })?;
             } else {
-                println!(
-                    "Serving {} (stratum {}), {} worker(s) for all ports",
-                    if stats.synchronized {
-                        "synchronized"
-                    } else {
-                        "UNSYNCHRONIZED (LI=3)"
-                    },
-                    stats.stratum,
-                    stats.workers
-                );
-                println!(
-                    "{:<32} {:>6} {:>11} {:>11} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8}",
-                    "Tenant",
-                    "Port",
-                    "Received",
-                    "Served",
-                    "Unsync",
-                    "Denied",
-                    "RateLim",
-                    "KoD-R",
-                    "KoD-D",
-                    "Malformed",
-                    "Ignored"
-                );
-                for t in &stats.tenants {
-                    let n = &t.totals;
-                    println!(
-                        "{:<32} {:>6} {:>11} {:>11} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8}",
-                        t.tenant,
-                        t.port,
-                        n.received,
-                        n.served,
-                        n.served_unsynchronized,
-                        n.denied,
-                        n.rate_limited,
-                        n.kod_rate,
-                        n.kod_deny,
-                        n.malformed,
-                        n.ignored
-                    );
-                }
-                // NTS tenants' authentication, only for ports that saw NTS (or its absence
-                // refused): the plain majority keeps the one table.
-                let nts: Vec<_> = stats
-                    .tenants
-                    .iter()
-                    .filter(|t| {
-                        let n = &t.totals;
-                        n.authenticated + n.nts_nak + n.nts_failed + n.unauthenticated > 0
-                    })
-                    .collect();
-                if !nts.is_empty() {
-                    println!(
-                        "\n{:<32} {:>6} {:>13} {:>9} {:>9} {:>15}",
-                        "NTS tenant", "Port", "Authenticated", "NAK", "Failed", "Unauthenticated"
-                    );
-                    for t in nts {
-                        let n = &t.totals;
-                        println!(
-                            "{:<32} {:>6} {:>13} {:>9} {:>9} {:>15}",
-                            t.tenant,
-                            t.port,
-                            n.authenticated,
-                            n.nts_nak,
-                            n.nts_failed,
-                            n.unauthenticated
-                        );
-                    }
-                }
-                for f in &stats.failed {
-                    println!(
-                        "{:<32} {:>6} NOT SERVED after {} attempt(s): {}",
-                        f.tenant, f.port, f.attempts, f.error
-                    );
-                }
+                print!("{}", serverstats_text(&stats));
             }
         }
         Command::Bench {
@@ -801,6 +727,114 @@ struct BenchOutput {
 }
 
 /// "p50 … us, p90 …, p99 …, p99.9 …, max …": one latency line of `bench`.
+/// `stratumctl serverstats` as text: the per-tenant counters, then an authentication table
+/// for the tenants that saw NTS or symmetric keys (or refused requests without them), so the
+/// plain majority keeps the one table; then the ports not served.
+fn serverstats_text(stats: &ServerStats) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Serving {} (stratum {}), {} worker(s) for all ports",
+        if stats.synchronized {
+            "synchronized"
+        } else {
+            "UNSYNCHRONIZED (LI=3)"
+        },
+        stats.stratum,
+        stats.workers
+    );
+    let _ = writeln!(
+        out,
+        "{:<32} {:>6} {:>11} {:>11} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8}",
+        "Tenant",
+        "Port",
+        "Received",
+        "Served",
+        "Unsync",
+        "Denied",
+        "RateLim",
+        "KoD-R",
+        "KoD-D",
+        "Malformed",
+        "Ignored"
+    );
+    for t in &stats.tenants {
+        let n = &t.totals;
+        let _ = writeln!(
+            out,
+            "{:<32} {:>6} {:>11} {:>11} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8}",
+            t.tenant,
+            t.port,
+            n.received,
+            n.served,
+            n.served_unsynchronized,
+            n.denied,
+            n.rate_limited,
+            n.kod_rate,
+            n.kod_deny,
+            n.malformed,
+            n.ignored
+        );
+    }
+    let authenticating: Vec<_> = stats
+        .tenants
+        .iter()
+        .filter(|t| {
+            let n = &t.totals;
+            n.authenticated
+                + n.nts_nak
+                + n.nts_failed
+                + n.mac_authenticated
+                + n.mac_nak
+                + n.mac_failed
+                + n.unauthenticated
+                > 0
+        })
+        .collect();
+    if !authenticating.is_empty() {
+        // NTS: authenticated replies, NTS NAKs, dropped NTS requests; symmetric keys: signed
+        // replies, crypto-NAKs, dropped MAC requests; then requests without either refused.
+        let _ = writeln!(
+            out,
+            "\n{:<32} {:>6} {:>11} {:>8} {:>10} {:>11} {:>10} {:>8} {:>15}",
+            "Authenticating tenant",
+            "Port",
+            "NTS",
+            "NTS-NAK",
+            "NTS-Failed",
+            "Signed",
+            "Crypto-NAK",
+            "Bad-MAC",
+            "Unauthenticated"
+        );
+        for t in authenticating {
+            let n = &t.totals;
+            let _ = writeln!(
+                out,
+                "{:<32} {:>6} {:>11} {:>8} {:>10} {:>11} {:>10} {:>8} {:>15}",
+                t.tenant,
+                t.port,
+                n.authenticated,
+                n.nts_nak,
+                n.nts_failed,
+                n.mac_authenticated,
+                n.mac_nak,
+                n.mac_failed,
+                n.unauthenticated
+            );
+        }
+    }
+    for f in &stats.failed {
+        let _ = writeln!(
+            out,
+            "{:<32} {:>6} NOT SERVED after {} attempt(s): {}",
+            f.tenant, f.port, f.attempts, f.error
+        );
+    }
+    out
+}
+
 fn quantiles_us(l: &LatencySummary) -> String {
     let us = |ns: u64| ns as f64 / 1000.0;
     format!(
@@ -932,4 +966,66 @@ async fn nts_cookies(
         .with_context(|| format!("{target} did not answer with authenticated NTS"))?;
     jar.add(answer.cookies);
     Ok(jar)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn row<'a>(text: &'a str, table: &str, tenant: &str) -> Vec<&'a str> {
+        text.split(table)
+            .nth(1)
+            .and_then(|rest| rest.lines().find(|l| l.starts_with(tenant)))
+            .map(|l| l.split_whitespace().skip(2).collect())
+            .unwrap_or_default()
+    }
+
+    /// An NTS tenant, a symmetric-key tenant and a plain one: the authentication table lists
+    /// the first two with their own columns, and leaves the plain tenant out.
+    #[test]
+    fn serverstats_shows_nts_and_symmetric_key_tenants_in_the_authentication_table() {
+        let tenant = |id: &str, port: u16, totals: serde_json::Value| serde_json::json!({"tenant": id, "port": port, "clientsTracked": 1, "totals": totals});
+        let zero = serde_json::json!({
+            "received": 10, "served": 10, "servedUnsynchronized": 0, "denied": 0,
+            "rateLimited": 0, "malformed": 0, "ignored": 0, "kodRate": 0, "kodDeny": 0,
+            "ntsNak": 0, "ntsFailed": 0, "unauthenticated": 0, "authenticated": 0,
+            "macNak": 0, "macFailed": 0, "macAuthenticated": 0
+        });
+        let with = |changes: serde_json::Value| {
+            let mut t = zero.clone();
+            t.as_object_mut()
+                .unwrap()
+                .extend(changes.as_object().unwrap().clone());
+            t
+        };
+        let stats: ServerStats = serde_json::from_value(serde_json::json!({
+            "workers": 2, "synchronized": true, "stratum": 3,
+            "tenants": [
+                tenant("team-a/ntp", 12301, with(serde_json::json!({"authenticated": 7, "ntsNak": 1}))),
+                tenant("lab/ntp", 12302, with(serde_json::json!(
+                    {"macAuthenticated": 5, "macNak": 2, "macFailed": 1, "unauthenticated": 3}))),
+                tenant("plain/ntp", 12303, zero.clone()),
+            ]
+        }))
+        .unwrap();
+        let text = serverstats_text(&stats);
+        let table = "Authenticating tenant";
+        assert_eq!(
+            row(&text, table, "team-a/ntp"),
+            ["7", "1", "0", "0", "0", "0", "0"],
+            "{text}"
+        );
+        assert_eq!(
+            row(&text, table, "lab/ntp"),
+            ["0", "0", "0", "5", "2", "1", "3"],
+            "{text}"
+        );
+        assert!(row(&text, table, "plain/ntp").is_empty(), "{text}");
+        assert_eq!(
+            row(&text, "Tenant", "plain/ntp")[..2],
+            ["10", "10"],
+            "{text}"
+        );
+    }
 }
