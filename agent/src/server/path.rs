@@ -285,6 +285,20 @@ fn decide_and_build(
             };
             match step {
                 AuthStep::Answer(sealing) => *seal = sealing,
+                // Anything written back here is a refusal: within the refusal budget only.
+                AuthStep::Done(outcome, len) if len > 0 => {
+                    let allowed = port.policy.allow_refusal(
+                        &mut state.limiter,
+                        PORT_TENANT,
+                        source,
+                        received_at,
+                    );
+                    return if allowed {
+                        (outcome, len)
+                    } else {
+                        (outcome.silenced(), 0)
+                    };
+                }
                 AuthStep::Done(outcome, len) => return (outcome, len),
             }
             match build_reply(
@@ -771,7 +785,8 @@ mod tests {
         fn another_tenants_cookie_an_expired_key_or_no_keys_get_the_nak() {
             let keys = CookieKeys::new(master(1), None);
             let mut rng = StdRng::seed_from_u64(2);
-            // A client per request: the port allows a burst of two per client.
+            // A client per request, each in a network of its own: the port allows a burst of
+            // two per client, and a refusal (the NAK) to one network every 2 s.
             let mut state = PortState::new(64, 1);
             // Tenant b's cookie, same TimeService keys, presented on tenant a's port.
             let mut foreign = jar(&keys, b"ns/b", &mut rng);
@@ -779,7 +794,7 @@ mod tests {
             let answer = ask(
                 &nts_port(Some(&keys), Unauthenticated::Deny),
                 &mut state,
-                "10.0.5.1",
+                "10.5.1.1",
                 &request.datagram,
             );
             assert_eq!(answer.outcome, Outcome::NtsNak);
@@ -795,7 +810,7 @@ mod tests {
             let request = ClientRequest::build(&client_header(), &mut old, &mut rng).unwrap();
             let port = nts_port(Some(&rotated_twice), Unauthenticated::Deny);
             assert_eq!(
-                ask(&port, &mut state, "10.0.5.2", &request.datagram).outcome,
+                ask(&port, &mut state, "10.5.2.1", &request.datagram).outcome,
                 Outcome::NtsNak
             );
             // One rotation later it still works.
@@ -803,7 +818,7 @@ mod tests {
             let request = ClientRequest::build(&client_header(), &mut old, &mut rng).unwrap();
             let port = nts_port(Some(&rotated_once), Unauthenticated::Deny);
             assert_eq!(
-                ask(&port, &mut state, "10.0.5.3", &request.datagram).outcome,
+                ask(&port, &mut state, "10.5.3.1", &request.datagram).outcome,
                 Outcome::Served
             );
             // Keys not loaded: a NAK, never an unauthenticated answer.
@@ -811,7 +826,7 @@ mod tests {
             let answer = ask(
                 &nts_port(None, Unauthenticated::Serve),
                 &mut state,
-                "10.0.5.4",
+                "10.5.4.1",
                 &request.datagram,
             );
             assert_eq!((answer.outcome, answer.sealed), (Outcome::NtsNak, false));
@@ -963,8 +978,8 @@ mod tests {
                 let port = mac_port(Some(KEYS), Unauthenticated::Serve, kod);
                 let mut state = PortState::new(64, 1);
                 for (source, forged) in [
-                    ("10.0.1.1", signed(other, 1)),
-                    ("10.0.1.2", signed(other, 9)),
+                    ("10.1.1.1", signed(other, 1)),
+                    ("10.1.2.1", signed(other, 9)),
                 ] {
                     let (outcome, reply) = ask(&port, &mut state, source, &forged);
                     if kod {
@@ -1037,10 +1052,12 @@ mod tests {
             let outcomes: Vec<Outcome> = (0..4)
                 .map(|_| ask(&port, &mut state, "10.0.3.1", &forged).0)
                 .collect();
+            // A burst of 2 within the client's rate, but one refusal per network per 2 s:
+            // the second crypto-NAK is withheld.
             assert_eq!(
                 outcomes[..2],
-                [Outcome::MacNak, Outcome::MacNak],
-                "burst of 2"
+                [Outcome::MacNak, Outcome::MacFailed],
+                "burst of 2, one crypto-NAK"
             );
             assert!(
                 outcomes[2..]
@@ -1050,6 +1067,119 @@ mod tests {
             );
             // A crypto-NAK is never longer than the forged request that caused it.
             assert!(stratum_ntp::symmetric::CRYPTO_NAK_LEN < forged.len());
+        }
+
+        /// A spoofer forging MACs (and plain requests, on a port that requires keys) from
+        /// 96,000 allowed addresses over 60 s: every forgery is refused, the
+        /// crypto-NAKs and DENYs it earns stay within the tenant's refusal budget (so the
+        /// port reflects no more than 20 a second, whatever the flood), and a real device
+        /// signing with the right key every second is served signed throughout.
+        #[test]
+        fn a_spoofed_flood_earns_refusals_only_within_the_budget_and_a_device_stays_served() {
+            let port = mac_port(Some(KEYS), Unauthenticated::Deny, true);
+            let mut state = PortState::new(1 << 12, 1);
+            let forged = signed("1 AES128 HEX:ffffffffffffffffffffffffffffffff", 1);
+            let plain = request(V4_CLIENT);
+            let good = signed(KEYS, 2);
+            let keys = SymmetricKeys::parse(KEYS).unwrap();
+            let limit = RefusalLimit::default();
+            let window = 60.0;
+            let floods = 96_000u32;
+            let mut refusals = 0u32;
+            let mut per_network: std::collections::HashMap<[u8; 3], Vec<f64>> = Default::default();
+            let mut device_served = 0;
+            let mut mac_refused = 0u32;
+            for i in 0..floods {
+                let at = window * f64::from(i) / f64::from(floods);
+                let received_at = now().add_nanos((at * 1e9) as i64);
+                // 10.16.0.0/12 and up: allowed, never the deny list's 10.9/16.
+                let octets = (0x0A10_0000u32 + i * 7).to_be_bytes();
+                let source = std::net::Ipv4Addr::from(octets).to_string();
+                let bytes = if i % 2 == 0 { &forged[..] } else { &plain[..] };
+                let mut out = [0u8; 1024];
+                let mut seal = None;
+                let request = Request {
+                    source: source.parse().unwrap(),
+                    bytes,
+                    truncated: false,
+                    received_at,
+                };
+                let (outcome, len) = handle_request_sealing(
+                    &port,
+                    &mut state,
+                    &synced(),
+                    request,
+                    &mut out,
+                    &mut seal,
+                );
+                assert!(seal.is_none(), "a forgery was sealed: {outcome:?}");
+                if matches!(outcome, Outcome::MacNak | Outcome::MacFailed) {
+                    mac_refused += 1;
+                }
+                assert!(
+                    matches!(
+                        outcome,
+                        Outcome::MacNak | Outcome::MacFailed | Outcome::Unauthenticated { .. }
+                    ),
+                    "{outcome:?}"
+                );
+                if len > 0 {
+                    refusals += 1;
+                    per_network
+                        .entry([octets[0], octets[1], octets[2]])
+                        .or_default()
+                        .push(at);
+                }
+                // The device, once a second.
+                if i % (floods / 60) == 0 {
+                    let request = Request {
+                        source: "10.0.7.7".parse().unwrap(),
+                        bytes: &good,
+                        truncated: false,
+                        received_at,
+                    };
+                    let mut seal = None;
+                    let (outcome, len) = handle_request_sealing(
+                        &port,
+                        &mut state,
+                        &synced(),
+                        request,
+                        &mut out,
+                        &mut seal,
+                    );
+                    assert_eq!(outcome, Outcome::Served, "the device at {at:.1} s");
+                    let Some(Seal::Mac(mac)) = seal else {
+                        panic!("the device's reply is not signed");
+                    };
+                    let len = mac.keys.sign(mac.key_id, &mut out, len).unwrap();
+                    let view = Packet::parse(&out[..len]).unwrap();
+                    assert_eq!(
+                        keys.check(&out[..len], view.mac),
+                        MacCheck::Valid { key_id: 2 }
+                    );
+                    device_served += 1;
+                }
+            }
+            assert_eq!(device_served, 60);
+            let budget = limit.burst + limit.per_second * window;
+            assert!(
+                f64::from(refusals) <= budget && refusals > 0,
+                "{refusals} refusals, budget {budget}"
+            );
+            for (network, times) in &per_network {
+                for pair in times.windows(2) {
+                    assert!(
+                        pair[1] - pair[0] >= limit.source_interval - 1e-6,
+                        "two refusals to {network:?} within {} s",
+                        limit.source_interval
+                    );
+                }
+            }
+            assert_eq!(mac_refused, floods / 2, "every forged MAC refused");
+            eprintln!(
+                "{floods} forgeries in {window} s: {refusals} refusals sent (budget {budget}), \
+                 the device served {device_served} times"
+            );
         }
     }
 }

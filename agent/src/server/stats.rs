@@ -40,6 +40,19 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The same outcome with its refusal withheld (over the tenant's refusal budget): a
+    /// crypto-NAK becomes a dropped MAC, an NTS NAK a dropped NTS request, a DENY silence.
+    pub fn silenced(self) -> Outcome {
+        match self {
+            Outcome::MacNak => Outcome::MacFailed,
+            Outcome::NtsNak => Outcome::NtsFailed,
+            Outcome::Unauthenticated { .. } => Outcome::Unauthenticated { kod: false },
+            Outcome::Denied { .. } => Outcome::Denied { kod: false },
+            Outcome::RateLimited { .. } => Outcome::RateLimited { kod: false },
+            other => other,
+        }
+    }
+
     /// Whether a datagram goes back.
     pub fn answered(self) -> bool {
         matches!(

@@ -193,6 +193,22 @@ impl ServerPolicy {
             .and_then(|p| p.max_root_distance)
     }
 
+    /// Whether a refusal that comes after [`ServerPolicy::decide`] said serve may be sent:
+    /// an authentication refusal (NTS NAK, crypto-NAK, KoD DENY for a request without the
+    /// authentication the tenant requires). It spends the same refusal budget as the KoDs of
+    /// `decide`, since a forged MAC or cookie costs a spoofer no more than a forged source.
+    pub fn allow_refusal(
+        &self,
+        limiter: &mut RateLimiter,
+        tenant: TenantId,
+        src: IpAddr,
+        now: ClockTime,
+    ) -> bool {
+        self.tenants.get(tenant as usize).is_some_and(|policy| {
+            limiter.check_refusal(tenant, address_key(src), now, &policy.refusals)
+        })
+    }
+
     /// Decides what to do with a request from `src` on `tenant`'s port at `now`.
     pub fn decide(
         &self,

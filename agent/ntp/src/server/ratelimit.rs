@@ -65,9 +65,10 @@ pub struct TenantBudget {
     pub burst: f64,
 }
 
-/// How many refusals (KoD DENY and RATE) a tenant's port may send. A refusal beyond it is
-/// dropped silently: refusals are advice, and every one sent to a spoofed source lands on
-/// someone else.
+/// How many refusals (KoD DENY and RATE, and the authentication refusals: NTS NAK,
+/// crypto-NAK, DENY for a request without required authentication) a tenant's port may send.
+/// A refusal beyond it is dropped silently: refusals are advice, and every one sent to a
+/// spoofed source lands on someone else.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct RefusalLimit {
