@@ -76,6 +76,9 @@ pub struct Metrics {
     /// Whether the TimeService's NTS cookie master keys are loaded (1) or not (0; every
     /// cookie then gets the NTS NAK).
     pub nts_cookie_keys_loaded: IntGauge,
+    /// The id of the cookie master key new cookies are sealed with (0 without keys). Not
+    /// secret: ids count up, so agents that disagree show a rotation still on its way.
+    pub nts_cookie_key_id: IntGauge,
     /// Replies from keyed upstreams dropped before the core saw them, by upstream and reason.
     pub upstream_key_reply_failures: IntCounterVec,
     /// Polls of keyed upstreams not sent for want of their key.
@@ -361,6 +364,10 @@ impl Metrics {
             nts_cookie_keys_loaded: reg!(IntGauge::new(
                 "stratum_agent_nts_cookie_keys_loaded",
                 "1 when the TimeService's NTS cookie master keys are loaded; 0 when an NTS tenant waits for them (its cookies get the NTS NAK)."
+            )?),
+            nts_cookie_key_id: reg!(IntGauge::new(
+                "stratum_agent_nts_cookie_key_id",
+                "Id of the NTS cookie master key new cookies are sealed with (ids count up at each rotation; 0 without keys)."
             )?),
             nts_reply_failures: reg!(icv(
                 "stratum_agent_nts_reply_failures_total",

@@ -430,6 +430,10 @@ impl NtsEndpoints {
             .nts_cookie_keys_loaded
             .set(i64::from(self.keys.is_some()));
         self.shared
+            .metrics
+            .nts_cookie_key_id
+            .set(self.keys.as_ref().map_or(0, |k| i64::from(k.current_id())));
+        self.shared
             .server
             .set_cookie_keys(self.keys.clone(), serving);
         for running in self.running.values() {

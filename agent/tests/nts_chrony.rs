@@ -384,6 +384,10 @@ fn the_agent_binary_serves_a_tenant_over_nts_and_picks_up_rotated_cookie_keys() 
         metric_line(&agent, "stratum_agent_nts_cookie_keys_loaded"),
         Some(1.0)
     );
+    assert_eq!(
+        metric_line(&agent, "stratum_agent_nts_cookie_key_id"),
+        Some(1.0)
+    );
     // `stratumctl serverstats` adds the authentication table for the tenant: NTS answers,
     // nothing refused, no symmetric keys.
     let table = String::from_utf8_lossy(&agent.ctl(&["serverstats"]).stdout).into_owned();
@@ -403,14 +407,9 @@ fn the_agent_binary_serves_a_tenant_over_nts_and_picks_up_rotated_cookie_keys() 
     // client is served under the new keys (its cookies sealed with key 3).
     write_keys(2, Some(1));
     write_keys(3, Some(2));
-    wait_for(
-        Duration::from_secs(10),
-        "the rotated keys in the log",
-        || {
-            agent.proc.log_text().contains("\"current\":3")
-                || agent.proc.log_text().contains("current=3")
-        },
-    );
+    wait_for(Duration::from_secs(10), "the rotated keys loaded", || {
+        metric_line(&agent, "stratum_agent_nts_cookie_key_id") == Some(3.0)
+    });
     let offset = chronyd_nts_client(dir.path(), tenant_port, ke_port, &pki.ca);
     assert!(offset.is_some(), "{}", agent.proc.log_text());
     for id in 1..=3u8 {
