@@ -45,6 +45,12 @@ pub const MAX_TENANT_MATERIAL_BYTES: usize = 32 * 1024;
 pub const MAX_SECRET_MATERIAL_BYTES: usize = 700 * 1024;
 /// Annotation on the Secret: when the cookie keys last rotated (RFC 3339).
 pub const ROTATED_AT_ANNOTATION: &str = "stratum.io/cookie-keys-rotated-at";
+/// Annotation on a TimeService asking for a cookie key rotation now: any value the operator
+/// has not yet acted on (the time is the usual one, as `kubectl rollout restart` writes).
+pub const ROTATE_REQUEST_ANNOTATION: &str = "stratum.io/rotate-cookie-keys";
+/// Annotation on the Secret: the value of [`ROTATE_REQUEST_ANNOTATION`] last acted on, so that
+/// one request rotates once however often the TimeService is reconciled.
+pub const ROTATE_REQUEST_SEEN_ANNOTATION: &str = "stratum.io/cookie-keys-rotate-request";
 /// Length of an AES-SIV-CMAC-256 master key.
 pub const COOKIE_KEY_LEN: usize = 32;
 /// Member of a tenant's symmetric key Secret holding its key file.
@@ -418,36 +424,40 @@ pub struct CookieKeyPlan {
     pub rotate_in: Duration,
     /// Whether this plan rotated (or made the first keys): worth a log line.
     pub rotated: bool,
+    /// The rotation request acted on, recorded on the Secret ([`ROTATE_REQUEST_SEEN_ANNOTATION`]).
+    pub request_seen: Option<String>,
+    /// Whether this plan rotated because of a request rather than its period.
+    pub requested: bool,
 }
 
 /// The cookie keys after `now`: those in `existing` (the Secret as last written) while their
-/// period runs, rotated once it is over (previous ← current ← next ← fresh), fresh ones when
-/// there are none or they do not read. Key ids count up, so an agent can tell keys apart.
+/// period runs, rotated once it is over or when `request` (the TimeService's
+/// [`ROTATE_REQUEST_ANNOTATION`]) differs from the request last acted on (previous ← current ←
+/// next ← fresh), fresh ones when there are none or they do not read. Key ids count up, so an
+/// agent can tell keys apart. A request present when the first keys are made is taken as acted
+/// on: there is nothing yet to rotate away from.
 pub fn plan_cookie_keys(
     existing: Option<&Secret>,
     now: Timestamp,
     period: Duration,
+    request: Option<&str>,
     fresh_key: &mut dyn FnMut() -> [u8; COOKIE_KEY_LEN],
 ) -> CookieKeyPlan {
     let period_signed = SignedDuration::try_from(period).unwrap_or(SignedDuration::MAX);
     let held = existing.and_then(|s| {
         let file: CookieKeyFile =
             serde_json::from_slice(&s.data.as_ref()?.get(NTS_COOKIE_KEYS_KEY)?.0).ok()?;
-        let rotated_at: Timestamp = s
-            .metadata
-            .annotations
-            .as_ref()?
-            .get(ROTATED_AT_ANNOTATION)?
-            .parse()
-            .ok()?;
+        let annotations = s.metadata.annotations.as_ref()?;
+        let rotated_at: Timestamp = annotations.get(ROTATED_AT_ANNOTATION)?.parse().ok()?;
+        let seen = annotations.get(ROTATE_REQUEST_SEEN_ANNOTATION).cloned();
         let keys = std::iter::once(&file.current)
             .chain(&file.previous)
             .chain(&file.next);
         keys.clone()
             .all(CookieKey::is_well_formed)
-            .then_some((file, rotated_at))
+            .then_some((file, rotated_at, seen))
     });
-    let Some((file, rotated_at)) = held else {
+    let Some((file, rotated_at, seen)) = held else {
         let current = CookieKey::new(1, fresh_key());
         return CookieKeyPlan {
             file: CookieKeyFile {
@@ -458,16 +468,23 @@ pub fn plan_cookie_keys(
             rotated_at: now,
             rotate_in: period,
             rotated: true,
+            request_seen: request.map(str::to_owned),
+            requested: false,
         };
     };
+    // A removed annotation is no request; the last one acted on stays recorded, so putting the
+    // same value back does not rotate again.
+    let requested = request.is_some_and(|r| seen.as_deref() != Some(r));
     let due = rotated_at.saturating_add(period_signed).unwrap_or(now);
-    if now < due {
+    if now < due && !requested {
         let left = now.duration_until(due).unsigned_abs();
         return CookieKeyPlan {
             file,
             rotated_at,
             rotate_in: left,
             rotated: false,
+            request_seen: seen,
+            requested: false,
         };
     }
     // A rotated_at in the future (a clock step back) is not waited for: `now < due` holds
@@ -485,6 +502,12 @@ pub fn plan_cookie_keys(
         rotated_at: now,
         rotate_in: period,
         rotated: true,
+        request_seen: if requested {
+            request.map(str::to_owned)
+        } else {
+            seen
+        },
+        requested,
     }
 }
 
@@ -551,10 +574,14 @@ pub fn build_nts_secret(
 ) -> Result<NtsMaterial> {
     let name = ts.metadata.name.clone().unwrap_or_default();
     let mut meta = agent_meta(ts, names::nts_secret_name(&name), Some(&settings.namespace))?;
-    meta.annotations = Some(BTreeMap::from([(
+    let mut annotations = BTreeMap::from([(
         ROTATED_AT_ANNOTATION.to_owned(),
         cookie_keys.rotated_at.to_string(),
-    )]));
+    )]);
+    if let Some(seen) = &cookie_keys.request_seen {
+        annotations.insert(ROTATE_REQUEST_SEEN_ANNOTATION.to_owned(), seen.clone());
+    }
+    meta.annotations = Some(annotations);
     let mut data = BTreeMap::from([(
         NTS_COOKIE_KEYS_KEY.to_owned(),
         ByteString(
@@ -747,7 +774,7 @@ mod tests {
     fn cookie_keys_are_made_once_kept_for_a_period_then_rotated_through_next() {
         let t0: Timestamp = "2026-12-03T00:00:00Z".parse().unwrap();
         let mut keys = counter();
-        let first = plan_cookie_keys(None, t0, DAY, &mut keys);
+        let first = plan_cookie_keys(None, t0, DAY, None, &mut keys);
         assert!(first.rotated);
         assert_eq!(
             (
@@ -759,7 +786,7 @@ mod tests {
         );
         // Read back from the Secret it writes: kept while the period runs.
         let later = t0 + SignedDuration::from_hours(20);
-        let kept = plan_cookie_keys(Some(&written(&first)), later, DAY, &mut keys);
+        let kept = plan_cookie_keys(Some(&written(&first)), later, DAY, None, &mut keys);
         assert!(!kept.rotated);
         assert_eq!(kept.file, first.file);
         assert_eq!(kept.rotated_at, t0);
@@ -767,7 +794,7 @@ mod tests {
         // Period over: the published next key seals now, the old current still opens, and a
         // fresh key is published for the rotation after.
         let due = t0 + SignedDuration::from_hours(24);
-        let rotated = plan_cookie_keys(Some(&written(&kept)), due, DAY, &mut keys);
+        let rotated = plan_cookie_keys(Some(&written(&kept)), due, DAY, None, &mut keys);
         assert!(rotated.rotated);
         assert_eq!(rotated.file.current, first.file.next.clone().unwrap());
         assert_eq!(rotated.file.previous, Some(first.file.current.clone()));
@@ -778,6 +805,7 @@ mod tests {
             Some(&written(&rotated)),
             due + SignedDuration::from_hours(24),
             DAY,
+            None,
             &mut keys,
         );
         let held: Vec<u32> = [
@@ -803,29 +831,79 @@ mod tests {
     }
 
     #[test]
+    fn a_rotation_request_rotates_once_and_restarts_the_period() {
+        let t0: Timestamp = "2026-12-03T00:00:00Z".parse().unwrap();
+        let mut keys = counter();
+        // A request already there when the first keys are made is taken as done.
+        let first = plan_cookie_keys(None, t0, DAY, Some("a"), &mut keys);
+        let t1 = t0 + SignedDuration::from_hours(1);
+        let kept = plan_cookie_keys(Some(&written(&first)), t1, DAY, Some("a"), &mut keys);
+        assert!(!kept.rotated && !kept.requested);
+        assert_eq!(kept.file, first.file);
+        // A new value rotates at once, through the published next key, and the period
+        // starts over from the rotation.
+        let asked = plan_cookie_keys(Some(&written(&kept)), t1, DAY, Some("b"), &mut keys);
+        assert!(asked.rotated && asked.requested);
+        assert_eq!(asked.file.current, first.file.next.clone().unwrap());
+        assert_eq!(asked.file.previous, Some(first.file.current.clone()));
+        assert_eq!((asked.rotated_at, asked.rotate_in), (t1, DAY));
+        assert_eq!(asked.request_seen.as_deref(), Some("b"));
+        // Reconciled again with the same request: acted on already, so kept.
+        let t2 = t1 + SignedDuration::from_mins(1);
+        let same = plan_cookie_keys(Some(&written(&asked)), t2, DAY, Some("b"), &mut keys);
+        assert!(!same.rotated);
+        assert_eq!(same.file, asked.file);
+        // The annotation removed: no request, and the one acted on stays recorded, so putting
+        // it back does not rotate either.
+        let removed = plan_cookie_keys(Some(&written(&same)), t2, DAY, None, &mut keys);
+        assert!(!removed.rotated);
+        assert_eq!(removed.request_seen.as_deref(), Some("b"));
+        let back = plan_cookie_keys(Some(&written(&removed)), t2, DAY, Some("b"), &mut keys);
+        assert!(!back.rotated);
+        // A second request: the first key, two rotations back, no longer opens anything.
+        let second = plan_cookie_keys(Some(&written(&back)), t2, DAY, Some("c"), &mut keys);
+        assert!(second.requested);
+        let held: Vec<u32> = [
+            Some(&second.file.current),
+            second.file.previous.as_ref(),
+            second.file.next.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|k| k.id)
+        .collect();
+        assert_eq!(held, [3, 2, 4]);
+        // A rotation by period keeps the request recorded.
+        let t3 = t2 + SignedDuration::from_hours(24);
+        let periodic = plan_cookie_keys(Some(&written(&second)), t3, DAY, Some("c"), &mut keys);
+        assert!(periodic.rotated && !periodic.requested);
+        assert_eq!(periodic.request_seen.as_deref(), Some("c"));
+    }
+
+    #[test]
     fn a_tampered_or_unreadable_key_file_is_replaced_not_trusted() {
         let t0: Timestamp = "2026-12-03T00:00:00Z".parse().unwrap();
         let mut keys = counter();
-        let first = plan_cookie_keys(None, t0, DAY, &mut keys);
+        let first = plan_cookie_keys(None, t0, DAY, None, &mut keys);
         let mut secret = written(&first);
         let data = secret.data.as_mut().unwrap();
         data.insert(
             NTS_COOKIE_KEYS_KEY.into(),
             ByteString(br#"{"current": {"id": 1, "key": "00"}}"#.to_vec()),
         );
-        let replaced = plan_cookie_keys(Some(&secret), t0, DAY, &mut keys);
+        let replaced = plan_cookie_keys(Some(&secret), t0, DAY, None, &mut keys);
         assert!(replaced.rotated);
         assert!(replaced.file.current.is_well_formed());
         // Without its annotation the age is unknown: fresh keys too.
         let mut unannotated = written(&first);
         unannotated.metadata.annotations = None;
-        assert!(plan_cookie_keys(Some(&unannotated), t0, DAY, &mut keys).rotated);
+        assert!(plan_cookie_keys(Some(&unannotated), t0, DAY, None, &mut keys).rotated);
     }
 
     #[test]
     fn the_secret_holds_keys_and_certificates_oldest_tenants_first_and_never_prints_them() {
         let t0: Timestamp = "2026-12-03T00:00:00Z".parse().unwrap();
-        let cookie = plan_cookie_keys(None, t0, DAY, &mut counter());
+        let cookie = plan_cookie_keys(None, t0, DAY, None, &mut counter());
         let cert = |bytes: usize| TenantCertificate {
             chain: vec![b'c'; bytes],
             key: vec![b'k'; 10],
@@ -955,7 +1033,7 @@ mod tests {
     #[test]
     fn keys_and_certificates_share_the_room_oldest_tenant_first() {
         let t0: Timestamp = "2026-12-03T00:00:00Z".parse().unwrap();
-        let cookie = plan_cookie_keys(None, t0, DAY, &mut counter());
+        let cookie = plan_cookie_keys(None, t0, DAY, None, &mut counter());
         let keys = check_symmetric_keys("k", Some(&keys_secret(&[(KEYS_MEMBER, b"1 MD5 device")])))
             .unwrap();
         let tenant = |ns: &str, port: u16, cert: bool, keys: bool| NtsTenant {
@@ -1043,7 +1121,7 @@ mod tests {
             "KeysSecretMissing"
         );
         let t0: Timestamp = "2026-12-03T00:00:00Z".parse().unwrap();
-        let cookie = plan_cookie_keys(None, t0, DAY, &mut counter());
+        let cookie = plan_cookie_keys(None, t0, DAY, None, &mut counter());
         let big = TenantCertificate {
             chain: vec![b'c'; MAX_SECRET_MATERIAL_BYTES - 10],
             key: vec![b'k'; 5],

@@ -20,8 +20,9 @@ use stratum_api::{AgentConfig, TimeService};
 use super::{Context, RESYNC, apply_cluster, apply_namespaced, apply_params, lock};
 use crate::build::audit;
 use crate::build::nts_material::{
-    COOKIE_KEY_LEN, CertificateProblem, KeysProblem, NtsTenant, TenantMaterial, build_nts_secret,
-    check_certificate, check_symmetric_keys, check_upstream_keys, plan_cookie_keys,
+    COOKIE_KEY_LEN, CertificateProblem, KeysProblem, NtsTenant, ROTATE_REQUEST_ANNOTATION,
+    TenantMaterial, build_nts_secret, check_certificate, check_symmetric_keys, check_upstream_keys,
+    plan_cookie_keys,
 };
 use crate::build::status::{
     Blocked, DaemonSetCounts, add_upstream_keys_condition, time_service_status,
@@ -344,21 +345,38 @@ async fn write_nts_material(
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut key);
         key
     };
-    let cookie_keys = plan_cookie_keys(existing.as_ref(), Timestamp::now(), period, &mut fresh_key);
+    let request = ts
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ROTATE_REQUEST_ANNOTATION))
+        .map(String::as_str);
+    let cookie_keys = plan_cookie_keys(
+        existing.as_ref(),
+        Timestamp::now(),
+        period,
+        request,
+        &mut fresh_key,
+    );
     let material = build_nts_secret(ts, &ctx.settings, &cookie_keys, upstream_keys, gathered)?;
     apply_namespaced(&ctx.client, &material.secret).await?;
     announce_upstream_keys(ctx, ts, &material.upstream_outcomes).await;
     if cookie_keys.rotated {
-        tracing::info!(time_service = %name, current = cookie_keys.file.current.id, next_rotation_in = ?cookie_keys.rotate_in, "NTS cookie master keys rotated");
+        tracing::info!(time_service = %name, current = cookie_keys.file.current.id, requested = cookie_keys.requested, next_rotation_in = ?cookie_keys.rotate_in, "NTS cookie master keys rotated");
         if existing.is_some() {
             ctx.event(
                 &ts.object_ref(&()),
                 EventType::Normal,
                 "NtsCookieKeysRotated",
                 format!(
-                    "NTS cookie master key {} now seals new cookies; cookies of key {} still \
+                    "NTS cookie master key {} now seals new cookies{}; cookies of key {} still \
                      open until the next rotation, in {}",
                     cookie_keys.file.current.id,
+                    if cookie_keys.requested {
+                        format!(" (rotated on request: {ROTATE_REQUEST_ANNOTATION})")
+                    } else {
+                        String::new()
+                    },
                     cookie_keys
                         .file
                         .previous
