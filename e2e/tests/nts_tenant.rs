@@ -14,7 +14,10 @@
 //! Closest routing gets its cookies through the real node's agent; with that agent cut off
 //! from its upstreams (not ready), kube-proxy sends the same pod to a kwok node's agent
 //! (whose key material the stand-in kubelet mounts from the same Secret), and chronyd's
-//! saved cookies authenticate there without a new key exchange.
+//! saved cookies authenticate there without a new key exchange. Then a cookie key rotation
+//! asked of the operator (the TimeService annotation `stratum.io/rotate-cookie-keys`): the
+//! same saved cookies still authenticate after one rotation, and after a second get the NTS
+//! NAK, on which chronyd runs a fresh key exchange and is authenticated again.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 // The agent's test PKI (openssl: a CA and a server certificate it signed).
@@ -487,6 +490,80 @@ async fn nts_counts(client: &kube::Client, tenant: &str) -> BTreeMap<String, (f6
     counts
 }
 
+/// `stratum_agent_tenant_requests_total{outcome="nts_nak"}` of `tenant`, summed over the
+/// agents.
+async fn nts_naks(client: &kube::Client, tenant: &str) -> f64 {
+    let mut naks = 0.0;
+    for node in agent_nodes() {
+        let ip = node_ip(client, &node).await;
+        let metrics = http_get(&format!("http://{ip}:9123/metrics"))
+            .unwrap_or_else(|| panic!("{node}'s agent metrics"));
+        naks += tenant_counter(
+            &metrics,
+            "stratum_agent_tenant_requests_total",
+            tenant,
+            "outcome=\"nts_nak\"",
+        );
+    }
+    naks
+}
+
+/// The cookie master key id each agent seals with (`stratum_agent_nts_cookie_key_id`).
+async fn cookie_key_ids(client: &kube::Client) -> BTreeMap<String, Option<f64>> {
+    let mut ids = BTreeMap::new();
+    for node in agent_nodes() {
+        let ip = node_ip(client, &node).await;
+        let id = http_get(&format!("http://{ip}:9123/metrics")).and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("stratum_agent_nts_cookie_key_id "))
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        });
+        ids.insert(node, id);
+    }
+    ids
+}
+
+/// Asks the operator to rotate the shared TimeService's cookie keys now, as an admin would
+/// (`kubectl annotate timeservice e2e stratum.io/rotate-cookie-keys=<time> --overwrite`), and
+/// waits until every agent seals with the key after `from`.
+async fn rotate_cookie_keys(client: &kube::Client, request: &str, from: f64) -> Duration {
+    use kube::api::{Patch, PatchParams};
+    let api: Api<stratum_api::TimeService> = Api::all(client.clone());
+    api.patch(
+        SHARED_TIME_SERVICE,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({
+            "metadata": {"annotations": {"stratum.io/rotate-cookie-keys": request}}
+        })),
+    )
+    .await
+    .unwrap();
+    // The real kubelet refreshes Secret volumes about once a minute; the stand-in every 3 s.
+    let ((), took) = wait_for(
+        Duration::from_secs(240),
+        "every agent sealing with the rotated cookie key",
+        || async {
+            let ids = cookie_key_ids(client).await;
+            ids.values().all(|id| *id == Some(from + 1.0)).then_some(())
+        },
+    )
+    .await;
+    took
+}
+
+/// chronyd's saved NTS state (cookies and keys, one file per server) in `dir`.
+fn saved_cookies(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "nts"))
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect()
+}
+
 #[tokio::test]
 #[ignore = "needs the e2e cluster: make e2e"]
 async fn cookies_from_one_agent_authenticate_at_another_behind_the_service() {
@@ -627,4 +704,87 @@ async fn cookies_from_one_agent_authenticate_at_another_behind_the_service() {
         },
     )
     .await;
+
+    // A rotation asked of the operator: the cookies chronyd holds now (sealed with the
+    // current key) still open through the Service after one rotation, with no key exchange.
+    let held = saved_cookies(&dir);
+    assert!(!held.is_empty(), "chronyd saved no NTS cookies in {dir:?}");
+    let ids = cookie_key_ids(&client).await;
+    let sealing = ids.values().flatten().copied().fold(0.0, f64::max);
+    assert!(
+        sealing >= 1.0 && ids.values().all(|id| *id == Some(sealing)),
+        "every agent seals with one key before the rotation: {ids:?}"
+    );
+    // Unique per run, as `kubectl annotate ... =$(date +%s%N)` would be.
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let took = rotate_cookie_keys(&client, &format!("{stamp}-1"), sealing).await;
+    eprintln!(
+        "rotation requested: every agent seals with key {} after {:.1} s",
+        sealing + 1.0,
+        took.as_secs_f64()
+    );
+    let restore = || {
+        for (path, bytes) in &held {
+            std::fs::write(path, bytes).unwrap();
+        }
+    };
+    restore();
+    let before = nts_counts(&client, &tenant).await;
+    let (offset, _) = wait_for(
+        Duration::from_secs(60),
+        "chronyd -Q nts with cookies of the previous key",
+        || async { pod.chronyd_query(&recipe) },
+    )
+    .await;
+    let after = nts_counts(&client, &tenant).await;
+    assert_eq!(
+        exchanges(&after),
+        exchanges(&before),
+        "cookies of the previous key opened: no key exchange"
+    );
+    let authenticated =
+        |c: &BTreeMap<String, (f64, f64)>| c.values().map(|v| v.1).fold(0.0, |s, v| s + v);
+    assert!(authenticated(&after) > authenticated(&before));
+    eprintln!("after one rotation the old cookies authenticate (offset {offset:+.6} s)");
+
+    // A second rotation drops their key: the same cookies get the NTS NAK, and chronyd runs a
+    // fresh key exchange and is authenticated again, never served plain time.
+    let took = rotate_cookie_keys(&client, &format!("{stamp}-2"), sealing + 1.0).await;
+    eprintln!(
+        "second rotation: every agent seals with key {} after {:.1} s",
+        sealing + 2.0,
+        took.as_secs_f64()
+    );
+    restore();
+    let (before, naks_before) = (
+        nts_counts(&client, &tenant).await,
+        nts_naks(&client, &tenant).await,
+    );
+    let (offset, _) = wait_for(
+        Duration::from_secs(90),
+        "chronyd -Q nts re-keyed after its cookies were refused",
+        || async { pod.chronyd_query(&recipe) },
+    )
+    .await;
+    let (after, naks_after) = (
+        nts_counts(&client, &tenant).await,
+        nts_naks(&client, &tenant).await,
+    );
+    assert!(
+        naks_after > naks_before,
+        "cookies two rotations old get the NTS NAK ({naks_before} -> {naks_after})"
+    );
+    assert!(
+        exchanges(&after) > exchanges(&before),
+        "chronyd ran a new key exchange: {before:?} -> {after:?}"
+    );
+    assert!(offset.abs() < 0.05, "chronyd measured {offset} s");
+    eprintln!(
+        "after two rotations: {} NTS NAKs, a new key exchange, authenticated time again \
+         (offset {offset:+.6} s)",
+        naks_after - naks_before
+    );
 }
