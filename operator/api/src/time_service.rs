@@ -541,8 +541,8 @@ pub struct Serving {
     /// unset). A cookie opens while its key is current or previous, so for one to two periods.
     /// At least 5m: each new key is published one period before it seals, which covers a
     /// Secret volume reaching the agents at different times. To rotate now, annotate the
-    /// TimeService `stratum.io/rotate-cookie-keys` with a new value (the time, say); the period
-    /// then starts over.
+    /// TimeService `stratum.io/rotate-cookie-keys` with a new value (the time, say): it rotates
+    /// at once, or 2m after the last rotation if that is sooner, and the period starts over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = duration_rule!("serving.ntsCookieKeyRotation", " && duration(self) >= duration('5m')", " must be a duration of at least 5m, such as \"24h\""))]
     pub nts_cookie_key_rotation: Option<Duration>,

@@ -51,6 +51,11 @@ pub const ROTATE_REQUEST_ANNOTATION: &str = "stratum.io/rotate-cookie-keys";
 /// Annotation on the Secret: the value of [`ROTATE_REQUEST_ANNOTATION`] last acted on, so that
 /// one request rotates once however often the TimeService is reconciled.
 pub const ROTATE_REQUEST_SEEN_ANNOTATION: &str = "stratum.io/cookie-keys-rotate-request";
+/// The least time between a rotation and one on request. A rotation makes current the key
+/// published at the rotation before it, and agents hold a new key only after the kubelet's
+/// next Secret volume refresh (about a minute): sooner, some agents would get cookies they
+/// cannot open yet.
+pub const ROTATION_REQUEST_SPACING: Duration = Duration::from_secs(120);
 /// Length of an AES-SIV-CMAC-256 master key.
 pub const COOKIE_KEY_LEN: usize = 32;
 /// Member of a tenant's symmetric key Secret holding its key file.
@@ -428,14 +433,18 @@ pub struct CookieKeyPlan {
     pub request_seen: Option<String>,
     /// Whether this plan rotated because of a request rather than its period.
     pub requested: bool,
+    /// When a request not acted on yet, because the last rotation is too recent
+    /// ([`ROTATION_REQUEST_SPACING`]), will be.
+    pub request_waits_until: Option<Timestamp>,
 }
 
 /// The cookie keys after `now`: those in `existing` (the Secret as last written) while their
 /// period runs, rotated once it is over or when `request` (the TimeService's
-/// [`ROTATE_REQUEST_ANNOTATION`]) differs from the request last acted on (previous ← current ←
-/// next ← fresh), fresh ones when there are none or they do not read. Key ids count up, so an
-/// agent can tell keys apart. A request present when the first keys are made is taken as acted
-/// on: there is nothing yet to rotate away from.
+/// [`ROTATE_REQUEST_ANNOTATION`]) differs from the request last acted on, but never sooner
+/// than [`ROTATION_REQUEST_SPACING`] after the last rotation (previous ← current ← next ←
+/// fresh); fresh ones when there are none or they do not read. Key ids count up, so an agent
+/// can tell keys apart. A request present when the first keys are made is taken as acted on:
+/// there is nothing yet to rotate away from.
 pub fn plan_cookie_keys(
     existing: Option<&Secret>,
     now: Timestamp,
@@ -470,21 +479,25 @@ pub fn plan_cookie_keys(
             rotated: true,
             request_seen: request.map(str::to_owned),
             requested: false,
+            request_waits_until: None,
         };
     };
     // A removed annotation is no request; the last one acted on stays recorded, so putting the
     // same value back does not rotate again.
     let requested = request.is_some_and(|r| seen.as_deref() != Some(r));
     let due = rotated_at.saturating_add(period_signed).unwrap_or(now);
-    if now < due && !requested {
-        let left = now.duration_until(due).unsigned_abs();
+    let spacing = SignedDuration::try_from(ROTATION_REQUEST_SPACING).unwrap_or(SignedDuration::MAX);
+    let request_due = rotated_at.saturating_add(spacing).unwrap_or(now).min(due);
+    let next_due = if requested { request_due } else { due };
+    if now < next_due {
         return CookieKeyPlan {
             file,
             rotated_at,
-            rotate_in: left,
+            rotate_in: now.duration_until(next_due).unsigned_abs(),
             rotated: false,
             request_seen: seen,
             requested: false,
+            request_waits_until: requested.then_some(next_due),
         };
     }
     // A rotated_at in the future (a clock step back) is not waited for: `now < due` holds
@@ -502,12 +515,14 @@ pub fn plan_cookie_keys(
         rotated_at: now,
         rotate_in: period,
         rotated: true,
+        // A request pending when the period ends is served by that rotation.
         request_seen: if requested {
             request.map(str::to_owned)
         } else {
             seen
         },
-        requested,
+        requested: requested && now < due,
+        request_waits_until: None,
     }
 }
 
@@ -860,9 +875,25 @@ mod tests {
         assert_eq!(removed.request_seen.as_deref(), Some("b"));
         let back = plan_cookie_keys(Some(&written(&removed)), t2, DAY, Some("b"), &mut keys);
         assert!(!back.rotated);
-        // A second request: the first key, two rotations back, no longer opens anything.
-        let second = plan_cookie_keys(Some(&written(&back)), t2, DAY, Some("c"), &mut keys);
-        assert!(second.requested);
+        // A second request a minute after the first rotation waits out the spacing: the key
+        // it would make current was published only a minute ago.
+        let early = plan_cookie_keys(Some(&written(&back)), t2, DAY, Some("c"), &mut keys);
+        assert!(!early.rotated);
+        assert_eq!(
+            early.request_waits_until,
+            Some(t1 + SignedDuration::try_from(ROTATION_REQUEST_SPACING).unwrap())
+        );
+        assert_eq!(early.file, asked.file);
+        assert_eq!(
+            early.rotate_in,
+            ROTATION_REQUEST_SPACING - Duration::from_secs(60)
+        );
+        assert_eq!(early.request_seen.as_deref(), Some("b"));
+        // Once the spacing is over it rotates: the first key, two rotations back, no longer
+        // opens anything.
+        let t2 = t1 + SignedDuration::try_from(ROTATION_REQUEST_SPACING).unwrap();
+        let second = plan_cookie_keys(Some(&written(&early)), t2, DAY, Some("c"), &mut keys);
+        assert!(second.requested && second.request_waits_until.is_none());
         let held: Vec<u32> = [
             Some(&second.file.current),
             second.file.previous.as_ref(),

@@ -21,8 +21,8 @@ use super::{Context, RESYNC, apply_cluster, apply_namespaced, apply_params, lock
 use crate::build::audit;
 use crate::build::nts_material::{
     COOKIE_KEY_LEN, CertificateProblem, KeysProblem, NtsTenant, ROTATE_REQUEST_ANNOTATION,
-    TenantMaterial, build_nts_secret, check_certificate, check_symmetric_keys, check_upstream_keys,
-    plan_cookie_keys,
+    ROTATION_REQUEST_SPACING, TenantMaterial, build_nts_secret, check_certificate,
+    check_symmetric_keys, check_upstream_keys, plan_cookie_keys,
 };
 use crate::build::status::{
     Blocked, DaemonSetCounts, add_upstream_keys_condition, time_service_status,
@@ -361,6 +361,21 @@ async fn write_nts_material(
     let material = build_nts_secret(ts, &ctx.settings, &cookie_keys, upstream_keys, gathered)?;
     apply_namespaced(&ctx.client, &material.secret).await?;
     announce_upstream_keys(ctx, ts, &material.upstream_outcomes).await;
+    if let Some(at) = cookie_keys.request_waits_until {
+        tracing::info!(time_service = %name, %at, "NTS cookie key rotation requested; it waits for the spacing after the last rotation");
+        // The same message for one request (an absolute time), so repeats fold into one Event.
+        ctx.event(
+            &ts.object_ref(&()),
+            EventType::Normal,
+            "NtsCookieKeyRotationWaiting",
+            format!(
+                "cookie key rotation requested ({ROTATE_REQUEST_ANNOTATION}); it happens at {at}, \
+                 {} after the last rotation, so that every agent holds the key it makes current",
+                kube::core::Duration::from(ROTATION_REQUEST_SPACING)
+            ),
+        )
+        .await;
+    }
     if cookie_keys.rotated {
         tracing::info!(time_service = %name, current = cookie_keys.file.current.id, requested = cookie_keys.requested, next_rotation_in = ?cookie_keys.rotate_in, "NTS cookie master keys rotated");
         if existing.is_some() {
