@@ -551,6 +551,34 @@ async fn rotate_cookie_keys(client: &kube::Client, request: &str, from: f64) -> 
     took
 }
 
+/// When the operator last rotated the shared TimeService's cookie keys (the key material
+/// Secret's `stratum.io/cookie-keys-rotated-at`).
+async fn cookie_keys_rotated_at(client: &kube::Client) -> k8s_openapi::jiff::Timestamp {
+    let secret = Api::<Secret>::namespaced(client.clone(), AGENT_NAMESPACE)
+        .get(&format!("{SHARED_TIME_SERVICE}-agent-nts"))
+        .await
+        .expect("the TimeService's key material Secret");
+    secret
+        .metadata
+        .annotations
+        .and_then(|a| a.get("stratum.io/cookie-keys-rotated-at")?.parse().ok())
+        .expect("the rotation time on the key material Secret")
+}
+
+/// Messages of the Events with `reason` on the shared TimeService.
+async fn time_service_events(client: &kube::Client, reason: &str) -> Vec<String> {
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::all(client.clone());
+    events
+        .list(&kube::api::ListParams::default().fields(&format!("reason={reason}")))
+        .await
+        .map(|list| list.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some(SHARED_TIME_SERVICE))
+        .filter_map(|e| e.message)
+        .collect()
+}
+
 /// chronyd's saved NTS state (cookies and keys, one file per server) in `dir`.
 fn saved_cookies(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
     std::fs::read_dir(dir)
@@ -721,6 +749,14 @@ async fn cookies_from_one_agent_authenticate_at_another_behind_the_service() {
         .unwrap()
         .as_nanos();
     let took = rotate_cookie_keys(&client, &format!("{stamp}-1"), sealing).await;
+    let first_rotation = cookie_keys_rotated_at(&client).await;
+    assert!(
+        time_service_events(&client, "NtsCookieKeysRotated")
+            .await
+            .iter()
+            .any(|m| m.contains("rotated on request")),
+        "the rotation's Event says it was asked for"
+    );
     eprintln!(
         "rotation requested: every agent seals with key {} after {:.1} s",
         sealing + 1.0,
@@ -751,8 +787,28 @@ async fn cookies_from_one_agent_authenticate_at_another_behind_the_service() {
     eprintln!("after one rotation the old cookies authenticate (offset {offset:+.6} s)");
 
     // A second rotation drops their key: the same cookies get the NTS NAK, and chronyd runs a
-    // fresh key exchange and is authenticated again, never served plain time.
+    // fresh key exchange and is authenticated again, never served plain time. It comes no
+    // sooner than 2 minutes after the first, so every agent already holds the key it makes
+    // current; asked sooner, the operator says when it will be.
+    let asked_at = k8s_openapi::jiff::Timestamp::now();
     let took = rotate_cookie_keys(&client, &format!("{stamp}-2"), sealing + 1.0).await;
+    let second_rotation = cookie_keys_rotated_at(&client).await;
+    let spacing = second_rotation.duration_since(first_rotation);
+    assert!(
+        spacing >= k8s_openapi::jiff::SignedDuration::from_secs(120),
+        "rotations {spacing} apart"
+    );
+    if asked_at.duration_since(first_rotation) < k8s_openapi::jiff::SignedDuration::from_secs(115) {
+        let waiting = time_service_events(&client, "NtsCookieKeyRotationWaiting").await;
+        // The time it names is the first rotation's plus the spacing, exactly.
+        let due = first_rotation + k8s_openapi::jiff::SignedDuration::from_secs(120);
+        assert!(
+            waiting.iter().any(|m| m.contains(&due.to_string())),
+            "asked {} after the first rotation: an Event says the second happens at {due}: \
+             {waiting:?}",
+            asked_at.duration_since(first_rotation)
+        );
+    }
     eprintln!(
         "second rotation: every agent seals with key {} after {:.1} s",
         sealing + 2.0,
