@@ -17,8 +17,8 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use stratum_ntp::nts::ef::{ClientRequest, ServerVerdict, build_response, verify_request};
 use stratum_ntp::nts::{AeadKey, CookieJar, CookieKeys, MasterKey, SessionKeys};
-use stratum_ntp::packet::{HEADER_LEN, LeapIndicator, Mode, Packet, ReferenceId};
-use stratum_ntp::time::{NtpShort, NtpTimestamp};
+use stratum_ntp::packet::{HEADER_LEN, Packet};
+use stratum_ntp::time::NtpTimestamp;
 
 fn main() {
     let requests: usize = std::env::args()
@@ -36,21 +36,8 @@ fn main() {
         c2s: AeadKey::from_bytes([1; 32]),
         s2c: AeadKey::from_bytes([2; 32]),
     };
-    let header = Packet {
-        leap: LeapIndicator::NoWarning,
-        version: 4,
-        mode: Mode::Client,
-        stratum: 0,
-        poll: 6,
-        precision: -20,
-        root_delay: NtpShort::ZERO,
-        root_dispersion: NtpShort::ZERO,
-        reference_id: ReferenceId([0; 4]),
-        reference_timestamp: NtpTimestamp::ZERO,
-        origin_timestamp: NtpTimestamp::ZERO,
-        receive_timestamp: NtpTimestamp::ZERO,
-        transmit_timestamp: NtpTimestamp::ZERO,
-    };
+    // The header the agent's own sources send.
+    let header = Packet::client_request(6, NtpTimestamp::ZERO);
     // A client's steady state: a full jar, so one cookie and no placeholders per request.
     let datagrams: Vec<Vec<u8>> = (0..64)
         .map(|_| {

@@ -243,6 +243,26 @@ fn read_u64(bytes: &[u8; HEADER_LEN], at: usize) -> u64 {
 }
 
 impl Packet {
+    /// The header of a client request (mode 3, version 4) as Stratum's sources send it: only
+    /// the poll and the transmit timestamp the reply must echo are set.
+    pub fn client_request(poll: i8, transmit: NtpTimestamp) -> Self {
+        Self {
+            leap: LeapIndicator::NoWarning,
+            version: 4,
+            mode: Mode::Client,
+            stratum: 0,
+            poll,
+            precision: 0,
+            root_delay: NtpShort::ZERO,
+            root_dispersion: NtpShort::ZERO,
+            reference_id: ReferenceId::default(),
+            reference_timestamp: NtpTimestamp::ZERO,
+            origin_timestamp: NtpTimestamp::ZERO,
+            receive_timestamp: NtpTimestamp::ZERO,
+            transmit_timestamp: transmit,
+        }
+    }
+
     /// Parses a datagram. Versions 1–4 are accepted; extension fields only in version 4.
     pub fn parse(bytes: &[u8]) -> Result<PacketView<'_>, ParseError> {
         let (head, trailer) = bytes

@@ -4,7 +4,7 @@
 
 use crate::filter::{ClockFilter, FilterSample, FilterVerdict, SourceEstimate};
 use crate::packet::{HEADER_LEN, KissCode, LeapIndicator, Mode, Packet, ReferenceId};
-use crate::time::{ClockTime, NtpShort, NtpTimestamp, PHI};
+use crate::time::{ClockTime, NtpTimestamp, PHI};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
@@ -287,21 +287,7 @@ impl Source {
             transmit,
             sent_at: now,
         });
-        let request = Packet {
-            leap: LeapIndicator::NoWarning,
-            version: 4,
-            mode: Mode::Client,
-            stratum: 0,
-            poll: self.poll,
-            precision: 0,
-            root_delay: NtpShort::ZERO,
-            root_dispersion: NtpShort::ZERO,
-            reference_id: ReferenceId::default(),
-            reference_timestamp: NtpTimestamp::ZERO,
-            origin_timestamp: NtpTimestamp::ZERO,
-            receive_timestamp: NtpTimestamp::ZERO,
-            transmit_timestamp: transmit,
-        };
+        let request = Packet::client_request(self.poll, transmit);
         Some(PollRequest {
             source: self.id,
             address: self.config.address,
@@ -479,6 +465,7 @@ fn log2_secs(exponent: i8) -> f64 {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::time::NtpShort;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
 
