@@ -212,13 +212,10 @@ async fn a_real_pod_gets_nts_time_from_its_tenants_service_and_others_are_refuse
     // Tenant B's pod with A's cookies (the recipe's ntsdumpdir, where A's chronyd left them:
     // stolen cookies, valid ones): chronyd skips the key exchange and sends NTS requests that
     // would authenticate, but the allow list comes first. No time.
-    let dump = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".nts"))
-        .collect::<Vec<_>>();
-    assert!(!dump.is_empty(), "chronyd dumped no NTS cookies in {dir:?}");
+    assert!(
+        !saved_cookies(&dir).is_empty(),
+        "chronyd dumped no NTS cookies in {dir:?}"
+    );
     assert_eq!(
         pod_b.chronyd_query(&recipe),
         None,
@@ -462,65 +459,86 @@ fn tenant_counter(metrics: &str, family: &str, tenant: &str, extra: &str) -> f64
         .fold(0.0, |sum, v| sum + v) // not sum(): an empty f64 sum is -0
 }
 
-/// Each agent's (key exchanges that succeeded, NTS-authenticated replies) for `tenant`.
-async fn nts_counts(client: &kube::Client, tenant: &str) -> BTreeMap<String, (f64, f64)> {
-    let mut counts = BTreeMap::new();
+/// Each agent's `/metrics` page by node (`None` where it did not answer), read once for
+/// every figure taken from it.
+async fn agent_metrics(client: &kube::Client) -> BTreeMap<String, Option<String>> {
+    let mut pages = BTreeMap::new();
     for node in agent_nodes() {
         let ip = node_ip(client, &node).await;
-        let metrics = http_get(&format!("http://{ip}:9123/metrics"))
-            .unwrap_or_else(|| panic!("{node}'s agent metrics"));
-        counts.insert(
-            node,
-            (
-                tenant_counter(
-                    &metrics,
-                    "stratum_agent_tenant_nts_key_exchanges_total",
-                    tenant,
-                    "result=\"ok\"",
-                ),
-                tenant_counter(
-                    &metrics,
-                    "stratum_agent_tenant_nts_authenticated_total",
-                    tenant,
-                    "",
-                ),
-            ),
-        );
+        pages.insert(node, http_get(&format!("http://{ip}:9123/metrics")));
     }
-    counts
+    pages
+}
+
+/// The page of an agent that must have answered.
+fn page<'a>(node: &str, page: &'a Option<String>) -> &'a str {
+    page.as_deref()
+        .unwrap_or_else(|| panic!("{node}'s agent metrics"))
+}
+
+/// Per agent: `tenant`'s successful key exchanges and authenticated replies.
+fn nts_counts_in(
+    pages: &BTreeMap<String, Option<String>>,
+    tenant: &str,
+) -> BTreeMap<String, (f64, f64)> {
+    pages
+        .iter()
+        .map(|(node, metrics)| {
+            let page = page(node, metrics);
+            let exchanges = tenant_counter(
+                page,
+                "stratum_agent_tenant_nts_key_exchanges_total",
+                tenant,
+                "result=\"ok\"",
+            );
+            let authenticated = tenant_counter(
+                page,
+                "stratum_agent_tenant_nts_authenticated_total",
+                tenant,
+                "",
+            );
+            (node.clone(), (exchanges, authenticated))
+        })
+        .collect()
+}
+
+/// [`nts_counts_in`] of the agents' pages now.
+async fn nts_counts(client: &kube::Client, tenant: &str) -> BTreeMap<String, (f64, f64)> {
+    nts_counts_in(&agent_metrics(client).await, tenant)
 }
 
 /// `stratum_agent_tenant_requests_total{outcome="nts_nak"}` of `tenant`, summed over the
 /// agents.
-async fn nts_naks(client: &kube::Client, tenant: &str) -> f64 {
-    let mut naks = 0.0;
-    for node in agent_nodes() {
-        let ip = node_ip(client, &node).await;
-        let metrics = http_get(&format!("http://{ip}:9123/metrics"))
-            .unwrap_or_else(|| panic!("{node}'s agent metrics"));
-        naks += tenant_counter(
-            &metrics,
-            "stratum_agent_tenant_requests_total",
-            tenant,
-            "outcome=\"nts_nak\"",
-        );
-    }
-    naks
+fn nts_naks_in(pages: &BTreeMap<String, Option<String>>, tenant: &str) -> f64 {
+    pages
+        .iter()
+        .map(|(node, metrics)| {
+            tenant_counter(
+                page(node, metrics),
+                "stratum_agent_tenant_requests_total",
+                tenant,
+                "outcome=\"nts_nak\"",
+            )
+        })
+        .fold(0.0, |sum, v| sum + v)
 }
 
 /// The cookie master key id each agent seals with (`stratum_agent_nts_cookie_key_id`).
 async fn cookie_key_ids(client: &kube::Client) -> BTreeMap<String, Option<f64>> {
-    let mut ids = BTreeMap::new();
-    for node in agent_nodes() {
-        let ip = node_ip(client, &node).await;
-        let id = http_get(&format!("http://{ip}:9123/metrics")).and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("stratum_agent_nts_cookie_key_id "))
-                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        });
-        ids.insert(node, id);
-    }
-    ids
+    agent_metrics(client)
+        .await
+        .into_iter()
+        .map(|(node, page)| {
+            let id = page
+                .as_deref()
+                .and_then(|p| {
+                    p.lines()
+                        .find(|l| l.starts_with("stratum_agent_nts_cookie_key_id "))
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok());
+            (node, id)
+        })
+        .collect()
 }
 
 /// Asks the operator to rotate the shared TimeService's cookie keys now, as an admin would
@@ -815,20 +833,16 @@ async fn cookies_from_one_agent_authenticate_at_another_behind_the_service() {
         took.as_secs_f64()
     );
     restore();
-    let (before, naks_before) = (
-        nts_counts(&client, &tenant).await,
-        nts_naks(&client, &tenant).await,
-    );
+    let pages = agent_metrics(&client).await;
+    let (before, naks_before) = (nts_counts_in(&pages, &tenant), nts_naks_in(&pages, &tenant));
     let (offset, _) = wait_for(
         Duration::from_secs(90),
         "chronyd -Q nts re-keyed after its cookies were refused",
         || async { pod.chronyd_query(&recipe) },
     )
     .await;
-    let (after, naks_after) = (
-        nts_counts(&client, &tenant).await,
-        nts_naks(&client, &tenant).await,
-    );
+    let pages = agent_metrics(&client).await;
+    let (after, naks_after) = (nts_counts_in(&pages, &tenant), nts_naks_in(&pages, &tenant));
     assert!(
         naks_after > naks_before,
         "cookies two rotations old get the NTS NAK ({naks_before} -> {naks_after})"
