@@ -419,6 +419,15 @@ pub struct CookieKeyFile {
     pub next: Option<CookieKey>,
 }
 
+impl CookieKeyFile {
+    /// Every key the file holds: current, previous, next.
+    pub fn keys(&self) -> impl Iterator<Item = &CookieKey> {
+        std::iter::once(&self.current)
+            .chain(&self.previous)
+            .chain(&self.next)
+    }
+}
+
 /// The cookie keys to write and when they next rotate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CookieKeyPlan {
@@ -459,12 +468,8 @@ pub fn plan_cookie_keys(
         let annotations = s.metadata.annotations.as_ref()?;
         let rotated_at: Timestamp = annotations.get(ROTATED_AT_ANNOTATION)?.parse().ok()?;
         let seen = annotations.get(ROTATE_REQUEST_SEEN_ANNOTATION).cloned();
-        let keys = std::iter::once(&file.current)
-            .chain(&file.previous)
-            .chain(&file.next);
-        keys.clone()
-            .all(CookieKey::is_well_formed)
-            .then_some((file, rotated_at, seen))
+        let well_formed = file.keys().all(CookieKey::is_well_formed);
+        well_formed.then_some((file, rotated_at, seen))
     });
     let Some((file, rotated_at, seen)) = held else {
         let current = CookieKey::new(1, fresh_key());
@@ -823,21 +828,12 @@ mod tests {
             None,
             &mut keys,
         );
-        let held: Vec<u32> = [
-            Some(&again.file.current),
-            again.file.previous.as_ref(),
-            again.file.next.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        .map(|k| k.id)
-        .collect();
+        let held: Vec<u32> = again.file.keys().map(|k| k.id).collect();
         assert_eq!(held, [3, 2, 4]);
         // No two keys ever alike.
         let mut material: Vec<&str> = [&first.file, &rotated.file, &again.file]
             .iter()
-            .flat_map(|f| [Some(&f.current), f.previous.as_ref(), f.next.as_ref()])
-            .flatten()
+            .flat_map(|f| f.keys())
             .map(|k| k.key.as_str())
             .collect();
         material.sort_unstable();
@@ -894,15 +890,7 @@ mod tests {
         let t2 = t1 + SignedDuration::try_from(ROTATION_REQUEST_SPACING).unwrap();
         let second = plan_cookie_keys(Some(&written(&early)), t2, DAY, Some("c"), &mut keys);
         assert!(second.requested && second.request_waits_until.is_none());
-        let held: Vec<u32> = [
-            Some(&second.file.current),
-            second.file.previous.as_ref(),
-            second.file.next.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        .map(|k| k.id)
-        .collect();
+        let held: Vec<u32> = second.file.keys().map(|k| k.id).collect();
         assert_eq!(held, [3, 2, 4]);
         // A rotation by period keeps the request recorded.
         let t3 = t2 + SignedDuration::from_hours(24);
