@@ -9,9 +9,10 @@
 #[path = "server_common/mod.rs"]
 mod common;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 use stratum_agent::server::Server;
@@ -20,6 +21,8 @@ use stratum_agent::symmetric_keys::SymmetricKeyFiles;
 use stratum_api::agent_config::{
     ServingConfig, TenantConfig, TenantSymmetricKeysConfig, Unauthenticated,
 };
+use stratum_ntp::packet::Packet;
+use stratum_ntp::symmetric::{MacCheck, SymmetricKeys, is_crypto_nak};
 
 /// The served clock is the host clock here, so a client must measure (almost) no offset.
 const MAX_OFFSET_SECS: f64 = 0.05;
@@ -288,4 +291,112 @@ fn ntpdig_with_a_keyfile_is_served_signed_and_wrong_keys_are_not() {
     // per network per 2 s, the tenant's refusal budget).
     assert_eq!(after.mac_nak + after.mac_failed, 2, "{after:?}");
     assert!(after.mac_nak >= 1, "{after:?}");
+}
+
+/// `datagram` from `source` to `target`, and the answer that echoes its transmit timestamp,
+/// if one comes within 2 s.
+fn exchange_from(source: IpAddr, target: SocketAddr, datagram: &[u8]) -> Option<Vec<u8>> {
+    let socket = UdpSocket::bind(SocketAddr::new(source, 0)).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    socket.send_to(datagram, target).unwrap();
+    let mut buf = [0u8; 1024];
+    loop {
+        let (n, from) = socket.recv_from(&mut buf).ok()?;
+        if from == target && n >= 48 && buf[24..32] == datagram[40..48] {
+            return Some(buf[..n].to_vec());
+        }
+    }
+}
+
+/// A client request signed with key `key_id` of `keys`.
+fn signed_request(keys: &SymmetricKeys, key_id: u32, cookie: u64) -> Vec<u8> {
+    let mut buf = [0u8; 48 + stratum_ntp::packet::MAX_MAC_LEN];
+    buf[..48].copy_from_slice(&client_request(cookie));
+    let len = keys.sign(key_id, &mut buf, 48).unwrap();
+    buf[..len].to_vec()
+}
+
+/// A spoofed flood of forged MACs from many networks on tenant a spends a's refusal budget,
+/// and only a's: tenant b's device with a wrong key still gets its crypto-NAK at once, and
+/// a's own device, signing with its key, is answered signed through the flood.
+#[test]
+fn a_forged_mac_flood_on_one_tenant_silences_only_that_tenants_refusals() {
+    let dir = TempDir::new("symkeys-flood");
+    let (a_file, b_file) = (dir.path("tenant-a.keys"), dir.path("tenant-b.keys"));
+    std::fs::write(&a_file, TENANT_A_KEYS).unwrap();
+    std::fs::write(&b_file, TENANT_B_KEYS).unwrap();
+    let (a_port, b_port) = (free_udp_port(), free_udp_port());
+    let serving = serving(vec![
+        keyed_tenant("team-a/devices", a_port, &a_file, Unauthenticated::Deny),
+        keyed_tenant("team-b/devices", b_port, &b_file, Unauthenticated::Deny),
+    ]);
+    let server = keyed_server("127.0.0.1".parse().unwrap(), &serving);
+    let a_keys = SymmetricKeys::parse(TENANT_A_KEYS).unwrap();
+    let forger = SymmetricKeys::parse("1 AES128 HEX:ffffffffffffffffffffffffffffffff\n").unwrap();
+    let a_target = SocketAddr::from(([127, 0, 0, 1], a_port));
+
+    // 500 forgeries from 250 networks (127.1.n.1; loopback is allowed): the refusal budget
+    // (a burst of 40, then 20/s, one per network per 2 s) is spent many times over.
+    const NETWORKS: u32 = 250;
+    const PER_NETWORK: u32 = 2;
+    for n in 0..NETWORKS {
+        let source = IpAddr::from([127, 1, n as u8, 1]);
+        let socket = UdpSocket::bind(SocketAddr::new(source, 0)).unwrap();
+        for i in 0..PER_NETWORK {
+            let forged = signed_request(&forger, 1, u64::from(n * PER_NETWORK + i));
+            socket.send_to(&forged, a_target).unwrap();
+        }
+    }
+    let refused = || {
+        let a = totals(&server, "team-a/devices");
+        a.mac_nak + a.mac_failed
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || refused()
+            >= u64::from(NETWORKS * PER_NETWORK)),
+        "{:?}",
+        totals(&server, "team-a/devices")
+    );
+    let a = totals(&server, "team-a/devices");
+    assert!(
+        a.mac_failed > a.mac_nak && a.mac_nak <= 40 + 20 * 10,
+        "the flood spent a's refusal budget, most forgeries got silence: {a:?}"
+    );
+    assert_eq!(a.served, 0, "{a:?}");
+    eprintln!(
+        "{} forged MACs on tenant a: {} crypto-NAKs sent, {} silenced",
+        NETWORKS * PER_NETWORK,
+        a.mac_nak,
+        a.mac_failed
+    );
+
+    // Tenant b, same agent, same moment: a wrong key still earns its crypto-NAK.
+    let wrong_at_b = signed_request(&a_keys, 1, 0xB0B);
+    let reply = exchange_from(
+        "127.2.0.1".parse().unwrap(),
+        SocketAddr::from(([127, 0, 0, 1], b_port)),
+        &wrong_at_b,
+    )
+    .expect("tenant b's crypto-NAK, a's flood notwithstanding");
+    assert!(is_crypto_nak(&reply), "{reply:?}");
+    // The worker counts a batch after sending it: the count may trail the reply.
+    assert!(
+        wait_until(Duration::from_secs(2), || totals(&server, "team-b/devices")
+            .mac_nak
+            == 1),
+        "{:?}",
+        totals(&server, "team-b/devices")
+    );
+
+    // Tenant a's real device is served, signed with its key, after the flood.
+    let good = signed_request(&a_keys, 1, 0xD0D);
+    let reply = exchange_from("127.3.0.1".parse().unwrap(), a_target, &good)
+        .expect("tenant a's device served through its flood");
+    let view = Packet::parse(&reply).unwrap();
+    assert_eq!(
+        a_keys.check(&reply, view.mac),
+        MacCheck::Valid { key_id: 1 }
+    );
 }
